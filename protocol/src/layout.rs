@@ -1,0 +1,194 @@
+//! The JetStream layout as plain data: which streams exist, what they hold,
+//! and each agent's durable consumer. The listener and the bot turn these specs
+//! into client calls; nothing else decides stream names or limits.
+
+use std::time::Duration;
+
+use crate::agent_id::AgentId;
+use crate::envelope::MAX_ENVELOPE_BYTES;
+use crate::subject::{self, Subject};
+
+/// Header carrying the envelope id; JetStream deduplicates on it.
+pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
+/// Deduplication window of the agent stream (JetStream's default).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(120);
+
+/// One stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamSpec {
+    /// Stream name.
+    pub name: &'static str,
+    /// What it is for.
+    pub description: &'static str,
+    /// Subjects it captures.
+    pub subjects: Vec<String>,
+    /// How long a message is kept.
+    pub max_age: Duration,
+    /// Largest message, in bytes.
+    pub max_msg_size: i32,
+    /// Deduplication window for `Nats-Msg-Id`.
+    pub duplicate_window: Duration,
+    /// Replicas (1 on a single server, 3 on a cluster).
+    pub replicas: usize,
+}
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+// Room for headers and the dead-letter wrapping around an envelope.
+const MAX_STORED_MSG: i32 = (MAX_ENVELOPE_BYTES + 64 * 1024) as i32;
+
+/// Agent inboxes and broadcasts. File storage, limits retention: a message
+/// stays for its consumers for a week whether or not a listener runs.
+pub fn agents_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "MESH_AGENTS",
+        description: "agent inboxes and broadcasts",
+        subjects: vec![subject::ALL_INBOXES.into(), subject::BROADCAST.into()],
+        max_age: 7 * DAY,
+        max_msg_size: MAX_STORED_MSG,
+        duplicate_window: DUPLICATE_WINDOW,
+        replicas,
+    }
+}
+
+/// Dead letters: messages a listener could not deliver, with the reason.
+pub fn dead_letter_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "MESH_DLQ",
+        description: "undeliverable messages with the reason",
+        subjects: vec![subject::ALL_DEAD_LETTERS.into()],
+        max_age: 30 * DAY,
+        max_msg_size: MAX_STORED_MSG,
+        duplicate_window: DUPLICATE_WINDOW,
+        replicas,
+    }
+}
+
+/// The audit trail of every command.
+pub fn audit_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "MESH_AUDIT",
+        description: "audit trail of every mesh command",
+        subjects: vec![subject::ALL_AUDIT.into()],
+        max_age: 365 * DAY,
+        max_msg_size: MAX_STORED_MSG,
+        duplicate_window: DUPLICATE_WINDOW,
+        replicas,
+    }
+}
+
+/// Replies to `ask` requests, kept briefly for the asker to pick up.
+pub fn replies_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "MESH_REPLIES",
+        description: "agent replies to ask requests",
+        subjects: vec![subject::ALL_REPLIES.into()],
+        max_age: Duration::from_secs(3600),
+        max_msg_size: MAX_STORED_MSG,
+        duplicate_window: DUPLICATE_WINDOW,
+        replicas,
+    }
+}
+
+/// Events for the chat channels (kill switch, agents down and up, dead letters).
+pub fn events_stream(replicas: usize) -> StreamSpec {
+    StreamSpec {
+        name: "MESH_EVENTS",
+        description: "notifications for the chat channels",
+        subjects: vec![subject::ALL_EVENTS.into()],
+        max_age: 7 * DAY,
+        max_msg_size: MAX_STORED_MSG,
+        duplicate_window: DUPLICATE_WINDOW,
+        replicas,
+    }
+}
+
+/// Every stream of the mesh.
+pub fn all_streams(replicas: usize) -> Vec<StreamSpec> {
+    vec![
+        agents_stream(replicas),
+        dead_letter_stream(replicas),
+        audit_stream(replicas),
+        replies_stream(replicas),
+        events_stream(replicas),
+    ]
+}
+
+/// Tunables of an agent's consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerTuning {
+    /// How long the server waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Deliveries before a message is dead-lettered.
+    pub max_deliver: i64,
+    /// Messages in flight at once; 1 keeps per-agent order.
+    pub max_ack_pending: i64,
+}
+
+impl Default for ConsumerTuning {
+    fn default() -> Self {
+        Self {
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            max_ack_pending: 1,
+        }
+    }
+}
+
+/// One agent's durable pull consumer on the agents stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    /// Stream it reads.
+    pub stream: &'static str,
+    /// Durable name, `agent-<id>`.
+    pub durable: String,
+    /// The agent's inbox and the broadcast subject.
+    pub filter_subjects: Vec<String>,
+    /// Tunables.
+    pub tuning: ConsumerTuning,
+}
+
+/// The durable consumer of one agent. It is created (if missing) by whoever
+/// touches the agent first, the sender or the listener, so a message sent
+/// before the listener ever ran is still delivered.
+pub fn agent_consumer(agent: &AgentId, tuning: ConsumerTuning) -> ConsumerSpec {
+    ConsumerSpec {
+        stream: agents_stream(1).name,
+        durable: format!("agent-{agent}"),
+        filter_subjects: vec![
+            Subject::Inbox(agent.clone()).to_string(),
+            Subject::Broadcast.to_string(),
+        ],
+        tuning,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consumer_reads_inbox_and_broadcast() {
+        let spec = agent_consumer(&AgentId::parse("nova").unwrap(), ConsumerTuning::default());
+        assert_eq!(spec.durable, "agent-nova");
+        assert_eq!(
+            spec.filter_subjects,
+            ["agents.nova.inbox", "agents.broadcast"]
+        );
+        assert_eq!(spec.stream, "MESH_AGENTS");
+    }
+
+    #[test]
+    fn streams_do_not_overlap() {
+        let streams = all_streams(1);
+        let mut subjects: Vec<_> = streams.iter().flat_map(|s| s.subjects.clone()).collect();
+        let n = subjects.len();
+        subjects.sort();
+        subjects.dedup();
+        assert_eq!(subjects.len(), n);
+        assert!(
+            streams
+                .iter()
+                .all(|s| s.max_msg_size as usize > MAX_ENVELOPE_BYTES)
+        );
+    }
+}

@@ -1,0 +1,28 @@
+//! The wire contract of the agent mesh: who can be addressed, on which subject,
+//! with which bytes, and how the JetStream side is laid out. No I/O lives here.
+//!
+//! # Layout
+//!
+//! - [`agent_id`]: the validated [`AgentId`] every other type is keyed by.
+//! - [`subject`]: every NATS subject the mesh uses, built in one place.
+//! - [`envelope`]: the v1 message envelope and the decoder that also accepts
+//!   legacy and plain-text bodies.
+//! - [`registry`]: the `tokens.json` agent registry (old format plus mesh fields).
+//! - [`secret`]: tokens that never show in `Debug` or `Display`, and references
+//!   (`env:NAME`, `file:/path`) resolved by the caller.
+//! - [`layout`]: streams and consumers described as plain data.
+
+pub mod agent_id;
+pub mod envelope;
+pub mod layout;
+pub mod registry;
+pub mod secret;
+pub mod subject;
+
+pub use agent_id::{AgentId, AgentIdError};
+pub use envelope::{DecodeError, Envelope, EnvelopeError, Kind, Priority, Recipient};
+pub use registry::{Agent, DeliveryMode, Registry, RegistryError, Status};
+pub use secret::{Secret, SecretRef, SecretResolver};
+
+/// Version of the mesh, reported in pongs and `--version`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,616 @@
+//! The agent registry, `tokens.json`: the old mesh's format (one object per
+//! agent with `gateway`, `gateway_token`, `hooks_token`, `hooks_url`, `status`)
+//! plus optional mesh fields (`delivery`, `model`, `name`). Parsing checks
+//! structure; [`Registry::resolve_tokens`] checks that every token reference
+//! resolves. Neither `Debug` nor any error ever shows a token.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use crate::agent_id::AgentId;
+use crate::secret::{Secret, SecretError, SecretRef, SecretResolver};
+
+/// Whether a listener runs for an agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Active,
+    Inactive,
+}
+
+/// How a listener hands a message to the agent's gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryMode {
+    /// `POST hooks_url` with `{"text", "mode"}` (passive, queued).
+    #[default]
+    Wake,
+    /// `POST /hooks/agent`: an isolated agent run.
+    Agent,
+    /// `POST /v1/chat/completions`: the reply is routed back.
+    Chat,
+}
+
+impl DeliveryMode {
+    fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "wake" => Some(Self::Wake),
+            "agent" => Some(Self::Agent),
+            "chat" => Some(Self::Chat),
+            _ => None,
+        }
+    }
+}
+
+/// One validated registry entry.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct Agent {
+    /// The agent's id (the registry key).
+    #[serde(skip)]
+    pub id: AgentId,
+    /// The gateway's `host:port`, for `agent` and `chat` delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// The gateway's operator token (for `chat` delivery).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_token: Option<SecretRef>,
+    /// The token sent as `Authorization: Bearer` to the hook.
+    pub hooks_token: SecretRef,
+    /// The wake hook, `http(s)://host:port/hooks/wake`.
+    pub hooks_url: Url,
+    /// Active or inactive.
+    pub status: Status,
+    /// How messages are handed over.
+    #[serde(skip_serializing_if = "is_default_mode")]
+    pub delivery: DeliveryMode,
+    /// The model named in chat completions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// A display name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+fn is_default_mode(mode: &DeliveryMode) -> bool {
+    *mode == DeliveryMode::Wake
+}
+
+impl fmt::Debug for Agent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.id)
+            .field("gateway", &self.gateway)
+            .field("gateway_token", &self.gateway_token)
+            .field("hooks_token", &self.hooks_token)
+            .field("hooks_url", &self.hooks_url.as_str())
+            .field("status", &self.status)
+            .field("delivery", &self.delivery)
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+/// An agent's tokens, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentTokens {
+    /// Sent to the hook.
+    pub hooks: Secret,
+    /// Sent to the gateway's chat endpoint.
+    pub gateway: Option<Secret>,
+}
+
+impl Agent {
+    /// True when a listener should run for this agent.
+    pub fn is_active(&self) -> bool {
+        self.status == Status::Active
+    }
+
+    /// The gateway's base URL: `http://<gateway>` when set, else the hook's origin.
+    pub fn gateway_base(&self) -> Url {
+        if let Some(gateway) = &self.gateway
+            && let Ok(url) = Url::parse(&format!("http://{gateway}/"))
+        {
+            return url;
+        }
+        let mut base = self.hooks_url.clone();
+        base.set_path("/");
+        base
+    }
+
+    /// Resolves both tokens and checks they differ.
+    pub fn resolve_tokens(
+        &self,
+        resolver: &dyn SecretResolver,
+    ) -> Result<AgentTokens, RegistryError> {
+        let field_err = |field: &'static str| {
+            let agent = self.id.to_string();
+            move |source: SecretError| RegistryError::Token {
+                agent,
+                field,
+                source,
+            }
+        };
+        let hooks = self
+            .hooks_token
+            .resolve(resolver)
+            .map_err(field_err("hooks_token"))?;
+        let gateway = match &self.gateway_token {
+            Some(r) => Some(r.resolve(resolver).map_err(field_err("gateway_token"))?),
+            None => None,
+        };
+        if gateway.as_ref() == Some(&hooks) {
+            return Err(RegistryError::SameTokens {
+                agent: self.id.to_string(),
+            });
+        }
+        Ok(AgentTokens { hooks, gateway })
+    }
+}
+
+/// A registry problem, naming the agent and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry is not a JSON object of agents: {0}")]
+    NotAnObject(String),
+    #[error("registry key {key:?}: {source}")]
+    BadId {
+        key: String,
+        source: crate::agent_id::AgentIdError,
+    },
+    #[error("agent {agent:?}: {message}")]
+    Field { agent: String, message: String },
+    #[error("agent {agent:?}: field {field}: {reason}")]
+    BadValue {
+        agent: String,
+        field: &'static str,
+        reason: String,
+    },
+    #[error("agent {agent:?}: field {field}: {source}")]
+    Token {
+        agent: String,
+        field: &'static str,
+        source: SecretError,
+    },
+    #[error(
+        "agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token"
+    )]
+    SameTokens { agent: String },
+    #[error("agent {agent:?}: delivery \"chat\" needs {field}")]
+    ChatNeeds { agent: String, field: &'static str },
+}
+
+/// Several registry problems at once, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct RegistryErrors(pub Vec<RegistryError>);
+
+/// The raw shape of one entry, before validation.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    gateway: Option<String>,
+    gateway_token: Option<String>,
+    hooks_token: String,
+    hooks_url: String,
+    status: Option<String>,
+    delivery: Option<String>,
+    model: Option<String>,
+    name: Option<String>,
+}
+
+/// The whole registry, by agent id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registry {
+    agents: BTreeMap<AgentId, Agent>,
+}
+
+impl Registry {
+    /// Parses and validates `tokens.json`, reporting every problem found.
+    pub fn parse(json: &str) -> Result<Self, RegistryErrors> {
+        let object: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)
+            .map_err(|e| RegistryErrors(vec![RegistryError::NotAnObject(e.to_string())]))?;
+        let mut agents = BTreeMap::new();
+        let mut errors = Vec::new();
+        for (key, value) in object {
+            match parse_agent(&key, value) {
+                Ok(agent) => {
+                    agents.insert(agent.id.clone(), agent);
+                }
+                Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        if errors.is_empty() {
+            Ok(Self { agents })
+        } else {
+            Err(RegistryErrors(errors))
+        }
+    }
+
+    /// Builds a registry from validated agents.
+    pub fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
+        Self {
+            agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
+        }
+    }
+
+    /// Writes the registry back in the `tokens.json` format.
+    pub fn to_json(&self) -> String {
+        let map: BTreeMap<&str, &Agent> =
+            self.agents.iter().map(|(id, a)| (id.as_str(), a)).collect();
+        let mut out = serde_json::to_string_pretty(&map).expect("a registry always serializes");
+        out.push('\n');
+        out
+    }
+
+    /// Resolves every token of every active agent, reporting every problem.
+    pub fn resolve_tokens(
+        &self,
+        resolver: &dyn SecretResolver,
+    ) -> Result<BTreeMap<AgentId, AgentTokens>, RegistryErrors> {
+        let mut tokens = BTreeMap::new();
+        let mut errors = Vec::new();
+        for agent in self.active() {
+            match agent.resolve_tokens(resolver) {
+                Ok(t) => {
+                    tokens.insert(agent.id.clone(), t);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if errors.is_empty() {
+            Ok(tokens)
+        } else {
+            Err(RegistryErrors(errors))
+        }
+    }
+
+    /// One agent, if registered.
+    pub fn get(&self, id: &AgentId) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    /// Every agent, by id.
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+
+    /// Every active agent, by id.
+    pub fn active(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values().filter(|a| a.is_active())
+    }
+
+    /// Number of agents.
+    pub fn len(&self) -> usize {
+        self.agents.len()
+    }
+
+    /// True when no agent is registered.
+    pub fn is_empty(&self) -> bool {
+        self.agents.is_empty()
+    }
+
+    /// Ids of every agent, comma separated, for "known: ..." hints.
+    pub fn known_ids(&self) -> String {
+        if self.agents.is_empty() {
+            return "none registered".into();
+        }
+        self.agents
+            .keys()
+            .map(AgentId::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Adds or replaces an agent.
+    pub fn insert(&mut self, agent: Agent) -> Option<Agent> {
+        self.agents.insert(agent.id.clone(), agent)
+    }
+
+    /// Removes an agent.
+    pub fn remove(&mut self, id: &AgentId) -> Option<Agent> {
+        self.agents.remove(id)
+    }
+}
+
+fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<RegistryError>> {
+    let id = AgentId::parse(key).map_err(|source| {
+        vec![RegistryError::BadId {
+            key: key.chars().take(40).collect(),
+            source,
+        }]
+    })?;
+    let agent = id.to_string();
+    let raw: RawAgent = serde_json::from_value(value).map_err(|e| {
+        vec![RegistryError::Field {
+            agent: agent.clone(),
+            message: e.to_string(),
+        }]
+    })?;
+    let mut errors = Vec::new();
+    let bad = |field: &'static str, reason: String| RegistryError::BadValue {
+        agent: agent.clone(),
+        field,
+        reason,
+    };
+
+    let status = match raw.status.as_deref() {
+        None | Some("active") => Status::Active,
+        Some("inactive") => Status::Inactive,
+        Some(other) => {
+            errors.push(bad(
+                "status",
+                format!("{other:?} is unknown; use \"active\" or \"inactive\""),
+            ));
+            Status::Inactive
+        }
+    };
+    let delivery = match raw.delivery.as_deref() {
+        None => DeliveryMode::Wake,
+        Some(other) => DeliveryMode::parse(other).unwrap_or_else(|| {
+            errors.push(bad(
+                "delivery",
+                format!("{other:?} is unknown; use \"wake\", \"agent\" or \"chat\""),
+            ));
+            DeliveryMode::Wake
+        }),
+    };
+    let hooks_url = match check_hooks_url(&raw.hooks_url) {
+        Ok(url) => Some(url),
+        Err(reason) => {
+            errors.push(bad("hooks_url", reason));
+            None
+        }
+    };
+    if let Some(gateway) = &raw.gateway
+        && let Err(reason) = check_gateway(gateway)
+    {
+        errors.push(bad("gateway", reason));
+    }
+    let token = |field: &'static str, raw: &str| {
+        SecretRef::parse(raw).map_err(|source| RegistryError::Token {
+            agent: agent.clone(),
+            field,
+            source,
+        })
+    };
+    let hooks_token = token("hooks_token", &raw.hooks_token)
+        .map_err(|e| errors.push(e))
+        .ok();
+    let gateway_token = match raw.gateway_token.as_deref() {
+        None => None,
+        Some(r) => token("gateway_token", r).map_err(|e| errors.push(e)).ok(),
+    };
+    if let (Some(h @ SecretRef::Literal(_)), Some(g @ SecretRef::Literal(_))) =
+        (&hooks_token, &gateway_token)
+        && h == g
+    {
+        errors.push(RegistryError::SameTokens {
+            agent: agent.clone(),
+        });
+    }
+    if delivery == DeliveryMode::Chat {
+        if raw.gateway_token.is_none() {
+            errors.push(RegistryError::ChatNeeds {
+                agent: agent.clone(),
+                field: "gateway_token",
+            });
+        }
+        if raw.model.is_none() {
+            errors.push(RegistryError::ChatNeeds {
+                agent: agent.clone(),
+                field: "model",
+            });
+        }
+    }
+    match (hooks_url, hooks_token) {
+        (Some(hooks_url), Some(hooks_token)) if errors.is_empty() => Ok(Agent {
+            id,
+            gateway: raw.gateway,
+            gateway_token,
+            hooks_token,
+            hooks_url,
+            status,
+            delivery,
+            model: raw.model,
+            name: raw.name,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// A hook URL is plain `http(s)://host[:port]/path`: no userinfo (it would leak
+/// a credential into logs), no query (tokens in query strings are rejected by
+/// gateways), no fragment.
+pub fn check_hooks_url(raw: &str) -> Result<Url, String> {
+    let url = Url::parse(raw)
+        .map_err(|e| format!("{raw:?} is not a URL ({e}); use http://host:port/hooks/wake"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "scheme {:?} is not allowed; use http or https",
+            url.scheme()
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("URL carries user info; put the credential in hooks_token instead".into());
+    }
+    if url.query().is_some() {
+        return Err(
+            "URL has a query string; gateways reject tokens in query strings, so use hooks_token"
+                .into(),
+        );
+    }
+    if url.fragment().is_some() {
+        return Err("URL has a fragment; remove the part after '#'".into());
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("URL has no host".into());
+    }
+    Ok(url)
+}
+
+fn check_gateway(raw: &str) -> Result<(), String> {
+    let url =
+        Url::parse(&format!("http://{raw}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || raw.contains('/')
+    {
+        return Err(format!(
+            "{raw:?} is not host:port (no scheme, path or user info)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::MapResolver;
+
+    const OLD: &str = r#"{
+      "nova": {
+        "gateway": "novasl-gateway:7002",
+        "gateway_token": "nova-token-2026",
+        "hooks_token": "nova-mesh-hook-2026",
+        "hooks_url": "http://novasl-gateway:7002/hooks/wake",
+        "status": "active"
+      },
+      "kaan": {
+        "hooks_token": "env:KAAN_HOOK",
+        "hooks_url": "https://kaan.example:443/hooks/wake",
+        "status": "inactive"
+      }
+    }"#;
+
+    #[test]
+    fn reads_the_old_format() {
+        let reg = Registry::parse(OLD).unwrap();
+        assert_eq!(reg.len(), 2);
+        let nova = reg.get(&AgentId::parse("nova").unwrap()).unwrap();
+        assert_eq!(nova.delivery, DeliveryMode::Wake);
+        assert_eq!(nova.gateway_base().as_str(), "http://novasl-gateway:7002/");
+        assert_eq!(reg.active().count(), 1);
+        assert_eq!(reg.known_ids(), "kaan, nova");
+    }
+
+    #[test]
+    fn debug_never_shows_tokens() {
+        let reg = Registry::parse(OLD).unwrap();
+        let shown = format!("{reg:?}");
+        assert!(
+            !shown.contains("nova-token-2026") && !shown.contains("nova-mesh-hook-2026"),
+            "{shown}"
+        );
+        let err = Registry::parse(r#"{"a": {"hooks_token": "same-secret", "gateway_token": "same-secret", "hooks_url": "http://h/hooks/wake"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("same-secret"), "{err}");
+    }
+
+    #[track_caller]
+    fn rejects(entry: &str, fragments: &[&str]) {
+        let json = format!(r#"{{"nova": {entry}}}"#);
+        let err = Registry::parse(&json).unwrap_err().to_string();
+        for f in fragments {
+            assert!(err.contains(f), "{err:?} lacks {f:?}");
+        }
+    }
+
+    #[test]
+    fn validation_names_agent_and_field() {
+        let h = r#""hooks_token": "t1""#;
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake", "status": "paused"}}"#),
+            &["\"nova\"", "status", "\"paused\" is unknown"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://u:p@g:1/hooks/wake"}}"#),
+            &["hooks_url", "user info"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake?token=x"}}"#),
+            &["hooks_url", "query"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake#x"}}"#),
+            &["hooks_url", "fragment"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "ftp://g:1/hooks/wake"}}"#),
+            &["hooks_url", "scheme \"ftp\""],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "not a url"}}"#),
+            &["hooks_url", "not a URL"],
+        );
+        rejects(
+            r#"{"hooks_token": "t", "gateway_token": "t", "hooks_url": "http://g/"}"#,
+            &["\"nova\"", "are the same"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "delivery": "push"}}"#),
+            &["delivery", "\"push\" is unknown"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "delivery": "chat"}}"#),
+            &["needs gateway_token", "needs model"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "stauts": "active"}}"#),
+            &["\"nova\"", "unknown field `stauts`"],
+        );
+        rejects(
+            r#"{"hooks_token": "env:", "hooks_url": "http://g/"}"#,
+            &["hooks_token", "malformed reference"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "gateway": "http://x/y"}}"#),
+            &["gateway", "not host:port"],
+        );
+        let err = Registry::parse(r#"{"No.va": {"hooks_token": "t", "hooks_url": "http://g/"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("registry key \"No.va\""), "{err}");
+        assert!(
+            Registry::parse("[1]")
+                .unwrap_err()
+                .to_string()
+                .contains("not a JSON object")
+        );
+    }
+
+    #[test]
+    fn token_references_must_resolve() {
+        let reg = Registry::parse(r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#).unwrap();
+        let err = reg
+            .resolve_tokens(&MapResolver::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "agent \"nova\": field hooks_token: environment variable NOVA_HOOK is not set"
+            ),
+            "{err}"
+        );
+        let mut res = MapResolver::default();
+        res.env.insert("NOVA_HOOK".into(), "same".into());
+        res.files.insert("/s/gw".into(), "same\n".into());
+        assert!(
+            reg.resolve_tokens(&res)
+                .unwrap_err()
+                .to_string()
+                .contains("are the same")
+        );
+        res.files.insert("/s/gw".into(), "other".into());
+        let tokens = reg.resolve_tokens(&res).unwrap();
+        assert_eq!(tokens.values().next().unwrap().hooks.expose(), "same");
+    }
+
+    #[test]
+    fn writes_back_what_it_read() {
+        let reg = Registry::parse(OLD).unwrap();
+        assert_eq!(Registry::parse(&reg.to_json()).unwrap(), reg);
+    }
+}

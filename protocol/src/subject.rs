@@ -1,0 +1,243 @@
+//! Every NATS subject of the mesh, built here and nowhere else.
+//!
+//! The old mesh's subjects are kept as they were (`agents.<id>.inbox`,
+//! `agents.broadcast`, `mesh.health.ping`, `mesh.health.pong`); the new ones live
+//! under `mesh.`. A subject that arrives from outside (an envelope's `reply_to`)
+//! is parsed back into a [`Subject`] and only the kinds a listener may publish to
+//! are accepted, so no input can steer a publish onto `$JS.API...` or a wildcard.
+
+use std::fmt;
+
+use crate::agent_id::AgentId;
+
+/// Subject every agent receives broadcasts on.
+pub const BROADCAST: &str = "agents.broadcast";
+/// Subject health pings are published to.
+pub const HEALTH_PING: &str = "mesh.health.ping";
+/// Subject listeners also publish their pongs to (old-mesh compatibility).
+pub const HEALTH_PONG: &str = "mesh.health.pong";
+
+/// Stream filter for every agent inbox.
+pub const ALL_INBOXES: &str = "agents.*.inbox";
+/// Stream filter for dead letters of every agent.
+pub const ALL_DEAD_LETTERS: &str = "mesh.dlq.*";
+/// Stream filter for the audit trail.
+pub const ALL_AUDIT: &str = "mesh.audit.>";
+/// Stream filter for replies to `ask` requests.
+pub const ALL_REPLIES: &str = "mesh.reply.*";
+/// Stream filter for events the chat front ends relay.
+pub const ALL_EVENTS: &str = "mesh.events.*";
+
+/// Longest reply token accepted in `mesh.reply.<token>`.
+pub const MAX_REPLY_TOKEN_LEN: usize = 64;
+
+/// A subject of the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    /// `agents.<id>.inbox`: one agent's inbox.
+    Inbox(AgentId),
+    /// `agents.broadcast`: every agent.
+    Broadcast,
+    /// `mesh.health.ping`.
+    HealthPing,
+    /// `mesh.health.pong`.
+    HealthPong,
+    /// `mesh.dlq.<id>`: one agent's dead letters.
+    DeadLetter(AgentId),
+    /// `mesh.audit.<source>`: the audit trail, by source (`slack`, `discord`, `cli`, ...).
+    Audit(Token),
+    /// `mesh.reply.<token>`: replies to one `ask` request.
+    Reply(Token),
+    /// `mesh.events.<kind>`: notifications for the chat channels.
+    Event(Token),
+}
+
+/// One subject token made of `[a-z0-9_-]`, 1 to 64 characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+impl Token {
+    /// Validates one subject token.
+    pub fn parse(raw: &str) -> Result<Self, SubjectError> {
+        let ok = !raw.is_empty()
+            && raw.len() <= MAX_REPLY_TOKEN_LEN
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if ok {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(SubjectError::BadToken {
+                token: shorten(raw),
+            })
+        }
+    }
+
+    /// A fresh random token (for reply subjects).
+    pub fn random() -> Self {
+        Self(uuid::Uuid::now_v7().simple().to_string())
+    }
+
+    /// The token as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Why a subject string is not one the mesh accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubjectError {
+    #[error(
+        "subject {subject:?} is not a mesh subject; use an agent inbox (agents.<id>.inbox) or mesh.reply.<token>"
+    )]
+    Unknown { subject: String },
+    #[error(
+        "subject {subject:?} may not be used here; only an agent inbox or mesh.reply.<token> may receive replies"
+    )]
+    NotReplyable { subject: String },
+    #[error("subject token {token:?} is invalid; use 1 to 64 of a-z, 0-9, '-' and '_'")]
+    BadToken { token: String },
+    #[error("subject {subject:?} names an invalid agent: {source}")]
+    BadAgent {
+        subject: String,
+        source: crate::agent_id::AgentIdError,
+    },
+}
+
+impl Subject {
+    /// Parses a concrete (wildcard-free) mesh subject.
+    pub fn parse(raw: &str) -> Result<Self, SubjectError> {
+        let unknown = || SubjectError::Unknown {
+            subject: shorten(raw),
+        };
+        let parts: Vec<&str> = raw.split('.').collect();
+        match parts.as_slice() {
+            ["agents", "broadcast"] => Ok(Self::Broadcast),
+            ["agents", id, "inbox"] => {
+                AgentId::parse(id)
+                    .map(Self::Inbox)
+                    .map_err(|source| SubjectError::BadAgent {
+                        subject: shorten(raw),
+                        source,
+                    })
+            }
+            ["mesh", "health", "ping"] => Ok(Self::HealthPing),
+            ["mesh", "health", "pong"] => Ok(Self::HealthPong),
+            ["mesh", "dlq", id] => {
+                AgentId::parse(id)
+                    .map(Self::DeadLetter)
+                    .map_err(|source| SubjectError::BadAgent {
+                        subject: shorten(raw),
+                        source,
+                    })
+            }
+            ["mesh", "audit", t] => Token::parse(t).map(Self::Audit),
+            ["mesh", "reply", t] => Token::parse(t).map(Self::Reply),
+            ["mesh", "events", t] => Token::parse(t).map(Self::Event),
+            _ => Err(unknown()),
+        }
+    }
+
+    /// Parses a subject a reply may be published to: an inbox or `mesh.reply.<token>`.
+    pub fn parse_reply_target(raw: &str) -> Result<Self, SubjectError> {
+        match Self::parse(raw)? {
+            s @ (Self::Inbox(_) | Self::Reply(_)) => Ok(s),
+            _ => Err(SubjectError::NotReplyable {
+                subject: shorten(raw),
+            }),
+        }
+    }
+
+    /// A fresh `mesh.reply.<token>` subject.
+    pub fn new_reply() -> Self {
+        Self::Reply(Token::random())
+    }
+
+    /// The audit subject of one source (`cli`, `slack`, `discord`).
+    pub fn audit(source: &str) -> Result<Self, SubjectError> {
+        Token::parse(source).map(Self::Audit)
+    }
+
+    /// The event subject of one kind (`killswitch`, `broadcast`, `agent`, `dlq`).
+    pub fn event(kind: &str) -> Result<Self, SubjectError> {
+        Token::parse(kind).map(Self::Event)
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inbox(id) => write!(f, "agents.{id}.inbox"),
+            Self::Broadcast => f.write_str(BROADCAST),
+            Self::HealthPing => f.write_str(HEALTH_PING),
+            Self::HealthPong => f.write_str(HEALTH_PONG),
+            Self::DeadLetter(id) => write!(f, "mesh.dlq.{id}"),
+            Self::Audit(t) => write!(f, "mesh.audit.{}", t.0),
+            Self::Reply(t) => write!(f, "mesh.reply.{}", t.0),
+            Self::Event(t) => write!(f, "mesh.events.{}", t.0),
+        }
+    }
+}
+
+fn shorten(raw: &str) -> String {
+    raw.chars().take(80).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn subjects_are_compatible_with_the_old_mesh() {
+        assert_eq!(Subject::Inbox(id("nova")).to_string(), "agents.nova.inbox");
+        assert_eq!(Subject::Broadcast.to_string(), "agents.broadcast");
+        assert_eq!(Subject::HealthPing.to_string(), "mesh.health.ping");
+        assert_eq!(Subject::HealthPong.to_string(), "mesh.health.pong");
+        assert_eq!(Subject::DeadLetter(id("nova")).to_string(), "mesh.dlq.nova");
+    }
+
+    #[test]
+    fn display_and_parse_round_trip() {
+        let all = [
+            Subject::Inbox(id("kaan_2")),
+            Subject::Broadcast,
+            Subject::HealthPing,
+            Subject::HealthPong,
+            Subject::DeadLetter(id("x")),
+            Subject::audit("slack").unwrap(),
+            Subject::new_reply(),
+            Subject::event("killswitch").unwrap(),
+        ];
+        for s in all {
+            assert_eq!(Subject::parse(&s.to_string()).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn reply_targets_reject_injection() {
+        for bad in [
+            "$JS.API.STREAM.DELETE.MESH_AGENTS",
+            "agents.*.inbox",
+            "agents.>",
+            "agents.nova.inbox.extra",
+            "agents.Nova.inbox",
+            "mesh.reply.a.b",
+            "mesh.reply.*",
+            "mesh.reply.",
+            "agents.broadcast",
+            "mesh.health.ping",
+            "",
+        ] {
+            assert!(
+                Subject::parse_reply_target(bad).is_err(),
+                "{bad:?} accepted"
+            );
+        }
+        assert!(Subject::parse_reply_target("agents.nova.inbox").is_ok());
+        assert!(Subject::parse_reply_target("mesh.reply.0123abcd").is_ok());
+    }
+}
