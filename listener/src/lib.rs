@@ -1,1 +1,35 @@
-//! placeholder
+//! The mesh listener: consumes agents' JetStream subjects and forwards every
+//! message to the agent's gateway, acking only what the gateway accepted.
+//!
+//! # Layout
+//!
+//! - [`config`]: validated listener settings (flags, env, defaults).
+//! - [`secrets`] and [`registry_file`]: the I/O half of the registry (reading
+//!   the file, resolving `env:` and `file:` tokens).
+//! - [`nats`]: connecting, and creating the streams and consumers of
+//!   [`mesh_protocol::layout`].
+//! - [`hook`] (pure): which endpoint, headers and body a message becomes.
+//! - [`policy`] (pure): what a gateway outcome means: ack, retry later, or dead-letter.
+//! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
+//! - [`delivery`]: one message, start to finish.
+//! - [`consumer`]: one agent's pull loop.
+//! - [`fleet`]: many agents in one process.
+//! - [`cli`]: the `mesh-listener` command line.
+//! - [`shutdown`] and [`logging`]: process plumbing shared with the `mesh` binary.
+
+pub mod cli;
+pub mod config;
+pub mod consumer;
+pub mod delivery;
+pub mod fleet;
+pub mod gateway;
+pub mod hook;
+pub mod logging;
+pub mod nats;
+pub mod policy;
+pub mod registry_file;
+pub mod secrets;
+pub mod shutdown;
+
+pub use config::ListenerConfig;
+pub use fleet::run;

@@ -32,14 +32,26 @@ pub enum Recipient {
     Agent(AgentId),
     /// Every active agent.
     Broadcast,
+    /// A human or tool (`cli:alice`, `slack:U123`), reached through `reply_to`.
+    Sender(String),
 }
 
 impl Recipient {
-    /// The subject a message for this recipient is published to.
-    pub fn subject(&self) -> Subject {
+    /// The subject a message for this recipient is published to; a human
+    /// sender has none (replies to them go to the envelope's `reply_to`).
+    pub fn subject(&self) -> Option<Subject> {
         match self {
-            Self::Agent(id) => Subject::Inbox(id.clone()),
-            Self::Broadcast => Subject::Broadcast,
+            Self::Agent(id) => Some(Subject::Inbox(id.clone())),
+            Self::Broadcast => Some(Subject::Broadcast),
+            Self::Sender(_) => None,
+        }
+    }
+
+    /// The recipient a reply to `from` is addressed to.
+    pub fn reply_to_sender(from: &str) -> Self {
+        match AgentId::parse(from) {
+            Ok(id) => Self::Agent(id),
+            Err(_) => Self::Sender(from.to_owned()),
         }
     }
 }
@@ -49,6 +61,7 @@ impl fmt::Display for Recipient {
         match self {
             Self::Agent(id) => f.write_str(id.as_str()),
             Self::Broadcast => f.write_str("*"),
+            Self::Sender(name) => f.write_str(name),
         }
     }
 }
@@ -64,6 +77,9 @@ impl<'de> Deserialize<'de> for Recipient {
         let raw = <std::borrow::Cow<'de, str>>::deserialize(d)?;
         if raw == "*" {
             return Ok(Self::Broadcast);
+        }
+        if raw.contains(':') && validate_sender(&raw).is_ok() {
+            return Ok(Self::Sender(raw.into_owned()));
         }
         AgentId::parse(&raw)
             .map(Self::Agent)
@@ -246,7 +262,7 @@ impl Envelope {
     ) -> Result<Self, EnvelopeError> {
         let kind = match to {
             Recipient::Broadcast => Kind::Broadcast,
-            Recipient::Agent(_) => Kind::Message,
+            Recipient::Agent(_) | Recipient::Sender(_) => Kind::Message,
         };
         let envelope = Self {
             v: ENVELOPE_VERSION,
@@ -359,7 +375,7 @@ impl Envelope {
     fn from_parts(arrival: &Arrival, from: String, text: String) -> Self {
         let kind = match arrival.to {
             Recipient::Broadcast => Kind::Broadcast,
-            Recipient::Agent(_) => Kind::Message,
+            Recipient::Agent(_) | Recipient::Sender(_) => Kind::Message,
         };
         Self {
             v: ENVELOPE_VERSION,
@@ -495,6 +511,17 @@ mod tests {
         );
         let env = Envelope::new("cli:alice", Recipient::Broadcast, "x").unwrap();
         assert_eq!(env.reply_subject(), None);
+    }
+
+    #[test]
+    fn human_recipients_round_trip() {
+        let env = Envelope::new("nova", Recipient::reply_to_sender("slack:U123"), "done").unwrap();
+        let (back, _) = Envelope::decode(&env.encode().unwrap(), &arrival()).unwrap();
+        assert_eq!(back.to, Recipient::Sender("slack:U123".into()));
+        assert_eq!(
+            Recipient::reply_to_sender("kaan"),
+            Recipient::Agent(AgentId::parse("kaan").unwrap())
+        );
     }
 
     #[test]

@@ -118,17 +118,17 @@ pub fn all_streams(replicas: usize) -> Vec<StreamSpec> {
 pub struct ConsumerTuning {
     /// How long the server waits for an ack before redelivering.
     pub ack_wait: Duration,
-    /// Deliveries before a message is dead-lettered.
-    pub max_deliver: i64,
     /// Messages in flight at once; 1 keeps per-agent order.
     pub max_ack_pending: i64,
 }
 
+// The server's own max-deliver is left unlimited on purpose: the listener
+// counts deliveries and dead-letters a message itself, so the server never
+// drops a message while the dead-letter publish is failing.
 impl Default for ConsumerTuning {
     fn default() -> Self {
         Self {
             ack_wait: Duration::from_secs(30),
-            max_deliver: 10,
             max_ack_pending: 1,
         }
     }

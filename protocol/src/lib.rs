@@ -10,9 +10,11 @@
 //! - [`registry`]: the `tokens.json` agent registry (old format plus mesh fields).
 //! - [`secret`]: tokens that never show in `Debug` or `Display`, and references
 //!   (`env:NAME`, `file:/path`) resolved by the caller.
+//! - [`dead_letter`]: what a dead letter carries besides the original bytes.
 //! - [`layout`]: streams and consumers described as plain data.
 
 pub mod agent_id;
+pub mod dead_letter;
 pub mod envelope;
 pub mod layout;
 pub mod registry;

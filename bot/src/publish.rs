@@ -1,0 +1,226 @@
+//! Sending into the mesh: validate the target against the registry, make sure
+//! the target's durable consumers exist (so nothing published is missed), then
+//! publish with the envelope id as `Nats-Msg-Id` and wait for JetStream's ack.
+
+use futures::StreamExt;
+use mesh_listener::nats::{self, NatsError};
+use mesh_protocol::layout::MSG_ID_HEADER;
+use mesh_protocol::{
+    AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry,
+};
+use uuid::Uuid;
+
+/// Consumers checked at once before a broadcast.
+const ENSURE_PARALLELISM: usize = 32;
+
+/// Why a message was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    InvalidId(#[from] AgentIdError),
+    #[error("unknown agent {id:?}{hint} (known: {known})")]
+    UnknownAgent {
+        id: String,
+        hint: String,
+        known: String,
+    },
+    #[error("agent {0:?} is inactive; set its status to \"active\" in the registry to message it")]
+    Inactive(String),
+    #[error("no active agents in the registry; add one before broadcasting")]
+    NoActiveAgents,
+    #[error(transparent)]
+    Invalid(#[from] EnvelopeError),
+    #[error(transparent)]
+    Nats(#[from] NatsError),
+    #[error("JetStream did not accept the message: {0}; nothing was sent, try again")]
+    NotAccepted(String),
+}
+
+/// What JetStream confirmed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The envelope id.
+    pub id: Uuid,
+    /// Sequence in the agents stream.
+    pub stream_seq: u64,
+    /// True when JetStream already had this id (a retried send).
+    pub duplicate: bool,
+    /// Agents it is for.
+    pub recipients: usize,
+}
+
+/// Checks a target id against the registry.
+pub fn resolve_target<'r>(
+    registry: &'r Registry,
+    raw: &str,
+) -> Result<&'r mesh_protocol::Agent, SendError> {
+    let id = AgentId::parse(raw)?;
+    let agent = registry.get(&id).ok_or_else(|| SendError::UnknownAgent {
+        id: raw.to_owned(),
+        hint: nearest(registry, raw)
+            .map(|n| format!("; did you mean {n:?}?"))
+            .unwrap_or_default(),
+        known: registry.known_ids(),
+    })?;
+    if !agent.is_active() {
+        return Err(SendError::Inactive(raw.to_owned()));
+    }
+    Ok(agent)
+}
+
+/// The registered id closest to `raw`, if close enough to be a typo.
+pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
+    registry
+        .agents()
+        .map(|a| (edit_distance(a.id.as_str(), raw), a.id.as_str()))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, id)| id.to_owned())
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb {
+                prev
+            } else {
+                1 + prev.min(row[j]).min(row[j + 1])
+            };
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Publishes an envelope and waits for JetStream's ack.
+pub async fn publish(
+    js: &async_nats::jetstream::Context,
+    envelope: &Envelope,
+) -> Result<(u64, bool), SendError> {
+    let payload = envelope.encode()?;
+    let subject = envelope
+        .to
+        .subject()
+        .ok_or_else(|| SendError::NotAccepted("a human recipient has no inbox".into()))?;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(MSG_ID_HEADER, envelope.id.to_string().as_str());
+    let ack = js
+        .publish_with_headers(subject.to_string(), headers, payload.into())
+        .await
+        .map_err(|e| SendError::NotAccepted(e.to_string()))?
+        .await
+        .map_err(|e| SendError::NotAccepted(e.to_string()))?;
+    Ok((ack.sequence, ack.duplicate))
+}
+
+/// Sends `text` to one agent.
+pub async fn send(
+    js: &async_nats::jetstream::Context,
+    registry: &Registry,
+    from: &str,
+    to: &str,
+    text: &str,
+    priority: Priority,
+) -> Result<Receipt, SendError> {
+    let agent = resolve_target(registry, to)?;
+    let envelope =
+        Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
+    envelope.encode()?;
+    nats::ensure_streams(js, 1).await?;
+    nats::ensure_consumer(js, &agent.id).await?;
+    let (stream_seq, duplicate) = publish(js, &envelope).await?;
+    Ok(Receipt {
+        id: envelope.id,
+        stream_seq,
+        duplicate,
+        recipients: 1,
+    })
+}
+
+/// Sends `text` to every active agent.
+pub async fn broadcast(
+    js: &async_nats::jetstream::Context,
+    registry: &Registry,
+    from: &str,
+    text: &str,
+    priority: Priority,
+) -> Result<Receipt, SendError> {
+    let active: Vec<AgentId> = registry.active().map(|a| a.id.clone()).collect();
+    if active.is_empty() {
+        return Err(SendError::NoActiveAgents);
+    }
+    let envelope = Envelope::new(from, Recipient::Broadcast, text)?.with_priority(priority);
+    envelope.encode()?;
+    nats::ensure_streams(js, 1).await?;
+    let mut ensured = futures::stream::iter(active.iter().map(|id| nats::ensure_consumer(js, id)))
+        .buffer_unordered(ENSURE_PARALLELISM);
+    while let Some(result) = ensured.next().await {
+        result?;
+    }
+    let (stream_seq, duplicate) = publish(js, &envelope).await?;
+    Ok(Receipt {
+        id: envelope.id,
+        stream_seq,
+        duplicate,
+        recipients: active.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry() -> Registry {
+        Registry::parse(
+            r#"{"nova": {"hooks_token": "a", "hooks_url": "http://h/"},
+                "kaan": {"hooks_token": "b", "hooks_url": "http://h/", "status": "inactive"}}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn targets_are_checked_with_helpful_errors() {
+        let reg = registry();
+        assert_eq!(resolve_target(&reg, "nova").unwrap().id.as_str(), "nova");
+        assert_eq!(
+            resolve_target(&reg, "nvoa").unwrap_err().to_string(),
+            "unknown agent \"nvoa\"; did you mean \"nova\"? (known: kaan, nova)"
+        );
+        assert_eq!(
+            resolve_target(&reg, "zed").unwrap_err().to_string(),
+            "unknown agent \"zed\" (known: kaan, nova)"
+        );
+        assert!(
+            resolve_target(&reg, "kaan")
+                .unwrap_err()
+                .to_string()
+                .contains("is inactive")
+        );
+        assert!(
+            resolve_target(&reg, "agents.*")
+                .unwrap_err()
+                .to_string()
+                .contains("subject separator")
+        );
+        assert!(
+            resolve_target(&reg, "Nova")
+                .unwrap_err()
+                .to_string()
+                .contains("use \"nova\"")
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("nova", "nova"), 0);
+        assert_eq!(edit_distance("nova", "nvoa"), 2);
+        assert_eq!(edit_distance("nova", "novas"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}

@@ -1,0 +1,99 @@
+//! The `mesh-listener` command line: flags and env into a [`ListenerConfig`],
+//! then [`crate::run`] until ctrl-c or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::{ListenerConfig, Selection};
+use crate::nats::DEFAULT_NATS_URL;
+use crate::registry_file::DEFAULT_REGISTRY;
+use clap::Parser;
+use mesh_protocol::AgentId;
+
+/// Forwards mesh messages from NATS JetStream to agent gateways.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-listener", version)]
+struct Args {
+    /// The agent to serve.
+    #[arg(
+        long,
+        env = "AGENT_ID",
+        conflicts_with = "all",
+        required_unless_present = "all"
+    )]
+    agent: Option<String>,
+    /// Serve every active agent of the registry, following registry changes.
+    #[arg(long)]
+    all: bool,
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    nats_url: String,
+    /// Registry file (tokens.json).
+    #[arg(long, env = "MESH_REGISTRY", default_value = DEFAULT_REGISTRY)]
+    registry: PathBuf,
+    /// Deliveries in flight per agent; 1 keeps per-agent order.
+    #[arg(long, env = "MESH_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    concurrency: u16,
+    /// Gateway request timeout, in seconds.
+    #[arg(long, env = "MESH_REQUEST_TIMEOUT", default_value_t = 30)]
+    request_timeout: u64,
+    /// Consumer ack wait, in seconds.
+    #[arg(long, env = "MESH_ACK_WAIT", default_value_t = 30)]
+    ack_wait: u64,
+    /// Deliveries before a message is dead-lettered.
+    #[arg(long, env = "MESH_MAX_DELIVER", default_value_t = 10)]
+    max_deliver: u64,
+    /// Chat replies stop after this many hops.
+    #[arg(long, env = "MESH_MAX_HOPS", default_value_t = crate::config::DEFAULT_MAX_HOPS)]
+    max_hops: u8,
+    /// Stream replicas (3 on a NATS cluster).
+    #[arg(long, env = "MESH_REPLICAS", default_value_t = 1)]
+    replicas: usize,
+    /// Serve /health and /metrics on this address.
+    #[arg(long, env = "MESH_HTTP")]
+    http: Option<SocketAddr>,
+}
+
+/// The whole `mesh-listener` program.
+pub fn main() -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(async_main()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
+    crate::logging::init();
+    let args = Args::parse();
+    let selection = match (&args.agent, args.all) {
+        (_, true) => Selection::All,
+        (Some(raw), false) => match AgentId::parse(raw) {
+            Ok(id) => Selection::One(id),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, false) => unreachable!("clap requires --agent or --all"),
+    };
+    let mut config = ListenerConfig::new(args.nats_url, args.registry, selection);
+    config.concurrency = usize::from(args.concurrency);
+    config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
+    config.ack_wait = Duration::from_secs(args.ack_wait.max(1));
+    config.retry.max_deliver = args.max_deliver.max(1);
+    config.max_hops = args.max_hops;
+    config.replicas = args.replicas;
+    config.http_addr = args.http;
+    match crate::run(config, crate::shutdown::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Listener settings: defaults, then environment, then flags, validated once.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_protocol::AgentId;
+use mesh_protocol::layout::ConsumerTuning;
+
+use crate::policy::RetryPolicy;
+
+/// Which agents this process serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// One agent.
+    One(AgentId),
+    /// Every active agent of the registry, following registry changes.
+    All,
+}
+
+/// Everything a listener process needs, validated.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// NATS server URL(s), comma separated.
+    pub nats_url: String,
+    /// Path of `tokens.json`.
+    pub registry_path: PathBuf,
+    /// Which agents to serve.
+    pub selection: Selection,
+    /// Deliveries in flight per agent; 1 keeps order.
+    pub concurrency: usize,
+    /// Per-request gateway timeout.
+    pub request_timeout: Duration,
+    /// Ack wait of the consumers.
+    pub ack_wait: Duration,
+    /// Retry limits.
+    pub retry: RetryPolicy,
+    /// Chat replies stop after this many hops (loop guard).
+    pub max_hops: u8,
+    /// Stream replicas (3 on a cluster).
+    pub replicas: usize,
+    /// How often the registry file is checked for changes.
+    pub registry_poll: Duration,
+    /// Where `/health` and `/metrics` are served, if anywhere.
+    pub http_addr: Option<SocketAddr>,
+    /// Longest wait for in-flight deliveries at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+/// Default hop limit of chat replies.
+pub const DEFAULT_MAX_HOPS: u8 = 4;
+
+impl ListenerConfig {
+    /// Defaults for one selection.
+    pub fn new(
+        nats_url: impl Into<String>,
+        registry_path: impl Into<PathBuf>,
+        selection: Selection,
+    ) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            registry_path: registry_path.into(),
+            selection,
+            concurrency: 1,
+            request_timeout: Duration::from_secs(30),
+            ack_wait: ConsumerTuning::default().ack_wait,
+            retry: RetryPolicy::default(),
+            max_hops: DEFAULT_MAX_HOPS,
+            replicas: 1,
+            registry_poll: Duration::from_secs(2),
+            http_addr: None,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+
+    /// The consumer tuning these settings imply.
+    pub fn tuning(&self) -> ConsumerTuning {
+        ConsumerTuning {
+            ack_wait: self.ack_wait,
+            max_ack_pending: self.concurrency.max(1) as i64,
+        }
+    }
+}

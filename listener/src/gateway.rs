@@ -1,0 +1,144 @@
+//! The HTTP call to an agent's gateway, behind a small trait so delivery logic
+//! can be exercised without sockets.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::hook::HookRequest;
+use crate::policy::Outcome;
+
+/// Largest gateway response body read (a chat reply), in bytes.
+pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
+
+/// What the gateway answered.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// The outcome the policy decides on.
+    pub outcome: Outcome,
+    /// The response body of a 2xx answer (capped at [`MAX_RESPONSE_BYTES`]).
+    pub body: Bytes,
+    /// How long the call took.
+    pub elapsed: Duration,
+}
+
+/// Sends hook requests.
+pub trait Gateway: Send + Sync + 'static {
+    /// POSTs one request and reports what happened. Never panics, never errors:
+    /// every failure is an [`Outcome`].
+    fn post(&self, request: &HookRequest) -> impl Future<Output = Response> + Send;
+
+    /// `GET /health` on a gateway base URL: true when it answered 2xx.
+    fn health(&self, url: url::Url) -> impl Future<Output = bool> + Send;
+}
+
+/// The real gateway client: one connection pool for every agent.
+#[derive(Debug, Clone)]
+pub struct HttpGateway {
+    client: reqwest::Client,
+}
+
+impl HttpGateway {
+    /// A client with a per-request timeout; redirects are not followed (a hook
+    /// URL that redirects is a misconfiguration, and following it could leak the token).
+    pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        install_tls_provider();
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .user_agent(concat!("mesh-listener/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self { client })
+    }
+}
+
+/// Installs rustls' ring provider once per process (reqwest is built without a default one).
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Gateway for HttpGateway {
+    async fn post(&self, request: &HookRequest) -> Response {
+        let started = Instant::now();
+        let sent = self
+            .client
+            .post(request.url.clone())
+            .bearer_auth(request.token.expose())
+            .header("Idempotency-Key", &request.idempotency_key)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(request.body.clone())
+            .send()
+            .await;
+        let (outcome, body) = match sent {
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let retry_after =
+                    parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
+                let body = if response.status().is_success() {
+                    read_capped(response).await
+                } else {
+                    Bytes::new()
+                };
+                (Outcome::Status { code, retry_after }, body)
+            }
+            Err(e) if e.is_timeout() => (Outcome::Timeout, Bytes::new()),
+            Err(e) => (Outcome::Unreachable(describe_error(&e)), Bytes::new()),
+        };
+        Response {
+            outcome,
+            body,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    async fn health(&self, url: url::Url) -> bool {
+        let Ok(url) = url.join("health") else {
+            return false;
+        };
+        matches!(self.client.get(url).timeout(Duration::from_secs(2)).send().await, Ok(r) if r.status().is_success())
+    }
+}
+
+async fn read_capped(mut response: reqwest::Response) -> Bytes {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Bytes::from(body)
+}
+
+/// `Retry-After` in seconds; the HTTP-date form is treated as absent.
+pub fn parse_retry_after(value: Option<&reqwest::header::HeaderValue>) -> Option<Duration> {
+    let secs: u64 = value?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+/// A one-line description of a transport error without the URL (which the
+/// logs already carry as a field) and without any header value.
+fn describe_error(e: &reqwest::Error) -> String {
+    let mut kind = if e.is_connect() {
+        "connection failed".to_owned()
+    } else if e.is_request() {
+        "request failed".to_owned()
+    } else if e.is_body() || e.is_decode() {
+        "response body failed".to_owned()
+    } else {
+        "transport error".to_owned()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let text = inner.to_string();
+        if !text.is_empty() && !kind.contains(&text) {
+            kind = format!("{kind}: {text}");
+        }
+        source = inner.source();
+    }
+    kind
+}

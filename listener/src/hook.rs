@@ -1,0 +1,200 @@
+//! What a message becomes on the wire to the gateway: endpoint, token and body
+//! for each delivery mode. Pure: no sockets here.
+
+use mesh_protocol::registry::AgentTokens;
+use mesh_protocol::{Agent, DeliveryMode, Envelope, Kind, Recipient, Secret};
+use serde_json::json;
+use url::Url;
+
+/// One HTTP request to a gateway.
+#[derive(Debug, Clone)]
+pub struct HookRequest {
+    /// Where to POST.
+    pub url: Url,
+    /// Sent as `Authorization: Bearer`.
+    pub token: Secret,
+    /// Sent as `Idempotency-Key` (the envelope id).
+    pub idempotency_key: String,
+    /// JSON body.
+    pub body: Vec<u8>,
+    /// Which mode built it (chat expects a reply in the response).
+    pub mode: DeliveryMode,
+}
+
+/// Why a request cannot be built for an agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HookError {
+    #[error("agent {0:?} uses chat delivery but has no gateway_token; add one to the registry")]
+    NoGatewayToken(String),
+}
+
+/// The text a woken agent reads: who sent it, then the message.
+pub fn wake_text(envelope: &Envelope) -> String {
+    let label = match (envelope.kind, &envelope.to) {
+        (_, Recipient::Broadcast) | (Kind::Broadcast, _) => "Broadcast",
+        (Kind::Ask, _) => "Question",
+        (Kind::Reply, _) => "Reply",
+        (Kind::Message, _) => "Message",
+    };
+    format!("[mesh] {label} from {}: {}", envelope.from, envelope.text)
+}
+
+/// `now` for high and urgent messages, else `next-heartbeat`.
+pub fn wake_mode(envelope: &Envelope) -> &'static str {
+    if envelope.priority.wakes_now() {
+        "now"
+    } else {
+        "next-heartbeat"
+    }
+}
+
+/// Builds the gateway request for one envelope.
+pub fn build(
+    agent: &Agent,
+    tokens: &AgentTokens,
+    envelope: &Envelope,
+) -> Result<HookRequest, HookError> {
+    let (url, token, body) = match agent.delivery {
+        DeliveryMode::Wake => (
+            agent.hooks_url.clone(),
+            tokens.hooks.clone(),
+            json!({ "text": wake_text(envelope), "mode": wake_mode(envelope) }),
+        ),
+        DeliveryMode::Agent => (
+            endpoint(agent, "hooks/agent"),
+            tokens.hooks.clone(),
+            json!({
+                "message": wake_text(envelope),
+                "name": "mesh",
+                "agentId": agent.id.as_str(),
+                "sessionKey": format!("mesh:{}", envelope.from),
+                "wakeMode": wake_mode(envelope),
+            }),
+        ),
+        DeliveryMode::Chat => {
+            let token = tokens
+                .gateway
+                .clone()
+                .ok_or_else(|| HookError::NoGatewayToken(agent.id.to_string()))?;
+            (
+                endpoint(agent, "v1/chat/completions"),
+                token,
+                json!({
+                    "model": agent.model.as_deref().unwrap_or("default"),
+                    "messages": [{ "role": "user", "content": wake_text(envelope) }],
+                    "user": format!("mesh:{}", envelope.from),
+                }),
+            )
+        }
+    };
+    Ok(HookRequest {
+        url,
+        token,
+        idempotency_key: envelope.id.to_string(),
+        body: serde_json::to_vec(&body).expect("a JSON value always serializes"),
+        mode: agent.delivery,
+    })
+}
+
+fn endpoint(agent: &Agent, path: &str) -> Url {
+    agent
+        .gateway_base()
+        .join(path)
+        .expect("a relative path always joins onto a base URL")
+}
+
+/// The reply text of an OpenAI-style chat completion response.
+pub fn chat_reply_text(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let text = value.pointer("/choices/0/message/content")?.as_str()?;
+    (!text.trim().is_empty()).then(|| text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_protocol::{Priority, Registry, secret::MapResolver};
+
+    fn registry() -> Registry {
+        Registry::parse(
+            r#"{
+            "nova": {"hooks_token": "hook-n", "hooks_url": "http://127.0.0.1:7002/hooks/wake"},
+            "kaan": {"hooks_token": "hook-k", "hooks_url": "http://127.0.0.1:7003/hooks/wake", "delivery": "agent"},
+            "ada": {"hooks_token": "hook-a", "gateway_token": "gw-a", "gateway": "ada-gw:7004",
+                    "hooks_url": "http://ada-gw:7004/hooks/wake", "delivery": "chat", "model": "m1"}
+        }"#,
+        )
+        .unwrap()
+    }
+
+    fn request(agent: &str, envelope: &Envelope) -> (HookRequest, serde_json::Value) {
+        let reg = registry();
+        let agent = reg.get(&agent.parse().unwrap()).unwrap();
+        let tokens = agent.resolve_tokens(&MapResolver::default()).unwrap();
+        let req = build(agent, &tokens, envelope).unwrap();
+        let body = serde_json::from_slice(&req.body).unwrap();
+        (req, body)
+    }
+
+    #[test]
+    fn wake_mode_posts_text_and_mode_to_the_hook() {
+        let env = Envelope::new(
+            "kaan",
+            Recipient::Agent("nova".parse().unwrap()),
+            "hi \"there\"",
+        )
+        .unwrap();
+        let (req, body) = request("nova", &env);
+        assert_eq!(req.url.as_str(), "http://127.0.0.1:7002/hooks/wake");
+        assert_eq!(req.token.expose(), "hook-n");
+        assert_eq!(req.idempotency_key, env.id.to_string());
+        assert_eq!(
+            body,
+            json!({"text": "[mesh] Message from kaan: hi \"there\"", "mode": "next-heartbeat"})
+        );
+        let urgent = env.with_priority(Priority::Urgent);
+        assert_eq!(request("nova", &urgent).1["mode"], "now");
+    }
+
+    #[test]
+    fn agent_mode_posts_to_hooks_agent() {
+        let env = Envelope::new("cli:alice", Recipient::Broadcast, "all hands")
+            .unwrap()
+            .with_priority(Priority::High);
+        let (req, body) = request("kaan", &env);
+        assert_eq!(req.url.as_str(), "http://127.0.0.1:7003/hooks/agent");
+        assert_eq!(
+            body,
+            json!({"message": "[mesh] Broadcast from cli:alice: all hands", "name": "mesh", "agentId": "kaan",
+                   "sessionKey": "mesh:cli:alice", "wakeMode": "now"})
+        );
+    }
+
+    #[test]
+    fn chat_mode_uses_the_gateway_token_and_model() {
+        let env = Envelope::new("nova", Recipient::Agent("ada".parse().unwrap()), "2+2?").unwrap();
+        let (req, body) = request("ada", &env);
+        assert_eq!(req.url.as_str(), "http://ada-gw:7004/v1/chat/completions");
+        assert_eq!(req.token.expose(), "gw-a");
+        assert_eq!(body["model"], "m1");
+        assert_eq!(
+            body["messages"][0]["content"],
+            "[mesh] Message from nova: 2+2?"
+        );
+    }
+
+    #[test]
+    fn chat_reply_text_reads_the_first_choice() {
+        assert_eq!(
+            chat_reply_text(br#"{"choices":[{"message":{"role":"assistant","content":"4"}}]}"#)
+                .as_deref(),
+            Some("4")
+        );
+        assert_eq!(chat_reply_text(br#"{"choices":[]}"#), None);
+        assert_eq!(chat_reply_text(b"not json"), None);
+        assert_eq!(
+            chat_reply_text(br#"{"choices":[{"message":{"content":"  "}}]}"#),
+            None
+        );
+    }
+}
