@@ -35,7 +35,7 @@ pub enum Command {
     Send {
         /// The agent's id.
         agent: String,
-        /// The message (several words are joined with spaces).
+        /// The message (several words are joined with spaces; `-` reads standard input).
         #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
         text: Vec<String>,
         /// low, normal, high or urgent (high and urgent wake the agent now).
@@ -47,7 +47,7 @@ pub enum Command {
     },
     /// Send a message to every active agent.
     Broadcast {
-        /// The message (several words are joined with spaces).
+        /// The message (several words are joined with spaces; `-` reads standard input).
         #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
         text: Vec<String>,
         /// low, normal, high or urgent (high and urgent wake the agents now).
@@ -93,6 +93,17 @@ async fn run(args: Args) -> ExitCode {
     }
 }
 
+/// The message text: the words joined, or standard input for `-`.
+fn message_text(words: Vec<String>) -> anyhow::Result<String> {
+    if words.len() == 1 && words[0] == "-" {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .map_err(|e| anyhow::anyhow!("cannot read the message from standard input: {e}"))?;
+        return Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned());
+    }
+    Ok(words.join(" "))
+}
+
 fn default_sender() -> String {
     let user: String = std::env::var("USER")
         .unwrap_or_default()
@@ -120,7 +131,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let registry = registry_file::load(&args.registry)?;
             publish::resolve_target(&registry, &agent)?;
             let from = from.unwrap_or_else(default_sender);
-            let text = text.join(" ");
+            let text = message_text(text)?;
             mesh_protocol::Envelope::new(
                 from.as_str(),
                 mesh_protocol::Recipient::Broadcast,
@@ -138,7 +149,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         } => {
             let registry = registry_file::load(&args.registry)?;
             let from = from.unwrap_or_else(default_sender);
-            let text = text.join(" ");
+            let text = message_text(text)?;
             mesh_protocol::Envelope::new(
                 from.as_str(),
                 mesh_protocol::Recipient::Broadcast,

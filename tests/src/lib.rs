@@ -1,1 +1,17 @@
-//! placeholder
+//! Test harness of the agent mesh: a real `nats-server` on a free port with a
+//! temporary store, recording gateways (real HTTP servers on port 0 with
+//! scripted answers), temporary registries, and in-process listeners.
+//!
+//! # Layout
+//!
+//! - [`server`]: the nats-server under test.
+//! - [`gateway`]: the recording gateway.
+//! - [`fixtures`]: registries, in-process listeners, the binaries under test.
+
+pub mod fixtures;
+pub mod gateway;
+pub mod server;
+
+pub use fixtures::{Fixture, ListenerHandle};
+pub use gateway::{Recorded, RecordingGateway};
+pub use server::TestNats;

@@ -1,0 +1,4 @@
+//! `mesh-listener` under test: the same program, built inside the test crate so tests can run it.
+fn main() -> std::process::ExitCode {
+    mesh_listener::cli::main()
+}

@@ -1,0 +1,142 @@
+//! Registries written to temp files, listeners run in-process, and the paths
+//! of the binaries under test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_listener::config::{ListenerConfig, Selection};
+use mesh_protocol::AgentId;
+use tokio::sync::oneshot;
+
+use crate::gateway::RecordingGateway;
+use crate::server::TestNats;
+
+/// A registry file in a temp dir.
+#[derive(Debug)]
+pub struct Fixture {
+    dir: tempfile::TempDir,
+    /// The registry path.
+    pub registry: PathBuf,
+}
+
+impl Fixture {
+    /// Writes `agents` (id, gateway, active) as a registry with literal tokens
+    /// `<id>-hook-token`.
+    pub fn registry(agents: &[(&str, &RecordingGateway, bool)]) -> Self {
+        let mut map = serde_json::Map::new();
+        for (id, gateway, active) in agents {
+            map.insert(
+                (*id).to_owned(),
+                serde_json::json!({
+                    "gateway": gateway.addr.to_string(),
+                    "hooks_token": format!("{id}-hook-token"),
+                    "hooks_url": gateway.hooks_url(),
+                    "status": if *active { "active" } else { "inactive" },
+                }),
+            );
+        }
+        Self::from_json(&serde_json::Value::Object(map))
+    }
+
+    /// Writes any registry JSON.
+    pub fn from_json(json: &serde_json::Value) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry = dir.path().join("tokens.json");
+        std::fs::write(&registry, serde_json::to_string_pretty(json).expect("json")).expect("writing the registry");
+        Self { dir, registry }
+    }
+
+    /// The temp dir.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Listener settings for this registry with fast retries for tests.
+    pub fn listener_config(&self, nats: &TestNats, selection: Selection) -> ListenerConfig {
+        let mut config = ListenerConfig::new(nats.url(), &self.registry, selection);
+        config.retry.base = Duration::from_millis(50);
+        config.retry.max = Duration::from_millis(400);
+        config.registry_poll = Duration::from_millis(200);
+        config
+    }
+}
+
+/// An in-process listener, stopped on [`ListenerHandle::stop`] or drop.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    stop: Option<oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl ListenerHandle {
+    /// Starts `mesh_listener::run` in this process.
+    pub fn spawn(config: ListenerConfig) -> Self {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(mesh_listener::run(config, async move {
+            let _ = stopped.await;
+        }));
+        Self { stop: Some(stop), join: Some(join) }
+    }
+
+    /// Starts a listener for one agent.
+    pub fn one(fixture: &Fixture, nats: &TestNats, agent: &str) -> Self {
+        let id = AgentId::parse(agent).expect("valid agent id");
+        Self::spawn(fixture.listener_config(nats, Selection::One(id)))
+    }
+
+    /// Stops it gracefully and returns what `run` returned.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.join.take() {
+            Some(join) => join.await.expect("listener task panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Path of the `mesh` binary under test (cargo builds this crate's binaries
+/// next to `deps/`, where the integration test executables live).
+pub fn mesh_bin() -> PathBuf {
+    bin("mesh-under-test")
+}
+
+/// Path of the `mesh-listener` binary under test.
+pub fn listener_bin() -> PathBuf {
+    bin("mesh-listener-under-test")
+}
+
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing; run the suite with `cargo test --workspace`", path.display());
+    path
+}
+
+/// Waits until an agent's consumer has nothing pending and nothing unacked.
+pub async fn wait_until_settled(js: &async_nats::jetstream::Context, agent: &str, timeout: Duration) {
+    let durable = mesh_protocol::layout::agent_consumer(&AgentId::parse(agent).expect("id"), Default::default()).durable;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+        if let Ok(info) = stream.consumer_info(&durable).await
+            && info.num_pending == 0
+            && info.num_ack_pending == 0
+            && info.delivered.stream_sequence > 0
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "consumer {durable} did not settle within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

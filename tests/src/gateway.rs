@@ -1,0 +1,128 @@
+//! The recording gateway: a real HTTP server on `127.0.0.1:0` that records
+//! every request and answers from a script (a queue of statuses, then 200).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::routing::any;
+use tokio::sync::watch;
+
+/// One recorded request.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// Request path.
+    pub path: String,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `Idempotency-Key` header.
+    pub idempotency_key: Option<String>,
+    /// The JSON body (Null when not JSON).
+    pub body: serde_json::Value,
+}
+
+impl Recorded {
+    /// The `text` field of a wake body.
+    pub fn text(&self) -> &str {
+        self.body.get("text").and_then(|v| v.as_str()).unwrap_or("")
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    requests: Vec<Recorded>,
+    script: VecDeque<u16>,
+    delay: Option<Duration>,
+    chat_reply: Option<String>,
+}
+
+/// A recording gateway; serves until the test's runtime ends.
+#[derive(Debug, Clone)]
+pub struct RecordingGateway {
+    inner: Arc<Mutex<Inner>>,
+    count: watch::Receiver<usize>,
+    count_tx: Arc<watch::Sender<usize>>,
+    /// Address it listens on.
+    pub addr: std::net::SocketAddr,
+}
+
+impl RecordingGateway {
+    /// Starts a gateway that answers 200 to everything.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("binding the gateway");
+        let addr = listener.local_addr().expect("local addr");
+        let (count_tx, count) = watch::channel(0);
+        let gateway = Self { inner: Arc::default(), count, count_tx: Arc::new(count_tx), addr };
+        let app = Router::new().fallback(any(record)).with_state(gateway.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        gateway
+    }
+
+    /// The wake hook URL.
+    pub fn hooks_url(&self) -> String {
+        format!("http://{}/hooks/wake", self.addr)
+    }
+
+    /// Answers the next requests with these statuses, in order, then 200 again.
+    pub fn script(&self, statuses: impl IntoIterator<Item = u16>) {
+        self.lock().script.extend(statuses);
+    }
+
+    /// Waits this long before answering each request.
+    pub fn set_delay(&self, delay: Duration) {
+        self.lock().delay = Some(delay);
+    }
+
+    /// Answers chat completions with this reply.
+    pub fn set_chat_reply(&self, reply: &str) {
+        self.lock().chat_reply = Some(reply.to_owned());
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.lock().requests.clone()
+    }
+
+    /// Waits until at least `n` requests arrived; panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let mut count = self.count.clone();
+        let reached = tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await;
+        assert!(reached.is_ok(), "gateway got {} of {n} expected requests within {timeout:?}", self.requests().len());
+        self.requests()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let recorded = Recorded {
+        path: uri.path().to_owned(),
+        authorization: header("authorization"),
+        idempotency_key: header("idempotency-key"),
+        body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+    };
+    let is_chat = recorded.path == "/v1/chat/completions";
+    let (status, delay, reply) = {
+        let mut inner = gw.lock();
+        inner.requests.push(recorded);
+        (inner.script.pop_front().unwrap_or(200), inner.delay, inner.chat_reply.clone())
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    gw.count_tx.send_modify(|c| *c += 1);
+    let body = match (is_chat, reply) {
+        (true, Some(reply)) => serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string(),
+        _ => "{}".to_owned(),
+    };
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+}

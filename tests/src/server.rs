@@ -1,0 +1,41 @@
+//! A real `nats-server` with JetStream on a free loopback port and a temporary
+//! store, killed on drop.
+
+use mesh_bot::local_nats::{LocalNats, free_port};
+
+/// The server under test.
+#[derive(Debug)]
+pub struct TestNats {
+    /// The child process.
+    pub server: LocalNats,
+    _store: tempfile::TempDir,
+}
+
+impl TestNats {
+    /// Starts a server; panics with install instructions when nats-server is missing.
+    pub async fn start() -> Self {
+        let store = tempfile::tempdir().expect("creating a temp dir");
+        let port = free_port().expect("finding a free port");
+        let server = LocalNats::start(port, store.path())
+            .await
+            .unwrap_or_else(|e| panic!("{e} (run scripts/install.sh to install nats-server)"));
+        Self { server, _store: store }
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    /// A connected client.
+    pub async fn client(&self) -> async_nats::Client {
+        async_nats::connect(self.url()).await.expect("connecting to the test nats-server")
+    }
+
+    /// A JetStream context with the mesh streams created.
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        let js = async_nats::jetstream::new(self.client().await);
+        mesh_listener::nats::ensure_streams(&js, 1).await.expect("creating streams");
+        js
+    }
+}
