@@ -113,63 +113,35 @@ fn default_sender() -> String {
         .collect();
     // Always "cli:<name>": never a valid agent id, so agent replies are not
     // routed to an inbox nobody reads.
-    if user.is_empty() {
-        "cli:terminal".into()
-    } else {
-        format!("cli:{user}")
-    }
+    if user.is_empty() { "cli:terminal".into() } else { format!("cli:{user}") }
 }
 
 async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     match args.command {
-        Command::Send {
-            agent,
-            text,
-            priority,
-            from,
-        } => {
+        Command::Send { agent, text, priority, from } => {
             let registry = registry_file::load(&args.registry)?;
             publish::resolve_target(&registry, &agent)?;
             let from = from.unwrap_or_else(default_sender);
             let text = message_text(text)?;
-            mesh_protocol::Envelope::new(
-                from.as_str(),
-                mesh_protocol::Recipient::Broadcast,
-                text.as_str(),
-            )?;
+            mesh_protocol::Envelope::new(from.as_str(), mesh_protocol::Recipient::Broadcast, text.as_str())?;
             let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
             let js = async_nats::jetstream::new(client);
             let receipt = publish::send(&js, &registry, &from, &agent, &text, priority).await?;
             print_receipt(&receipt, &agent, args.json);
         }
-        Command::Broadcast {
-            text,
-            priority,
-            from,
-        } => {
+        Command::Broadcast { text, priority, from } => {
             let registry = registry_file::load(&args.registry)?;
             let from = from.unwrap_or_else(default_sender);
             let text = message_text(text)?;
-            mesh_protocol::Envelope::new(
-                from.as_str(),
-                mesh_protocol::Recipient::Broadcast,
-                text.as_str(),
-            )?;
+            mesh_protocol::Envelope::new(from.as_str(), mesh_protocol::Recipient::Broadcast, text.as_str())?;
             let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
             let js = async_nats::jetstream::new(client);
             let receipt = publish::broadcast(&js, &registry, &from, &text, priority).await?;
             print_receipt(&receipt, "*", args.json);
         }
-        Command::Up {
-            demo: _,
-            data_dir,
-            nats_port,
-        } => {
+        Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();
-            let config = crate::demo::DemoConfig {
-                data_dir,
-                nats_port,
-            };
+            let config = crate::demo::DemoConfig { data_dir, nats_port };
             crate::demo::run(config, mesh_listener::shutdown::shutdown_signal()).await?;
         }
     }
@@ -192,9 +164,6 @@ fn print_receipt(receipt: &Receipt, to: &str, json: bool) {
             receipt.id, receipt.recipients, receipt.stream_seq
         );
     } else {
-        println!(
-            "{} sent to {to} (stream seq {})",
-            receipt.id, receipt.stream_seq
-        );
+        println!("{} sent to {to} (stream seq {})", receipt.id, receipt.stream_seq);
     }
 }

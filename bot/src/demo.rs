@@ -24,10 +24,7 @@ pub struct DemoConfig {
 const AGENTS: [(&str, &str); 3] = [("nova", "wake"), ("kaan", "agent"), ("ada", "chat")];
 
 /// Runs the demo until `shutdown` completes.
-pub async fn run(
-    config: DemoConfig,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+pub async fn run(config: DemoConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&config.data_dir).context("resolving the data directory")?;
     let mut nats = LocalNats::start(config.nats_port, &data_dir.join("nats")).await?;
     let registry_path = data_dir.join("tokens.json");
@@ -38,9 +35,7 @@ pub async fn run(
             hooks_token: format!("{agent}-demo-hook-token"),
             gateway_token: format!("{agent}-demo-gateway-token"),
         };
-        let addr = demo_gateway::serve(gateway.clone())
-            .await
-            .context("starting a demo gateway")?;
+        let addr = demo_gateway::serve(gateway.clone()).await.context("starting a demo gateway")?;
         let mut entry = serde_json::json!({
             "gateway": addr.to_string(),
             "hooks_token": gateway.hooks_token,
@@ -56,8 +51,7 @@ pub async fn run(
     }
     let json = serde_json::to_string_pretty(&entries).context("writing the demo registry")?;
     Registry::parse(&json).map_err(|e| anyhow::anyhow!("demo registry is invalid: {e}"))?;
-    std::fs::write(&registry_path, json + "\n")
-        .with_context(|| format!("writing {}", registry_path.display()))?;
+    std::fs::write(&registry_path, json + "\n").with_context(|| format!("writing {}", registry_path.display()))?;
 
     let mut listener = ListenerConfig::new(nats.url(), &registry_path, Selection::All);
     listener.registry_poll = std::time::Duration::from_secs(1);
@@ -71,11 +65,7 @@ pub async fn run(
 fn print_banner(nats: &LocalNats, registry: &std::path::Path) {
     let url = nats.url();
     let registry = registry.display();
-    let env = if url == mesh_listener::nats::DEFAULT_NATS_URL {
-        String::new()
-    } else {
-        format!(" NATS_URL={url}")
-    };
+    let env = if url == mesh_listener::nats::DEFAULT_NATS_URL { String::new() } else { format!(" NATS_URL={url}") };
     println!(
         "\nmesh is up (demo)\n\
          \x20 nats:     {url} (JetStream)\n\

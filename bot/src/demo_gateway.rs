@@ -46,11 +46,7 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
         .is_some_and(|given| given == token)
 }
 
-async fn wake(
-    State(gw): State<Arc<DemoGateway>>,
-    headers: HeaderMap,
-    body: axum::Json<Value>,
-) -> StatusCode {
+async fn wake(State(gw): State<Arc<DemoGateway>>, headers: HeaderMap, body: axum::Json<Value>) -> StatusCode {
     if !authorized(&headers, &gw.hooks_token) {
         return StatusCode::UNAUTHORIZED;
     }
@@ -60,20 +56,13 @@ async fn wake(
     StatusCode::OK
 }
 
-async fn agent(
-    State(gw): State<Arc<DemoGateway>>,
-    headers: HeaderMap,
-    body: axum::Json<Value>,
-) -> StatusCode {
+async fn agent(State(gw): State<Arc<DemoGateway>>, headers: HeaderMap, body: axum::Json<Value>) -> StatusCode {
     if !authorized(&headers, &gw.hooks_token) {
         return StatusCode::UNAUTHORIZED;
     }
     let text = body.get("message").and_then(Value::as_str).unwrap_or("");
     let session = body.get("sessionKey").and_then(Value::as_str).unwrap_or("");
-    println!(
-        "  [{} gateway] /hooks/agent (session {session}): {text}",
-        gw.agent
-    );
+    println!("  [{} gateway] /hooks/agent (session {session}): {text}", gw.agent);
     StatusCode::ACCEPTED
 }
 
@@ -83,25 +72,10 @@ async fn chat(
     body: axum::Json<Value>,
 ) -> (StatusCode, axum::Json<Value>) {
     if !authorized(&headers, &gw.gateway_token) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            axum::Json(json!({"error": "unauthorized"})),
-        );
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "unauthorized"})));
     }
-    let text = body
-        .pointer("/messages/0/content")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+    let text = body.pointer("/messages/0/content").and_then(Value::as_str).unwrap_or("");
     println!("  [{} gateway] /v1/chat/completions: {text}", gw.agent);
-    let reply = format!(
-        "{} here. I read you: {}",
-        gw.agent,
-        text.rsplit(": ").next().unwrap_or(text)
-    );
-    (
-        StatusCode::OK,
-        axum::Json(
-            json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}),
-        ),
-    )
+    let reply = format!("{} here. I read you: {}", gw.agent, text.rsplit(": ").next().unwrap_or(text));
+    (StatusCode::OK, axum::Json(json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]})))
 }

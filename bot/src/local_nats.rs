@@ -50,12 +50,7 @@ impl LocalNats {
         }
         std::fs::create_dir_all(store_dir).map_err(LocalNatsError::Spawn)?;
         let log_path = store_dir.join("nats-server.log");
-        let mut server = Self {
-            child: None,
-            port,
-            store_dir: store_dir.to_owned(),
-            log_path,
-        };
+        let mut server = Self { child: None, port, store_dir: store_dir.to_owned(), log_path };
         server.spawn().await?;
         Ok(server)
     }
@@ -67,14 +62,7 @@ impl LocalNats {
             .open(&self.log_path)
             .map_err(LocalNatsError::Spawn)?;
         let mut child = Command::new("nats-server")
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.store_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -96,10 +84,7 @@ impl LocalNats {
                     log: self.log_path.display().to_string(),
                 });
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await.is_ok() {
                 break;
             }
             if started.elapsed() > START_TIMEOUT {
@@ -132,14 +117,9 @@ impl LocalNats {
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             if let Some(pid) = child.id() {
-                let _ = std::process::Command::new("kill")
-                    .args(["-TERM", &pid.to_string()])
-                    .status();
+                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
             }
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
                 let _ = child.kill().await;
             }
         }

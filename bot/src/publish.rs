@@ -5,9 +5,7 @@
 use futures::StreamExt;
 use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::MSG_ID_HEADER;
-use mesh_protocol::{
-    AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry,
-};
+use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
 use uuid::Uuid;
 
 /// Consumers checked at once before a broadcast.
@@ -19,11 +17,7 @@ pub enum SendError {
     #[error(transparent)]
     InvalidId(#[from] AgentIdError),
     #[error("unknown agent {id:?}{hint} (known: {known})")]
-    UnknownAgent {
-        id: String,
-        hint: String,
-        known: String,
-    },
+    UnknownAgent { id: String, hint: String, known: String },
     #[error("agent {0:?} is inactive; set its status to \"active\" in the registry to message it")]
     Inactive(String),
     #[error("no active agents in the registry; add one before broadcasting")]
@@ -50,16 +44,11 @@ pub struct Receipt {
 }
 
 /// Checks a target id against the registry.
-pub fn resolve_target<'r>(
-    registry: &'r Registry,
-    raw: &str,
-) -> Result<&'r mesh_protocol::Agent, SendError> {
+pub fn resolve_target<'r>(registry: &'r Registry, raw: &str) -> Result<&'r mesh_protocol::Agent, SendError> {
     let id = AgentId::parse(raw)?;
     let agent = registry.get(&id).ok_or_else(|| SendError::UnknownAgent {
         id: raw.to_owned(),
-        hint: nearest(registry, raw)
-            .map(|n| format!("; did you mean {n:?}?"))
-            .unwrap_or_default(),
+        hint: nearest(registry, raw).map(|n| format!("; did you mean {n:?}?")).unwrap_or_default(),
         known: registry.known_ids(),
     })?;
     if !agent.is_active() {
@@ -87,11 +76,7 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let cur = row[j + 1];
-            row[j + 1] = if ca == *cb {
-                prev
-            } else {
-                1 + prev.min(row[j]).min(row[j + 1])
-            };
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(row[j + 1]) };
             prev = cur;
         }
     }
@@ -99,15 +84,10 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Publishes an envelope and waits for JetStream's ack.
-pub async fn publish(
-    js: &async_nats::jetstream::Context,
-    envelope: &Envelope,
-) -> Result<(u64, bool), SendError> {
+pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -> Result<(u64, bool), SendError> {
     let payload = envelope.encode()?;
-    let subject = envelope
-        .to
-        .subject()
-        .ok_or_else(|| SendError::NotAccepted("a human recipient has no inbox".into()))?;
+    let subject =
+        envelope.to.subject().ok_or_else(|| SendError::NotAccepted("a human recipient has no inbox".into()))?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, envelope.id.to_string().as_str());
     let ack = js
@@ -129,18 +109,12 @@ pub async fn send(
     priority: Priority,
 ) -> Result<Receipt, SendError> {
     let agent = resolve_target(registry, to)?;
-    let envelope =
-        Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
+    let envelope = Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
     envelope.encode()?;
     nats::ensure_streams(js, 1).await?;
     nats::ensure_consumer(js, &agent.id).await?;
     let (stream_seq, duplicate) = publish(js, &envelope).await?;
-    Ok(Receipt {
-        id: envelope.id,
-        stream_seq,
-        duplicate,
-        recipients: 1,
-    })
+    Ok(Receipt { id: envelope.id, stream_seq, duplicate, recipients: 1 })
 }
 
 /// Sends `text` to every active agent.
@@ -164,12 +138,7 @@ pub async fn broadcast(
         result?;
     }
     let (stream_seq, duplicate) = publish(js, &envelope).await?;
-    Ok(Receipt {
-        id: envelope.id,
-        stream_seq,
-        duplicate,
-        recipients: active.len(),
-    })
+    Ok(Receipt { id: envelope.id, stream_seq, duplicate, recipients: active.len() })
 }
 
 #[cfg(test)]
@@ -192,28 +161,10 @@ mod tests {
             resolve_target(&reg, "nvoa").unwrap_err().to_string(),
             "unknown agent \"nvoa\"; did you mean \"nova\"? (known: kaan, nova)"
         );
-        assert_eq!(
-            resolve_target(&reg, "zed").unwrap_err().to_string(),
-            "unknown agent \"zed\" (known: kaan, nova)"
-        );
-        assert!(
-            resolve_target(&reg, "kaan")
-                .unwrap_err()
-                .to_string()
-                .contains("is inactive")
-        );
-        assert!(
-            resolve_target(&reg, "agents.*")
-                .unwrap_err()
-                .to_string()
-                .contains("subject separator")
-        );
-        assert!(
-            resolve_target(&reg, "Nova")
-                .unwrap_err()
-                .to_string()
-                .contains("use \"nova\"")
-        );
+        assert_eq!(resolve_target(&reg, "zed").unwrap_err().to_string(), "unknown agent \"zed\" (known: kaan, nova)");
+        assert!(resolve_target(&reg, "kaan").unwrap_err().to_string().contains("is inactive"));
+        assert!(resolve_target(&reg, "agents.*").unwrap_err().to_string().contains("subject separator"));
+        assert!(resolve_target(&reg, "Nova").unwrap_err().to_string().contains("use \"nova\""));
     }
 
     #[test]

@@ -17,12 +17,7 @@ use mesh_protocol::AgentId;
 #[command(name = "mesh-listener", version)]
 struct Args {
     /// The agent to serve.
-    #[arg(
-        long,
-        env = "AGENT_ID",
-        conflicts_with = "all",
-        required_unless_present = "all"
-    )]
+    #[arg(long, env = "AGENT_ID", conflicts_with = "all", required_unless_present = "all")]
     agent: Option<String>,
     /// Serve every active agent of the registry, following registry changes.
     #[arg(long)]

@@ -52,11 +52,7 @@ pub const DEFAULT_MAX_HOPS: u8 = 4;
 
 impl ListenerConfig {
     /// Defaults for one selection.
-    pub fn new(
-        nats_url: impl Into<String>,
-        registry_path: impl Into<PathBuf>,
-        selection: Selection,
-    ) -> Self {
+    pub fn new(nats_url: impl Into<String>, registry_path: impl Into<PathBuf>, selection: Selection) -> Self {
         Self {
             nats_url: nats_url.into(),
             registry_path: registry_path.into(),
@@ -75,9 +71,6 @@ impl ListenerConfig {
 
     /// The consumer tuning these settings imply.
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning {
-            ack_wait: self.ack_wait,
-            max_ack_pending: self.concurrency.max(1) as i64,
-        }
+        ConsumerTuning { ack_wait: self.ack_wait, max_ack_pending: self.concurrency.max(1) as i64 }
     }
 }

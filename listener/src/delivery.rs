@@ -60,30 +60,18 @@ pub enum Handled {
 }
 
 /// Handles one pulled message for `entry`.
-pub async fn handle<G: Gateway>(
-    deps: &Deps<G>,
-    entry: &AgentEntry,
-    msg: jetstream::Message,
-) -> Handled {
+pub async fn handle<G: Gateway>(deps: &Deps<G>, entry: &AgentEntry, msg: jetstream::Message) -> Handled {
     let agent = entry.agent.id.as_str();
     let Ok(info) = msg.info() else {
         warn!(agent, subject = %msg.subject, "message without JetStream metadata; ignoring it");
         return Handled::Unsettled;
     };
-    let (stream_seq, delivered, stored_at) = (
-        info.stream_sequence,
-        info.delivered.max(1) as u64,
-        info.published,
-    );
+    let (stream_seq, delivered, stored_at) = (info.stream_sequence, info.delivered.max(1) as u64, info.published);
     let arrival = match Subject::parse(msg.subject.as_str()) {
         Ok(Subject::Inbox(id)) => Recipient::Agent(id),
         _ => Recipient::Broadcast,
     };
-    let arrival = Arrival {
-        to: arrival,
-        fallback_id: legacy_id(stream_seq),
-        stored_at,
-    };
+    let arrival = Arrival { to: arrival, fallback_id: legacy_id(stream_seq), stored_at };
     let envelope = match Envelope::decode(&msg.payload, &arrival) {
         Ok((envelope, _format)) => envelope,
         Err(e) => {
@@ -95,16 +83,7 @@ pub async fn handle<G: Gateway>(
     let request = match hook::build(&entry.agent, &entry.tokens, &envelope) {
         Ok(request) => request,
         Err(e) => {
-            return dead_letter(
-                deps,
-                entry,
-                &msg,
-                stream_seq,
-                delivered,
-                None,
-                e.to_string(),
-            )
-            .await;
+            return dead_letter(deps, entry, &msg, stream_seq, delivered, None, e.to_string()).await;
         }
     };
     let response = call_keeping_alive(deps, &msg, &request).await;
@@ -133,16 +112,7 @@ pub async fn handle<G: Gateway>(
             Handled::Retrying
         }
         Decision::DeadLetter(reason) => {
-            dead_letter(
-                deps,
-                entry,
-                &msg,
-                stream_seq,
-                delivered,
-                response.outcome.status(),
-                reason,
-            )
-            .await
+            dead_letter(deps, entry, &msg, stream_seq, delivered, response.outcome.status(), reason).await
         }
     }
 }
@@ -206,11 +176,7 @@ async fn dead_letter<G: Gateway>(
     }
     headers.insert(MSG_ID_HEADER, record.msg_id().as_str());
     let subject = Subject::DeadLetter(entry.agent.id.clone()).to_string();
-    let stored = match deps
-        .js
-        .publish_with_headers(subject, headers, msg.payload.clone())
-        .await
-    {
+    let stored = match deps.js.publish_with_headers(subject, headers, msg.payload.clone()).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
@@ -272,12 +238,8 @@ async fn route_reply<G: Gateway>(
     };
     reply.kind = Kind::Reply;
     reply.hops = hops;
-    reply
-        .metadata
-        .insert("in_reply_to".into(), original.id.to_string());
-    let payload = reply
-        .encode()
-        .map_err(|e| ReplyError::Publish(e.to_string()))?;
+    reply.metadata.insert("in_reply_to".into(), original.id.to_string());
+    let payload = reply.encode().map_err(|e| ReplyError::Publish(e.to_string()))?;
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, format!("reply-{}", original.id).as_str());
     let ack = deps

@@ -83,9 +83,7 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
     let selected = select(&registry, &config.selection)?;
     if let Selection::One(id) = &config.selection {
         // A single-agent listener with a bad entry cannot do its one job.
-        selected
-            .get(id)
-            .with_context(|| format!("agent {id:?} has unresolvable tokens"))?;
+        selected.get(id).with_context(|| format!("agent {id:?} has unresolvable tokens"))?;
     }
     let client = crate::nats::connect_service(&config.nats_url, "mesh-listener").await?;
     let js = async_nats::jetstream::new(client.clone());
@@ -104,21 +102,11 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
         ack_wait: config.ack_wait,
         stats,
     });
-    let loop_config = LoopConfig {
-        concurrency: config.concurrency,
-        tuning: config.tuning(),
-    };
+    let loop_config = LoopConfig { concurrency: config.concurrency, tuning: config.tuning() };
     let root = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let mut running: BTreeMap<AgentId, Running> = BTreeMap::new();
-    apply(
-        &selected,
-        &mut running,
-        &mut tasks,
-        &deps,
-        loop_config,
-        &root,
-    );
+    apply(&selected, &mut running, &mut tasks, &deps, loop_config, &root);
     info!(agents = running.len(), nats = %config.nats_url, "listener started");
 
     let mut last_registry = registry;
@@ -150,10 +138,8 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
     }
     info!("stopping: no new pulls; waiting for in-flight deliveries");
     root.cancel();
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(config.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(
             grace_s = config.shutdown_grace.as_secs(),
@@ -180,20 +166,13 @@ async fn wait_for_streams(js: &async_nats::jetstream::Context, replicas: usize) 
 
 /// The agents to serve, with tokens resolved. Agents whose tokens do not
 /// resolve are reported and skipped (the rest of the fleet keeps running).
-fn select(
-    registry: &Registry,
-    selection: &Selection,
-) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
+fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
     let agents: Vec<_> = match selection {
         Selection::All => registry.active().collect(),
         Selection::One(id) => {
-            let agent = registry.get(id).with_context(|| {
-                format!(
-                    "unknown agent {:?} (known: {})",
-                    id.as_str(),
-                    registry.known_ids()
-                )
-            })?;
+            let agent = registry
+                .get(id)
+                .with_context(|| format!("unknown agent {:?} (known: {})", id.as_str(), registry.known_ids()))?;
             anyhow::ensure!(
                 agent.is_active(),
                 "agent {:?} is inactive in the registry; set \"status\": \"active\" to serve it",
@@ -206,13 +185,7 @@ fn select(
     for agent in agents {
         match agent.resolve_tokens(&OsSecrets) {
             Ok(tokens) => {
-                out.insert(
-                    agent.id.clone(),
-                    AgentEntry {
-                        agent: agent.clone(),
-                        tokens,
-                    },
-                );
+                out.insert(agent.id.clone(), AgentEntry { agent: agent.clone(), tokens });
             }
             Err(e) => error!(error = %e, "agent skipped"),
         }
@@ -240,8 +213,7 @@ fn apply<G: crate::gateway::Gateway>(
     for (id, entry) in selected {
         match running.get(id) {
             Some(run) => {
-                let changed = run.entry.borrow().agent != entry.agent
-                    || run.entry.borrow().tokens != entry.tokens;
+                let changed = run.entry.borrow().agent != entry.agent || run.entry.borrow().tokens != entry.tokens;
                 if changed {
                     info!(agent = %id, "agent entry changed; used from the next request on");
                     run.entry.send_replace(Arc::new(entry.clone()));
@@ -251,22 +223,9 @@ fn apply<G: crate::gateway::Gateway>(
                 let (entry_tx, entry_rx) = watch::channel(Arc::new(entry.clone()));
                 let (paused_tx, paused_rx) = watch::channel(false);
                 let stop = root.child_token();
-                tasks.spawn(consumer::run_agent(
-                    deps.clone(),
-                    entry_rx,
-                    paused_rx,
-                    loop_config,
-                    stop.clone(),
-                ));
+                tasks.spawn(consumer::run_agent(deps.clone(), entry_rx, paused_rx, loop_config, stop.clone()));
                 info!(agent = %id, "listener started for agent");
-                running.insert(
-                    id.clone(),
-                    Running {
-                        entry: entry_tx,
-                        paused: paused_tx,
-                        stop,
-                    },
-                );
+                running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
             }
         }
     }

@@ -76,23 +76,14 @@ impl Gateway for HttpGateway {
         let (outcome, body) = match sent {
             Ok(response) => {
                 let code = response.status().as_u16();
-                let retry_after =
-                    parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
-                let body = if response.status().is_success() {
-                    read_capped(response).await
-                } else {
-                    Bytes::new()
-                };
+                let retry_after = parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
+                let body = if response.status().is_success() { read_capped(response).await } else { Bytes::new() };
                 (Outcome::Status { code, retry_after }, body)
             }
             Err(e) if e.is_timeout() => (Outcome::Timeout, Bytes::new()),
             Err(e) => (Outcome::Unreachable(describe_error(&e)), Bytes::new()),
         };
-        Response {
-            outcome,
-            body,
-            elapsed: started.elapsed(),
-        }
+        Response { outcome, body, elapsed: started.elapsed() }
     }
 
     async fn health(&self, url: url::Url) -> bool {

@@ -41,19 +41,11 @@ pub fn wake_text(envelope: &Envelope) -> String {
 
 /// `now` for high and urgent messages, else `next-heartbeat`.
 pub fn wake_mode(envelope: &Envelope) -> &'static str {
-    if envelope.priority.wakes_now() {
-        "now"
-    } else {
-        "next-heartbeat"
-    }
+    if envelope.priority.wakes_now() { "now" } else { "next-heartbeat" }
 }
 
 /// Builds the gateway request for one envelope.
-pub fn build(
-    agent: &Agent,
-    tokens: &AgentTokens,
-    envelope: &Envelope,
-) -> Result<HookRequest, HookError> {
+pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result<HookRequest, HookError> {
     let (url, token, body) = match agent.delivery {
         DeliveryMode::Wake => (
             agent.hooks_url.clone(),
@@ -72,10 +64,7 @@ pub fn build(
             }),
         ),
         DeliveryMode::Chat => {
-            let token = tokens
-                .gateway
-                .clone()
-                .ok_or_else(|| HookError::NoGatewayToken(agent.id.to_string()))?;
+            let token = tokens.gateway.clone().ok_or_else(|| HookError::NoGatewayToken(agent.id.to_string()))?;
             (
                 endpoint(agent, "v1/chat/completions"),
                 token,
@@ -97,10 +86,7 @@ pub fn build(
 }
 
 fn endpoint(agent: &Agent, path: &str) -> Url {
-    agent
-        .gateway_base()
-        .join(path)
-        .expect("a relative path always joins onto a base URL")
+    agent.gateway_base().join(path).expect("a relative path always joins onto a base URL")
 }
 
 /// The reply text of an OpenAI-style chat completion response.
@@ -138,29 +124,19 @@ mod tests {
 
     #[test]
     fn wake_mode_posts_text_and_mode_to_the_hook() {
-        let env = Envelope::new(
-            "kaan",
-            Recipient::Agent("nova".parse().unwrap()),
-            "hi \"there\"",
-        )
-        .unwrap();
+        let env = Envelope::new("kaan", Recipient::Agent("nova".parse().unwrap()), "hi \"there\"").unwrap();
         let (req, body) = request("nova", &env);
         assert_eq!(req.url.as_str(), "http://127.0.0.1:7002/hooks/wake");
         assert_eq!(req.token.expose(), "hook-n");
         assert_eq!(req.idempotency_key, env.id.to_string());
-        assert_eq!(
-            body,
-            json!({"text": "[mesh] Message from kaan: hi \"there\"", "mode": "next-heartbeat"})
-        );
+        assert_eq!(body, json!({"text": "[mesh] Message from kaan: hi \"there\"", "mode": "next-heartbeat"}));
         let urgent = env.with_priority(Priority::Urgent);
         assert_eq!(request("nova", &urgent).1["mode"], "now");
     }
 
     #[test]
     fn agent_mode_posts_to_hooks_agent() {
-        let env = Envelope::new("cli:alice", Recipient::Broadcast, "all hands")
-            .unwrap()
-            .with_priority(Priority::High);
+        let env = Envelope::new("cli:alice", Recipient::Broadcast, "all hands").unwrap().with_priority(Priority::High);
         let (req, body) = request("kaan", &env);
         assert_eq!(req.url.as_str(), "http://127.0.0.1:7003/hooks/agent");
         assert_eq!(
@@ -177,24 +153,17 @@ mod tests {
         assert_eq!(req.url.as_str(), "http://ada-gw:7004/v1/chat/completions");
         assert_eq!(req.token.expose(), "gw-a");
         assert_eq!(body["model"], "m1");
-        assert_eq!(
-            body["messages"][0]["content"],
-            "[mesh] Message from nova: 2+2?"
-        );
+        assert_eq!(body["messages"][0]["content"], "[mesh] Message from nova: 2+2?");
     }
 
     #[test]
     fn chat_reply_text_reads_the_first_choice() {
         assert_eq!(
-            chat_reply_text(br#"{"choices":[{"message":{"role":"assistant","content":"4"}}]}"#)
-                .as_deref(),
+            chat_reply_text(br#"{"choices":[{"message":{"role":"assistant","content":"4"}}]}"#).as_deref(),
             Some("4")
         );
         assert_eq!(chat_reply_text(br#"{"choices":[]}"#), None);
         assert_eq!(chat_reply_text(b"not json"), None);
-        assert_eq!(
-            chat_reply_text(br#"{"choices":[{"message":{"content":"  "}}]}"#),
-            None
-        );
+        assert_eq!(chat_reply_text(br#"{"choices":[{"message":{"content":"  "}}]}"#), None);
     }
 }

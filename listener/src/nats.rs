@@ -17,9 +17,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Why NATS could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsError {
-    #[error(
-        "cannot reach NATS at {url}: {reason}; is nats-server running? (`mesh up --demo` starts one)"
-    )]
+    #[error("cannot reach NATS at {url}: {reason}; is nats-server running? (`mesh up --demo` starts one)")]
     Unreachable { url: String, reason: String },
     #[error("JetStream request failed: {0}")]
     JetStream(String),
@@ -27,25 +25,13 @@ pub enum NatsError {
 
 /// Connects once, failing within [`CONNECT_TIMEOUT`] (for commands).
 pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    let options = async_nats::ConnectOptions::new()
-        .name(name)
-        .connection_timeout(CONNECT_TIMEOUT)
-        .max_reconnects(Some(3));
-    let attempt = tokio::time::timeout(
-        CONNECT_TIMEOUT + Duration::from_secs(1),
-        options.connect(url),
-    )
-    .await;
+    let options =
+        async_nats::ConnectOptions::new().name(name).connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
+    let attempt = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(url)).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(NatsError::Unreachable {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        }),
-        Err(_) => Err(NatsError::Unreachable {
-            url: url.to_owned(),
-            reason: "timed out".into(),
-        }),
+        Ok(Err(e)) => Err(NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() }),
+        Err(_) => Err(NatsError::Unreachable { url: url.to_owned(), reason: "timed out".into() }),
     }
 }
 
@@ -59,10 +45,7 @@ pub async fn connect_service(url: &str, name: &str) -> Result<async_nats::Client
         .max_reconnects(None)
         .connect(url)
         .await
-        .map_err(|e| NatsError::Unreachable {
-            url: url.to_owned(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })
 }
 
 /// The async-nats stream config of a spec.

@@ -31,9 +31,7 @@ impl Outcome {
     /// A short label for logs and metrics.
     pub fn label(&self) -> &'static str {
         match self {
-            Self::Status {
-                code: 200..=299, ..
-            } => "ok",
+            Self::Status { code: 200..=299, .. } => "ok",
             Self::Status { .. } => "http_error",
             Self::Timeout => "timeout",
             Self::Unreachable(_) => "unreachable",
@@ -65,11 +63,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self {
-            base: Duration::from_millis(500),
-            max: Duration::from_secs(60),
-            max_deliver: 10,
-        }
+        Self { base: Duration::from_millis(500), max: Duration::from_secs(60), max_deliver: 10 }
     }
 }
 
@@ -87,10 +81,7 @@ pub fn is_retryable(outcome: &Outcome) -> bool {
 /// Decides what to do after `delivered` deliveries (1 for the first) ended in
 /// `outcome`. `jitter` in `[0, 1)` spreads retries of many messages apart.
 pub fn decide(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Decision {
-    if let Outcome::Status {
-        code: 200..=299, ..
-    } = outcome
-    {
+    if let Outcome::Status { code: 200..=299, .. } = outcome {
         return Decision::Ack;
     }
     let what = describe(outcome);
@@ -105,17 +96,11 @@ pub fn decide(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f
 
 fn backoff(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Duration {
     let exponent = delivered.saturating_sub(1).min(20) as u32;
-    let full = policy
-        .base
-        .saturating_mul(2u32.saturating_pow(exponent))
-        .min(policy.max);
+    let full = policy.base.saturating_mul(2u32.saturating_pow(exponent)).min(policy.max);
     // Equal jitter: half fixed, half random, so delays grow but do not align.
     let jittered = full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
     match outcome {
-        Outcome::Status {
-            retry_after: Some(after),
-            ..
-        } => jittered.max((*after).min(MAX_RETRY_AFTER)),
+        Outcome::Status { retry_after: Some(after), .. } => jittered.max((*after).min(MAX_RETRY_AFTER)),
         _ => jittered,
     }
 }
@@ -133,19 +118,12 @@ mod tests {
     use super::*;
 
     fn status(code: u16) -> Outcome {
-        Outcome::Status {
-            code,
-            retry_after: None,
-        }
+        Outcome::Status { code, retry_after: None }
     }
 
     #[test]
     fn outcome_table() {
-        let policy = RetryPolicy {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-            max_deliver: 5,
-        };
+        let policy = RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(60), max_deliver: 5 };
         let retry = |d: u64| Decision::Retry(Duration::from_secs(d));
         let cases: Vec<(Outcome, u64, Decision)> = vec![
             (status(200), 1, Decision::Ack),
@@ -156,97 +134,35 @@ mod tests {
             (status(429), 3, retry(4)),
             (status(500), 1, retry(1)),
             (status(502), 4, retry(8)),
-            (
-                status(503),
-                5,
-                Decision::DeadLetter(
-                    "gateway answered HTTP 503; gave up after 5 deliveries".into(),
-                ),
-            ),
+            (status(503), 5, Decision::DeadLetter("gateway answered HTTP 503; gave up after 5 deliveries".into())),
             (Outcome::Timeout, 1, retry(1)),
-            (
-                Outcome::Unreachable("connection refused".into()),
-                2,
-                retry(2),
-            ),
+            (Outcome::Unreachable("connection refused".into()), 2, retry(2)),
             (
                 Outcome::Unreachable("connection refused".into()),
                 5,
-                Decision::DeadLetter(
-                    "gateway unreachable: connection refused; gave up after 5 deliveries".into(),
-                ),
+                Decision::DeadLetter("gateway unreachable: connection refused; gave up after 5 deliveries".into()),
             ),
-            (
-                status(400),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 400; not retried".into()),
-            ),
-            (
-                status(401),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 401; not retried".into()),
-            ),
-            (
-                status(403),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 403; not retried".into()),
-            ),
-            (
-                status(404),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 404; not retried".into()),
-            ),
-            (
-                status(413),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 413; not retried".into()),
-            ),
-            (
-                status(301),
-                1,
-                Decision::DeadLetter("gateway answered HTTP 301; not retried".into()),
-            ),
+            (status(400), 1, Decision::DeadLetter("gateway answered HTTP 400; not retried".into())),
+            (status(401), 1, Decision::DeadLetter("gateway answered HTTP 401; not retried".into())),
+            (status(403), 1, Decision::DeadLetter("gateway answered HTTP 403; not retried".into())),
+            (status(404), 1, Decision::DeadLetter("gateway answered HTTP 404; not retried".into())),
+            (status(413), 1, Decision::DeadLetter("gateway answered HTTP 413; not retried".into())),
+            (status(301), 1, Decision::DeadLetter("gateway answered HTTP 301; not retried".into())),
         ];
         for (outcome, delivered, want) in cases {
             // jitter 1.0 makes the delay the full exponential step.
-            assert_eq!(
-                decide(&outcome, delivered, &policy, 1.0),
-                want,
-                "{outcome:?} at delivery {delivered}"
-            );
+            assert_eq!(decide(&outcome, delivered, &policy, 1.0), want, "{outcome:?} at delivery {delivered}");
         }
     }
 
     #[test]
     fn backoff_is_capped_jittered_and_honours_retry_after() {
-        let policy = RetryPolicy {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(10),
-            max_deliver: 100,
-        };
-        assert_eq!(
-            decide(&status(500), 30, &policy, 1.0),
-            Decision::Retry(Duration::from_secs(10))
-        );
-        assert_eq!(
-            decide(&status(500), 30, &policy, 0.0),
-            Decision::Retry(Duration::from_secs(5))
-        );
-        let asked = Outcome::Status {
-            code: 429,
-            retry_after: Some(Duration::from_secs(42)),
-        };
-        assert_eq!(
-            decide(&asked, 1, &policy, 0.0),
-            Decision::Retry(Duration::from_secs(42))
-        );
-        let greedy = Outcome::Status {
-            code: 503,
-            retry_after: Some(Duration::from_secs(86_400)),
-        };
-        assert_eq!(
-            decide(&greedy, 1, &policy, 0.0),
-            Decision::Retry(MAX_RETRY_AFTER)
-        );
+        let policy = RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10), max_deliver: 100 };
+        assert_eq!(decide(&status(500), 30, &policy, 1.0), Decision::Retry(Duration::from_secs(10)));
+        assert_eq!(decide(&status(500), 30, &policy, 0.0), Decision::Retry(Duration::from_secs(5)));
+        let asked = Outcome::Status { code: 429, retry_after: Some(Duration::from_secs(42)) };
+        assert_eq!(decide(&asked, 1, &policy, 0.0), Decision::Retry(Duration::from_secs(42)));
+        let greedy = Outcome::Status { code: 503, retry_after: Some(Duration::from_secs(86_400)) };
+        assert_eq!(decide(&greedy, 1, &policy, 0.0), Decision::Retry(MAX_RETRY_AFTER));
     }
 }

@@ -17,46 +17,27 @@ pub enum RegistryFileError {
     #[error("registry {path} not found; create it or point --registry / {REGISTRY_ENV} at it")]
     Missing { path: PathBuf },
     #[error("cannot read registry {path}: {source}")]
-    Unreadable {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Unreadable { path: PathBuf, source: std::io::Error },
     #[error("registry {path} is invalid:\n{errors}")]
-    Invalid {
-        path: PathBuf,
-        errors: RegistryErrors,
-    },
+    Invalid { path: PathBuf, errors: RegistryErrors },
 }
 
 /// Loads and validates the registry at `path`.
 pub fn load(path: &Path) -> Result<Registry, RegistryFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => RegistryFileError::Missing {
-            path: path.to_owned(),
-        },
-        _ => RegistryFileError::Unreadable {
-            path: path.to_owned(),
-            source,
-        },
+        std::io::ErrorKind::NotFound => RegistryFileError::Missing { path: path.to_owned() },
+        _ => RegistryFileError::Unreadable { path: path.to_owned(), source },
     })?;
-    Registry::parse(&text).map_err(|errors| RegistryFileError::Invalid {
-        path: path.to_owned(),
-        errors,
-    })
+    Registry::parse(&text).map_err(|errors| RegistryFileError::Invalid { path: path.to_owned(), errors })
 }
 
 /// Writes the registry atomically (temp file in the same directory, then rename).
 pub fn save(path: &Path, registry: &Registry) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("tokens.json"),
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("tokens.json"),
         std::process::id()
     ));
     std::fs::write(&tmp, registry.to_json())?;

@@ -10,7 +10,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const MAX_AGENT_ID_LEN: usize = 32;
 
 /// What an agent id may contain, quoted in every error.
-pub const AGENT_ID_RULE: &str = "1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit";
+pub const AGENT_ID_RULE: &str =
+    "1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit";
 
 /// A validated agent id, safe to embed in a NATS subject or consumer name.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -23,9 +24,7 @@ pub enum AgentIdError {
     Empty,
     #[error("agent id {shown} is {len} characters long; an agent id is {AGENT_ID_RULE}")]
     TooLong { shown: String, len: usize },
-    #[error(
-        "agent id {shown} has upper case letters; use {suggestion:?} (an agent id is {AGENT_ID_RULE})"
-    )]
+    #[error("agent id {shown} has upper case letters; use {suggestion:?} (an agent id is {AGENT_ID_RULE})")]
     UpperCase { shown: String, suggestion: String },
     #[error("agent id {shown} contains {what}; an agent id is {AGENT_ID_RULE}")]
     BadChar { shown: String, what: String },
@@ -42,25 +41,13 @@ impl AgentId {
         }
         if let Some(c) = raw.chars().find(|c| !is_allowed(*c)) {
             let lower = raw.to_lowercase();
-            if c.is_uppercase()
-                && lower.chars().all(is_allowed)
-                && lower.chars().count() <= MAX_AGENT_ID_LEN
-            {
-                return Err(AgentIdError::UpperCase {
-                    shown,
-                    suggestion: lower,
-                });
+            if c.is_uppercase() && lower.chars().all(is_allowed) && lower.chars().count() <= MAX_AGENT_ID_LEN {
+                return Err(AgentIdError::UpperCase { shown, suggestion: lower });
             }
-            return Err(AgentIdError::BadChar {
-                shown,
-                what: describe(c),
-            });
+            return Err(AgentIdError::BadChar { shown, what: describe(c) });
         }
         if raw.len() > MAX_AGENT_ID_LEN {
-            return Err(AgentIdError::TooLong {
-                shown,
-                len: raw.len(),
-            });
+            return Err(AgentIdError::TooLong { shown, len: raw.len() });
         }
         let first = raw.chars().next().unwrap_or('-');
         if !first.is_ascii_alphanumeric() {
@@ -167,10 +154,7 @@ mod tests {
             (Err(e), Err(fragment)) => {
                 let msg = e.to_string();
                 assert!(msg.contains(fragment), "{msg:?} lacks {fragment:?}");
-                assert!(
-                    msg.contains("lowercase letters"),
-                    "{msg:?} does not say what is allowed"
-                );
+                assert!(msg.contains("lowercase letters"), "{msg:?} does not say what is allowed");
             }
             (got, want) => panic!("{raw:?}: got {got:?}, want {want:?}"),
         }
@@ -203,9 +187,7 @@ mod tests {
 
     #[test]
     fn hostile_input_is_quoted_short_and_visible() {
-        let err = AgentId::parse(&format!("\u{202e}{}", "x".repeat(10_000)))
-            .unwrap_err()
-            .to_string();
+        let err = AgentId::parse(&format!("\u{202e}{}", "x".repeat(10_000))).unwrap_err().to_string();
         assert!(err.len() < 300, "{err}");
         assert!(err.contains("\\u{202e}"), "{err}");
     }

@@ -63,22 +63,15 @@ impl DeadLetter {
             agent: AgentId::parse(&get(AGENT_HEADER)?).ok()?,
             reason: get(REASON_HEADER).unwrap_or_default(),
             status: get(STATUS_HEADER).and_then(|s| s.parse().ok()),
-            attempts: get(ATTEMPTS_HEADER)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
+            attempts: get(ATTEMPTS_HEADER).and_then(|s| s.parse().ok()).unwrap_or(0),
             subject: get(SUBJECT_HEADER).unwrap_or_default(),
-            stream_seq: get(STREAM_SEQ_HEADER)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
+            stream_seq: get(STREAM_SEQ_HEADER).and_then(|s| s.parse().ok()).unwrap_or(0),
         })
     }
 }
 
 fn header_safe(raw: &str) -> String {
-    let mut out: String = raw
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let mut out: String = raw.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     if out.len() > MAX_REASON_LEN {
         let mut cut = MAX_REASON_LEN;
         while !out.is_char_boundary(cut) {
@@ -105,13 +98,7 @@ mod tests {
         };
         let headers = dl.headers();
         assert!(headers.iter().all(|(_, v)| !v.contains(['\r', '\n'])));
-        let back = DeadLetter::from_headers(|k| {
-            headers
-                .iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.clone())
-        })
-        .unwrap();
+        let back = DeadLetter::from_headers(|k| headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())).unwrap();
         assert_eq!(back.status, Some(404));
         assert_eq!(back.reason, "gateway said 404  Injected: yes");
         assert_eq!(dl.msg_id(), "dlq-nova-42");

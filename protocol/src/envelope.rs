@@ -81,9 +81,7 @@ impl<'de> Deserialize<'de> for Recipient {
         if raw.contains(':') && validate_sender(&raw).is_ok() {
             return Ok(Self::Sender(raw.into_owned()));
         }
-        AgentId::parse(&raw)
-            .map(Self::Agent)
-            .map_err(serde::de::Error::custom)
+        AgentId::parse(&raw).map(Self::Agent).map_err(serde::de::Error::custom)
     }
 }
 
@@ -103,9 +101,7 @@ pub enum Kind {
 }
 
 /// How urgent a message is. High and urgent wake the agent now.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     Low,
@@ -190,13 +186,9 @@ pub struct Envelope {
 pub enum EnvelopeError {
     #[error("message text is empty; say something")]
     EmptyText,
-    #[error(
-        "message text is {len} bytes; the limit is {MAX_TEXT_BYTES} bytes (192 KiB), so split it or send a link"
-    )]
+    #[error("message text is {len} bytes; the limit is {MAX_TEXT_BYTES} bytes (192 KiB), so split it or send a link")]
     TextTooLarge { len: usize },
-    #[error(
-        "encoded message is {len} bytes; the limit is {MAX_ENVELOPE_BYTES} bytes, so shorten the text or metadata"
-    )]
+    #[error("encoded message is {len} bytes; the limit is {MAX_ENVELOPE_BYTES} bytes, so shorten the text or metadata")]
     EncodedTooLarge { len: usize },
     #[error("sender {0:?} is invalid; use 1 to 64 printable characters")]
     BadSender(String),
@@ -255,11 +247,7 @@ pub struct Arrival {
 
 impl Envelope {
     /// A new envelope sent now, validated.
-    pub fn new(
-        from: impl Into<String>,
-        to: Recipient,
-        text: impl Into<String>,
-    ) -> Result<Self, EnvelopeError> {
+    pub fn new(from: impl Into<String>, to: Recipient, text: impl Into<String>) -> Result<Self, EnvelopeError> {
         let kind = match to {
             Recipient::Broadcast => Kind::Broadcast,
             Recipient::Agent(_) | Recipient::Sender(_) => Kind::Message,
@@ -300,9 +288,7 @@ impl Envelope {
             return Err(EnvelopeError::EmptyText);
         }
         if self.text.len() > MAX_TEXT_BYTES {
-            return Err(EnvelopeError::TextTooLarge {
-                len: self.text.len(),
-            });
+            return Err(EnvelopeError::TextTooLarge { len: self.text.len() });
         }
         validate_sender(&self.from)?;
         if let Some(reply_to) = &self.reply_to {
@@ -338,8 +324,7 @@ impl Envelope {
         if payload.len() > MAX_ENVELOPE_BYTES {
             return Err(DecodeError::TooLarge { len: payload.len() });
         }
-        let text = std::str::from_utf8(payload)
-            .map_err(|_| DecodeError::NotUtf8 { len: payload.len() })?;
+        let text = std::str::from_utf8(payload).map_err(|_| DecodeError::NotUtf8 { len: payload.len() })?;
         if !text.trim_start().starts_with('{') {
             let envelope = Self::from_parts(arrival, UNKNOWN_SENDER.into(), text.to_owned());
             envelope.validate()?;
@@ -352,9 +337,7 @@ impl Envelope {
                 Some(1) => {}
                 Some(other) => return Err(DecodeError::UnsupportedVersion(other)),
                 None => {
-                    return Err(DecodeError::BadEnvelope(
-                        "\"v\" must be the number 1".into(),
-                    ));
+                    return Err(DecodeError::BadEnvelope("\"v\" must be the number 1".into()));
                 }
             }
             let envelope: Self = serde_json::from_value(serde_json::Value::Object(object))
@@ -404,13 +387,7 @@ fn validate_sender(from: &str) -> Result<(), EnvelopeError> {
     let ok = !from.is_empty()
         && from.chars().count() <= MAX_FROM_LEN
         && from.chars().all(|c| !c.is_control() && !c.is_whitespace());
-    if ok {
-        Ok(())
-    } else {
-        Err(EnvelopeError::BadSender(
-            from.chars().take(MAX_FROM_LEN).collect(),
-        ))
-    }
+    if ok { Ok(()) } else { Err(EnvelopeError::BadSender(from.chars().take(MAX_FROM_LEN).collect())) }
 }
 
 #[cfg(test)]
@@ -427,13 +404,9 @@ mod tests {
 
     #[test]
     fn v1_round_trips() {
-        let env = Envelope::new(
-            "cli:alice",
-            Recipient::Broadcast,
-            "héllo \"world\" <!channel> שלום",
-        )
-        .unwrap()
-        .with_priority(Priority::Urgent);
+        let env = Envelope::new("cli:alice", Recipient::Broadcast, "héllo \"world\" <!channel> שלום")
+            .unwrap()
+            .with_priority(Priority::Urgent);
         let bytes = env.encode().unwrap();
         let (back, format) = Envelope::decode(&bytes, &arrival()).unwrap();
         assert_eq!(format, Format::V1);
@@ -443,25 +416,16 @@ mod tests {
 
     #[test]
     fn legacy_and_plain_text_are_accepted() {
-        let (env, format) =
-            Envelope::decode(br#"{"from": "kaan", "message": "hi"}"#, &arrival()).unwrap();
-        assert_eq!(
-            (format, env.from.as_str(), env.text.as_str()),
-            (Format::Legacy, "kaan", "hi")
-        );
+        let (env, format) = Envelope::decode(br#"{"from": "kaan", "message": "hi"}"#, &arrival()).unwrap();
+        assert_eq!((format, env.from.as_str(), env.text.as_str()), (Format::Legacy, "kaan", "hi"));
         assert_eq!(env.id, Uuid::from_u128(7));
         let (env, format) = Envelope::decode("just words".as_bytes(), &arrival()).unwrap();
-        assert_eq!(
-            (format, env.from.as_str(), env.text.as_str()),
-            (Format::PlainText, UNKNOWN_SENDER, "just words")
-        );
+        assert_eq!((format, env.from.as_str(), env.text.as_str()), (Format::PlainText, UNKNOWN_SENDER, "just words"));
     }
 
     #[track_caller]
     fn rejects(payload: &[u8], fragment: &str) {
-        let err = Envelope::decode(payload, &arrival())
-            .unwrap_err()
-            .to_string();
+        let err = Envelope::decode(payload, &arrival()).unwrap_err().to_string();
         assert!(err.contains(fragment), "{err:?} lacks {fragment:?}");
     }
 
@@ -486,29 +450,17 @@ mod tests {
 
     #[test]
     fn oversize_text_is_refused_before_publishing() {
-        let err =
-            Envelope::new("a", Recipient::Broadcast, "x".repeat(MAX_TEXT_BYTES + 1)).unwrap_err();
+        let err = Envelope::new("a", Recipient::Broadcast, "x".repeat(MAX_TEXT_BYTES + 1)).unwrap_err();
         assert!(matches!(err, EnvelopeError::TextTooLarge { .. }));
         // Control characters escape to six bytes each: the encoded limit catches them.
-        let env = Envelope::new(
-            "a",
-            Recipient::Broadcast,
-            "\u{1}".repeat(MAX_TEXT_BYTES / 2),
-        )
-        .unwrap();
-        assert!(matches!(
-            env.encode().unwrap_err(),
-            EnvelopeError::EncodedTooLarge { .. }
-        ));
+        let env = Envelope::new("a", Recipient::Broadcast, "\u{1}".repeat(MAX_TEXT_BYTES / 2)).unwrap();
+        assert!(matches!(env.encode().unwrap_err(), EnvelopeError::EncodedTooLarge { .. }));
     }
 
     #[test]
     fn reply_subject_defaults_to_the_sender_inbox() {
         let env = Envelope::new("kaan", Recipient::Broadcast, "x").unwrap();
-        assert_eq!(
-            env.reply_subject().unwrap().to_string(),
-            "agents.kaan.inbox"
-        );
+        assert_eq!(env.reply_subject().unwrap().to_string(), "agents.kaan.inbox");
         let env = Envelope::new("cli:alice", Recipient::Broadcast, "x").unwrap();
         assert_eq!(env.reply_subject(), None);
     }
@@ -518,25 +470,13 @@ mod tests {
         let env = Envelope::new("nova", Recipient::reply_to_sender("slack:U123"), "done").unwrap();
         let (back, _) = Envelope::decode(&env.encode().unwrap(), &arrival()).unwrap();
         assert_eq!(back.to, Recipient::Sender("slack:U123".into()));
-        assert_eq!(
-            Recipient::reply_to_sender("kaan"),
-            Recipient::Agent(AgentId::parse("kaan").unwrap())
-        );
+        assert_eq!(Recipient::reply_to_sender("kaan"), Recipient::Agent(AgentId::parse("kaan").unwrap()));
     }
 
     #[test]
     fn priorities_parse_and_wake() {
         assert_eq!("high".parse::<Priority>().unwrap(), Priority::High);
-        assert!(
-            "HIGH"
-                .parse::<Priority>()
-                .unwrap_err()
-                .contains("use low, normal, high or urgent")
-        );
-        assert!(
-            Priority::Urgent.wakes_now()
-                && Priority::High.wakes_now()
-                && !Priority::Normal.wakes_now()
-        );
+        assert!("HIGH".parse::<Priority>().unwrap_err().contains("use low, normal, high or urgent"));
+        assert!(Priority::Urgent.wakes_now() && Priority::High.wakes_now() && !Priority::Normal.wakes_now());
     }
 }

@@ -127,10 +127,7 @@ pub struct ConsumerTuning {
 // drops a message while the dead-letter publish is failing.
 impl Default for ConsumerTuning {
     fn default() -> Self {
-        Self {
-            ack_wait: Duration::from_secs(30),
-            max_ack_pending: 1,
-        }
+        Self { ack_wait: Duration::from_secs(30), max_ack_pending: 1 }
     }
 }
 
@@ -154,10 +151,7 @@ pub fn agent_consumer(agent: &AgentId, tuning: ConsumerTuning) -> ConsumerSpec {
     ConsumerSpec {
         stream: agents_stream(1).name,
         durable: format!("agent-{agent}"),
-        filter_subjects: vec![
-            Subject::Inbox(agent.clone()).to_string(),
-            Subject::Broadcast.to_string(),
-        ],
+        filter_subjects: vec![Subject::Inbox(agent.clone()).to_string(), Subject::Broadcast.to_string()],
         tuning,
     }
 }
@@ -170,10 +164,7 @@ mod tests {
     fn consumer_reads_inbox_and_broadcast() {
         let spec = agent_consumer(&AgentId::parse("nova").unwrap(), ConsumerTuning::default());
         assert_eq!(spec.durable, "agent-nova");
-        assert_eq!(
-            spec.filter_subjects,
-            ["agents.nova.inbox", "agents.broadcast"]
-        );
+        assert_eq!(spec.filter_subjects, ["agents.nova.inbox", "agents.broadcast"]);
         assert_eq!(spec.stream, "MESH_AGENTS");
     }
 
@@ -185,10 +176,6 @@ mod tests {
         subjects.sort();
         subjects.dedup();
         assert_eq!(subjects.len(), n);
-        assert!(
-            streams
-                .iter()
-                .all(|s| s.max_msg_size as usize > MAX_ENVELOPE_BYTES)
-        );
+        assert!(streams.iter().all(|s| s.max_msg_size as usize > MAX_ENVELOPE_BYTES));
     }
 }

@@ -122,30 +122,18 @@ impl Agent {
     }
 
     /// Resolves both tokens and checks they differ.
-    pub fn resolve_tokens(
-        &self,
-        resolver: &dyn SecretResolver,
-    ) -> Result<AgentTokens, RegistryError> {
+    pub fn resolve_tokens(&self, resolver: &dyn SecretResolver) -> Result<AgentTokens, RegistryError> {
         let field_err = |field: &'static str| {
             let agent = self.id.to_string();
-            move |source: SecretError| RegistryError::Token {
-                agent,
-                field,
-                source,
-            }
+            move |source: SecretError| RegistryError::Token { agent, field, source }
         };
-        let hooks = self
-            .hooks_token
-            .resolve(resolver)
-            .map_err(field_err("hooks_token"))?;
+        let hooks = self.hooks_token.resolve(resolver).map_err(field_err("hooks_token"))?;
         let gateway = match &self.gateway_token {
             Some(r) => Some(r.resolve(resolver).map_err(field_err("gateway_token"))?),
             None => None,
         };
         if gateway.as_ref() == Some(&hooks) {
-            return Err(RegistryError::SameTokens {
-                agent: self.id.to_string(),
-            });
+            return Err(RegistryError::SameTokens { agent: self.id.to_string() });
         }
         Ok(AgentTokens { hooks, gateway })
     }
@@ -157,27 +145,14 @@ pub enum RegistryError {
     #[error("registry is not a JSON object of agents: {0}")]
     NotAnObject(String),
     #[error("registry key {key:?}: {source}")]
-    BadId {
-        key: String,
-        source: crate::agent_id::AgentIdError,
-    },
+    BadId { key: String, source: crate::agent_id::AgentIdError },
     #[error("agent {agent:?}: {message}")]
     Field { agent: String, message: String },
     #[error("agent {agent:?}: field {field}: {reason}")]
-    BadValue {
-        agent: String,
-        field: &'static str,
-        reason: String,
-    },
+    BadValue { agent: String, field: &'static str, reason: String },
     #[error("agent {agent:?}: field {field}: {source}")]
-    Token {
-        agent: String,
-        field: &'static str,
-        source: SecretError,
-    },
-    #[error(
-        "agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token"
-    )]
+    Token { agent: String, field: &'static str, source: SecretError },
+    #[error("agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token")]
     SameTokens { agent: String },
     #[error("agent {agent:?}: delivery \"chat\" needs {field}")]
     ChatNeeds { agent: String, field: &'static str },
@@ -211,8 +186,8 @@ pub struct Registry {
 impl Registry {
     /// Parses and validates `tokens.json`, reporting every problem found.
     pub fn parse(json: &str) -> Result<Self, RegistryErrors> {
-        let object: BTreeMap<String, serde_json::Value> = serde_json::from_str(json)
-            .map_err(|e| RegistryErrors(vec![RegistryError::NotAnObject(e.to_string())]))?;
+        let object: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(|e| RegistryErrors(vec![RegistryError::NotAnObject(e.to_string())]))?;
         let mut agents = BTreeMap::new();
         let mut errors = Vec::new();
         for (key, value) in object {
@@ -223,24 +198,17 @@ impl Registry {
                 Err(mut errs) => errors.append(&mut errs),
             }
         }
-        if errors.is_empty() {
-            Ok(Self { agents })
-        } else {
-            Err(RegistryErrors(errors))
-        }
+        if errors.is_empty() { Ok(Self { agents }) } else { Err(RegistryErrors(errors)) }
     }
 
     /// Builds a registry from validated agents.
     pub fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
-        Self {
-            agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect(),
-        }
+        Self { agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect() }
     }
 
     /// Writes the registry back in the `tokens.json` format.
     pub fn to_json(&self) -> String {
-        let map: BTreeMap<&str, &Agent> =
-            self.agents.iter().map(|(id, a)| (id.as_str(), a)).collect();
+        let map: BTreeMap<&str, &Agent> = self.agents.iter().map(|(id, a)| (id.as_str(), a)).collect();
         let mut out = serde_json::to_string_pretty(&map).expect("a registry always serializes");
         out.push('\n');
         out
@@ -261,11 +229,7 @@ impl Registry {
                 Err(e) => errors.push(e),
             }
         }
-        if errors.is_empty() {
-            Ok(tokens)
-        } else {
-            Err(RegistryErrors(errors))
-        }
+        if errors.is_empty() { Ok(tokens) } else { Err(RegistryErrors(errors)) }
     }
 
     /// One agent, if registered.
@@ -298,11 +262,7 @@ impl Registry {
         if self.agents.is_empty() {
             return "none registered".into();
         }
-        self.agents
-            .keys()
-            .map(AgentId::as_str)
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.agents.keys().map(AgentId::as_str).collect::<Vec<_>>().join(", ")
     }
 
     /// Adds or replaces an agent.
@@ -317,44 +277,26 @@ impl Registry {
 }
 
 fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<RegistryError>> {
-    let id = AgentId::parse(key).map_err(|source| {
-        vec![RegistryError::BadId {
-            key: key.chars().take(40).collect(),
-            source,
-        }]
-    })?;
+    let id = AgentId::parse(key)
+        .map_err(|source| vec![RegistryError::BadId { key: key.chars().take(40).collect(), source }])?;
     let agent = id.to_string();
-    let raw: RawAgent = serde_json::from_value(value).map_err(|e| {
-        vec![RegistryError::Field {
-            agent: agent.clone(),
-            message: e.to_string(),
-        }]
-    })?;
+    let raw: RawAgent = serde_json::from_value(value)
+        .map_err(|e| vec![RegistryError::Field { agent: agent.clone(), message: e.to_string() }])?;
     let mut errors = Vec::new();
-    let bad = |field: &'static str, reason: String| RegistryError::BadValue {
-        agent: agent.clone(),
-        field,
-        reason,
-    };
+    let bad = |field: &'static str, reason: String| RegistryError::BadValue { agent: agent.clone(), field, reason };
 
     let status = match raw.status.as_deref() {
         None | Some("active") => Status::Active,
         Some("inactive") => Status::Inactive,
         Some(other) => {
-            errors.push(bad(
-                "status",
-                format!("{other:?} is unknown; use \"active\" or \"inactive\""),
-            ));
+            errors.push(bad("status", format!("{other:?} is unknown; use \"active\" or \"inactive\"")));
             Status::Inactive
         }
     };
     let delivery = match raw.delivery.as_deref() {
         None => DeliveryMode::Wake,
         Some(other) => DeliveryMode::parse(other).unwrap_or_else(|| {
-            errors.push(bad(
-                "delivery",
-                format!("{other:?} is unknown; use \"wake\", \"agent\" or \"chat\""),
-            ));
+            errors.push(bad("delivery", format!("{other:?} is unknown; use \"wake\", \"agent\" or \"chat\"")));
             DeliveryMode::Wake
         }),
     };
@@ -371,39 +313,24 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
         errors.push(bad("gateway", reason));
     }
     let token = |field: &'static str, raw: &str| {
-        SecretRef::parse(raw).map_err(|source| RegistryError::Token {
-            agent: agent.clone(),
-            field,
-            source,
-        })
+        SecretRef::parse(raw).map_err(|source| RegistryError::Token { agent: agent.clone(), field, source })
     };
-    let hooks_token = token("hooks_token", &raw.hooks_token)
-        .map_err(|e| errors.push(e))
-        .ok();
+    let hooks_token = token("hooks_token", &raw.hooks_token).map_err(|e| errors.push(e)).ok();
     let gateway_token = match raw.gateway_token.as_deref() {
         None => None,
         Some(r) => token("gateway_token", r).map_err(|e| errors.push(e)).ok(),
     };
-    if let (Some(h @ SecretRef::Literal(_)), Some(g @ SecretRef::Literal(_))) =
-        (&hooks_token, &gateway_token)
+    if let (Some(h @ SecretRef::Literal(_)), Some(g @ SecretRef::Literal(_))) = (&hooks_token, &gateway_token)
         && h == g
     {
-        errors.push(RegistryError::SameTokens {
-            agent: agent.clone(),
-        });
+        errors.push(RegistryError::SameTokens { agent: agent.clone() });
     }
     if delivery == DeliveryMode::Chat {
         if raw.gateway_token.is_none() {
-            errors.push(RegistryError::ChatNeeds {
-                agent: agent.clone(),
-                field: "gateway_token",
-            });
+            errors.push(RegistryError::ChatNeeds { agent: agent.clone(), field: "gateway_token" });
         }
         if raw.model.is_none() {
-            errors.push(RegistryError::ChatNeeds {
-                agent: agent.clone(),
-                field: "model",
-            });
+            errors.push(RegistryError::ChatNeeds { agent: agent.clone(), field: "model" });
         }
     }
     match (hooks_url, hooks_token) {
@@ -426,22 +353,15 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
 /// a credential into logs), no query (tokens in query strings are rejected by
 /// gateways), no fragment.
 pub fn check_hooks_url(raw: &str) -> Result<Url, String> {
-    let url = Url::parse(raw)
-        .map_err(|e| format!("{raw:?} is not a URL ({e}); use http://host:port/hooks/wake"))?;
+    let url = Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL ({e}); use http://host:port/hooks/wake"))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(format!(
-            "scheme {:?} is not allowed; use http or https",
-            url.scheme()
-        ));
+        return Err(format!("scheme {:?} is not allowed; use http or https", url.scheme()));
     }
     if !url.username().is_empty() || url.password().is_some() {
         return Err("URL carries user info; put the credential in hooks_token instead".into());
     }
     if url.query().is_some() {
-        return Err(
-            "URL has a query string; gateways reject tokens in query strings, so use hooks_token"
-                .into(),
-        );
+        return Err("URL has a query string; gateways reject tokens in query strings, so use hooks_token".into());
     }
     if url.fragment().is_some() {
         return Err("URL has a fragment; remove the part after '#'".into());
@@ -453,13 +373,9 @@ pub fn check_hooks_url(raw: &str) -> Result<Url, String> {
 }
 
 fn check_gateway(raw: &str) -> Result<(), String> {
-    let url =
-        Url::parse(&format!("http://{raw}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
-    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || raw.contains('/')
-    {
-        return Err(format!(
-            "{raw:?} is not host:port (no scheme, path or user info)"
-        ));
+    let url = Url::parse(&format!("http://{raw}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || raw.contains('/') {
+        return Err(format!("{raw:?} is not host:port (no scheme, path or user info)"));
     }
     Ok(())
 }
@@ -499,10 +415,7 @@ mod tests {
     fn debug_never_shows_tokens() {
         let reg = Registry::parse(OLD).unwrap();
         let shown = format!("{reg:?}");
-        assert!(
-            !shown.contains("nova-token-2026") && !shown.contains("nova-mesh-hook-2026"),
-            "{shown}"
-        );
+        assert!(!shown.contains("nova-token-2026") && !shown.contains("nova-mesh-hook-2026"), "{shown}");
         let err = Registry::parse(r#"{"a": {"hooks_token": "same-secret", "gateway_token": "same-secret", "hooks_url": "http://h/hooks/wake"}}"#)
             .unwrap_err()
             .to_string();
@@ -525,26 +438,11 @@ mod tests {
             &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake", "status": "paused"}}"#),
             &["\"nova\"", "status", "\"paused\" is unknown"],
         );
-        rejects(
-            &format!(r#"{{{h}, "hooks_url": "http://u:p@g:1/hooks/wake"}}"#),
-            &["hooks_url", "user info"],
-        );
-        rejects(
-            &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake?token=x"}}"#),
-            &["hooks_url", "query"],
-        );
-        rejects(
-            &format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake#x"}}"#),
-            &["hooks_url", "fragment"],
-        );
-        rejects(
-            &format!(r#"{{{h}, "hooks_url": "ftp://g:1/hooks/wake"}}"#),
-            &["hooks_url", "scheme \"ftp\""],
-        );
-        rejects(
-            &format!(r#"{{{h}, "hooks_url": "not a url"}}"#),
-            &["hooks_url", "not a URL"],
-        );
+        rejects(&format!(r#"{{{h}, "hooks_url": "http://u:p@g:1/hooks/wake"}}"#), &["hooks_url", "user info"]);
+        rejects(&format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake?token=x"}}"#), &["hooks_url", "query"]);
+        rejects(&format!(r#"{{{h}, "hooks_url": "http://g:1/hooks/wake#x"}}"#), &["hooks_url", "fragment"]);
+        rejects(&format!(r#"{{{h}, "hooks_url": "ftp://g:1/hooks/wake"}}"#), &["hooks_url", "scheme \"ftp\""]);
+        rejects(&format!(r#"{{{h}, "hooks_url": "not a url"}}"#), &["hooks_url", "not a URL"]);
         rejects(
             r#"{"hooks_token": "t", "gateway_token": "t", "hooks_url": "http://g/"}"#,
             &["\"nova\"", "are the same"],
@@ -561,48 +459,29 @@ mod tests {
             &format!(r#"{{{h}, "hooks_url": "http://g/", "stauts": "active"}}"#),
             &["\"nova\"", "unknown field `stauts`"],
         );
-        rejects(
-            r#"{"hooks_token": "env:", "hooks_url": "http://g/"}"#,
-            &["hooks_token", "malformed reference"],
-        );
+        rejects(r#"{"hooks_token": "env:", "hooks_url": "http://g/"}"#, &["hooks_token", "malformed reference"]);
         rejects(
             &format!(r#"{{{h}, "hooks_url": "http://g/", "gateway": "http://x/y"}}"#),
             &["gateway", "not host:port"],
         );
-        let err = Registry::parse(r#"{"No.va": {"hooks_token": "t", "hooks_url": "http://g/"}}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            Registry::parse(r#"{"No.va": {"hooks_token": "t", "hooks_url": "http://g/"}}"#).unwrap_err().to_string();
         assert!(err.contains("registry key \"No.va\""), "{err}");
-        assert!(
-            Registry::parse("[1]")
-                .unwrap_err()
-                .to_string()
-                .contains("not a JSON object")
-        );
+        assert!(Registry::parse("[1]").unwrap_err().to_string().contains("not a JSON object"));
     }
 
     #[test]
     fn token_references_must_resolve() {
-        let reg = Registry::parse(r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#).unwrap();
-        let err = reg
-            .resolve_tokens(&MapResolver::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(
-                "agent \"nova\": field hooks_token: environment variable NOVA_HOOK is not set"
-            ),
-            "{err}"
-        );
+        let reg = Registry::parse(
+            r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#,
+        )
+        .unwrap();
+        let err = reg.resolve_tokens(&MapResolver::default()).unwrap_err().to_string();
+        assert!(err.contains("agent \"nova\": field hooks_token: environment variable NOVA_HOOK is not set"), "{err}");
         let mut res = MapResolver::default();
         res.env.insert("NOVA_HOOK".into(), "same".into());
         res.files.insert("/s/gw".into(), "same\n".into());
-        assert!(
-            reg.resolve_tokens(&res)
-                .unwrap_err()
-                .to_string()
-                .contains("are the same")
-        );
+        assert!(reg.resolve_tokens(&res).unwrap_err().to_string().contains("are the same"));
         res.files.insert("/s/gw".into(), "other".into());
         let tokens = reg.resolve_tokens(&res).unwrap();
         assert_eq!(tokens.values().next().unwrap().hooks.expose(), "same");

@@ -54,9 +54,7 @@ pub enum SecretError {
     FileEmpty(String),
     #[error("the value is empty")]
     Empty,
-    #[error(
-        "malformed reference {0:?}: use env:NAME (letters, digits, '_') or file:/absolute/path"
-    )]
+    #[error("malformed reference {0:?}: use env:NAME (letters, digits, '_') or file:/absolute/path")]
     Malformed(String),
 }
 
@@ -72,8 +70,7 @@ impl SecretRef {
     /// Parses `env:NAME`, `file:/path` or a literal.
     pub fn parse(raw: &str) -> Result<Self, SecretError> {
         if let Some(name) = raw.strip_prefix("env:") {
-            let valid =
-                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
             return if valid {
                 Ok(Self::Env(name.to_owned()))
             } else {
@@ -106,16 +103,9 @@ impl SecretRef {
                 let shown = path.display().to_string();
                 let text = resolver
                     .read_file(path)
-                    .map_err(|e| SecretError::FileUnreadable {
-                        path: shown.clone(),
-                        reason: e.kind().to_string(),
-                    })?;
+                    .map_err(|e| SecretError::FileUnreadable { path: shown.clone(), reason: e.kind().to_string() })?;
                 let value = text.trim();
-                if value.is_empty() {
-                    Err(SecretError::FileEmpty(shown))
-                } else {
-                    Ok(Secret::new(value))
-                }
+                if value.is_empty() { Err(SecretError::FileEmpty(shown)) } else { Ok(Secret::new(value)) }
             }
         }
     }
@@ -175,10 +165,7 @@ impl SecretResolver for MapResolver {
         self.env.get(name).cloned()
     }
     fn read_file(&self, path: &std::path::Path) -> std::io::Result<String> {
-        self.files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
+        self.files.get(path).cloned().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))
     }
 }
 
@@ -196,14 +183,8 @@ mod tests {
 
     #[test]
     fn parses_references() {
-        assert_eq!(
-            SecretRef::parse("env:NOVA_TOKEN").unwrap(),
-            SecretRef::Env("NOVA_TOKEN".into())
-        );
-        assert_eq!(
-            SecretRef::parse("file:/run/secrets/x").unwrap(),
-            SecretRef::File("/run/secrets/x".into())
-        );
+        assert_eq!(SecretRef::parse("env:NOVA_TOKEN").unwrap(), SecretRef::Env("NOVA_TOKEN".into()));
+        assert_eq!(SecretRef::parse("file:/run/secrets/x").unwrap(), SecretRef::File("/run/secrets/x".into()));
         assert!(SecretRef::parse("env:").is_err());
         assert!(SecretRef::parse("env:A-B").is_err());
         assert!(SecretRef::parse("file:relative").is_err());
@@ -220,19 +201,8 @@ mod tests {
         assert_eq!(get("env:SET").unwrap().expose(), "abc");
         assert_eq!(get("file:/s/tok").unwrap().expose(), "filetok");
         assert_eq!(get("lit").unwrap().expose(), "lit");
-        assert_eq!(
-            get("env:NOPE").unwrap_err().to_string(),
-            "environment variable NOPE is not set"
-        );
-        assert_eq!(
-            get("env:BLANK").unwrap_err().to_string(),
-            "environment variable BLANK is empty"
-        );
-        assert!(
-            get("file:/s/none")
-                .unwrap_err()
-                .to_string()
-                .contains("cannot read secret file /s/none")
-        );
+        assert_eq!(get("env:NOPE").unwrap_err().to_string(), "environment variable NOPE is not set");
+        assert_eq!(get("env:BLANK").unwrap_err().to_string(), "environment variable BLANK is empty");
+        assert!(get("file:/s/none").unwrap_err().to_string().contains("cannot read secret file /s/none"));
     }
 }

@@ -61,16 +61,8 @@ impl Token {
     pub fn parse(raw: &str) -> Result<Self, SubjectError> {
         let ok = !raw.is_empty()
             && raw.len() <= MAX_REPLY_TOKEN_LEN
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if ok {
-            Ok(Self(raw.to_owned()))
-        } else {
-            Err(SubjectError::BadToken {
-                token: shorten(raw),
-            })
-        }
+            && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if ok { Ok(Self(raw.to_owned())) } else { Err(SubjectError::BadToken { token: shorten(raw) }) }
     }
 
     /// A fresh random token (for reply subjects).
@@ -87,50 +79,31 @@ impl Token {
 /// Why a subject string is not one the mesh accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubjectError {
-    #[error(
-        "subject {subject:?} is not a mesh subject; use an agent inbox (agents.<id>.inbox) or mesh.reply.<token>"
-    )]
+    #[error("subject {subject:?} is not a mesh subject; use an agent inbox (agents.<id>.inbox) or mesh.reply.<token>")]
     Unknown { subject: String },
-    #[error(
-        "subject {subject:?} may not be used here; only an agent inbox or mesh.reply.<token> may receive replies"
-    )]
+    #[error("subject {subject:?} may not be used here; only an agent inbox or mesh.reply.<token> may receive replies")]
     NotReplyable { subject: String },
     #[error("subject token {token:?} is invalid; use 1 to 64 of a-z, 0-9, '-' and '_'")]
     BadToken { token: String },
     #[error("subject {subject:?} names an invalid agent: {source}")]
-    BadAgent {
-        subject: String,
-        source: crate::agent_id::AgentIdError,
-    },
+    BadAgent { subject: String, source: crate::agent_id::AgentIdError },
 }
 
 impl Subject {
     /// Parses a concrete (wildcard-free) mesh subject.
     pub fn parse(raw: &str) -> Result<Self, SubjectError> {
-        let unknown = || SubjectError::Unknown {
-            subject: shorten(raw),
-        };
+        let unknown = || SubjectError::Unknown { subject: shorten(raw) };
         let parts: Vec<&str> = raw.split('.').collect();
         match parts.as_slice() {
             ["agents", "broadcast"] => Ok(Self::Broadcast),
-            ["agents", id, "inbox"] => {
-                AgentId::parse(id)
-                    .map(Self::Inbox)
-                    .map_err(|source| SubjectError::BadAgent {
-                        subject: shorten(raw),
-                        source,
-                    })
-            }
+            ["agents", id, "inbox"] => AgentId::parse(id)
+                .map(Self::Inbox)
+                .map_err(|source| SubjectError::BadAgent { subject: shorten(raw), source }),
             ["mesh", "health", "ping"] => Ok(Self::HealthPing),
             ["mesh", "health", "pong"] => Ok(Self::HealthPong),
-            ["mesh", "dlq", id] => {
-                AgentId::parse(id)
-                    .map(Self::DeadLetter)
-                    .map_err(|source| SubjectError::BadAgent {
-                        subject: shorten(raw),
-                        source,
-                    })
-            }
+            ["mesh", "dlq", id] => AgentId::parse(id)
+                .map(Self::DeadLetter)
+                .map_err(|source| SubjectError::BadAgent { subject: shorten(raw), source }),
             ["mesh", "audit", t] => Token::parse(t).map(Self::Audit),
             ["mesh", "reply", t] => Token::parse(t).map(Self::Reply),
             ["mesh", "events", t] => Token::parse(t).map(Self::Event),
@@ -142,9 +115,7 @@ impl Subject {
     pub fn parse_reply_target(raw: &str) -> Result<Self, SubjectError> {
         match Self::parse(raw)? {
             s @ (Self::Inbox(_) | Self::Reply(_)) => Ok(s),
-            _ => Err(SubjectError::NotReplyable {
-                subject: shorten(raw),
-            }),
+            _ => Err(SubjectError::NotReplyable { subject: shorten(raw) }),
         }
     }
 
@@ -232,10 +203,7 @@ mod tests {
             "mesh.health.ping",
             "",
         ] {
-            assert!(
-                Subject::parse_reply_target(bad).is_err(),
-                "{bad:?} accepted"
-            );
+            assert!(Subject::parse_reply_target(bad).is_err(), "{bad:?} accepted");
         }
         assert!(Subject::parse_reply_target("agents.nova.inbox").is_ok());
         assert!(Subject::parse_reply_target("mesh.reply.0123abcd").is_ok());

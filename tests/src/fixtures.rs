@@ -125,7 +125,8 @@ fn bin(name: &str) -> PathBuf {
 
 /// Waits until an agent's consumer has nothing pending and nothing unacked.
 pub async fn wait_until_settled(js: &async_nats::jetstream::Context, agent: &str, timeout: Duration) {
-    let durable = mesh_protocol::layout::agent_consumer(&AgentId::parse(agent).expect("id"), Default::default()).durable;
+    let durable =
+        mesh_protocol::layout::agent_consumer(&AgentId::parse(agent).expect("id"), Default::default()).durable;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");

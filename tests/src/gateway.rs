@@ -121,7 +121,9 @@ async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap
     }
     gw.count_tx.send_modify(|c| *c += 1);
     let body = match (is_chat, reply) {
-        (true, Some(reply)) => serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string(),
+        (true, Some(reply)) => {
+            serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string()
+        }
         _ => "{}".to_owned(),
     };
     (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)

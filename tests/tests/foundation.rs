@@ -148,7 +148,11 @@ async fn bad_inputs_fail_clearly_and_publish_nothing() {
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = stderr(&out);
         let first = err.lines().next().unwrap_or_default();
-        assert!(first.starts_with("error: ") && first.contains(expected), "{:?}: {err:?} lacks {expected:?}", &args[..2]);
+        assert!(
+            first.starts_with("error: ") && first.contains(expected),
+            "{:?}: {err:?} lacks {expected:?}",
+            &args[..2]
+        );
     }
 
     let mut child = tokio::process::Command::new(mesh_bin())

