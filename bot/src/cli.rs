@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mesh_listener::nats::{self, DEFAULT_NATS_URL};
@@ -57,6 +58,23 @@ pub enum Command {
         #[arg(long, env = "MESH_FROM")]
         from: Option<String>,
     },
+    /// Ping every listener; one row per registry agent. Exits 1 when an active agent did not answer.
+    Ping {
+        /// How long to wait for pongs, in milliseconds.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// List dead letters (all agents, or one), or replay them.
+    #[command(args_conflicts_with_subcommands = true)]
+    Dlq {
+        /// Only this agent's dead letters.
+        agent: Option<String>,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(subcommand)]
+        action: Option<DlqAction>,
+    },
     /// Run the mesh locally.
     Up {
         /// The embedded default: local nats-server, demo agents and gateways.
@@ -68,6 +86,19 @@ pub enum Command {
         /// NATS client port.
         #[arg(long, default_value_t = 4222)]
         nats_port: u16,
+    },
+}
+
+/// What to do with dead letters.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Re-publish an agent's oldest dead letters as new messages, then remove them.
+    Replay {
+        /// The agent.
+        agent: String,
+        /// How many (oldest first).
+        #[arg(default_value_t = 1)]
+        n: usize,
     },
 }
 
@@ -138,6 +169,66 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let js = async_nats::jetstream::new(client);
             let receipt = publish::broadcast(&js, &registry, &from, &text, priority).await?;
             print_receipt(&receipt, "*", args.json);
+        }
+        Command::Ping { timeout_ms } => {
+            let registry = registry_file::load(&args.registry)?;
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let report = crate::ping::ping(&client, &registry, Duration::from_millis(timeout_ms))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                print!("{}", report.render_text());
+            }
+            if report.missing > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Dlq { agent, limit, action } => {
+            let registry = registry_file::load(&args.registry)?;
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let js = async_nats::jetstream::new(client);
+            match action {
+                Some(DlqAction::Replay { agent, n }) => {
+                    let report = crate::dlq::replay(&js, &registry, &agent, n).await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string(&report)?);
+                    } else {
+                        for (seq, id) in &report.replayed {
+                            println!("dead letter {seq} replayed as {id}");
+                        }
+                        for (seq, why) in &report.skipped {
+                            println!("dead letter {seq} skipped: {why}");
+                        }
+                        if report.replayed.is_empty() && report.skipped.is_empty() {
+                            println!("no dead letters for {agent}");
+                        }
+                    }
+                }
+                None => {
+                    let id = match &agent {
+                        Some(raw) => Some(crate::publish::resolve_any(&registry, raw)?),
+                        None => None,
+                    };
+                    let entries = crate::dlq::list(&js, id.as_ref(), limit).await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string(&entries)?);
+                    } else if entries.is_empty() {
+                        println!("no dead letters");
+                    } else {
+                        for e in &entries {
+                            let status = e.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
+                            let text = e.text.as_deref().unwrap_or("<undecodable payload>");
+                            println!(
+                                "#{} {} {} attempts={}{status}: {}
+    {}",
+                                e.dlq_seq, e.at, e.agent, e.attempts, e.reason, text
+                            );
+                        }
+                    }
+                }
+            }
         }
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();

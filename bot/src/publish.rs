@@ -57,6 +57,19 @@ pub fn resolve_target<'r>(registry: &'r Registry, raw: &str) -> Result<&'r mesh_
     Ok(agent)
 }
 
+/// Checks an id against the registry, active or not (for reading commands).
+pub fn resolve_any(registry: &Registry, raw: &str) -> Result<AgentId, SendError> {
+    let id = AgentId::parse(raw)?;
+    if registry.get(&id).is_none() {
+        return Err(SendError::UnknownAgent {
+            id: raw.to_owned(),
+            hint: nearest(registry, raw).map(|n| format!("; did you mean {n:?}?")).unwrap_or_default(),
+            known: registry.known_ids(),
+        });
+    }
+    Ok(id)
+}
+
 /// The registered id closest to `raw`, if close enough to be a typo.
 pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
     registry

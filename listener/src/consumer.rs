@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::delivery::{self, AgentEntry, Deps};
 use crate::gateway::Gateway;
+use crate::state::AgentState;
 
 /// Settings of one agent loop.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +33,7 @@ const REBIND_DELAY: Duration = Duration::from_secs(1);
 /// while it is true.
 pub async fn run_agent<G: Gateway>(
     deps: Arc<Deps<G>>,
+    state: Arc<AgentState>,
     entry: watch::Receiver<Arc<AgentEntry>>,
     mut paused: watch::Receiver<bool>,
     config: LoopConfig,
@@ -39,7 +41,9 @@ pub async fn run_agent<G: Gateway>(
 ) {
     let agent = entry.borrow().agent.id.clone();
     while !stop.is_cancelled() {
-        if *paused.borrow() {
+        let is_paused = *paused.borrow();
+        state.paused.store(is_paused, std::sync::atomic::Ordering::Relaxed);
+        if is_paused {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = paused.wait_for(|p| !*p) => continue,
@@ -85,6 +89,7 @@ pub async fn run_agent<G: Gateway>(
             })
         };
         let deps_ref = &deps;
+        let state_ref = &*state;
         let entry_ref = &entry;
         let errors = messages
             .take_until(halt.cancelled())
@@ -92,7 +97,7 @@ pub async fn run_agent<G: Gateway>(
                 match item {
                     Ok(msg) => {
                         let current = entry_ref.borrow().clone();
-                        delivery::handle(deps_ref, &current, msg).await;
+                        delivery::handle(deps_ref, &current, state_ref, msg).await;
                         Ok(())
                     }
                     Err(e) => Err(e),

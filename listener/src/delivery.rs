@@ -2,7 +2,6 @@
 //! message alive with in-progress acks while the gateway works), then ack,
 //! schedule a redelivery, or store a dead letter and only then ack.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
@@ -16,9 +15,13 @@ use mesh_protocol::{Agent, DeliveryMode, Envelope, Kind, Recipient};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use std::sync::atomic::Ordering;
+
 use crate::gateway::{Gateway, Response};
 use crate::hook;
+use crate::metrics;
 use crate::policy::{self, Decision, Outcome, RetryPolicy};
+use crate::state::AgentState;
 
 /// An agent as a listener serves it: registry entry plus resolved tokens.
 #[derive(Debug, Clone)]
@@ -42,8 +45,6 @@ pub struct Deps<G> {
     pub max_hops: u8,
     /// The consumers' ack wait (in-progress acks are sent at a third of it).
     pub ack_wait: Duration,
-    /// Counters for `/metrics` and pongs.
-    pub stats: Arc<crate::fleet::Stats>,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -60,13 +61,19 @@ pub enum Handled {
 }
 
 /// Handles one pulled message for `entry`.
-pub async fn handle<G: Gateway>(deps: &Deps<G>, entry: &AgentEntry, msg: jetstream::Message) -> Handled {
+pub async fn handle<G: Gateway>(
+    deps: &Deps<G>,
+    entry: &AgentEntry,
+    state: &AgentState,
+    msg: jetstream::Message,
+) -> Handled {
     let agent = entry.agent.id.as_str();
     let Ok(info) = msg.info() else {
         warn!(agent, subject = %msg.subject, "message without JetStream metadata; ignoring it");
         return Handled::Unsettled;
     };
     let (stream_seq, delivered, stored_at) = (info.stream_sequence, info.delivered.max(1) as u64, info.published);
+    state.pending.store(info.pending, Ordering::Relaxed);
     let arrival = match Subject::parse(msg.subject.as_str()) {
         Ok(Subject::Inbox(id)) => Recipient::Agent(id),
         _ => Recipient::Broadcast,
@@ -76,23 +83,24 @@ pub async fn handle<G: Gateway>(deps: &Deps<G>, entry: &AgentEntry, msg: jetstre
         Ok((envelope, _format)) => envelope,
         Err(e) => {
             let reason = format!("undecodable payload: {e}");
-            return dead_letter(deps, entry, &msg, stream_seq, delivered, None, reason).await;
+            return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, reason).await;
         }
     };
     let msg_id = envelope.id.to_string();
     let request = match hook::build(&entry.agent, &entry.tokens, &envelope) {
         Ok(request) => request,
         Err(e) => {
-            return dead_letter(deps, entry, &msg, stream_seq, delivered, None, e.to_string()).await;
+            return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, e.to_string()).await;
         }
     };
     let response = call_keeping_alive(deps, &msg, &request).await;
-    deps.stats.record_attempt(&response);
+    state.record_call(response.outcome.label() == "ok");
+    metrics::gateway_duration(response.elapsed);
     let decision = policy::decide(&response.outcome, delivered, &deps.retry, fastrand::f64());
     match decision {
         Decision::Ack => {
             if entry.agent.delivery == DeliveryMode::Chat
-                && let Err(e) = route_reply(deps, entry, &envelope, &response.body).await
+                && let Err(e) = route_reply(deps, entry, state, &envelope, &response.body).await
             {
                 warn!(agent, msg_id, error = %e, "chat reply not published; the message will be redelivered");
                 return nak(&msg, Duration::from_secs(1)).await;
@@ -101,18 +109,23 @@ pub async fn handle<G: Gateway>(deps: &Deps<G>, entry: &AgentEntry, msg: jetstre
                 warn!(agent, msg_id, error = %e, "ack failed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
                 return Handled::Unsettled;
             }
-            deps.stats.record_delivered(&envelope);
+            state.delivered.fetch_add(1, Ordering::Relaxed);
+            metrics::delivery(agent, "delivered");
+            if let Ok(age) = (time::OffsetDateTime::now_utc() - envelope.sent_at).try_into() {
+                metrics::latency(age);
+            }
             info!(%agent, msg_id, stream_seq, from = %envelope.from, status = response.outcome.status(), elapsed_ms = response.elapsed.as_millis() as u64, "delivered");
             Handled::Delivered
         }
         Decision::Retry(delay) => {
-            deps.stats.record_retry();
+            state.retried.fetch_add(1, Ordering::Relaxed);
+            metrics::delivery(agent, "retry");
             warn!(%agent, msg_id, stream_seq, delivered, outcome = response.outcome.label(), status = response.outcome.status(), retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
             nak(&msg, delay).await;
             Handled::Retrying
         }
         Decision::DeadLetter(reason) => {
-            dead_letter(deps, entry, &msg, stream_seq, delivered, response.outcome.status(), reason).await
+            dead_letter(deps, entry, state, &msg, stream_seq, delivered, response.outcome.status(), reason).await
         }
     }
 }
@@ -156,6 +169,7 @@ async fn nak(msg: &jetstream::Message, delay: Duration) -> Handled {
 async fn dead_letter<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
+    state: &AgentState,
     msg: &jetstream::Message,
     stream_seq: u64,
     attempts: u64,
@@ -184,7 +198,8 @@ async fn dead_letter<G: Gateway>(
         error!(agent = %entry.agent.id, stream_seq, error = %e, "dead letter not stored; the message stays pending and is retried");
         return nak(msg, Duration::from_secs(1)).await;
     }
-    deps.stats.record_dead_letter();
+    state.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    metrics::delivery(entry.agent.id.as_str(), "dead_letter");
     error!(agent = %entry.agent.id, stream_seq, attempts, status, reason = %record.reason, "dead-lettered");
     if let Err(e) = msg.ack_with(AckKind::Term).await {
         warn!(error = %e, "terminating a dead-lettered message failed; it may be dead-lettered again (deduplicated)");
@@ -202,6 +217,7 @@ pub enum ReplyError {
 async fn route_reply<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
+    state: &AgentState,
     original: &Envelope,
     body: &Bytes,
 ) -> Result<(), ReplyError> {
@@ -221,7 +237,8 @@ async fn route_reply<G: Gateway>(
     };
     let hops = original.hops.saturating_add(1);
     if hops > deps.max_hops {
-        deps.stats.record_loop_guard();
+        state.loop_guard.fetch_add(1, Ordering::Relaxed);
+        metrics::loop_guard(agent);
         warn!(agent, msg_id = %original.id, hops, max_hops = deps.max_hops, "loop guard: reply not sent");
         return Ok(());
     }
@@ -248,7 +265,8 @@ async fn route_reply<G: Gateway>(
         .await
         .map_err(|e| ReplyError::Publish(e.to_string()))?;
     ack.await.map_err(|e| ReplyError::Publish(e.to_string()))?;
-    deps.stats.record_reply();
+    state.replies.fetch_add(1, Ordering::Relaxed);
+    metrics::reply(agent);
     info!(agent, msg_id = %reply.id, in_reply_to = %original.id, to = %target, hops, "reply routed");
     Ok(())
 }

@@ -1,15 +1,15 @@
 //! Runs the listeners of one process: one agent, or every active agent of the
-//! registry (`--all`), following registry changes without a restart.
+//! registry (`--all`), following registry changes without a restart; answers
+//! health pings; serves `/health` and `/metrics`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use mesh_protocol::{AgentId, Registry};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -17,56 +17,29 @@ use tracing::{error, info, warn};
 use crate::config::{ListenerConfig, Selection};
 use crate::consumer::{self, LoopConfig};
 use crate::delivery::{AgentEntry, Deps};
-use crate::gateway::{HttpGateway, Response};
+use crate::gateway::{Gateway, HttpGateway};
+use crate::ping::{self, GatewayUrls};
 use crate::registry_file;
 use crate::secrets::OsSecrets;
+use crate::state::FleetState;
 
-/// Counters of one listener process.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Messages delivered and acked.
-    pub delivered: AtomicU64,
-    /// Deliveries scheduled for retry.
-    pub retried: AtomicU64,
-    /// Messages dead-lettered.
-    pub dead_lettered: AtomicU64,
-    /// Chat replies routed back.
-    pub replies: AtomicU64,
-    /// Chat replies suppressed by the loop guard.
-    pub loop_guard: AtomicU64,
-    /// Gateway calls that did not end in 2xx, in a row.
-    pub consecutive_failures: AtomicU64,
+/// A pause or resume request for the running loops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PauseCommand {
+    /// Pause (true) or resume (false) one agent.
+    Agent(AgentId, bool),
+    /// Pause (true) or resume (false) every agent.
+    All(bool),
 }
 
-impl Stats {
-    /// Notes one gateway call.
-    pub fn record_attempt(&self, response: &Response) {
-        if response.outcome.label() == "ok" {
-            self.consecutive_failures.store(0, Ordering::Relaxed);
-        } else {
-            self.consecutive_failures.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    /// Notes a delivered message.
-    pub fn record_delivered(&self, _envelope: &mesh_protocol::Envelope) {
-        self.delivered.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Notes a retry.
-    pub fn record_retry(&self) {
-        self.retried.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Notes a dead letter.
-    pub fn record_dead_letter(&self) {
-        self.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Notes a routed reply.
-    pub fn record_reply(&self) {
-        self.replies.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Notes a reply stopped by the loop guard.
-    pub fn record_loop_guard(&self) {
-        self.loop_guard.fetch_add(1, Ordering::Relaxed);
-    }
+/// Handles to a running listener process, for embedding (tests, `mesh up`,
+/// the kill switch).
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Pause and resume requests.
+    pub pause: mpsc::UnboundedSender<PauseCommand>,
+    /// Live state of every agent.
+    pub fleet: Arc<FleetState>,
 }
 
 /// One running agent loop.
@@ -79,11 +52,21 @@ struct Running {
 /// Runs the listeners until `shutdown` completes, then stops pulling and
 /// waits (bounded) for in-flight deliveries.
 pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with(config, shutdown, |_| {}).await
+}
+
+/// Like [`run`], handing `on_start` the process's [`Control`] once started.
+pub async fn run_with(
+    config: ListenerConfig,
+    shutdown: impl Future<Output = ()>,
+    on_start: impl FnOnce(Control),
+) -> anyhow::Result<()> {
     let registry = registry_file::load(&config.registry_path)?;
     let selected = select(&registry, &config.selection)?;
-    if let Selection::One(id) = &config.selection {
-        // A single-agent listener with a bad entry cannot do its one job.
-        selected.get(id).with_context(|| format!("agent {id:?} has unresolvable tokens"))?;
+    if let Selection::One(id) = &config.selection
+        && !selected.contains_key(id)
+    {
+        anyhow::bail!("agent {:?} has tokens that do not resolve; see the error above", id.as_str());
     }
     let client = crate::nats::connect_service(&config.nats_url, "mesh-listener").await?;
     let js = async_nats::jetstream::new(client.clone());
@@ -93,21 +76,39 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
         () = wait_for_streams(&js, config.replicas) => {}
     }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
-    let stats = Arc::new(Stats::default());
+    crate::metrics::install();
     let deps = Arc::new(Deps {
         js: js.clone(),
-        gateway,
+        gateway: gateway.clone(),
         retry: config.retry,
         max_hops: config.max_hops,
         ack_wait: config.ack_wait,
-        stats,
     });
-    let loop_config = LoopConfig { concurrency: config.concurrency, tuning: config.tuning() };
+    let fleet = Arc::new(FleetState::default());
+    let urls = GatewayUrls::default();
     let root = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    let mut running: BTreeMap<AgentId, Running> = BTreeMap::new();
-    apply(&selected, &mut running, &mut tasks, &deps, loop_config, &root);
-    info!(agents = running.len(), nats = %config.nats_url, "listener started");
+    if let Some(addr) = config.http_addr {
+        let bound = crate::http::serve(addr, fleet.clone(), client.clone(), root.clone())
+            .await
+            .with_context(|| format!("serving /health and /metrics on {addr}"))?;
+        info!(addr = %bound, "health and metrics endpoints up");
+    }
+    tokio::spawn(ping::respond(client.clone(), fleet.clone(), gateway, urls.clone(), root.clone()));
+
+    let (pause_tx, mut pause_rx) = mpsc::unbounded_channel();
+    let mut world = World {
+        running: BTreeMap::new(),
+        tasks: JoinSet::new(),
+        deps,
+        fleet: fleet.clone(),
+        urls,
+        loop_config: LoopConfig { concurrency: config.concurrency, tuning: config.tuning() },
+        root: root.clone(),
+        pause_all: false,
+    };
+    world.apply(&selected);
+    info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
+    on_start(Control { pause: pause_tx, fleet });
 
     let mut last_registry = registry;
     let mut poll = tokio::time::interval(config.registry_poll);
@@ -115,12 +116,13 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
     loop {
         tokio::select! {
             () = &mut shutdown => break,
+            Some(command) = pause_rx.recv() => world.pause(command),
             _ = poll.tick(), if config.selection == Selection::All => {
                 match registry_file::load(&config.registry_path) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         match select(&registry, &config.selection) {
-                            Ok(selected) => apply(&selected, &mut running, &mut tasks, &deps, loop_config, &root),
+                            Ok(selected) => world.apply(&selected),
                             Err(e) => warn!(error = %e, "registry change not applied"),
                         }
                         last_registry = registry;
@@ -129,8 +131,10 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
                     Err(e) => warn!(error = %e, "registry unreadable; keeping the last good one"),
                 }
             }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Err(e) = joined && e.is_panic() {
+            Some(joined) = world.tasks.join_next(), if !world.tasks.is_empty() => {
+                if let Err(e) = joined
+                    && e.is_panic()
+                {
                     error!(error = %e, "an agent loop panicked");
                 }
             }
@@ -138,6 +142,7 @@ pub async fn run(config: ListenerConfig, shutdown: impl Future<Output = ()>) -> 
     }
     info!("stopping: no new pulls; waiting for in-flight deliveries");
     root.cancel();
+    let tasks = &mut world.tasks;
     let drained =
         tokio::time::timeout(config.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -193,47 +198,74 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
     Ok(out)
 }
 
-/// Starts, updates and stops agent loops so that exactly `selected` run.
-fn apply<G: crate::gateway::Gateway>(
-    selected: &BTreeMap<AgentId, AgentEntry>,
-    running: &mut BTreeMap<AgentId, Running>,
-    tasks: &mut JoinSet<()>,
-    deps: &Arc<Deps<G>>,
+/// The running loops of one process.
+struct World<G> {
+    running: BTreeMap<AgentId, Running>,
+    tasks: JoinSet<()>,
+    deps: Arc<Deps<G>>,
+    fleet: Arc<FleetState>,
+    urls: GatewayUrls,
     loop_config: LoopConfig,
-    root: &CancellationToken,
-) {
-    running.retain(|id, run| {
-        let keep = selected.contains_key(id);
-        if !keep {
-            info!(agent = %id, "agent removed or inactive; stopping its listener");
-            run.stop.cancel();
-        }
-        keep
-    });
-    for (id, entry) in selected {
-        match running.get(id) {
-            Some(run) => {
-                let changed = run.entry.borrow().agent != entry.agent || run.entry.borrow().tokens != entry.tokens;
-                if changed {
+    root: CancellationToken,
+    pause_all: bool,
+}
+
+impl<G: Gateway> World<G> {
+    /// Starts, updates and stops loops so that exactly `selected` run.
+    fn apply(&mut self, selected: &BTreeMap<AgentId, AgentEntry>) {
+        let fleet = &self.fleet;
+        let urls = &self.urls;
+        self.running.retain(|id, run| {
+            let keep = selected.contains_key(id);
+            if !keep {
+                info!(agent = %id, "agent removed or inactive; stopping its listener");
+                run.stop.cancel();
+                fleet.remove(id);
+                urls.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+            }
+            keep
+        });
+        for (id, entry) in selected {
+            self.urls.write().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), entry.agent.gateway_base());
+            if let Some(run) = self.running.get(id) {
+                let current = run.entry.borrow().clone();
+                if current.agent != entry.agent || current.tokens != entry.tokens {
                     info!(agent = %id, "agent entry changed; used from the next request on");
                     run.entry.send_replace(Arc::new(entry.clone()));
                 }
+                continue;
             }
-            None => {
-                let (entry_tx, entry_rx) = watch::channel(Arc::new(entry.clone()));
-                let (paused_tx, paused_rx) = watch::channel(false);
-                let stop = root.child_token();
-                tasks.spawn(consumer::run_agent(deps.clone(), entry_rx, paused_rx, loop_config, stop.clone()));
-                info!(agent = %id, "listener started for agent");
-                running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
-            }
+            let (entry_tx, entry_rx) = watch::channel(Arc::new(entry.clone()));
+            let (paused_tx, paused_rx) = watch::channel(self.pause_all);
+            let stop = self.root.child_token();
+            let state = self.fleet.add(id);
+            self.tasks.spawn(consumer::run_agent(
+                self.deps.clone(),
+                state,
+                entry_rx,
+                paused_rx,
+                self.loop_config,
+                stop.clone(),
+            ));
+            info!(agent = %id, "listener started for agent");
+            self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }
     }
-}
 
-impl Running {
-    #[allow(dead_code)]
-    fn set_paused(&self, paused: bool) {
-        self.paused.send_replace(paused);
+    fn pause(&mut self, command: PauseCommand) {
+        match command {
+            PauseCommand::Agent(id, paused) => match self.running.get(&id) {
+                Some(run) => {
+                    run.paused.send_replace(paused);
+                }
+                None => warn!(agent = %id, "pause for an agent this process does not serve; ignored"),
+            },
+            PauseCommand::All(paused) => {
+                self.pause_all = paused;
+                for run in self.running.values() {
+                    run.paused.send_replace(paused);
+                }
+            }
+        }
     }
 }

@@ -30,6 +30,9 @@ pub enum HookError {
 
 /// The text a woken agent reads: who sent it, then the message.
 pub fn wake_text(envelope: &Envelope) -> String {
+    if envelope.metadata.contains_key("replay_of") {
+        return format!("[mesh] Replayed message from {}: {}", envelope.from, envelope.text);
+    }
     let label = match (envelope.kind, &envelope.to) {
         (_, Recipient::Broadcast) | (Kind::Broadcast, _) => "Broadcast",
         (Kind::Ask, _) => "Question",

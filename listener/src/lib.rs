@@ -13,7 +13,9 @@
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.
-//! - [`fleet`]: many agents in one process.
+//! - [`fleet`]: the agents of one process, registry reload, pause control.
+//! - [`state`]: live per-agent counters; [`ping`]: health pongs;
+//!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`shutdown`] and [`logging`]: process plumbing shared with the `mesh` binary.
 
@@ -24,12 +26,16 @@ pub mod delivery;
 pub mod fleet;
 pub mod gateway;
 pub mod hook;
+pub mod http;
 pub mod logging;
+pub mod metrics;
 pub mod nats;
+pub mod ping;
 pub mod policy;
 pub mod registry_file;
 pub mod secrets;
 pub mod shutdown;
+pub mod state;
 
 pub use config::ListenerConfig;
-pub use fleet::run;
+pub use fleet::{Control, PauseCommand, run, run_with};

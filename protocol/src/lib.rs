@@ -11,11 +11,13 @@
 //! - [`secret`]: tokens that never show in `Debug` or `Display`, and references
 //!   (`env:NAME`, `file:/path`) resolved by the caller.
 //! - [`dead_letter`]: what a dead letter carries besides the original bytes.
+//! - [`health`]: the pong a listener answers a health ping with.
 //! - [`layout`]: streams and consumers described as plain data.
 
 pub mod agent_id;
 pub mod dead_letter;
 pub mod envelope;
+pub mod health;
 pub mod layout;
 pub mod registry;
 pub mod secret;

@@ -23,6 +23,8 @@ pub struct Recorded {
     pub idempotency_key: Option<String>,
     /// The JSON body (Null when not JSON).
     pub body: serde_json::Value,
+    /// The status the gateway answered.
+    pub status: u16,
 }
 
 impl Recorded {
@@ -38,6 +40,8 @@ struct Inner {
     script: VecDeque<u16>,
     delay: Option<Duration>,
     chat_reply: Option<String>,
+    failure_rate: f64,
+    rng_state: u64,
 }
 
 /// A recording gateway; serves until the test's runtime ends.
@@ -79,6 +83,19 @@ impl RecordingGateway {
         self.lock().delay = Some(delay);
     }
 
+    /// Answers 500 to this fraction of requests (after the script), chosen by
+    /// a seeded generator so a run is reproducible.
+    pub fn set_failure_rate(&self, rate: f64, seed: u64) {
+        let mut inner = self.lock();
+        inner.failure_rate = rate;
+        inner.rng_state = seed.max(1);
+    }
+
+    /// Requests answered 2xx.
+    pub fn successes(&self) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+    }
+
     /// Answers chat completions with this reply.
     pub fn set_chat_reply(&self, reply: &str) {
         self.lock().chat_reply = Some(reply.to_owned());
@@ -89,7 +106,7 @@ impl RecordingGateway {
         self.lock().requests.clone()
     }
 
-    /// Waits until at least `n` requests arrived; panics after `timeout`.
+    /// Waits until at least `n` requests arrived (answered or not); panics after `timeout`.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
         let mut count = self.count.clone();
         let reached = tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await;
@@ -104,22 +121,29 @@ impl RecordingGateway {
 
 async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let recorded = Recorded {
+    let mut recorded = Recorded {
         path: uri.path().to_owned(),
         authorization: header("authorization"),
         idempotency_key: header("idempotency-key"),
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        status: 200,
     };
     let is_chat = recorded.path == "/v1/chat/completions";
     let (status, delay, reply) = {
         let mut inner = gw.lock();
+        let status = match inner.script.pop_front() {
+            Some(status) => status,
+            None if inner.failure_rate > 0.0 && next_unit(&mut inner.rng_state) < inner.failure_rate => 500,
+            None => 200,
+        };
+        recorded.status = status;
         inner.requests.push(recorded);
-        (inner.script.pop_front().unwrap_or(200), inner.delay, inner.chat_reply.clone())
+        (status, inner.delay, inner.chat_reply.clone())
     };
+    gw.count_tx.send_modify(|c| *c += 1);
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    gw.count_tx.send_modify(|c| *c += 1);
     let body = match (is_chat, reply) {
         (true, Some(reply)) => {
             serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string()
@@ -127,4 +151,14 @@ async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap
         _ => "{}".to_owned(),
     };
     (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+}
+
+/// xorshift64: a small reproducible generator for scripted failures.
+fn next_unit(state: &mut u64) -> f64 {
+    let mut x = *state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    *state = x;
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -1,0 +1,77 @@
+//! Prometheus metrics of the listener. Names are constants so dashboards and
+//! alert rules can be checked against them.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Deliveries by agent and outcome (`delivered`, `retry`, `dead_letter`).
+pub const DELIVERIES: &str = "mesh_deliveries_total";
+/// Seconds from the envelope's `sent_at` to the gateway's 2xx.
+pub const LATENCY: &str = "mesh_publish_to_gateway_seconds";
+/// Seconds a gateway request took.
+pub const GATEWAY_DURATION: &str = "mesh_gateway_request_seconds";
+/// Messages waiting per agent.
+pub const PENDING: &str = "mesh_pending_messages";
+/// 1 while an agent is paused.
+pub const PAUSED: &str = "mesh_paused";
+/// Chat replies routed back, by agent.
+pub const REPLIES: &str = "mesh_replies_total";
+/// Chat replies stopped by the loop guard, by agent.
+pub const LOOP_GUARD: &str = "mesh_loop_guard_total";
+
+const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Installs the process-wide recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Prefix("mesh_".into()), BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (tests embed several
+            // listeners); then this handle renders nothing, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Counts one delivery outcome.
+pub fn delivery(agent: &str, outcome: &'static str) {
+    metrics::counter!(DELIVERIES, "agent" => agent.to_owned(), "outcome" => outcome).increment(1);
+}
+
+/// Records publish-to-gateway latency.
+pub fn latency(elapsed: Duration) {
+    metrics::histogram!(LATENCY).record(elapsed.as_secs_f64());
+}
+
+/// Records a gateway request's duration.
+pub fn gateway_duration(elapsed: Duration) {
+    metrics::histogram!(GATEWAY_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Sets an agent's pending count.
+pub fn pending(agent: &str, pending: u64) {
+    metrics::gauge!(PENDING, "agent" => agent.to_owned()).set(pending as f64);
+}
+
+/// Sets an agent's paused flag.
+pub fn paused(agent: &str, paused: bool) {
+    metrics::gauge!(PAUSED, "agent" => agent.to_owned()).set(if paused { 1.0 } else { 0.0 });
+}
+
+/// Counts a routed reply.
+pub fn reply(agent: &str) {
+    metrics::counter!(REPLIES, "agent" => agent.to_owned()).increment(1);
+}
+
+/// Counts a reply stopped by the loop guard.
+pub fn loop_guard(agent: &str) {
+    metrics::counter!(LOOP_GUARD, "agent" => agent.to_owned()).increment(1);
+}
