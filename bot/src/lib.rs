@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`command`]: the pure command core: grammar, permissions, confirmations, replies and renderers.
 //! - [`publish`]: sending and broadcasting into the mesh, validated against the registry.
 //! - [`local_nats`]: a `nats-server` child process (the embedded default, and the test harness).
 //! - [`demo`]: `mesh up --demo`: local NATS, demo gateways, listeners, one command.
@@ -11,6 +12,7 @@
 //! - [`cli`]: the `mesh` command line.
 
 pub mod cli;
+pub mod command;
 pub mod demo;
 pub mod demo_gateway;
 pub mod dlq;

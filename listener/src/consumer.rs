@@ -5,10 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use async_nats::jetstream::AckKind;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::delivery::{self, AgentEntry, Deps};
 use crate::gateway::Gateway;
@@ -59,7 +61,7 @@ pub async fn run_agent<G: Gateway>(
                 }
             }
         };
-        let messages = match consumer
+        let mut messages = match consumer
             .stream()
             .max_messages_per_batch(PULL_BATCH)
             .heartbeat(Duration::from_secs(5))
@@ -77,38 +79,41 @@ pub async fn run_agent<G: Gateway>(
             }
         };
         info!(agent = %agent, concurrency = config.concurrency, "pulling");
-        let halt = stop.child_token();
-        let pause_watch = {
-            let halt = halt.clone();
-            let mut paused = paused.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = halt.cancelled() => {}
-                    _ = paused.wait_for(|p| *p) => halt.cancel(),
-                }
-            })
-        };
-        let deps_ref = &deps;
-        let state_ref = &*state;
-        let entry_ref = &entry;
-        let errors = messages
-            .take_until(halt.cancelled())
-            .map(|item| async move {
-                match item {
-                    Ok(msg) => {
-                        let current = entry_ref.borrow().clone();
-                        delivery::handle(deps_ref, &current, state_ref, msg).await;
-                        Ok(())
+        let limit = config.concurrency.max(1);
+        let mut in_flight = FuturesUnordered::new();
+        let failure = loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break None,
+                _ = paused.wait_for(|p| *p) => break None,
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+                item = messages.next(), if in_flight.len() < limit => match item {
+                    Some(Ok(msg)) => {
+                        let current = entry.borrow().clone();
+                        let (deps, state) = (&*deps, &*state);
+                        in_flight.push(async move {
+                            delivery::handle(deps, &current, state, msg).await;
+                        });
                     }
-                    Err(e) => Err(e),
-                }
-            })
-            .buffer_unordered(config.concurrency.max(1))
-            .filter_map(|r| async move { r.err() });
-        let outcome = std::pin::pin!(errors).next().await;
-        halt.cancel();
-        let _ = pause_watch.await;
-        match outcome {
+                    Some(Err(e)) => break Some(e.to_string()),
+                    None => break Some("pull stream ended".to_owned()),
+                },
+            }
+        };
+        // Finish what is in flight (acked or NAKed), then hand back what was
+        // pulled but not started, so it is redelivered at once instead of
+        // after the ack wait.
+        while in_flight.next().await.is_some() {}
+        let mut released = 0;
+        while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                released += 1;
+            }
+        }
+        if released > 0 {
+            debug!(agent = %agent, released, "released pulled messages");
+        }
+        match failure {
             Some(e) => {
                 warn!(agent = %agent, error = %e, "pull stream failed; rebinding");
                 tokio::select! {

@@ -6,8 +6,10 @@
 //!
 //! - [`server`]: the nats-server under test.
 //! - [`gateway`]: the recording gateway.
+//! - [`bench`]: the sink and helpers of the `mesh-bench` program.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 
+pub mod bench;
 pub mod fixtures;
 pub mod gateway;
 pub mod server;

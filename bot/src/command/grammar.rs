@@ -1,0 +1,740 @@
+//! The command grammar: [`parse`] turns one line (what follows `/mesh` in
+//! Slack, `!mesh` on Discord, or `mesh` in a terminal) into a [`Command`].
+//!
+//! Rules for the cases that could be read two ways (also in `help`):
+//!
+//! - Command words (`send`, `kill soft`, `dlq replay`) ignore case; agent ids
+//!   do not (`Nova` is rejected with a hint to write `nova`).
+//! - Message text is everything after the one whitespace character that
+//!   follows the agent (or the command word, or the priority), exactly as typed.
+//! - An agent may be written bare (`nova`) or as `agent=nova`.
+//! - `kill soft [duration] [agent] [reason]`: a first word shaped like a
+//!   duration (`30s`, `5m`, `2h`) is the duration; then `agent=<id>`, or the
+//!   next word if it is a valid agent id, is the agent; `--` ends the agent
+//!   slot; the rest is the reason. `kill hard` is the same without duration.
+//! - `dlq replay` is always the replay command.
+
+use std::fmt;
+use std::time::Duration;
+
+use mesh_protocol::{AgentId, AgentIdError, Priority};
+
+use super::confirm;
+use super::table::{self, CommandKind, CommandSpec};
+
+/// How long `kill soft` pauses when no duration is given.
+pub const DEFAULT_SOFT_KILL: Duration = Duration::from_secs(5 * 60);
+/// The longest `kill soft`.
+pub const MAX_SOFT_KILL: Duration = Duration::from_secs(24 * 60 * 60);
+/// Dead letters `dlq replay` redelivers when no count is given.
+pub const DEFAULT_REPLAY: u32 = 10;
+/// The most dead letters one `dlq replay` redelivers.
+pub const MAX_REPLAY: u32 = 1000;
+/// Entries `audit` shows when no count is given.
+pub const DEFAULT_AUDIT: u32 = 20;
+/// The most entries one `audit` shows.
+pub const MAX_AUDIT: u32 = 200;
+
+/// How hard the kill switch is pulled; also the grade of the pause in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KillGrade {
+    /// A timed pause that ends by itself.
+    Soft,
+    /// A pause until a director resumes.
+    Hard,
+    /// The mesh is torn down.
+    Nuclear,
+}
+
+/// A parsed chat or terminal command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Send `text` to one agent.
+    Send {
+        /// The target.
+        agent: AgentId,
+        /// The message, exactly as typed.
+        text: String,
+    },
+    /// Send `text` to every active agent.
+    Broadcast {
+        /// How urgent it is (normal unless `--priority` was given).
+        priority: Priority,
+        /// The message, exactly as typed.
+        text: String,
+    },
+    /// Send `text` to one agent and wait for its reply.
+    Ask {
+        /// The target.
+        agent: AgentId,
+        /// The message, exactly as typed.
+        text: String,
+    },
+    /// Health-ping every listener.
+    Ping,
+    /// Show the state of the mesh.
+    Status,
+    /// List the registered agents.
+    Agents,
+    /// Pause delivery for `duration`.
+    KillSoft {
+        /// How long (default [`DEFAULT_SOFT_KILL`], at most [`MAX_SOFT_KILL`]).
+        duration: Duration,
+        /// One agent, or the whole mesh when `None`.
+        agent: Option<AgentId>,
+        /// Why, trimmed.
+        reason: Option<String>,
+    },
+    /// Pause delivery until a director resumes.
+    KillHard {
+        /// One agent, or the whole mesh when `None`.
+        agent: Option<AgentId>,
+        /// Why, trimmed.
+        reason: Option<String>,
+    },
+    /// Tear the mesh down.
+    KillNuclear,
+    /// End a pause.
+    Resume {
+        /// One agent, or the whole mesh when `None`.
+        agent: Option<AgentId>,
+    },
+    /// Run the pending action a code was given for.
+    Confirm {
+        /// The code, upper case.
+        code: String,
+    },
+    /// List dead letters.
+    Dlq {
+        /// One agent's, or every agent's when `None`.
+        agent: Option<AgentId>,
+    },
+    /// Redeliver an agent's oldest dead letters.
+    DlqReplay {
+        /// Whose dead letters.
+        agent: AgentId,
+        /// How many (default [`DEFAULT_REPLAY`], at most [`MAX_REPLAY`]).
+        count: u32,
+    },
+    /// Show the last audit entries.
+    Audit {
+        /// How many (default [`DEFAULT_AUDIT`], at most [`MAX_AUDIT`]).
+        count: u32,
+    },
+    /// List the commands, or explain one.
+    Help {
+        /// A command name or first word from the table (`kill`, `kill soft`).
+        topic: Option<&'static str>,
+    },
+}
+
+impl Command {
+    /// Which command this is.
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Self::Send { .. } => CommandKind::Send,
+            Self::Broadcast { .. } => CommandKind::Broadcast,
+            Self::Ask { .. } => CommandKind::Ask,
+            Self::Ping => CommandKind::Ping,
+            Self::Status => CommandKind::Status,
+            Self::Agents => CommandKind::Agents,
+            Self::KillSoft { .. } => CommandKind::KillSoft,
+            Self::KillHard { .. } => CommandKind::KillHard,
+            Self::KillNuclear => CommandKind::KillNuclear,
+            Self::Resume { .. } => CommandKind::Resume,
+            Self::Confirm { .. } => CommandKind::Confirm,
+            Self::Dlq { .. } => CommandKind::Dlq,
+            Self::DlqReplay { .. } => CommandKind::DlqReplay,
+            Self::Audit { .. } => CommandKind::Audit,
+            Self::Help { .. } => CommandKind::Help,
+        }
+    }
+
+    /// This command's row of the command table.
+    pub fn spec(&self) -> &'static CommandSpec {
+        self.kind().spec()
+    }
+
+    /// True when it only runs after `confirm <code>`.
+    pub fn needs_confirmation(&self) -> bool {
+        self.spec().confirm
+    }
+}
+
+/// The canonical form, for audit entries and confirmation prompts; it parses
+/// back to the same command.
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = self.spec().name;
+        let opt_agent = |a: &Option<AgentId>| a.as_ref().map(|a| format!(" agent={a}")).unwrap_or_default();
+        let reason = |r: &Option<String>| r.as_ref().map(|r| format!(" -- {r}")).unwrap_or_default();
+        match self {
+            Self::Send { agent, text } | Self::Ask { agent, text } => write!(f, "{name} {agent} {text}"),
+            Self::Broadcast { priority, text } => write!(f, "{name} --priority {priority} {text}"),
+            Self::Ping | Self::Status | Self::Agents | Self::KillNuclear | Self::Help { topic: None } => {
+                f.write_str(name)
+            }
+            Self::KillSoft { duration, agent, reason: r } => {
+                write!(f, "{name} {}{}{}", format_duration(*duration), opt_agent(agent), reason(r))
+            }
+            Self::KillHard { agent, reason: r } => write!(f, "{name}{}{}", opt_agent(agent), reason(r)),
+            Self::Resume { agent } | Self::Dlq { agent } => write!(f, "{name}{}", opt_agent(agent)),
+            Self::Confirm { code } => write!(f, "{name} {code}"),
+            Self::DlqReplay { agent, count } => write!(f, "{name} {agent} {count}"),
+            Self::Audit { count } => write!(f, "{name} {count}"),
+            Self::Help { topic: Some(topic) } => write!(f, "{name} {topic}"),
+        }
+    }
+}
+
+/// Why a line is not a command. Every message ends with the usage line(s) of
+/// the command concerned, or points at `help`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Nothing but whitespace.
+    #[error("no command given; try \"help\" for the list of commands")]
+    Empty,
+    /// The command word (or `kill` grade) is not in the table.
+    #[error("unknown command {typed:?}{}", unknown_hint(.suggestion))]
+    Unknown {
+        /// What was typed, shortened.
+        typed: String,
+        /// The nearest command name, if it looks like a typo.
+        suggestion: Option<&'static str>,
+    },
+    /// A required argument is missing.
+    #[error("missing {what}; usage: {usage}")]
+    Missing {
+        /// What is missing (`<text>`).
+        what: &'static str,
+        /// The usage line(s).
+        usage: String,
+    },
+    /// An agent id is invalid.
+    #[error("{source}; usage: {usage}")]
+    BadAgent {
+        /// Why, from [`AgentId::parse`].
+        source: AgentIdError,
+        /// The usage line.
+        usage: &'static str,
+    },
+    /// An argument is malformed or out of range.
+    #[error("{problem}; usage: {usage}")]
+    BadArgument {
+        /// What is wrong and what to write instead.
+        problem: String,
+        /// The usage line.
+        usage: &'static str,
+    },
+    /// Words left over after a complete command.
+    #[error("unexpected {extra:?} after {name:?}; usage: {usage}")]
+    Unexpected {
+        /// The first extra word, shortened.
+        extra: String,
+        /// The command's name.
+        name: &'static str,
+        /// The usage line.
+        usage: &'static str,
+    },
+}
+
+fn unknown_hint(suggestion: &Option<&'static str>) -> String {
+    match suggestion {
+        Some(name) => format!("; did you mean {name:?}? usage: {}", table::usage_of(name)),
+        None => "; try \"help\" for the list of commands".to_owned(),
+    }
+}
+
+/// Parses one command line.
+pub fn parse(line: &str) -> Result<Command, ParseError> {
+    let mut c = Cursor { rest: line };
+    let first = c.word().ok_or(ParseError::Empty)?.to_lowercase();
+    let kind = match first.as_str() {
+        "send" => CommandKind::Send,
+        "broadcast" => CommandKind::Broadcast,
+        "ask" => CommandKind::Ask,
+        "ping" => CommandKind::Ping,
+        "status" => CommandKind::Status,
+        "agents" => CommandKind::Agents,
+        "kill" => {
+            let grade = c
+                .word()
+                .ok_or_else(|| ParseError::Missing { what: "soft, hard or nuclear", usage: table::usage_of("kill") })?;
+            match grade.to_lowercase().as_str() {
+                "soft" => CommandKind::KillSoft,
+                "hard" => CommandKind::KillHard,
+                "nuclear" => CommandKind::KillNuclear,
+                other => return Err(unknown(&format!("kill {other}"))),
+            }
+        }
+        "resume" => CommandKind::Resume,
+        "confirm" => CommandKind::Confirm,
+        "dlq" if c.peek().is_some_and(|w| w.eq_ignore_ascii_case("replay")) => {
+            c.word();
+            CommandKind::DlqReplay
+        }
+        "dlq" => CommandKind::Dlq,
+        "audit" => CommandKind::Audit,
+        "help" => CommandKind::Help,
+        _ => return Err(unknown(&first)),
+    };
+    let spec = kind.spec();
+    let usage = spec.usage;
+    let missing = |what| ParseError::Missing { what, usage: usage.to_owned() };
+    let command = match kind {
+        CommandKind::Send | CommandKind::Ask => {
+            let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
+            let text = c.text().ok_or_else(|| missing("<text>"))?.to_owned();
+            if kind == CommandKind::Send { Command::Send { agent, text } } else { Command::Ask { agent, text } }
+        }
+        CommandKind::Broadcast => {
+            let mut priority = Priority::default();
+            if let Some(word) = c.peek() {
+                let value = match word.strip_prefix("--priority") {
+                    Some("") => {
+                        c.word();
+                        Some(c.word().ok_or_else(|| missing("the priority after --priority"))?)
+                    }
+                    Some(eq) => eq.strip_prefix('=').inspect(|_| {
+                        c.word();
+                    }),
+                    None => None,
+                };
+                if let Some(value) = value {
+                    priority =
+                        value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage })?;
+                }
+            }
+            Command::Broadcast { priority, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned() }
+        }
+        CommandKind::Ping => Command::Ping,
+        CommandKind::Status => Command::Status,
+        CommandKind::Agents => Command::Agents,
+        CommandKind::KillNuclear => Command::KillNuclear,
+        CommandKind::KillSoft => {
+            let given = c.peek().filter(|w| is_duration_shaped(w));
+            let duration = match given {
+                Some(word) => {
+                    c.word();
+                    parse_duration(word).map_err(|problem| ParseError::BadArgument { problem, usage })?
+                }
+                None => DEFAULT_SOFT_KILL,
+            };
+            let agent = kill_agent(&mut c, usage)?;
+            let reason = c.reason();
+            if given.is_none()
+                && agent.is_some()
+                && let Some(word) = reason.as_deref().and_then(|r| r.split_whitespace().next())
+                && is_duration_shaped(word)
+            {
+                let problem =
+                    format!("put the duration first: kill soft {word} {}", agent.as_ref().map_or("", |a| a.as_str()));
+                return Err(ParseError::BadArgument { problem, usage });
+            }
+            Command::KillSoft { duration, agent, reason }
+        }
+        CommandKind::KillHard => {
+            if let Some(word) = c.peek().filter(|w| is_duration_shaped(w)) {
+                let problem = format!(
+                    "kill hard takes no duration ({word:?}): it lasts until a director resumes, so use kill soft {word} for a timed pause"
+                );
+                return Err(ParseError::BadArgument { problem, usage });
+            }
+            let agent = kill_agent(&mut c, usage)?;
+            Command::KillHard { agent, reason: c.reason() }
+        }
+        CommandKind::Resume => Command::Resume { agent: c.word().map(|w| agent(w, usage)).transpose()? },
+        CommandKind::Dlq => Command::Dlq { agent: c.word().map(|w| agent(w, usage)).transpose()? },
+        CommandKind::Confirm => {
+            let raw = c.word().ok_or_else(|| missing("<code>"))?;
+            let code = confirm::normalize_code(raw).ok_or_else(|| ParseError::BadArgument {
+                problem: format!(
+                    "{} is not a confirmation code; codes are 6 letters and digits such as K7P2QX",
+                    shown(raw)
+                ),
+                usage,
+            })?;
+            Command::Confirm { code }
+        }
+        CommandKind::DlqReplay => {
+            let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
+            let count = c.word().map(|w| count(w, MAX_REPLAY, usage)).transpose()?.unwrap_or(DEFAULT_REPLAY);
+            Command::DlqReplay { agent, count }
+        }
+        CommandKind::Audit => {
+            Command::Audit { count: c.word().map(|w| count(w, MAX_AUDIT, usage)).transpose()?.unwrap_or(DEFAULT_AUDIT) }
+        }
+        CommandKind::Help => {
+            let words: Vec<String> = std::iter::from_fn(|| c.word()).map(str::to_lowercase).collect();
+            if words.is_empty() {
+                Command::Help { topic: None }
+            } else {
+                let wanted = words.join(" ");
+                Command::Help { topic: Some(table::topic(&wanted).ok_or_else(|| unknown(&wanted))?) }
+            }
+        }
+    };
+    if let Some(extra) = c.word() {
+        return Err(ParseError::Unexpected { extra: shown_plain(extra), name: spec.name, usage });
+    }
+    Ok(command)
+}
+
+/// Formats a duration the way the grammar reads it: the largest whole unit.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
+fn unknown(typed: &str) -> ParseError {
+    ParseError::Unknown { typed: shown_plain(typed), suggestion: table::suggest(typed) }
+}
+
+fn agent(raw: &str, usage: &'static str) -> Result<AgentId, ParseError> {
+    let raw = raw.strip_prefix("agent=").unwrap_or(raw);
+    AgentId::parse(raw).map_err(|source| ParseError::BadAgent { source, usage })
+}
+
+/// The optional agent of `kill soft` and `kill hard`: `agent=<id>` (checked),
+/// a bare word that is a valid id, or nothing; a `--` after it (or in its
+/// place) is consumed so the reason can start with any word.
+fn kill_agent(c: &mut Cursor<'_>, usage: &'static str) -> Result<Option<AgentId>, ParseError> {
+    let found = match c.peek() {
+        Some("--") => {
+            c.word();
+            return Ok(None);
+        }
+        Some(word) if word.starts_with("agent=") => Some(agent(word, usage)?),
+        Some(word) => AgentId::parse(word).ok(),
+        None => None,
+    };
+    if found.is_some() {
+        c.word();
+        if c.peek() == Some("--") {
+            c.word();
+        }
+    }
+    Ok(found)
+}
+
+fn count(raw: &str, max: u32, usage: &'static str) -> Result<u32, ParseError> {
+    match raw.parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ParseError::BadArgument {
+            problem: format!("count {} is invalid; use a whole number from 1 to {max}", shown(raw)),
+            usage,
+        }),
+    }
+}
+
+/// Digits followed by one unit letter: `30s`, `5m`, `2h` (any case).
+fn is_duration_shaped(word: &str) -> bool {
+    let Some(digits) = word.strip_suffix(['s', 'm', 'h', 'S', 'M', 'H']) else { return false };
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn parse_duration(word: &str) -> Result<Duration, String> {
+    let (digits, unit) = word.split_at(word.len() - 1);
+    let per = match unit.to_ascii_lowercase().as_str() {
+        "s" => 1,
+        "m" => 60,
+        _ => 3600,
+    };
+    let secs = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per));
+    match secs {
+        Some(0) => Err(format!("duration {word:?} is zero; use at least 1s")),
+        Some(s) if s <= MAX_SOFT_KILL.as_secs() => Ok(Duration::from_secs(s)),
+        _ => Err(format!("duration {word:?} is longer than the {} maximum", format_duration(MAX_SOFT_KILL))),
+    }
+}
+
+/// Quotes user input for an error message, shortened so a hostile megabyte
+/// stays a short error.
+fn shown(raw: &str) -> String {
+    format!("{:?}", shown_plain(raw))
+}
+
+fn shown_plain(raw: &str) -> String {
+    const SHOWN: usize = 40;
+    let mut out: String = raw.chars().take(SHOWN).collect();
+    if out.len() < raw.len() {
+        out.push_str("...");
+    }
+    out
+}
+
+/// Walks a command line word by word without losing the text as typed.
+#[derive(Debug, Clone, Copy)]
+struct Cursor<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Cursor<'a> {
+    /// The next whitespace-separated word.
+    fn word(&mut self) -> Option<&'a str> {
+        let s = self.rest.trim_start();
+        let end = s.find(char::is_whitespace).unwrap_or(s.len());
+        let (word, rest) = s.split_at(end);
+        self.rest = rest;
+        (!word.is_empty()).then_some(word)
+    }
+
+    /// The next word, left in place.
+    fn peek(&self) -> Option<&'a str> {
+        let mut ahead = *self;
+        ahead.word()
+    }
+
+    /// The rest of the line as typed, minus the one whitespace character that
+    /// separates it from the word before; `None` when only whitespace is left.
+    fn text(&mut self) -> Option<&'a str> {
+        let rest = std::mem::take(&mut self.rest);
+        if rest.trim().is_empty() {
+            return None;
+        }
+        let mut chars = rest.chars();
+        match chars.next() {
+            Some(c) if c.is_whitespace() => Some(chars.as_str()),
+            _ => Some(rest),
+        }
+    }
+
+    /// The rest of the line, trimmed; `None` when empty.
+    fn reason(&mut self) -> Option<String> {
+        self.text().map(|t| t.trim().to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> AgentId {
+        AgentId::parse(s).unwrap()
+    }
+
+    fn send(agent: &str, text: &str) -> Command {
+        Command::Send { agent: id(agent), text: text.into() }
+    }
+
+    fn soft(secs: u64, agent: Option<&str>, reason: Option<&str>) -> Command {
+        Command::KillSoft { duration: Duration::from_secs(secs), agent: agent.map(id), reason: reason.map(Into::into) }
+    }
+
+    fn hard(agent: Option<&str>, reason: Option<&str>) -> Command {
+        Command::KillHard { agent: agent.map(id), reason: reason.map(Into::into) }
+    }
+
+    /// Parses `line`: `Ok` must equal the command (and round-trip through its
+    /// canonical form); `Err` must equal the whole error message.
+    #[track_caller]
+    fn check(line: &str, want: Result<Command, &str>) {
+        match (parse(line), want) {
+            (Ok(got), Ok(want)) => {
+                assert_eq!(got, want, "{line:?}");
+                let canonical = got.to_string();
+                assert_eq!(parse(&canonical).as_ref(), Ok(&got), "{line:?} -> {canonical:?} does not round-trip");
+            }
+            (Err(e), Err(want)) => assert_eq!(e.to_string(), want, "{line:?}"),
+            (got, want) => panic!("{line:?}: got {got:?}, want {want:?}"),
+        }
+    }
+
+    #[test]
+    fn message_text_is_kept_as_typed() {
+        check("send nova hello", Ok(send("nova", "hello")));
+        check("  send   nova hello", Ok(send("nova", "hello")));
+        check("SEND nova hello", Ok(send("nova", "hello")));
+        check("send nova   two  spaces inside  ", Ok(send("nova", "  two  spaces inside  ")));
+        check("send nova \"quoted\" 'single'", Ok(send("nova", "\"quoted\" 'single'")));
+        check(
+            "send nova <!channel> hi <@U123> & <https://x|x>",
+            Ok(send("nova", "<!channel> hi <@U123> & <https://x|x>")),
+        );
+        check("send nova שלום עולם \u{202e}abc", Ok(send("nova", "שלום עולם \u{202e}abc")));
+        check("send nova héllo 👋🏽 ünïcode", Ok(send("nova", "héllo 👋🏽 ünïcode")));
+        check("send nova\nline one\nline two", Ok(send("nova", "line one\nline two")));
+        check("send nova\tkill hard", Ok(send("nova", "kill hard")));
+        check("send agent=nova hi", Ok(send("nova", "hi")));
+        check("ask kaan what is 2+2?", Ok(Command::Ask { agent: id("kaan"), text: "what is 2+2?".into() }));
+        check("send nova", Err("missing <text>; usage: send <agent> <text>"));
+        check("send nova    ", Err("missing <text>; usage: send <agent> <text>"));
+        check("send", Err("missing <agent>; usage: send <agent> <text>"));
+        check(
+            "send Nova hi",
+            Err(
+                "agent id \"Nova\" has upper case letters; use \"nova\" (an agent id is 1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit); usage: send <agent> <text>",
+            ),
+        );
+        check(
+            "ask agents.* hi",
+            Err(
+                "agent id \"agents.*\" contains '.' (a NATS subject separator); an agent id is 1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit; usage: ask <agent> <text>",
+            ),
+        );
+    }
+
+    #[test]
+    fn broadcast_priority() {
+        let b = |priority, text: &str| Command::Broadcast { priority, text: text.into() };
+        check("broadcast maintenance in 5 minutes", Ok(b(Priority::Normal, "maintenance in 5 minutes")));
+        check("broadcast --priority high back   up", Ok(b(Priority::High, "back   up")));
+        check("broadcast --priority=URGENT stop", Ok(b(Priority::Urgent, "stop")));
+        check("broadcast hi --priority high", Ok(b(Priority::Normal, "hi --priority high")));
+        check("broadcast --prio high x", Ok(b(Priority::Normal, "--prio high x")));
+        check(
+            "broadcast --priority",
+            Err("missing the priority after --priority; usage: broadcast [--priority low|normal|high|urgent] <text>"),
+        );
+        check(
+            "broadcast --priority high",
+            Err("missing <text>; usage: broadcast [--priority low|normal|high|urgent] <text>"),
+        );
+        check(
+            "broadcast --priority max hi",
+            Err(
+                "unknown priority \"max\"; use low, normal, high or urgent; usage: broadcast [--priority low|normal|high|urgent] <text>",
+            ),
+        );
+        check("broadcast", Err("missing <text>; usage: broadcast [--priority low|normal|high|urgent] <text>"));
+    }
+
+    #[test]
+    fn kill_switch_grammar() {
+        let usage = "usage: kill soft [duration] [agent] [reason]";
+        check("kill soft", Ok(soft(300, None, None)));
+        check("Kill Soft 30s", Ok(soft(30, None, None)));
+        check("kill soft 2h", Ok(soft(7200, None, None)));
+        check("kill soft 24h", Ok(soft(86_400, None, None)));
+        check("kill soft 90M nova", Ok(soft(5400, Some("nova"), None)));
+        check("kill soft nova", Ok(soft(300, Some("nova"), None)));
+        check("kill soft 10m nova gateway is   looping", Ok(soft(600, Some("nova"), Some("gateway is   looping"))));
+        check("kill soft 10m agent=nova looping", Ok(soft(600, Some("nova"), Some("looping"))));
+        check("kill soft 10m -- deploy fix", Ok(soft(600, None, Some("deploy fix"))));
+        check("kill soft -- deploy", Ok(soft(300, None, Some("deploy"))));
+        check("kill soft 10m nova -- nova acting up", Ok(soft(600, Some("nova"), Some("nova acting up"))));
+        check("kill soft 10m Deploying fix", Ok(soft(600, None, Some("Deploying fix"))));
+        check("kill soft 10m 🔥 on fire", Ok(soft(600, None, Some("🔥 on fire"))));
+        check("kill soft agent=5m", Ok(soft(300, Some("5m"), None)));
+        check("kill soft 0s", Err(&format!("duration \"0s\" is zero; use at least 1s; {usage}")));
+        check("kill soft 25h", Err(&format!("duration \"25h\" is longer than the 24h maximum; {usage}")));
+        check(
+            "kill soft 99999999999999999999h",
+            Err(&format!("duration \"99999999999999999999h\" is longer than the 24h maximum; {usage}")),
+        );
+        check("kill soft nova 5m", Err(&format!("put the duration first: kill soft 5m nova; {usage}")));
+        check(
+            "kill soft agent=Nova",
+            Err(&format!(
+                "agent id \"Nova\" has upper case letters; use \"nova\" (an agent id is 1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit); {usage}"
+            )),
+        );
+
+        check("kill hard", Ok(hard(None, None)));
+        check("kill hard nova", Ok(hard(Some("nova"), None)));
+        check("kill hard nova leaking tokens", Ok(hard(Some("nova"), Some("leaking tokens"))));
+        check("kill hard -- leaking tokens", Ok(hard(None, Some("leaking tokens"))));
+        check("kill hard Leak!", Ok(hard(None, Some("Leak!"))));
+        check(
+            "kill hard 5m",
+            Err(
+                "kill hard takes no duration (\"5m\"): it lasts until a director resumes, so use kill soft 5m for a timed pause; usage: kill hard [agent] [reason]",
+            ),
+        );
+        check("kill nuclear", Ok(Command::KillNuclear));
+        check("kill nuclear now", Err("unexpected \"now\" after \"kill nuclear\"; usage: kill nuclear"));
+        check(
+            "kill",
+            Err(
+                "missing soft, hard or nuclear; usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear",
+            ),
+        );
+        check(
+            "kill sfot",
+            Err(
+                "unknown command \"kill sfot\"; did you mean \"kill soft\"? usage: kill soft [duration] [agent] [reason]",
+            ),
+        );
+    }
+
+    #[test]
+    fn small_commands() {
+        check("ping", Ok(Command::Ping));
+        check("status", Ok(Command::Status));
+        check("agents", Ok(Command::Agents));
+        check("status nova", Err("unexpected \"nova\" after \"status\"; usage: status"));
+        check("resume", Ok(Command::Resume { agent: None }));
+        check("resume nova", Ok(Command::Resume { agent: Some(id("nova")) }));
+        check("resume agent=nova", Ok(Command::Resume { agent: Some(id("nova")) }));
+        check("resume nova kaan", Err("unexpected \"kaan\" after \"resume\"; usage: resume [agent]"));
+        check("confirm k7p2qx", Ok(Command::Confirm { code: "K7P2QX".into() }));
+        check("confirm", Err("missing <code>; usage: confirm <code>"));
+        check(
+            "confirm 12",
+            Err(
+                "\"12\" is not a confirmation code; codes are 6 letters and digits such as K7P2QX; usage: confirm <code>",
+            ),
+        );
+        check("dlq", Ok(Command::Dlq { agent: None }));
+        check("dlq nova", Ok(Command::Dlq { agent: Some(id("nova")) }));
+        check("dlq agent=replay", Ok(Command::Dlq { agent: Some(id("replay")) }));
+        check("dlq replay nova", Ok(Command::DlqReplay { agent: id("nova"), count: DEFAULT_REPLAY }));
+        check("DLQ Replay nova 3", Ok(Command::DlqReplay { agent: id("nova"), count: 3 }));
+        check("dlq replay", Err("missing <agent>; usage: dlq replay <agent> [n]"));
+        check(
+            "dlq replay nova 0",
+            Err("count \"0\" is invalid; use a whole number from 1 to 1000; usage: dlq replay <agent> [n]"),
+        );
+        check("audit", Ok(Command::Audit { count: DEFAULT_AUDIT }));
+        check("audit 200", Ok(Command::Audit { count: 200 }));
+        check("audit 201", Err("count \"201\" is invalid; use a whole number from 1 to 200; usage: audit [n]"));
+        check("audit -1", Err("count \"-1\" is invalid; use a whole number from 1 to 200; usage: audit [n]"));
+        check("help", Ok(Command::Help { topic: None }));
+        check("help kill", Ok(Command::Help { topic: Some("kill") }));
+        check("help KILL  soft", Ok(Command::Help { topic: Some("kill soft") }));
+        check("help sned", Err("unknown command \"sned\"; did you mean \"send\"? usage: send <agent> <text>"));
+    }
+
+    #[test]
+    fn unknown_commands_suggest_the_nearest() {
+        check("sned nova hi", Err("unknown command \"sned\"; did you mean \"send\"? usage: send <agent> <text>"));
+        check(
+            "kil hard",
+            Err(
+                "unknown command \"kil\"; did you mean \"kill\"? usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear",
+            ),
+        );
+        check("deploy", Err("unknown command \"deploy\"; try \"help\" for the list of commands"));
+        check("", Err("no command given; try \"help\" for the list of commands"));
+        check(" \t ", Err("no command given; try \"help\" for the list of commands"));
+        let long = parse(&"x".repeat(100_000)).unwrap_err().to_string();
+        assert!(long.len() < 120, "{long}");
+    }
+
+    #[test]
+    fn every_table_name_parses_to_its_kind() {
+        for spec in table::COMMANDS.iter() {
+            let line = match spec.kind {
+                CommandKind::Send | CommandKind::Ask => format!("{} nova hi", spec.name),
+                CommandKind::Broadcast => "broadcast hi".to_owned(),
+                CommandKind::Confirm => "confirm ABCDEF".to_owned(),
+                CommandKind::DlqReplay => "dlq replay nova".to_owned(),
+                _ => spec.name.to_owned(),
+            };
+            assert_eq!(parse(&line).map(|c| c.kind()), Ok(spec.kind), "{line}");
+        }
+    }
+
+    #[test]
+    fn durations_format_in_the_largest_unit() {
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
+        assert_eq!(format_duration(Duration::from_secs(300)), "5m");
+        assert_eq!(format_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(format_duration(DEFAULT_SOFT_KILL), "5m");
+        assert!(KillGrade::Soft < KillGrade::Hard && KillGrade::Hard < KillGrade::Nuclear);
+    }
+}

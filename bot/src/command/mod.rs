@@ -1,0 +1,29 @@
+//! The pure command core shared by Slack, Discord and the terminal: one grammar,
+//! one permission check, confirmation codes for dangerous actions, and a
+//! platform-neutral reply with one small renderer per platform. No I/O lives here.
+//!
+//! # Layout
+//!
+//! - [`table`]: every command's name, usage, summary, role and confirmation flag.
+//! - [`grammar`]: [`Command`] and [`parse`], the one parser of a command line.
+//! - [`help`]: the help reply, generated from the table.
+//! - [`permission`]: roles, the identities mapped to them, and the check.
+//! - [`confirm`]: one-time codes for `kill hard` and `kill nuclear`.
+//! - [`reply`]: the platform-neutral [`Reply`].
+//! - [`render_text`]: a reply as plain terminal text.
+//! - [`render_slack`]: a reply as Slack Block Kit JSON.
+
+pub mod confirm;
+pub mod grammar;
+pub mod help;
+pub mod permission;
+pub mod render_slack;
+pub mod render_text;
+pub mod reply;
+pub mod table;
+
+pub use confirm::{Challenge, ConfirmConfig, ConfirmError, Confirmations, Confirmer, PendingAction};
+pub use grammar::{Command, KillGrade, ParseError, parse};
+pub use permission::{Access, Denied, Identity, Permissions, PermissionsError, Principal, Role};
+pub use reply::{Reply, Section, Tone};
+pub use table::{COMMANDS, CommandKind, CommandSpec};

@@ -1,0 +1,274 @@
+//! Renders a [`Reply`] as a Slack message with Block Kit blocks. Every text is
+//! escaped (`&`, `<`, `>`), so nothing a user or an agent wrote can become a
+//! mention, a channel ping or a link; Block Kit limits are respected by
+//! splitting long sections and truncating with a visible note.
+
+use serde_json::{Value, json};
+
+use super::reply::{Reply, Section, Tone};
+
+/// Longest `text` of a section block, in characters.
+pub const MAX_SECTION_CHARS: usize = 3000;
+/// Most blocks in one message.
+pub const MAX_BLOCKS: usize = 50;
+/// Longest table cell shown, in characters.
+pub const MAX_CELL_CHARS: usize = 80;
+/// What marks a cut.
+pub const TRUNCATED: &str = "… (truncated)";
+
+/// The message payload: `response_type`, a fallback `text` and `blocks`.
+pub fn render(reply: &Reply) -> Value {
+    let emoji = match reply.tone {
+        Tone::Info => "",
+        Tone::Ok => ":white_check_mark: ",
+        Tone::Warn => ":warning: ",
+        Tone::Error => ":x: ",
+    };
+    let title = fit(&escape(&reply.title), MAX_SECTION_CHARS - emoji.len() - 2);
+    let mut texts = vec![format!("{emoji}*{title}*")];
+    for section in &reply.sections {
+        match section {
+            Section::Text { heading, lines } => {
+                let lines: Vec<String> = lines.iter().map(|l| escape(l)).collect();
+                texts.extend(chunks(heading.as_deref(), &lines, "", ""));
+            }
+            Section::Table { heading, columns, rows } => {
+                texts.extend(chunks(heading.as_deref(), &table(columns, rows), "```\n", "\n```"));
+            }
+        }
+    }
+    let mut blocks: Vec<Value> = texts.into_iter().map(section).collect();
+    if blocks.len() > MAX_BLOCKS {
+        blocks.truncate(MAX_BLOCKS - 1);
+        blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": TRUNCATED}]}));
+    }
+    json!({
+        "response_type": if reply.ephemeral { "ephemeral" } else { "in_channel" },
+        "text": title,
+        "blocks": blocks,
+    })
+}
+
+/// Escapes the three characters Slack treats as markup.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn section(text: String) -> Value {
+    json!({"type": "section", "text": {"type": "mrkdwn", "text": text}})
+}
+
+/// Packs escaped lines into section texts of at most [`MAX_SECTION_CHARS`],
+/// each wrapped in `open` and `close`, the first under the bold heading.
+fn chunks(heading: Option<&str>, lines: &[String], open: &str, close: &str) -> Vec<String> {
+    let head = heading.map(|h| format!("*{}*\n", escape(h))).unwrap_or_default();
+    let head = fit(&head, MAX_SECTION_CHARS / 2);
+    let frame = chars(open) + chars(close);
+    let mut out = Vec::new();
+    let mut current = head.clone();
+    let mut body = String::new();
+    for line in lines {
+        let room = MAX_SECTION_CHARS - frame - chars(&current);
+        let line = fit(line, MAX_SECTION_CHARS - frame - chars(&head));
+        let needed = chars(&line) + usize::from(!body.is_empty());
+        if needed > room.saturating_sub(chars(&body)) && !body.is_empty() {
+            out.push(format!("{current}{open}{body}{close}"));
+            current = String::new();
+            body.clear();
+        }
+        if !body.is_empty() {
+            body.push('\n');
+        }
+        body.push_str(&line);
+    }
+    if !body.is_empty() {
+        out.push(format!("{current}{open}{body}{close}"));
+    } else if !current.is_empty() {
+        out.push(current.trim_end().to_owned());
+    }
+    out
+}
+
+/// The table as escaped, space-aligned lines for a code block.
+fn table(columns: &[String], rows: &[Vec<String>]) -> Vec<String> {
+    let cell = |c: &String| -> String {
+        let flat: String = c.chars().map(|ch| if ch.is_control() { ' ' } else { ch }).collect();
+        let mut shown: String = flat.chars().take(MAX_CELL_CHARS).collect();
+        if chars(&flat) > MAX_CELL_CHARS {
+            shown.pop();
+            shown.push('…');
+        }
+        shown
+    };
+    let all: Vec<Vec<String>> =
+        std::iter::once(columns).chain(rows.iter().map(Vec::as_slice)).map(|r| r.iter().map(cell).collect()).collect();
+    let count = all.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..count).map(|i| all.iter().filter_map(|r| r.get(i)).map(|c| chars(c)).max().unwrap_or(0)).collect();
+    all.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, c) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                // Pad by what shows: escaping `<` to `&lt;` does not widen it.
+                line.push_str(&escape(c));
+                line.extend(std::iter::repeat_n(' ', widths[i].saturating_sub(chars(c))));
+            }
+            line.trim_end().to_owned()
+        })
+        .collect()
+}
+
+/// Cuts escaped `text` to at most `max` characters, never inside an entity,
+/// ending with [`TRUNCATED`] when cut.
+fn fit(text: &str, max: usize) -> String {
+    if chars(text) <= max {
+        return text.to_owned();
+    }
+    let budget = max.saturating_sub(chars(TRUNCATED) + 1);
+    let mut out: String = text.chars().take(budget).collect();
+    if let Some(amp) = out.rfind('&')
+        && !out[amp..].contains(';')
+    {
+        out.truncate(amp);
+    }
+    format!("{out} {TRUNCATED}")
+}
+
+fn chars(s: &str) -> usize {
+    s.chars().count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block_texts(value: &Value) -> Vec<String> {
+        value["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["text"]["text"].as_str().or(b["elements"][0]["text"].as_str()).unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn snapshot_agent_reply_is_escaped() {
+        let reply = Reply::ok("nova replied")
+            .with_lines(Some("nova"), ["<!channel> deploy done & <@U123> see <https://evil|here>", "line 2"]);
+        assert_eq!(
+            render(&reply),
+            json!({
+                "response_type": "in_channel",
+                "text": "nova replied",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text": ":white_check_mark: *nova replied*"}},
+                    {"type": "section", "text": {"type": "mrkdwn", "text":
+                        "*nova*\n&lt;!channel&gt; deploy done &amp; &lt;@U123&gt; see &lt;https://evil|here&gt;\nline 2"}}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn snapshot_table() {
+        let reply = Reply::info("agents").with_table(
+            None,
+            ["agent", "status", "last seen"],
+            vec![
+                vec!["nova".into(), "active".into(), "2s ago".into()],
+                vec!["kaan".into(), "paused <soft>".into(), "".into()],
+            ],
+        );
+        assert_eq!(
+            render(&reply),
+            json!({
+                "response_type": "in_channel",
+                "text": "agents",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text": "*agents*"}},
+                    {"type": "section", "text": {"type": "mrkdwn", "text":
+                        "```\nagent  status         last seen\nnova   active         2s ago\nkaan   paused &lt;soft&gt;\n```"}}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn snapshot_ephemeral_error() {
+        let reply =
+            Reply::error("unknown command \"sned\"; did you mean \"send\"? usage: send <agent> <text>").ephemeral();
+        assert_eq!(
+            render(&reply),
+            json!({
+                "response_type": "ephemeral",
+                "text": "unknown command \"sned\"; did you mean \"send\"? usage: send &lt;agent&gt; &lt;text&gt;",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text":
+                        ":x: *unknown command \"sned\"; did you mean \"send\"? usage: send &lt;agent&gt; &lt;text&gt;*"}}
+                ]
+            })
+        );
+    }
+
+    #[test]
+    fn long_sections_split_within_limits() {
+        let lines: Vec<String> = (0..400).map(|i| format!("line {i} & more <text>")).collect();
+        let out = render(&Reply::info("log").with_lines(Some("entries"), lines.clone()));
+        let texts = block_texts(&out);
+        assert!(texts.len() > 3, "{}", texts.len());
+        assert!(texts.iter().all(|t| chars(t) <= MAX_SECTION_CHARS));
+        assert!(texts[1].starts_with("*entries*\nline 0 &amp; more &lt;text&gt;\n"));
+        // Nothing lost, nothing cut: every line is in exactly one block.
+        let joined: Vec<&str> = texts[1..].iter().flat_map(|t| t.lines()).filter(|l| l.starts_with("line")).collect();
+        assert_eq!(joined.len(), 400);
+
+        let rows: Vec<Vec<String>> = (0..300).map(|i| vec![format!("agent-{i}"), "x".repeat(60)]).collect();
+        let out = render(&Reply::info("big").with_table(None, ["agent", "note"], rows));
+        for t in block_texts(&out).iter().skip(1) {
+            assert!(chars(t) <= MAX_SECTION_CHARS);
+            assert!(t.starts_with("```\n") && t.ends_with("\n```"), "{t}");
+        }
+    }
+
+    #[test]
+    fn huge_replies_are_truncated_cleanly() {
+        let mut reply = Reply::info("many");
+        for i in 0..80 {
+            reply = reply.with_lines(None, [format!("section {i}")]);
+        }
+        let out = render(&reply);
+        let texts = block_texts(&out);
+        assert_eq!(texts.len(), MAX_BLOCKS);
+        assert_eq!(texts[MAX_BLOCKS - 1], TRUNCATED);
+        assert_eq!(out["blocks"][MAX_BLOCKS - 1]["type"], "context");
+
+        let line = "<".repeat(5000);
+        let out = render(&Reply::info("one long line").with_lines(None, [line]));
+        let body = &block_texts(&out)[1];
+        assert!(chars(body) <= MAX_SECTION_CHARS, "{}", chars(body));
+        assert!(body.ends_with("&lt; … (truncated)"), "cut inside an entity: {}", &body[body.len() - 30..]);
+
+        let title = render(&Reply::error("&".repeat(4000)));
+        let t = title["text"].as_str().unwrap();
+        assert!(chars(t) <= MAX_SECTION_CHARS && t.ends_with("&amp; … (truncated)"));
+    }
+
+    #[test]
+    fn long_cells_are_shortened() {
+        let out = render(&Reply::info("t").with_table(None, ["a"], vec![vec!["y".repeat(200)]]));
+        let body = &block_texts(&out)[1];
+        assert!(body.contains(&format!("{}…", "y".repeat(MAX_CELL_CHARS - 1))), "{body}");
+    }
+}

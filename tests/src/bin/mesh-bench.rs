@@ -1,0 +1,252 @@
+//! `mesh-bench`: measures the mesh on this machine and prints a table plus
+//! JSON. It starts its own nats-server, a fast sink gateway and listener
+//! processes. A benchmark: it reports figures, it asserts nothing.
+//!
+//! Usage: `mesh-bench [--quick] [--json PATH]` (build with `--release`).
+
+use std::future::IntoFuture;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use mesh_tests::TestNats;
+use mesh_tests::bench::{self, ListenerProcess, Row, Sink};
+
+const BACKLOG: usize = 20_000;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
+    let scale = if quick { 10 } else { 1 };
+    mesh_listener::gateway::install_tls_provider();
+
+    let dir = tempfile::tempdir()?;
+    let sink = Sink::start().await?;
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    let mut rows = Vec::new();
+
+    // Ceilings.
+    let n = BACKLOG / scale;
+    let broker_publish = publish_ceiling(&js, n).await?;
+    let broker_fetch = fetch_ack_ceiling(&js, n).await?;
+    let sink_rate = sink_ceiling(&sink, n).await?;
+    let broker = broker_publish.min(broker_fetch);
+    let ceiling = broker.min(sink_rate);
+    rows.push(
+        Row::new("ceiling: JetStream publish", "async publish, 256 acks in flight, file storage, msgs/s")
+            .with("msgs_per_s", broker_publish),
+    );
+    rows.push(
+        Row::new("ceiling: JetStream fetch+ack", "pull consumer, batches of 256, ack each, msgs/s")
+            .with("msgs_per_s", broker_fetch),
+    );
+    rows.push(
+        Row::new("ceiling: sink via plain HTTP client", "reqwest, 32 concurrent keep-alive connections, msgs/s")
+            .with("msgs_per_s", sink_rate),
+    );
+    sink.reset();
+
+    // Forward throughput.
+    let one = bench::write_registry(dir.path(), &sink, 1)?;
+    for concurrency in [1usize, 32] {
+        let agent = "a0";
+        bench::ensure_consumer(&js, agent).await?;
+        bench::publish_backlog(&js, agent, n).await?;
+        sink.reset();
+        let listener =
+            ListenerProcess::start(&nats, &one, &["--agent", agent, "--concurrency", &concurrency.to_string()])?;
+        let started = Instant::now();
+        let done = sink.wait_total(n, Duration::from_secs(600)).await;
+        let elapsed = started.elapsed();
+        let cpu = listener.cpu_seconds();
+        listener.stop().await;
+        let arrivals = sink.arrivals(agent);
+        let rate = if done { n as f64 / elapsed.as_secs_f64() } else { f64::NAN };
+        rows.push(
+            Row::new(
+                format!("forward {n} backlog, concurrency {concurrency}"),
+                "listener process started on a full backlog; time until the sink got every message; CPU from /proc/<pid>/stat",
+            )
+            .with("msgs_per_s", rate)
+            .with("fraction_of_ceiling", rate / ceiling)
+            .with("cpu_s_per_10k", cpu * 10_000.0 / n as f64)
+            .with("delivered", arrivals.len() as f64),
+        );
+        sink.reset();
+    }
+
+    // Latency, paced.
+    let listener = ListenerProcess::start(&nats, &one, &["--agent", "a0"])?;
+    bench::wait_pulling(&js, "a0", Duration::from_secs(10)).await;
+    for (rate, count) in [(100.0, 1000 / scale.min(5)), (1000.0, 5000 / scale)] {
+        sink.reset();
+        let sent = bench::publish_paced(&js, "a0", count, rate).await?;
+        sink.wait_total(count, Duration::from_secs(60)).await;
+        let samples: Vec<Duration> = sink
+            .arrivals("a0")
+            .iter()
+            .filter_map(|a| sent.get(a.index as usize).map(|s| a.at.saturating_duration_since(*s)))
+            .collect();
+        let (p50, p99, max) = bench::percentiles(samples);
+        rows.push(
+            Row::new(
+                format!("latency at {rate} msg/s ({count} msgs)"),
+                "publish instant to sink arrival, same process clock, concurrency 1, ms",
+            )
+            .with("p50_ms", p50)
+            .with("p99_ms", p99)
+            .with("max_ms", max),
+        );
+    }
+    listener.stop().await;
+
+    // Memory of one idle listener.
+    let listener = ListenerProcess::start(&nats, &one, &["--agent", "a0"])?;
+    bench::wait_pulling(&js, "a0", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss, pss) = listener.memory_kib();
+    listener.stop().await;
+    rows.push(
+        Row::new("memory: one idle single-agent listener", "/proc/<pid>/smaps_rollup after 2 s idle, MB")
+            .with("rss_mb", rss as f64 / 1024.0)
+            .with("pss_mb", pss as f64 / 1024.0),
+    );
+
+    // Fan-out and ping.
+    for agents in [100usize, 1000 / scale] {
+        let registry = bench::write_registry(dir.path(), &sink, agents)?;
+        let names: Vec<String> = (0..agents).map(|i| format!("a{i}")).collect();
+        let mut ensured =
+            futures::stream::iter(names.iter().map(|a| bench::ensure_consumer(&js, a))).buffer_unordered(32);
+        while let Some(r) = ensured.next().await {
+            r?;
+        }
+        let listener = ListenerProcess::start(&nats, &registry, &["--all"])?;
+        let mut ready =
+            futures::stream::iter(names.iter().map(|a| bench::wait_pulling(&js, a, Duration::from_secs(60))))
+                .buffer_unordered(32);
+        while ready.next().await.is_some() {}
+        sink.reset();
+        let started = Instant::now();
+        let envelope = mesh_protocol::Envelope::new("bench", mesh_protocol::Recipient::Broadcast, "bench 0")?;
+        mesh_bot::publish::publish(&js, &envelope).await?;
+        let all = sink.wait_total(agents, Duration::from_secs(60)).await;
+        let last = sink.all().iter().map(|a| a.at).max().unwrap_or(started);
+        let fanout_ms = if all { last.duration_since(started).as_secs_f64() * 1000.0 } else { f64::NAN };
+        let (rss, _) = listener.memory_kib();
+        rows.push(
+            Row::new(
+                format!("fan-out: broadcast to {agents} agents, one --all process"),
+                "publish to last sink arrival; listener RSS after delivery",
+            )
+            .with("last_delivery_ms", fanout_ms)
+            .with("rss_mb", rss as f64 / 1024.0),
+        );
+        let reg = mesh_listener::registry_file::load(&registry)?;
+        let client = nats.client().await;
+        let report = mesh_bot::ping::ping(&client, &reg, Duration::from_secs(10)).await.map_err(anyhow::Error::msg)?;
+        rows.push(
+            Row::new(format!("ping: {agents} agents"), "mesh ping until every pong arrived, ms")
+                .with("all_pongs_ms", report.elapsed_ms as f64)
+                .with("missing", report.missing as f64),
+        );
+        listener.stop().await;
+    }
+
+    print_table(&rows, ceiling);
+    let json = serde_json::json!({
+        "machine": machine(),
+        "nats_server": nats_version(),
+        "ceiling_msgs_per_s": ceiling,
+        "rows": rows,
+    });
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    if let Some(path) = json_path {
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+async fn publish_ceiling(js: &async_nats::jetstream::Context, n: usize) -> anyhow::Result<f64> {
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: "BENCH".into(),
+        subjects: vec!["bench.ceiling".into()],
+        storage: async_nats::jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await?;
+    let payload = bytes::Bytes::from(vec![b'x'; 300]);
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        acks.push(js.publish("bench.ceiling", payload.clone()).await?.into_future());
+        if acks.len() >= 256 {
+            acks.next().await.transpose()?;
+        }
+    }
+    while acks.next().await.transpose()?.is_some() {}
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn fetch_ack_ceiling(js: &async_nats::jetstream::Context, n: usize) -> anyhow::Result<f64> {
+    let stream = js.get_stream("BENCH").await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::Config {
+            durable_name: Some("bench".into()),
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await?;
+    let started = Instant::now();
+    let mut messages = consumer.stream().max_messages_per_batch(256).messages().await?.take(n);
+    while let Some(message) = messages.next().await {
+        message.map_err(|e| anyhow::anyhow!("{e}"))?.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn sink_ceiling(sink: &Sink, n: usize) -> anyhow::Result<f64> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build()?;
+    let url = format!("http://{}/hooks/ceiling", sink.addr);
+    let body = serde_json::json!({"text": "[mesh] Message from bench: bench 0", "mode": "now"}).to_string();
+    let started = Instant::now();
+    let mut calls = futures::stream::iter(
+        (0..n).map(|_| client.post(&url).bearer_auth("t").header("Idempotency-Key", "k").body(body.clone()).send()),
+    )
+    .buffer_unordered(32);
+    while let Some(r) = calls.next().await {
+        r?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+fn print_table(rows: &[Row], ceiling: f64) {
+    println!("\nmin(broker, sink) ceiling: {ceiling:.0} msgs/s\n");
+    println!("{:<58} figures", "workload");
+    for row in rows {
+        let figures: Vec<String> = row.figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
+        println!("{:<58} {}", row.workload, figures.join("  "));
+    }
+    println!();
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cpus} cpus, {model}")
+}
+
+fn nats_version() -> String {
+    std::process::Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
