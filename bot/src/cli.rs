@@ -75,6 +75,44 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<DlqAction>,
     },
+    /// Run the chat bot server (Slack slash commands, health, metrics, notifications).
+    Bot {
+        /// Address to listen on.
+        #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
+        addr: std::net::SocketAddr,
+    },
+    /// Show the kill switch, the listeners answering, and dead letters.
+    Status,
+    /// List the registry's agents.
+    Agents,
+    /// Ask a chat-mode agent and wait for its reply.
+    Ask {
+        /// The agent's id.
+        agent: String,
+        /// The question (several words are joined with spaces).
+        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        text: Vec<String>,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// Pull the kill switch: listeners stop pulling; messages wait in JetStream.
+    Kill {
+        #[command(subcommand)]
+        grade: KillGrade,
+    },
+    /// Release the kill switch (the whole mesh, or one agent).
+    Resume {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show the newest audit records.
+    Audit {
+        /// How many.
+        #[arg(default_value_t = 20)]
+        n: u32,
+    },
     /// Run the mesh locally.
     Up {
         /// The embedded default: local nats-server, demo agents and gateways.
@@ -100,6 +138,66 @@ pub enum DlqAction {
         #[arg(default_value_t = 1)]
         n: usize,
     },
+}
+
+/// The global options, once the subcommand is taken out.
+#[derive(Debug)]
+struct Globals {
+    nats_url: String,
+    registry: PathBuf,
+    json: bool,
+}
+
+/// Kill switch grades.
+#[derive(Debug, Subcommand)]
+pub enum KillGrade {
+    /// Pause for a while (default 5m), then resume by itself.
+    Soft {
+        /// How long: 30s, 5m, 2h (at most 24h).
+        #[arg(long = "for")]
+        duration: Option<String>,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Why (shown in status and notifications).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Pause until a director resumes.
+    Hard {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Why.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Confirm without the prompt.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Tear the mesh down (director only).
+    Nuclear {
+        /// Confirm without the prompt.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+/// The command line the engine parses for a kill.
+fn kill_line(grade: &KillGrade) -> (String, bool) {
+    let target = |agent: &Option<String>, reason: &Option<String>| {
+        let agent = agent.as_ref().map(|a| format!(" agent={a}")).unwrap_or_default();
+        let reason = reason.as_ref().map(|r| format!(" -- {r}")).unwrap_or_default();
+        format!("{agent}{reason}")
+    };
+    match grade {
+        KillGrade::Soft { duration, agent, reason } => {
+            let duration = duration.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
+            (format!("kill soft{duration}{}", target(agent, reason)), false)
+        }
+        KillGrade::Hard { agent, reason, yes } => (format!("kill hard{}", target(agent, reason)), *yes),
+        KillGrade::Nuclear { yes } => ("kill nuclear".to_owned(), *yes),
+    }
 }
 
 /// The whole `mesh` program.
@@ -148,7 +246,9 @@ fn default_sender() -> String {
 }
 
 async fn execute(args: Args) -> anyhow::Result<ExitCode> {
-    match args.command {
+    let Args { nats_url, registry, json, command } = args;
+    let args = Globals { nats_url, registry, json };
+    match command {
         Command::Send { agent, text, priority, from } => {
             let registry = registry_file::load(&args.registry)?;
             publish::resolve_target(&registry, &agent)?;
@@ -230,6 +330,36 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Bot { addr } => {
+            mesh_listener::logging::init();
+            let permissions = crate::server::permissions_from_env()?;
+            let config = crate::server::BotConfig {
+                nats_url: args.nats_url.clone(),
+                addr,
+                engine: crate::server::engine_config(args.registry.clone(), permissions),
+                slack: crate::server::slack_from_env()?,
+                redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
+                monitor_every: Duration::from_secs(30),
+            };
+            crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
+        }
+        Command::Status => return terminal(&args, "status".into(), None).await,
+        Command::Agents => return terminal(&args, "agents".into(), None).await,
+        Command::Audit { n } => return terminal(&args, format!("audit {n}"), None).await,
+        Command::Resume { agent } => {
+            let line = agent.as_ref().map_or_else(|| "resume".to_owned(), |a| format!("resume agent={a}"));
+            return terminal(&args, line, None).await;
+        }
+        Command::Kill { grade } => {
+            let (line, yes) = kill_line(&grade);
+            return terminal(&args, line, Some(yes)).await;
+        }
+        Command::Ask { agent, text, timeout_s } => {
+            let text = message_text(text)?;
+            let mut config = crate::server::engine_config(args.registry.clone(), terminal_permissions());
+            config.ask_timeout = Duration::from_secs(timeout_s);
+            return terminal_with(&args, config, format!("ask {agent} {text}"), None).await;
+        }
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();
             let config = crate::demo::DemoConfig { data_dir, nats_port };
@@ -237,6 +367,77 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whoever runs `mesh` on the host: a director unless `MESH_PERMISSIONS` says otherwise.
+fn terminal_permissions() -> crate::command::Permissions {
+    crate::server::permissions_from_env().unwrap_or_else(|_| crate::command::Permissions::new())
+}
+
+async fn terminal(args: &Globals, line: String, confirm: Option<bool>) -> anyhow::Result<ExitCode> {
+    let config = crate::server::engine_config(args.registry.clone(), terminal_permissions());
+    terminal_with(args, config, line, confirm).await
+}
+
+/// Runs one command through the engine as the terminal user and prints the reply.
+async fn terminal_with(
+    args: &Globals,
+    config: crate::engine::EngineConfig,
+    line: String,
+    confirm: Option<bool>,
+) -> anyhow::Result<ExitCode> {
+    use crate::engine::{Engine, Platform, Request};
+    let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+    let engine = Engine::new(config, client, crate::limits::LimitStore::memory()).await?;
+    let request = |line: String| Request {
+        who: crate::command::Identity::Terminal,
+        platform: Platform::Cli,
+        channel: None,
+        line,
+    };
+    let mut handled = engine.handle(request(line)).await;
+    if let Some(code) = handled.confirmation_code.clone() {
+        let confirmed = match confirm {
+            Some(true) => true,
+            _ => prompt_confirmation(&handled.reply.title, &code)?,
+        };
+        if !confirmed {
+            anyhow::bail!("not confirmed; nothing was done");
+        }
+        handled = engine.handle(request(format!("confirm {code}"))).await;
+    }
+    let failed = handled.reply.tone == crate::command::Tone::Error;
+    print_reply(&handled.reply, args.json)?;
+    if let Some(follow_up) = handled.follow_up {
+        let answer = follow_up.await;
+        print_reply(&answer, args.json)?;
+        if answer.tone != crate::command::Tone::Info {
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn print_reply(reply: &crate::command::Reply, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(reply)?);
+    } else {
+        print!("{}", crate::command::render_text::render(reply));
+    }
+    Ok(())
+}
+
+/// Asks on the terminal for the confirmation code; false when stdin is not a terminal.
+fn prompt_confirmation(instruction: &str, code: &str) -> anyhow::Result<bool> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!("{instruction}; stdin is not a terminal, so rerun with --yes to confirm");
+    }
+    eprint!("{instruction}\ntype {code} to confirm: ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim().eq_ignore_ascii_case(code))
 }
 
 fn print_receipt(receipt: &Receipt, to: &str, json: bool) {

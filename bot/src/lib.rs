@@ -9,13 +9,24 @@
 //! - [`demo_gateway`]: a tiny gateway that prints what it receives.
 //! - [`ping`]: `mesh ping`, the fleet health check.
 //! - [`dlq`]: listing and replaying dead letters.
+//! - [`engine`]: runs a parsed command against the mesh (one core for every front end).
+//! - [`audit`]: the audit trail. [`killswitch`]: pulling and releasing the switch.
+//! - [`events`]: mesh events and the fleet monitor.
+//! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`cli`]: the `mesh` command line.
 
+pub mod audit;
 pub mod cli;
 pub mod command;
 pub mod demo;
 pub mod demo_gateway;
 pub mod dlq;
+pub mod engine;
+pub mod events;
+pub mod killswitch;
+pub mod limits;
 pub mod local_nats;
 pub mod ping;
 pub mod publish;
+pub mod server;
+pub mod slack;

@@ -145,8 +145,9 @@ pub async fn broadcast(
     let envelope = Envelope::new(from, Recipient::Broadcast, text)?.with_priority(priority);
     envelope.encode()?;
     nats::ensure_streams(js, 1).await?;
-    let mut ensured = futures::stream::iter(active.iter().map(|id| nats::ensure_consumer(js, id)))
-        .buffer_unordered(ENSURE_PARALLELISM);
+    let mut ensured =
+        futures::stream::iter(active.iter().cloned().map(|id| async move { nats::ensure_consumer(js, &id).await }))
+            .buffer_unordered(ENSURE_PARALLELISM);
     while let Some(result) = ensured.next().await {
         result?;
     }

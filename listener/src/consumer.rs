@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -94,6 +95,10 @@ pub async fn run_agent<G: Gateway>(
                         in_flight.push(async move {
                             delivery::handle(deps, &current, state, msg).await;
                         });
+                    }
+                    // A missed heartbeat is reported but the pull stream goes on.
+                    Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
+                        debug!(agent = %agent, "missed a pull heartbeat; still pulling");
                     }
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some("pull stream ended".to_owned()),

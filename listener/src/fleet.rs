@@ -2,12 +2,13 @@
 //! registry (`--all`), following registry changes without a restart; answers
 //! health pings; serves `/health` and `/metrics`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use mesh_protocol::killswitch::{self, Scope};
 use mesh_protocol::{AgentId, Registry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -84,6 +85,8 @@ pub async fn run_with(
         max_hops: config.max_hops,
         ack_wait: config.ack_wait,
     });
+    let kill_store = crate::killswitch::open(&js, config.replicas).await?;
+    let kill_states = crate::killswitch::load(&kill_store).await?;
     let fleet = Arc::new(FleetState::default());
     let urls = GatewayUrls::default();
     let root = CancellationToken::new();
@@ -94,6 +97,8 @@ pub async fn run_with(
         info!(addr = %bound, "health and metrics endpoints up");
     }
     tokio::spawn(ping::respond(client.clone(), fleet.clone(), gateway, urls.clone(), root.clone()));
+    let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
+    tokio::spawn(crate::killswitch::watch(kill_store, kill_tx, root.clone()));
 
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel();
     let mut world = World {
@@ -105,6 +110,8 @@ pub async fn run_with(
         loop_config: LoopConfig { concurrency: config.concurrency, tuning: config.tuning() },
         root: root.clone(),
         pause_all: false,
+        paused_agents: BTreeSet::new(),
+        kill: kill_states,
     };
     world.apply(&selected);
     info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
@@ -114,9 +121,26 @@ pub async fn run_with(
     let mut poll = tokio::time::interval(config.registry_poll);
     poll.tick().await;
     loop {
+        let next_deadline = world.next_kill_deadline();
         tokio::select! {
             () = &mut shutdown => break,
             Some(command) = pause_rx.recv() => world.pause(command),
+            Some((key, state)) = kill_rx.recv() => {
+                match state {
+                    Some(state) => {
+                        info!(key, mode = %state.mode, by = %state.by, "kill switch changed");
+                        world.kill.insert(key, state);
+                    }
+                    None => {
+                        world.kill.remove(&key);
+                    }
+                }
+                world.refresh_pauses();
+            }
+            () = sleep_until_deadline(next_deadline) => {
+                info!("a soft kill ended; resuming");
+                world.refresh_pauses();
+            }
             _ = poll.tick(), if config.selection == Selection::All => {
                 match registry_file::load(&config.registry_path) {
                     Ok(registry) if registry != last_registry => {
@@ -151,9 +175,29 @@ pub async fn run_with(
             "in-flight deliveries did not finish in time; JetStream will redeliver them"
         );
     }
+    // Acks are queued publishes: make sure they reached the server before leaving.
+    if let Err(e) = tokio::time::timeout(Duration::from_secs(5), client.flush())
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        warn!(error = %e, "final acks may not have reached NATS; those messages will be redelivered");
+    }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
     info!("listener stopped");
     Ok(())
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
+    match deadline {
+        Some(at) => {
+            let left = (at - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+            let left = Duration::try_from(left).unwrap_or_default() + Duration::from_millis(5);
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits until the streams exist (NATS may still be starting).
@@ -208,6 +252,8 @@ struct World<G> {
     loop_config: LoopConfig,
     root: CancellationToken,
     pause_all: bool,
+    paused_agents: BTreeSet<AgentId>,
+    kill: crate::killswitch::KillStates,
 }
 
 impl<G: Gateway> World<G> {
@@ -236,7 +282,7 @@ impl<G: Gateway> World<G> {
                 continue;
             }
             let (entry_tx, entry_rx) = watch::channel(Arc::new(entry.clone()));
-            let (paused_tx, paused_rx) = watch::channel(self.pause_all);
+            let (paused_tx, paused_rx) = watch::channel(self.should_pause(id));
             let stop = self.root.child_token();
             let state = self.fleet.add(id);
             self.tasks.spawn(consumer::run_agent(
@@ -254,18 +300,40 @@ impl<G: Gateway> World<G> {
 
     fn pause(&mut self, command: PauseCommand) {
         match command {
-            PauseCommand::Agent(id, paused) => match self.running.get(&id) {
-                Some(run) => {
-                    run.paused.send_replace(paused);
-                }
-                None => warn!(agent = %id, "pause for an agent this process does not serve; ignored"),
-            },
-            PauseCommand::All(paused) => {
-                self.pause_all = paused;
-                for run in self.running.values() {
-                    run.paused.send_replace(paused);
-                }
+            PauseCommand::Agent(id, true) => {
+                self.paused_agents.insert(id);
+            }
+            PauseCommand::Agent(id, false) => {
+                self.paused_agents.remove(&id);
+            }
+            PauseCommand::All(paused) => self.pause_all = paused,
+        }
+        self.refresh_pauses();
+    }
+
+    /// True when an agent must not pull: paused by hand, or by the kill switch.
+    fn should_pause(&self, id: &AgentId) -> bool {
+        let global = crate::killswitch::entry(&self.kill, &Scope::Global);
+        let own = crate::killswitch::entry(&self.kill, &Scope::Agent(id.clone()));
+        self.pause_all
+            || self.paused_agents.contains(id)
+            || killswitch::effective(global, own, time::OffsetDateTime::now_utc()).is_some()
+    }
+
+    /// Pauses and resumes loops to match the current state.
+    fn refresh_pauses(&mut self) {
+        for (id, run) in &self.running {
+            let paused = self.should_pause(id);
+            if *run.paused.borrow() != paused {
+                info!(agent = %id, paused, "pause state changed");
+                run.paused.send_replace(paused);
             }
         }
+    }
+
+    /// When the next soft kill in force ends.
+    fn next_kill_deadline(&self) -> Option<time::OffsetDateTime> {
+        let now = time::OffsetDateTime::now_utc();
+        self.kill.values().filter(|s| s.in_force(now)).filter_map(|s| s.until).min()
     }
 }

@@ -14,6 +14,7 @@
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.
 //! - [`fleet`]: the agents of one process, registry reload, pause control.
+//! - [`killswitch`]: reading and following the kill switch bucket.
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
 //! - [`cli`]: the `mesh-listener` command line.
@@ -27,6 +28,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod hook;
 pub mod http;
+pub mod killswitch;
 pub mod logging;
 pub mod metrics;
 pub mod nats;

@@ -11,13 +11,17 @@
 //! - [`secret`]: tokens that never show in `Debug` or `Display`, and references
 //!   (`env:NAME`, `file:/path`) resolved by the caller.
 //! - [`dead_letter`]: what a dead letter carries besides the original bytes.
+//! - [`event`]: notifications for the chat channels.
 //! - [`health`]: the pong a listener answers a health ping with.
+//! - [`killswitch`]: the kill switch entries and which pause is in force.
 //! - [`layout`]: streams and consumers described as plain data.
 
 pub mod agent_id;
 pub mod dead_letter;
 pub mod envelope;
+pub mod event;
 pub mod health;
+pub mod killswitch;
 pub mod layout;
 pub mod registry;
 pub mod secret;

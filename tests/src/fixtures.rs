@@ -71,6 +71,9 @@ pub struct ListenerHandle {
 impl ListenerHandle {
     /// Starts `mesh_listener::run` in this process.
     pub fn spawn(config: ListenerConfig) -> Self {
+        if std::env::var_os("MESH_TEST_LOG").is_some() {
+            mesh_listener::logging::init();
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let join = tokio::spawn(mesh_listener::run(config, async move {
             let _ = stopped.await;
@@ -139,5 +142,56 @@ pub async fn wait_until_settled(js: &async_nats::jetstream::Context, agent: &str
         }
         assert!(tokio::time::Instant::now() < deadline, "consumer {durable} did not settle within {timeout:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A child process whose stdout and stderr are read as they come (a full
+/// pipe would block it), collected for assertions.
+#[derive(Debug)]
+pub struct Logged {
+    /// The process.
+    pub child: tokio::process::Child,
+    output: tokio::task::JoinHandle<String>,
+}
+
+impl Logged {
+    /// Spawns `command` with piped output.
+    pub fn spawn(mut command: tokio::process::Command) -> Self {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning a process under test");
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        let output = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let (mut out, mut err) = (String::new(), String::new());
+            let _ = tokio::join!(stdout.read_to_string(&mut out), stderr.read_to_string(&mut err));
+            out + &err
+        });
+        Self { child, output }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Waits for the exit (sending SIGTERM first when `terminate`), then returns the status and all output.
+    pub async fn finish(mut self, terminate: bool) -> (std::process::ExitStatus, String) {
+        if terminate {
+            let _ = std::process::Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+        }
+        let status = self.child.wait().await.expect("waiting for the process");
+        (status, self.output.await.expect("output reader"))
+    }
+
+    /// Kills it (SIGKILL) and returns all output.
+    pub async fn kill(mut self) -> String {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.output.await.expect("output reader")
     }
 }

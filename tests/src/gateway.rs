@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::routing::any;
 use tokio::sync::watch;
 
@@ -42,6 +42,7 @@ struct Inner {
     chat_reply: Option<String>,
     failure_rate: f64,
     rng_state: u64,
+    bodies: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 /// A recording gateway; serves until the test's runtime ends.
@@ -91,6 +92,36 @@ impl RecordingGateway {
         inner.rng_state = seed.max(1);
     }
 
+    /// Answers requests to `path` with this JSON body (a Slack API recorder, say).
+    pub fn respond_with(&self, path: &str, body: serde_json::Value) {
+        self.lock().bodies.insert(path.to_owned(), body);
+    }
+
+    /// Requests to one path.
+    pub fn requests_to(&self, path: &str) -> Vec<Recorded> {
+        self.requests().into_iter().filter(|r| r.path == path).collect()
+    }
+
+    /// Waits until `n` requests to `path` arrived; panics after `timeout`.
+    pub async fn wait_for_path(&self, path: &str, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut count = self.count.clone();
+        loop {
+            let got = self.requests_to(path);
+            if got.len() >= n {
+                return got;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{} of {n} requests to {path} within {timeout:?}: {:?}",
+                got.len(),
+                self.requests()
+            );
+            let _ = tokio::time::timeout(left, count.changed()).await;
+        }
+    }
+
     /// Requests answered 2xx.
     pub fn successes(&self) -> Vec<Recorded> {
         self.requests().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
@@ -119,7 +150,20 @@ impl RecordingGateway {
     }
 }
 
-async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap, body: Bytes) -> (StatusCode, String) {
+type Answer = (StatusCode, [(axum::http::header::HeaderName, &'static str); 1], String);
+
+async fn record(
+    State(gw): State<RecordingGateway>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    // Health checks are answered but not recorded: tests count deliveries.
+    if method == Method::GET && uri.path() == "/health" {
+        return (StatusCode::OK, json, "{}".to_owned());
+    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut recorded = Recorded {
         path: uri.path().to_owned(),
@@ -129,6 +173,7 @@ async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap
         status: 200,
     };
     let is_chat = recorded.path == "/v1/chat/completions";
+    let canned = gw.lock().bodies.get(&recorded.path).cloned();
     let (status, delay, reply) = {
         let mut inner = gw.lock();
         let status = match inner.script.pop_front() {
@@ -144,13 +189,16 @@ async fn record(State(gw): State<RecordingGateway>, uri: Uri, headers: HeaderMap
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
+    if let Some(canned) = canned {
+        return (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), json, canned.to_string());
+    }
     let body = match (is_chat, reply) {
         (true, Some(reply)) => {
             serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string()
         }
         _ => "{}".to_owned(),
     };
-    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), body)
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), json, body)
 }
 
 /// xorshift64: a small reproducible generator for scripted failures.

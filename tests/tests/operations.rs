@@ -1,11 +1,11 @@
 //! Operating the mesh: `mesh ping`, the listener's `/health` and `/metrics`,
 //! `mesh dlq` and `mesh dlq replay`, graceful shutdown, and no token in any log.
 
-use std::process::{Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use mesh_listener::config::Selection;
-use mesh_tests::fixtures::{listener_bin, mesh_bin, wait_until_settled};
+use mesh_tests::fixtures::{Logged, listener_bin, mesh_bin, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -158,17 +158,14 @@ async fn sigterm_finishes_the_delivery_in_flight_and_logs_never_show_a_token() {
     let fixture = Fixture::from_json(&serde_json::json!({
         "nova": {"hooks_token": "env:NOVA_SECRET_HOOK", "hooks_url": gw.hooks_url(), "gateway_token": "literal-gateway-secret"},
     }));
-    let child = tokio::process::Command::new(listener_bin())
+    let mut command = tokio::process::Command::new(listener_bin());
+    command
         .args(["--agent", "nova"])
         .env("NATS_URL", nats.url())
         .env("MESH_REGISTRY", &fixture.registry)
         .env("NOVA_SECRET_HOOK", "env-hook-secret")
-        .env("MESH_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("listener");
+        .env("MESH_LOG", "trace");
+    let child = Logged::spawn(command);
     // A 401 and a retried 503 make the listener log errors too.
     gw.script([401, 503]);
     for text in ["rejected", "retried", "slow"] {
@@ -177,19 +174,27 @@ async fn sigterm_finishes_the_delivery_in_flight_and_logs_never_show_a_token() {
     }
     let got = gw.wait_for(3, WAIT).await;
     assert_eq!(got[0].authorization.as_deref(), Some("Bearer env-hook-secret"));
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
     gw.set_delay(Duration::from_millis(1500));
-    let before = gw.requests().len();
     let out = mesh(&nats, &fixture, &["send", "nova", "in flight at shutdown"]).await;
     assert!(out.status.success());
-    gw.wait_for(before + 1, WAIT).await;
-    let pid = child.id().expect("pid").to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let output = child.wait_with_output().await.expect("listener exits");
-    assert!(output.status.success(), "graceful exit: {:?}", output.status);
-    let js = nats.jetstream().await;
+    let seq: u64 =
+        text(&out.stdout).rsplit("stream seq ").next().unwrap().trim_end_matches([')', '\n']).parse().unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !gw.requests().iter().any(|r| r.text().ends_with("in flight at shutdown")) {
+        assert!(tokio::time::Instant::now() < deadline, "the last message never reached the gateway");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, logs) = child.finish(true).await;
+    assert!(status.success(), "graceful exit: {status:?}");
     let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.unwrap();
-    assert_eq!(info.num_ack_pending, 0, "the in-flight delivery finished and was acked before exit");
-    let logs = format!("{}{}", text(&output.stdout), text(&output.stderr));
+    assert!(
+        info.ack_floor.stream_sequence >= seq,
+        "the in-flight delivery finished and was acked before exit: {info:?}\n{}",
+        logs.lines().filter(|l| l.contains("mesh_listener")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!((info.num_ack_pending, info.num_pending), (0, 0));
     assert!(logs.contains("delivered") && logs.contains("dead-lettered"), "trace logs were captured");
     for secret in ["env-hook-secret", "literal-gateway-secret"] {
         assert!(!logs.contains(secret), "a token leaked into the logs");

@@ -3,7 +3,8 @@
 //! (`render_text`, `render_slack`); all text in it is plain, never markup.
 
 /// How a reply should look.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Tone {
     /// Neutral information (help, status).
     #[default]
@@ -17,7 +18,8 @@ pub enum Tone {
 }
 
 /// A block of a reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Section {
     /// Lines of plain text under an optional heading.
     Text {
@@ -38,7 +40,7 @@ pub enum Section {
 }
 
 /// What a command answers.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Reply {
     /// One line saying what happened.
     pub title: String,

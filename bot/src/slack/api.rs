@@ -1,0 +1,117 @@
+//! Calls out to Slack: the `response_url` follow-up of a slash command, and
+//! `chat.postMessage` through slack-morphism's Web API client, whose base URL
+//! is configurable (tests point it at a local recorder).
+
+use std::time::Duration;
+
+use slack_morphism::prelude::*;
+
+use crate::command::{Reply, render_slack};
+
+/// Errors calling Slack.
+#[derive(Debug, thiserror::Error)]
+pub enum SlackApiError {
+    #[error("response_url {0:?} is not a Slack URL this bot accepts")]
+    ForeignResponseUrl(String),
+    #[error("posting to response_url failed: {0}")]
+    Respond(String),
+    #[error("chat.postMessage failed: {0}")]
+    Post(String),
+    #[error("no bot token configured (SLACK_BOT_TOKEN); cannot post to channels")]
+    NoBotToken,
+    #[error("cannot build the HTTPS client: {0}")]
+    Tls(String),
+}
+
+type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The Slack side of the bot.
+#[derive(Clone)]
+pub struct SlackApi {
+    http: reqwest::Client,
+    web: Option<(std::sync::Arc<SlackClient<SlackClientHyperConnector<Connector>>>, SlackApiToken)>,
+    response_url_prefix: String,
+}
+
+impl std::fmt::Debug for SlackApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlackApi")
+            .field("web_api", &self.web.is_some())
+            .field("response_url_prefix", &self.response_url_prefix)
+            .finish()
+    }
+}
+
+impl SlackApi {
+    /// A client for `api_url` (`https://slack.com/api` in production) with an
+    /// optional bot token; follow-ups only go to URLs under `response_url_prefix`.
+    pub fn new(api_url: &str, bot_token: Option<String>, response_url_prefix: String) -> Result<Self, SlackApiError> {
+        mesh_listener::gateway::install_tls_provider();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|e| SlackApiError::Tls(e.to_string()))?;
+        let web = match bot_token {
+            Some(token) => {
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_native_roots()
+                    .map_err(|e| SlackApiError::Tls(e.to_string()))?
+                    .https_or_http()
+                    .enable_http1()
+                    .build();
+                let connector = SlackClientHyperConnector::with_connector(connector)
+                    .with_slack_api_url(api_url.trim_end_matches('/'));
+                let token = SlackApiToken::new(SlackApiTokenValue(token));
+                Some((std::sync::Arc::new(SlackClient::new(connector)), token))
+            }
+            None => None,
+        };
+        Ok(Self { http, web, response_url_prefix })
+    }
+
+    /// True when a `response_url` from a verified request may be called.
+    pub fn accepts_response_url(&self, url: &str) -> bool {
+        url.starts_with(&self.response_url_prefix) && !url.contains('@')
+    }
+
+    /// Posts a reply to a slash command's `response_url`.
+    pub async fn respond(&self, response_url: &str, reply: &Reply) -> Result<(), SlackApiError> {
+        if !self.accepts_response_url(response_url) {
+            return Err(SlackApiError::ForeignResponseUrl(response_url.chars().take(60).collect()));
+        }
+        let body = render_slack::render(reply);
+        let response = self
+            .http
+            .post(response_url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| SlackApiError::Respond(e.without_url().to_string()))?;
+        if !response.status().is_success() {
+            return Err(SlackApiError::Respond(format!("HTTP {}", response.status().as_u16())));
+        }
+        Ok(())
+    }
+
+    /// Posts a reply in a channel (in a thread when `thread_ts` is given); returns the message ts.
+    pub async fn post(&self, channel: &str, reply: &Reply, thread_ts: Option<&str>) -> Result<String, SlackApiError> {
+        let (client, token) = self.web.as_ref().ok_or(SlackApiError::NoBotToken)?;
+        let rendered = render_slack::render(reply);
+        let blocks: Vec<SlackBlock> = serde_json::from_value(rendered["blocks"].clone()).unwrap_or_default();
+        let text = rendered["text"].as_str().unwrap_or_default().to_owned();
+        let content = SlackMessageContent::new().with_text(text).with_blocks(blocks);
+        let mut request = SlackApiChatPostMessageRequest::new(SlackChannelId(channel.to_owned()), content);
+        if let Some(ts) = thread_ts {
+            request = request.with_thread_ts(SlackTs(ts.to_owned()));
+        }
+        let session = client.open_session(token);
+        let response = session.chat_post_message(&request).await.map_err(|e| SlackApiError::Post(e.to_string()))?;
+        Ok(response.ts.0)
+    }
+
+    /// True when a bot token is configured.
+    pub fn can_post(&self) -> bool {
+        self.web.is_some()
+    }
+}

@@ -1,0 +1,116 @@
+//! `POST /slack/commands`: the `/mesh` slash command. The signature is
+//! checked on the raw body before anything else; a platform retry or a
+//! replayed request runs once; Slack gets an ephemeral "working" answer at
+//! once and the result follows on `response_url` (an `ask` reply follows in
+//! a thread of the channel).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::api::SlackApi;
+use super::verify::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::command::{Identity, Reply};
+use crate::engine::{Engine, Platform, Request};
+
+/// What the slash command handler needs.
+#[derive(Debug, Clone)]
+pub struct SlackState {
+    /// The command engine.
+    pub engine: Arc<Engine>,
+    /// Slack's API.
+    pub api: SlackApi,
+    /// The signing secret.
+    pub signing_secret: Arc<mesh_protocol::Secret>,
+}
+
+/// The fields of a slash command form this bot reads.
+#[derive(Debug, Deserialize)]
+struct SlashCommand {
+    user_id: String,
+    #[serde(default)]
+    channel_id: Option<String>,
+    #[serde(default)]
+    text: String,
+    response_url: String,
+}
+
+/// Handles one slash command request.
+pub async fn handle(
+    State(state): State<SlackState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let signature = header(SIGNATURE_HEADER);
+    if let Err(e) = verify::verify(state.signing_secret.expose(), header(TIMESTAMP_HEADER), signature, &body, now) {
+        warn!(error = %e, "slack request rejected");
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
+    }
+    let signature = signature.unwrap_or_default();
+    let Ok(command) = serde_urlencoded::from_bytes::<SlashCommand>(&body) else {
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "not a slash command form"})));
+    };
+    if !state.api.accepts_response_url(&command.response_url) {
+        warn!("slash command with a response_url outside the allowed prefix");
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "response_url is not a Slack URL"})));
+    }
+    // The signature covers timestamp and body: the same signature is the same request.
+    if !state.engine.limits().seen_once(&format!("slack:{signature}")).await {
+        info!(user = %command.user_id, "duplicate slack request ignored");
+        return (
+            StatusCode::OK,
+            axum::Json(json!({"response_type": "ephemeral", "text": "duplicate request ignored (already handled)"})),
+        );
+    }
+    let request = Request {
+        who: Identity::Slack { user: command.user_id.clone() },
+        platform: Platform::Slack,
+        channel: command.channel_id.clone(),
+        line: command.text.clone(),
+    };
+    let working = format!("working on `/mesh {}`…", super::super::command::render_slack::escape(command.text.trim()));
+    tokio::spawn(run(state, request, command.response_url));
+    (StatusCode::OK, axum::Json(json!({"response_type": "ephemeral", "text": working})))
+}
+
+async fn run(state: SlackState, request: Request, response_url: String) {
+    let channel = request.channel.clone();
+    let handled = state.engine.handle(request).await;
+    let thread = match (&handled.follow_up, &channel) {
+        (Some(_), Some(channel)) if state.api.can_post() => match state.api.post(channel, &handled.reply, None).await {
+            Ok(ts) => Some(ts),
+            Err(e) => {
+                warn!(error = %e, "cannot post the ask to the channel; answering on response_url");
+                None
+            }
+        },
+        _ => None,
+    };
+    if thread.is_none()
+        && let Err(e) = state.api.respond(&response_url, &handled.reply).await
+    {
+        warn!(error = %e, "slack follow-up failed");
+    }
+    if let Some(follow_up) = handled.follow_up {
+        let answer = follow_up.await;
+        let posted = match (&thread, &channel) {
+            (Some(ts), Some(channel)) => state.api.post(channel, &answer, Some(ts)).await.map(|_| ()),
+            _ => state.api.respond(&response_url, &answer).await,
+        };
+        if let Err(e) = posted {
+            warn!(error = %e, "slack ask reply not delivered");
+        }
+    }
+}
+
+/// An error reply as Slack JSON (for tests and handlers).
+pub fn error_json(message: &str) -> serde_json::Value {
+    super::super::command::render_slack::render(&Reply::error(message).ephemeral())
+}

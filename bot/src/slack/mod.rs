@@ -1,0 +1,12 @@
+//! The Slack front end: slash commands over HTTP, the Web API for channel
+//! posts, and the notifications relay.
+//!
+//! - [`verify`]: `v0` request signatures.
+//! - [`api`]: `response_url` follow-ups and `chat.postMessage`.
+//! - [`commands`]: `POST /slack/commands`.
+//! - [`notify`]: mesh events relayed to a channel, coalesced to about one post per second.
+
+pub mod api;
+pub mod commands;
+pub mod notify;
+pub mod verify;

@@ -1,0 +1,196 @@
+//! The kill switch's state as stored in the JetStream key-value bucket
+//! [`BUCKET`]: one entry for the whole mesh ([`GLOBAL_KEY`]) and one per
+//! agent (`agent.<id>`). Which pause is in force for an agent is decided
+//! here, purely, from both entries and the current time.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::agent_id::AgentId;
+
+/// Key-value bucket holding the kill switch.
+pub const BUCKET: &str = "mesh_killswitch";
+/// Key of the mesh-wide entry.
+pub const GLOBAL_KEY: &str = "global";
+/// Default length of a soft kill.
+pub const DEFAULT_SOFT: Duration = Duration::from_secs(5 * 60);
+
+/// How hard the switch is pulled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Not pulled.
+    #[default]
+    None,
+    /// Paused until `until`, then resumes by itself.
+    Soft,
+    /// Paused until a director resumes.
+    Hard,
+    /// Torn down; paused until a director resumes.
+    Nuclear,
+}
+
+impl Mode {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Soft => "soft",
+            Self::Hard => "hard",
+            Self::Nuclear => "nuclear",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which part of the mesh an entry covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Every agent.
+    Global,
+    /// One agent.
+    Agent(AgentId),
+}
+
+impl Scope {
+    /// The bucket key of this scope.
+    pub fn key(&self) -> String {
+        match self {
+            Self::Global => GLOBAL_KEY.to_owned(),
+            Self::Agent(id) => format!("agent.{id}"),
+        }
+    }
+
+    /// The scope of a bucket key.
+    pub fn from_key(key: &str) -> Option<Self> {
+        if key == GLOBAL_KEY {
+            return Some(Self::Global);
+        }
+        key.strip_prefix("agent.").and_then(|id| AgentId::parse(id).ok()).map(Self::Agent)
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Global => f.write_str("the whole mesh"),
+            Self::Agent(id) => write!(f, "agent {id}"),
+        }
+    }
+}
+
+/// One entry of the bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KillState {
+    /// How hard.
+    pub mode: Mode,
+    /// When a soft kill ends.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub until: Option<OffsetDateTime>,
+    /// Who pulled it.
+    pub by: String,
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl KillState {
+    /// Encodes the entry as JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a kill state always serializes")
+    }
+
+    /// Decodes an entry.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("invalid kill switch entry: {e}"))
+    }
+
+    /// True while this entry pauses at `now` (a soft kill past `until` does not).
+    pub fn in_force(&self, now: OffsetDateTime) -> bool {
+        match self.mode {
+            Mode::None => false,
+            Mode::Soft => self.until.is_some_and(|until| now < until),
+            Mode::Hard | Mode::Nuclear => true,
+        }
+    }
+}
+
+/// The pause in force for one agent, if any: the harder of the global and
+/// the agent's own entry (for equal grades, the one that lasts longer).
+pub fn effective<'a>(
+    global: Option<&'a KillState>,
+    agent: Option<&'a KillState>,
+    now: OffsetDateTime,
+) -> Option<&'a KillState> {
+    let live = |s: Option<&'a KillState>| s.filter(|s| s.in_force(now));
+    match (live(global), live(agent)) {
+        (Some(g), Some(a)) => {
+            if (a.mode, a.until.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+                > (g.mode, g.until.unwrap_or(OffsetDateTime::UNIX_EPOCH))
+            {
+                Some(a)
+            } else {
+                Some(g)
+            }
+        }
+        (g, a) => g.or(a),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(mode: Mode, until_s: Option<i64>) -> KillState {
+        KillState {
+            mode,
+            until: until_s.map(|s| OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s)),
+            by: "slack:U1".into(),
+            reason: None,
+            at: OffsetDateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn at(s: i64) -> OffsetDateTime {
+        OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(s)
+    }
+
+    #[test]
+    fn effective_pause_table() {
+        let soft100 = state(Mode::Soft, Some(100));
+        let soft200 = state(Mode::Soft, Some(200));
+        let hard = state(Mode::Hard, None);
+        let none = state(Mode::None, None);
+        let mode =
+            |g: Option<&KillState>, a: Option<&KillState>, now| effective(g, a, at(now)).map(|s| (s.mode, s.until));
+        assert_eq!(mode(None, None, 0), None);
+        assert_eq!(mode(Some(&soft100), None, 50), Some((Mode::Soft, soft100.until)));
+        assert_eq!(mode(Some(&soft100), None, 100), None, "a soft kill ends at until by itself");
+        assert_eq!(mode(Some(&soft100), Some(&soft200), 50), Some((Mode::Soft, soft200.until)));
+        assert_eq!(mode(Some(&soft100), Some(&hard), 150), Some((Mode::Hard, None)));
+        assert_eq!(mode(Some(&hard), Some(&soft200), 50), Some((Mode::Hard, None)));
+        assert_eq!(mode(Some(&none), Some(&none), 50), None);
+        assert_eq!(mode(None, Some(&soft100), 99), Some((Mode::Soft, soft100.until)));
+    }
+
+    #[test]
+    fn scopes_and_entries_round_trip() {
+        let nova = Scope::Agent(AgentId::parse("nova").unwrap());
+        assert_eq!(Scope::from_key(&nova.key()), Some(nova));
+        assert_eq!(Scope::from_key("global"), Some(Scope::Global));
+        assert_eq!(Scope::from_key("agent.No"), None);
+        let s = state(Mode::Soft, Some(5));
+        assert_eq!(KillState::decode(&s.encode()).unwrap(), s);
+    }
+}
