@@ -107,6 +107,19 @@ pub enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
+    /// Maintenance window: announce, wait, soft-pause, resume, ping, announce again.
+    Maintenance {
+        /// How long the mesh is paused: 30s, 10m, 2h.
+        duration: String,
+        /// What the maintenance is for.
+        message: Vec<String>,
+        /// Time between the announcement and the pause.
+        #[arg(long, default_value = "5m")]
+        lead: String,
+        /// Who runs it.
+        #[arg(long, env = "MESH_FROM")]
+        from: Option<String>,
+    },
     /// Show the newest audit records.
     Audit {
         /// How many.
@@ -342,6 +355,23 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 monitor_every: Duration::from_secs(30),
             };
             crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
+        }
+        Command::Maintenance { duration, message, lead, from } => {
+            let registry = registry_file::load(&args.registry)?;
+            let parse = |d: &str| crate::command::grammar::parse_duration(d).map_err(anyhow::Error::msg);
+            let window = crate::maintenance::Window {
+                duration: parse(&duration)?,
+                lead: parse(&lead)?,
+                message: (!message.is_empty()).then(|| message.join(" ")),
+                by: from.unwrap_or_else(default_sender),
+            };
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let report = crate::maintenance::run(&client, &registry, &window, |step| println!("{step}"))
+                .await
+                .map_err(anyhow::Error::msg)?;
+            if report.missing > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Command::Status => return terminal(&args, "status".into(), None).await,
         Command::Agents => return terminal(&args, "agents".into(), None).await,

@@ -11,6 +11,7 @@
 //! - [`dlq`]: listing and replaying dead letters.
 //! - [`engine`]: runs a parsed command against the mesh (one core for every front end).
 //! - [`audit`]: the audit trail. [`killswitch`]: pulling and releasing the switch.
+//! - [`maintenance`]: the maintenance window as one command.
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`cli`]: the `mesh` command line.
@@ -26,6 +27,7 @@ pub mod events;
 pub mod killswitch;
 pub mod limits;
 pub mod local_nats;
+pub mod maintenance;
 pub mod ping;
 pub mod publish;
 pub mod server;

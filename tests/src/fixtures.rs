@@ -81,6 +81,23 @@ impl ListenerHandle {
         Self { stop: Some(stop), join: Some(join) }
     }
 
+    /// Starts `mesh_listener::run_with` and waits until it hands over its [`mesh_listener::Control`].
+    pub async fn spawn_with_control(config: ListenerConfig) -> (Self, mesh_listener::Control) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (control_tx, control_rx) = oneshot::channel();
+        let join = tokio::spawn(mesh_listener::run_with(
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+            move |control| {
+                let _ = control_tx.send(control);
+            },
+        ));
+        let control = control_rx.await.expect("listener started");
+        (Self { stop: Some(stop), join: Some(join) }, control)
+    }
+
     /// Starts a listener for one agent.
     pub fn one(fixture: &Fixture, nats: &TestNats, agent: &str) -> Self {
         let id = AgentId::parse(agent).expect("valid agent id");

@@ -437,7 +437,11 @@ fn is_duration_shaped(word: &str) -> bool {
     !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
-fn parse_duration(word: &str) -> Result<Duration, String> {
+/// Parses `30s`, `5m` or `2h` (1 second to 24 hours).
+pub fn parse_duration(word: &str) -> Result<Duration, String> {
+    if !is_duration_shaped(word) {
+        return Err(format!("duration {word:?} is not like 30s, 5m or 2h"));
+    }
     let (digits, unit) = word.split_at(word.len() - 1);
     let per = match unit.to_ascii_lowercase().as_str() {
         "s" => 1,

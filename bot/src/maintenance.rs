@@ -1,0 +1,109 @@
+//! `mesh maintenance <duration> [message]`: the runbook's maintenance window
+//! as one command. Announce, wait the lead time, soft-pause the mesh for the
+//! duration, resume, ping the fleet, and announce that the mesh is back with
+//! the ping result. Each step is printed and sent to the chat channels.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use mesh_protocol::event::{Event, EventKind};
+use mesh_protocol::killswitch::{Mode, Scope};
+use mesh_protocol::{Priority, Registry};
+
+use crate::killswitch::KillSwitch;
+use crate::{events, ping, publish};
+
+/// Default time between the announcement and the pause.
+pub const DEFAULT_LEAD: Duration = Duration::from_secs(5 * 60);
+
+/// A maintenance window.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// How long the mesh is paused.
+    pub duration: Duration,
+    /// Time between the announcement and the pause.
+    pub lead: Duration,
+    /// What the maintenance is for.
+    pub message: Option<String>,
+    /// Who runs it.
+    pub by: String,
+}
+
+/// What the window did, step by step.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// One line per step.
+    pub steps: Vec<String>,
+    /// Active agents that did not answer the final ping.
+    pub missing: usize,
+}
+
+/// The announcement texts (pure).
+pub fn announcements(window: &Window, answered: usize, active: usize) -> (String, String) {
+    let what = window.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+    let start = format!(
+        "maintenance in {}{what}; the mesh pauses for {}",
+        crate::command::grammar::format_duration(window.lead),
+        crate::command::grammar::format_duration(window.duration)
+    );
+    let end = format!("mesh is active again ({answered}/{active} agents answered the health check)");
+    (start, end)
+}
+
+/// Runs the window; `progress` sees each step as it happens.
+pub async fn run(
+    client: &async_nats::Client,
+    registry: &Registry,
+    window: &Window,
+    mut progress: impl FnMut(&str),
+) -> Result<Report, String> {
+    let js = jetstream::new(client.clone());
+    let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
+    let mut report = Report::default();
+    let mut step = |report: &mut Report, line: String| {
+        progress(&line);
+        report.steps.push(line);
+    };
+    let (start, _) = announcements(window, 0, 0);
+    let receipt =
+        publish::broadcast(&js, registry, &window.by, &start, Priority::High).await.map_err(|e| e.to_string())?;
+    events::publish(&js, &Event::now(EventKind::Maintenance, start.clone())).await;
+    step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
+    tokio::time::sleep(window.lead).await;
+    let reason = Some(window.message.clone().unwrap_or_else(|| "maintenance".into()));
+    let state = switch
+        .pull(&Scope::Global, Mode::Soft, Some(window.duration), &window.by, reason)
+        .await
+        .map_err(|e| e.to_string())?;
+    step(&mut report, format!("paused: {}", crate::killswitch::describe(&Scope::Global, &state)));
+    tokio::time::sleep(window.duration).await;
+    switch.release(&Scope::Global, &window.by).await.map_err(|e| e.to_string())?;
+    step(&mut report, "resumed".to_owned());
+    let pinged = ping::ping(client, registry, ping::DEFAULT_TIMEOUT).await?;
+    let active = registry.active().count();
+    let answered = pinged.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
+    report.missing = pinged.missing;
+    let (_, end) = announcements(window, answered, active);
+    publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    events::publish(&js, &Event::now(EventKind::Maintenance, end.clone())).await;
+    step(&mut report, format!("announced: {end}"));
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_say_when_for_how_long_and_the_result() {
+        let window = Window {
+            duration: Duration::from_secs(600),
+            lead: DEFAULT_LEAD,
+            message: Some("database upgrade".into()),
+            by: "cli:ops".into(),
+        };
+        let (start, end) = announcements(&window, 11, 12);
+        assert_eq!(start, "maintenance in 5m: database upgrade; the mesh pauses for 10m");
+        assert_eq!(end, "mesh is active again (11/12 agents answered the health check)");
+    }
+}
