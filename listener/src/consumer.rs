@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::pull::MessagesErrorKind;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -28,6 +27,8 @@ pub struct LoopConfig {
 
 /// Messages asked for per pull request.
 const PULL_BATCH: usize = 64;
+/// How long one pull request lives on the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// Wait between attempts to bind a consumer that failed.
 const REBIND_DELAY: Duration = Duration::from_secs(1);
 
@@ -66,7 +67,7 @@ pub async fn run_agent<G: Gateway>(
             .stream()
             .max_messages_per_batch(PULL_BATCH)
             .heartbeat(Duration::from_secs(5))
-            .expires(Duration::from_secs(30))
+            .expires(PULL_EXPIRES)
             .messages()
             .await
         {
@@ -81,12 +82,15 @@ pub async fn run_agent<G: Gateway>(
         };
         info!(agent = %agent, concurrency = config.concurrency, "pulling");
         let limit = config.concurrency.max(1);
+        let mut connects = deps.connects.clone();
+        connects.mark_unchanged();
         let mut in_flight = FuturesUnordered::new();
         let failure = loop {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break None,
                 _ = paused.wait_for(|p| *p) => break None,
+                _ = connects.changed() => break Some("reconnected to NATS; pulling again".to_owned()),
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
                 item = messages.next(), if in_flight.len() < limit => match item {
                     Some(Ok(msg)) => {
@@ -96,10 +100,8 @@ pub async fn run_agent<G: Gateway>(
                             delivery::handle(deps, &current, state, msg).await;
                         });
                     }
-                    // A missed heartbeat is reported but the pull stream goes on.
-                    Some(Err(e)) if e.kind() == MessagesErrorKind::MissingHeartbeat => {
-                        debug!(agent = %agent, "missed a pull heartbeat; still pulling");
-                    }
+                    // Any error (a missed heartbeat after a server restart, a
+                    // deleted consumer) rebinds: a fresh pull is cheaper than a stall.
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some("pull stream ended".to_owned()),
                 },

@@ -45,6 +45,8 @@ pub struct Deps<G> {
     pub max_hops: u8,
     /// The consumers' ack wait (in-progress acks are sent at a third of it).
     pub ack_wait: Duration,
+    /// Goes up on every NATS (re)connection.
+    pub connects: tokio::sync::watch::Receiver<u64>,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -105,8 +107,8 @@ pub async fn handle<G: Gateway>(
                 warn!(agent, msg_id, error = %e, "chat reply not published; the message will be redelivered");
                 return nak(&msg, Duration::from_secs(1)).await;
             }
-            if let Err(e) = msg.ack().await {
-                warn!(agent, msg_id, error = %e, "ack failed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
+            if let Err(e) = confirmed_ack(&msg, deps.ack_wait).await {
+                warn!(agent, msg_id, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
                 return Handled::Unsettled;
             }
             state.delivered.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +155,22 @@ async fn call_keeping_alive<G: Gateway>(
                     debug!(error = %e, "in-progress ack failed");
                 }
             }
+        }
+    }
+}
+
+/// Acks and waits for the server to confirm, retrying across a reconnect
+/// (a lost ack would stall the agent for a whole ack wait and cause a duplicate).
+async fn confirmed_ack(msg: &jetstream::Message, ack_wait: Duration) -> Result<(), async_nats::Error> {
+    let deadline = tokio::time::Instant::now() + ack_wait;
+    loop {
+        match msg.double_ack().await {
+            Ok(()) => return Ok(()),
+            Err(e) if tokio::time::Instant::now() + Duration::from_millis(250) < deadline => {
+                debug!(error = %e, "ack not confirmed yet; retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

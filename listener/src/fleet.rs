@@ -69,7 +69,7 @@ pub async fn run_with(
     {
         anyhow::bail!("agent {:?} has tokens that do not resolve; see the error above", id.as_str());
     }
-    let client = crate::nats::connect_service(&config.nats_url, "mesh-listener").await?;
+    let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener").await?;
     let js = async_nats::jetstream::new(client.clone());
     tokio::pin!(shutdown);
     tokio::select! {
@@ -84,6 +84,7 @@ pub async fn run_with(
         retry: config.retry,
         max_hops: config.max_hops,
         ack_wait: config.ack_wait,
+        connects,
     });
     let kill_store = crate::killswitch::open(&js, config.replicas).await?;
     let kill_states = crate::killswitch::load(&kill_store).await?;

@@ -38,14 +38,34 @@ pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, Na
 /// Connects for a long-running service: returns at once and keeps
 /// (re)connecting in the background for as long as the process runs.
 pub async fn connect_service(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    async_nats::ConnectOptions::new()
+    connect_watched(url, name).await.map(|(client, _)| client)
+}
+
+/// Like [`connect_service`], with a counter that goes up on every
+/// (re)connection: pull loops restart their pulls when it changes, since a
+/// restarted server has forgotten them.
+pub async fn connect_watched(
+    url: &str,
+    name: &str,
+) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), NatsError> {
+    let (connects_tx, connects) = tokio::sync::watch::channel(0u64);
+    let client = async_nats::ConnectOptions::new()
         .name(name)
         .connection_timeout(CONNECT_TIMEOUT)
         .retry_on_initial_connect()
         .max_reconnects(None)
+        .event_callback(move |event| {
+            let connects_tx = connects_tx.clone();
+            async move {
+                if matches!(event, async_nats::Event::Connected) {
+                    connects_tx.send_modify(|n| *n += 1);
+                }
+            }
+        })
         .connect(url)
         .await
-        .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })
+        .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+    Ok((client, connects))
 }
 
 /// The async-nats stream config of a spec.

@@ -363,7 +363,11 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
     let mut nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
-    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    // A message the old server sent but the listener never got waits one ack
+    // wait before redelivery; a short one keeps the test short.
+    let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().unwrap()));
+    config.ack_wait = Duration::from_secs(3);
+    let listener = ListenerHandle::spawn(config);
     let publisher =
         async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url()).await.expect("publisher");
     let js = jetstream::new(publisher);
