@@ -369,6 +369,19 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let report = crate::maintenance::run(&client, &registry, &window, |step| println!("{step}"))
                 .await
                 .map_err(anyhow::Error::msg)?;
+            let record = crate::audit::AuditRecord {
+                at: time::OffsetDateTime::now_utc(),
+                who: window.by.clone(),
+                platform: "cli".into(),
+                channel: None,
+                line: crate::audit::clip(&format!("maintenance {duration} --lead {lead}")),
+                decision: "allowed".into(),
+                outcome: report.steps.last().cloned().unwrap_or_default(),
+                message_ids: Vec::new(),
+            };
+            if let Err(e) = crate::audit::append(&async_nats::jetstream::new(client.clone()), &record).await {
+                eprintln!("warning: maintenance not recorded in the audit trail: {e}");
+            }
             if report.missing > 0 {
                 return Ok(ExitCode::FAILURE);
             }

@@ -26,6 +26,10 @@ struct Bot {
 
 impl Bot {
     async fn start(nats: &TestNats, fixture: &Fixture) -> Self {
+        Self::start_with(nats, fixture, &[]).await
+    }
+
+    async fn start_with(nats: &TestNats, fixture: &Fixture, extra_env: &[(&str, &str)]) -> Self {
         let slack = RecordingGateway::start().await;
         slack.respond_with(
             POST_MESSAGE,
@@ -49,6 +53,7 @@ impl Bot {
             .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
             .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
             .env("MESH_LOG", "trace")
+            .envs(extra_env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -170,6 +175,21 @@ async fn signed_slash_commands_run_once_and_answer_on_response_url() {
     let js = nats.jetstream().await;
     wait_until_settled(&js, "nova", WAIT).await;
     assert_eq!(nova.requests().len(), 1, "only the valid, first request reached the agent");
+
+    // Every command is in the audit trail, denials included.
+    let audit = tokio::process::Command::new(mesh_bin())
+        .args(["audit", "10", "--json"])
+        .env("NATS_URL", nats.url())
+        .env("MESH_REGISTRY", &fixture.registry)
+        .output()
+        .await
+        .unwrap();
+    let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let rows = audit["sections"][0]["rows"].as_array().unwrap().clone();
+    let find = |who: &str| rows.iter().find(|r| r[1] == who).cloned().unwrap_or_default();
+    assert_eq!(find("slack:UOPS")[3], "allowed", "{rows:?}");
+    assert_eq!(find("slack:UNOBODY")[3], "denied", "{rows:?}");
+    assert_eq!(find("slack:UNOBODY")[2], "send nova hi", "{rows:?}");
     listener.stop().await.unwrap();
     let logs = bot.logs().await;
     assert!(logs.contains("slack request rejected"), "trace logs were captured");
@@ -202,4 +222,53 @@ async fn ask_posts_the_agent_reply_in_the_thread() {
     listener.stop().await.unwrap();
     let logs = bot.logs().await;
     assert!(!logs.contains(BOT_TOKEN) && !logs.contains(SECRET));
+}
+
+#[tokio::test]
+async fn events_are_relayed_to_the_notify_channel_coalesced() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let bot = Bot::start_with(&nats, &fixture, &[("SLACK_NOTIFY_CHANNEL", "CNOTIFY")]).await;
+    // The relay follows events from when it started; wait until it is subscribed.
+    let js = nats.jetstream().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stream = js.get_stream("MESH_EVENTS").await.unwrap();
+        if stream.get_info().await.unwrap().state.consumer_count > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the relay never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let switch = mesh_bot::killswitch::KillSwitch::open(&js).await.unwrap();
+    // A burst of six changes within a second.
+    for _ in 0..3 {
+        switch
+            .pull(
+                &mesh_protocol::killswitch::Scope::Global,
+                mesh_protocol::killswitch::Mode::Soft,
+                None,
+                "slack:UADMIN",
+                Some("drill".into()),
+            )
+            .await
+            .unwrap();
+        switch.release(&mesh_protocol::killswitch::Scope::Global, "slack:UADMIN").await.unwrap();
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (posts, lines) = loop {
+        let posts = bot.slack.requests_to(POST_MESSAGE);
+        let lines = posts.iter().map(|p| p.body["blocks"].to_string().matches("kill switch").count()).sum::<usize>();
+        if lines >= 6 {
+            break (posts, lines);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{lines} of 6 events relayed: {posts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(posts.iter().all(|p| p.body["channel"] == "CNOTIFY"));
+    assert!(posts.len() <= 2, "six events in a burst were coalesced into {} posts", posts.len());
+    assert!(posts[0].body.to_string().contains("SOFT pause by slack:UADMIN"), "{}", posts[0].body);
+    assert_eq!(lines, 6);
+    drop(bot.logs().await);
 }
