@@ -259,19 +259,7 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
     let fixture = Fixture::registry(&[("nova", &nova_gw, true)]);
     let js = nats.jetstream().await;
-    let (control_tx, control_rx) = tokio::sync::oneshot::channel();
-    let config = fixture.listener_config(&nats, Selection::All);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(mesh_listener::run_with(
-        config,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |control| {
-            let _ = control_tx.send(control);
-        },
-    ));
-    let control = control_rx.await.expect("listener started");
+    let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
     send(&js, &fixture, "cli:t", "nova", "one").await;
     nova_gw.wait_for(1, WAIT).await;
 
@@ -320,8 +308,7 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
     let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.unwrap();
     assert_eq!(info.num_pending + info.num_ack_pending as u64, 1, "nova's message waits in JetStream");
 
-    let _ = stop_tx.send(());
-    task.await.unwrap().expect("listener stops cleanly");
+    listener.stop().await.expect("listener stops cleanly");
 }
 
 #[tokio::test]
