@@ -45,6 +45,8 @@ pub struct Deps<G> {
     pub max_hops: u8,
     /// The consumers' ack wait (in-progress acks are sent at a third of it).
     pub ack_wait: Duration,
+    /// Wait for the server to confirm each ack (ordered mode).
+    pub confirm_acks: bool,
     /// Goes up on every NATS (re)connection.
     pub connects: tokio::sync::watch::Receiver<u64>,
 }
@@ -107,7 +109,7 @@ pub async fn handle<G: Gateway>(
                 warn!(agent, msg_id, error = %e, "chat reply not published; the message will be redelivered");
                 return nak(&msg, Duration::from_secs(1)).await;
             }
-            if let Err(e) = confirmed_ack(&msg, deps.ack_wait).await {
+            if let Err(e) = ack(&msg, deps).await {
                 warn!(agent, msg_id, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
                 return Handled::Unsettled;
             }
@@ -157,6 +159,14 @@ async fn call_keeping_alive<G: Gateway>(
             }
         }
     }
+}
+
+/// Acks a delivered message. In ordered mode (one in flight) the ack is
+/// confirmed, since a lost one would stall the agent for a whole ack wait;
+/// with several in flight a plain ack keeps throughput (a lost one means one
+/// redelivery, which the gateway recognises by its `Idempotency-Key`).
+async fn ack<G>(msg: &jetstream::Message, deps: &Deps<G>) -> Result<(), async_nats::Error> {
+    if deps.confirm_acks { confirmed_ack(msg, deps.ack_wait).await } else { msg.ack().await }
 }
 
 /// Acks and waits for the server to confirm, retrying across a reconnect

@@ -84,6 +84,7 @@ pub async fn run_with(
         retry: config.retry,
         max_hops: config.max_hops,
         ack_wait: config.ack_wait,
+        confirm_acks: config.concurrency <= 1,
         connects,
     });
     let kill_store = crate::killswitch::open(&js, config.replicas).await?;

@@ -15,8 +15,8 @@ pub struct HookRequest {
     pub token: Secret,
     /// Sent as `Idempotency-Key` (the envelope id).
     pub idempotency_key: String,
-    /// JSON body.
-    pub body: Vec<u8>,
+    /// JSON body (cheap to clone for a retry).
+    pub body: bytes::Bytes,
     /// Which mode built it (chat expects a reply in the response).
     pub mode: DeliveryMode,
 }
@@ -26,6 +26,13 @@ pub struct HookRequest {
 pub enum HookError {
     #[error("agent {0:?} uses chat delivery but has no gateway_token; add one to the registry")]
     NoGatewayToken(String),
+}
+
+/// The body of a wake hook.
+#[derive(serde::Serialize)]
+struct WakeBody<'a> {
+    text: &'a str,
+    mode: &'a str,
 }
 
 /// The text a woken agent reads: who sent it, then the message.
@@ -50,11 +57,18 @@ pub fn wake_mode(envelope: &Envelope) -> &'static str {
 /// Builds the gateway request for one envelope.
 pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result<HookRequest, HookError> {
     let (url, token, body) = match agent.delivery {
-        DeliveryMode::Wake => (
-            agent.hooks_url.clone(),
-            tokens.hooks.clone(),
-            json!({ "text": wake_text(envelope), "mode": wake_mode(envelope) }),
-        ),
+        DeliveryMode::Wake => {
+            // The hot path: serialized straight from a struct, no JSON tree.
+            let body = WakeBody { text: &wake_text(envelope), mode: wake_mode(envelope) };
+            let body = serde_json::to_vec(&body).expect("a wake body always serializes");
+            return Ok(HookRequest {
+                url: agent.hooks_url.clone(),
+                token: tokens.hooks.clone(),
+                idempotency_key: envelope.id.to_string(),
+                body: body.into(),
+                mode: agent.delivery,
+            });
+        }
         DeliveryMode::Agent => (
             endpoint(agent, "hooks/agent"),
             tokens.hooks.clone(),
@@ -83,7 +97,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
         url,
         token,
         idempotency_key: envelope.id.to_string(),
-        body: serde_json::to_vec(&body).expect("a JSON value always serializes"),
+        body: serde_json::to_vec(&body).expect("a JSON value always serializes").into(),
         mode: agent.delivery,
     })
 }

@@ -330,6 +330,14 @@ impl Envelope {
             envelope.validate()?;
             return Ok((envelope, Format::PlainText));
         }
+        // The common case, a valid v1 envelope, is parsed once, straight into
+        // the struct; anything else goes the slower way that explains itself.
+        if let Ok(envelope) = serde_json::from_str::<Self>(text)
+            && envelope.v == ENVELOPE_VERSION
+        {
+            envelope.validate()?;
+            return Ok((envelope, Format::V1));
+        }
         let object: serde_json::Map<String, serde_json::Value> =
             serde_json::from_str(text).map_err(|e| DecodeError::BadJson(e.to_string()))?;
         if let Some(v) = object.get("v") {
