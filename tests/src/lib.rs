@@ -7,11 +7,13 @@
 //! - [`server`]: the nats-server under test.
 //! - [`gateway`]: the recording gateway.
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program.
+//! - [`redis`]: the redis-server under test.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 
 pub mod bench;
 pub mod fixtures;
 pub mod gateway;
+pub mod redis;
 pub mod server;
 
 pub use fixtures::{Fixture, ListenerHandle};
