@@ -120,6 +120,11 @@ pub enum Command {
         #[arg(long, env = "MESH_FROM")]
         from: Option<String>,
     },
+    /// Restart one agent's listener container (Docker).
+    Restart {
+        /// The agent.
+        agent: String,
+    },
     /// Show the newest audit records.
     Audit {
         /// How many.
@@ -193,6 +198,9 @@ pub enum KillGrade {
         /// Confirm without the prompt.
         #[arg(long)]
         yes: bool,
+        /// Also remove the project's volumes and networks.
+        #[arg(long)]
+        purge: bool,
     },
 }
 
@@ -209,7 +217,7 @@ fn kill_line(grade: &KillGrade) -> (String, bool) {
             (format!("kill soft{duration}{}", target(agent, reason)), false)
         }
         KillGrade::Hard { agent, reason, yes } => (format!("kill hard{}", target(agent, reason)), *yes),
-        KillGrade::Nuclear { yes } => ("kill nuclear".to_owned(), *yes),
+        KillGrade::Nuclear { yes, .. } => ("kill nuclear".to_owned(), *yes),
     }
 }
 
@@ -395,7 +403,27 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Kill { grade } => {
             let (line, yes) = kill_line(&grade);
-            return terminal(&args, line, Some(yes)).await;
+            let code = terminal(&args, line, Some(yes)).await?;
+            if let KillGrade::Nuclear { purge: true, .. } = grade
+                && code == ExitCode::SUCCESS
+            {
+                let docker =
+                    crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await?;
+                let report = docker.nuclear(true, crate::docker::own_container_id().as_deref()).await?;
+                println!(
+                    "purged volumes: {:?}, networks: {:?}, failed: {:?}",
+                    report.volumes, report.networks, report.failed
+                );
+            }
+            return Ok(code);
+        }
+        Command::Restart { agent } => {
+            let registry = registry_file::load(&args.registry)?;
+            crate::publish::resolve_any(&registry, &agent)?;
+            let docker =
+                crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await?;
+            let name = docker.restart_listener(&agent).await?;
+            println!("restarted {name}");
         }
         Command::Ask { agent, text, timeout_s } => {
             let text = message_text(text)?;

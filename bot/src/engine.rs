@@ -361,6 +361,14 @@ impl Engine {
                 let scope = self.scope(agent)?;
                 self.kill.release(&scope, &from).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
+                if scope == Scope::Global {
+                    let line = docker_line(
+                        "started listener containers",
+                        docker_control().await.map(|d| async move { d.start_listeners().await }),
+                    )
+                    .await;
+                    reply = reply.with_lines(None, [line]);
+                }
                 if let Ok(others) = self.kill.in_force().await
                     && !others.is_empty()
                 {
@@ -518,6 +526,32 @@ impl Engine {
             Err(_) => 0,
         };
         let server = self.client.server_info();
+        match docker_control().await {
+            Ok(docker) => match docker.containers().await {
+                Ok(rows) => {
+                    let rows = rows
+                        .into_iter()
+                        .map(|c| {
+                            vec![
+                                c.name,
+                                c.role,
+                                c.state,
+                                c.health.unwrap_or_else(|| "-".into()),
+                                c.restarts.to_string(),
+                                c.uptime_s.map(crate::docker::format_uptime).unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect();
+                    reply = reply.with_table(
+                        Some("containers"),
+                        ["name", "role", "state", "health", "restarts", "uptime"],
+                        rows,
+                    );
+                }
+                Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
+            },
+            Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
+        }
         reply = reply.with_lines(
             Some("mesh"),
             [
@@ -528,4 +562,27 @@ impl Engine {
         );
         Ok(Executed::reply(reply))
     }
+}
+
+/// The mesh's Docker project, if the engine answers.
+async fn docker_control() -> Result<crate::docker::DockerControl, crate::docker::DockerError> {
+    crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await
+}
+
+/// One line saying what a Docker action did, or why it did not happen.
+async fn docker_line<F>(what: &str, action: Result<F, crate::docker::DockerError>) -> String
+where
+    F: Future<Output = Result<Vec<String>, crate::docker::DockerError>>,
+{
+    match action {
+        Ok(action) => match action.await {
+            Ok(names) => format!("docker: {what}: {}", list_or_none(&names)),
+            Err(e) => format!("docker: {e}"),
+        },
+        Err(e) => format!("docker: {e}"),
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }

@@ -14,6 +14,7 @@
 //! - [`maintenance`]: the maintenance window as one command.
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
+//! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
 //! - [`cli`]: the `mesh` command line.
 
 pub mod audit;
@@ -22,6 +23,7 @@ pub mod command;
 pub mod demo;
 pub mod demo_gateway;
 pub mod dlq;
+pub mod docker;
 pub mod engine;
 pub mod events;
 pub mod killswitch;

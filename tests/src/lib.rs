@@ -8,9 +8,11 @@
 //! - [`gateway`]: the recording gateway.
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program.
 //! - [`redis`]: the redis-server under test.
+//! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 
 pub mod bench;
+pub mod docker;
 pub mod fixtures;
 pub mod gateway;
 pub mod redis;
