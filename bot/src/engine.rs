@@ -344,7 +344,17 @@ impl Engine {
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
                 let state = self.kill.pull(&scope, Mode::Hard, None, &from, reason).await.map_err(|e| e.to_string())?;
-                Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                let docker = match scope {
+                    Scope::Global => {
+                        let control = docker_control().await.map(|d| async move { d.stop_listeners().await });
+                        docker_line("stopped listener containers", control).await
+                    }
+                    Scope::Agent(_) => {
+                        "docker: containers left running (a per-agent pause is enforced by the listeners)".to_owned()
+                    }
+                };
+                Ok(Executed::reply(reply.with_lines(None, [docker])))
             }
             Command::KillNuclear => {
                 let state = self
@@ -352,10 +362,19 @@ impl Engine {
                     .pull(&Scope::Global, Mode::Nuclear, None, &from, None)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(Executed::reply(Reply::warn(format!(
-                    "kill switch: {}",
-                    killswitch::describe(&Scope::Global, &state)
-                ))))
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
+                let lines = match docker_control().await {
+                    Ok(docker) => match docker.nuclear(false, crate::docker::own_container_id().as_deref()).await {
+                        Ok(report) => vec![
+                            format!("removed: {}", list_or_none(&report.removed)),
+                            format!("kept (this bot): {}", list_or_none(&report.kept)),
+                            format!("failed: {}", list_or_none(&report.failed)),
+                        ],
+                        Err(e) => vec![e.to_string()],
+                    },
+                    Err(e) => vec![e.to_string()],
+                };
+                Ok(Executed::reply(reply.with_lines(Some("docker"), lines)))
             }
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;

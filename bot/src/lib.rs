@@ -11,6 +11,7 @@
 //! - [`dlq`]: listing and replaying dead letters.
 //! - [`engine`]: runs a parsed command against the mesh (one core for every front end).
 //! - [`audit`]: the audit trail. [`killswitch`]: pulling and releasing the switch.
+//! - [`limits`]: rate limits per user and command class, and retry dedup (memory or Redis).
 //! - [`maintenance`]: the maintenance window as one command.
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.

@@ -1,8 +1,13 @@
-//! A real `redis-server` on a free loopback port with a temporary dir, killed
-//! on drop.
+//! A real `redis-server` on a free loopback port with a temporary dir and no
+//! persistence, killed on drop.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long the server may take to answer `PING` after it was started.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The Redis server under test.
 #[derive(Debug)]
@@ -13,26 +18,43 @@ pub struct TestRedis {
 }
 
 impl TestRedis {
-    /// Starts a server; panics with install instructions when redis-server is missing.
+    /// Starts a server on a free port; panics with install instructions when
+    /// redis-server is missing.
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = mesh_bot::local_nats::free_port().expect("free port");
-        let child = tokio::process::Command::new("redis-server")
+        Self::start_on(mesh_bot::local_nats::free_port().expect("finding a free port")).await
+    }
+
+    /// Starts a server on `port` and waits until it answers `PING`.
+    pub async fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("creating a temp dir");
+        let mut child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
             .arg(dir.path())
+            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!("redis-server not found ({e}); run scripts/install.sh (installs Debian's redis-server)")
+            .unwrap_or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    panic!("redis-server not found; run scripts/install.sh (installs Debian's redis-server)")
+                }
+                _ => panic!("starting redis-server: {e}"),
             });
         let started = Instant::now();
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "redis-server did not start");
+        while !answers_ping(port).await {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server exited at start ({status}); is port {port} taken?");
+            }
+            assert!(started.elapsed() < START_TIMEOUT, "redis-server did not answer PING within {START_TIMEOUT:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Self { child, port, _dir: dir }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL to connect to.
@@ -40,8 +62,40 @@ impl TestRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Stops it now.
+    /// Runs `redis-cli --raw` against it and returns its output, one line per reply element.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let output = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--raw"])
+            .args(args)
+            .output()
+            .await
+            .expect("running redis-cli (installed with redis-server)");
+        assert!(output.status.success(), "redis-cli {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// Every key, sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> =
+            self.cli(&["KEYS", "*"]).await.lines().filter(|k| !k.is_empty()).map(str::to_owned).collect();
+        keys.sort();
+        keys
+    }
+
+    /// Kills it now (it is killed on drop anyway).
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }
+}
+
+/// True when a server on `port` answers `PING` with `+PONG`.
+async fn answers_ping(port: u16) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(b"PING\r\n").await?;
+        let mut reply = [0u8; 7];
+        stream.read_exact(&mut reply).await?;
+        Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Ok(true)))
 }

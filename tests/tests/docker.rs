@@ -74,9 +74,9 @@ async fn nuclear_removes_the_project_but_the_bot_and_other_projects() {
     let bot_id = project.inspect(&bot, "{{.Id}}").unwrap();
     let report = docker.nuclear(true, Some(&bot_id)).await.unwrap();
     assert_eq!(report.removed, [a.clone(), nats.clone()]);
-    assert_eq!(report.kept, [bot.clone()]);
-    assert_eq!(report.volumes, [volume.clone()]);
-    assert_eq!(report.networks, [network.clone()]);
+    assert_eq!(report.kept, std::slice::from_ref(&bot));
+    assert_eq!(report.volumes, std::slice::from_ref(&volume));
+    assert_eq!(report.networks, std::slice::from_ref(&network));
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     assert_eq!(project.inspect(&a, "{{.Name}}"), None);
     assert_eq!(project.inspect(&bot, "{{.State.Running}}").as_deref(), Some("true"));
@@ -105,4 +105,68 @@ async fn an_unreachable_engine_says_so_quickly() {
     assert!(err.contains("docker engine not reachable"), "{err}");
     assert!(err.contains("transport-level pause still works"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
+    if !docker_or_skip() {
+        return;
+    }
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = mesh_tests::RecordingGateway::start().await;
+    let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true)]);
+    let project = Project::new();
+    let listener = project.run("listener", Some("a"));
+    let mesh = |args: &'static [&'static str]| {
+        let mut cmd = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin());
+        cmd.args(args)
+            .env("NATS_URL", nats.url())
+            .env("MESH_REGISTRY", &fixture.registry)
+            .env("MESH_COMPOSE_PROJECT", &project.name);
+        cmd
+    };
+    let out = mesh(&["kill", "hard", "--yes", "--reason", "drill"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("HARD") && text.contains(&format!("docker: stopped listener containers: {listener}")),
+        "{text}"
+    );
+    assert_eq!(project.inspect(&listener, "{{.State.Running}}").as_deref(), Some("false"));
+
+    let status = mesh(&["status"]).output().await.unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains(&listener) && status.contains("exited"), "{status}");
+    assert!(status.contains("HARD by terminal"), "{status}");
+
+    let out = mesh(&["resume"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("docker: started listener containers: {listener}")), "{text}");
+    assert_eq!(project.inspect(&listener, "{{.State.Running}}").as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn mesh_kill_nuclear_removes_the_project_and_reports_it() {
+    if !docker_or_skip() {
+        return;
+    }
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = mesh_tests::RecordingGateway::start().await;
+    let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true)]);
+    let project = Project::new();
+    let listener = project.run("listener", Some("a"));
+    let nats_container = project.run("nats", None);
+    let out = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin())
+        .args(["kill", "nuclear", "--yes"])
+        .env("NATS_URL", nats.url())
+        .env("MESH_REGISTRY", &fixture.registry)
+        .env("MESH_COMPOSE_PROJECT", &project.name)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("NUCLEAR by terminal"), "{text}");
+    assert!(text.contains(&format!("removed: {listener}, {nats_container}")), "{text}");
+    assert_eq!(project.inspect(&listener, "{{.Name}}"), None);
 }
