@@ -98,11 +98,11 @@ pub async fn ping(client: &async_nats::Client, registry: &Registry, timeout: Dur
     let deadline = tokio::time::Instant::now() + timeout;
     while pongs.len() < expected {
         let Ok(Some(message)) = tokio::time::timeout_at(deadline, replies.next()).await else { break };
-        if let Ok(pong) = Pong::decode(&message.payload)
-            && registry.get(&pong.agent).is_some()
-        {
-            let rtt = started.elapsed();
-            pongs.entry(pong.agent.clone()).or_insert((pong, rtt));
+        let rtt = started.elapsed();
+        for pong in Pong::decode_any(&message.payload).unwrap_or_default() {
+            if registry.get(&pong.agent).is_some() {
+                pongs.entry(pong.agent.clone()).or_insert((pong, rtt));
+            }
         }
     }
     Ok(PingReport::build(registry, &pongs, started.elapsed()))

@@ -6,12 +6,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use mesh_protocol::health::Pong;
 use mesh_protocol::subject::Subject;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::gateway::Gateway;
 use crate::state::FleetState;
+
+/// Pongs batched into one message (well under NATS's max payload).
+pub const PONGS_PER_MESSAGE: usize = 200;
 
 /// Longest a gateway health result is reused.
 pub const HEALTH_MAX_AGE: Duration = Duration::from_secs(15);
@@ -41,11 +45,16 @@ pub async fn respond<G: Gateway + Clone>(
         };
         let target = ping.reply.clone().map(|r| r.to_string()).unwrap_or_else(|| Subject::HealthPong.to_string());
         let uptime = fleet.started.elapsed();
-        for agent in fleet.agents() {
-            let pong = agent.pong(uptime).encode();
-            if let Err(e) = client.publish(target.clone(), pong.into()).await {
+        let agents = fleet.agents();
+        // A process with many agents answers in a few batched messages, not one per agent.
+        for chunk in agents.chunks(PONGS_PER_MESSAGE) {
+            let pongs: Vec<_> = chunk.iter().map(|agent| agent.pong(uptime)).collect();
+            let payload = if pongs.len() == 1 { pongs[0].encode() } else { Pong::encode_batch(&pongs) };
+            if let Err(e) = client.publish(target.clone(), payload.into()).await {
                 debug!(error = %e, "pong not sent");
             }
+        }
+        for agent in agents {
             if agent.health_check_due(HEALTH_MAX_AGE) {
                 let url = urls.read().unwrap_or_else(|p| p.into_inner()).get(&agent.id).cloned();
                 if let Some(url) = url {

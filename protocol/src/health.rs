@@ -46,6 +46,19 @@ impl Pong {
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("invalid pong: {e}"))
     }
+
+    /// Encodes several pongs as one JSON array (a listener serving many agents).
+    pub fn encode_batch(pongs: &[Self]) -> Vec<u8> {
+        serde_json::to_vec(pongs).expect("pongs always serialize")
+    }
+
+    /// Decodes one pong or a batch.
+    pub fn decode_any(bytes: &[u8]) -> Result<Vec<Self>, String> {
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'[') => serde_json::from_slice(bytes).map_err(|e| format!("invalid pong batch: {e}")),
+            _ => Self::decode(bytes).map(|pong| vec![pong]),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +78,9 @@ mod tests {
         };
         assert_eq!(Pong::decode(&pong.encode()).unwrap(), pong);
         assert!(Pong::decode(b"{}").is_err());
+        assert_eq!(Pong::decode_any(&pong.encode()).unwrap(), std::slice::from_ref(&pong));
+        let batch = Pong::encode_batch(&[pong.clone(), pong.clone()]);
+        assert_eq!(Pong::decode_any(&batch).unwrap().len(), 2);
+        assert!(Pong::decode_any(b"[{}]").is_err());
     }
 }
