@@ -366,6 +366,7 @@ impl Engine {
                 let lines = match docker_control().await {
                     Ok(docker) => match docker.nuclear(false, crate::docker::own_container_id().as_deref()).await {
                         Ok(report) => vec![
+                            format!("stopped: {}", list_or_none(&report.stopped)),
                             format!("removed: {}", list_or_none(&report.removed)),
                             format!("kept (this bot): {}", list_or_none(&report.kept)),
                             format!("failed: {}", list_or_none(&report.failed)),

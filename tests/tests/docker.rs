@@ -2,97 +2,173 @@
 //! files: status lists the project's containers, a hard kill stops the
 //! listeners and resume starts them, restart hits one agent, nuclear removes
 //! the project (the bot's own container excepted) and, with purge, its
-//! volumes and networks. Other projects are untouched.
+//! volumes and networks. Other projects are untouched. Each test has its own
+//! project, so they run in parallel.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mesh_bot::docker::{DockerControl, DockerError};
-use mesh_tests::docker::{Project, docker_or_skip};
+use mesh_tests::docker::{Extras, Project};
+use mesh_tests::require_docker;
 
 #[tokio::test]
-async fn status_lists_the_project_and_hard_kill_stops_and_resume_starts_listeners() {
-    if !docker_or_skip() {
-        return;
-    }
-    let project = Project::new();
-    let a = project.run("listener", Some("a"));
-    let b = project.run("listener", Some("b"));
-    let bot = project.run("bot", None);
+async fn status_lists_the_projects_containers_with_role_agent_state_and_uptime() {
+    require_docker!();
+    let project = Project::new().await;
+    let other = Project::new().await;
+    let a = project.run("listener", Some("a")).await;
+    let b = project.run("listener", Some("b")).await;
+    let bot = project.run("bot", None).await;
+    let nats = project.run("nats", None).await;
+    other.run("listener", Some("a")).await;
     let docker = DockerControl::connect(&project.name).await.unwrap();
+    assert_eq!(docker.project(), project.name);
 
     let rows = docker.containers().await.unwrap();
-    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(names, [bot.as_str(), a.as_str(), b.as_str()], "sorted by name");
-    assert!(rows.iter().all(|r| r.state == "running" && r.uptime_s.is_some()), "{rows:?}");
-    assert_eq!(rows[1].agent.as_deref(), Some("a"));
-    assert_eq!(rows[0].role, "bot");
+    let seen: Vec<(&str, &str, Option<&str>)> =
+        rows.iter().map(|r| (r.name.as_str(), r.role.as_str(), r.agent.as_deref())).collect();
+    assert_eq!(
+        seen,
+        [
+            (bot.as_str(), "bot", None),
+            (a.as_str(), "listener", Some("a")),
+            (b.as_str(), "listener", Some("b")),
+            (nats.as_str(), "nats", None),
+        ],
+        "sorted by name, only this project"
+    );
+    for row in &rows {
+        assert_eq!(row.state, "running", "{row:?}");
+        assert!(row.uptime_s.is_some_and(|s| s < 600), "{row:?}");
+        assert_eq!((row.restarts, row.health.as_deref()), (0, None), "{row:?}");
+    }
 
-    let stopped = docker.stop_listeners().await.unwrap();
-    assert_eq!(stopped, [a.clone(), b.clone()]);
-    assert_eq!(project.inspect(&a, "{{.State.Running}}").as_deref(), Some("false"));
-    assert_eq!(project.inspect(&bot, "{{.State.Running}}").as_deref(), Some("true"), "the bot keeps running");
+    docker.stop_listeners().await.unwrap();
+    let rows = docker.containers().await.unwrap();
+    let listener = rows.iter().find(|r| r.name == a).unwrap();
+    assert_eq!((listener.state.as_str(), listener.uptime_s), ("exited", None), "{listener:?}");
+}
 
-    let started = docker.start_listeners().await.unwrap();
-    assert_eq!(started, [a.clone(), b.clone()]);
-    assert_eq!(project.inspect(&b, "{{.State.Running}}").as_deref(), Some("true"));
+#[tokio::test]
+async fn hard_kill_stops_only_listeners_and_resume_starts_them_again() {
+    require_docker!();
+    let project = Project::new().await;
+    let a = project.run("listener", Some("a")).await;
+    let b = project.run("listener", Some("b")).await;
+    let bot = project.run("bot", None).await;
+    let nats = project.run("nats", None).await;
+    let docker = DockerControl::connect(&project.name).await.unwrap();
+
+    assert_eq!(docker.stop_listeners().await.unwrap(), [a.clone(), b.clone()]);
+    for (name, running) in [(&a, false), (&b, false), (&bot, true), (&nats, true)] {
+        assert_eq!(project.running(name).await, Some(running), "{name} after stop");
+    }
+    // Already stopped counts as stopped.
+    assert_eq!(docker.stop_listeners().await.unwrap(), [a.clone(), b.clone()]);
+
+    assert_eq!(docker.start_listeners().await.unwrap(), [a.clone(), b.clone()]);
+    for name in [&a, &b, &bot, &nats] {
+        project.wait_running(name, true).await;
+    }
+    // Already running counts as started.
+    assert_eq!(docker.start_listeners().await.unwrap(), [a.clone(), b.clone()]);
 }
 
 #[tokio::test]
 async fn restart_hits_only_that_agents_listener() {
-    if !docker_or_skip() {
-        return;
-    }
-    let project = Project::new();
-    let a = project.run("listener", Some("a"));
-    let b = project.run("listener", Some("b"));
+    require_docker!();
+    let project = Project::new().await;
+    let a = project.run("listener", Some("a")).await;
+    let b = project.run("listener", Some("b")).await;
     let docker = DockerControl::connect(&project.name).await.unwrap();
-    let (a_before, b_before) =
-        (project.inspect(&a, "{{.State.StartedAt}}"), project.inspect(&b, "{{.State.StartedAt}}"));
+    let (a_before, b_before) = (project.started_at(&a).await, project.started_at(&b).await);
+    assert!(a_before.is_some() && b_before.is_some());
+
     assert_eq!(docker.restart_listener("a").await.unwrap(), a);
-    assert_ne!(project.inspect(&a, "{{.State.StartedAt}}"), a_before);
-    assert_eq!(project.inspect(&b, "{{.State.StartedAt}}"), b_before);
+    project.wait_running(&a, true).await;
+    assert_ne!(project.started_at(&a).await, a_before, "a restarted");
+    assert_eq!(project.started_at(&b).await, b_before, "b untouched");
+
     let missing = docker.restart_listener("zed").await.unwrap_err();
     assert!(matches!(missing, DockerError::NoListener { .. }), "{missing}");
-}
-
-#[tokio::test]
-async fn nuclear_removes_the_project_but_the_bot_and_other_projects() {
-    if !docker_or_skip() {
-        return;
-    }
-    let project = Project::new();
-    let other = Project::new();
-    let a = project.run("listener", Some("a"));
-    let nats = project.run("nats", None);
-    let bot = project.run("bot", None);
-    let (volume, network) = project.volume_and_network();
-    let bystander = other.run("listener", Some("a"));
-    let docker = DockerControl::connect(&project.name).await.unwrap();
-
-    let bot_id = project.inspect(&bot, "{{.Id}}").unwrap();
-    let report = docker.nuclear(true, Some(&bot_id)).await.unwrap();
-    assert_eq!(report.removed, [a.clone(), nats.clone()]);
-    assert_eq!(report.kept, std::slice::from_ref(&bot));
-    assert_eq!(report.volumes, std::slice::from_ref(&volume));
-    assert_eq!(report.networks, std::slice::from_ref(&network));
-    assert!(report.failed.is_empty(), "{:?}", report.failed);
-    assert_eq!(project.inspect(&a, "{{.Name}}"), None);
-    assert_eq!(project.inspect(&bot, "{{.State.Running}}").as_deref(), Some("true"));
-    assert_eq!(
-        other.inspect(&bystander, "{{.State.Running}}").as_deref(),
-        Some("true"),
-        "another project is untouched"
+    assert!(
+        missing
+            .to_string()
+            .contains(&format!("no listener container for agent \"zed\" in project \"{}\"", project.name))
     );
 }
 
 #[tokio::test]
-async fn an_unreachable_engine_says_so_quickly() {
+async fn nuclear_removes_the_project_but_the_bots_own_container_and_other_projects() {
+    require_docker!();
+    let project = Project::new().await;
+    let other = Project::new().await;
+    let volume = project.volume().await;
+    let network = project.network().await;
+    let a = project.run_with("listener", Some("a"), Extras { volume: Some(&volume), network: Some(&network) }).await;
+    let nats = project.run_with("nats", None, Extras { volume: None, network: Some(&network) }).await;
+    let bot = project.run("bot", None).await;
+    let other_volume = other.volume().await;
+    let bystander = other.run_with("listener", Some("a"), Extras { volume: Some(&other_volume), network: None }).await;
+    let docker = DockerControl::connect(&project.name).await.unwrap();
+
+    let bot_id = project.id(&bot).await;
+    let report = docker.nuclear(true, Some(&bot_id)).await.unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert_eq!(report.stopped, [a.clone(), nats.clone()]);
+    assert_eq!(report.removed, [a.clone(), nats.clone()]);
+    assert_eq!(report.kept, std::slice::from_ref(&bot));
+    assert_eq!(report.volumes, std::slice::from_ref(&volume));
+    assert_eq!(report.networks, std::slice::from_ref(&network));
+
+    assert_eq!(project.inspect(&a).await.map(|i| i.id), None, "removed");
+    assert_eq!(project.inspect(&nats).await.map(|i| i.id), None, "removed");
+    assert_eq!(project.running(&bot).await, Some(true), "the bot's own container keeps running");
+    assert!(!project.volume_exists(&volume).await && !project.network_exists(&network).await);
+    assert_eq!(other.running(&bystander).await, Some(true), "another project is untouched");
+    assert!(other.volume_exists(&other_volume).await, "another project's volume is untouched");
+
+    // Again, the bot known by its short id (its default hostname): nothing left but the bot.
+    let again = docker.nuclear(false, Some(&bot_id[..12])).await.unwrap();
+    assert_eq!((again.stopped.len(), again.removed.len(), again.kept.clone()), (0, 0, vec![bot.clone()]));
+}
+
+#[tokio::test]
+async fn nuclear_without_purge_keeps_volumes_and_networks() {
+    require_docker!();
+    let project = Project::new().await;
+    let volume = project.volume().await;
+    let network = project.network().await;
+    let a = project.run_with("listener", Some("a"), Extras { volume: Some(&volume), network: Some(&network) }).await;
+    let docker = DockerControl::connect(&project.name).await.unwrap();
+
+    let report = docker.nuclear(false, None).await.unwrap();
+    assert_eq!((report.removed, report.kept), (vec![a], vec![]));
+    assert!(report.volumes.is_empty() && report.networks.is_empty() && report.failed.is_empty());
+    assert!(project.volume_exists(&volume).await && project.network_exists(&network).await);
+}
+
+#[tokio::test]
+async fn an_unreachable_engine_gives_a_clear_error_quickly() {
+    let port = mesh_bot::local_nats::free_port().unwrap();
+    let host = format!("tcp://127.0.0.1:{port}");
+    let started = Instant::now();
+    let err = DockerControl::connect_to(Some(&host), "mesh").await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    assert!(matches!(err, DockerError::Unreachable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.starts_with(&format!("docker engine not reachable at {host}: ")), "{text}");
+    assert!(text.ends_with("; the transport-level pause still works"), "{text}");
+}
+
+#[tokio::test]
+async fn mesh_restart_with_an_unreachable_engine_says_so_quickly() {
     let gw = mesh_tests::RecordingGateway::start().await;
     let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true)]);
     let port = mesh_bot::local_nats::free_port().unwrap();
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let out = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin())
         .args(["restart", "a"])
         .env("MESH_REGISTRY", &fixture.registry)
@@ -102,21 +178,19 @@ async fn an_unreachable_engine_says_so_quickly() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("docker engine not reachable"), "{err}");
+    assert!(err.contains(&format!("docker engine not reachable at tcp://127.0.0.1:{port}")), "{err}");
     assert!(err.contains("transport-level pause still works"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
 }
 
 #[tokio::test]
 async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
-    if !docker_or_skip() {
-        return;
-    }
+    require_docker!();
     let nats = mesh_tests::TestNats::start().await;
     let gw = mesh_tests::RecordingGateway::start().await;
     let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true)]);
-    let project = Project::new();
-    let listener = project.run("listener", Some("a"));
+    let project = Project::new().await;
+    let listener = project.run("listener", Some("a")).await;
     let mesh = |args: &'static [&'static str]| {
         let mut cmd = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin());
         cmd.args(args)
@@ -132,7 +206,7 @@ async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
         text.contains("HARD") && text.contains(&format!("docker: stopped listener containers: {listener}")),
         "{text}"
     );
-    assert_eq!(project.inspect(&listener, "{{.State.Running}}").as_deref(), Some("false"));
+    assert_eq!(project.running(&listener).await, Some(false));
 
     let status = mesh(&["status"]).output().await.unwrap();
     let status = String::from_utf8_lossy(&status.stdout);
@@ -142,20 +216,18 @@ async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
     let out = mesh(&["resume"]).output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("docker: started listener containers: {listener}")), "{text}");
-    assert_eq!(project.inspect(&listener, "{{.State.Running}}").as_deref(), Some("true"));
+    project.wait_running(&listener, true).await;
 }
 
 #[tokio::test]
 async fn mesh_kill_nuclear_removes_the_project_and_reports_it() {
-    if !docker_or_skip() {
-        return;
-    }
+    require_docker!();
     let nats = mesh_tests::TestNats::start().await;
     let gw = mesh_tests::RecordingGateway::start().await;
     let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true)]);
-    let project = Project::new();
-    let listener = project.run("listener", Some("a"));
-    let nats_container = project.run("nats", None);
+    let project = Project::new().await;
+    let listener = project.run("listener", Some("a")).await;
+    let nats_container = project.run("nats", None).await;
     let out = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin())
         .args(["kill", "nuclear", "--yes"])
         .env("NATS_URL", nats.url())
@@ -168,5 +240,5 @@ async fn mesh_kill_nuclear_removes_the_project_and_reports_it() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("NUCLEAR by terminal"), "{text}");
     assert!(text.contains(&format!("removed: {listener}, {nats_container}")), "{text}");
-    assert_eq!(project.inspect(&listener, "{{.Name}}"), None);
+    assert_eq!(project.inspect(&listener).await.map(|i| i.id), None);
 }
