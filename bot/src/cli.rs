@@ -36,27 +36,13 @@ pub enum Command {
     Send {
         /// The agent's id.
         agent: String,
-        /// The message (several words are joined with spaces; `-` reads standard input).
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
-        text: Vec<String>,
-        /// low, normal, high or urgent (high and urgent wake the agent now).
-        #[arg(long, default_value = "normal")]
-        priority: Priority,
-        /// Sender name (an agent id, so replies reach its inbox, or a label).
-        #[arg(long, env = "MESH_FROM")]
-        from: Option<String>,
+        #[command(flatten)]
+        message: MessageArgs,
     },
     /// Send a message to every active agent.
     Broadcast {
-        /// The message (several words are joined with spaces; `-` reads standard input).
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
-        text: Vec<String>,
-        /// low, normal, high or urgent (high and urgent wake the agents now).
-        #[arg(long, default_value = "normal")]
-        priority: Priority,
-        /// Sender name.
-        #[arg(long, env = "MESH_FROM")]
-        from: Option<String>,
+        #[command(flatten)]
+        message: MessageArgs,
     },
     /// Ping every listener; one row per registry agent. Exits 1 when an active agent did not answer.
     Ping {
@@ -143,6 +129,20 @@ pub enum Command {
         #[arg(long, default_value_t = 4222)]
         nats_port: u16,
     },
+}
+
+/// The message of `send` and `broadcast`.
+#[derive(Debug, clap::Args)]
+pub struct MessageArgs {
+    /// The message (several words are joined with spaces; `-` reads standard input).
+    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    text: Vec<String>,
+    /// low, normal, high or urgent (high and urgent wake the agent now).
+    #[arg(long, default_value = "normal")]
+    priority: Priority,
+    /// Sender name (an agent id, so replies reach its inbox, or a label).
+    #[arg(long, env = "MESH_FROM")]
+    from: Option<String>,
 }
 
 /// What to do with dead letters.
@@ -270,25 +270,18 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let Args { nats_url, registry, json, command } = args;
     let args = Globals { nats_url, registry, json };
     match command {
-        Command::Send { agent, text, priority, from } => {
+        Command::Send { agent, message } => {
             let registry = registry_file::load(&args.registry)?;
-            publish::resolve_target(&registry, &agent)?;
-            let from = from.unwrap_or_else(default_sender);
-            let text = message_text(text)?;
-            mesh_protocol::Envelope::new(from.as_str(), mesh_protocol::Recipient::Broadcast, text.as_str())?;
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let js = async_nats::jetstream::new(client);
-            let receipt = publish::send(&js, &registry, &from, &agent, &text, priority).await?;
+            let (from, text) = (message.from.unwrap_or_else(default_sender), message_text(message.text)?);
+            let prepared = publish::prepare_send(&registry, &from, &agent, &text, message.priority)?;
+            let receipt = deliver_now(&args.nats_url, &prepared).await?;
             print_receipt(&receipt, &agent, args.json);
         }
-        Command::Broadcast { text, priority, from } => {
+        Command::Broadcast { message } => {
             let registry = registry_file::load(&args.registry)?;
-            let from = from.unwrap_or_else(default_sender);
-            let text = message_text(text)?;
-            mesh_protocol::Envelope::new(from.as_str(), mesh_protocol::Recipient::Broadcast, text.as_str())?;
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let js = async_nats::jetstream::new(client);
-            let receipt = publish::broadcast(&js, &registry, &from, &text, priority).await?;
+            let (from, text) = (message.from.unwrap_or_else(default_sender), message_text(message.text)?);
+            let prepared = publish::prepare_broadcast(&registry, &from, &text, message.priority)?;
+            let receipt = deliver_now(&args.nats_url, &prepared).await?;
             print_receipt(&receipt, "*", args.json);
         }
         Command::Ping { timeout_ms } => {
@@ -438,6 +431,14 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Connects, creates the streams if missing, and delivers one prepared message.
+async fn deliver_now(nats_url: &str, prepared: &publish::Prepared) -> anyhow::Result<Receipt> {
+    let client = nats::connect_now(nats_url, "mesh-cli").await?;
+    let js = async_nats::jetstream::new(client);
+    nats::ensure_streams(&js, 1).await?;
+    Ok(publish::deliver(&js, prepared).await?)
 }
 
 /// Whoever runs `mesh` on the host: a director unless `MESH_PERMISSIONS` says otherwise.

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 /// Errors reading or writing the switch.
 #[derive(Debug, thiserror::Error)]
 pub enum KillSwitchError {
-    #[error("cannot reach the kill switch bucket: {0}")]
+    #[error("cannot reach the kill switch bucket: {0}; check that nats-server runs with JetStream enabled (-js)")]
     Bucket(String),
     #[error("cannot write the kill switch: {0}")]
     Write(String),

@@ -58,6 +58,7 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Report, String> {
     let js = jetstream::new(client.clone());
+    mesh_listener::nats::ensure_streams(&js, 1).await.map_err(|e| e.to_string())?;
     let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
     let mut report = Report::default();
     let mut step = |report: &mut Report, line: String| {

@@ -112,6 +112,61 @@ pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -
     Ok((ack.sequence, ack.duplicate))
 }
 
+/// A validated message and the agents it is for, built without any I/O so
+/// bad input is refused before NATS is even contacted.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The envelope to publish.
+    pub envelope: Envelope,
+    /// The agents whose consumers must exist before it is published.
+    pub recipients: Vec<AgentId>,
+}
+
+/// Validates a message to one agent.
+pub fn prepare_send(
+    registry: &Registry,
+    from: &str,
+    to: &str,
+    text: &str,
+    priority: Priority,
+) -> Result<Prepared, SendError> {
+    let agent = resolve_target(registry, to)?;
+    let envelope = Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
+    envelope.encode()?;
+    Ok(Prepared { envelope, recipients: vec![agent.id.clone()] })
+}
+
+/// Validates a message to every active agent.
+pub fn prepare_broadcast(
+    registry: &Registry,
+    from: &str,
+    text: &str,
+    priority: Priority,
+) -> Result<Prepared, SendError> {
+    let recipients: Vec<AgentId> = registry.active().map(|a| a.id.clone()).collect();
+    if recipients.is_empty() {
+        return Err(SendError::NoActiveAgents);
+    }
+    let envelope = Envelope::new(from, Recipient::Broadcast, text)?.with_priority(priority);
+    envelope.encode()?;
+    Ok(Prepared { envelope, recipients })
+}
+
+/// Makes sure the recipients' consumers exist, publishes, and waits for the
+/// ack. The streams must exist already (`nats::ensure_streams`, once per
+/// connection: the bot's engine does it at start, the CLI before its publish).
+pub async fn deliver(js: &async_nats::jetstream::Context, prepared: &Prepared) -> Result<Receipt, SendError> {
+    let mut ensured = futures::stream::iter(
+        prepared.recipients.iter().cloned().map(|id| async move { nats::ensure_consumer(js, &id).await }),
+    )
+    .buffer_unordered(ENSURE_PARALLELISM);
+    while let Some(result) = ensured.next().await {
+        result?;
+    }
+    let (stream_seq, duplicate) = publish(js, &prepared.envelope).await?;
+    Ok(Receipt { id: prepared.envelope.id, stream_seq, duplicate, recipients: prepared.recipients.len() })
+}
+
 /// Sends `text` to one agent.
 pub async fn send(
     js: &async_nats::jetstream::Context,
@@ -121,13 +176,7 @@ pub async fn send(
     text: &str,
     priority: Priority,
 ) -> Result<Receipt, SendError> {
-    let agent = resolve_target(registry, to)?;
-    let envelope = Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
-    envelope.encode()?;
-    nats::ensure_streams(js, 1).await?;
-    nats::ensure_consumer(js, &agent.id).await?;
-    let (stream_seq, duplicate) = publish(js, &envelope).await?;
-    Ok(Receipt { id: envelope.id, stream_seq, duplicate, recipients: 1 })
+    deliver(js, &prepare_send(registry, from, to, text, priority)?).await
 }
 
 /// Sends `text` to every active agent.
@@ -138,21 +187,7 @@ pub async fn broadcast(
     text: &str,
     priority: Priority,
 ) -> Result<Receipt, SendError> {
-    let active: Vec<AgentId> = registry.active().map(|a| a.id.clone()).collect();
-    if active.is_empty() {
-        return Err(SendError::NoActiveAgents);
-    }
-    let envelope = Envelope::new(from, Recipient::Broadcast, text)?.with_priority(priority);
-    envelope.encode()?;
-    nats::ensure_streams(js, 1).await?;
-    let mut ensured =
-        futures::stream::iter(active.iter().cloned().map(|id| async move { nats::ensure_consumer(js, &id).await }))
-            .buffer_unordered(ENSURE_PARALLELISM);
-    while let Some(result) = ensured.next().await {
-        result?;
-    }
-    let (stream_seq, duplicate) = publish(js, &envelope).await?;
-    Ok(Receipt { id: envelope.id, stream_seq, duplicate, recipients: active.len() })
+    deliver(js, &prepare_broadcast(registry, from, text, priority)?).await
 }
 
 #[cfg(test)]

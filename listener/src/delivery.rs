@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use crate::gateway::{Gateway, Response};
 use crate::hook;
 use crate::metrics;
-use crate::policy::{self, Decision, Outcome, RetryPolicy};
+use crate::policy::{self, Decision, RetryPolicy};
 use crate::state::AgentState;
 
 /// An agent as a listener serves it: registry entry plus resolved tokens.
@@ -309,9 +309,4 @@ fn truncate(text: &str) -> String {
         cut -= 1;
     }
     format!("{}… [truncated]", &text[..cut])
-}
-
-/// The outcome label of a response, for tests and logs.
-pub fn outcome_label(outcome: &Outcome) -> &'static str {
-    outcome.label()
 }

@@ -19,7 +19,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum NatsError {
     #[error("cannot reach NATS at {url}: {reason}; is nats-server running? (`mesh up --demo` starts one)")]
     Unreachable { url: String, reason: String },
-    #[error("JetStream request failed: {0}")]
+    #[error(
+        "JetStream request failed: {0}; check that nats-server runs with JetStream enabled (-js) and has disk space"
+    )]
     JetStream(String),
 }
 

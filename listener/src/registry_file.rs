@@ -30,16 +30,3 @@ pub fn load(path: &Path) -> Result<Registry, RegistryFileError> {
     })?;
     Registry::parse(&text).map_err(|errors| RegistryFileError::Invalid { path: path.to_owned(), errors })
 }
-
-/// Writes the registry atomically (temp file in the same directory, then rename).
-pub fn save(path: &Path, registry: &Registry) -> std::io::Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("tokens.json"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, registry.to_json())?;
-    std::fs::rename(&tmp, path)
-}

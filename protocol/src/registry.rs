@@ -201,11 +201,6 @@ impl Registry {
         if errors.is_empty() { Ok(Self { agents }) } else { Err(RegistryErrors(errors)) }
     }
 
-    /// Builds a registry from validated agents.
-    pub fn from_agents(agents: impl IntoIterator<Item = Agent>) -> Self {
-        Self { agents: agents.into_iter().map(|a| (a.id.clone(), a)).collect() }
-    }
-
     /// Writes the registry back in the `tokens.json` format.
     pub fn to_json(&self) -> String {
         let map: BTreeMap<&str, &Agent> = self.agents.iter().map(|(id, a)| (id.as_str(), a)).collect();

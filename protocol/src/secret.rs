@@ -109,11 +109,6 @@ impl SecretRef {
             }
         }
     }
-
-    /// True for a literal token written into the registry.
-    pub fn is_literal(&self) -> bool {
-        matches!(self, Self::Literal(_))
-    }
 }
 
 impl fmt::Debug for SecretRef {

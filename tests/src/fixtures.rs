@@ -130,6 +130,13 @@ pub fn mesh_bin() -> PathBuf {
     bin("mesh-under-test")
 }
 
+/// The `mesh` binary under test, pointed at a NATS server and a registry.
+pub fn mesh_command(nats_url: &str, registry: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(mesh_bin());
+    command.env("NATS_URL", nats_url).env("MESH_REGISTRY", registry);
+    command
+}
+
 /// Path of the `mesh-listener` binary under test.
 pub fn listener_bin() -> PathBuf {
     bin("mesh-listener-under-test")

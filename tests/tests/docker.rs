@@ -192,11 +192,8 @@ async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
     let project = Project::new().await;
     let listener = project.run("listener", Some("a")).await;
     let mesh = |args: &'static [&'static str]| {
-        let mut cmd = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin());
-        cmd.args(args)
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_COMPOSE_PROJECT", &project.name);
+        let mut cmd = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        cmd.args(args).env("MESH_COMPOSE_PROJECT", &project.name);
         cmd
     };
     let out = mesh(&["kill", "hard", "--yes", "--reason", "drill"]).output().await.unwrap();
@@ -228,10 +225,8 @@ async fn mesh_kill_nuclear_removes_the_project_and_reports_it() {
     let project = Project::new().await;
     let listener = project.run("listener", Some("a")).await;
     let nats_container = project.run("nats", None).await;
-    let out = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin())
+    let out = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
         .args(["kill", "nuclear", "--yes"])
-        .env("NATS_URL", nats.url())
-        .env("MESH_REGISTRY", &fixture.registry)
         .env("MESH_COMPOSE_PROJECT", &project.name)
         .output()
         .await

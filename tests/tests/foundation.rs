@@ -4,16 +4,14 @@
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use mesh_tests::fixtures::{mesh_bin, wait_until_settled};
+use mesh_tests::fixtures::{mesh_command, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(15);
 
 async fn mesh(nats_url: &str, fixture: &Fixture, args: &[&str]) -> Output {
-    tokio::process::Command::new(mesh_bin())
+    mesh_command(nats_url, &fixture.registry)
         .args(args)
-        .env("NATS_URL", nats_url)
-        .env("MESH_REGISTRY", &fixture.registry)
         .env("MESH_FROM", "cli:tester")
         .output()
         .await
@@ -155,10 +153,8 @@ async fn bad_inputs_fail_clearly_and_publish_nothing() {
         );
     }
 
-    let mut child = tokio::process::Command::new(mesh_bin())
+    let mut child = mesh_command(&url, &fixture.registry)
         .args(["send", "nova", "-"])
-        .env("NATS_URL", &url)
-        .env("MESH_REGISTRY", &fixture.registry)
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -178,10 +174,8 @@ async fn bad_inputs_fail_clearly_and_publish_nothing() {
     assert!(started.elapsed() < Duration::from_secs(10), "unreachable NATS took {:?}", started.elapsed());
 
     let missing = Fixture::registry(&[]);
-    let out = tokio::process::Command::new(mesh_bin())
+    let out = mesh_command(&url, &missing.dir().join("nope.json"))
         .args(["send", "nova", "hi"])
-        .env("NATS_URL", &url)
-        .env("MESH_REGISTRY", missing.dir().join("nope.json"))
         .output()
         .await
         .expect("running mesh");

@@ -301,8 +301,10 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
     }
     let nova_before = nova_gw.requests().len();
     js.publish("agents.nova.inbox", "left for later".into()).await.unwrap().await.unwrap();
+    let kaan_before = kaan_gw.requests().len();
     send(&js, &fixture, "cli:t", "kaan", "still here").await;
-    kaan_gw.wait_for(kaan_gw.requests().len().max(1), WAIT).await;
+    let got = kaan_gw.wait_for(kaan_before + 1, WAIT).await;
+    assert!(got.last().unwrap().text().ends_with("still here"));
     wait_until_settled(&js, "kaan", WAIT).await;
     assert_eq!(nova_gw.requests().len(), nova_before, "a removed agent gets nothing");
     let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.unwrap();

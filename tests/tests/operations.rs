@@ -5,16 +5,14 @@ use std::process::Output;
 use std::time::Duration;
 
 use mesh_listener::config::Selection;
-use mesh_tests::fixtures::{Logged, listener_bin, mesh_bin, wait_until_settled};
+use mesh_tests::fixtures::{Logged, listener_bin, mesh_command, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn mesh(nats: &TestNats, fixture: &Fixture, args: &[&str]) -> Output {
-    tokio::process::Command::new(mesh_bin())
+    mesh_command(&nats.url(), &fixture.registry)
         .args(args)
-        .env("NATS_URL", nats.url())
-        .env("MESH_REGISTRY", &fixture.registry)
         .env("MESH_LOG", "trace")
         .output()
         .await

@@ -177,10 +177,8 @@ async fn signed_slash_commands_run_once_and_answer_on_response_url() {
     assert_eq!(nova.requests().len(), 1, "only the valid, first request reached the agent");
 
     // Every command is in the audit trail, denials included.
-    let audit = tokio::process::Command::new(mesh_bin())
+    let audit = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
         .args(["audit", "10", "--json"])
-        .env("NATS_URL", nats.url())
-        .env("MESH_REGISTRY", &fixture.registry)
         .output()
         .await
         .unwrap();

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::api::SlackApi;
 use super::verify::{self, SIGNATURE_HEADER, TIMESTAMP_HEADER};
-use crate::command::{Identity, Reply};
+use crate::command::Identity;
 use crate::engine::{Engine, Platform, Request};
 
 /// What the slash command handler needs.
@@ -108,9 +108,4 @@ async fn run(state: SlackState, request: Request, response_url: String) {
             warn!(error = %e, "slack ask reply not delivered");
         }
     }
-}
-
-/// An error reply as Slack JSON (for tests and handlers).
-pub fn error_json(message: &str) -> serde_json::Value {
-    super::super::command::render_slack::render(&Reply::error(message).ephemeral())
 }
