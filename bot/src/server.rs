@@ -14,7 +14,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use mesh_protocol::Secret;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::command::{ConfirmConfig, Permissions};
 use crate::engine::{Engine, EngineConfig};
@@ -28,8 +28,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Slack settings (from the environment: secrets never come from flags).
 #[derive(Debug, Clone)]
 pub struct SlackConfig {
-    /// `SLACK_SIGNING_SECRET` (or the file named by `SLACK_SIGNING_SECRET_FILE`).
-    pub signing_secret: Secret,
+    /// `SLACK_SIGNING_SECRET` (or the file named by `SLACK_SIGNING_SECRET_FILE`):
+    /// enables `POST /slack/commands`.
+    pub signing_secret: Option<Secret>,
+    /// `SLACK_APP_TOKEN` (or `SLACK_APP_TOKEN_FILE`): enables Socket Mode.
+    pub app_token: Option<Secret>,
     /// `SLACK_BOT_TOKEN`, for channel posts.
     pub bot_token: Option<Secret>,
     /// `SLACK_API_URL`, default `https://slack.com/api`.
@@ -65,6 +68,10 @@ pub mod env {
     pub const SLACK_SIGNING_SECRET_FILE: &str = "SLACK_SIGNING_SECRET_FILE";
     /// Slack bot token.
     pub const SLACK_BOT_TOKEN: &str = "SLACK_BOT_TOKEN";
+    /// Slack app-level token (`xapp-...`), for Socket Mode.
+    pub const SLACK_APP_TOKEN: &str = "SLACK_APP_TOKEN";
+    /// File holding the Slack app-level token.
+    pub const SLACK_APP_TOKEN_FILE: &str = "SLACK_APP_TOKEN_FILE";
     /// Slack Web API base URL.
     pub const SLACK_API_URL: &str = "SLACK_API_URL";
     /// Accepted prefix of `response_url`.
@@ -94,13 +101,17 @@ fn secret_from_env(var: &str, file_var: Option<&str>) -> anyhow::Result<Option<S
     Ok(None)
 }
 
-/// Reads the Slack settings from the environment.
+/// Reads the Slack settings from the environment: Slack is on when a signing
+/// secret (HTTP slash commands) or an app token (Socket Mode) is set.
 pub fn slack_from_env() -> anyhow::Result<Option<SlackConfig>> {
-    let Some(signing_secret) = secret_from_env(env::SLACK_SIGNING_SECRET, Some(env::SLACK_SIGNING_SECRET_FILE))? else {
+    let signing_secret = secret_from_env(env::SLACK_SIGNING_SECRET, Some(env::SLACK_SIGNING_SECRET_FILE))?;
+    let app_token = secret_from_env(env::SLACK_APP_TOKEN, Some(env::SLACK_APP_TOKEN_FILE))?;
+    if signing_secret.is_none() && app_token.is_none() {
         return Ok(None);
-    };
+    }
     Ok(Some(SlackConfig {
         signing_secret,
+        app_token,
         bot_token: secret_from_env(env::SLACK_BOT_TOKEN, None)?,
         api_url: std::env::var(env::SLACK_API_URL).unwrap_or_else(|_| "https://slack.com/api".into()),
         response_url_prefix: std::env::var(env::SLACK_RESPONSE_URL_PREFIX)
@@ -168,10 +179,21 @@ pub async fn run(
         let state = slack::commands::SlackState {
             engine: engine.clone(),
             api,
-            signing_secret: Arc::new(slack.signing_secret.clone()),
+            signing_secret: slack.signing_secret.clone().map(Arc::new),
         };
-        app = app.route("/slack/commands", post(slack::commands::handle).with_state(state));
-        info!("slack slash commands on /slack/commands");
+        if let Some(app_token) = slack.app_token.clone() {
+            let (state, api_url, stop) = (state.clone(), slack.api_url.clone(), stop.clone());
+            tokio::spawn(async move {
+                if let Err(e) = slack::socket::serve(state, &api_url, &app_token, stop).await {
+                    warn!(error = %e, "slack socket mode stopped; check SLACK_APP_TOKEN and SLACK_API_URL");
+                }
+            });
+            info!("slack socket mode enabled");
+        }
+        if slack.signing_secret.is_some() {
+            app = app.route("/slack/commands", post(slack::commands::handle).with_state(state));
+            info!("slack slash commands on /slack/commands");
+        }
     }
     tokio::spawn(crate::events::monitor(
         client.clone(),

@@ -270,3 +270,130 @@ async fn events_are_relayed_to_the_notify_channel_coalesced() {
     assert_eq!(lines, 6);
     drop(bot.logs().await);
 }
+
+/// Slack's Socket Mode side: `apps.connections.open` hands out a WebSocket
+/// URL on the same server; each connection the bot opens is passed to the test.
+struct SocketSlack {
+    addr: std::net::SocketAddr,
+    connections: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<axum::extract::ws::WebSocket>>,
+    open_authorization: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SocketSlack {
+    async fn start() -> Self {
+        use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<WebSocket>();
+        let open_authorization = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = open_authorization.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/apps.connections.open",
+                axum::routing::post(move |headers: axum::http::HeaderMap| async move {
+                    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    seen.lock().unwrap().push(auth.to_owned());
+                    axum::Json(serde_json::json!({"ok": true, "url": format!("ws://{addr}/socket")}))
+                }),
+            )
+            .route(
+                "/socket",
+                axum::routing::get(move |upgrade: WebSocketUpgrade| async move {
+                    upgrade.on_upgrade(move |socket| async move {
+                        let _ = tx.send(socket);
+                    })
+                }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, connections: tokio::sync::Mutex::new(rx), open_authorization }
+    }
+
+    /// The next connection the bot opens, greeted with Slack's `hello`.
+    async fn accept(&self) -> axum::extract::ws::WebSocket {
+        let mut socket = tokio::time::timeout(WAIT, self.connections.lock().await.recv())
+            .await
+            .expect("the bot opens a socket mode connection")
+            .unwrap();
+        let hello = serde_json::json!({"type": "hello", "num_connections": 1,
+            "connection_info": {"app_id": "A1"}, "debug_info": {"host": "test"}});
+        socket.send(axum::extract::ws::Message::Text(hello.to_string().into())).await.unwrap();
+        socket
+    }
+}
+
+/// Sends a slash command envelope and returns the acknowledgement frame.
+async fn socket_command(
+    socket: &mut axum::extract::ws::WebSocket,
+    envelope_id: &str,
+    trigger_id: &str,
+    user: &str,
+    text: &str,
+    response_url: &str,
+) -> serde_json::Value {
+    let envelope = serde_json::json!({
+        "type": "slash_commands", "envelope_id": envelope_id, "accepts_response_payload": true,
+        "payload": {"team_id": "T1", "channel_id": "C1", "user_id": user, "command": "/mesh", "text": text,
+                    "response_url": response_url, "trigger_id": trigger_id},
+    });
+    socket.send(axum::extract::ws::Message::Text(envelope.to_string().into())).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, socket.recv()).await.expect("acknowledged in time");
+        if let Some(Ok(axum::extract::ws::Message::Text(text))) = frame {
+            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if ack["envelope_id"] == envelope_id {
+                return ack;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn socket_mode_commands_are_acknowledged_answered_and_run_once() {
+    const APP_TOKEN: &str = "xapp-1-test-app-token-0123456789";
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let slack = SocketSlack::start().await;
+    let api_url = format!("http://{}/api", slack.addr);
+    // Socket Mode alone: no signing secret, so no HTTP slash commands.
+    let bot = Bot::start_with(
+        &nats,
+        &fixture,
+        &[("SLACK_SIGNING_SECRET", ""), ("SLACK_APP_TOKEN", APP_TOKEN), ("SLACK_API_URL", &api_url)],
+    )
+    .await;
+    let mut socket = slack.accept().await;
+    assert_eq!(slack.open_authorization.lock().unwrap()[0], format!("Bearer {APP_TOKEN}"));
+    let response_url = |n: u32| format!("http://{}/commands/T1/{n}/abc", bot.slack.addr);
+
+    // The envelope is acknowledged with the ephemeral "working" answer; the result follows on response_url.
+    let text = "send nova over the socket <!channel> — שלום";
+    let ack = socket_command(&mut socket, "env-1", "trigger-1", "UOPS", text, &response_url(1)).await;
+    assert_eq!(ack["payload"]["response_type"], "ephemeral", "{ack}");
+    assert!(ack["payload"]["text"].as_str().unwrap().starts_with("working on"), "{ack}");
+    let follow = bot.slack.wait_for_path("/commands/T1/1/abc", 1, WAIT).await;
+    assert!(follow_up_text(&follow[0]).contains("sent to nova"), "{}", follow_up_text(&follow[0]));
+
+    // Slack redelivers the same command (same trigger_id) in a new envelope: it runs once.
+    let again = socket_command(&mut socket, "env-2", "trigger-1", "UOPS", text, &response_url(1)).await;
+    assert!(again["payload"]["text"].as_str().unwrap().contains("duplicate"), "{again}");
+    // A response_url outside Slack's prefix is refused.
+    let foreign = socket_command(&mut socket, "env-3", "trigger-3", "UOPS", "send nova x", "http://evil.test/x").await;
+    assert!(foreign["payload"]["text"].as_str().unwrap().contains("not a Slack URL"), "{foreign}");
+    // Another command: had the retry or the foreign one run, it would reach nova before this one.
+    socket_command(&mut socket, "env-4", "trigger-4", "UOPS", "send nova second", &response_url(4)).await;
+    let got = nova.wait_for(2, WAIT).await;
+    assert_eq!(got[0].text(), "[mesh] Message from slack:UOPS: over the socket <!channel> — שלום");
+    assert_eq!(got[1].text(), "[mesh] Message from slack:UOPS: second");
+
+    // Without a signing secret the HTTP endpoint is not served.
+    assert_eq!(bot.command("UOPS", "send nova http", 5).await.0, 404);
+    listener.stop().await.unwrap();
+    let logs = bot.logs().await;
+    assert!(logs.contains("slack socket mode"), "trace logs were captured");
+    for secret in [APP_TOKEN, BOT_TOKEN, "nova-hook-token"] {
+        assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
+    }
+}

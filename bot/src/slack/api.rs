@@ -24,12 +24,30 @@ pub enum SlackApiError {
 }
 
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+/// slack-morphism's connector over our rustls connector.
+pub type HyperConnector = SlackClientHyperConnector<Connector>;
+/// slack-morphism's client over our rustls connector.
+pub type WebClient = SlackClient<HyperConnector>;
+
+/// A Web API client for `api_url` (plain HTTP is allowed so tests can point it at a local recorder).
+pub fn web_client(api_url: &str) -> Result<std::sync::Arc<WebClient>, SlackApiError> {
+    mesh_listener::gateway::install_tls_provider();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| SlackApiError::Tls(e.to_string()))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let connector =
+        SlackClientHyperConnector::with_connector(connector).with_slack_api_url(api_url.trim_end_matches('/'));
+    Ok(std::sync::Arc::new(SlackClient::new(connector)))
+}
 
 /// The Slack side of the bot.
 #[derive(Clone)]
 pub struct SlackApi {
     http: reqwest::Client,
-    web: Option<(std::sync::Arc<SlackClient<SlackClientHyperConnector<Connector>>>, SlackApiToken)>,
+    web: Option<(std::sync::Arc<WebClient>, SlackApiToken)>,
     response_url_prefix: String,
 }
 
@@ -53,18 +71,7 @@ impl SlackApi {
             .build()
             .map_err(|e| SlackApiError::Tls(e.to_string()))?;
         let web = match bot_token {
-            Some(token) => {
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_native_roots()
-                    .map_err(|e| SlackApiError::Tls(e.to_string()))?
-                    .https_or_http()
-                    .enable_http1()
-                    .build();
-                let connector = SlackClientHyperConnector::with_connector(connector)
-                    .with_slack_api_url(api_url.trim_end_matches('/'));
-                let token = SlackApiToken::new(SlackApiTokenValue(token));
-                Some((std::sync::Arc::new(SlackClient::new(connector)), token))
-            }
+            Some(token) => Some((web_client(api_url)?, SlackApiToken::new(SlackApiTokenValue(token)))),
             None => None,
         };
         Ok(Self { http, web, response_url_prefix })

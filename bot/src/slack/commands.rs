@@ -25,19 +25,27 @@ pub struct SlackState {
     pub engine: Arc<Engine>,
     /// Slack's API.
     pub api: SlackApi,
-    /// The signing secret.
-    pub signing_secret: Arc<mesh_protocol::Secret>,
+    /// The signing secret (none in Socket Mode only: HTTP commands are then refused).
+    pub signing_secret: Option<Arc<mesh_protocol::Secret>>,
 }
 
-/// The fields of a slash command form this bot reads.
+/// A slash command as both transports carry it (a form over HTTP, JSON in a
+/// Socket Mode envelope), read only after its origin was verified.
 #[derive(Debug, Deserialize)]
-struct SlashCommand {
-    user_id: String,
+pub(super) struct SlashCommand {
+    pub(super) user_id: String,
     #[serde(default)]
-    channel_id: Option<String>,
+    pub(super) channel_id: Option<String>,
     #[serde(default)]
-    text: String,
-    response_url: String,
+    pub(super) text: String,
+    pub(super) response_url: String,
+}
+
+/// Why a verified slash command is not run.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Refused {
+    /// Its `response_url` is outside the accepted prefix.
+    ForeignResponseUrl,
 }
 
 /// Handles one slash command request.
@@ -49,7 +57,11 @@ pub async fn handle(
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let signature = header(SIGNATURE_HEADER);
-    if let Err(e) = verify::verify(state.signing_secret.expose(), header(TIMESTAMP_HEADER), signature, &body, now) {
+    let Some(secret) = &state.signing_secret else {
+        let error = "slash commands over HTTP need SLACK_SIGNING_SECRET";
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({ "error": error })));
+    };
+    if let Err(e) = verify::verify(secret.expose(), header(TIMESTAMP_HEADER), signature, &body, now) {
         warn!(error = %e, "slack request rejected");
         return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
     }
@@ -57,27 +69,35 @@ pub async fn handle(
     let Ok(command) = serde_urlencoded::from_bytes::<SlashCommand>(&body) else {
         return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "not a slash command form"})));
     };
+    // The signature covers timestamp and body: the same signature is the same request.
+    match start(&state, command, &format!("slack:{signature}")).await {
+        Ok(text) => (StatusCode::OK, axum::Json(json!({"response_type": "ephemeral", "text": text}))),
+        Err(Refused::ForeignResponseUrl) => {
+            (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "response_url is not a Slack URL"})))
+        }
+    }
+}
+
+/// Starts a verified slash command unless `dedup_key` was seen before (a
+/// platform retry or a replay); returns the immediate ephemeral answer.
+pub(super) async fn start(state: &SlackState, command: SlashCommand, dedup_key: &str) -> Result<String, Refused> {
     if !state.api.accepts_response_url(&command.response_url) {
         warn!("slash command with a response_url outside the allowed prefix");
-        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "response_url is not a Slack URL"})));
+        return Err(Refused::ForeignResponseUrl);
     }
-    // The signature covers timestamp and body: the same signature is the same request.
-    if !state.engine.limits().seen_once(&format!("slack:{signature}")).await {
+    if !state.engine.limits().seen_once(dedup_key).await {
         info!(user = %command.user_id, "duplicate slack request ignored");
-        return (
-            StatusCode::OK,
-            axum::Json(json!({"response_type": "ephemeral", "text": "duplicate request ignored (already handled)"})),
-        );
+        return Ok("duplicate request ignored (already handled)".to_owned());
     }
-    let request = Request {
-        who: Identity::Slack { user: command.user_id.clone() },
-        platform: Platform::Slack,
-        channel: command.channel_id.clone(),
-        line: command.text.clone(),
-    };
     let working = format!("working on `/mesh {}`…", super::super::command::render_slack::escape(command.text.trim()));
-    tokio::spawn(run(state, request, command.response_url));
-    (StatusCode::OK, axum::Json(json!({"response_type": "ephemeral", "text": working})))
+    let request = Request {
+        who: Identity::Slack { user: command.user_id },
+        platform: Platform::Slack,
+        channel: command.channel_id,
+        line: command.text,
+    };
+    tokio::spawn(run(state.clone(), request, command.response_url));
+    Ok(working)
 }
 
 async fn run(state: SlackState, request: Request, response_url: String) {
