@@ -49,12 +49,20 @@ struct Args {
     /// Serve /health and /metrics on this address.
     #[arg(long, env = "MESH_HTTP")]
     http: Option<SocketAddr>,
+    /// Async runtime threads (two measured best on a 2-core machine, see BENCHMARKS.md).
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    worker_threads: u16,
 }
 
 /// The whole `mesh-listener` program.
 pub fn main() -> ExitCode {
-    match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt.block_on(async_main()),
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.worker_threads))
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(async_main(args)),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             ExitCode::FAILURE
@@ -62,9 +70,8 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn async_main() -> ExitCode {
+async fn async_main(args: Args) -> ExitCode {
     crate::logging::init();
-    let args = Args::parse();
     let selection = match (&args.agent, args.all) {
         (_, true) => Selection::All,
         (Some(raw), false) => match AgentId::parse(raw) {
