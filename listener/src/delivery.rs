@@ -114,7 +114,7 @@ pub async fn handle<G: Gateway>(
                 return Handled::Unsettled;
             }
             state.delivered.fetch_add(1, Ordering::Relaxed);
-            metrics::delivery(agent, "delivered");
+            state.counters.delivered.increment(1);
             if let Ok(age) = (time::OffsetDateTime::now_utc() - envelope.sent_at).try_into() {
                 metrics::latency(age);
             }
@@ -123,7 +123,7 @@ pub async fn handle<G: Gateway>(
         }
         Decision::Retry(delay) => {
             state.retried.fetch_add(1, Ordering::Relaxed);
-            metrics::delivery(agent, "retry");
+            state.counters.retry.increment(1);
             warn!(%agent, msg_id, stream_seq, delivered, outcome = response.outcome.label(), status = response.outcome.status(), retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
             nak(&msg, delay).await;
             Handled::Retrying
@@ -227,7 +227,7 @@ async fn dead_letter<G: Gateway>(
         return nak(msg, Duration::from_secs(1)).await;
     }
     state.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    metrics::delivery(entry.agent.id.as_str(), "dead_letter");
+    state.counters.dead_letter.increment(1);
     error!(agent = %entry.agent.id, stream_seq, attempts, status, reason = %record.reason, "dead-lettered");
     if let Err(e) = msg.ack_with(AckKind::Term).await {
         warn!(error = %e, "terminating a dead-lettered message failed; it may be dead-lettered again (deduplicated)");

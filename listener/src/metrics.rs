@@ -41,19 +41,43 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
-/// Counts one delivery outcome.
-pub fn delivery(agent: &str, outcome: &'static str) {
-    metrics::counter!(DELIVERIES, "agent" => agent.to_owned(), "outcome" => outcome).increment(1);
+/// One agent's delivery counters, registered once so the per-message path
+/// neither allocates labels nor looks the series up.
+#[derive(Debug, Clone)]
+pub struct DeliveryCounters {
+    /// Delivered (2xx and acked).
+    pub delivered: metrics::Counter,
+    /// Scheduled for retry.
+    pub retry: metrics::Counter,
+    /// Dead-lettered.
+    pub dead_letter: metrics::Counter,
+}
+
+impl DeliveryCounters {
+    /// Registers the counters of `agent` (after installing the recorder, so they are never no-ops).
+    pub fn new(agent: &str) -> Self {
+        install();
+        let counter =
+            |outcome: &'static str| metrics::counter!(DELIVERIES, "agent" => agent.to_owned(), "outcome" => outcome);
+        Self { delivered: counter("delivered"), retry: counter("retry"), dead_letter: counter("dead_letter") }
+    }
 }
 
 /// Records publish-to-gateway latency.
 pub fn latency(elapsed: Duration) {
-    metrics::histogram!(LATENCY).record(elapsed.as_secs_f64());
+    static HISTOGRAM: OnceLock<metrics::Histogram> = OnceLock::new();
+    HISTOGRAM.get_or_init(|| registered(|| metrics::histogram!(LATENCY))).record(elapsed.as_secs_f64());
 }
 
 /// Records a gateway request's duration.
 pub fn gateway_duration(elapsed: Duration) {
-    metrics::histogram!(GATEWAY_DURATION).record(elapsed.as_secs_f64());
+    static HISTOGRAM: OnceLock<metrics::Histogram> = OnceLock::new();
+    HISTOGRAM.get_or_init(|| registered(|| metrics::histogram!(GATEWAY_DURATION))).record(elapsed.as_secs_f64());
+}
+
+fn registered<T>(register: impl FnOnce() -> T) -> T {
+    install();
+    register()
 }
 
 /// Sets an agent's pending count.

@@ -33,6 +33,8 @@ pub struct AgentState {
     pub replies: AtomicU64,
     /// Chat replies stopped by the loop guard.
     pub loop_guard: AtomicU64,
+    /// The agent's Prometheus delivery counters.
+    pub counters: crate::metrics::DeliveryCounters,
     gateway: AtomicU8,
     gateway_checked: Mutex<Option<Instant>>,
 }
@@ -41,6 +43,7 @@ impl AgentState {
     /// Fresh state for an agent.
     pub fn new(id: AgentId) -> Self {
         Self {
+            counters: crate::metrics::DeliveryCounters::new(id.as_str()),
             id,
             pending: AtomicU64::new(0),
             paused: AtomicBool::new(false),

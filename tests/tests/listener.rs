@@ -275,8 +275,9 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
     write(serde_json::json!({"nova": nova, "kaan": {"hooks_token": "kaan-new", "hooks_url": kaan_gw.hooks_url()}}));
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        send(&js, &fixture, "cli:t", "kaan", "after rotation").await;
+        // Counted before sending: the delivery can beat the next line.
         let n = kaan_gw.requests().len() + 1;
+        send(&js, &fixture, "cli:t", "kaan", "after rotation").await;
         let last = kaan_gw.wait_for(n, WAIT).await.pop().unwrap();
         if last.authorization.as_deref() == Some("Bearer kaan-new") {
             break;
