@@ -69,8 +69,11 @@ pub enum Command {
     },
     /// Show the kill switch, the listeners answering, and dead letters.
     Status,
-    /// List the registry's agents.
-    Agents,
+    /// List the registry's agents (with the listeners' view), or change the registry.
+    Agents {
+        #[command(subcommand)]
+        action: Option<crate::agents::AgentsAction>,
+    },
     /// Ask a chat-mode agent and wait for its reply.
     Ask {
         /// The agent's id.
@@ -388,7 +391,8 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status => return terminal(&args, "status".into(), None).await,
-        Command::Agents => return terminal(&args, "agents".into(), None).await,
+        Command::Agents { action: None } => return terminal(&args, "agents".into(), None).await,
+        Command::Agents { action: Some(action) } => crate::agents::run(&args.registry, action, args.json)?,
         Command::Audit { n } => return terminal(&args, format!("audit {n}"), None).await,
         Command::Resume { agent } => {
             let line = agent.as_ref().map_or_else(|| "resume".to_owned(), |a| format!("resume agent={a}"));

@@ -16,8 +16,10 @@
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
+//! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
 //! - [`cli`]: the `mesh` command line.
 
+pub mod agents;
 pub mod audit;
 pub mod cli;
 pub mod command;
