@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(next.len(), 2);
         let cases: [(AddSpec, &str); 6] = [
             (spec("nova", "env:KAAN_HOOK"), "already registered"),
-            (spec("Bad.Id", "env:KAAN_HOOK"), "invalid"),
+            (spec("Bad.Id", "env:KAAN_HOOK"), "an agent id is"),
             (spec("kaan", "plain-secret"), "must be a reference"),
             (spec("kaan", "env:MISSING"), "MISSING is not set"),
             (AddSpec { hooks_url: "http://k/h?token=x".into(), ..spec("kaan", "env:KAAN_HOOK") }, "query string"),
