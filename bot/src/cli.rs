@@ -120,6 +120,16 @@ pub enum Command {
         #[arg(default_value_t = 20)]
         n: u32,
     },
+    /// Back up the registry, the stream messages, consumer positions and the kill switch into a new directory.
+    Backup {
+        /// The directory (created; must not hold anything yet).
+        dir: PathBuf,
+    },
+    /// Restore a backup into a fresh NATS server (stop the listeners first) and write the registry back.
+    Restore {
+        /// The backup directory.
+        dir: PathBuf,
+    },
     /// Run the mesh locally.
     Up {
         /// The embedded default: local nats-server, demo agents and gateways.
@@ -427,6 +437,37 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             let mut config = crate::server::engine_config(args.registry.clone(), terminal_permissions());
             config.ask_timeout = Duration::from_secs(timeout_s);
             return terminal_with(&args, config, format!("ask {agent} {text}"), None).await;
+        }
+        Command::Backup { dir } => {
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let manifest = crate::backup::backup(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&manifest)?);
+            } else {
+                println!(
+                    "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
+                    dir.display(),
+                    manifest.streams,
+                    manifest.consumers.len(),
+                    manifest.killswitch,
+                    if manifest.registry { "included" } else { "not found" }
+                );
+            }
+        }
+        Command::Restore { dir } => {
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let report = crate::backup::restore(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
+                    report.streams,
+                    report.consumers,
+                    report.killswitch,
+                    report.registry.as_ref().map_or("not in the backup".into(), |p| p.display().to_string())
+                );
+            }
         }
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();

@@ -17,10 +17,12 @@
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
 //! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
+//! - [`backup`]: `mesh backup` / `mesh restore` (registry, stream messages, consumer positions, kill switch).
 //! - [`cli`]: the `mesh` command line.
 
 pub mod agents;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod command;
 pub mod demo;

@@ -126,7 +126,9 @@ pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result
     Ok(())
 }
 
-/// Creates or updates an agent's consumer with the listener's tuning.
+/// Creates or updates an agent's consumer with the listener's tuning. An
+/// existing consumer keeps its start position (a restored one starts at a
+/// sequence; the server refuses to change that).
 pub async fn bind_consumer(
     js: &jetstream::Context,
     agent: &AgentId,
@@ -137,8 +139,12 @@ pub async fn bind_consumer(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    let mut config = consumer_config(&spec);
+    if let Ok(existing) = stream.consumer_info(&spec.durable).await {
+        config.deliver_policy = existing.config.deliver_policy;
+    }
     stream
-        .create_consumer(consumer_config(&spec))
+        .create_consumer(config)
         .await
         .map_err(|e| NatsError::JetStream(format!("binding consumer {}: {e}", spec.durable)))
 }
