@@ -130,6 +130,11 @@ pub enum Command {
         /// The backup directory.
         dir: PathBuf,
     },
+    /// Deployment: render nats.conf and the listener services from the registry; container helpers.
+    Deploy {
+        #[command(subcommand)]
+        action: crate::deploy::DeployAction,
+    },
     /// Run the mesh locally.
     Up {
         /// The embedded default: local nats-server, demo agents and gateways.
@@ -469,6 +474,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
         }
+        Command::Deploy { action } => crate::deploy::run(&args.registry, action).await?,
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();
             let config = crate::demo::DemoConfig { data_dir, nats_port };
