@@ -102,7 +102,7 @@ pub fn render(registry: &Registry) -> Rendered {
         let _ = write!(
             compose,
             "  {service}:\n\
-             \x20   image: \"${{MESH_IMAGE:-mesh:local}}\"\n\
+             \x20   image: \"mesh:${{MESH_IMAGE_TAG:-local}}\"\n\
              \x20   command: [\"mesh-listener\"]\n\
              \x20   user: \"${{MESH_UID:-65534}}:${{MESH_GID:-65534}}\"\n\
              \x20   read_only: true\n\
@@ -208,19 +208,31 @@ pub fn write(rendered: &Rendered, out: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-/// Checks a service: `http(s)://...` answers 2xx, or `tcp://host:port` accepts a connection.
+/// Checks a service: `http://host:port/path` answers 2xx (plain HTTP/1.0,
+/// for local health endpoints), or `tcp://host:port` accepts a connection.
 pub async fn probe(url: &str) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const LIMIT: Duration = Duration::from_secs(3);
-    if let Some(addr) = url.strip_prefix("tcp://") {
-        tokio::time::timeout(LIMIT, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow::anyhow!("{addr}: no connection within {LIMIT:?}"))??;
-        return Ok(());
-    }
-    let client = reqwest::Client::builder().timeout(LIMIT).build()?;
-    let status = client.get(url).send().await?.status();
-    anyhow::ensure!(status.is_success(), "{url} answered {status}");
-    Ok(())
+    let bounded = async {
+        if let Some(addr) = url.strip_prefix("tcp://") {
+            tokio::net::TcpStream::connect(addr).await?;
+            return Ok(());
+        }
+        let parsed = url::Url::parse(url)?;
+        anyhow::ensure!(parsed.scheme() == "http", "probe {url}: use http://host:port/path or tcp://host:port");
+        let host = parsed.host_str().unwrap_or("127.0.0.1");
+        let port = parsed.port_or_known_default().unwrap_or(80);
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await?;
+        let request = format!("GET {} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n", parsed.path());
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = vec![0u8; 64];
+        let n = stream.read(&mut head).await?;
+        let line = String::from_utf8_lossy(&head[..n]);
+        let status = line.split_whitespace().nth(1).and_then(|s| s.parse::<u16>().ok());
+        anyhow::ensure!(status.is_some_and(|s| (200..300).contains(&s)), "{url} answered {:?}", line.lines().next());
+        Ok(())
+    };
+    tokio::time::timeout(LIMIT, bounded).await.map_err(|_| anyhow::anyhow!("{url}: no answer within {LIMIT:?}"))?
 }
 
 /// `mesh deploy <action>`.
@@ -232,7 +244,7 @@ pub enum DeployAction {
         #[arg(long, default_value = DEFAULT_OUT)]
         out: PathBuf,
     },
-    /// Exit 0 when a service answers (http(s)://... 2xx, or tcp://host:port): the containers' health check.
+    /// Exit 0 when a service answers (http://... 2xx, or tcp://host:port): the containers' health check.
     Probe {
         /// What to check.
         url: String,

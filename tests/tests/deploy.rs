@@ -205,8 +205,50 @@ async fn rendered_permissions_hold_on_a_real_server() {
     assert!(!log.contains("pw-nova-1"), "the password reached a log");
 }
 
+fn yaml(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{} is not well-formed YAML: {e}", path.display()))
+}
+
 #[test]
 fn compose_and_monitoring_files_are_well_formed() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
-    let _ = root;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
+    // Alert rules: the five alerts, each with an expression over metrics the code exports.
+    let alerts = yaml(&deploy.join("prometheus/alerts.yml"));
+    let rules = alerts["groups"][0]["rules"].as_array().unwrap();
+    let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    assert_eq!(names, ["NatsDown", "ListenerDown", "GatewayUnreachable", "DeliveryLatencyHigh", "DeadLettersGrowing"]);
+    let exported = [mesh_listener::metrics::DELIVERIES, mesh_listener::metrics::LATENCY];
+    for rule in rules {
+        let expr = rule["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("mesh_")) {
+            let metric = word.trim_end_matches("_bucket");
+            assert!(exported.contains(&metric), "{} uses {word}, which the listener does not export", names[0]);
+        }
+        assert!(rule["annotations"]["summary"].is_string());
+    }
+    let prometheus = yaml(&deploy.join("prometheus/prometheus.yml"));
+    let jobs: Vec<&str> =
+        prometheus["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
+    assert_eq!(jobs, ["nats", "listener", "bot"]);
+    // Compose: every service unprivileged, read-only, restarting; published ports on loopback only.
+    let compose = yaml(&deploy.join("docker-compose.yml"));
+    let services = compose["services"].as_object().unwrap();
+    for (name, service) in services {
+        assert!(service["user"].is_string(), "{name} runs as root");
+        assert_eq!(service["read_only"], true, "{name}");
+        assert_eq!(service["restart"], "unless-stopped", "{name}");
+        for port in service["ports"].as_array().into_iter().flatten() {
+            assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{name} publishes {port} beyond loopback");
+        }
+    }
+    for name in ["bot", "nats-exporter", "prometheus"] {
+        assert_eq!(services[name]["depends_on"]["nats"]["condition"], "service_healthy", "{name}");
+    }
+    for name in ["prometheus", "grafana", "nats-exporter"] {
+        assert_eq!(services[name]["profiles"][0], "monitoring", "{name}");
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/dashboards/mesh.json")).unwrap()).unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 4);
 }
