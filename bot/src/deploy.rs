@@ -22,6 +22,8 @@ pub const CONFIG_DIR_IN_CONTAINER: &str = "/etc/mesh";
 pub const LISTENER_HTTP_PORT: u16 = 9100;
 /// Default output directory of `mesh deploy render`.
 pub const DEFAULT_OUT: &str = "deploy/generated";
+/// The base compose file, relative to the repository.
+pub const DEFAULT_COMPOSE: &str = "deploy/docker-compose.yml";
 /// Name of the rendered compose file.
 pub const COMPOSE_FILE: &str = "docker-compose.agents.yml";
 /// Name of the rendered NATS config.
@@ -244,6 +246,21 @@ pub enum DeployAction {
         #[arg(long, default_value = DEFAULT_OUT)]
         out: PathBuf,
     },
+    /// Render, then start the stack: docker-compose up -d with the base file and the rendered listeners.
+    Up {
+        /// Output directory of the rendered files.
+        #[arg(long, default_value = DEFAULT_OUT)]
+        out: PathBuf,
+        /// The base compose file.
+        #[arg(long, default_value = DEFAULT_COMPOSE)]
+        compose: PathBuf,
+        /// Compose project name.
+        #[arg(long, env = crate::docker::PROJECT_ENV, default_value = crate::docker::DEFAULT_PROJECT)]
+        project: String,
+        /// Compose profiles to enable (demo, monitoring).
+        #[arg(long)]
+        profile: Vec<String>,
+    },
     /// Exit 0 when a service answers (http://... 2xx, or tcp://host:port): the containers' health check.
     Probe {
         /// What to check.
@@ -277,6 +294,42 @@ pub async fn run(registry_path: &Path, action: DeployAction) -> anyhow::Result<(
             for f in files {
                 println!("  {}", f.display());
             }
+        }
+        DeployAction::Up { out, compose, project, profile } => {
+            let registry = mesh_listener::registry_file::load(registry_path)?;
+            let rendered = render(&registry);
+            for w in &rendered.warnings {
+                eprintln!("warning: {w}");
+            }
+            write(&rendered, &out)?;
+            let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+            let config_dir =
+                absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+            let mut command = tokio::process::Command::new("docker-compose");
+            command.arg("-p").arg(&project).arg("-f").arg(&compose).arg("-f").arg(out.join(COMPOSE_FILE));
+            for p in &profile {
+                command.args(["--profile", p]);
+            }
+            command.args(["up", "-d", "--remove-orphans"]);
+            // The registry's directory and the rendered files, unless the environment says otherwise.
+            if std::env::var_os("MESH_CONFIG_DIR").is_none() {
+                command.env("MESH_CONFIG_DIR", config_dir);
+            }
+            if std::env::var_os("MESH_GENERATED_DIR").is_none() {
+                command.env("MESH_GENERATED_DIR", absolute(&out));
+            }
+            let status = command.status().await.map_err(|e| {
+                anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
+            })?;
+            anyhow::ensure!(
+                status.success(),
+                "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
+                out.join(ENV_EXAMPLE).display()
+            );
+            println!(
+                "mesh up as compose project {project:?}: {} listeners; `mesh status` lists the containers",
+                registry.active().count()
+            );
         }
         DeployAction::Probe { url } => probe(&url).await?,
         DeployAction::DemoGateway { agent, addr, token_env } => {

@@ -49,10 +49,10 @@ impl Compose {
 
 impl Drop for Compose {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(out) = self.command(&["logs", "--no-color", "--tail", "40"]).output() {
-                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-            }
+        if std::thread::panicking()
+            && let Ok(out) = self.command(&["logs", "--no-color", "--tail", "40"]).output()
+        {
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
         }
         let _ = self.command(&["down", "-v", "--remove-orphans", "--timeout", "5"]).output();
     }
@@ -111,7 +111,20 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         files: vec![root().join("deploy/docker-compose.yml"), generated.join("docker-compose.agents.yml")],
         env: env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
     };
-    compose.run(&["up", "-d"]);
+    // The one command: render from the registry, then docker-compose up.
+    let mut up = mesh_command("nats://127.0.0.1:1", &registry);
+    up.args(["deploy", "up", "--profile", "demo", "--project", &project, "--out"])
+        .arg(&generated)
+        .arg("--compose")
+        .arg(root().join("deploy/docker-compose.yml"))
+        .envs(env.iter().map(|(k, v)| (*k, v)));
+    let out = up.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "mesh deploy up: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // `mesh send` from the host against the published port, as the operator's NATS user.
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
