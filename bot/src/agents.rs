@@ -346,10 +346,12 @@ pub fn run(path: &Path, action: AgentsAction, json: bool) -> anyhow::Result<()> 
             no_check,
         } => {
             let spec = AddSpec { id, hooks_url, hooks_token, gateway, gateway_token, delivery, model, name, inactive };
-            (plan_add(&registry, &spec, resolver(no_check))?, format!("added {}", spec.id))
+            let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", spec.id);
+            (plan_add(&registry, &spec, resolver(no_check))?, done)
         }
         AgentsAction::Remove { id, keep } => {
             let done = if keep { format!("marked {id} inactive") } else { format!("removed {id}") };
+            let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
             (plan_remove(&registry, &id, keep)?, done)
         }
         AgentsAction::Rotate { id, hooks_token, gateway_token, no_check } => {
