@@ -48,6 +48,10 @@ pub enum BackupError {
     Nats(#[from] NatsError),
     #[error("stream {stream} already holds {messages} messages; restore into a fresh server (or delete the stream)")]
     NotFresh { stream: String, messages: u64 },
+    #[error(
+        "stream {stream} already has {consumers} consumers (a listener or a sender ran); restore before starting the listeners, into a fresh server"
+    )]
+    HasConsumers { stream: String, consumers: usize },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -211,17 +215,23 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
     let agents_stream = layout::agents_stream(1).name;
     // Old agents-stream sequence -> new one, in order.
     let mut mapping: Vec<(u64, u64)> = Vec::new();
+    // Check every stream first, so a refusal writes nothing.
+    for spec in layout::all_streams(1) {
+        let mut stream =
+            js.get_stream(spec.name).await.map_err(|e| js_err(format!("opening {}", spec.name))(e.to_string()))?;
+        let state =
+            stream.info().await.map_err(|e| js_err(format!("reading {}", spec.name))(e.to_string()))?.state.clone();
+        if state.messages > 0 {
+            return Err(BackupError::NotFresh { stream: spec.name.to_owned(), messages: state.messages });
+        }
+        if spec.name == agents_stream && state.consumer_count > 0 {
+            return Err(BackupError::HasConsumers { stream: spec.name.to_owned(), consumers: state.consumer_count });
+        }
+    }
     for spec in layout::all_streams(1) {
         let path = dir.join(STREAMS).join(format!("{}.jsonl", spec.name));
         if !path.exists() {
             continue;
-        }
-        let mut stream =
-            js.get_stream(spec.name).await.map_err(|e| js_err(format!("opening {}", spec.name))(e.to_string()))?;
-        let held =
-            stream.info().await.map_err(|e| js_err(format!("reading {}", spec.name))(e.to_string()))?.state.messages;
-        if held > 0 {
-            return Err(BackupError::NotFresh { stream: spec.name.to_owned(), messages: held });
         }
         let file = std::fs::File::open(&path).map_err(io(&path))?;
         let mut count = 0;

@@ -70,6 +70,16 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
     drop(a);
 
+    // A server where a listener already created its consumer: refused, nothing written.
+    let c = TestNats::start().await;
+    let js_c = c.jetstream().await;
+    mesh_listener::nats::ensure_consumer(&js_c, &"nova".parse().unwrap()).await.unwrap();
+    let out = mesh_command(&c.url(), &fixture.registry).args(["restore", dir_s]).output().await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("restore before starting the listeners"), "{said}");
+    assert_eq!(js_c.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().state.messages, 0);
+    drop(c);
+
     // Server B, fresh; the registry file is gone too.
     let b = TestNats::start().await;
     let restored_registry = fixture.dir().join("restored").join("tokens.json");

@@ -13,8 +13,9 @@ use mesh_tests::{Fixture, RecordingGateway};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 const WAIT: Duration = Duration::from_secs(20);
-const PASSWORDS: [(&str, &str); 4] = [
+const PASSWORDS: [(&str, &str); 5] = [
     ("LISTENER_NOVA_NATS_PASSWORD", "pw-nova-1"),
+    ("LISTENER_ADA_NATS_PASSWORD", "pw-ada-1"),
     ("LISTENER_KAAN_NATS_PASSWORD", "pw-kaan-1"),
     ("MESH_BOT_NATS_PASSWORD", "pw-bot-1"),
     ("MESH_ADMIN_NATS_PASSWORD", "pw-admin-1"),
@@ -95,7 +96,12 @@ fn publish(subject: &str) -> String {
 #[tokio::test]
 async fn rendered_permissions_hold_on_a_real_server() {
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
-    let fixture = Fixture::registry(&[("nova", &nova_gw, true), ("kaan", &kaan_gw, true)]);
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"gateway": nova_gw.addr.to_string(), "hooks_token": "nova-hook-token", "hooks_url": nova_gw.hooks_url()},
+        "kaan": {"hooks_token": "kaan-hook-token", "hooks_url": kaan_gw.hooks_url()},
+        "ada": {"hooks_token": "ada-hook-token", "gateway_token": "ada-gw-token", "delivery": "chat", "model": "m",
+                "hooks_url": kaan_gw.hooks_url()},
+    }));
     let out_dir = fixture.dir().join("generated");
     let out = mesh_command("nats://127.0.0.1:1", &fixture.registry)
         .args(["deploy", "render", "--out", out_dir.to_str().unwrap()])
@@ -147,6 +153,9 @@ async fn rendered_permissions_hold_on_a_real_server() {
         let said = nova(vec![line.clone()]).await;
         assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
     }
+    // Only a chat-mode listener may publish replies into other agents' inboxes.
+    let said = raw(port, "listener-ada", "pw-ada-1", &[publish("agents.nova.inbox"), publish("mesh.reply.abc")]).await;
+    assert!(!said.contains("-ERR"), "{said}");
     // The bot may not delete a stream either.
     let said = raw(port, "mesh-bot", "pw-bot-1", &[publish("$JS.API.STREAM.DELETE.MESH_AGENTS")]).await;
     assert!(said.contains("Permissions Violation"), "{said}");
