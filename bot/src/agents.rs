@@ -314,11 +314,34 @@ pub enum AgentsAction {
     },
 }
 
+/// Resolves references as the containers will: a file under the directory
+/// the registry is mounted at (`/etc/mesh/...`) is read from the registry's
+/// own directory on this host; everything else from the environment and disk.
+#[derive(Debug, Clone)]
+pub struct HostResolver {
+    /// The registry's directory on this host.
+    pub registry_dir: PathBuf,
+}
+
+impl SecretResolver for HostResolver {
+    fn env_var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read_file(&self, path: &Path) -> std::io::Result<String> {
+        match path.strip_prefix(crate::deploy::CONFIG_DIR_IN_CONTAINER) {
+            Ok(rest) => std::fs::read_to_string(self.registry_dir.join(rest)),
+            Err(_) => std::fs::read_to_string(path),
+        }
+    }
+}
+
 /// Runs one lifecycle action against the registry file.
 pub fn run(path: &Path, action: AgentsAction, json: bool) -> anyhow::Result<()> {
     let registry = mesh_listener::registry_file::load(path)?;
-    let os = mesh_listener::secrets::OsSecrets;
-    let resolver = |no_check: bool| (!no_check).then_some(&os as &dyn SecretResolver);
+    let registry_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    let host = HostResolver { registry_dir };
+    let resolver = |no_check: bool| (!no_check).then_some(&host as &dyn SecretResolver);
     let (next, done) = match action {
         AgentsAction::List => {
             let rows = rows(&registry);
@@ -444,6 +467,20 @@ mod tests {
         assert!(err("env:SAME").contains("same value"));
         assert!(err("n2-literal").contains("must be a reference"));
         assert!(err("env:NOPE").contains("NOPE is not set"));
+    }
+
+    #[test]
+    fn container_paths_are_checked_in_the_registry_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/nova-2"), "n-two\n").unwrap();
+        let host = HostResolver { registry_dir: dir.path().to_owned() };
+        let reg = Registry::parse(REG).unwrap();
+        // The reference names the container's path; the check reads the host's copy.
+        let r = SecretRef::parse("file:/etc/mesh/secrets/nova-2").unwrap();
+        assert_eq!(r.resolve(&host).unwrap().expose(), "n-two");
+        assert!(plan_rotate(&reg, "nova", TokenField::Hooks, "file:/etc/mesh/secrets/nova-2", Some(&host)).is_ok());
+        assert!(SecretRef::parse("file:/etc/mesh/secrets/none").unwrap().resolve(&host).is_err());
     }
 
     #[test]
