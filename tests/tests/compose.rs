@@ -163,6 +163,9 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         let name = format!("{project}_{service}_1");
         let row = status.lines().find(|l| l.contains(&name)).unwrap_or_else(|| panic!("{name} missing in:\n{status}"));
         assert!(row.contains("running"), "{row}");
+        if service == "nats" {
+            assert!(row.contains("healthy"), "nats passed its health check before the listener started: {row}");
+        }
     }
     assert!(status.contains("listener") && status.contains("gateway"), "{status}");
     drop(compose);
