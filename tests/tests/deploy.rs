@@ -192,21 +192,43 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let (ok, said) = bot(&["broadcast", "to everyone"]).await;
     assert!(ok, "{said}");
     nova_gw.wait_for(2, WAIT).await;
-    // Pings reach the listener and its pong comes back (allow_responses).
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, said) = bot(&["ping", "--json", "--timeout-ms", "500"]).await;
-        let report: serde_json::Value = serde_json::from_str(said.lines().next().unwrap_or("{}")).unwrap_or_default();
-        let nova_row = report["rows"].as_array().and_then(|r| r.iter().find(|r| r["agent"] == "nova").cloned());
-        if nova_row.is_some_and(|r| r["rtt_ms"].is_number()) {
-            break;
+    // Pings reach the listener and its pong comes back (allow_responses); the
+    // kill switch reaches it through its read-only watch of the bucket.
+    let nova_state = |said: &str| -> Option<String> {
+        let report: serde_json::Value = serde_json::from_str(said.lines().next()?).ok()?;
+        let row = report["rows"].as_array()?.iter().find(|r| r["agent"] == "nova")?.clone();
+        row["rtt_ms"].is_number().then(|| row["state"].as_str().unwrap_or_default().to_owned())
+    };
+    let wait_state = |want: &'static [&'static str]| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, said) = bot(&["ping", "--json", "--timeout-ms", "500"]).await;
+            if nova_state(&said).is_some_and(|s| want.contains(&s.as_str())) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nova never reported {want:?}: {said}");
         }
-        assert!(tokio::time::Instant::now() < deadline, "nova never answered a ping: {said}");
-    }
+    };
+    wait_state(&["ok", "gateway unknown"]).await;
     let (ok, said) = bot(&["kill", "soft", "--for", "1m", "--reason", "permission test"]).await;
     assert!(ok, "{said}");
+    wait_state(&["paused"]).await;
     let (ok, said) = bot(&["resume"]).await;
     assert!(ok, "{said}");
+    wait_state(&["ok", "gateway unknown"]).await;
+    // A message the gateway refuses becomes a dead letter (the listener may publish mesh.dlq.nova).
+    nova_gw.script([400]);
+    let (ok, said) = bot(&["send", "nova", "refused on purpose"]).await;
+    assert!(ok, "{said}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, said) = bot(&["dlq", "nova", "--json"]).await;
+        if said.contains("refused on purpose") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter for nova: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let (ok, said) = bot(&["dlq"]).await;
     assert!(ok, "{said}");
     let log = listener.kill().await;
