@@ -168,5 +168,17 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         }
     }
     assert!(status.contains("listener") && status.contains("gateway"), "{status}");
+
+    // `mesh restart` finds the listener by its labels; a message sent meanwhile arrives after it.
+    let (ok, said) = mesh(vec!["restart".into(), "demo".into()]).await;
+    assert!(ok && said.contains("listener-demo"), "mesh restart: {said}");
+    let again = format!("after the restart {}", uuid::Uuid::now_v7().simple());
+    let (ok, said) = mesh(vec!["send".into(), "demo".into(), again.clone()]).await;
+    assert!(ok, "mesh send: {said}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !compose.run(&["logs", "--no-color", "demo-gateway"]).contains(&again) {
+        assert!(tokio::time::Instant::now() < deadline, "the message sent across the restart never arrived");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     drop(compose);
 }
