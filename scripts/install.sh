@@ -34,3 +34,19 @@ else
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
   command -v redis-server >/dev/null || die "redis-server did not install; install Debian's redis-server package by hand"
 fi
+
+# docker-compose (Debian's package) and binutils' strip: the deployment and its
+# compose test (scripts/images.sh). The Docker engine itself is the machine's.
+missing=()
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v strip >/dev/null || missing+=(binutils)
+if [ "${#missing[@]}" -eq 0 ]; then
+  say "docker-compose present ($(docker-compose version --short 2>/dev/null || echo unknown))"
+else
+  say "installing ${missing[*]} (Debian packages)"
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  command -v docker-compose >/dev/null || die "docker-compose did not install; install Debian's docker-compose package by hand"
+fi

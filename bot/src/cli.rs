@@ -69,8 +69,11 @@ pub enum Command {
     },
     /// Show the kill switch, the listeners answering, and dead letters.
     Status,
-    /// List the registry's agents.
-    Agents,
+    /// List the registry's agents (with the listeners' view), or change the registry.
+    Agents {
+        #[command(subcommand)]
+        action: Option<crate::agents::AgentsAction>,
+    },
     /// Ask a chat-mode agent and wait for its reply.
     Ask {
         /// The agent's id.
@@ -116,6 +119,21 @@ pub enum Command {
         /// How many.
         #[arg(default_value_t = 20)]
         n: u32,
+    },
+    /// Back up the registry, the stream messages, consumer positions and the kill switch into a new directory.
+    Backup {
+        /// The directory (created; must not hold anything yet).
+        dir: PathBuf,
+    },
+    /// Restore a backup into a fresh NATS server (stop the listeners first) and write the registry back.
+    Restore {
+        /// The backup directory.
+        dir: PathBuf,
+    },
+    /// Deployment: render nats.conf and the listener services from the registry; container helpers.
+    Deploy {
+        #[command(subcommand)]
+        action: crate::deploy::DeployAction,
     },
     /// Run the mesh locally.
     Up {
@@ -388,7 +406,8 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Status => return terminal(&args, "status".into(), None).await,
-        Command::Agents => return terminal(&args, "agents".into(), None).await,
+        Command::Agents { action: None } => return terminal(&args, "agents".into(), None).await,
+        Command::Agents { action: Some(action) } => crate::agents::run(&args.registry, action, args.json)?,
         Command::Audit { n } => return terminal(&args, format!("audit {n}"), None).await,
         Command::Resume { agent } => {
             let line = agent.as_ref().map_or_else(|| "resume".to_owned(), |a| format!("resume agent={a}"));
@@ -424,6 +443,38 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             config.ask_timeout = Duration::from_secs(timeout_s);
             return terminal_with(&args, config, format!("ask {agent} {text}"), None).await;
         }
+        Command::Backup { dir } => {
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let manifest = crate::backup::backup(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&manifest)?);
+            } else {
+                println!(
+                    "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
+                    dir.display(),
+                    manifest.streams,
+                    manifest.consumers.len(),
+                    manifest.killswitch,
+                    if manifest.registry { "included" } else { "not found" }
+                );
+            }
+        }
+        Command::Restore { dir } => {
+            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
+            let report = crate::backup::restore(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
+                    report.streams,
+                    report.consumers,
+                    report.killswitch,
+                    report.registry.as_ref().map_or("not in the backup".into(), |p| p.display().to_string())
+                );
+            }
+        }
+        Command::Deploy { action } => crate::deploy::run(&args.registry, action).await?,
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();
             let config = crate::demo::DemoConfig { data_dir, nats_port };

@@ -25,6 +25,12 @@ pub struct DemoGateway {
 pub async fn serve(gateway: DemoGateway) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
+    serve_on(listener, gateway);
+    Ok(addr)
+}
+
+/// Serves a demo gateway on a bound listener (`mesh deploy demo-gateway`), in the background.
+pub fn serve_on(listener: tokio::net::TcpListener, gateway: DemoGateway) {
     let state = Arc::new(gateway);
     let app = Router::new()
         .route("/hooks/wake", post(wake))
@@ -35,7 +41,6 @@ pub async fn serve(gateway: DemoGateway) -> std::io::Result<SocketAddr> {
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    Ok(addr)
 }
 
 fn authorized(headers: &HeaderMap, token: &str) -> bool {

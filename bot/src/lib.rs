@@ -16,13 +16,19 @@
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
+//! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
+//! - [`backup`]: `mesh backup` / `mesh restore` (registry, stream messages, consumer positions, kill switch).
+//! - [`deploy`]: `mesh deploy render|probe|demo-gateway`: nats.conf, listener services, health probe.
 //! - [`cli`]: the `mesh` command line.
 
+pub mod agents;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod command;
 pub mod demo;
 pub mod demo_gateway;
+pub mod deploy;
 pub mod dlq;
 pub mod docker;
 pub mod engine;

@@ -123,12 +123,13 @@ pub fn slack_from_env() -> anyhow::Result<Option<SlackConfig>> {
 /// Reads the permissions file named by `MESH_PERMISSIONS` (none: only `help` for chat users).
 pub fn permissions_from_env() -> anyhow::Result<Permissions> {
     match std::env::var(env::MESH_PERMISSIONS) {
-        Ok(path) => {
+        // Set but empty (a compose default) means unset.
+        Ok(path) if !path.trim().is_empty() => {
             let text =
                 std::fs::read_to_string(&path).with_context(|| format!("reading {}={path}", env::MESH_PERMISSIONS))?;
             serde_json::from_str(&text).with_context(|| format!("{path} is not a valid permissions file"))
         }
-        Err(_) => Ok(Permissions::new()),
+        _ => Ok(Permissions::new()),
     }
 }
 

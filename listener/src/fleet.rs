@@ -1,5 +1,6 @@
 //! Runs the listeners of one process: one agent, or every active agent of the
-//! registry (`--all`), following registry changes without a restart; answers
+//! registry (`--all`), following registry changes (new tokens, agents added,
+//! removed or made inactive) without a restart; answers
 //! health pings; serves `/health` and `/metrics`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -143,12 +144,17 @@ pub async fn run_with(
                 info!("a soft kill ended; resuming");
                 world.refresh_pauses();
             }
-            _ = poll.tick(), if config.selection == Selection::All => {
+            _ = poll.tick() => {
                 match registry_file::load(&config.registry_path) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         match select(&registry, &config.selection) {
                             Ok(selected) => world.apply(&selected),
+                            // One agent, now removed or inactive: stop pulling for it.
+                            Err(e) if matches!(config.selection, Selection::One(_)) => {
+                                warn!(error = %e, "this listener's agent left the registry; idle");
+                                world.apply(&BTreeMap::new());
+                            }
                             Err(e) => warn!(error = %e, "registry change not applied"),
                         }
                         last_registry = registry;

@@ -11,6 +11,14 @@ use mesh_protocol::layout::{self, ConsumerSpec, ConsumerTuning, StreamSpec};
 pub const NATS_URL_ENV: &str = "NATS_URL";
 /// NATS URL used when none is given.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Environment variable with the NATS user name (with a password).
+pub const NATS_USER_ENV: &str = "NATS_USER";
+/// Environment variable with the NATS password.
+pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
+/// Environment variable naming a file that holds the NATS password.
+pub const NATS_PASSWORD_FILE_ENV: &str = "NATS_PASSWORD_FILE";
+/// Environment variable with the inbox prefix the server's permissions expect (`_INBOX_<agent>`).
+pub const INBOX_PREFIX_ENV: &str = "MESH_INBOX_PREFIX";
 /// How long a command-line connect waits before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -19,16 +27,43 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum NatsError {
     #[error("cannot reach NATS at {url}: {reason}; is nats-server running? (`mesh up --demo` starts one)")]
     Unreachable { url: String, reason: String },
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
     #[error(
         "JetStream request failed: {0}; check that nats-server runs with JetStream enabled (-js) and has disk space"
     )]
     JetStream(String),
 }
 
+/// Options with the credentials and inbox prefix from the environment
+/// ([`NATS_USER_ENV`] with [`NATS_PASSWORD_ENV`] or [`NATS_PASSWORD_FILE_ENV`],
+/// [`INBOX_PREFIX_ENV`]).
+pub fn options_from_env(name: &str) -> Result<async_nats::ConnectOptions, NatsError> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut options = async_nats::ConnectOptions::new().name(name);
+    if let Some(user) = env(NATS_USER_ENV) {
+        let password = match (env(NATS_PASSWORD_ENV), env(NATS_PASSWORD_FILE_ENV)) {
+            (Some(p), _) => p,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map(|p| p.trim().to_owned())
+                .map_err(|e| NatsError::Credentials(format!("cannot read {NATS_PASSWORD_FILE_ENV} {path}: {e}")))?,
+            (None, None) => {
+                return Err(NatsError::Credentials(format!(
+                    "{NATS_USER_ENV} is set but neither {NATS_PASSWORD_ENV} nor {NATS_PASSWORD_FILE_ENV}"
+                )));
+            }
+        };
+        options = options.user_and_password(user, password);
+    }
+    if let Some(prefix) = env(INBOX_PREFIX_ENV) {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    Ok(options)
+}
+
 /// Connects once, failing within [`CONNECT_TIMEOUT`] (for commands).
 pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    let options =
-        async_nats::ConnectOptions::new().name(name).connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
+    let options = options_from_env(name)?.connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
     let attempt = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(url)).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
@@ -51,8 +86,7 @@ pub async fn connect_watched(
     name: &str,
 ) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), NatsError> {
     let (connects_tx, connects) = tokio::sync::watch::channel(0u64);
-    let client = async_nats::ConnectOptions::new()
-        .name(name)
+    let client = options_from_env(name)?
         .connection_timeout(CONNECT_TIMEOUT)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -126,7 +160,9 @@ pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result
     Ok(())
 }
 
-/// Creates or updates an agent's consumer with the listener's tuning.
+/// Creates or updates an agent's consumer with the listener's tuning. An
+/// existing consumer keeps its start position (a restored one starts at a
+/// sequence; the server refuses to change that).
 pub async fn bind_consumer(
     js: &jetstream::Context,
     agent: &AgentId,
@@ -137,8 +173,12 @@ pub async fn bind_consumer(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    let mut config = consumer_config(&spec);
+    if let Ok(existing) = stream.consumer_info(&spec.durable).await {
+        config.deliver_policy = existing.config.deliver_policy;
+    }
     stream
-        .create_consumer(consumer_config(&spec))
+        .create_consumer(config)
         .await
         .map_err(|e| NatsError::JetStream(format!("binding consumer {}: {e}", spec.durable)))
 }

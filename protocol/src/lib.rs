@@ -15,7 +15,9 @@
 //! - [`health`]: the pong a listener answers a health ping with.
 //! - [`killswitch`]: the kill switch entries and which pause is in force.
 //! - [`layout`]: streams and consumers described as plain data.
+//! - [`access`]: NATS permissions of a listener and of the bot, derived from the two above.
 
+pub mod access;
 pub mod agent_id;
 pub mod dead_letter;
 pub mod envelope;

@@ -1,0 +1,499 @@
+//! Agent lifecycle: `mesh agents list|add|remove|rotate`. Each change is
+//! planned on the in-memory [`Registry`] (pure, validated by the registry's
+//! own parser), then written atomically: the current file is copied to
+//! `<registry>.bak`, the new one written to a temp file in the same directory
+//! and renamed over it, so a listener never reads half a registry and picks
+//! the change up on its next poll.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use mesh_protocol::registry::RegistryErrors;
+use mesh_protocol::secret::SecretError;
+use mesh_protocol::{Agent, AgentId, Registry, SecretRef, SecretResolver};
+
+/// What `mesh agents add` is given.
+#[derive(Debug, Clone, Default)]
+pub struct AddSpec {
+    /// The new agent's id.
+    pub id: String,
+    /// Its wake hook URL.
+    pub hooks_url: String,
+    /// Reference to its hook token (`env:NAME` or `file:/path`).
+    pub hooks_token: String,
+    /// The gateway's `host:port`.
+    pub gateway: Option<String>,
+    /// Reference to the gateway's operator token.
+    pub gateway_token: Option<String>,
+    /// `wake`, `agent` or `chat`.
+    pub delivery: Option<String>,
+    /// The model (chat delivery).
+    pub model: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Register it inactive (no listener, no messages).
+    pub inactive: bool,
+}
+
+/// Why a lifecycle command refused.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentsError {
+    #[error("agent {0:?} is already registered; use `mesh agents rotate` to change its token or remove it first")]
+    Exists(String),
+    #[error("unknown agent {id:?} (known: {known})")]
+    Unknown { id: String, known: String },
+    #[error(transparent)]
+    Id(#[from] mesh_protocol::AgentIdError),
+    #[error("{0}")]
+    Invalid(#[from] RegistryErrors),
+    #[error(
+        "{field} must be a reference (env:NAME or file:/absolute/path), not the token itself: a token on the command line ends up in shell history"
+    )]
+    LiteralToken { field: &'static str },
+    #[error("{field}: {source}; set it here too (or pass --no-check when it only resolves inside the containers)")]
+    Unresolved { field: &'static str, source: SecretError },
+    #[error(
+        "the new {field} reference is the current one; give the new token a new env var or file so every listener switches at once"
+    )]
+    SameReference { field: &'static str },
+    #[error("the new {field} has the same value as the current one; generate a new token")]
+    SameToken { field: &'static str },
+    #[error("writing the registry {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+}
+
+/// A reference given on the command line: `env:` or `file:` only.
+fn reference(field: &'static str, raw: &str) -> Result<SecretRef, AgentsError> {
+    match SecretRef::parse(raw) {
+        Ok(SecretRef::Literal(_)) => Err(AgentsError::LiteralToken { field }),
+        Ok(r) => Ok(r),
+        Err(source) => Err(AgentsError::Unresolved { field, source }),
+    }
+}
+
+/// Checks that a reference resolves with `resolver`.
+fn check_resolves(field: &'static str, r: &SecretRef, resolver: &dyn SecretResolver) -> Result<(), AgentsError> {
+    r.resolve(resolver).map(|_| ()).map_err(|source| AgentsError::Unresolved { field, source })
+}
+
+/// The registry with `spec` added. `resolver` (when given) must resolve the tokens.
+pub fn plan_add(
+    registry: &Registry,
+    spec: &AddSpec,
+    resolver: Option<&dyn SecretResolver>,
+) -> Result<Registry, AgentsError> {
+    let id = AgentId::parse(&spec.id)?;
+    if registry.get(&id).is_some() {
+        return Err(AgentsError::Exists(spec.id.clone()));
+    }
+    let hooks = reference("--hooks-token", &spec.hooks_token)?;
+    let gateway = spec.gateway_token.as_deref().map(|r| reference("--gateway-token", r)).transpose()?;
+    let mut entry = serde_json::json!({
+        "hooks_url": spec.hooks_url,
+        "hooks_token": hooks.to_string(),
+        "status": if spec.inactive { "inactive" } else { "active" },
+    });
+    let optional = [
+        ("gateway", spec.gateway.clone()),
+        ("gateway_token", gateway.as_ref().map(ToString::to_string)),
+        ("delivery", spec.delivery.clone()),
+        ("model", spec.model.clone()),
+        ("name", spec.name.clone()),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            entry[key] = value.into();
+        }
+    }
+    let single = serde_json::json!({ id.as_str(): entry }).to_string();
+    let parsed = Registry::parse(&single)?;
+    let agent = parsed.get(&id).cloned().ok_or_else(|| AgentsError::Exists(spec.id.clone()))?;
+    if let Some(resolver) = resolver {
+        check_resolves("--hooks-token", &agent.hooks_token, resolver)?;
+        if let Some(g) = &agent.gateway_token {
+            check_resolves("--gateway-token", g, resolver)?;
+        }
+        agent.resolve_tokens(resolver)?;
+    }
+    let mut next = registry.clone();
+    next.insert(agent);
+    Ok(next)
+}
+
+/// The registry without `id` (or with it marked inactive).
+pub fn plan_remove(registry: &Registry, raw: &str, keep_inactive: bool) -> Result<Registry, AgentsError> {
+    let agent = known(registry, raw)?;
+    let mut next = registry.clone();
+    if keep_inactive {
+        let mut agent = agent.clone();
+        agent.status = mesh_protocol::Status::Inactive;
+        next.insert(agent);
+    } else {
+        next.remove(&agent.id);
+    }
+    Ok(next)
+}
+
+/// Which token `rotate` replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenField {
+    /// `hooks_token`.
+    Hooks,
+    /// `gateway_token`.
+    Gateway,
+}
+
+impl TokenField {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Hooks => "--hooks-token",
+            Self::Gateway => "--gateway-token",
+        }
+    }
+}
+
+/// The registry with one of `id`'s tokens replaced by `new_ref`. The new
+/// reference must differ from the current one (a listener reloads when the
+/// registry changes) and, when both resolve, so must the value.
+pub fn plan_rotate(
+    registry: &Registry,
+    raw: &str,
+    field: TokenField,
+    new_ref: &str,
+    resolver: Option<&dyn SecretResolver>,
+) -> Result<Registry, AgentsError> {
+    let flag = field.flag();
+    let mut agent = known(registry, raw)?.clone();
+    let new = reference(flag, new_ref)?;
+    let old = match field {
+        TokenField::Hooks => Some(std::mem::replace(&mut agent.hooks_token, new.clone())),
+        TokenField::Gateway => agent.gateway_token.replace(new.clone()),
+    };
+    if old.as_ref() == Some(&new) {
+        return Err(AgentsError::SameReference { field: flag });
+    }
+    if let Some(resolver) = resolver {
+        let value = new.resolve(resolver).map_err(|source| AgentsError::Unresolved { field: flag, source })?;
+        if old.is_some_and(|old| old.resolve(resolver).is_ok_and(|v| v == value)) {
+            return Err(AgentsError::SameToken { field: flag });
+        }
+        agent.resolve_tokens(resolver)?;
+    }
+    // Re-validate the whole entry through the parser.
+    let mut next = registry.clone();
+    next.insert(agent);
+    Registry::parse(&next.to_json())?;
+    Ok(next)
+}
+
+impl From<mesh_protocol::RegistryError> for AgentsError {
+    fn from(e: mesh_protocol::RegistryError) -> Self {
+        Self::Invalid(RegistryErrors(vec![e]))
+    }
+}
+
+fn known<'a>(registry: &'a Registry, raw: &str) -> Result<&'a Agent, AgentsError> {
+    let id = AgentId::parse(raw)?;
+    registry.get(&id).ok_or_else(|| AgentsError::Unknown { id: raw.to_owned(), known: registry.known_ids() })
+}
+
+/// One row of `mesh agents list`: never a token, only where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AgentRow {
+    /// Agent id.
+    pub id: String,
+    /// `active` or `inactive`.
+    pub status: String,
+    /// `wake`, `agent` or `chat`.
+    pub delivery: String,
+    /// The hook URL.
+    pub hooks_url: String,
+    /// `env:NAME`, `file:/path` or `literal(***)`.
+    pub hooks_token: String,
+}
+
+/// The registry as rows.
+pub fn rows(registry: &Registry) -> Vec<AgentRow> {
+    let lower = |v: &dyn std::fmt::Debug| format!("{v:?}").to_lowercase();
+    registry
+        .agents()
+        .map(|a| AgentRow {
+            id: a.id.to_string(),
+            status: lower(&a.status),
+            delivery: lower(&a.delivery),
+            hooks_url: a.hooks_url.to_string(),
+            hooks_token: a.hooks_token.to_string(),
+        })
+        .collect()
+}
+
+/// Path of the backup kept next to the registry.
+pub fn backup_path(registry: &Path) -> PathBuf {
+    let mut name = registry.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "tokens.json".into());
+    name.push(".bak");
+    registry.with_file_name(name)
+}
+
+/// Writes `registry` to `path` atomically, keeping the previous file as
+/// [`backup_path`] and its permissions. Returns the backup's path.
+pub fn write_atomic(path: &Path, registry: &Registry) -> Result<PathBuf, AgentsError> {
+    let err = |source| AgentsError::Write { path: path.to_owned(), source };
+    let backup = backup_path(path);
+    let permissions = std::fs::metadata(path).map_err(err)?.permissions();
+    std::fs::copy(path, &backup).map_err(err)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
+    temp.write_all(registry.to_json().as_bytes()).map_err(err)?;
+    temp.as_file().sync_all().map_err(err)?;
+    std::fs::set_permissions(temp.path(), permissions).map_err(err)?;
+    temp.persist(path).map_err(|e| err(e.error))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(backup)
+}
+
+/// `mesh agents <action>`.
+#[derive(Debug, clap::Subcommand)]
+pub enum AgentsAction {
+    /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
+    List,
+    /// Register an agent. Tokens are references: env:NAME or file:/absolute/path.
+    Add {
+        /// The new agent's id.
+        id: String,
+        /// The gateway's wake hook, http(s)://host:port/hooks/wake.
+        #[arg(long)]
+        hooks_url: String,
+        /// The hook token's reference.
+        #[arg(long)]
+        hooks_token: String,
+        /// The gateway's host:port (agent and chat delivery).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// The gateway operator token's reference (chat delivery).
+        #[arg(long)]
+        gateway_token: Option<String>,
+        /// wake (default), agent or chat.
+        #[arg(long)]
+        delivery: Option<String>,
+        /// The model named in chat completions.
+        #[arg(long)]
+        model: Option<String>,
+        /// A display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Register it inactive (no listener, no messages).
+        #[arg(long)]
+        inactive: bool,
+        /// Do not check that the references resolve here (they only resolve inside the containers).
+        #[arg(long)]
+        no_check: bool,
+    },
+    /// Remove an agent from the registry (its listener stops on the next registry poll).
+    Remove {
+        /// The agent.
+        id: String,
+        /// Keep the entry, marked inactive.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Point an agent at a new token; listeners use it from their next registry poll on.
+    Rotate {
+        /// The agent.
+        id: String,
+        /// The new hook token's reference (a new env var or file).
+        #[arg(long, required_unless_present = "gateway_token")]
+        hooks_token: Option<String>,
+        /// The new gateway token's reference.
+        #[arg(long)]
+        gateway_token: Option<String>,
+        /// Do not check that the reference resolves here.
+        #[arg(long)]
+        no_check: bool,
+    },
+}
+
+/// Resolves references as the containers will: a file under the directory
+/// the registry is mounted at (`/etc/mesh/...`) is read from the registry's
+/// own directory on this host; everything else from the environment and disk.
+#[derive(Debug, Clone)]
+pub struct HostResolver {
+    /// The registry's directory on this host.
+    pub registry_dir: PathBuf,
+}
+
+impl SecretResolver for HostResolver {
+    fn env_var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
+    fn read_file(&self, path: &Path) -> std::io::Result<String> {
+        match path.strip_prefix(crate::deploy::CONFIG_DIR_IN_CONTAINER) {
+            Ok(rest) => std::fs::read_to_string(self.registry_dir.join(rest)),
+            Err(_) => std::fs::read_to_string(path),
+        }
+    }
+}
+
+/// Runs one lifecycle action against the registry file.
+pub fn run(path: &Path, action: AgentsAction, json: bool) -> anyhow::Result<()> {
+    let registry = mesh_listener::registry_file::load(path)?;
+    let registry_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    let host = HostResolver { registry_dir };
+    let resolver = |no_check: bool| (!no_check).then_some(&host as &dyn SecretResolver);
+    let (next, done) = match action {
+        AgentsAction::List => {
+            let rows = rows(&registry);
+            if json {
+                println!("{}", serde_json::to_string(&rows)?);
+            } else if rows.is_empty() {
+                println!("no agents in {}", path.display());
+            } else {
+                for r in rows {
+                    println!("{:<20} {:<8} {:<6} {} token {}", r.id, r.status, r.delivery, r.hooks_url, r.hooks_token);
+                }
+            }
+            return Ok(());
+        }
+        AgentsAction::Add {
+            id,
+            hooks_url,
+            hooks_token,
+            gateway,
+            gateway_token,
+            delivery,
+            model,
+            name,
+            inactive,
+            no_check,
+        } => {
+            let spec = AddSpec { id, hooks_url, hooks_token, gateway, gateway_token, delivery, model, name, inactive };
+            let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", spec.id);
+            (plan_add(&registry, &spec, resolver(no_check))?, done)
+        }
+        AgentsAction::Remove { id, keep } => {
+            let done = if keep { format!("marked {id} inactive") } else { format!("removed {id}") };
+            let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
+            (plan_remove(&registry, &id, keep)?, done)
+        }
+        AgentsAction::Rotate { id, hooks_token, gateway_token, no_check } => {
+            let mut next = registry.clone();
+            if let Some(r) = &hooks_token {
+                next = plan_rotate(&next, &id, TokenField::Hooks, r, resolver(no_check))?;
+            }
+            if let Some(r) = &gateway_token {
+                next = plan_rotate(&next, &id, TokenField::Gateway, r, resolver(no_check))?;
+            }
+            (next, format!("rotated {id}'s token; listeners use the new one from their next registry poll"))
+        }
+    };
+    let backup = write_atomic(path, &next)?;
+    if json {
+        println!("{}", serde_json::json!({"done": done, "registry": path, "backup": backup}));
+    } else {
+        println!("{done} in {} (previous version kept as {})", path.display(), backup.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use mesh_protocol::secret::MapResolver;
+
+    const REG: &str = r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "hooks_url": "http://nova:7002/hooks/wake"}}"#;
+
+    fn resolver() -> MapResolver {
+        let mut r = MapResolver::default();
+        for (k, v) in [("NOVA_HOOK", "n1"), ("NOVA_HOOK_2", "n2"), ("KAAN_HOOK", "k1"), ("SAME", "n1")] {
+            r.env.insert(k.into(), v.into());
+        }
+        r
+    }
+
+    fn spec(id: &str, token: &str) -> AddSpec {
+        AddSpec {
+            id: id.into(),
+            hooks_url: format!("http://{id}:7002/hooks/wake"),
+            hooks_token: token.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn add_validates_before_changing_anything() {
+        let reg = Registry::parse(REG).unwrap();
+        let r = resolver();
+        let next = plan_add(&reg, &spec("kaan", "env:KAAN_HOOK"), Some(&r)).unwrap();
+        assert_eq!(next.len(), 2);
+        let cases: [(AddSpec, &str); 6] = [
+            (spec("nova", "env:KAAN_HOOK"), "already registered"),
+            (spec("Bad.Id", "env:KAAN_HOOK"), "an agent id is"),
+            (spec("kaan", "plain-secret"), "must be a reference"),
+            (spec("kaan", "env:MISSING"), "MISSING is not set"),
+            (AddSpec { hooks_url: "http://k/h?token=x".into(), ..spec("kaan", "env:KAAN_HOOK") }, "query string"),
+            (AddSpec { delivery: Some("chat".into()), ..spec("kaan", "env:KAAN_HOOK") }, "needs gateway_token"),
+        ];
+        for (spec, want) in cases {
+            let err = plan_add(&reg, &spec, Some(&r)).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
+            assert!(!err.contains("plain-secret"), "{err}");
+        }
+        // Without a resolver, an unresolvable reference is accepted (--no-check).
+        assert!(plan_add(&reg, &spec("kaan", "env:MISSING"), None).is_ok());
+    }
+
+    #[test]
+    fn remove_deletes_or_marks_inactive() {
+        let reg = Registry::parse(REG).unwrap();
+        assert!(plan_remove(&reg, "nova", false).unwrap().is_empty());
+        let kept = plan_remove(&reg, "nova", true).unwrap();
+        assert_eq!(kept.active().count(), 0);
+        assert_eq!(kept.len(), 1);
+        assert!(plan_remove(&reg, "nvoa", false).unwrap_err().to_string().contains("known: nova"));
+    }
+
+    #[test]
+    fn rotate_needs_a_new_reference_and_a_new_value() {
+        let reg = Registry::parse(REG).unwrap();
+        let r = resolver();
+        let next = plan_rotate(&reg, "nova", TokenField::Hooks, "env:NOVA_HOOK_2", Some(&r)).unwrap();
+        let nova = next.get(&"nova".parse().unwrap()).unwrap();
+        assert_eq!(nova.hooks_token.to_string(), "env:NOVA_HOOK_2");
+        let err = |to: &str| plan_rotate(&reg, "nova", TokenField::Hooks, to, Some(&r)).unwrap_err().to_string();
+        assert!(err("env:NOVA_HOOK").contains("is the current one"));
+        assert!(err("env:SAME").contains("same value"));
+        assert!(err("n2-literal").contains("must be a reference"));
+        assert!(err("env:NOPE").contains("NOPE is not set"));
+    }
+
+    #[test]
+    fn container_paths_are_checked_in_the_registry_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/nova-2"), "n-two\n").unwrap();
+        let host = HostResolver { registry_dir: dir.path().to_owned() };
+        let reg = Registry::parse(REG).unwrap();
+        // The reference names the container's path; the check reads the host's copy.
+        let r = SecretRef::parse("file:/etc/mesh/secrets/nova-2").unwrap();
+        assert_eq!(r.resolve(&host).unwrap().expose(), "n-two");
+        assert!(plan_rotate(&reg, "nova", TokenField::Hooks, "file:/etc/mesh/secrets/nova-2", Some(&host)).is_ok());
+        assert!(SecretRef::parse("file:/etc/mesh/secrets/none").unwrap().resolve(&host).is_err());
+    }
+
+    #[test]
+    fn writes_atomically_and_keeps_a_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        std::fs::write(&path, REG).unwrap();
+        let reg = Registry::parse(REG).unwrap();
+        let next = plan_remove(&reg, "nova", true).unwrap();
+        let backup = write_atomic(&path, &next).unwrap();
+        assert_eq!(std::fs::read_to_string(&backup).unwrap(), REG);
+        assert_eq!(Registry::parse(&std::fs::read_to_string(&path).unwrap()).unwrap(), next);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 2, "only the registry and its backup: {leftovers:?}");
+    }
+}

@@ -1,0 +1,166 @@
+//! Who may publish and subscribe where: the NATS permissions of a listener
+//! (its own agent's consumer, the broadcast through that consumer, its dead
+//! letters, pongs, and replies only in chat mode) and of the bot, derived from
+//! [`crate::subject`] and [`crate::layout`] so they cannot drift from the
+//! subjects the code uses. `mesh deploy render` turns them into `nats.conf`.
+
+use crate::agent_id::AgentId;
+use crate::killswitch::BUCKET;
+use crate::layout::{self, ConsumerTuning};
+use crate::registry::{Agent, DeliveryMode};
+use crate::subject::{self, Subject};
+
+/// JetStream API prefix (NATS's own).
+const JS_API: &str = "$JS.API";
+/// Prefix of ack subjects (NATS's own).
+const JS_ACK: &str = "$JS.ACK";
+/// Prefix of flow-control replies of push consumers (NATS's own).
+const JS_FC: &str = "$JS.FC";
+
+/// The stream behind the kill switch bucket.
+pub fn killswitch_stream() -> String {
+    format!("KV_{BUCKET}")
+}
+
+/// Subject prefix of the kill switch bucket's keys.
+pub fn killswitch_keys() -> String {
+    format!("$KV.{BUCKET}.>")
+}
+
+/// One NATS user's permissions.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Access {
+    /// NATS user name.
+    pub user: String,
+    /// Inbox prefix the client must use (`MESH_INBOX_PREFIX`); replies arrive under it.
+    pub inbox_prefix: String,
+    /// Subjects it may publish to.
+    pub publish: Vec<String>,
+    /// Subjects it may not publish to (checked after `publish`).
+    pub publish_deny: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+    /// How many replies it may send to a message it received (pongs); 0 for none.
+    pub responses: u32,
+}
+
+/// NATS user name of an agent's listener.
+pub fn listener_user(agent: &AgentId) -> String {
+    format!("listener-{agent}")
+}
+
+/// Name of the environment variable holding a NATS user's password.
+pub fn password_env(user: &str) -> String {
+    let upper: String =
+        user.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect();
+    format!("{upper}_NATS_PASSWORD")
+}
+
+/// The bot's NATS user.
+pub const BOT_USER: &str = "mesh-bot";
+/// The operator's NATS user (the `mesh` command line on the host): no restrictions.
+pub const ADMIN_USER: &str = "mesh-admin";
+
+/// The listener of one agent: reads only its own consumer (its inbox and the
+/// broadcast), writes its dead letters and pongs, and, in chat mode only,
+/// replies to other agents' inboxes and `mesh.reply.*`.
+pub fn listener(agent: &Agent) -> Access {
+    let id = &agent.id;
+    let consumer = layout::agent_consumer(id, ConsumerTuning::default());
+    let (stream, durable) = (consumer.stream, consumer.durable);
+    let kv = killswitch_stream();
+    // Account info (read-only): the client asks before creating the kill switch bucket.
+    let mut publish = vec![format!("{JS_API}.INFO")];
+    // Streams: look them up, and create them with the layout's config if missing.
+    for name in layout::all_streams(1).iter().map(|s| s.name.to_owned()).chain([kv.clone()]) {
+        publish.push(format!("{JS_API}.STREAM.INFO.{name}"));
+        publish.push(format!("{JS_API}.STREAM.CREATE.{name}"));
+    }
+    // Its own durable consumer only.
+    publish.extend([
+        format!("{JS_API}.CONSUMER.INFO.{stream}.{durable}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}"),
+        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}.>"),
+        format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"),
+        format!("{JS_ACK}.{stream}.{durable}.>"),
+    ]);
+    // The kill switch: read and watch (ordered consumers), never write.
+    publish.extend([
+        format!("{JS_API}.CONSUMER.CREATE.{kv}"),
+        format!("{JS_API}.CONSUMER.CREATE.{kv}.>"),
+        format!("{JS_API}.CONSUMER.DELETE.{kv}.>"),
+        format!("{JS_API}.CONSUMER.INFO.{kv}.>"),
+        format!("{JS_API}.DIRECT.GET.{kv}.>"),
+        format!("{JS_API}.STREAM.MSG.GET.{kv}"),
+        format!("{JS_FC}.{kv}.>"),
+    ]);
+    publish.push(Subject::DeadLetter(id.clone()).to_string());
+    publish.push(Subject::HealthPong.to_string());
+    if agent.delivery == DeliveryMode::Chat {
+        publish.push(subject::ALL_INBOXES.to_owned());
+        publish.push(subject::ALL_REPLIES.to_owned());
+    }
+    let inbox_prefix = format!("_INBOX_{id}");
+    Access {
+        user: listener_user(id),
+        subscribe: vec![Subject::HealthPing.to_string(), format!("{inbox_prefix}.>")],
+        inbox_prefix,
+        publish,
+        publish_deny: Vec::new(),
+        responses: 16,
+    }
+}
+
+/// The bot: sends, broadcasts, pings, runs the kill switch, reads and replays
+/// dead letters and writes the audit trail; it may not delete or purge a stream.
+pub fn bot() -> Access {
+    let inbox_prefix = "_INBOX_bot".to_owned();
+    Access {
+        user: BOT_USER.to_owned(),
+        publish: [format!("{JS_API}.>"), format!("{JS_ACK}.>"), format!("{JS_FC}.>"), killswitch_keys()]
+            .into_iter()
+            .chain(layout::all_streams(1).into_iter().flat_map(|s| s.subjects))
+            .chain([Subject::HealthPing.to_string()])
+            .collect(),
+        publish_deny: vec![format!("{JS_API}.STREAM.DELETE.>"), format!("{JS_API}.STREAM.PURGE.>")],
+        subscribe: vec![
+            format!("{inbox_prefix}.>"),
+            Subject::HealthPong.to_string(),
+            subject::ALL_EVENTS.to_owned(),
+            subject::ALL_REPLIES.to_owned(),
+        ],
+        inbox_prefix,
+        responses: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Registry;
+
+    fn agent(delivery: &str) -> Agent {
+        let json = format!(
+            r#"{{"nova": {{"hooks_token": "env:A", "gateway_token": "env:B", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "{delivery}"}}}}"#
+        );
+        Registry::parse(&json).unwrap().agents().next().unwrap().clone()
+    }
+
+    #[test]
+    fn a_listener_reads_only_its_own_consumer() {
+        let access = listener(&agent("wake"));
+        assert_eq!(access.user, "listener-nova");
+        assert!(access.publish.contains(&"$JS.API.CONSUMER.MSG.NEXT.MESH_AGENTS.agent-nova".to_owned()));
+        assert!(access.publish.contains(&"mesh.dlq.nova".to_owned()));
+        assert!(access.publish.iter().all(|s| !s.contains("agents.") && !s.ends_with("$JS.API.>")));
+        assert_eq!(access.subscribe, ["mesh.health.ping", "_INBOX_nova.>"]);
+        let chat = listener(&agent("chat"));
+        assert!(chat.publish.contains(&"agents.*.inbox".to_owned()));
+    }
+
+    #[test]
+    fn password_variables_are_shell_names() {
+        assert_eq!(password_env("listener-nova_2"), "LISTENER_NOVA_2_NATS_PASSWORD");
+        assert_eq!(password_env(BOT_USER), "MESH_BOT_NATS_PASSWORD");
+    }
+}

@@ -1,0 +1,121 @@
+//! `mesh backup` and `mesh restore` on real nats-servers: what was pending for
+//! an agent before the backup is delivered after a restore into a fresh
+//! server, what was acked is not delivered again, and the kill switch and the
+//! registry come back.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use mesh_protocol::killswitch::{BUCKET, KillState, Mode};
+use mesh_tests::fixtures::{mesh_command, wait_until_settled};
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn mesh(nats: &TestNats, registry: &std::path::Path, args: &[&str]) -> String {
+    let out = mesh_command(&nats.url(), registry).args(args).output().await.unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "mesh {args:?}: {text}");
+    text
+}
+
+#[tokio::test]
+async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::registry(&[("nova", &nova_gw, true), ("kaan", &kaan_gw, true), ("zed", &kaan_gw, true)]);
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let before = std::fs::read_to_string(&fixture.registry).unwrap();
+
+    // Server A: kaan's listener takes its message and a broadcast; nova has no listener.
+    let a = TestNats::start().await;
+    let js = a.jetstream().await;
+    let kaan = ListenerHandle::one(&fixture, &a, "kaan");
+    let send = |to: &'static str, text: &'static str| {
+        let (js, registry) = (js.clone(), registry.clone());
+        async move {
+            let p = mesh_protocol::Priority::Normal;
+            if to == "*" {
+                mesh_bot::publish::broadcast(&js, &registry, "test", text, p).await.unwrap();
+            } else {
+                mesh_bot::publish::send(&js, &registry, "test", to, text, p).await.unwrap();
+            }
+        }
+    };
+    send("kaan", "kaan one").await;
+    send("nova", "nova one").await;
+    send("*", "all hands").await;
+    send("nova", "nova two").await;
+    kaan_gw.wait_for(2, WAIT).await;
+    wait_until_settled(&js, "kaan", WAIT).await;
+    kaan.stop().await.unwrap();
+    let hard = KillState {
+        mode: Mode::Hard,
+        until: None,
+        by: "test".into(),
+        reason: Some("held".into()),
+        at: time::OffsetDateTime::now_utc(),
+    };
+    let kv = mesh_listener::killswitch::open(&js, 1).await.unwrap();
+    kv.put("agent.zed", hard.encode().into()).await.unwrap();
+
+    let backup_dir = tempfile::tempdir().unwrap();
+    let dir = backup_dir.path().join("b1");
+    let dir_s = dir.to_str().unwrap();
+    let printed = mesh(&a, &fixture.registry, &["backup", dir_s]).await;
+    assert!(!printed.contains("kaan-hook-token"), "{printed}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+    // A second backup into the same directory is refused.
+    let out = mesh_command(&a.url(), &fixture.registry).args(["backup", dir_s]).output().await.unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    drop(a);
+
+    // A server where a listener already created its consumer: refused, nothing written.
+    let c = TestNats::start().await;
+    let js_c = c.jetstream().await;
+    mesh_listener::nats::ensure_consumer(&js_c, &"nova".parse().unwrap()).await.unwrap();
+    let out = mesh_command(&c.url(), &fixture.registry).args(["restore", dir_s]).output().await.unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("restore before starting the listeners"), "{said}");
+    assert_eq!(js_c.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().state.messages, 0);
+    drop(c);
+
+    // Server B, fresh; the registry file is gone too.
+    let b = TestNats::start().await;
+    let restored_registry = fixture.dir().join("restored").join("tokens.json");
+    let printed = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
+    let report: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(report["streams"]["MESH_AGENTS"], 4, "{report}");
+    assert_eq!(report["consumers"]["nova"], 3, "nova had 3 pending: {report}");
+    assert_eq!(report["consumers"]["kaan"], 0, "kaan had acked everything: {report}");
+    assert_eq!(std::fs::read_to_string(&restored_registry).unwrap(), before);
+    let js_b = b.jetstream().await;
+    let kv_b = js_b.get_key_value(BUCKET).await.unwrap();
+    let zed = KillState::decode(&kv_b.get("agent.zed").await.unwrap().unwrap()).unwrap();
+    assert_eq!((zed.mode, zed.reason.as_deref()), (Mode::Hard, Some("held")));
+
+    // A restore into a server that already holds messages is refused.
+    let out = mesh_command(&b.url(), &restored_registry).args(["restore", dir_s]).output().await.unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fresh server"));
+
+    // Listeners on B: nova gets exactly its three pending messages, in order; kaan nothing old.
+    let restored = Fixture::from_json(&serde_json::from_str(&before).unwrap());
+    let nova = ListenerHandle::one(&restored, &b, "nova");
+    let kaan = ListenerHandle::one(&restored, &b, "kaan");
+    let got = nova_gw.wait_for(3, WAIT).await;
+    let texts: Vec<&str> = got.iter().map(|r| r.text()).collect();
+    assert!(
+        texts[0].contains("nova one") && texts[1].contains("all hands") && texts[2].contains("nova two"),
+        "{texts:?}"
+    );
+    let registry_b = mesh_listener::registry_file::load(&restored.registry).unwrap();
+    mesh_bot::publish::send(&js_b, &registry_b, "test", "kaan", "kaan fresh", mesh_protocol::Priority::Normal)
+        .await
+        .unwrap();
+    let got = kaan_gw.wait_for(3, WAIT).await;
+    assert!(got[2].text().contains("kaan fresh"), "kaan got an old message again: {:?}", got[2].text());
+    wait_until_settled(&js_b, "nova", WAIT).await;
+    assert_eq!(nova_gw.requests().len(), 3, "nova got a duplicate");
+    nova.stop().await.unwrap();
+    kaan.stop().await.unwrap();
+}

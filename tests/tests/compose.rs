@@ -1,0 +1,184 @@
+//! The whole compose stack, for real, on this machine's Docker engine: images
+//! built FROM scratch out of the binaries under test (`scripts/images.sh`),
+//! `mesh deploy render` for the listeners and nats.conf, `docker-compose up`
+//! with the demo gateway; a message sent with `mesh send` to the published
+//! NATS port reaches the gateway container, and `mesh status` lists the
+//! project's containers. The project is torn down on drop, also on failure.
+//! Without an engine the test is skipped, and under `CI=true` it fails.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use mesh_tests::fixtures::{listener_bin, mesh_bin, mesh_command};
+
+const WAIT: Duration = Duration::from_secs(90);
+const TAG: &str = "meshtest";
+const ADMIN_PASSWORD: &str = "admin-pw-compose";
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// A docker-compose project, taken down (containers, volumes, network) on drop.
+struct Compose {
+    project: String,
+    files: Vec<PathBuf>,
+    env: Vec<(String, String)>,
+}
+
+impl Compose {
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("docker-compose");
+        command.arg("-p").arg(&self.project);
+        for f in &self.files {
+            command.arg("-f").arg(f);
+        }
+        command.args(["--profile", "demo"]).args(args).envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = self.command(args).output().expect("docker-compose (Debian's package) is installed");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "docker-compose {args:?} failed:\n{text}");
+        text
+    }
+}
+
+impl Drop for Compose {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Ok(out) = self.command(&["logs", "--no-color", "--tail", "40"]).output()
+        {
+            eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        let _ = self.command(&["down", "-v", "--remove-orphans", "--timeout", "5"]).output();
+    }
+}
+
+#[tokio::test]
+async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
+    mesh_tests::require_docker!();
+    let built = Command::new(root().join("scripts/images.sh"))
+        .env("MESH_BIN", mesh_bin())
+        .env("MESH_LISTENER_BIN", listener_bin())
+        .env("MESH_IMAGE_TAG", TAG)
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "scripts/images.sh failed: {}", String::from_utf8_lossy(&built.stderr));
+
+    // The operator's files: a registry with the demo agent, rendered into the deployment.
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    let registry = config.join("tokens.json");
+    std::fs::write(
+        &registry,
+        r#"{"demo": {"hooks_token": "env:DEMO_HOOKS_TOKEN", "hooks_url": "http://demo-gateway:7002/hooks/wake"}}"#,
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [work.path(), config.as_path()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let generated = work.path().join("generated");
+    let out = mesh_command("nats://127.0.0.1:1", &registry)
+        .args(["deploy", "render", "--out", generated.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let free = || mesh_bot::local_nats::free_port().unwrap().to_string();
+    let nats_port = free();
+    let project = format!("meshtest-{}", uuid::Uuid::now_v7().simple());
+    let env = [
+        ("MESH_IMAGE_TAG", TAG.to_owned()),
+        ("MESH_CONFIG_DIR", config.display().to_string()),
+        ("MESH_GENERATED_DIR", generated.display().to_string()),
+        ("MESH_NATS_PORT", nats_port.clone()),
+        ("MESH_NATS_MONITOR_PORT", free()),
+        ("MESH_BOT_PORT", free()),
+        ("LISTENER_DEMO_NATS_PASSWORD", "listener-pw-compose".to_owned()),
+        ("MESH_BOT_NATS_PASSWORD", "bot-pw-compose".to_owned()),
+        ("MESH_ADMIN_NATS_PASSWORD", ADMIN_PASSWORD.to_owned()),
+        ("DEMO_HOOKS_TOKEN", "demo-hook-token-compose".to_owned()),
+    ];
+    let compose = Compose {
+        project: project.clone(),
+        files: vec![root().join("deploy/docker-compose.yml"), generated.join("docker-compose.agents.yml")],
+        env: env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+    };
+    // The one command: render from the registry, then docker-compose up.
+    let mut up = mesh_command("nats://127.0.0.1:1", &registry);
+    up.args(["deploy", "up", "--profile", "demo", "--project", &project, "--out"])
+        .arg(&generated)
+        .arg("--compose")
+        .arg(root().join("deploy/docker-compose.yml"))
+        .envs(env.iter().map(|(k, v)| (*k, v)));
+    let out = up.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "mesh deploy up: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `mesh send` from the host against the published port, as the operator's NATS user.
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let text = format!("hello through compose {}", uuid::Uuid::now_v7().simple());
+    let mesh = |args: Vec<String>| {
+        let mut command = mesh_command(&nats_url, &registry);
+        command
+            .args(args)
+            .env("NATS_USER", "mesh-admin")
+            .env("NATS_PASSWORD", ADMIN_PASSWORD)
+            .env("MESH_COMPOSE_PROJECT", &project);
+        async move {
+            let out = command.output().await.unwrap();
+            (
+                out.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        }
+    };
+    let (ok, said) = mesh(vec!["send".into(), "demo".into(), text.clone()]).await;
+    assert!(ok, "mesh send: {said}");
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs = compose.run(&["logs", "--no-color", "demo-gateway"]);
+        if logs.contains(&text) {
+            assert!(logs.contains("/hooks/wake"), "{logs}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the demo gateway never logged the message:\n{logs}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let (_, status) = mesh(vec!["status".into()]).await;
+    for service in ["nats", "redis", "bot", "listener-demo", "demo-gateway"] {
+        let name = format!("{project}_{service}_1");
+        let row = status.lines().find(|l| l.contains(&name)).unwrap_or_else(|| panic!("{name} missing in:\n{status}"));
+        assert!(row.contains("running"), "{row}");
+        if service == "nats" {
+            assert!(row.contains("healthy"), "nats passed its health check before the listener started: {row}");
+        }
+    }
+    assert!(status.contains("listener") && status.contains("gateway"), "{status}");
+
+    // `mesh restart` finds the listener by its labels; a message sent meanwhile arrives after it.
+    let (ok, said) = mesh(vec!["restart".into(), "demo".into()]).await;
+    assert!(ok && said.contains("listener-demo"), "mesh restart: {said}");
+    let again = format!("after the restart {}", uuid::Uuid::now_v7().simple());
+    let (ok, said) = mesh(vec!["send".into(), "demo".into(), again.clone()]).await;
+    assert!(ok, "mesh send: {said}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !compose.run(&["logs", "--no-color", "demo-gateway"]).contains(&again) {
+        assert!(tokio::time::Instant::now() < deadline, "the message sent across the restart never arrived");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(compose);
+}

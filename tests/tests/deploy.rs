@@ -1,0 +1,285 @@
+//! `mesh deploy render` against a real nats-server started with the rendered
+//! `nats.conf`: a listener user consumes its own agent's messages and answers
+//! pings, but may not subscribe to another agent's subjects, snoop on other
+//! clients' inboxes or publish where it must not; the bot user sends, pings and
+//! pulls the kill switch. Also: the compose and Prometheus files are well formed.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use mesh_tests::fixtures::{Logged, listener_bin, mesh_command};
+use mesh_tests::{Fixture, RecordingGateway};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const WAIT: Duration = Duration::from_secs(20);
+const PASSWORDS: [(&str, &str); 5] = [
+    ("LISTENER_NOVA_NATS_PASSWORD", "pw-nova-1"),
+    ("LISTENER_ADA_NATS_PASSWORD", "pw-ada-1"),
+    ("LISTENER_KAAN_NATS_PASSWORD", "pw-kaan-1"),
+    ("MESH_BOT_NATS_PASSWORD", "pw-bot-1"),
+    ("MESH_ADMIN_NATS_PASSWORD", "pw-admin-1"),
+];
+
+/// nats-server with the rendered config on free ports, killed on drop.
+struct ConfiguredNats {
+    _child: tokio::process::Child,
+    port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl ConfiguredNats {
+    async fn start(conf: &Path) -> Self {
+        let store = tempfile::tempdir().unwrap();
+        let port = mesh_bot::local_nats::free_port().unwrap();
+        let monitor = mesh_bot::local_nats::free_port().unwrap();
+        let mut command = tokio::process::Command::new("nats-server");
+        command
+            .arg("-c")
+            .arg(conf)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor.to_string(), "-sd"])
+            .arg(store.path())
+            .envs(PASSWORDS)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("nats-server (run scripts/install.sh)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "nats-server refused the rendered config");
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { _child: child, port, _store: store }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Speaks the NATS protocol directly: connects as `user`, sends `lines`, then
+/// PING, and returns everything the server said up to the PONG.
+async fn raw(port: u16, user: &str, pass: &str, lines: &[String]) -> String {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let mut info = String::new();
+    read.read_line(&mut info).await.unwrap();
+    let connect = serde_json::json!({"verbose": false, "pedantic": false, "user": user, "pass": pass, "headers": true, "protocol": 1});
+    let mut out = format!("CONNECT {connect}\r\n");
+    for line in lines {
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    out.push_str("PING\r\n");
+    write.write_all(out.as_bytes()).await.unwrap();
+    let mut said = String::new();
+    loop {
+        let mut line = String::new();
+        let n = tokio::time::timeout(WAIT, read.read_line(&mut line)).await.unwrap().unwrap();
+        said.push_str(&line);
+        if n == 0 || line.starts_with("PONG") || said.contains("Authorization Violation") {
+            return said;
+        }
+    }
+}
+
+fn sub(subject: &str, sid: u32) -> String {
+    format!("SUB {subject} {sid}")
+}
+
+fn publish(subject: &str) -> String {
+    format!("PUB {subject} 2\r\nhi")
+}
+
+#[tokio::test]
+async fn rendered_permissions_hold_on_a_real_server() {
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"gateway": nova_gw.addr.to_string(), "hooks_token": "nova-hook-token", "hooks_url": nova_gw.hooks_url()},
+        "kaan": {"hooks_token": "kaan-hook-token", "hooks_url": kaan_gw.hooks_url()},
+        "ada": {"hooks_token": "ada-hook-token", "gateway_token": "ada-gw-token", "delivery": "chat", "model": "m",
+                "hooks_url": kaan_gw.hooks_url()},
+    }));
+    let out_dir = fixture.dir().join("generated");
+    let out = mesh_command("nats://127.0.0.1:1", &fixture.registry)
+        .args(["deploy", "render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for file in ["nats.conf", "docker-compose.agents.yml", "prometheus-listeners.json", "env.example"] {
+        let text = std::fs::read_to_string(out_dir.join(file)).unwrap();
+        for (_, pw) in PASSWORDS {
+            assert!(!text.contains(pw));
+        }
+        assert!(!text.contains("nova-hook-token"), "{file} holds a token");
+    }
+    let env_example = std::fs::read_to_string(out_dir.join("env.example")).unwrap();
+    for (var, _) in PASSWORDS {
+        assert!(env_example.contains(&format!("{var}=\n")), "{env_example}");
+    }
+    let nats = ConfiguredNats::start(&out_dir.join("nats.conf")).await;
+    let port = nats.port;
+
+    // Wrong password, and no credentials at all: refused.
+    assert!(raw(port, "listener-nova", "wrong", &[]).await.contains("Authorization Violation"));
+    assert!(raw(port, "", "", &[]).await.contains("Authorization Violation"));
+
+    // The listener user: allowed where it must be, refused elsewhere.
+    let nova = |lines: Vec<String>| async move { raw(port, "listener-nova", "pw-nova-1", &lines).await };
+    let ok = nova(vec![
+        sub("mesh.health.ping", 1),
+        sub("_INBOX_nova.x.>", 2),
+        publish("mesh.dlq.nova"),
+        publish("mesh.health.pong"),
+    ])
+    .await;
+    assert!(!ok.contains("-ERR"), "{ok}");
+    for (line, what) in [
+        (sub("agents.kaan.inbox", 1), "Subscription to \"agents.kaan.inbox\""),
+        (sub("agents.nova.inbox", 1), "Subscription to \"agents.nova.inbox\""),
+        (sub("agents.>", 1), "Subscription to \"agents.>\""),
+        (sub("_INBOX.>", 1), "Subscription to \"_INBOX.>\""),
+        (sub("_INBOX_kaan.>", 1), "Subscription to \"_INBOX_kaan.>\""),
+        (publish("agents.kaan.inbox"), "Publish to \"agents.kaan.inbox\""),
+        (publish("agents.broadcast"), "Publish to \"agents.broadcast\""),
+        (publish("mesh.dlq.kaan"), "Publish to \"mesh.dlq.kaan\""),
+        (publish("$JS.API.CONSUMER.MSG.NEXT.MESH_AGENTS.agent-kaan"), "agent-kaan"),
+        (publish("$JS.API.STREAM.DELETE.MESH_AGENTS"), "STREAM.DELETE"),
+        (publish("$KV.mesh_killswitch.global"), "$KV.mesh_killswitch.global"),
+    ] {
+        let said = nova(vec![line.clone()]).await;
+        assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
+    }
+    // Only a chat-mode listener may publish replies into other agents' inboxes.
+    let said = raw(port, "listener-ada", "pw-ada-1", &[publish("agents.nova.inbox"), publish("mesh.reply.abc")]).await;
+    assert!(!said.contains("-ERR"), "{said}");
+    // The bot may not delete a stream either.
+    let said = raw(port, "mesh-bot", "pw-bot-1", &[publish("$JS.API.STREAM.DELETE.MESH_AGENTS")]).await;
+    assert!(said.contains("Permissions Violation"), "{said}");
+
+    // The real listener, as its user, consumes its agent's messages sent by the bot user.
+    let mut listener = tokio::process::Command::new(listener_bin());
+    listener
+        .env("NATS_URL", nats.url())
+        .env("MESH_REGISTRY", &fixture.registry)
+        .env("AGENT_ID", "nova")
+        .env("NATS_USER", "listener-nova")
+        .env("NATS_PASSWORD", "pw-nova-1")
+        .env("MESH_INBOX_PREFIX", "_INBOX_nova");
+    let listener = Logged::spawn(listener);
+    let bot = |args: &'static [&'static str]| {
+        let mut command = mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(args)
+            .env("NATS_USER", "mesh-bot")
+            .env("NATS_PASSWORD", "pw-bot-1")
+            .env("MESH_INBOX_PREFIX", "_INBOX_bot");
+        async move {
+            let out = command.output().await.unwrap();
+            (
+                out.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        }
+    };
+    let (ok, said) = bot(&["send", "nova", "through the permissions"]).await;
+    assert!(ok, "{said}");
+    let got = nova_gw.wait_for(1, WAIT).await;
+    assert!(got[0].text().contains("through the permissions"));
+    let (ok, said) = bot(&["broadcast", "to everyone"]).await;
+    assert!(ok, "{said}");
+    nova_gw.wait_for(2, WAIT).await;
+    // Pings reach the listener and its pong comes back (allow_responses); the
+    // kill switch reaches it through its read-only watch of the bucket.
+    let nova_state = |said: &str| -> Option<String> {
+        let report: serde_json::Value = serde_json::from_str(said.lines().next()?).ok()?;
+        let row = report["rows"].as_array()?.iter().find(|r| r["agent"] == "nova")?.clone();
+        row["rtt_ms"].is_number().then(|| row["state"].as_str().unwrap_or_default().to_owned())
+    };
+    let wait_state = |want: &'static [&'static str]| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (_, said) = bot(&["ping", "--json", "--timeout-ms", "500"]).await;
+            if nova_state(&said).is_some_and(|s| want.contains(&s.as_str())) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "nova never reported {want:?}: {said}");
+        }
+    };
+    wait_state(&["ok", "gateway unknown"]).await;
+    let (ok, said) = bot(&["kill", "soft", "--for", "1m", "--reason", "permission test"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["paused"]).await;
+    let (ok, said) = bot(&["resume"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["ok", "gateway unknown"]).await;
+    // A message the gateway refuses becomes a dead letter (the listener may publish mesh.dlq.nova).
+    nova_gw.script([400]);
+    let (ok, said) = bot(&["send", "nova", "refused on purpose"]).await;
+    assert!(ok, "{said}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, said) = bot(&["dlq", "nova", "--json"]).await;
+        if said.contains("refused on purpose") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter for nova: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (ok, said) = bot(&["dlq"]).await;
+    assert!(ok, "{said}");
+    let log = listener.kill().await;
+    assert!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "{log}");
+    assert!(!log.contains("pw-nova-1"), "the password reached a log");
+}
+
+fn yaml(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{} is not well-formed YAML: {e}", path.display()))
+}
+
+#[test]
+fn compose_and_monitoring_files_are_well_formed() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
+    // Alert rules: the five alerts, each with an expression over metrics the code exports.
+    let alerts = yaml(&deploy.join("prometheus/alerts.yml"));
+    let rules = alerts["groups"][0]["rules"].as_array().unwrap();
+    let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    assert_eq!(names, ["NatsDown", "ListenerDown", "GatewayUnreachable", "DeliveryLatencyHigh", "DeadLettersGrowing"]);
+    let exported = [mesh_listener::metrics::DELIVERIES, mesh_listener::metrics::LATENCY];
+    for rule in rules {
+        let expr = rule["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("mesh_")) {
+            let metric = word.trim_end_matches("_bucket");
+            assert!(exported.contains(&metric), "{} uses {word}, which the listener does not export", names[0]);
+        }
+        assert!(rule["annotations"]["summary"].is_string());
+    }
+    let prometheus = yaml(&deploy.join("prometheus/prometheus.yml"));
+    let jobs: Vec<&str> =
+        prometheus["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
+    assert_eq!(jobs, ["nats", "listener", "bot"]);
+    // Compose: every service unprivileged, read-only, restarting; published ports on loopback only.
+    let compose = yaml(&deploy.join("docker-compose.yml"));
+    let services = compose["services"].as_object().unwrap();
+    for (name, service) in services {
+        assert!(service["user"].is_string(), "{name} runs as root");
+        assert_eq!(service["read_only"], true, "{name}");
+        assert_eq!(service["restart"], "unless-stopped", "{name}");
+        for port in service["ports"].as_array().into_iter().flatten() {
+            assert!(port.as_str().unwrap().starts_with("127.0.0.1:"), "{name} publishes {port} beyond loopback");
+        }
+    }
+    for name in ["bot", "nats-exporter", "prometheus"] {
+        assert_eq!(services[name]["depends_on"]["nats"]["condition"], "service_healthy", "{name}");
+    }
+    for name in ["prometheus", "grafana", "nats-exporter"] {
+        assert_eq!(services[name]["profiles"][0], "monitoring", "{name}");
+    }
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/dashboards/mesh.json")).unwrap()).unwrap();
+    assert!(dashboard["panels"].as_array().unwrap().len() >= 4);
+}
