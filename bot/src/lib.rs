@@ -15,6 +15,7 @@
 //! - [`maintenance`]: the maintenance window as one command.
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
+//! - [`discord`]: the Discord front end (interactions, gateway messages, notifications).
 //! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
 //! - [`cli`]: the `mesh` command line.
 
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod command;
 pub mod demo;
 pub mod demo_gateway;
+pub mod discord;
 pub mod dlq;
 pub mod docker;
 pub mod engine;
