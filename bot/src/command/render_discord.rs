@@ -141,9 +141,7 @@ pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut line_start = true;
     for c in text.chars() {
-        if matches!(c, '\\' | '*' | '_' | '~' | '`' | '|' | '>' | '#' | '[' | ']' | '<' | ':')
-            || (line_start && c == '-')
-        {
+        if matches!(c, '\\' | '*' | '_' | '~' | '`' | '|' | '>' | '#' | '[' | ']' | '<') || (line_start && c == '-') {
             out.push('\\');
         }
         out.push(c);
@@ -264,7 +262,7 @@ mod tests {
             json!({
                 "embeds": [{
                     "title": "nova replied",
-                    "description": "**nova**\n@everyone deploy \\*done\\* \\<@&123\\> see \\[x\\](https\\://evil)\nline 2",
+                    "description": "**nova**\n@everyone deploy \\*done\\* \\<@&123\\> see \\[x\\](https://evil)\nline 2",
                     "color": 0x2ECC71,
                 }],
                 "allowed_mentions": {"parse": []},
@@ -294,7 +292,7 @@ mod tests {
         assert_eq!(
             interaction_data(&error),
             json!({
-                "embeds": [{"title": "unknown agent \"nvoa\" (known\\: nova)", "color": 0xE74C3C}],
+                "embeds": [{"title": "unknown agent \"nvoa\" (known: nova)", "color": 0xE74C3C}],
                 "allowed_mentions": {"parse": []},
                 "flags": 64,
             })
