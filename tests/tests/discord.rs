@@ -248,11 +248,16 @@ async fn ask_answer_arrives_as_a_follow_up() {
 }
 
 #[tokio::test]
-async fn events_are_relayed_to_the_notify_channel() {
+async fn events_are_relayed_to_the_notify_channel_with_slack_alongside() {
     let nats = TestNats::start().await;
     let nova = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &nova, true)]);
-    let bot = Bot::start(&nats, &fixture, &[("DISCORD_NOTIFY_CHANNEL", "777")]).await;
+    // Slack configured too: both front ends run in the one `mesh bot`.
+    let env = [("DISCORD_NOTIFY_CHANNEL", "777"), ("SLACK_SIGNING_SECRET", "slack-secret-0123456789")];
+    let bot = Bot::start(&nats, &fixture, &env).await;
+    let slack = bot.http.post(format!("{}/slack/commands", bot.url)).body("text=ping").send().await.unwrap();
+    assert_eq!(slack.status().as_u16(), 401, "the Slack endpoint is served (and checks signatures)");
+    assert_eq!(bot.post(&json!({"type": 1}).to_string()).await, (200, json!({"type": 1})));
     let js = nats.jetstream().await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
