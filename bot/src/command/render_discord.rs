@@ -41,7 +41,7 @@ pub fn render(reply: &Reply) -> Value {
     let mut descriptions = Vec::new();
     let title = if chars(&title_text) > MAX_TITLE_CHARS {
         // A long title (an error with its usage, say) is shown whole in the body.
-        descriptions.push(format!("**{}**", fit(&title_text, MAX_DESCRIPTION_CHARS - 4)));
+        descriptions.push(format!("**{}**", fit(&title_text, DESCRIPTION_ROOM - 4)));
         fit(&title_text, MAX_TITLE_CHARS)
     } else {
         title_text
@@ -73,51 +73,52 @@ pub fn interaction_data(reply: &Reply) -> Value {
     body
 }
 
+/// Room kept at the end of a message for the cut note (`\n` + [`TRUNCATED`]), in characters.
+const NOTE_ROOM: usize = 14;
+/// Longest description part, leaving room for the cut note.
+const DESCRIPTION_ROOM: usize = MAX_DESCRIPTION_CHARS - NOTE_ROOM;
+
 /// Packs the description parts into embeds: each description up to
 /// [`MAX_DESCRIPTION_CHARS`], at most [`MAX_EMBEDS`] embeds and
-/// [`MAX_MESSAGE_CHARS`] in all; what does not fit is cut with [`TRUNCATED`].
+/// [`MAX_MESSAGE_CHARS`] in all. What does not fit is cut at a line boundary
+/// (a code block it opened closed again) and marked with [`TRUNCATED`].
 fn embeds(tone: Tone, title: String, parts: Vec<String>) -> Vec<Value> {
     let colour = colour(tone);
-    let mut budget = MAX_MESSAGE_CHARS - chars(&title);
+    let mut budget = MAX_MESSAGE_CHARS - chars(&title) - NOTE_ROOM;
     let mut descriptions: Vec<String> = Vec::new();
     let mut current = String::new();
     let mut cut = false;
     for part in parts {
-        let needed = chars(&part) + if current.is_empty() { 0 } else { 2 };
-        if chars(&current) + needed > MAX_DESCRIPTION_CHARS && !current.is_empty() {
+        if !current.is_empty() && chars(&current) + 2 + chars(&part) > DESCRIPTION_ROOM {
             descriptions.push(std::mem::take(&mut current));
         }
-        let sep = if current.is_empty() { 0 } else { 2 };
-        if chars(&part) + sep > budget || (current.is_empty() && descriptions.len() == MAX_EMBEDS) {
+        if current.is_empty() && descriptions.len() == MAX_EMBEDS {
             cut = true;
             break;
         }
-        if !current.is_empty() {
-            current.push_str("\n\n");
+        let sep = if current.is_empty() { 0 } else { 2 };
+        let fits = sep + chars(&part) <= budget;
+        let part = if fits { part } else { whole_lines(&part, budget.saturating_sub(sep)) };
+        if !part.is_empty() {
+            if sep > 0 {
+                current.push_str("\n\n");
+            }
+            current.push_str(&part);
+            budget -= sep + chars(&part);
         }
-        current.push_str(&part);
-        budget -= chars(&part) + sep;
+        if !fits {
+            cut = true;
+            break;
+        }
     }
     if !current.is_empty() {
         descriptions.push(current);
     }
     if cut {
-        let note = format!("\n{TRUNCATED}");
         match descriptions.last_mut() {
-            Some(last) if chars(last) + chars(&note) <= MAX_DESCRIPTION_CHARS && budget >= chars(&note) => {
-                last.push_str(&note);
-            }
             Some(last) => {
-                // Make room: drop whole lines from the end (never half a code block line).
-                let keep = chars(last).saturating_sub(chars(&note) + 8);
-                let mut shortened: String = last.chars().take(keep).collect();
-                if let Some(nl) = shortened.rfind('\n') {
-                    shortened.truncate(nl);
-                }
-                if shortened.matches("```").count() % 2 == 1 {
-                    shortened.push_str("\n```");
-                }
-                *last = format!("{shortened}{note}");
+                last.push('\n');
+                last.push_str(TRUNCATED);
             }
             None => descriptions.push(TRUNCATED.to_owned()),
         }
@@ -136,6 +137,27 @@ fn embeds(tone: Tone, title: String, parts: Vec<String>) -> Vec<Value> {
     out
 }
 
+/// The longest run of whole lines from the start of `part` within `max`
+/// characters; a code block it opened is closed again.
+fn whole_lines(part: &str, max: usize) -> String {
+    const FENCE: &str = "\n```";
+    let mut out = String::new();
+    for line in part.split('\n') {
+        let add = chars(line) + usize::from(!out.is_empty());
+        if chars(&out) + add + FENCE.len() > max {
+            break;
+        }
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(line);
+    }
+    if out.matches("```").count() % 2 == 1 {
+        out.push_str(FENCE);
+    }
+    out
+}
+
 /// Escapes Discord markdown, so text from users or agents shows as typed.
 pub fn escape(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -150,20 +172,20 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// Packs escaped lines into descriptions of at most [`MAX_DESCRIPTION_CHARS`],
+/// Packs escaped lines into descriptions of at most [`DESCRIPTION_ROOM`] characters,
 /// each wrapped in `open` and `close`, the first under the bold heading.
 fn chunks(heading: Option<&str>, lines: &[String], open: &str, close: &str) -> Vec<String> {
     let head = heading.map(|h| format!("**{}**\n", escape(h))).unwrap_or_default();
     let head = fit(&head, MAX_TITLE_CHARS);
     let frame = chars(open) + chars(close);
-    let max = MAX_DESCRIPTION_CHARS - frame - chars(&head);
+    let max = DESCRIPTION_ROOM - frame - chars(&head);
     let mut out = Vec::new();
     let mut current = head.clone();
     let mut body = String::new();
     for line in lines {
         let line = fit(line, max);
         let needed = chars(&line) + usize::from(!body.is_empty());
-        let room = MAX_DESCRIPTION_CHARS - frame - chars(&current);
+        let room = DESCRIPTION_ROOM - frame - chars(&current);
         if needed > room.saturating_sub(chars(&body)) && !body.is_empty() {
             out.push(format!("{current}{open}{body}{close}"));
             current = String::new();
@@ -319,6 +341,8 @@ mod tests {
         let rows: Vec<Vec<String>> = (0..500).map(|i| vec![format!("agent-{i}"), "x".repeat(40)]).collect();
         let body = render(&Reply::info("big").with_table(Some("fleet"), ["agent", "note"], rows));
         assert!(total_chars(&body) <= MAX_MESSAGE_CHARS, "{}", total_chars(&body));
+        assert!(total_chars(&body) > MAX_MESSAGE_CHARS - 100, "cut late, at a row: {}", total_chars(&body));
+        assert_eq!(NOTE_ROOM, 1 + chars(TRUNCATED));
         let embeds = body["embeds"].as_array().unwrap();
         let last = embeds.last().unwrap()["description"].as_str().unwrap();
         assert!(last.ends_with(TRUNCATED), "{last}");
