@@ -363,7 +363,7 @@ async fn gateway_message_commands_round_trip() {
 }
 
 #[tokio::test]
-async fn rate_limited_posts_wait_and_retry() {
+async fn rate_limits_and_early_edits_are_retried() {
     let discord = RecordingGateway::start().await;
     let path = format!("{API}/channels/22/messages");
     discord.respond_with(&path, json!({"id": "556", "retry_after": 0.05, "global": false}));
@@ -376,6 +376,17 @@ async fn rate_limited_posts_wait_and_retry() {
     let posts = discord.requests_to(&path);
     assert_eq!(posts.iter().map(|p| p.status).collect::<Vec<_>>(), vec![429, 200], "one retry after the 429");
     assert_eq!(posts[0].body, posts[1].body, "the same message again");
+
+    // An edit that meets 404 (Discord has not taken the deferred answer yet) is tried again.
+    let original = format!("{API}/webhooks/{APP}/itok-early/messages/@original");
+    discord.script([404]);
+    api.edit_original(APP, "itok-early", &reply).await.unwrap();
+    let edits = discord.requests_to(&original);
+    assert_eq!(edits.iter().map(|p| p.status).collect::<Vec<_>>(), vec![404, 200]);
+    // Other failures are reported, not retried.
+    discord.script([403]);
+    let error = api.edit_original(APP, "itok-late", &reply).await.unwrap_err().to_string();
+    assert!(error.contains("HTTP 403") && !error.contains("itok-late"), "{error}");
 
     // Without a bot token nothing is sent and the error says what to set.
     let api = DiscordApi::new(&format!("http://{}{API}", discord.addr), None, None).unwrap();

@@ -21,6 +21,10 @@ pub const DEFAULT_API_URL: &str = "https://discord.com/api/v10";
 pub const MIN_SPACING: Duration = Duration::from_millis(20);
 /// How often a request answered 429 is tried again.
 const MAX_RETRIES: u32 = 3;
+/// How often an edit of a deferred answer is tried when Discord does not know it yet.
+const EDIT_ATTEMPTS: u32 = 3;
+/// Wait before the next try of such an edit (times the attempt number).
+const EDIT_RETRY_AFTER: Duration = Duration::from_millis(250);
 /// Longest wait for a 429 before giving up.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
 
@@ -98,12 +102,23 @@ impl DiscordApi {
         self.bot_token.is_some()
     }
 
-    /// Replaces an interaction's original (deferred) answer with `reply`.
+    /// Replaces an interaction's original (deferred) answer with `reply`. A
+    /// fast command can finish before Discord has taken the deferred answer
+    /// (the edit then meets 404 Unknown Message): that is tried again shortly.
     pub async fn edit_original(&self, application_id: &str, token: &str, reply: &Reply) -> Result<(), DiscordApiError> {
         let path = format!("/webhooks/{application_id}/{token}/messages/@original");
-        self.send("editing the interaction answer", reqwest::Method::PATCH, &path, render_discord::render(reply), false)
-            .await
-            .map(drop)
+        let body = render_discord::render(reply);
+        let mut attempt = 1;
+        loop {
+            let sent = self.send("editing the interaction answer", reqwest::Method::PATCH, &path, body.clone(), false);
+            match sent.await {
+                Err(DiscordApiError::Status { status: 404, .. }) if attempt < EDIT_ATTEMPTS => {
+                    tokio::time::sleep(EDIT_RETRY_AFTER * attempt).await;
+                    attempt += 1;
+                }
+                result => return result.map(drop),
+            }
+        }
     }
 
     /// Sends a follow-up message to an interaction (an `ask` answer).
