@@ -359,6 +359,24 @@ async fn gateway_message_commands_round_trip() {
     wait_until_settled(&js, "nova", WAIT).await;
     assert_eq!(nova.requests().len(), 1, "only the operator's command reached the agent");
     assert_eq!(discord.requests_to(&path).len(), 2, "one answer per command, none for chatter");
+
+    // The serenity gateway client asks the configured API (here the recorder, which
+    // names a closed local port as the gateway) with the bot token, and stops on shutdown.
+    discord.respond_with(&format!("{API}/gateway"), json!({"url": "ws://127.0.0.1:9"}));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::spawn(mesh_bot::discord::gateway::run(
+        mesh_protocol::Secret::new(BOT_TOKEN),
+        format!("http://{}{API}", discord.addr),
+        engine.clone(),
+        api.clone(),
+        stop.clone(),
+    ));
+    let asked = discord.wait_for(3, WAIT).await;
+    let asked = &asked[2];
+    assert!(asked.path.starts_with(&format!("{API}/gateway")), "{asked:?}");
+    assert_eq!(asked.authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    stop.cancel();
+    tokio::time::timeout(WAIT, gateway).await.expect("the gateway task stops on shutdown").unwrap();
     listener.stop().await.unwrap();
 }
 

@@ -63,7 +63,8 @@ pub async fn run(token: Secret, api_url: String, engine: Arc<Engine>, api: Disco
     loop {
         let mut http = serenity::http::HttpBuilder::new(token.expose());
         if let Some(proxy) = serenity_proxy(&api_url) {
-            http = http.proxy(proxy);
+            // serenity's own rate limiter ignores the proxy: with one, the proxy limits.
+            http = http.proxy(proxy).ratelimiter_disabled(true);
         }
         let built = serenity::client::ClientBuilder::new_with_http(http.build(), intents())
             .event_handler(Handler { engine: engine.clone(), api: api.clone() });
