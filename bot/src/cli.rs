@@ -370,6 +370,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 addr,
                 engine: crate::server::engine_config(args.registry.clone(), permissions),
                 slack: crate::server::slack_from_env()?,
+                discord: crate::server::discord_from_env()?,
                 redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
                 monitor_every: Duration::from_secs(30),
             };

@@ -15,6 +15,7 @@
 //! - [`maintenance`]: the maintenance window as one command.
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
+//! - [`discord`]: the Discord front end (interactions, gateway messages, notifications).
 //! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
 //! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
 //! - [`backup`]: `mesh backup` / `mesh restore` (registry, stream messages, consumer positions, kill switch).
@@ -29,6 +30,7 @@ pub mod command;
 pub mod demo;
 pub mod demo_gateway;
 pub mod deploy;
+pub mod discord;
 pub mod dlq;
 pub mod docker;
 pub mod engine;

@@ -1,6 +1,7 @@
-//! `mesh bot`: the chat bot server. Slack slash commands (and, later,
-//! Discord interactions) over HTTP, health and metrics endpoints, the
-//! notifications relay and the fleet monitor, until ctrl-c or SIGTERM.
+//! `mesh bot`: the chat bot server. Slack slash commands and Discord
+//! interactions over HTTP, Discord message commands over the gateway, health
+//! and metrics endpoints, the notifications relays and the fleet monitor,
+//! until ctrl-c or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::command::{ConfirmConfig, Permissions};
 use crate::engine::{Engine, EngineConfig};
-use crate::slack;
+use crate::{discord, slack};
 
 /// Largest request body accepted on any endpoint.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -43,6 +44,23 @@ pub struct SlackConfig {
     pub notify_channel: Option<String>,
 }
 
+/// Discord settings (from the environment: secrets never come from flags).
+#[derive(Debug, Clone)]
+pub struct DiscordConfig {
+    /// `DISCORD_PUBLIC_KEY` (or `_FILE`): enables `POST /discord/interactions`.
+    pub public_key: Option<discord::verify::PublicKey>,
+    /// `DISCORD_BOT_TOKEN` (or `_FILE`): channel posts, the gateway, command registration.
+    pub bot_token: Option<Secret>,
+    /// `DISCORD_APPLICATION_ID`: registers the `/mesh` command on start.
+    pub application_id: Option<String>,
+    /// `DISCORD_API_URL`, default `https://discord.com/api/v10`.
+    pub api_url: String,
+    /// `DISCORD_NOTIFY_CHANNEL`: where events are relayed.
+    pub notify_channel: Option<String>,
+    /// `DISCORD_GATEWAY` (`on` by default when a bot token is set; `off` disables).
+    pub gateway: bool,
+}
+
 /// Everything `mesh bot` needs.
 #[derive(Debug, Clone)]
 pub struct BotConfig {
@@ -54,6 +72,8 @@ pub struct BotConfig {
     pub engine: EngineConfig,
     /// Slack, when configured.
     pub slack: Option<SlackConfig>,
+    /// Discord, when configured.
+    pub discord: Option<DiscordConfig>,
     /// `REDIS_URL`, for shared rate limits and dedup.
     pub redis_url: Option<String>,
     /// How often the fleet is pinged for agent up/down events.
@@ -78,6 +98,22 @@ pub mod env {
     pub const SLACK_RESPONSE_URL_PREFIX: &str = "SLACK_RESPONSE_URL_PREFIX";
     /// Channel for notifications.
     pub const SLACK_NOTIFY_CHANNEL: &str = "SLACK_NOTIFY_CHANNEL";
+    /// Discord application public key (hex).
+    pub const DISCORD_PUBLIC_KEY: &str = "DISCORD_PUBLIC_KEY";
+    /// File holding the Discord public key.
+    pub const DISCORD_PUBLIC_KEY_FILE: &str = "DISCORD_PUBLIC_KEY_FILE";
+    /// Discord bot token.
+    pub const DISCORD_BOT_TOKEN: &str = "DISCORD_BOT_TOKEN";
+    /// File holding the Discord bot token.
+    pub const DISCORD_BOT_TOKEN_FILE: &str = "DISCORD_BOT_TOKEN_FILE";
+    /// Discord application id.
+    pub const DISCORD_APPLICATION_ID: &str = "DISCORD_APPLICATION_ID";
+    /// Discord REST API base URL.
+    pub const DISCORD_API_URL: &str = "DISCORD_API_URL";
+    /// Discord channel for notifications.
+    pub const DISCORD_NOTIFY_CHANNEL: &str = "DISCORD_NOTIFY_CHANNEL";
+    /// `on` or `off`: the Discord gateway client.
+    pub const DISCORD_GATEWAY: &str = "DISCORD_GATEWAY";
     /// Permissions file.
     pub const MESH_PERMISSIONS: &str = "MESH_PERMISSIONS";
     /// Two-person rule for nuclear.
@@ -117,6 +153,31 @@ pub fn slack_from_env() -> anyhow::Result<Option<SlackConfig>> {
         response_url_prefix: std::env::var(env::SLACK_RESPONSE_URL_PREFIX)
             .unwrap_or_else(|_| "https://hooks.slack.com/".into()),
         notify_channel: std::env::var(env::SLACK_NOTIFY_CHANNEL).ok().filter(|c| !c.is_empty()),
+    }))
+}
+
+/// Reads the Discord settings from the environment (none when neither a
+/// public key nor a bot token is set).
+pub fn discord_from_env() -> anyhow::Result<Option<DiscordConfig>> {
+    let public_key = secret_from_env(env::DISCORD_PUBLIC_KEY, Some(env::DISCORD_PUBLIC_KEY_FILE))?;
+    let bot_token = secret_from_env(env::DISCORD_BOT_TOKEN, Some(env::DISCORD_BOT_TOKEN_FILE))?;
+    if public_key.is_none() && bot_token.is_none() {
+        return Ok(None);
+    }
+    let public_key = public_key.map(|k| k.expose().parse::<discord::verify::PublicKey>()).transpose()?;
+    let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let gateway = match var(env::DISCORD_GATEWAY).as_deref() {
+        None | Some("on" | "1" | "true") => bot_token.is_some(),
+        Some("off" | "0" | "false") => false,
+        Some(other) => anyhow::bail!("{}={other:?} is not on or off", env::DISCORD_GATEWAY),
+    };
+    Ok(Some(DiscordConfig {
+        public_key,
+        bot_token,
+        application_id: var(env::DISCORD_APPLICATION_ID),
+        api_url: var(env::DISCORD_API_URL).unwrap_or_else(|| discord::api::DEFAULT_API_URL.into()),
+        notify_channel: var(env::DISCORD_NOTIFY_CHANNEL),
+        gateway,
     }))
 }
 
@@ -196,6 +257,9 @@ pub async fn run(
             info!("slack slash commands on /slack/commands");
         }
     }
+    if let Some(discord) = &config.discord {
+        app = app.merge(discord_routes(discord, &engine, &config.engine.permissions, &stop)?);
+    }
     tokio::spawn(crate::events::monitor(
         client.clone(),
         config.engine.registry_path.clone(),
@@ -227,6 +291,57 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), client.flush()).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
     Ok(())
+}
+
+/// Starts the Discord side (command registration, relay, gateway) and
+/// returns its routes.
+fn discord_routes<S: Clone + Send + Sync + 'static>(
+    discord: &DiscordConfig,
+    engine: &Arc<Engine>,
+    permissions: &Permissions,
+    stop: &CancellationToken,
+) -> anyhow::Result<Router<S>> {
+    let api =
+        discord::api::DiscordApi::new(&discord.api_url, discord.bot_token.clone(), discord.application_id.clone())?;
+    if discord.application_id.is_some() && api.can_post() {
+        let api = api.clone();
+        tokio::spawn(async move {
+            match api.register_command().await {
+                Ok(()) => info!("discord /mesh command registered"),
+                Err(e) => tracing::warn!(error = %e, "discord /mesh command not registered"),
+            }
+        });
+    }
+    if let Some(channel) = &discord.notify_channel {
+        tokio::spawn(discord::notify::relay(
+            engine.jetstream().clone(),
+            api.clone(),
+            channel.clone(),
+            Duration::from_secs(1),
+            stop.clone(),
+        ));
+    }
+    if let (true, Some(token)) = (discord.gateway, &discord.bot_token) {
+        tokio::spawn(discord::gateway::run(
+            token.clone(),
+            discord.api_url.clone(),
+            engine.clone(),
+            api.clone(),
+            stop.clone(),
+        ));
+        info!("discord gateway: !mesh message commands");
+    }
+    let Some(public_key) = &discord.public_key else {
+        return Ok(Router::new());
+    };
+    let state = discord::interactions::DiscordState {
+        engine: engine.clone(),
+        api,
+        public_key: Arc::new(public_key.clone()),
+        permissions: Arc::new(permissions.clone()),
+    };
+    info!("discord interactions on /discord/interactions");
+    Ok(Router::new().route("/discord/interactions", post(discord::interactions::handle).with_state(state)))
 }
 
 async fn health_report(State(h): State<HealthState>) -> (StatusCode, axum::Json<serde_json::Value>) {

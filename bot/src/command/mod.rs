@@ -12,11 +12,13 @@
 //! - [`reply`]: the platform-neutral [`Reply`].
 //! - [`render_text`]: a reply as plain terminal text.
 //! - [`render_slack`]: a reply as Slack Block Kit JSON.
+//! - [`render_discord`]: a reply as Discord embeds with no mentions allowed.
 
 pub mod confirm;
 pub mod grammar;
 pub mod help;
 pub mod permission;
+pub mod render_discord;
 pub mod render_slack;
 pub mod render_text;
 pub mod reply;

@@ -1,0 +1,289 @@
+//! `POST /discord/interactions`: the `/mesh` application command. The Ed25519
+//! signature is checked on the raw body before anything else (401 otherwise,
+//! as Discord's probes expect); PING is answered with PONG; a command is
+//! answered at once with a deferred answer (type 5, ephemeral for errors,
+//! help and denials) and the result replaces it later through the
+//! interaction's webhook (`@original`), within the token's 15 minutes. A
+//! replayed or retried request runs once. The interaction token is a secret:
+//! it never reaches a log line.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use super::api::DiscordApi;
+use super::verify::{self, PublicKey, SIGNATURE_HEADER, TIMESTAMP_HEADER};
+use crate::command::{Command, Identity, Permissions, render_discord};
+use crate::engine::{Engine, Platform, Request};
+
+/// Interaction type of Discord's PING.
+pub const PING: u8 = 1;
+/// Interaction type of an application command.
+pub const APPLICATION_COMMAND: u8 = 2;
+/// Answer type PONG.
+pub const PONG: u8 = 1;
+/// Answer type "message now".
+pub const CHANNEL_MESSAGE: u8 = 4;
+/// Answer type "deferred: the message follows".
+pub const DEFERRED_CHANNEL_MESSAGE: u8 = 5;
+/// The name of the application command.
+pub const COMMAND_NAME: &str = "mesh";
+/// The name of its one option, the command line.
+pub const COMMAND_OPTION: &str = "command";
+
+/// What the interactions handler needs.
+#[derive(Debug, Clone)]
+pub struct DiscordState {
+    /// The command engine.
+    pub engine: Arc<Engine>,
+    /// Discord's API.
+    pub api: DiscordApi,
+    /// The application's public key.
+    pub public_key: Arc<PublicKey>,
+    /// Who may do what (to decide whether the deferred answer is ephemeral).
+    pub permissions: Arc<Permissions>,
+}
+
+/// The fields of an interaction this bot reads.
+#[derive(Debug, Deserialize)]
+struct Payload {
+    #[serde(rename = "type")]
+    kind: u8,
+    #[serde(default)]
+    application_id: String,
+    #[serde(default)]
+    token: String,
+    #[serde(default)]
+    channel_id: Option<String>,
+    #[serde(default)]
+    channel: Option<IdOnly>,
+    #[serde(default)]
+    data: Option<CommandData>,
+    #[serde(default)]
+    member: Option<Member>,
+    #[serde(default)]
+    user: Option<IdOnly>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdOnly {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CommandData {
+    name: String,
+    #[serde(default)]
+    options: Vec<CommandOption>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CommandOption {
+    name: String,
+    #[serde(default)]
+    value: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Member {
+    user: IdOnly,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// A verified interaction, understood.
+#[derive(Debug, Clone)]
+pub enum Incoming {
+    /// Discord checking the endpoint.
+    Ping,
+    /// `/mesh <command line>`.
+    Command {
+        /// The command to run.
+        request: Request,
+        /// The application the token belongs to.
+        application_id: String,
+        /// The interaction token (a secret: never log it).
+        token: String,
+    },
+}
+
+/// Why an interaction is not one this bot handles.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InteractionError {
+    #[error("body is not an interaction: {0}")]
+    NotJson(String),
+    #[error("interaction type {0} is not handled (only PING and the /mesh command)")]
+    Unsupported(u8),
+    #[error("application command \"{0}\" is not handled (only /mesh)")]
+    UnknownCommand(String),
+    #[error("interaction has no {0}")]
+    Missing(&'static str),
+}
+
+/// Reads a verified interaction body.
+pub fn parse(body: &[u8]) -> Result<Incoming, InteractionError> {
+    let payload: Payload = serde_json::from_slice(body).map_err(|e| InteractionError::NotJson(e.to_string()))?;
+    match payload.kind {
+        PING => return Ok(Incoming::Ping),
+        APPLICATION_COMMAND => {}
+        other => return Err(InteractionError::Unsupported(other)),
+    }
+    let data = payload.data.ok_or(InteractionError::Missing("data"))?;
+    if data.name != COMMAND_NAME {
+        return Err(InteractionError::UnknownCommand(data.name));
+    }
+    if payload.token.is_empty() {
+        return Err(InteractionError::Missing("token"));
+    }
+    if payload.application_id.is_empty() {
+        return Err(InteractionError::Missing("application_id"));
+    }
+    // In a guild the member carries the user and their role ids; in a DM only `user` is sent.
+    let who = match (payload.member, payload.user) {
+        (Some(member), _) => Identity::Discord { user: member.user.id, roles: member.roles },
+        (None, Some(user)) => Identity::Discord { user: user.id, roles: Vec::new() },
+        (None, None) => return Err(InteractionError::Missing("member or user")),
+    };
+    let line = data
+        .options
+        .iter()
+        .find(|o| o.name == COMMAND_OPTION)
+        .and_then(|o| o.value.as_ref())
+        .and_then(Value::as_str)
+        .unwrap_or("help")
+        .to_owned();
+    let channel = payload.channel_id.or(payload.channel.map(|c| c.id));
+    Ok(Incoming::Command {
+        request: Request { who, platform: Platform::Discord, channel, line },
+        application_id: payload.application_id,
+        token: payload.token,
+    })
+}
+
+/// True when the answer should show only to the person who ran the command:
+/// help, a line that does not parse, or a command they may not run.
+pub fn answer_is_private(permissions: &Permissions, request: &Request) -> bool {
+    match crate::command::parse(&request.line) {
+        Err(_) | Ok(Command::Help { .. }) => true,
+        Ok(command) => permissions.check(&request.who, &command, None).is_err(),
+    }
+}
+
+/// Handles one interaction request.
+pub async fn handle(
+    State(state): State<DiscordState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, axum::Json<Value>) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let signature = header(SIGNATURE_HEADER);
+    if let Err(e) = verify::verify(&state.public_key, header(TIMESTAMP_HEADER), signature, &body, now) {
+        warn!(error = %e, "discord request rejected");
+        return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
+    }
+    let signature = signature.unwrap_or_default();
+    let (request, application_id, token) = match parse(&body) {
+        Ok(Incoming::Ping) => return (StatusCode::OK, axum::Json(json!({"type": PONG}))),
+        Ok(Incoming::Command { request, application_id, token }) => (request, application_id, token),
+        Err(e) => {
+            warn!(error = %e, "discord interaction not handled");
+            return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": e.to_string()})));
+        }
+    };
+    // The signature covers timestamp and body: the same signature is the same request.
+    if !state.engine.limits().seen_once(&format!("discord:{signature}")).await {
+        info!(user = %request.who.key(), "duplicate discord interaction ignored");
+        let data = json!({"content": "duplicate request ignored (already handled)",
+                          "flags": render_discord::EPHEMERAL_FLAG, "allowed_mentions": {"parse": []}});
+        return (StatusCode::OK, axum::Json(json!({"type": CHANNEL_MESSAGE, "data": data})));
+    }
+    let private = answer_is_private(&state.permissions, &request);
+    tokio::spawn(run(state, request, application_id, token));
+    let data = if private { json!({"flags": render_discord::EPHEMERAL_FLAG}) } else { json!({}) };
+    (StatusCode::OK, axum::Json(json!({"type": DEFERRED_CHANNEL_MESSAGE, "data": data})))
+}
+
+/// Runs the command and replaces the deferred answer with its reply; an
+/// `ask` answer follows as a follow-up message in the same channel.
+async fn run(state: DiscordState, request: Request, application_id: String, token: String) {
+    let handled = state.engine.handle(request).await;
+    if let Err(e) = state.api.edit_original(&application_id, &token, &handled.reply).await {
+        warn!(error = %e, "discord answer not delivered");
+    }
+    if let Some(follow_up) = handled.follow_up {
+        let answer = follow_up.await;
+        if let Err(e) = state.api.follow_up(&application_id, &token, &answer).await {
+            warn!(error = %e, "discord ask reply not delivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Principal, Role};
+
+    fn command(line: Option<&str>, member: Value) -> Vec<u8> {
+        let options = line.map_or(json!([]), |l| json!([{"name": "command", "type": 3, "value": l}]));
+        let mut body = json!({
+            "type": 2, "id": "1", "application_id": "42", "token": "tok", "channel_id": "900",
+            "data": {"id": "7", "name": "mesh", "type": 1, "options": options},
+        });
+        if !member.is_null() {
+            body["member"] = member;
+        }
+        serde_json::to_vec(&body).unwrap()
+    }
+
+    #[test]
+    fn ping_and_commands_are_read() {
+        assert!(matches!(parse(br#"{"type":1,"id":"1","application_id":"42","token":"t"}"#), Ok(Incoming::Ping)));
+        let body = command(Some("send nova hi"), json!({"user": {"id": "5"}, "roles": ["100", "200"]}));
+        let Ok(Incoming::Command { request, application_id, token }) = parse(&body) else { panic!("not a command") };
+        assert_eq!(request.who, Identity::Discord { user: "5".into(), roles: vec!["100".into(), "200".into()] });
+        assert_eq!((request.line.as_str(), request.channel.as_deref()), ("send nova hi", Some("900")));
+        assert_eq!(request.platform, Platform::Discord);
+        assert_eq!((application_id.as_str(), token.as_str()), ("42", "tok"));
+
+        // A DM: the user without roles; no option: help.
+        let mut dm: Value = serde_json::from_slice(&command(None, Value::Null)).unwrap();
+        dm["user"] = json!({"id": "6"});
+        let Ok(Incoming::Command { request, .. }) = parse(&serde_json::to_vec(&dm).unwrap()) else { panic!() };
+        assert_eq!(request.who, Identity::Discord { user: "6".into(), roles: vec![] });
+        assert_eq!(request.line, "help");
+    }
+
+    #[test]
+    fn other_interactions_are_refused() {
+        assert_eq!(parse(br#"{"type":3}"#).err(), Some(InteractionError::Unsupported(3)));
+        assert!(matches!(parse(b"nope"), Err(InteractionError::NotJson(_))));
+        let mut other: Value = serde_json::from_slice(&command(Some("ping"), json!({"user": {"id": "5"}}))).unwrap();
+        other["data"]["name"] = json!("other");
+        assert_eq!(
+            parse(&serde_json::to_vec(&other).unwrap()).err(),
+            Some(InteractionError::UnknownCommand("other".into()))
+        );
+        assert_eq!(parse(&command(Some("ping"), Value::Null)).err(), Some(InteractionError::Missing("member or user")));
+    }
+
+    #[test]
+    fn errors_help_and_denials_are_private() {
+        let permissions = Permissions::new().grant(Principal::DiscordRole("100".into()), Role::Operator);
+        let request = |user: &str, roles: &[&str], line: &str| Request {
+            who: Identity::Discord { user: user.into(), roles: roles.iter().map(|r| r.to_string()).collect() },
+            platform: Platform::Discord,
+            channel: None,
+            line: line.into(),
+        };
+        assert!(!answer_is_private(&permissions, &request("1", &["100"], "send nova hi")));
+        assert!(answer_is_private(&permissions, &request("1", &[], "send nova hi")));
+        assert!(answer_is_private(&permissions, &request("1", &["100"], "sned nova hi")));
+        assert!(answer_is_private(&permissions, &request("1", &["100"], "help")));
+    }
+}

@@ -1,0 +1,415 @@
+//! The Discord front end end to end: the `mesh bot` binary serves signed
+//! interactions against a real nats-server and recording gateways, Discord's
+//! REST API is a local recorder, and gateway message commands run through the
+//! same code the serenity handler calls, with a serenity `Message` built here.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use mesh_bot::discord::api::DiscordApi;
+use mesh_bot::discord::messages::{self, Answered};
+use mesh_bot::discord::verify::{public_key_hex, sign};
+use mesh_tests::fixtures::{mesh_bin, wait_until_settled};
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
+use serde_json::{Value, json};
+use serenity::model::channel::Message;
+use serenity::model::id::{ChannelId, MessageId, RoleId, UserId};
+
+const WAIT: Duration = Duration::from_secs(20);
+const BOT_TOKEN: &str = "discord-test-bot-token-0123456789";
+const APP: &str = "4242";
+const API: &str = "/api/v10";
+
+fn signing_key() -> SigningKey {
+    let mut seed = [0u8; 32];
+    seed.iter_mut().for_each(|b| *b = fastrand::u8(..));
+    SigningKey::from_bytes(&seed)
+}
+
+fn permissions_file(fixture: &Fixture) -> std::path::PathBuf {
+    let path = fixture.dir().join("permissions.json");
+    std::fs::write(&path, json!({"operator": ["discord-role:100"], "admin": ["discord:7"]}).to_string()).unwrap();
+    path
+}
+
+struct Bot {
+    child: tokio::process::Child,
+    output: tokio::task::JoinHandle<String>,
+    url: String,
+    discord: RecordingGateway,
+    key: SigningKey,
+    http: reqwest::Client,
+}
+
+impl Bot {
+    async fn start(nats: &TestNats, fixture: &Fixture, extra_env: &[(&str, &str)]) -> Self {
+        let discord = RecordingGateway::start().await;
+        let key = signing_key();
+        let port = mesh_bot::local_nats::free_port().unwrap();
+        let mut child = tokio::process::Command::new(mesh_bin())
+            .args(["bot", "--addr", &format!("127.0.0.1:{port}")])
+            .env("NATS_URL", nats.url())
+            .env("MESH_REGISTRY", &fixture.registry)
+            .env("MESH_PERMISSIONS", permissions_file(fixture))
+            .env("DISCORD_PUBLIC_KEY", public_key_hex(&key))
+            .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
+            .env("DISCORD_APPLICATION_ID", APP)
+            .env("DISCORD_API_URL", format!("http://{}{API}", discord.addr))
+            .env("DISCORD_GATEWAY", "off")
+            .env("MESH_LOG", "trace")
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mesh bot");
+        // Drain the logs as they come: a full pipe would block the bot.
+        let mut stderr = child.stderr.take().expect("stderr");
+        let output = tokio::spawn(async move {
+            let mut logs = String::new();
+            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs).await;
+            logs
+        });
+        mesh_listener::gateway::install_tls_provider();
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while http.get(format!("{url}/health/live")).send().await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { child, output, url, discord, key, http }
+    }
+
+    /// An application command interaction for `/mesh <line>`.
+    fn interaction(user: &str, roles: &[&str], line: &str, token: &str) -> String {
+        json!({
+            "type": 2, "id": format!("9{token}"), "application_id": APP, "token": token,
+            "guild_id": "1", "channel_id": "900",
+            "member": {"user": {"id": user, "username": "someone"}, "roles": roles},
+            "data": {"id": "77", "name": "mesh", "type": 1,
+                     "options": [{"name": "command", "type": 3, "value": line}]},
+        })
+        .to_string()
+    }
+
+    async fn post_raw(&self, body: &str, headers: &[(&str, String)]) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(format!("{}/discord/interactions", self.url))
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = request.send().await.expect("bot answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn post_signed(&self, body: &str, timestamp: i64, key: &SigningKey) -> (u16, Value) {
+        let ts = timestamp.to_string();
+        let signature = sign(key, &ts, body.as_bytes());
+        self.post_raw(body, &[("x-signature-ed25519", signature), ("x-signature-timestamp", ts)]).await
+    }
+
+    async fn post(&self, body: &str) -> (u16, Value) {
+        self.post_signed(body, now(), &self.key).await
+    }
+
+    fn original(token: &str) -> String {
+        format!("{API}/webhooks/{APP}/{token}/messages/@original")
+    }
+
+    async fn logs(mut self) -> String {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+        self.output.await.expect("log reader")
+    }
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+#[tokio::test]
+async fn signed_interactions_run_once_and_edit_the_deferred_answer() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let bot = Bot::start(&nats, &fixture, &[]).await;
+
+    // The /mesh command is registered on start, with the bot token.
+    let registered = bot.discord.wait_for_path(&format!("{API}/applications/{APP}/commands"), 1, WAIT).await;
+    assert_eq!(registered[0].authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    assert_eq!(registered[0].body["name"], "mesh");
+    assert_eq!(registered[0].body["options"][0]["name"], "command");
+
+    // PING gets PONG.
+    let ping = json!({"type": 1, "id": "1", "application_id": APP, "token": "ping-token-1"}).to_string();
+    assert_eq!(bot.post(&ping).await, (200, json!({"type": 1})));
+
+    // Missing headers, a bad signature, another key, a tampered body, a stale timestamp: 401.
+    assert_eq!(bot.post_raw(&ping, &[]).await.0, 401);
+    assert_eq!(bot.post_raw(&ping, &[("x-signature-timestamp", now().to_string())]).await.0, 401);
+    assert_eq!(bot.post_raw(&ping, &[("x-signature-ed25519", "00".repeat(64))]).await.0, 401);
+    let ts = now().to_string();
+    let bad = [("x-signature-ed25519", "ab".repeat(64)), ("x-signature-timestamp", ts.clone())];
+    assert_eq!(bot.post_raw(&ping, &bad).await.0, 401);
+    assert_eq!(bot.post_signed(&ping, now(), &signing_key()).await.0, 401);
+    let send = Bot::interaction("5", &["100"], "send nova deploy @everyone *now* — שלום", "itok-send-1");
+    let signature = sign(&bot.key, &ts, send.as_bytes());
+    let tampered = send.replace("deploy", "destroy");
+    let headers = [("x-signature-ed25519", signature), ("x-signature-timestamp", ts)];
+    assert_eq!(bot.post_raw(&tampered, &headers).await.0, 401);
+    assert_eq!(bot.post_signed(&send, now() - 6 * 60, &bot.key).await.0, 401);
+
+    // A valid command: deferred at once (public), then the original answer is edited.
+    let (status, first) = bot.post_raw(&send, &headers).await;
+    assert_eq!((status, &first), (200, &json!({"type": 5, "data": {}})));
+    let edit = bot.discord.wait_for_path(&Bot::original("itok-send-1"), 1, WAIT).await;
+    assert_eq!(edit[0].body["allowed_mentions"], json!({"parse": []}));
+    assert!(edit[0].body["content"].is_null(), "no content that could mention anyone");
+    assert!(edit[0].body["embeds"][0]["title"].as_str().unwrap().contains("sent to nova"), "{}", edit[0].body);
+    let got = nova.wait_for(1, WAIT).await;
+    assert_eq!(got[0].text(), "[mesh] Message from discord:5: deploy @everyone *now* — שלום");
+
+    // The same signed request again (a replay or a retry) runs once.
+    let (status, again) = bot.post_raw(&send, &headers).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["type"], 4);
+    assert_eq!(again["data"]["flags"], 64);
+    assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
+
+    // A member without the role: an ephemeral deferral, the needed role named, nothing sent.
+    let denied = Bot::interaction("6", &["999"], "send nova hi", "itok-denied-2");
+    assert_eq!(bot.post(&denied).await, (200, json!({"type": 5, "data": {"flags": 64}})));
+    let edit = bot.discord.wait_for_path(&Bot::original("itok-denied-2"), 1, WAIT).await;
+    assert!(edit[0].body.to_string().contains("operator"), "{}", edit[0].body);
+    assert_eq!(edit[0].body["embeds"][0]["color"], 0xE74C3C);
+
+    // Every command is deferred, whatever it takes (ping waits for pongs): the edit follows.
+    let slow = Bot::interaction("5", &["100"], "ping", "itok-ping-3");
+    let (status, deferred) = bot.post(&slow).await;
+    assert_eq!((status, deferred["type"].as_u64()), (200, Some(5)));
+    let edit = bot.discord.wait_for_path(&Bot::original("itok-ping-3"), 1, WAIT).await;
+    assert!(edit[0].body.to_string().contains("nova"), "{}", edit[0].body);
+
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(nova.requests().len(), 1, "only the valid, first request reached the agent");
+
+    // Every command is in the audit trail, denials included.
+    let audit = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(["audit", "10", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let audit: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let rows = audit["sections"][0]["rows"].as_array().unwrap().clone();
+    let find = |who: &str, what: &str| rows.iter().find(|r| r[1] == who && r[2] == what).cloned().unwrap_or_default();
+    assert_eq!(find("discord:5", "send nova deploy @everyone *now* — שלום")[3], "allowed", "{rows:?}");
+    assert_eq!(find("discord:6", "send nova hi")[3], "denied", "{rows:?}");
+    listener.stop().await.unwrap();
+    let logs = bot.logs().await;
+    assert!(logs.contains("discord request rejected"), "trace logs were captured");
+    for secret in [BOT_TOKEN, "itok-send-1", "itok-denied-2", "itok-ping-3", "nova-hook-token"] {
+        assert!(!logs.contains(secret), "a secret ({secret}) leaked into the bot's logs");
+    }
+}
+
+#[tokio::test]
+async fn ask_answer_arrives_as_a_follow_up() {
+    let nats = TestNats::start().await;
+    let ada = RecordingGateway::start().await;
+    ada.set_chat_reply("4, and **bold** @everyone");
+    let fixture = Fixture::from_json(&json!({
+        "ada": {"gateway": ada.addr.to_string(), "gateway_token": "ada-gateway-token", "hooks_token": "ada-hook-token",
+                "hooks_url": ada.hooks_url(), "delivery": "chat", "model": "m"},
+    }));
+    let listener = ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
+    let bot = Bot::start(&nats, &fixture, &[]).await;
+    let (status, deferred) = bot.post(&Bot::interaction("5", &["100"], "ask ada 2+2?", "itok-ask-1")).await;
+    assert_eq!((status, deferred["type"].as_u64()), (200, Some(5)));
+    let edit = bot.discord.wait_for_path(&Bot::original("itok-ask-1"), 1, WAIT).await;
+    assert!(edit[0].body.to_string().contains("asked ada"), "{}", edit[0].body);
+    let follow = bot.discord.wait_for_path(&format!("{API}/webhooks/{APP}/itok-ask-1"), 1, WAIT).await;
+    let answer = &follow[0].body;
+    assert_eq!(answer["allowed_mentions"], json!({"parse": []}));
+    assert!(answer.to_string().contains(r"4, and \\*\\*bold\\*\\* @everyone"), "agent markdown is escaped: {answer}");
+    listener.stop().await.unwrap();
+    let logs = bot.logs().await;
+    assert!(!logs.contains(BOT_TOKEN) && !logs.contains("itok-ask-1"));
+}
+
+#[tokio::test]
+async fn events_are_relayed_to_the_notify_channel_with_slack_alongside() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    // Slack configured too: both front ends run in the one `mesh bot`.
+    let env = [("DISCORD_NOTIFY_CHANNEL", "777"), ("SLACK_SIGNING_SECRET", "slack-secret-0123456789")];
+    let bot = Bot::start(&nats, &fixture, &env).await;
+    let slack = bot.http.post(format!("{}/slack/commands", bot.url)).body("text=ping").send().await.unwrap();
+    assert_eq!(slack.status().as_u16(), 401, "the Slack endpoint is served (and checks signatures)");
+    assert_eq!(bot.post(&json!({"type": 1}).to_string()).await, (200, json!({"type": 1})));
+    let js = nats.jetstream().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stream = js.get_stream("MESH_EVENTS").await.unwrap();
+        if stream.get_info().await.unwrap().state.consumer_count > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the relay never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let switch = mesh_bot::killswitch::KillSwitch::open(&js).await.unwrap();
+    let global = mesh_protocol::killswitch::Scope::Global;
+    switch.pull(&global, mesh_protocol::killswitch::Mode::Soft, None, "discord:7", Some("drill".into())).await.unwrap();
+    switch.release(&global, "discord:7").await.unwrap();
+    let path = format!("{API}/channels/777/messages");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let posts = loop {
+        let posts = bot.discord.requests_to(&path);
+        if posts.iter().map(|p| p.body.to_string().matches("kill switch").count()).sum::<usize>() >= 2 {
+            break posts;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "events not relayed: {posts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(posts.iter().all(|p| p.authorization.as_deref() == Some(&format!("Bot {BOT_TOKEN}"))));
+    assert!(posts.iter().all(|p| p.body["allowed_mentions"] == json!({"parse": []})));
+    assert!(posts[0].body.to_string().contains("SOFT pause by discord:7"), "{}", posts[0].body);
+    drop(bot.logs().await);
+}
+
+/// A guild message as the gateway would hand it to the handler.
+fn gateway_message(id: u64, author: u64, roles: &[u64], content: &str) -> Message {
+    let mut message = Message::default();
+    message.id = MessageId::new(id);
+    message.channel_id = ChannelId::new(22);
+    message.author.id = UserId::new(author);
+    message.content = content.to_owned();
+    let mut member: serenity::model::guild::PartialMember =
+        serde_json::from_value(json!({"roles": [], "deaf": false, "mute": false})).unwrap();
+    member.roles = roles.iter().map(|r| RoleId::new(*r)).collect();
+    message.member = Some(Box::new(member));
+    message
+}
+
+#[tokio::test]
+async fn gateway_message_commands_round_trip() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let discord = RecordingGateway::start().await;
+    discord.respond_with(&format!("{API}/channels/22/messages"), json!({"id": "555", "channel_id": "22"}));
+    let permissions: mesh_bot::command::Permissions =
+        serde_json::from_str(&std::fs::read_to_string(permissions_file(&fixture)).unwrap()).unwrap();
+    let engine = mesh_bot::engine::Engine::new(
+        mesh_bot::server::engine_config(fixture.registry.clone(), permissions),
+        nats.client().await,
+        mesh_bot::limits::LimitStore::memory(),
+    )
+    .await
+    .unwrap();
+    let engine = Arc::new(engine);
+    let api = DiscordApi::new(
+        &format!("http://{}{API}", discord.addr),
+        Some(mesh_protocol::Secret::new(BOT_TOKEN)),
+        Some(APP.into()),
+    )
+    .unwrap();
+    let path = format!("{API}/channels/22/messages");
+
+    // An operator's command: delivered, answered in the channel as a reply to it.
+    let command = gateway_message(11, 5, &[100], "!mesh send nova hello <@&1> @here");
+    assert_eq!(messages::answer(&engine, &api, &command).await.unwrap(), Answered::Done);
+    let posts = discord.wait_for_path(&path, 1, WAIT).await;
+    assert_eq!(posts[0].authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    assert_eq!(posts[0].body["message_reference"]["message_id"], "11");
+    assert_eq!(posts[0].body["allowed_mentions"], json!({"parse": []}));
+    assert!(posts[0].body.to_string().contains("sent to nova"), "{}", posts[0].body);
+    let got = nova.wait_for(1, WAIT).await;
+    assert_eq!(got[0].text(), "[mesh] Message from discord:5: hello <@&1> @here");
+
+    // Delivered again by the gateway (a resume): runs once.
+    assert_eq!(messages::answer(&engine, &api, &command).await.unwrap(), Answered::Duplicate);
+    // Not a command, or from a bot: ignored.
+    let chatter = gateway_message(12, 5, &[100], "nice work");
+    assert_eq!(messages::answer(&engine, &api, &chatter).await.unwrap(), Answered::Ignored);
+    let mut from_bot = gateway_message(13, 5, &[100], "!mesh send nova loop");
+    from_bot.author.bot = true;
+    assert_eq!(messages::answer(&engine, &api, &from_bot).await.unwrap(), Answered::Ignored);
+
+    // A member without the role is told which role is needed; nothing is sent.
+    let denied = gateway_message(14, 6, &[999], "!mesh send nova hi");
+    assert_eq!(messages::answer(&engine, &api, &denied).await.unwrap(), Answered::Done);
+    let posts = discord.wait_for_path(&path, 2, WAIT).await;
+    assert_eq!(posts[1].body["message_reference"]["message_id"], "14");
+    assert!(posts[1].body.to_string().contains("operator"), "{}", posts[1].body);
+
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(nova.requests().len(), 1, "only the operator's command reached the agent");
+    assert_eq!(discord.requests_to(&path).len(), 2, "one answer per command, none for chatter");
+
+    // The serenity gateway client asks the configured API (here the recorder, which
+    // names a closed local port as the gateway) with the bot token, and stops on shutdown.
+    discord.respond_with(&format!("{API}/gateway"), json!({"url": "ws://127.0.0.1:9"}));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let gateway = tokio::spawn(mesh_bot::discord::gateway::run(
+        mesh_protocol::Secret::new(BOT_TOKEN),
+        format!("http://{}{API}", discord.addr),
+        engine.clone(),
+        api.clone(),
+        stop.clone(),
+    ));
+    let asked = discord.wait_for(3, WAIT).await;
+    let asked = &asked[2];
+    assert!(asked.path.starts_with(&format!("{API}/gateway")), "{asked:?}");
+    assert_eq!(asked.authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    stop.cancel();
+    tokio::time::timeout(WAIT, gateway).await.expect("the gateway task stops on shutdown").unwrap();
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rate_limits_and_early_edits_are_retried() {
+    let discord = RecordingGateway::start().await;
+    let path = format!("{API}/channels/22/messages");
+    discord.respond_with(&path, json!({"id": "556", "retry_after": 0.05, "global": false}));
+    discord.script([429]);
+    let api =
+        DiscordApi::new(&format!("http://{}{API}", discord.addr), Some(mesh_protocol::Secret::new(BOT_TOKEN)), None)
+            .unwrap();
+    let reply = mesh_bot::command::Reply::ok("after a 429");
+    assert_eq!(api.post("22", &reply, None).await.unwrap(), "556");
+    let posts = discord.requests_to(&path);
+    assert_eq!(posts.iter().map(|p| p.status).collect::<Vec<_>>(), vec![429, 200], "one retry after the 429");
+    assert_eq!(posts[0].body, posts[1].body, "the same message again");
+
+    // An edit that meets 404 (Discord has not taken the deferred answer yet) is tried again.
+    let original = format!("{API}/webhooks/{APP}/itok-early/messages/@original");
+    discord.script([404]);
+    api.edit_original(APP, "itok-early", &reply).await.unwrap();
+    let edits = discord.requests_to(&original);
+    assert_eq!(edits.iter().map(|p| p.status).collect::<Vec<_>>(), vec![404, 200]);
+    // Other failures are reported, not retried.
+    discord.script([403]);
+    let error = api.edit_original(APP, "itok-late", &reply).await.unwrap_err().to_string();
+    assert!(error.contains("HTTP 403") && !error.contains("itok-late"), "{error}");
+
+    // Without a bot token nothing is sent and the error says what to set.
+    let api = DiscordApi::new(&format!("http://{}{API}", discord.addr), None, None).unwrap();
+    let error = api.post("22", &reply, None).await.unwrap_err().to_string();
+    assert!(error.contains("DISCORD_BOT_TOKEN"), "{error}");
+    assert!(api.register_command().await.unwrap_err().to_string().contains("DISCORD_APPLICATION_ID"));
+    assert_eq!(discord.requests_to(&path).len(), 2);
+}
