@@ -30,14 +30,25 @@ pub struct SlackState {
 }
 
 /// The fields of a slash command form this bot reads.
-#[derive(Debug, Deserialize)]
-struct SlashCommand {
-    user_id: String,
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SlashCommand {
+    /// Who typed it.
+    pub user_id: String,
+    /// Where it was typed.
     #[serde(default)]
-    channel_id: Option<String>,
+    pub channel_id: Option<String>,
+    /// What followed `/mesh`.
     #[serde(default)]
-    text: String,
-    response_url: String,
+    pub text: String,
+    /// Where the result goes (checked against the allowed prefix by the caller).
+    pub response_url: String,
+}
+
+impl SlashCommand {
+    /// Parses a (verified) `application/x-www-form-urlencoded` body. Pure; fuzzed.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_urlencoded::de::Error> {
+        serde_urlencoded::from_bytes(body)
+    }
 }
 
 /// Handles one slash command request.
@@ -54,7 +65,7 @@ pub async fn handle(
         return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
     }
     let signature = signature.unwrap_or_default();
-    let Ok(command) = serde_urlencoded::from_bytes::<SlashCommand>(&body) else {
+    let Ok(command) = SlashCommand::parse(&body) else {
         return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "not a slash command form"})));
     };
     if !state.api.accepts_response_url(&command.response_url) {
