@@ -227,6 +227,40 @@ async fn every_router_refuses_oversize_bodies_with_413() {
 }
 
 #[tokio::test]
+async fn a_stalled_request_body_gets_408_after_the_request_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let nats = TestNats::start().await;
+    let (nova, kaan) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = registry(&nova, &kaan);
+    let mut stack = Stack::start(&nats, &fixture).await;
+    let addr = stack.bot_url.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // Promise 1000 bytes, send 3, then stall: the handler must not wait forever.
+    let head = "POST /slack/commands HTTP/1.1\r\nhost: bot\r\ncontent-length: 1000\r\n\r\nabc";
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(mesh_bot::server::REQUEST_TIMEOUT * 3, async {
+        let mut buf = [0u8; 512];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer to a stalled body within three request timeouts");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(started.elapsed() >= mesh_bot::server::REQUEST_TIMEOUT / 2, "answered before the timeout: {answer}");
+    stack.assert_running();
+    let mut scan = secrets();
+    stack.stop(&mut scan).await;
+    scan.assert_clean();
+}
+
+#[tokio::test]
 async fn ids_with_subject_syntax_are_refused_on_every_input_path() {
     let nats = TestNats::start().await;
     let (nova, kaan) = (RecordingGateway::start().await, RecordingGateway::start().await);
