@@ -5,6 +5,7 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`); works on the stable
 # toolchain through RUSTC_BOOTSTRAP=1. Crashing inputs land in
 # fuzz/artifacts/<target>/; keep each one as a unit test in the crate it concerns.
+# fuzz/seeds/<target>/ holds committed starting inputs; fuzz/corpus/ grows locally.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -23,10 +24,15 @@ fi
 failed=()
 for target in "${targets[@]}"; do
   say "fuzzing $target for ${seconds}s"
-  mkdir -p "corpus/$target"
-  if ! cargo fuzz run "$target" "corpus/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
-      2> >(tee "target/fuzz-$target.log" | grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|==[0-9]+==|SUMMARY|Done)' >&2); then
+  mkdir -p "corpus/$target" "seeds/$target"
+  log="target/fuzz-$target.log"
+  status=0
+  cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- -max_total_time="$seconds" -rss_limit_mb=2048 -print_final_stats=1 \
+    2>"$log" || status=$?
+  grep -E '^(stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb|SUMMARY|Done)|panicked' "$log" >&2 || true
+  if [ "$status" -ne 0 ]; then
     failed+=("$target")
+    say "$target failed (exit $status); full log: fuzz/$log"
   fi
 done
 if [ "${#failed[@]}" -gt 0 ]; then
