@@ -530,3 +530,44 @@ async fn no_configured_secret_appears_in_any_output_even_on_error_paths() {
     assert!(scan.captured_bytes() > 10_000, "trace logs were captured ({} bytes)", scan.captured_bytes());
     scan.assert_clean();
 }
+
+#[tokio::test]
+async fn oversize_chat_replies_from_a_gateway_are_capped_and_the_listener_goes_on() {
+    let nats = TestNats::start().await;
+    let (ada, nova) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "ada": {"gateway": ada.addr.to_string(), "gateway_token": "ada-gateway-token", "hooks_token": "ada-hook-token",
+                "hooks_url": ada.hooks_url(), "delivery": "chat", "model": "test-model"},
+        "nova": {"hooks_token": "nova-hook-token", "hooks_url": nova.hooks_url()},
+    }));
+    let js = nats.jetstream().await;
+    let listener =
+        mesh_tests::ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
+    let ask = |text: &'static str| {
+        let mut command = mesh_command(&nats.url(), &fixture.registry);
+        command.args(["send", "ada", text]).env("MESH_FROM", "nova");
+        async move { assert!(command.output().await.unwrap().status.success()) }
+    };
+
+    // 300 KiB of reply text: routed to nova, cut to half the text limit.
+    ada.set_chat_reply(&"é".repeat(150 * 1024));
+    ask("long answer please").await;
+    let got = nova.wait_for(1, WAIT).await;
+    assert!(got[0].text().ends_with("… [truncated]"), "{}", &got[0].text()[..80]);
+    assert!(got[0].text().len() <= mesh_protocol::envelope::MAX_TEXT_BYTES, "{}", got[0].text().len());
+
+    // 3 MiB: more than the listener reads from a gateway; the delivery still
+    // counts (the gateway said 2xx), the unreadable reply is dropped, nothing crashes.
+    ada.set_chat_reply(&"x".repeat(3 * 1024 * 1024));
+    ask("flood me").await;
+    ada.wait_for(2, WAIT).await;
+    wait_until_settled(&js, "ada", WAIT).await;
+
+    // And the listener goes on delivering.
+    ada.set_chat_reply("short");
+    ask("still there?").await;
+    let got = nova.wait_for(2, WAIT).await;
+    assert_eq!(got.last().unwrap().text(), "[mesh] Reply from ada: short");
+    assert_eq!(nova.requests().len(), 2, "the capped 3 MiB reply was not routed");
+    listener.stop().await.unwrap();
+}
