@@ -10,6 +10,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
 
+/// Largest request body accepted, as a real gateway does (about 256 KiB).
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
 /// One demo gateway's identity.
 #[derive(Debug, Clone)]
 pub struct DemoGateway {
@@ -37,7 +40,13 @@ pub fn serve_on(listener: tokio::net::TcpListener, gateway: DemoGateway) {
         .route("/hooks/agent", post(agent))
         .route("/v1/chat/completions", post(chat))
         .route("/health", get(|| async { "ok" }))
-        .with_state(state);
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            std::time::Duration::from_secs(10),
+        ));
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

@@ -274,6 +274,8 @@ pub async fn run(
         .route("/metrics", get(|State(h): State<HealthState>| async move { h.metrics.render() }))
         .with_state(health)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // 413 on any route, before a handler runs, for a declared or streamed body over the limit.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, REQUEST_TIMEOUT));
     let listener =
         tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;

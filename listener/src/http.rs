@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::state::FleetState;
 
+/// Largest request body accepted (the endpoints take none).
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
 #[derive(Clone)]
 struct Ctx {
     fleet: Arc<FleetState>,
@@ -40,7 +43,9 @@ pub async fn serve(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(10),
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(16 * 1024))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // These routes read no body: anything larger than the limit is refused with 413 up front.
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .with_state(ctx);
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;

@@ -98,7 +98,9 @@ fn backoff(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f64)
     let exponent = delivered.saturating_sub(1).min(20) as u32;
     let full = policy.base.saturating_mul(2u32.saturating_pow(exponent)).min(policy.max);
     // Equal jitter: half fixed, half random, so delays grow but do not align.
-    let jittered = full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    // `clamp` passes NaN through and `mul_f64` panics on it: a NaN jitter counts as 0.
+    let jitter = if jitter.is_nan() { 0.0 } else { jitter.clamp(0.0, 1.0) };
+    let jittered = full.mul_f64(0.5 + 0.5 * jitter);
     match outcome {
         Outcome::Status { retry_after: Some(after), .. } => jittered.max((*after).min(MAX_RETRY_AFTER)),
         _ => jittered,
@@ -164,5 +166,76 @@ mod tests {
         assert_eq!(decide(&asked, 1, &policy, 0.0), Decision::Retry(Duration::from_secs(42)));
         let greedy = Outcome::Status { code: 503, retry_after: Some(Duration::from_secs(86_400)) };
         assert_eq!(decide(&greedy, 1, &policy, 0.0), Decision::Retry(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn odd_jitter_is_clamped_not_a_panic() {
+        let policy = RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10), max_deliver: 100 };
+        for jitter in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -3.0, 7.0] {
+            assert!(matches!(decide(&status(500), 2, &policy, jitter), Decision::Retry(_)), "{jitter}");
+        }
+    }
+}
+
+/// Property tests: 2xx always acks, retries stay within their bounds and grow
+/// with the delivery count, the delivery budget is never exceeded.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn policy() -> impl Strategy<Value = RetryPolicy> {
+        (1u64..60_000, 1u64..3_600_000, 1u64..50).prop_map(|(base, max, max_deliver)| RetryPolicy {
+            base: Duration::from_millis(base),
+            max: Duration::from_millis(max),
+            max_deliver,
+        })
+    }
+
+    fn outcome() -> impl Strategy<Value = Outcome> {
+        let after = proptest::option::of((0u64..200_000).prop_map(Duration::from_secs));
+        prop_oneof![
+            (100u16..600, after).prop_map(|(code, retry_after)| Outcome::Status { code, retry_after }),
+            Just(Outcome::Timeout),
+            "\\PC{0,20}".prop_map(Outcome::Unreachable),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn success_always_acks(code in 200u16..300, delivered in any::<u64>(), policy in policy(), jitter in proptest::num::f64::ANY | proptest::num::f64::INFINITE | proptest::num::f64::QUIET_NAN) {
+            let outcome = Outcome::Status { code, retry_after: None };
+            prop_assert_eq!(decide(&outcome, delivered, &policy, jitter), Decision::Ack);
+        }
+
+        #[test]
+        fn retries_are_bounded(outcome in outcome(), delivered in 0u64..100, policy in policy(), jitter in proptest::num::f64::ANY | proptest::num::f64::INFINITE | proptest::num::f64::QUIET_NAN) {
+            match decide(&outcome, delivered, &policy, jitter) {
+                Decision::Ack => prop_assert!(matches!(outcome.status(), Some(200..=299))),
+                Decision::Retry(delay) => {
+                    prop_assert!(is_retryable(&outcome) && delivered < policy.max_deliver);
+                    let asked = match outcome {
+                        Outcome::Status { retry_after: Some(after), .. } => after.min(MAX_RETRY_AFTER),
+                        _ => Duration::ZERO,
+                    };
+                    prop_assert!(delay <= policy.max.max(asked), "{:?} over the cap", delay);
+                    prop_assert!(delay >= policy.base.min(policy.max) / 2, "{:?} under half the first step", delay);
+                }
+                Decision::DeadLetter(reason) => {
+                    prop_assert!(!is_retryable(&outcome) || delivered >= policy.max_deliver, "{}", reason);
+                }
+            }
+        }
+
+        #[test]
+        fn backoff_never_shrinks(delivered in 1u64..40, policy in policy(), jitter in 0.0f64..1.0) {
+            let policy = RetryPolicy { max_deliver: u64::MAX, ..policy };
+            let delay = |n| match decide(&Outcome::Timeout, n, &policy, jitter) {
+                Decision::Retry(d) => d,
+                other => panic!("{other:?}"),
+            };
+            prop_assert!(delay(delivered) <= delay(delivered + 1));
+        }
     }
 }

@@ -367,6 +367,85 @@ pub fn check_hooks_url(raw: &str) -> Result<Url, String> {
     Ok(url)
 }
 
+/// The hosts hooks URLs and gateways may point at (SSRF guard). Empty, the
+/// default, allows any host: agents on loopback and private networks are the
+/// normal case. An entry `example.com` allows that host exactly, `.example.com`
+/// (or `*.example.com`) any host under it; IP addresses are written as the URL
+/// shows them (`10.0.0.7`, `[::1]`). Matching ignores case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAllowList(Vec<String>);
+
+impl HostAllowList {
+    /// Parses a comma- or whitespace-separated list (the value of `MESH_HOOKS_ALLOWED_HOSTS`).
+    pub fn parse(raw: &str) -> Self {
+        let hosts = raw
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|h| !h.is_empty())
+            .map(|h| h.strip_prefix('*').unwrap_or(h).to_ascii_lowercase())
+            .collect();
+        Self(hosts)
+    }
+
+    /// True when no list is configured (every host allowed).
+    pub fn is_open(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when `host` may be called.
+    pub fn allows(&self, host: &str) -> bool {
+        if self.is_open() {
+            return true;
+        }
+        let host = host.to_ascii_lowercase();
+        self.0.iter().any(|entry| match entry.strip_prefix('.') {
+            Some(suffix) => host.len() > suffix.len() && host.ends_with(entry.as_str()),
+            None => host == *entry,
+        })
+    }
+
+    fn check(&self, host: Option<&str>) -> Result<(), String> {
+        match host {
+            Some(host) if self.allows(host) => Ok(()),
+            Some(host) => Err(format!(
+                "host {host:?} is not in {HOOKS_ALLOWED_HOSTS_ENV} ({}); add it there or fix the URL",
+                self.0.join(", ")
+            )),
+            None => Err("URL has no host".into()),
+        }
+    }
+}
+
+/// Environment variable the registry loaders read the [`HostAllowList`] from.
+pub const HOOKS_ALLOWED_HOSTS_ENV: &str = "MESH_HOOKS_ALLOWED_HOSTS";
+
+impl Registry {
+    /// Checks every agent's `hooks_url` and `gateway` host against `allowed`,
+    /// reporting every agent and field outside it.
+    pub fn check_hosts(&self, allowed: &HostAllowList) -> Result<(), RegistryErrors> {
+        if allowed.is_open() {
+            return Ok(());
+        }
+        let mut errors = Vec::new();
+        for agent in self.agents() {
+            let bad = |field: &'static str, reason: String| RegistryError::BadValue {
+                agent: agent.id.to_string(),
+                field,
+                reason,
+            };
+            if let Err(reason) = allowed.check(agent.hooks_url.host_str()) {
+                errors.push(bad("hooks_url", reason));
+            }
+            if let Some(gateway) = &agent.gateway {
+                let host = Url::parse(&format!("http://{gateway}/")).ok();
+                if let Err(reason) = allowed.check(host.as_ref().and_then(Url::host_str)) {
+                    errors.push(bad("gateway", reason));
+                }
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(RegistryErrors(errors)) }
+    }
+}
+
 fn check_gateway(raw: &str) -> Result<(), String> {
     let url = Url::parse(&format!("http://{raw}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
     if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || raw.contains('/') {
@@ -480,6 +559,33 @@ mod tests {
         res.files.insert("/s/gw".into(), "other".into());
         let tokens = reg.resolve_tokens(&res).unwrap();
         assert_eq!(tokens.values().next().unwrap().hooks.expose(), "same");
+    }
+
+    #[test]
+    fn host_allow_list_names_agent_and_field() {
+        let reg = Registry::parse(
+            r#"{"nova": {"gateway": "gw.internal:7002", "hooks_token": "t", "hooks_url": "http://Nova.Agents.internal:7002/hooks/wake"},
+                "kaan": {"hooks_token": "t", "hooks_url": "http://169.254.169.254/hooks/wake"}}"#,
+        )
+        .unwrap();
+        assert_eq!(reg.check_hosts(&HostAllowList::default()), Ok(()));
+        assert_eq!(reg.check_hosts(&HostAllowList::parse("  ")), Ok(()));
+        let err = reg.check_hosts(&HostAllowList::parse("*.agents.internal, gw.internal")).unwrap_err().to_string();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(
+                "agent \"kaan\": field hooks_url: host \"169.254.169.254\" is not in MESH_HOOKS_ALLOWED_HOSTS"
+            ),
+            "{err}"
+        );
+        let err = reg.check_hosts(&HostAllowList::parse(".agents.internal 169.254.169.254")).unwrap_err().to_string();
+        assert!(err.contains("agent \"nova\": field gateway: host \"gw.internal\""), "{err}");
+        // A suffix entry does not match the bare suffix or a look-alike.
+        let list = HostAllowList::parse(".agents.internal");
+        assert!(
+            list.allows("a.agents.internal") && !list.allows("agents.internal") && !list.allows("evilagents.internal")
+        );
+        assert!(HostAllowList::parse("[::1]").allows("[::1]"));
     }
 
     #[test]

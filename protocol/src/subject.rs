@@ -209,3 +209,59 @@ mod tests {
         assert!(Subject::parse_reply_target("mesh.reply.0123abcd").is_ok());
     }
 }
+
+/// Property tests: every valid id round-trips through its subjects, no built
+/// subject carries a wildcard or whitespace, and parsing never panics.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn token() -> impl Strategy<Value = Token> {
+        "[a-z0-9_-]{1,64}".prop_map(|t| Token::parse(&t).expect("the pattern is a valid token"))
+    }
+
+    fn subject() -> impl Strategy<Value = Subject> {
+        let id = "[a-z0-9][a-z0-9_-]{0,31}".prop_map(|s| AgentId::parse(&s).expect("the pattern is a valid id"));
+        prop_oneof![
+            id.clone().prop_map(Subject::Inbox),
+            id.prop_map(Subject::DeadLetter),
+            Just(Subject::Broadcast),
+            Just(Subject::HealthPing),
+            Just(Subject::HealthPong),
+            token().prop_map(Subject::Audit),
+            token().prop_map(Subject::Reply),
+            token().prop_map(Subject::Event),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn built_subjects_round_trip_and_are_concrete(subject in subject()) {
+            let shown = subject.to_string();
+            prop_assert!(!shown.contains(['*', '>']) && !shown.chars().any(char::is_whitespace), "{:?}", shown);
+            prop_assert!(!shown.starts_with('$') && !shown.contains("..") && !shown.ends_with('.'), "{:?}", shown);
+            prop_assert_eq!(Subject::parse(&shown), Ok(subject));
+        }
+
+        #[test]
+        fn parsing_is_canonical(raw in "\\PC{0,40}|(agents|mesh)\\.[a-z.*> ]{0,20}") {
+            // Whatever parses prints back as exactly what was given: no input is
+            // silently rewritten into a different subject.
+            if let Ok(subject) = Subject::parse(&raw) {
+                prop_assert_eq!(subject.to_string(), raw.clone());
+            }
+            let _ = Subject::parse_reply_target(&raw);
+        }
+
+        #[test]
+        fn ids_with_subject_syntax_are_rejected(prefix in "[a-z0-9]{0,5}", bad in "[.*>$]|\\s|[A-Z]|[^\\x00-\\x7f]", suffix in "[a-z0-9]{0,5}") {
+            let raw = format!("{prefix}{bad}{suffix}");
+            prop_assert!(AgentId::parse(&raw).is_err(), "{:?} accepted", raw);
+            prop_assert!(Token::parse(&raw).is_err(), "{:?} accepted as a token", raw);
+            let inbox = format!("agents.{raw}.inbox");
+            prop_assert!(Subject::parse_reply_target(&inbox).is_err());
+        }
+    }
+}

@@ -10,14 +10,17 @@
 //! - [`redis`]: the redis-server under test.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
+//! - [`secrets`]: the secret scan over everything the processes under test printed.
 
 pub mod bench;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
 pub mod redis;
+pub mod secrets;
 pub mod server;
 
 pub use fixtures::{Fixture, ListenerHandle};
 pub use gateway::{Recorded, RecordingGateway};
+pub use secrets::SecretScan;
 pub use server::TestNats;

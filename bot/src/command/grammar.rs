@@ -742,3 +742,93 @@ mod tests {
         assert!(KillGrade::Soft < KillGrade::Hard && KillGrade::Hard < KillGrade::Nuclear);
     }
 }
+
+/// Property tests: the parser never panics, message text passes through as
+/// typed, and every command's canonical form parses back to the command.
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn agent_id() -> impl Strategy<Value = AgentId> + Clone {
+        "[a-z0-9][a-z0-9_-]{0,31}".prop_map(|s| AgentId::parse(&s).expect("the pattern is a valid id"))
+    }
+
+    /// Any text with something besides whitespace in it (unicode, quotes, `*`, `>`, `.` and newlines included).
+    fn text() -> impl Strategy<Value = String> {
+        "\\PC{0,20}[^\\s]\\PC{0,20}(\n\\PC{0,10})?"
+    }
+
+    fn reason() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(
+            "[^\\s]\\PC{0,30}".prop_map(|r| r.trim().to_owned()).prop_filter("non-empty", |r| !r.is_empty()),
+        )
+    }
+
+    fn command() -> impl Strategy<Value = Command> {
+        let agent = proptest::option::of(agent_id());
+        let priority = proptest::sample::select(Priority::ALL.to_vec());
+        let code =
+            proptest::collection::vec(proptest::sample::select(confirm::CODE_ALPHABET.to_vec()), confirm::CODE_LEN)
+                .prop_map(|b| String::from_utf8(b).expect("ascii"));
+        let topic = proptest::sample::select(table::candidates().collect::<Vec<_>>());
+        prop_oneof![
+            (agent_id(), text()).prop_map(|(agent, text)| Command::Send { agent, text }),
+            (agent_id(), text()).prop_map(|(agent, text)| Command::Ask { agent, text }),
+            (priority, text()).prop_map(|(priority, text)| Command::Broadcast { priority, text }),
+            Just(Command::Ping),
+            Just(Command::Status),
+            Just(Command::Agents),
+            Just(Command::KillNuclear),
+            (1..=MAX_SOFT_KILL.as_secs(), agent.clone(), reason()).prop_map(|(s, agent, reason)| Command::KillSoft {
+                duration: Duration::from_secs(s),
+                agent,
+                reason
+            }),
+            (agent.clone(), reason()).prop_map(|(agent, reason)| Command::KillHard { agent, reason }),
+            agent.clone().prop_map(|agent| Command::Resume { agent }),
+            agent.prop_map(|agent| Command::Dlq { agent }),
+            code.prop_map(|code| Command::Confirm { code }),
+            (agent_id(), 1..=MAX_REPLAY).prop_map(|(agent, count)| Command::DlqReplay { agent, count }),
+            (1..=MAX_AUDIT).prop_map(|count| Command::Audit { count }),
+            proptest::option::of(topic).prop_map(|topic| Command::Help { topic }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(line in "\\PC{0,80}|(send|kill soft|kill hard|broadcast|dlq replay|help) \\PC{0,40}") {
+            if let Err(e) = parse(&line) {
+                prop_assert!(e.to_string().len() < 2_000, "error messages stay short");
+            }
+        }
+
+        #[test]
+        fn canonical_form_round_trips(command in command()) {
+            let line = command.to_string();
+            prop_assert_eq!(parse(&line), Ok(command), "{:?}", line);
+        }
+
+        #[test]
+        fn message_text_passes_through_intact(agent in agent_id(), text in text(), word in "(send|SEND|Send|ask)") {
+            let parsed = parse(&format!("{word} {agent} {text}")).expect("a well-formed send parses");
+            let (got_agent, got_text) = match parsed {
+                Command::Send { agent, text } | Command::Ask { agent, text } => (agent, text),
+                other => panic!("parsed as {other:?}"),
+            };
+            prop_assert_eq!(got_agent, agent);
+            prop_assert_eq!(got_text, text);
+        }
+
+        #[test]
+        fn ids_with_subject_syntax_never_parse(prefix in "[a-z]{0,4}", bad in "[.*>]|\\s|[A-Z]|[^\\x00-\\x7f]", suffix in "[a-z]{0,4}") {
+            let id = format!("{prefix}{bad}{suffix}");
+            let line = format!("send {id} hello");
+            if let Ok(Command::Send { agent, .. }) = parse(&line) {
+                // Only whitespace can split off a valid id; the id itself never carries subject syntax.
+                prop_assert!(!agent.as_str().contains(['.', '*', '>']) && agent.as_str().is_ascii(), "{:?}", agent);
+            }
+        }
+    }
+}

@@ -253,7 +253,7 @@ pub fn suggest(typed: &str) -> Option<&'static str> {
 }
 
 /// Every command name and every first word of a multi-word name, table order.
-fn candidates() -> impl Iterator<Item = &'static str> {
+pub(crate) fn candidates() -> impl Iterator<Item = &'static str> {
     COMMANDS.iter().flat_map(|s| {
         let first = s.name.split(' ').next().filter(|f| *f != s.name);
         first.into_iter().chain(std::iter::once(s.name))

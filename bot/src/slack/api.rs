@@ -79,7 +79,7 @@ impl SlackApi {
 
     /// True when a `response_url` from a verified request may be called.
     pub fn accepts_response_url(&self, url: &str) -> bool {
-        url.starts_with(&self.response_url_prefix) && !url.contains('@')
+        response_url_allowed(&self.response_url_prefix, url)
     }
 
     /// Posts a reply to a slash command's `response_url`.
@@ -120,5 +120,45 @@ impl SlackApi {
     /// True when a bot token is configured.
     pub fn can_post(&self) -> bool {
         self.web.is_some()
+    }
+}
+
+/// True when `url` is under `prefix` as a URL, not only as a string: same
+/// scheme, host and port, a path under the prefix's path, and no user info
+/// (so `https://hooks.slack.com.evil.net/` never passes for a prefix written
+/// without its final slash).
+pub fn response_url_allowed(prefix: &str, url: &str) -> bool {
+    let (Ok(prefix), Ok(parsed)) = (url::Url::parse(prefix), url::Url::parse(url)) else { return false };
+    parsed.scheme() == prefix.scheme()
+        && parsed.host_str() == prefix.host_str()
+        && parsed.port_or_known_default() == prefix.port_or_known_default()
+        && parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path().starts_with(prefix.path())
+        && !url.contains('@')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::response_url_allowed;
+
+    #[test]
+    fn response_urls_stay_under_the_prefix() {
+        for prefix in ["https://hooks.slack.com/", "https://hooks.slack.com"] {
+            assert!(response_url_allowed(prefix, "https://hooks.slack.com/commands/T1/2/abc"), "{prefix}");
+            for bad in [
+                "https://hooks.slack.com.evil.net/commands/T1",
+                "https://hooks.slack.com@evil.net/commands",
+                "https://user:pw@hooks.slack.com/commands",
+                "http://hooks.slack.com/commands",
+                "https://hooks.slack.com:8443/commands",
+                "https://evil.net/https://hooks.slack.com/",
+                "not a url",
+                "",
+            ] {
+                assert!(!response_url_allowed(prefix, bad), "{prefix} accepted {bad}");
+            }
+        }
+        assert!(!response_url_allowed("https://hooks.slack.com/commands/", "https://hooks.slack.com/other/x"));
     }
 }

@@ -29,16 +29,26 @@ pub struct SlackState {
     pub signing_secret: Option<Arc<mesh_protocol::Secret>>,
 }
 
-/// A slash command as both transports carry it (a form over HTTP, JSON in a
-/// Socket Mode envelope), read only after its origin was verified.
-#[derive(Debug, Deserialize)]
-pub(super) struct SlashCommand {
-    pub(super) user_id: String,
+/// The fields of a slash command form this bot reads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SlashCommand {
+    /// Who typed it.
+    pub user_id: String,
+    /// Where it was typed.
     #[serde(default)]
-    pub(super) channel_id: Option<String>,
+    pub channel_id: Option<String>,
+    /// What followed `/mesh`.
     #[serde(default)]
-    pub(super) text: String,
-    pub(super) response_url: String,
+    pub text: String,
+    /// Where the result goes (checked against the allowed prefix by the caller).
+    pub response_url: String,
+}
+
+impl SlashCommand {
+    /// Parses a (verified) `application/x-www-form-urlencoded` body. Pure; fuzzed.
+    pub fn parse(body: &[u8]) -> Result<Self, serde_urlencoded::de::Error> {
+        serde_urlencoded::from_bytes(body)
+    }
 }
 
 /// Why a verified slash command is not run.
@@ -66,7 +76,7 @@ pub async fn handle(
         return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
     }
     let signature = signature.unwrap_or_default();
-    let Ok(command) = serde_urlencoded::from_bytes::<SlashCommand>(&body) else {
+    let Ok(command) = SlashCommand::parse(&body) else {
         return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "not a slash command form"})));
     };
     // The signature covers timestamp and body: the same signature is the same request.
