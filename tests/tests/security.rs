@@ -70,7 +70,9 @@ struct Stack {
 impl Stack {
     async fn start(nats: &TestNats, fixture: &Fixture) -> Self {
         mesh_listener::gateway::install_tls_provider();
-        let http = reqwest::Client::new();
+        // No pooled connections: a server closes a connection after refusing a body, and a
+        // reused one would fail the next request for a reason that is not under test.
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap();
         let slack = RecordingGateway::start().await;
         slack.respond_with(
             POST_MESSAGE,
