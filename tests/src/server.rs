@@ -13,13 +13,19 @@ pub struct TestNats {
 
 impl TestNats {
     /// Starts a server; panics with install instructions when nats-server is missing.
+    /// A free port can be taken by another test's outgoing connection before the
+    /// server binds it: then it tries another port (a few times).
     pub async fn start() -> Self {
         let store = tempfile::tempdir().expect("creating a temp dir");
-        let port = free_port().expect("finding a free port");
-        let server = LocalNats::start(port, store.path())
-            .await
-            .unwrap_or_else(|e| panic!("{e} (run scripts/install.sh to install nats-server)"));
-        Self { server, _store: store }
+        let mut attempts = 0;
+        loop {
+            let port = free_port().expect("finding a free port");
+            match LocalNats::start(port, store.path()).await {
+                Ok(server) => return Self { server, _store: store },
+                Err(mesh_bot::local_nats::LocalNatsError::PortInUse(_)) if attempts < 5 => attempts += 1,
+                Err(e) => panic!("{e} (run scripts/install.sh to install nats-server)"),
+            }
+        }
     }
 
     /// The client URL.
