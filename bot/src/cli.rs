@@ -437,7 +437,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 async fn deliver_now(nats_url: &str, prepared: &publish::Prepared) -> anyhow::Result<Receipt> {
     let client = nats::connect_now(nats_url, "mesh-cli").await?;
     let js = async_nats::jetstream::new(client);
-    nats::ensure_streams(&js, 1).await?;
+    nats::ensure_streams(&js, nats::replicas_from_env()?).await?;
     Ok(publish::deliver(&js, prepared).await?)
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use mesh_protocol::killswitch::{BUCKET, KillState, Scope};
+use mesh_protocol::layout::Replicas;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -16,8 +17,14 @@ use crate::nats::NatsError;
 pub type KillStates = BTreeMap<String, KillState>;
 
 /// Opens the kill-switch bucket, creating it when missing.
-pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, NatsError> {
+pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Store, NatsError> {
+    let replicas = crate::nats::resolve_replicas(js, setting);
     if let Ok(store) = js.get_key_value(BUCKET).await {
+        if let Ok(mut stream) = js.get_stream(&store.stream_name).await
+            && let Ok(info) = stream.info().await
+        {
+            crate::nats::scale_up(js, info, replicas).await;
+        }
         return Ok(store);
     }
     js.create_key_value(kv::Config {
@@ -29,7 +36,7 @@ pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store,
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::JetStream(format!("creating bucket {BUCKET}: {e}")))
+    .map_err(|e| NatsError::JetStream(crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string())))
 }
 
 /// Reads every entry now.

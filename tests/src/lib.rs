@@ -5,6 +5,9 @@
 //! # Layout
 //!
 //! - [`server`]: the nats-server under test.
+//! - [`cluster`]: a three-node JetStream cluster under test (and the config
+//!   `deploy/nats-cluster/` is rendered from).
+//! - [`steady`]: a steady publisher that counts acks, and the delivery tally.
 //! - [`gateway`]: the recording gateway.
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program.
 //! - [`redis`]: the redis-server under test.
@@ -12,12 +15,15 @@
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 
 pub mod bench;
+pub mod cluster;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
 pub mod redis;
 pub mod server;
+pub mod steady;
 
 pub use fixtures::{Fixture, ListenerHandle};
 pub use gateway::{Recorded, RecordingGateway};
 pub use server::TestNats;
+pub use cluster::TestCluster;
