@@ -18,7 +18,7 @@ pub type KillStates = BTreeMap<String, KillState>;
 
 /// Opens the kill-switch bucket, creating it when missing.
 pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Store, NatsError> {
-    let replicas = crate::nats::resolve_replicas(js, setting);
+    let replicas = crate::nats::resolve_replicas(js, setting).await?;
     if let Ok(store) = js.get_key_value(BUCKET).await {
         if let Ok(mut stream) = js.get_stream(&store.stream_name).await
             && let Ok(info) = stream.info().await

@@ -108,16 +108,21 @@ pub fn replicas_from_env() -> Result<Replicas, NatsError> {
 }
 
 /// How many replicas `setting` means on the server this client is connected
-/// to: auto is 3 when the server's INFO names a cluster, 1 otherwise.
-pub fn resolve_replicas(js: &jetstream::Context, setting: Replicas) -> usize {
-    setting.resolve(js.client().server_info().cluster.as_deref())
+/// to: auto is 3 when the server's INFO names a cluster, 1 otherwise. A
+/// client still connecting (`retry_on_initial_connect`) has no INFO yet, so
+/// auto first makes one JetStream request, which waits for the connection.
+pub async fn resolve_replicas(js: &jetstream::Context, setting: Replicas) -> Result<usize, NatsError> {
+    if setting == Replicas::Auto && js.client().server_info().server_id.is_empty() {
+        js.query_account().await.map_err(|e| NatsError::JetStream(format!("reading the JetStream account: {e}")))?;
+    }
+    Ok(setting.resolve(js.client().server_info().cluster.as_deref()))
 }
 
 /// Creates every mesh stream that does not exist yet, with the replicas
 /// `setting` resolves to; an existing stream with fewer replicas is scaled up
 /// (never down).
 pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Result<(), NatsError> {
-    let replicas = resolve_replicas(js, setting);
+    let replicas = resolve_replicas(js, setting).await?;
     for spec in layout::all_streams(replicas) {
         let stream = js
             .get_or_create_stream(stream_config(&spec))

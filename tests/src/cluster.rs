@@ -136,6 +136,7 @@ impl TestCluster {
             std::fs::write(&config, spec.render(index)).expect("writing a node config");
             nodes.push(Node { child: None, config, log: dir.path().join(format!("{}.log", node.name)) });
         }
+        mesh_listener::gateway::install_tls_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("http client");
         let mut cluster = Self { spec, nodes, http, dir };
         for index in 0..3 {

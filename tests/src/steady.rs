@@ -53,9 +53,18 @@ pub struct SteadyPublisher {
 }
 
 impl SteadyPublisher {
-    /// Starts publishing one message every `every`, each retried until acked
-    /// or [`GIVE_UP_AFTER`].
-    pub fn start(js: async_nats::jetstream::Context, agents: Vec<AgentId>, prefix: &str, every: Duration) -> Self {
+    /// Creates the agents' consumers (as any sender does before publishing),
+    /// then publishes one message every `every`, each retried until acked or
+    /// [`GIVE_UP_AFTER`].
+    pub async fn start(
+        js: async_nats::jetstream::Context,
+        agents: Vec<AgentId>,
+        prefix: &str,
+        every: Duration,
+    ) -> Self {
+        for agent in &agents {
+            mesh_listener::nats::ensure_consumer(&js, agent).await.expect("creating the agent's consumer");
+        }
         let stop = CancellationToken::new();
         let (acked_tx, acked) = watch::channel(0);
         let prefix = prefix.to_owned();

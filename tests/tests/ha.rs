@@ -62,9 +62,9 @@ async fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
 
     let cluster = TestCluster::start().await;
     let js = jetstream(cluster.client().await);
-    assert_eq!(js.client().server_info().cluster.as_deref(), Some(mesh_tests::cluster::CLUSTER_NAME));
     // Made earlier by a process told to keep one copy...
     ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
+    assert_eq!(js.client().server_info().cluster.as_deref(), Some(mesh_tests::cluster::CLUSTER_NAME));
     assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1);
     // ...then a start with the default setting scales every stream up.
     ensure_streams(&js, Replicas::Auto).await.unwrap();
@@ -95,7 +95,7 @@ async fn acked_messages_survive_a_node_crash_then_a_leader_crash() {
     config.ack_wait = Duration::from_secs(2);
     let listener = ListenerHandle::spawn(config);
 
-    let mut publisher = SteadyPublisher::start(js.clone(), vec![nova], "ha", Duration::from_millis(20));
+    let mut publisher = SteadyPublisher::start(js.clone(), vec![nova], "ha", Duration::from_millis(20)).await;
     publisher.wait_acked(100, Duration::from_secs(60)).await;
     let leader = cluster.wait_stream_leader(&js, "MESH_AGENTS").await;
     let follower = (leader + 1) % 3;
