@@ -79,11 +79,8 @@ impl ClusterSpec {
     pub fn render(&self, index: usize) -> String {
         let node = &self.nodes[index];
         let listen = &self.listen_host;
-        let routes: String = self
-            .nodes
-            .iter()
-            .map(|peer| format!("    nats-route://{}:{}\n", peer.host, peer.cluster_port))
-            .collect();
+        let routes: String =
+            self.nodes.iter().map(|peer| format!("    nats-route://{}:{}\n", peer.host, peer.cluster_port)).collect();
         format!(
             "# {name}: one of the {count} JetStream servers of the mesh cluster.\n\
              # Rendered by tests/src/cluster.rs (ClusterSpec); the HA tests run this same\n\
@@ -159,7 +156,9 @@ impl TestCluster {
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start nats-server ({e}); run scripts/install.sh and put .mesh/tools/bin on PATH"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}); run scripts/install.sh and put .mesh/tools/bin on PATH")
+            });
         node.child = Some(child);
     }
 
@@ -175,8 +174,7 @@ impl TestCluster {
 
     /// A client that knows all three nodes and reconnects forever.
     pub async fn client(&self) -> async_nats::Client {
-        let urls: Vec<async_nats::ServerAddr> =
-            (0..3).map(|i| self.url(i).parse().expect("server address")).collect();
+        let urls: Vec<async_nats::ServerAddr> = (0..3).map(|i| self.url(i).parse().expect("server address")).collect();
         async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -239,7 +237,8 @@ impl TestCluster {
             }
             if tokio::time::Instant::now() > deadline {
                 let log = std::fs::read_to_string(&self.nodes[index].log).unwrap_or_default();
-                let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+                let tail: String =
+                    log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
                 panic!("{} not healthy within {NODE_READY_TIMEOUT:?}; log tail:\n{tail}", self.spec.nodes[index].name);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -270,7 +269,10 @@ impl TestCluster {
             if let Some(leader) = self.stream_leader(js, stream).await {
                 return leader;
             }
-            assert!(tokio::time::Instant::now() < deadline, "stream {stream} has no leader within {NODE_READY_TIMEOUT:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream {stream} has no leader within {NODE_READY_TIMEOUT:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

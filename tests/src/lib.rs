@@ -23,7 +23,7 @@ pub mod redis;
 pub mod server;
 pub mod steady;
 
+pub use cluster::TestCluster;
 pub use fixtures::{Fixture, ListenerHandle};
 pub use gateway::{Recorded, RecordingGateway};
 pub use server::TestNats;
-pub use cluster::TestCluster;
