@@ -131,3 +131,22 @@ async fn acked_messages_survive_a_node_crash_then_a_leader_crash() {
     assert!(tally.misrouted.is_empty());
     listener.stop().await.unwrap();
 }
+
+/// A stream that cannot get the replicas asked for (5 on a 3-node cluster):
+/// an existing one keeps working with what it has, so start-up does not
+/// fail; a missing one fails with an error that says why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_the_cluster_cannot_place_give_a_clear_error_or_keep_existing_streams() {
+    let cluster = TestCluster::start().await;
+    let js = jetstream(cluster.client().await);
+    ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
+    ensure_streams(&js, Replicas::Exactly(5)).await.expect("existing streams are used as they are");
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1, "5 replicas cannot be placed on 3 servers");
+
+    js.delete_stream("MESH_EVENTS").await.unwrap();
+    let err = ensure_streams(&js, Replicas::Exactly(5)).await.unwrap_err().to_string();
+    assert!(err.contains("creating stream MESH_EVENTS with 5 replicas"), "{err}");
+    assert!(err.contains("a cluster needs 5 JetStream servers up") && err.contains("MESH_REPLICAS=1"), "{err}");
+    ensure_streams(&js, Replicas::Auto).await.unwrap();
+    assert_eq!(replicas_of(&js, "MESH_EVENTS").await, 3);
+}
