@@ -66,10 +66,29 @@ async fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
     ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
     assert_eq!(js.client().server_info().cluster.as_deref(), Some(mesh_tests::cluster::CLUSTER_NAME));
     assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1);
-    // ...then a start with the default setting scales every stream up.
+    let nova = AgentId::parse("nova").unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &nova).await.unwrap();
+    // ...then a start with the default setting scales every stream up,
+    // and the agent's consumer with it.
     ensure_streams(&js, Replicas::Auto).await.unwrap();
     for spec in layout::all_streams(1) {
         assert_eq!(replicas_of(&js, spec.name).await, 3, "{}", spec.name);
+    }
+    let durable = layout::agent_consumer(&nova, Default::default()).durable;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut stream = js.get_stream("MESH_AGENTS").await.unwrap();
+        let info = stream.consumer_info(&durable).await.unwrap();
+        let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len() + usize::from(c.leader.is_some()));
+        if peers == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer {durable} has {peers} peers, not 3: {:?}",
+            info.cluster
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     mesh_listener::killswitch::open(&js, Replicas::Auto).await.unwrap();
     assert_eq!(replicas_of(&js, &format!("KV_{}", killswitch::BUCKET)).await, 3);
