@@ -16,7 +16,7 @@ use crate::publish::{self, Receipt};
 #[derive(Debug, Parser)]
 #[command(name = "mesh", version, about)]
 pub struct Args {
-    /// NATS server URL.
+    /// NATS server URL (several, comma separated, for a cluster).
     #[arg(long, global = true, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
     /// Registry file (tokens.json).

@@ -22,7 +22,7 @@ struct Args {
     /// Serve every active agent of the registry, following registry changes.
     #[arg(long)]
     all: bool,
-    /// NATS server URL.
+    /// NATS server URL (several, comma separated, for a cluster).
     #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     nats_url: String,
     /// Registry file (tokens.json).

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use mesh_bot::local_nats::free_port;
+use std::net::TcpListener;
 use tokio::process::{Child, Command};
 
 /// Name of the cluster (what a server's INFO reports, and what makes
 /// `MESH_REPLICAS=auto` choose 3 replicas).
 pub const CLUSTER_NAME: &str = "mesh";
 /// How long a node may take to accept clients and report healthy.
-pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(30);
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One node's addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,18 +60,20 @@ impl ClusterSpec {
     }
 
     /// Three nodes on 127.0.0.1 with free ports and stores under `dir`.
+    /// The nine ports are held open together while they are chosen, so no two are the same.
     pub fn loopback(dir: &Path) -> std::io::Result<Self> {
-        let mut nodes = Vec::new();
-        for n in 1..=3 {
-            nodes.push(NodeSpec {
-                name: format!("nats-{n}"),
+        let held = (0..9).map(|_| TcpListener::bind(("127.0.0.1", 0))).collect::<std::io::Result<Vec<_>>>()?;
+        let ports = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<Vec<_>>>()?;
+        let nodes = (0..3)
+            .map(|i| NodeSpec {
+                name: format!("nats-{}", i + 1),
                 host: "127.0.0.1".into(),
-                client_port: free_port()?,
-                cluster_port: free_port()?,
-                monitor_port: free_port()?,
-                store_dir: dir.join(format!("nats-{n}")).display().to_string(),
-            });
-        }
+                client_port: ports[3 * i],
+                cluster_port: ports[3 * i + 1],
+                monitor_port: ports[3 * i + 2],
+                store_dir: dir.join(format!("nats-{}", i + 1)).display().to_string(),
+            })
+            .collect();
         Ok(Self { listen_host: "127.0.0.1".into(), nodes })
     }
 
@@ -226,7 +228,7 @@ impl TestCluster {
 
     /// Waits until node `index` answers `/healthz` with 200 (it has a meta
     /// leader and its streams are current); panics with its log otherwise.
-    pub async fn wait_healthy(&self, index: usize) {
+    pub async fn wait_healthy(&mut self, index: usize) {
         let url = format!("http://127.0.0.1:{}/healthz", self.spec.nodes[index].monitor_port);
         let deadline = tokio::time::Instant::now() + NODE_READY_TIMEOUT;
         loop {
@@ -235,18 +237,22 @@ impl TestCluster {
             {
                 return;
             }
-            if tokio::time::Instant::now() > deadline {
+            let exited = self.nodes[index].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
                 let log = std::fs::read_to_string(&self.nodes[index].log).unwrap_or_default();
-                let tail: String =
-                    log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                panic!("{} not healthy within {NODE_READY_TIMEOUT:?}; log tail:\n{tail}", self.spec.nodes[index].name);
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("Healthcheck failed")).collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                panic!(
+                    "{} not healthy within {NODE_READY_TIMEOUT:?} (exit: {exited:?}); log tail:\n{tail}",
+                    self.spec.nodes[index].name
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// Waits until every running node is healthy.
-    pub async fn wait_all_healthy(&self) {
+    pub async fn wait_all_healthy(&mut self) {
         for index in 0..self.nodes.len() {
             if self.is_running(index) {
                 self.wait_healthy(index).await;

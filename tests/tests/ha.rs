@@ -77,7 +77,7 @@ async fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
     let durable = layout::agent_consumer(&nova, Default::default()).durable;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let mut stream = js.get_stream("MESH_AGENTS").await.unwrap();
+        let stream = js.get_stream("MESH_AGENTS").await.unwrap();
         let info = stream.consumer_info(&durable).await.unwrap();
         let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len() + usize::from(c.leader.is_some()));
         if peers == 3 {
@@ -168,4 +168,30 @@ async fn replicas_the_cluster_cannot_place_give_a_clear_error_or_keep_existing_s
     assert!(err.contains("a cluster needs 5 JetStream servers up") && err.contains("MESH_REPLICAS=1"), "{err}");
     ensure_streams(&js, Replicas::Auto).await.unwrap();
     assert_eq!(replicas_of(&js, "MESH_EVENTS").await, 3);
+}
+
+/// `mesh send` and a listener process given all three URLs work while the
+/// first node of the list is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_given_every_url_work_with_the_first_node_down() {
+    let mut cluster = TestCluster::start().await;
+    cluster.kill(0).await;
+    let gateway = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gateway, true)]);
+    let mut listener = tokio::process::Command::new(mesh_tests::fixtures::listener_bin());
+    listener.args(["--agent", "nova"]).env("NATS_URL", cluster.urls()).env("MESH_REGISTRY", &fixture.registry);
+    let listener = mesh_tests::fixtures::Logged::spawn(listener);
+    let sent = mesh_tests::fixtures::mesh_command(&cluster.urls(), &fixture.registry)
+        .args(["send", "nova", "hello cluster"])
+        .env_remove("MESH_REPLICAS")
+        .output()
+        .await
+        .unwrap();
+    assert!(sent.status.success(), "mesh send failed: {}", String::from_utf8_lossy(&sent.stderr));
+    let got = gateway.wait_for(1, Duration::from_secs(30)).await;
+    assert!(got[0].text().ends_with("hello cluster"), "{got:?}");
+    let js = jetstream(cluster.client().await);
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3, "created with 3 replicas by whoever came first");
+    let (status, output) = listener.finish(true).await;
+    assert!(status.success(), "listener exit {status}: {output}");
 }
