@@ -53,7 +53,7 @@ impl Listeners {
             .env("NATS_URL", &self.urls)
             .env("MESH_REGISTRY", &self.fixture.registry)
             .env_remove("MESH_REPLICAS")
-            .env("MESH_LOG", "warn");
+            .env("MESH_LOG", "info,async_nats=warn");
         self.running[index] = Some(Logged::spawn(command));
     }
 
@@ -92,15 +92,22 @@ fn chaos_length() -> Duration {
 }
 
 /// Waits until a ping shows every agent paused (or, with `paused` false,
-/// every agent answering and not paused).
-async fn wait_paused(client: &async_nats::Client, agents: &[AgentId], paused: bool) -> Instant {
+/// every agent answering and not paused); on failure prints the listeners'
+/// logs and panics.
+async fn wait_paused(client: &async_nats::Client, listeners: &mut Listeners, paused: bool) -> Instant {
+    let agents: Vec<AgentId> = listeners.agents.iter().map(|(a, _)| a.clone()).collect();
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let flags = paused_flags(client, agents, Duration::from_secs(1)).await;
+        let flags = paused_flags(client, &agents, Duration::from_secs(1)).await;
         if flags.len() == agents.len() && flags.values().all(|p| *p == paused) {
             return Instant::now();
         }
-        assert!(tokio::time::Instant::now() < deadline, "listeners not all paused={paused} within {WAIT:?}: {flags:?}");
+        if tokio::time::Instant::now() > deadline {
+            for (index, agent) in agents.iter().enumerate() {
+                println!("--- listener {agent} ---\n{}", listeners.kill(index).await);
+            }
+            panic!("listeners not all paused={paused} within {WAIT:?}: {flags:?}");
+        }
     }
 }
 
@@ -126,7 +133,7 @@ async fn acked_messages_survive_chaos_and_the_kill_switch_holds() {
     };
     listeners.spawn(0);
     listeners.spawn(1);
-    wait_paused(&client, &agents, false).await;
+    wait_paused(&client, &mut listeners, false).await;
 
     let mut publisher = SteadyPublisher::start(js.clone(), agents.clone(), PREFIX, Duration::from_millis(25)).await;
     publisher.wait_acked(50, WAIT).await;
@@ -141,7 +148,6 @@ async fn acked_messages_survive_chaos_and_the_kill_switch_holds() {
                 kill_switch_window(
                     &js,
                     &client,
-                    &agents,
                     &mut cluster,
                     &mut listeners,
                     &mut publisher,
@@ -263,7 +269,6 @@ async fn retry<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T
 async fn kill_switch_window(
     js: &async_nats::jetstream::Context,
     client: &async_nats::Client,
-    agents: &[AgentId],
     cluster: &mut TestCluster,
     listeners: &mut Listeners,
     publisher: &mut SteadyPublisher,
@@ -277,7 +282,7 @@ async fn kill_switch_window(
         switch.pull(&Scope::Global, Mode::Hard, None, "chaos-test", Some("chaos".into()))
     })
     .await;
-    let paused_at = wait_paused(client, agents, true).await;
+    let paused_at = wait_paused(client, listeners, true).await;
     let acked_before = *publisher.acked.borrow();
     println!("[{:>5.1}s] every listener reports paused", started.elapsed().as_secs_f64());
 
@@ -291,7 +296,7 @@ async fn kill_switch_window(
     tokio::time::sleep(rng.millis(500, 1500)).await;
     cluster.restart(node).await;
     // The restarted listener read the switch before pulling: it reports paused too.
-    wait_paused(client, agents, true).await;
+    wait_paused(client, listeners, true).await;
     let left = PAUSE_HOLD.saturating_sub(paused_at.elapsed());
     tokio::time::sleep(left).await;
 
@@ -299,6 +304,6 @@ async fn kill_switch_window(
     let resumed_at = Instant::now();
     retry("releasing the kill switch", || switch.release(&Scope::Global, "chaos-test")).await;
     faults.note("kill switch", "released", started);
-    wait_paused(client, agents, false).await;
+    wait_paused(client, listeners, false).await;
     (paused_at, resumed_at, queued)
 }
