@@ -209,7 +209,8 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
             reason: format!("format version {} (this mesh reads {FORMAT_VERSION})", manifest.version),
         });
     }
-    mesh_listener::nats::ensure_streams(js, 1).await?;
+    let replicas = mesh_listener::nats::replicas_from_env()?;
+    mesh_listener::nats::ensure_streams(js, replicas).await?;
     let mut report =
         RestoreReport { streams: BTreeMap::new(), consumers: BTreeMap::new(), killswitch: 0, registry: None };
     let agents_stream = layout::agents_stream(1).name;
@@ -282,7 +283,7 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
     }
     let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
     if !entries.is_empty() {
-        let store = mesh_listener::killswitch::open(js, 1).await?;
+        let store = mesh_listener::killswitch::open(js, replicas).await?;
         for (key, value) in &entries {
             store
                 .put(key, value.clone().into_bytes().into())

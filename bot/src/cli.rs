@@ -16,7 +16,7 @@ use crate::publish::{self, Receipt};
 #[derive(Debug, Parser)]
 #[command(name = "mesh", version, about)]
 pub struct Args {
-    /// NATS server URL.
+    /// NATS server URL (several, comma separated, for a cluster).
     #[arg(long, global = true, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
     /// Registry file (tokens.json).
@@ -489,7 +489,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
 async fn deliver_now(nats_url: &str, prepared: &publish::Prepared) -> anyhow::Result<Receipt> {
     let client = nats::connect_now(nats_url, "mesh-cli").await?;
     let js = async_nats::jetstream::new(client);
-    nats::ensure_streams(&js, 1).await?;
+    nats::ensure_streams(&js, nats::replicas_from_env()?).await?;
     Ok(publish::deliver(&js, prepared).await?)
 }
 

@@ -54,7 +54,8 @@ pub enum DlqError {
 }
 
 async fn dlq_stream(js: &async_nats::jetstream::Context) -> Result<Stream, DlqError> {
-    mesh_listener::nats::ensure_streams(js, 1).await.map_err(|e| DlqError::Read(e.to_string()))?;
+    let replicas = mesh_listener::nats::replicas_from_env().map_err(|e| DlqError::Read(e.to_string()))?;
+    mesh_listener::nats::ensure_streams(js, replicas).await.map_err(|e| DlqError::Read(e.to_string()))?;
     js.get_stream(layout::dead_letter_stream(1).name).await.map_err(|e| DlqError::Read(e.to_string()))
 }
 

@@ -138,7 +138,7 @@ impl Engine {
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
         let js = jetstream::new(client.clone());
-        mesh_listener::nats::ensure_streams(&js, 1).await?;
+        mesh_listener::nats::ensure_streams(&js, mesh_listener::nats::replicas_from_env()?).await?;
         let kill = KillSwitch::open(&js).await?;
         let confirmations = Mutex::new(Confirmations::new(config.confirm));
         Ok(Self { config, client, js, kill, confirmations, limits })

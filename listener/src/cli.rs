@@ -22,7 +22,7 @@ struct Args {
     /// Serve every active agent of the registry, following registry changes.
     #[arg(long)]
     all: bool,
-    /// NATS server URL.
+    /// NATS server URL (several, comma separated, for a cluster).
     #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     nats_url: String,
     /// Registry file (tokens.json).
@@ -43,9 +43,9 @@ struct Args {
     /// Chat replies stop after this many hops.
     #[arg(long, env = "MESH_MAX_HOPS", default_value_t = crate::config::DEFAULT_MAX_HOPS)]
     max_hops: u8,
-    /// Stream replicas (3 on a NATS cluster).
-    #[arg(long, env = "MESH_REPLICAS", default_value_t = 1)]
-    replicas: usize,
+    /// Stream replicas: `auto` (3 when the server is part of a cluster, else 1) or 1 to 5.
+    #[arg(long, env = "MESH_REPLICAS", default_value = "auto")]
+    replicas: mesh_protocol::layout::Replicas,
     /// Serve /health and /metrics on this address.
     #[arg(long, env = "MESH_HTTP")]
     http: Option<SocketAddr>,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_protocol::AgentId;
-use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::layout::{ConsumerTuning, Replicas};
 
 use crate::policy::RetryPolicy;
 
@@ -37,8 +37,8 @@ pub struct ListenerConfig {
     pub retry: RetryPolicy,
     /// Chat replies stop after this many hops (loop guard).
     pub max_hops: u8,
-    /// Stream replicas (3 on a cluster).
-    pub replicas: usize,
+    /// Stream replicas: auto (3 on a cluster, else 1) or a number.
+    pub replicas: Replicas,
     /// How often the registry file is checked for changes.
     pub registry_poll: Duration,
     /// Where `/health` and `/metrics` are served, if anywhere.
@@ -62,7 +62,7 @@ impl ListenerConfig {
             ack_wait: ConsumerTuning::default().ack_wait,
             retry: RetryPolicy::default(),
             max_hops: DEFAULT_MAX_HOPS,
-            replicas: 1,
+            replicas: Replicas::Auto,
             registry_poll: Duration::from_secs(2),
             http_addr: None,
             shutdown_grace: Duration::from_secs(10),

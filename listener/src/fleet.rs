@@ -209,7 +209,7 @@ async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
 }
 
 /// Waits until the streams exist (NATS may still be starting).
-async fn wait_for_streams(js: &async_nats::jetstream::Context, replicas: usize) {
+async fn wait_for_streams(js: &async_nats::jetstream::Context, replicas: mesh_protocol::layout::Replicas) {
     let mut delay = Duration::from_millis(200);
     loop {
         match crate::nats::ensure_streams(js, replicas).await {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use mesh_protocol::killswitch::{BUCKET, KillState, Scope};
+use mesh_protocol::layout::Replicas;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -16,8 +17,14 @@ use crate::nats::NatsError;
 pub type KillStates = BTreeMap<String, KillState>;
 
 /// Opens the kill-switch bucket, creating it when missing.
-pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store, NatsError> {
+pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Store, NatsError> {
+    let replicas = crate::nats::resolve_replicas(js, setting).await?;
     if let Ok(store) = js.get_key_value(BUCKET).await {
+        if let Ok(mut stream) = js.get_stream(&store.stream_name).await
+            && let Ok(info) = stream.info().await
+        {
+            crate::nats::scale_up(js, info, replicas).await;
+        }
         return Ok(store);
     }
     js.create_key_value(kv::Config {
@@ -29,7 +36,7 @@ pub async fn open(js: &jetstream::Context, replicas: usize) -> Result<kv::Store,
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::JetStream(format!("creating bucket {BUCKET}: {e}")))
+    .map_err(|e| NatsError::JetStream(crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string())))
 }
 
 /// Reads every entry now.
@@ -50,12 +57,25 @@ pub async fn load(store: &kv::Store) -> Result<KillStates, NatsError> {
     Ok(out)
 }
 
-/// Sends every change (key, new entry or `None` when deleted) until `stop`.
+/// How often the bucket is re-read besides the watch: a watch that stalls
+/// without an error (its stream losing a leader mid-watch on a cluster) must
+/// not leave a listener delivering through a kill, or paused after a resume.
+pub const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What the watcher has passed on, per key: the revision and the entry.
+type Seen = BTreeMap<String, (u64, Option<KillState>)>;
+
+/// Sends every change (key, new entry or `None` when deleted) until `stop`,
+/// from the watch and from a re-read every [`RESYNC_EVERY`]; an entry older
+/// than one already passed on (a lagging replica's answer) is ignored.
 pub async fn watch(
     store: kv::Store,
     changes: mpsc::UnboundedSender<(String, Option<KillState>)>,
     stop: CancellationToken,
 ) {
+    let mut seen = Seen::new();
+    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut watch = match store.watch_all().await {
             Ok(watch) => watch,
@@ -70,15 +90,17 @@ pub async fn watch(
         loop {
             let entry = tokio::select! {
                 _ = stop.cancelled() => return,
+                _ = resync.tick() => {
+                    if !reread(&store, &mut seen, &changes).await {
+                        return;
+                    }
+                    continue;
+                }
                 entry = watch.next() => entry,
             };
             match entry {
                 Some(Ok(entry)) => {
-                    let state = match entry.operation {
-                        kv::Operation::Put => KillState::decode(&entry.value).ok(),
-                        _ => None,
-                    };
-                    if changes.send((entry.key, state)).is_err() {
+                    if !pass_on(&mut seen, entry, &changes) {
                         return;
                     }
                 }
@@ -92,7 +114,88 @@ pub async fn watch(
     }
 }
 
+/// Passes an entry on when it is newer than what was passed on for its key;
+/// false when the receiver is gone.
+fn pass_on(seen: &mut Seen, entry: kv::Entry, changes: &mpsc::UnboundedSender<(String, Option<KillState>)>) -> bool {
+    if seen.get(&entry.key).is_some_and(|(revision, _)| *revision >= entry.revision) {
+        return true;
+    }
+    let state = match entry.operation {
+        kv::Operation::Put => KillState::decode(&entry.value).ok(),
+        _ => None,
+    };
+    let changed = seen.get(&entry.key).is_none_or(|(_, known)| *known != state);
+    seen.insert(entry.key.clone(), (entry.revision, state.clone()));
+    !changed || changes.send((entry.key, state)).is_ok()
+}
+
+/// Re-reads every key (those listed now and those seen before); false when
+/// the receiver is gone. A failed read is left to the next round.
+async fn reread(
+    store: &kv::Store,
+    seen: &mut Seen,
+    changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
+) -> bool {
+    let mut keys: Vec<String> = seen.keys().cloned().collect();
+    if let Ok(mut listed) = store.keys().await {
+        while let Some(Ok(key)) = listed.next().await {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    for key in keys {
+        if let Ok(Some(entry)) = store.entry(key.as_str()).await
+            && !pass_on(seen, entry, changes)
+        {
+            return false;
+        }
+    }
+    true
+}
+
 /// The entry of a scope.
 pub fn entry<'a>(states: &'a KillStates, scope: &Scope) -> Option<&'a KillState> {
     states.get(&scope.key())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_protocol::killswitch::Mode;
+    use time::OffsetDateTime;
+
+    fn entry(revision: u64, state: Option<&KillState>) -> kv::Entry {
+        kv::Entry {
+            bucket: BUCKET.into(),
+            key: "global".into(),
+            value: state.map(|s| s.encode().into()).unwrap_or_default(),
+            revision,
+            delta: 0,
+            created: OffsetDateTime::UNIX_EPOCH,
+            operation: if state.is_some() { kv::Operation::Put } else { kv::Operation::Delete },
+            seen_current: true,
+        }
+    }
+
+    #[test]
+    fn only_newer_changes_are_passed_on() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hard =
+            KillState { mode: Mode::Hard, until: None, by: "d".into(), reason: None, at: OffsetDateTime::UNIX_EPOCH };
+        let mut seen = Seen::new();
+        assert!(pass_on(&mut seen, entry(2, Some(&hard)), &tx));
+        assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), Some(hard.clone())));
+        // The watch and a re-read both saw revision 2: passed on once.
+        assert!(pass_on(&mut seen, entry(2, Some(&hard)), &tx));
+        assert!(rx.try_recv().is_err());
+        // A lagging replica's older answer does not undo the kill.
+        assert!(pass_on(&mut seen, entry(1, None), &tx));
+        assert!(rx.try_recv().is_err());
+        // A newer delete (a resume) is passed on.
+        assert!(pass_on(&mut seen, entry(3, None), &tx));
+        assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
+        drop(rx);
+        assert!(!pass_on(&mut seen, entry(4, Some(&hard)), &tx), "the receiver is gone");
+    }
 }

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use mesh_protocol::AgentId;
-use mesh_protocol::layout::{self, ConsumerSpec, ConsumerTuning, StreamSpec};
+use mesh_protocol::layout::{self, ConsumerSpec, ConsumerTuning, Replicas, StreamSpec};
+use tracing::{info, warn};
 
 /// Environment variable with the NATS URL.
 pub const NATS_URL_ENV: &str = "NATS_URL";
@@ -19,6 +20,8 @@ pub const NATS_PASSWORD_ENV: &str = "NATS_PASSWORD";
 pub const NATS_PASSWORD_FILE_ENV: &str = "NATS_PASSWORD_FILE";
 /// Environment variable with the inbox prefix the server's permissions expect (`_INBOX_<agent>`).
 pub const INBOX_PREFIX_ENV: &str = "MESH_INBOX_PREFIX";
+/// Environment variable with the stream replicas setting (`auto` or 1 to 5).
+pub const REPLICAS_ENV: &str = "MESH_REPLICAS";
 /// How long a command-line connect waits before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -33,6 +36,14 @@ pub enum NatsError {
         "JetStream request failed: {0}; check that nats-server runs with JetStream enabled (-js) and has disk space"
     )]
     JetStream(String),
+    #[error("{REPLICAS_ENV}: {0}")]
+    Replicas(String),
+}
+
+/// The servers of a URL setting: one URL, or several separated by commas
+/// (the nodes of a cluster; the client fails over between them).
+pub fn server_urls(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
 /// Options with the credentials and inbox prefix from the environment
@@ -64,7 +75,8 @@ pub fn options_from_env(name: &str) -> Result<async_nats::ConnectOptions, NatsEr
 /// Connects once, failing within [`CONNECT_TIMEOUT`] (for commands).
 pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
     let options = options_from_env(name)?.connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
-    let attempt = tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(url)).await;
+    let attempt =
+        tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(server_urls(url))).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
         Ok(Err(e)) => Err(NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() }),
@@ -98,7 +110,7 @@ pub async fn connect_watched(
                 }
             }
         })
-        .connect(url)
+        .connect(server_urls(url))
         .await
         .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
     Ok((client, connects))
@@ -120,14 +132,77 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
     }
 }
 
-/// Creates every mesh stream that does not exist yet.
-pub async fn ensure_streams(js: &jetstream::Context, replicas: usize) -> Result<(), NatsError> {
+/// The replicas setting of `MESH_REPLICAS` (auto when unset), for the `mesh`
+/// commands; the listener takes it as a flag as well.
+pub fn replicas_from_env() -> Result<Replicas, NatsError> {
+    match std::env::var(REPLICAS_ENV) {
+        Ok(raw) if !raw.trim().is_empty() => raw.parse().map_err(NatsError::Replicas),
+        _ => Ok(Replicas::Auto),
+    }
+}
+
+/// How many replicas `setting` means on the server this client is connected
+/// to: auto is 3 when the server's INFO names a cluster, 1 otherwise. A
+/// client still connecting (`retry_on_initial_connect`) has no INFO yet, so
+/// auto first makes one JetStream request, which waits for the connection.
+pub async fn resolve_replicas(js: &jetstream::Context, setting: Replicas) -> Result<usize, NatsError> {
+    if setting == Replicas::Auto && js.client().server_info().server_id.is_empty() {
+        js.query_account().await.map_err(|e| NatsError::JetStream(format!("reading the JetStream account: {e}")))?;
+    }
+    Ok(setting.resolve(js.client().server_info().cluster.as_deref()))
+}
+
+/// Creates every mesh stream that does not exist yet, with the replicas
+/// `setting` resolves to; an existing stream with fewer replicas is scaled up
+/// (never down).
+pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Result<(), NatsError> {
+    let replicas = resolve_replicas(js, setting).await?;
     for spec in layout::all_streams(replicas) {
-        js.get_or_create_stream(stream_config(&spec))
+        let stream = js
+            .get_or_create_stream(stream_config(&spec))
             .await
-            .map_err(|e| NatsError::JetStream(format!("creating stream {}: {e}", spec.name)))?;
+            .map_err(|e| NatsError::JetStream(creation_error(spec.name, replicas, &e.to_string())))?;
+        scale_up(js, stream.cached_info(), replicas).await;
     }
     Ok(())
+}
+
+/// What to say when creating a stream (or bucket) failed.
+pub fn creation_error(name: &str, replicas: usize, error: &str) -> String {
+    if replicas > 1 {
+        format!(
+            "creating stream {name} with {replicas} replicas: {error}; a cluster needs {replicas} JetStream servers \
+             up to place it (or set {REPLICAS_ENV}=1)"
+        )
+    } else {
+        format!("creating stream {name}: {error}")
+    }
+}
+
+/// Brings an existing stream (made earlier with another setting) up to
+/// `replicas`. Failing to do so is logged, not fatal: the stream still works
+/// with the replicas it has. A stream with more replicas is left alone.
+pub async fn scale_up(js: &jetstream::Context, info: &stream::Info, replicas: usize) {
+    let name = info.config.name.as_str();
+    let have = info.config.num_replicas.max(1);
+    if have >= replicas {
+        if have > replicas {
+            info!(stream = name, have, want = replicas, "stream keeps its larger replica count");
+        }
+        return;
+    }
+    let mut config = info.config.clone();
+    config.num_replicas = replicas;
+    match js.update_stream(config).await {
+        Ok(_) => info!(stream = name, from = have, to = replicas, "stream scaled up"),
+        Err(e) => warn!(
+            stream = name,
+            have,
+            want = replicas,
+            error = %e,
+            "cannot scale the stream up; it keeps working with {have} replica(s); start every cluster node or set {REPLICAS_ENV}={have}"
+        ),
+    }
 }
 
 /// The async-nats consumer config of a spec.
@@ -181,4 +256,15 @@ pub async fn bind_consumer(
         .create_consumer(config)
         .await
         .map_err(|e| NatsError::JetStream(format!("binding consumer {}: {e}", spec.durable)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_setting_names_one_or_several_servers() {
+        assert_eq!(server_urls("nats://a:4222"), ["nats://a:4222"]);
+        assert_eq!(server_urls("nats://a:1, nats://b:2,,nats://c:3 "), ["nats://a:1", "nats://b:2", "nats://c:3"]);
+    }
 }

@@ -32,6 +32,57 @@ pub struct StreamSpec {
     pub replicas: usize,
 }
 
+/// Replicas a cluster gets when the setting is [`Replicas::Auto`].
+pub const CLUSTER_REPLICAS: usize = 3;
+/// Most replicas JetStream allows.
+pub const MAX_REPLICAS: usize = 5;
+
+/// How many copies of each stream to keep (`MESH_REPLICAS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Replicas {
+    /// 1 on a single server, [`CLUSTER_REPLICAS`] when the server says it is
+    /// part of a cluster.
+    #[default]
+    Auto,
+    /// Exactly this many (1 to [`MAX_REPLICAS`]).
+    Exactly(usize),
+}
+
+impl Replicas {
+    /// The number of replicas, given the cluster the connected server belongs to (if any).
+    pub fn resolve(self, cluster: Option<&str>) -> usize {
+        match (self, cluster) {
+            (Self::Exactly(n), _) => n,
+            (Self::Auto, Some(name)) if !name.is_empty() => CLUSTER_REPLICAS,
+            (Self::Auto, _) => 1,
+        }
+    }
+}
+
+impl std::str::FromStr for Replicas {
+    type Err = String;
+
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        match raw.parse::<usize>() {
+            Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(Self::Exactly(n)),
+            _ => Err(format!("replicas must be `auto` or a number from 1 to {MAX_REPLICAS}, not {raw:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Replicas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Exactly(n) => write!(f, "{n}"),
+        }
+    }
+}
+
 const DAY: Duration = Duration::from_secs(24 * 3600);
 // Room for headers and the dead-letter wrapping around an envelope.
 const MAX_STORED_MSG: i32 = (MAX_ENVELOPE_BYTES + 64 * 1024) as i32;
@@ -166,6 +217,27 @@ mod tests {
         assert_eq!(spec.durable, "agent-nova");
         assert_eq!(spec.filter_subjects, ["agents.nova.inbox", "agents.broadcast"]);
         assert_eq!(spec.stream, "MESH_AGENTS");
+    }
+
+    #[test]
+    fn replicas_parse_and_resolve() {
+        let table: [(&str, Option<&str>, Result<usize, ()>); 8] = [
+            ("auto", None, Ok(1)),
+            ("auto", Some("mesh"), Ok(3)),
+            ("AUTO", Some(""), Ok(1)),
+            ("1", Some("mesh"), Ok(1)),
+            (" 3 ", None, Ok(3)),
+            ("5", None, Ok(5)),
+            ("0", None, Err(())),
+            ("6", None, Err(())),
+        ];
+        for (raw, cluster, want) in table {
+            let got = raw.parse::<Replicas>().map(|r| r.resolve(cluster)).map_err(|_| ());
+            assert_eq!(got, want, "{raw:?} on {cluster:?}");
+        }
+        assert!("three".parse::<Replicas>().unwrap_err().contains("`auto` or a number from 1 to 5"));
+        assert_eq!(Replicas::default().to_string(), "auto");
+        assert_eq!(Replicas::Exactly(3).to_string(), "3");
     }
 
     #[test]

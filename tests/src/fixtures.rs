@@ -53,7 +53,12 @@ impl Fixture {
 
     /// Listener settings for this registry with fast retries for tests.
     pub fn listener_config(&self, nats: &TestNats, selection: Selection) -> ListenerConfig {
-        let mut config = ListenerConfig::new(nats.url(), &self.registry, selection);
+        self.listener_config_at(&nats.url(), selection)
+    }
+
+    /// Like [`Fixture::listener_config`], for any NATS URL setting (a cluster's URLs, say).
+    pub fn listener_config_at(&self, nats_url: &str, selection: Selection) -> ListenerConfig {
+        let mut config = ListenerConfig::new(nats_url, &self.registry, selection);
         config.retry.base = Duration::from_millis(50);
         config.retry.max = Duration::from_millis(400);
         config.registry_poll = Duration::from_millis(200);

@@ -25,6 +25,8 @@ pub struct Recorded {
     pub body: serde_json::Value,
     /// The status the gateway answered.
     pub status: u16,
+    /// When the request arrived.
+    pub at: std::time::Instant,
 }
 
 impl Recorded {
@@ -171,6 +173,7 @@ async fn record(
         idempotency_key: header("idempotency-key"),
         body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
         status: 200,
+        at: std::time::Instant::now(),
     };
     let is_chat = recorded.path == "/v1/chat/completions";
     let canned = gw.lock().bodies.get(&recorded.path).cloned();

@@ -5,6 +5,9 @@
 //! # Layout
 //!
 //! - [`server`]: the nats-server under test.
+//! - [`cluster`]: a three-node JetStream cluster under test (and the config
+//!   `deploy/nats-cluster/` is rendered from).
+//! - [`steady`]: a steady publisher that counts acks, and the delivery tally.
 //! - [`gateway`]: the recording gateway.
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program.
 //! - [`redis`]: the redis-server under test.
@@ -13,13 +16,16 @@
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
 
 pub mod bench;
+pub mod cluster;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
 pub mod redis;
 pub mod secrets;
 pub mod server;
+pub mod steady;
 
+pub use cluster::TestCluster;
 pub use fixtures::{Fixture, ListenerHandle};
 pub use gateway::{Recorded, RecordingGateway};
 pub use secrets::SecretScan;

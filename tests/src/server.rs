@@ -2,6 +2,7 @@
 //! store, killed on drop.
 
 use mesh_bot::local_nats::{LocalNats, free_port};
+use mesh_protocol::layout::Replicas;
 
 /// The server under test.
 #[derive(Debug)]
@@ -41,7 +42,7 @@ impl TestNats {
     /// A JetStream context with the mesh streams created.
     pub async fn jetstream(&self) -> async_nats::jetstream::Context {
         let js = async_nats::jetstream::new(self.client().await);
-        mesh_listener::nats::ensure_streams(&js, 1).await.expect("creating streams");
+        mesh_listener::nats::ensure_streams(&js, Replicas::Auto).await.expect("creating streams");
         js
     }
 }

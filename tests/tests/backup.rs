@@ -55,7 +55,7 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
         reason: Some("held".into()),
         at: time::OffsetDateTime::now_utc(),
     };
-    let kv = mesh_listener::killswitch::open(&js, 1).await.unwrap();
+    let kv = mesh_listener::killswitch::open(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
     kv.put("agent.zed", hard.encode().into()).await.unwrap();
 
     let backup_dir = tempfile::tempdir().unwrap();

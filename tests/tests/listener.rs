@@ -361,7 +361,7 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
     let publisher =
         async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url()).await.expect("publisher");
     let js = jetstream::new(publisher);
-    mesh_listener::nats::ensure_streams(&js, 1).await.unwrap();
+    mesh_listener::nats::ensure_streams(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
     mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
     let mut acked = BTreeMap::new();
     for i in 0..300u32 {

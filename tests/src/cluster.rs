@@ -1,0 +1,301 @@
+//! A three-node JetStream cluster: each node's config, rendered by the same
+//! code that wrote `deploy/nats-cluster/` (a test keeps the two in step), and
+//! [`TestCluster`], three nats-server processes on loopback that a test can
+//! kill, restart, freeze (SIGSTOP) and thaw (SIGCONT).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use std::net::TcpListener;
+use tokio::process::{Child, Command};
+
+/// Name of the cluster (what a server's INFO reports, and what makes
+/// `MESH_REPLICAS=auto` choose 3 replicas).
+pub const CLUSTER_NAME: &str = "mesh";
+/// How long a node may take to accept clients and report healthy.
+pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One node's addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// `server_name`, unique in the cluster (JetStream needs it).
+    pub name: String,
+    /// Host the other nodes reach this one at.
+    pub host: String,
+    /// Client port.
+    pub client_port: u16,
+    /// Route (cluster) port.
+    pub cluster_port: u16,
+    /// Monitoring port (`/healthz`, `/jsz`, `/varz`).
+    pub monitor_port: u16,
+    /// JetStream store directory.
+    pub store_dir: String,
+}
+
+/// The whole cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    /// Address every node listens on.
+    pub listen_host: String,
+    /// The nodes.
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl ClusterSpec {
+    /// The deployment in `deploy/nats-cluster/`: hosts `nats-1` to `nats-3`
+    /// (compose service names), standard ports, one store per node.
+    pub fn deploy() -> Self {
+        let nodes = (1..=3)
+            .map(|n| NodeSpec {
+                name: format!("nats-{n}"),
+                host: format!("nats-{n}"),
+                client_port: 4222,
+                cluster_port: 6222,
+                monitor_port: 8222,
+                store_dir: format!("/data/nats-{n}"),
+            })
+            .collect();
+        Self { listen_host: "0.0.0.0".into(), nodes }
+    }
+
+    /// Three nodes on 127.0.0.1 with free ports and stores under `dir`.
+    /// The nine ports are held open together while they are chosen, so no two are the same.
+    pub fn loopback(dir: &Path) -> std::io::Result<Self> {
+        let held = (0..9).map(|_| TcpListener::bind(("127.0.0.1", 0))).collect::<std::io::Result<Vec<_>>>()?;
+        let ports = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<Vec<_>>>()?;
+        let nodes = (0..3)
+            .map(|i| NodeSpec {
+                name: format!("nats-{}", i + 1),
+                host: "127.0.0.1".into(),
+                client_port: ports[3 * i],
+                cluster_port: ports[3 * i + 1],
+                monitor_port: ports[3 * i + 2],
+                store_dir: dir.join(format!("nats-{}", i + 1)).display().to_string(),
+            })
+            .collect();
+        Ok(Self { listen_host: "127.0.0.1".into(), nodes })
+    }
+
+    /// The config file of node `index` (0-based).
+    pub fn render(&self, index: usize) -> String {
+        let node = &self.nodes[index];
+        let listen = &self.listen_host;
+        let routes: String =
+            self.nodes.iter().map(|peer| format!("    nats-route://{}:{}\n", peer.host, peer.cluster_port)).collect();
+        format!(
+            "# {name}: one of the {count} JetStream servers of the mesh cluster.\n\
+             # Rendered by tests/src/cluster.rs (ClusterSpec); the HA tests run this same\n\
+             # config on loopback, and a test checks this file matches it.\n\
+             server_name: {name}\n\
+             listen: {listen}:{client}\n\
+             http: {listen}:{monitor}\n\
+             \n\
+             jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+             \n\
+             cluster {{\n  name: {CLUSTER_NAME}\n  listen: {listen}:{cluster}\n  routes: [\n{routes}  ]\n}}\n",
+            name = node.name,
+            count = self.nodes.len(),
+            client = node.client_port,
+            monitor = node.monitor_port,
+            store = node.store_dir,
+            cluster = node.cluster_port,
+        )
+    }
+}
+
+/// One running (or stopped) node.
+#[derive(Debug)]
+struct Node {
+    child: Option<Child>,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+/// Three nats-server processes forming one JetStream cluster on loopback,
+/// killed on drop.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The rendered layout.
+    pub spec: ClusterSpec,
+    nodes: Vec<Node>,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts the three nodes and waits until every one reports healthy
+    /// (`/healthz`: JetStream has a meta leader and this node is current).
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("creating a temp dir");
+        let spec = ClusterSpec::loopback(dir.path()).expect("finding free ports");
+        let mut nodes = Vec::new();
+        for (index, node) in spec.nodes.iter().enumerate() {
+            let config = dir.path().join(format!("{}.conf", node.name));
+            std::fs::write(&config, spec.render(index)).expect("writing a node config");
+            nodes.push(Node { child: None, config, log: dir.path().join(format!("{}.log", node.name)) });
+        }
+        mesh_listener::gateway::install_tls_provider();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("http client");
+        let mut cluster = Self { spec, nodes, http, dir };
+        for index in 0..3 {
+            cluster.spawn(index);
+        }
+        for index in 0..3 {
+            cluster.wait_healthy(index).await;
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).expect("opening a node log");
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start nats-server ({e}); run scripts/install.sh and put .mesh/tools/bin on PATH")
+            });
+        node.child = Some(child);
+    }
+
+    /// Client URL of one node.
+    pub fn url(&self, index: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.spec.nodes[index].client_port)
+    }
+
+    /// All three client URLs, comma separated (what clients are given).
+    pub fn urls(&self) -> String {
+        (0..self.spec.nodes.len()).map(|i| self.url(i)).collect::<Vec<_>>().join(",")
+    }
+
+    /// A client that knows all three nodes and reconnects forever.
+    pub async fn client(&self) -> async_nats::Client {
+        let urls: Vec<async_nats::ServerAddr> = (0..3).map(|i| self.url(i).parse().expect("server address")).collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(urls)
+            .await
+            .expect("connecting to the test cluster")
+    }
+
+    /// Index of the node with this server name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.spec.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Whether node `index` runs (possibly frozen).
+    pub fn is_running(&self, index: usize) -> bool {
+        self.nodes[index].child.is_some()
+    }
+
+    /// Kills node `index` with SIGKILL (a crash, as far as JetStream knows).
+    pub async fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts a killed node again with its config and store, and waits until it is healthy.
+    pub async fn restart(&mut self, index: usize) {
+        self.kill(index).await;
+        self.spawn(index);
+        self.wait_healthy(index).await;
+    }
+
+    /// Freezes node `index` (SIGSTOP): its sockets stay open, it answers nothing.
+    pub fn freeze(&self, index: usize) {
+        self.signal(index, "-STOP");
+    }
+
+    /// Thaws a frozen node (SIGCONT).
+    pub fn thaw(&self, index: usize) {
+        self.signal(index, "-CONT");
+    }
+
+    fn signal(&self, index: usize, signal: &str) {
+        if let Some(pid) = self.nodes[index].child.as_ref().and_then(Child::id) {
+            let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+            assert!(status.is_ok_and(|s| s.success()), "kill {signal} {pid} failed");
+        }
+    }
+
+    /// Waits until node `index` answers `/healthz` with 200 (it has a meta
+    /// leader and its streams are current); panics with its log otherwise.
+    pub async fn wait_healthy(&mut self, index: usize) {
+        let url = format!("http://127.0.0.1:{}/healthz", self.spec.nodes[index].monitor_port);
+        let deadline = tokio::time::Instant::now() + NODE_READY_TIMEOUT;
+        loop {
+            if let Ok(response) = self.http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            let exited = self.nodes[index].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(&self.nodes[index].log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("Healthcheck failed")).collect();
+                let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+                panic!(
+                    "{} not healthy within {NODE_READY_TIMEOUT:?} (exit: {exited:?}); log tail:\n{tail}",
+                    self.spec.nodes[index].name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every running node is healthy.
+    pub async fn wait_all_healthy(&mut self) {
+        for index in 0..self.nodes.len() {
+            if self.is_running(index) {
+                self.wait_healthy(index).await;
+            }
+        }
+    }
+
+    /// Index of the node leading `stream` now, if it has a leader.
+    pub async fn stream_leader(&self, js: &async_nats::jetstream::Context, stream: &str) -> Option<usize> {
+        let mut stream = js.get_stream(stream).await.ok()?;
+        let info = stream.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        self.index_of(&leader)
+    }
+
+    /// Waits until `stream` has a leader and returns it.
+    pub async fn wait_stream_leader(&self, js: &async_nats::jetstream::Context, stream: &str) -> usize {
+        let deadline = tokio::time::Instant::now() + NODE_READY_TIMEOUT;
+        loop {
+            if let Some(leader) = self.stream_leader(js, stream).await {
+                return leader;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stream {stream} has no leader within {NODE_READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Where the node logs and stores live.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // A frozen node must be thawed or killed; SIGKILL works on both.
+        for node in &mut self.nodes {
+            if let Some(child) = node.child.as_mut() {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! High availability on a three-node JetStream cluster (three nats-server
+//! processes on loopback, configs rendered like `deploy/nats-cluster/`):
+//! streams get three replicas, and every message whose publish was acked is
+//! delivered while a node, then the stream leader, crash mid-stream.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mesh_listener::config::Selection;
+use mesh_listener::nats::{ensure_streams, replicas_from_env};
+use mesh_protocol::layout::{self, Replicas};
+use mesh_protocol::{AgentId, killswitch};
+use mesh_tests::cluster::ClusterSpec;
+use mesh_tests::steady::{SteadyPublisher, Tally};
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestCluster, TestNats};
+
+fn deploy_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/nats-cluster")
+}
+
+fn jetstream(client: async_nats::Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client)
+}
+
+async fn replicas_of(js: &async_nats::jetstream::Context, stream: &str) -> usize {
+    js.get_stream(stream).await.unwrap().info().await.unwrap().config.num_replicas
+}
+
+/// The files in `deploy/nats-cluster/` are what `ClusterSpec` renders (the
+/// tests run the same rendering on loopback), and nats-server accepts them.
+/// `MESH_BLESS=1` rewrites them after a deliberate change.
+#[test]
+fn deploy_files_are_the_tested_config() {
+    let spec = ClusterSpec::deploy();
+    for index in 0..spec.nodes.len() {
+        let path = deploy_dir().join(format!("{}.conf", spec.nodes[index].name));
+        let rendered = spec.render(index);
+        if std::env::var_os("MESH_BLESS").is_some() {
+            std::fs::write(&path, &rendered).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        assert_eq!(on_disk, rendered, "{} differs from ClusterSpec::deploy(); rerun with MESH_BLESS=1", path.display());
+        let check = std::process::Command::new("nats-server").arg("-t").arg("-c").arg(&path).output().unwrap();
+        assert!(
+            check.status.success(),
+            "nats-server rejects {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&check.stderr)
+        );
+    }
+}
+
+/// `auto` means 3 replicas on a cluster and 1 on a single server; an
+/// existing single-replica stream on a cluster is scaled up, not an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
+    assert_eq!(replicas_from_env().unwrap(), Replicas::Auto, "the suite runs without MESH_REPLICAS");
+    let single = TestNats::start().await;
+    let js = single.jetstream().await;
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1);
+
+    let cluster = TestCluster::start().await;
+    let js = jetstream(cluster.client().await);
+    // Made earlier by a process told to keep one copy...
+    ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
+    assert_eq!(js.client().server_info().cluster.as_deref(), Some(mesh_tests::cluster::CLUSTER_NAME));
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1);
+    let nova = AgentId::parse("nova").unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &nova).await.unwrap();
+    // ...then a start with the default setting scales every stream up,
+    // and the agent's consumer with it.
+    ensure_streams(&js, Replicas::Auto).await.unwrap();
+    for spec in layout::all_streams(1) {
+        assert_eq!(replicas_of(&js, spec.name).await, 3, "{}", spec.name);
+    }
+    let durable = layout::agent_consumer(&nova, Default::default()).durable;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+        let info = stream.consumer_info(&durable).await.unwrap();
+        let peers = info.cluster.as_ref().map_or(0, |c| c.replicas.len() + usize::from(c.leader.is_some()));
+        if peers == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer {durable} has {peers} peers, not 3: {:?}",
+            info.cluster
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    mesh_listener::killswitch::open(&js, Replicas::Auto).await.unwrap();
+    assert_eq!(replicas_of(&js, &format!("KV_{}", killswitch::BUCKET)).await, 3);
+    // Asking for fewer later leaves the larger count alone.
+    ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3);
+}
+
+/// Kill one node mid-stream, bring it back, then kill the stream leader:
+/// every acked publish reaches the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_survive_a_node_crash_then_a_leader_crash() {
+    let mut cluster = TestCluster::start().await;
+    let js = jetstream(cluster.client().await);
+    ensure_streams(&js, Replicas::Auto).await.unwrap();
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3);
+
+    let gateway = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gateway, true)]);
+    let nova = AgentId::parse("nova").unwrap();
+    let mut config = fixture.listener_config_at(&cluster.urls(), Selection::One(nova.clone()));
+    // A message the server sent just before it died is redelivered after one ack wait.
+    config.ack_wait = Duration::from_secs(2);
+    let listener = ListenerHandle::spawn(config);
+
+    let mut publisher = SteadyPublisher::start(js.clone(), vec![nova], "ha", Duration::from_millis(20)).await;
+    publisher.wait_acked(100, Duration::from_secs(60)).await;
+    let leader = cluster.wait_stream_leader(&js, "MESH_AGENTS").await;
+    let follower = (leader + 1) % 3;
+    println!("killing follower {}", cluster.spec.nodes[follower].name);
+    cluster.kill(follower).await;
+    publisher.wait_acked(200, Duration::from_secs(60)).await;
+    cluster.restart(follower).await;
+    cluster.wait_all_healthy().await;
+    publisher.wait_acked(300, Duration::from_secs(60)).await;
+
+    let leader = cluster.wait_stream_leader(&js, "MESH_AGENTS").await;
+    println!("killing stream leader {}", cluster.spec.nodes[leader].name);
+    cluster.kill(leader).await;
+    publisher.wait_acked(400, Duration::from_secs(60)).await;
+    let new_leader = cluster.wait_stream_leader(&js, "MESH_AGENTS").await;
+    assert_ne!(new_leader, leader, "a new leader was elected");
+    cluster.restart(leader).await;
+    publisher.wait_acked(500, Duration::from_secs(60)).await;
+    let log = publisher.stop().await;
+
+    let tally = Tally::wait_complete(&log, &[&gateway], "ha", Duration::from_secs(60)).await;
+    println!(
+        "published {}, acked {}, failed attempts {}, duplicate acks {}, delivered {}, deliveries {}, duplicates {:?}",
+        log.published(),
+        log.acked_count(),
+        log.failed_attempts,
+        log.duplicate_acks,
+        tally.delivered,
+        tally.deliveries,
+        tally.duplicates
+    );
+    assert!(tally.lost.is_empty(), "acked but never delivered: {:?}", tally.lost);
+    assert!(tally.misrouted.is_empty());
+    listener.stop().await.unwrap();
+}
+
+/// A stream that cannot get the replicas asked for (5 on a 3-node cluster):
+/// an existing one keeps working with what it has, so start-up does not
+/// fail; a missing one fails with an error that says why and what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_the_cluster_cannot_place_give_a_clear_error_or_keep_existing_streams() {
+    let cluster = TestCluster::start().await;
+    let js = jetstream(cluster.client().await);
+    ensure_streams(&js, Replicas::Exactly(1)).await.unwrap();
+    ensure_streams(&js, Replicas::Exactly(5)).await.expect("existing streams are used as they are");
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1, "5 replicas cannot be placed on 3 servers");
+
+    js.delete_stream("MESH_EVENTS").await.unwrap();
+    let err = ensure_streams(&js, Replicas::Exactly(5)).await.unwrap_err().to_string();
+    assert!(err.contains("creating stream MESH_EVENTS with 5 replicas"), "{err}");
+    assert!(err.contains("a cluster needs 5 JetStream servers up") && err.contains("MESH_REPLICAS=1"), "{err}");
+    ensure_streams(&js, Replicas::Auto).await.unwrap();
+    assert_eq!(replicas_of(&js, "MESH_EVENTS").await, 3);
+}
+
+/// `mesh send` and a listener process given all three URLs work while the
+/// first node of the list is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_given_every_url_work_with_the_first_node_down() {
+    let mut cluster = TestCluster::start().await;
+    cluster.kill(0).await;
+    let gateway = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gateway, true)]);
+    let mut listener = tokio::process::Command::new(mesh_tests::fixtures::listener_bin());
+    listener.args(["--agent", "nova"]).env("NATS_URL", cluster.urls()).env("MESH_REGISTRY", &fixture.registry);
+    let listener = mesh_tests::fixtures::Logged::spawn(listener);
+    let sent = mesh_tests::fixtures::mesh_command(&cluster.urls(), &fixture.registry)
+        .args(["send", "nova", "hello cluster"])
+        .env_remove("MESH_REPLICAS")
+        .output()
+        .await
+        .unwrap();
+    assert!(sent.status.success(), "mesh send failed: {}", String::from_utf8_lossy(&sent.stderr));
+    let got = gateway.wait_for(1, Duration::from_secs(30)).await;
+    assert!(got[0].text().ends_with("hello cluster"), "{got:?}");
+    let js = jetstream(cluster.client().await);
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3, "created with 3 replicas by whoever came first");
+    let (status, output) = listener.finish(true).await;
+    assert!(status.success(), "listener exit {status}: {output}");
+}
