@@ -69,8 +69,13 @@ impl ListenerConfig {
         }
     }
 
-    /// The consumer tuning these settings imply.
+    /// The consumer tuning these settings imply. At concurrency 1 one message
+    /// at a time (order); above it twice the concurrency, so the next messages
+    /// wait in the listener (kept alive with in-progress acks) rather than
+    /// behind an ack round trip to the server.
     pub fn tuning(&self) -> ConsumerTuning {
-        ConsumerTuning { ack_wait: self.ack_wait, max_ack_pending: self.concurrency.max(1) as i64 }
+        let concurrency = self.concurrency.max(1) as i64;
+        let max_ack_pending = if concurrency == 1 { 1 } else { 2 * concurrency };
+        ConsumerTuning { ack_wait: self.ack_wait, max_ack_pending }
     }
 }

@@ -2,10 +2,11 @@
 //! each message to [`crate::delivery::handle`], and stop pulling on pause or
 //! shutdown without acking anything undelivered.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{self, AckKind};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
@@ -82,36 +83,58 @@ pub async fn run_agent<G: Gateway>(
         };
         info!(agent = %agent, concurrency = config.concurrency, "pulling");
         let limit = config.concurrency.max(1);
+        // Above concurrency 1 the server keeps up to `limit` more messages
+        // here (see `ListenerConfig::tuning`), so a free slot starts the next
+        // message at once instead of after an ack round trip to the server.
+        let prefetch = if limit == 1 { 0 } else { limit };
+        let mut waiting: VecDeque<jetstream::Message> = VecDeque::with_capacity(prefetch);
+        let mut keep_waiting_alive = tokio::time::interval(progress_period(deps.ack_wait));
+        keep_waiting_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut connects = deps.connects.clone();
         connects.mark_unchanged();
         let mut in_flight = FuturesUnordered::new();
         let failure = loop {
-            tokio::select! {
+            while in_flight.len() < limit
+                && let Some(msg) = waiting.pop_front()
+            {
+                let current = entry.borrow().clone();
+                let (deps, state) = (&*deps, &*state);
+                in_flight.push(async move {
+                    delivery::handle(deps, &current, state, msg).await;
+                });
+            }
+            let keep_alive_due = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break None,
                 _ = paused.wait_for(|p| *p) => break None,
                 _ = connects.changed() => break Some("reconnected to NATS; pulling again".to_owned()),
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
-                item = messages.next(), if in_flight.len() < limit => match item {
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => false,
+                item = messages.next(), if in_flight.len() < limit || waiting.len() < prefetch => match item {
                     Some(Ok(msg)) => {
-                        let current = entry.borrow().clone();
-                        let (deps, state) = (&*deps, &*state);
-                        in_flight.push(async move {
-                            delivery::handle(deps, &current, state, msg).await;
-                        });
+                        waiting.push_back(msg);
+                        false
                     }
-                    // Any error (a missed heartbeat after a server restart, a
-                    // deleted consumer) rebinds: a fresh pull is cheaper than a stall.
                     Some(Err(e)) => break Some(e.to_string()),
                     None => break Some("pull stream ended".to_owned()),
                 },
+                _ = keep_waiting_alive.tick(), if !waiting.is_empty() => true,
+            };
+            // A waiting message's ack wait runs too: keep it from being redelivered.
+            if keep_alive_due {
+                for msg in &waiting {
+                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                        debug!(agent = %agent, error = %e, "in-progress ack of a waiting message failed");
+                    }
+                }
             }
         };
-        // Finish what is in flight (acked or NAKed), then hand back what was
-        // pulled but not started, so it is redelivered at once instead of
-        // after the ack wait.
         while in_flight.next().await.is_some() {}
         let mut released = 0;
+        for msg in waiting.drain(..) {
+            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                released += 1;
+            }
+        }
         while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
             if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
                 released += 1;
@@ -133,4 +156,10 @@ pub async fn run_agent<G: Gateway>(
         }
     }
     info!(agent = %agent, "stopped");
+}
+
+/// How often messages waiting for a free slot get an in-progress ack: well
+/// inside the ack wait.
+fn progress_period(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(100))
 }

@@ -126,6 +126,32 @@ async fn unreachable_gateways_and_undecodable_payloads_are_handled() {
 }
 
 #[tokio::test]
+async fn messages_waiting_for_a_slot_are_kept_alive_not_redelivered() {
+    // Above concurrency 1 the listener holds up to `concurrency` extra messages
+    // waiting for a slot; here each waits longer than the ack wait.
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    gw.set_delay(Duration::from_millis(1500));
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().unwrap()));
+    config.ack_wait = Duration::from_secs(1);
+    config.concurrency = 2;
+    config.request_timeout = Duration::from_secs(10);
+    let listener = ListenerHandle::spawn(config);
+    for i in 0..6 {
+        send(&js, &fixture, "kaan", "nova", &format!("slow {i}")).await;
+    }
+    gw.wait_for(6, WAIT).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    let mut texts: Vec<String> = gw.requests().iter().map(|r| r.text().to_owned()).collect();
+    texts.sort();
+    let expected: Vec<String> = (0..6).map(|i| format!("[mesh] Message from kaan: slow {i}")).collect();
+    assert_eq!(texts, expected, "each message once, none redelivered while it waited");
+    listener.stop().await.expect("stop");
+}
+
+#[tokio::test]
 async fn a_slow_gateway_gets_in_progress_acks_not_a_duplicate() {
     let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
