@@ -70,12 +70,12 @@ impl ListenerConfig {
     }
 
     /// The consumer tuning these settings imply. At concurrency 1 one message
-    /// at a time (order); above it twice the concurrency, so the next messages
-    /// wait in the listener (kept alive with in-progress acks) rather than
-    /// behind an ack round trip to the server.
+    /// at a time (order); above it four times the concurrency, so the next
+    /// messages wait in the listener (kept alive with in-progress acks) rather
+    /// than behind an ack round trip to the server.
     pub fn tuning(&self) -> ConsumerTuning {
         let concurrency = self.concurrency.max(1) as i64;
-        let max_ack_pending = if concurrency == 1 { 1 } else { 2 * concurrency };
+        let max_ack_pending = if concurrency == 1 { 1 } else { 4 * concurrency };
         ConsumerTuning { ack_wait: self.ack_wait, max_ack_pending }
     }
 }

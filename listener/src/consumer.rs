@@ -27,7 +27,7 @@ pub struct LoopConfig {
 }
 
 /// Messages asked for per pull request.
-const PULL_BATCH: usize = 64;
+const PULL_BATCH: usize = 128;
 /// How long one pull request lives on the server.
 const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// Wait between attempts to bind a consumer that failed.
@@ -83,10 +83,10 @@ pub async fn run_agent<G: Gateway>(
         };
         info!(agent = %agent, concurrency = config.concurrency, "pulling");
         let limit = config.concurrency.max(1);
-        // Above concurrency 1 the server keeps up to `limit` more messages
-        // here (see `ListenerConfig::tuning`), so a free slot starts the next
-        // message at once instead of after an ack round trip to the server.
-        let prefetch = if limit == 1 { 0 } else { limit };
+        // Above concurrency 1 the server lets up to three times `limit` more
+        // messages wait here (see `ListenerConfig::tuning`), so a free slot
+        // starts the next message at once instead of after an ack round trip.
+        let prefetch = if limit == 1 { 0 } else { 3 * limit };
         let mut waiting: VecDeque<jetstream::Message> = VecDeque::with_capacity(prefetch);
         let mut keep_waiting_alive = tokio::time::interval(progress_period(deps.ack_wait));
         keep_waiting_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
