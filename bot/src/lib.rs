@@ -39,6 +39,7 @@ pub mod killswitch;
 pub mod limits;
 pub mod local_nats;
 pub mod maintenance;
+pub mod notify;
 pub mod ping;
 pub mod publish;
 pub mod server;

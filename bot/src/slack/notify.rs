@@ -1,19 +1,12 @@
-//! Relays mesh events to a Slack channel, coalescing bursts so the channel
-//! gets at most one post per interval (Slack allows about one per second).
+//! Relays mesh events to a Slack channel through [`crate::notify::relay`]
+//! (Slack allows about one post per second per channel).
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer};
-use futures::StreamExt;
-use mesh_protocol::event::Event;
+use async_nats::jetstream;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
 
 use super::api::SlackApi;
-use crate::command::Reply;
-
-/// Longest batch of events in one post.
-const MAX_BATCH: usize = 40;
 
 /// Posts events to `channel` until `stop`, at most one post per `interval`.
 pub async fn relay(
@@ -23,58 +16,9 @@ pub async fn relay(
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let stream = match js.get_stream(crate::killswitch::events_stream()).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            warn!(error = %e, "notifications disabled: no events stream");
-            return;
-        }
+    let post = |reply| {
+        let (api, channel) = (api.clone(), channel.clone());
+        async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
     };
-    let consumer = match stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(consumer) => consumer,
-        Err(e) => {
-            warn!(error = %e, "notifications disabled: cannot follow events");
-            return;
-        }
-    };
-    let Ok(mut messages) = consumer.messages().await else {
-        warn!("notifications disabled: cannot pull events");
-        return;
-    };
-    let mut last_post = tokio::time::Instant::now() - interval;
-    loop {
-        let first = tokio::select! {
-            _ = stop.cancelled() => return,
-            next = messages.next() => match next {
-                Some(Ok(message)) => message,
-                Some(Err(e)) => { warn!(error = %e, "event stream error"); continue; }
-                None => return,
-            },
-        };
-        let mut batch: Vec<Event> = Event::decode(&first.payload).into_iter().collect();
-        // Gather whatever else arrives until the channel may be posted to again.
-        let window = (last_post + interval).max(tokio::time::Instant::now() + Duration::from_millis(200));
-        while batch.len() < MAX_BATCH {
-            match tokio::time::timeout_at(window, messages.next()).await {
-                Ok(Some(Ok(message))) => batch.extend(Event::decode(&message.payload)),
-                _ => break,
-            }
-        }
-        if batch.is_empty() {
-            continue;
-        }
-        let title = if batch.len() == 1 { "mesh event".to_owned() } else { format!("{} mesh events", batch.len()) };
-        let lines = batch.iter().map(|e| format!("{} {}", crate::killswitch::rfc3339(e.at), e.text));
-        let reply = Reply::info(title).with_lines(None, lines);
-        if let Err(e) = api.post(&channel, &reply, None).await {
-            warn!(error = %e, "notification not posted");
-        }
-        last_post = tokio::time::Instant::now();
-    }
+    crate::notify::relay(js, "slack", interval, stop, post).await;
 }
