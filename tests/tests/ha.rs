@@ -171,11 +171,23 @@ async fn replicas_the_cluster_cannot_place_give_a_clear_error_or_keep_existing_s
 }
 
 /// `mesh send` and a listener process given all three URLs work while the
-/// first node of the list is down.
+/// first node of the list is down. The streams exist first (a new
+/// 3-replica stream cannot be placed while a node is missing, which
+/// `replicas_the_cluster_cannot_place...` covers).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_given_every_url_work_with_the_first_node_down() {
     let mut cluster = TestCluster::start().await;
+    ensure_streams(&jetstream(cluster.client().await), Replicas::Auto).await.unwrap();
     cluster.kill(0).await;
+    // Streams led by the dead node answer again once a new leader is elected.
+    let js = jetstream(cluster.client().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    for spec in mesh_protocol::layout::all_streams(3) {
+        while js.get_stream(spec.name).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "{} has no leader 30 s after a node died", spec.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let gateway = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gateway, true)]);
     let mut listener = tokio::process::Command::new(mesh_tests::fixtures::listener_bin());
@@ -191,7 +203,7 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
     let got = gateway.wait_for(1, Duration::from_secs(30)).await;
     assert!(got[0].text().ends_with("hello cluster"), "{got:?}");
     let js = jetstream(cluster.client().await);
-    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3, "created with 3 replicas by whoever came first");
+    assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3, "the agents stream keeps its 3 replicas");
     let (status, output) = listener.finish(true).await;
     assert!(status.success(), "listener exit {status}: {output}");
 }
