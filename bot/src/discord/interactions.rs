@@ -286,4 +286,27 @@ mod tests {
         assert!(answer_is_private(&permissions, &request("1", &["100"], "sned nova hi")));
         assert!(answer_is_private(&permissions, &request("1", &["100"], "help")));
     }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics_on_arbitrary_bytes(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = parse(&body);
+        }
+
+        #[test]
+        fn the_command_line_and_roles_pass_through_intact(
+            line in "\\PC{1,120}",
+            roles in proptest::collection::vec("[0-9]{5,19}", 0..4),
+        ) {
+            let body = command(Some(&line), json!({"user": {"id": "55"}, "roles": roles}));
+            match parse(&body) {
+                Ok(Incoming::Command { request, token, .. }) => {
+                    proptest::prop_assert_eq!(request.line, line);
+                    proptest::prop_assert_eq!(request.who, Identity::Discord { user: "55".into(), roles });
+                    proptest::prop_assert_eq!(token, "tok");
+                }
+                other => proptest::prop_assert!(false, "not a command: {other:?}"),
+            }
+        }
+    }
 }

@@ -155,4 +155,34 @@ mod tests {
              085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00"
         );
     }
+
+    proptest::proptest! {
+        #[test]
+        fn only_the_right_key_over_the_exact_bytes_passes(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            flip in proptest::prelude::any::<usize>(),
+            seed in 1u8..=255,
+        ) {
+            let now = 1_700_000_000i64;
+            let ts = now.to_string();
+            let public: PublicKey = public_key_hex(&key(seed)).parse().unwrap();
+            let good = sign(&key(seed), &ts, &body);
+            proptest::prop_assert!(verify(&public, Some(&ts), Some(&good), &body, now).is_ok());
+            let other = sign(&key(seed.wrapping_add(1).max(1)), &ts, &body);
+            if seed.wrapping_add(1).max(1) != seed {
+                proptest::prop_assert!(verify(&public, Some(&ts), Some(&other), &body, now).is_err());
+            }
+            if !body.is_empty() {
+                let mut tampered = body.clone();
+                tampered[flip % body.len()] ^= 0x01;
+                proptest::prop_assert!(verify(&public, Some(&ts), Some(&good), &tampered, now).is_err());
+            }
+        }
+
+        #[test]
+        fn arbitrary_headers_never_panic(ts in "\\PC{0,40}", signature in "\\PC{0,200}") {
+            let public: PublicKey = public_key_hex(&key(7)).parse().unwrap();
+            proptest::prop_assert!(verify(&public, Some(&ts), Some(&signature), BODY, 1_700_000_000).is_err());
+        }
+    }
 }
