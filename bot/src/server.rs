@@ -23,6 +23,8 @@ use crate::{discord, slack};
 
 /// Largest request body accepted on any endpoint.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Notifications relayed to a chat channel: at most one post per interval.
+const NOTIFY_INTERVAL: Duration = Duration::from_secs(1);
 /// Longest any request may take.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -230,13 +232,14 @@ pub async fn run(
             slack.response_url_prefix.clone(),
         )?;
         if let Some(channel) = &slack.notify_channel {
-            tokio::spawn(slack::notify::relay(
-                engine.jetstream().clone(),
-                api.clone(),
-                channel.clone(),
-                Duration::from_secs(1),
-                stop.clone(),
-            ));
+            let (api, channel) = (api.clone(), channel.clone());
+            let post = move |reply| {
+                let (api, channel) = (api.clone(), channel.clone());
+                async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
+            };
+            // Slack allows about one post per second per channel.
+            let relay = crate::notify::relay(engine.jetstream().clone(), "slack", NOTIFY_INTERVAL, stop.clone(), post);
+            tokio::spawn(relay);
         }
         let state = slack::commands::SlackState {
             engine: engine.clone(),
@@ -315,13 +318,14 @@ fn discord_routes<S: Clone + Send + Sync + 'static>(
         });
     }
     if let Some(channel) = &discord.notify_channel {
-        tokio::spawn(discord::notify::relay(
-            engine.jetstream().clone(),
-            api.clone(),
-            channel.clone(),
-            Duration::from_secs(1),
-            stop.clone(),
-        ));
+        let (api, channel) = (api.clone(), channel.clone());
+        let post = move |reply| {
+            let (api, channel) = (api.clone(), channel.clone());
+            async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
+        };
+        // Well within Discord's five messages per five seconds in a channel.
+        let relay = crate::notify::relay(engine.jetstream().clone(), "discord", NOTIFY_INTERVAL, stop.clone(), post);
+        tokio::spawn(relay);
     }
     if let (true, Some(token)) = (discord.gateway, &discord.bot_token) {
         tokio::spawn(discord::gateway::run(

@@ -17,6 +17,7 @@
 pub mod confirm;
 pub mod grammar;
 pub mod help;
+mod pack;
 pub mod permission;
 pub mod render_discord;
 pub mod render_slack;

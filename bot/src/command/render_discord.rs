@@ -7,6 +7,7 @@
 
 use serde_json::{Value, json};
 
+use super::pack::chars;
 use super::reply::{Reply, Section, Tone};
 
 /// Longest embed title, in characters.
@@ -176,32 +177,7 @@ pub fn escape(text: &str) -> String {
 /// each wrapped in `open` and `close`, the first under the bold heading.
 fn chunks(heading: Option<&str>, lines: &[String], open: &str, close: &str) -> Vec<String> {
     let head = heading.map(|h| format!("**{}**\n", escape(h))).unwrap_or_default();
-    let head = fit(&head, MAX_TITLE_CHARS);
-    let frame = chars(open) + chars(close);
-    let max = DESCRIPTION_ROOM - frame - chars(&head);
-    let mut out = Vec::new();
-    let mut current = head.clone();
-    let mut body = String::new();
-    for line in lines {
-        let line = fit(line, max);
-        let needed = chars(&line) + usize::from(!body.is_empty());
-        let room = DESCRIPTION_ROOM - frame - chars(&current);
-        if needed > room.saturating_sub(chars(&body)) && !body.is_empty() {
-            out.push(format!("{current}{open}{body}{close}"));
-            current = String::new();
-            body.clear();
-        }
-        if !body.is_empty() {
-            body.push('\n');
-        }
-        body.push_str(&line);
-    }
-    if !body.is_empty() {
-        out.push(format!("{current}{open}{body}{close}"));
-    } else if !current.is_empty() {
-        out.push(current.trim_end().to_owned());
-    }
-    out
+    super::pack::chunks(fit(&head, MAX_TITLE_CHARS), lines, DESCRIPTION_ROOM, open, close, fit)
 }
 
 /// The table as space-aligned lines for a code block. Markdown is inert in a
@@ -256,10 +232,6 @@ fn fit(text: &str, max: usize) -> String {
         out.pop();
     }
     format!("{out} {TRUNCATED}")
-}
-
-fn chars(s: &str) -> usize {
-    s.chars().count()
 }
 
 #[cfg(test)]

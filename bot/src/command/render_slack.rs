@@ -5,6 +5,7 @@
 
 use serde_json::{Value, json};
 
+use super::pack::chars;
 use super::reply::{Reply, Section, Tone};
 
 /// Longest `text` of a section block, in characters.
@@ -71,31 +72,7 @@ fn section(text: String) -> Value {
 /// each wrapped in `open` and `close`, the first under the bold heading.
 fn chunks(heading: Option<&str>, lines: &[String], open: &str, close: &str) -> Vec<String> {
     let head = heading.map(|h| format!("*{}*\n", escape(h))).unwrap_or_default();
-    let head = fit(&head, MAX_SECTION_CHARS / 2);
-    let frame = chars(open) + chars(close);
-    let mut out = Vec::new();
-    let mut current = head.clone();
-    let mut body = String::new();
-    for line in lines {
-        let room = MAX_SECTION_CHARS - frame - chars(&current);
-        let line = fit(line, MAX_SECTION_CHARS - frame - chars(&head));
-        let needed = chars(&line) + usize::from(!body.is_empty());
-        if needed > room.saturating_sub(chars(&body)) && !body.is_empty() {
-            out.push(format!("{current}{open}{body}{close}"));
-            current = String::new();
-            body.clear();
-        }
-        if !body.is_empty() {
-            body.push('\n');
-        }
-        body.push_str(&line);
-    }
-    if !body.is_empty() {
-        out.push(format!("{current}{open}{body}{close}"));
-    } else if !current.is_empty() {
-        out.push(current.trim_end().to_owned());
-    }
-    out
+    super::pack::chunks(fit(&head, MAX_SECTION_CHARS / 2), lines, MAX_SECTION_CHARS, open, close, fit)
 }
 
 /// The table as escaped, space-aligned lines for a code block.
@@ -144,10 +121,6 @@ fn fit(text: &str, max: usize) -> String {
         out.truncate(amp);
     }
     format!("{out} {TRUNCATED}")
-}
-
-fn chars(s: &str) -> usize {
-    s.chars().count()
 }
 
 #[cfg(test)]

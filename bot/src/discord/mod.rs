@@ -7,11 +7,9 @@
 //! - [`messages`]: a gateway [`serenity::model::channel::Message`] into a command, and its answer.
 //! - [`gateway`]: the serenity gateway client.
 //! - [`api`]: Discord's REST API (configurable base URL, spaced under the global limit).
-//! - [`notify`]: mesh events relayed to a channel, coalesced to one post per interval.
 
 pub mod api;
 pub mod gateway;
 pub mod interactions;
 pub mod messages;
-pub mod notify;
 pub mod verify;

@@ -4,11 +4,9 @@
 //! - [`verify`]: `v0` request signatures.
 //! - [`api`]: `response_url` follow-ups and `chat.postMessage`.
 //! - [`commands`]: `POST /slack/commands`.
-//! - [`notify`]: mesh events relayed to a channel, coalesced to about one post per second.
 //! - [`socket`]: Socket Mode, slash commands over a WebSocket (`SLACK_APP_TOKEN`).
 
 pub mod api;
 pub mod commands;
-pub mod notify;
 pub mod socket;
 pub mod verify;
