@@ -8,6 +8,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v cargo >/dev/null || die "cargo not found; install Rust (https://rustup.rs) and retry"
 command -v python3 >/dev/null || die "python3 not found; install Python 3 and retry"
 
+# Installs Debian packages (through sudo unless root).
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
 nats_version() { nats-server --version 2>/dev/null | sed -n 's/^nats-server: v//p'; }
 
 if [ "$(nats_version)" = "$NATS_SERVER_VERSION" ]; then
@@ -28,10 +36,7 @@ if command -v redis-server >/dev/null; then
   say "redis-server present ($(redis-server --version | sed -n 's/.*v=\([^ ]*\).*/\1/p'))"
 else
   say "installing redis-server (Debian package; the tests start their own servers)"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends redis-server >/dev/null
+  apt_install redis-server
   command -v redis-server >/dev/null || die "redis-server did not install; install Debian's redis-server package by hand"
 fi
 
@@ -44,9 +49,6 @@ if [ "${#missing[@]}" -eq 0 ]; then
   say "docker-compose present ($(docker-compose version --short 2>/dev/null || echo unknown))"
 else
   say "installing ${missing[*]} (Debian packages)"
-  SUDO=""
-  [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  apt_install "${missing[@]}"
   command -v docker-compose >/dev/null || die "docker-compose did not install; install Debian's docker-compose package by hand"
 fi
