@@ -145,6 +145,14 @@ impl Stack {
         assert!(self.listener.child.try_wait().unwrap().is_none(), "mesh-listener exited");
     }
 
+    /// Both services still run; stopped, none of their output holds a secret.
+    async fn finish_clean(mut self) {
+        self.assert_running();
+        let mut scan = secrets();
+        self.stop(&mut scan).await;
+        scan.assert_clean();
+    }
+
     async fn stop(self, scan: &mut SecretScan) {
         let (_, bot) = self.bot.finish(true).await;
         let (_, listener) = self.listener.finish(true).await;
@@ -180,7 +188,7 @@ async fn every_router_refuses_oversize_bodies_with_413() {
     let nats = TestNats::start().await;
     let (nova, kaan) = (RecordingGateway::start().await, RecordingGateway::start().await);
     let fixture = registry(&nova, &kaan);
-    let mut stack = Stack::start(&nats, &fixture).await;
+    let stack = Stack::start(&nats, &fixture).await;
     let big = vec![b'a'; mesh_bot::server::MAX_BODY_BYTES + 1];
     let status = |r: reqwest::Response| r.status().as_u16();
     let post = |url: String, body: Vec<u8>| stack.http.post(url).body(body).send();
@@ -222,10 +230,7 @@ async fn every_router_refuses_oversize_bodies_with_413() {
         .unwrap();
     assert_eq!(status(response), 413);
 
-    stack.assert_running();
-    let mut scan = secrets();
-    stack.stop(&mut scan).await;
-    scan.assert_clean();
+    stack.finish_clean().await;
 }
 
 #[tokio::test]
@@ -234,7 +239,7 @@ async fn a_stalled_request_body_gets_408_after_the_request_timeout() {
     let nats = TestNats::start().await;
     let (nova, kaan) = (RecordingGateway::start().await, RecordingGateway::start().await);
     let fixture = registry(&nova, &kaan);
-    let mut stack = Stack::start(&nats, &fixture).await;
+    let stack = Stack::start(&nats, &fixture).await;
     let addr = stack.bot_url.trim_start_matches("http://").to_owned();
     let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
     // Promise 1000 bytes, send 3, then stall: the handler must not wait forever.
@@ -256,10 +261,7 @@ async fn a_stalled_request_body_gets_408_after_the_request_timeout() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(started.elapsed() >= mesh_bot::server::REQUEST_TIMEOUT / 2, "answered before the timeout: {answer}");
-    stack.assert_running();
-    let mut scan = secrets();
-    stack.stop(&mut scan).await;
-    scan.assert_clean();
+    stack.finish_clean().await;
 }
 
 #[tokio::test]
