@@ -161,10 +161,24 @@ pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Resul
         let stream = js
             .get_or_create_stream(stream_config(&spec))
             .await
-            .map_err(|e| NatsError::JetStream(creation_error(spec.name, replicas, &e.to_string())))?;
+            .map_err(|e| NatsError::JetStream(stream_error(spec.name, replicas, &e)))?;
         scale_up(js, stream.cached_info(), replicas).await;
     }
     Ok(())
+}
+
+/// What to say when looking up or creating a stream failed. A timeout is not
+/// a placement problem: on a cluster it is typically the seconds after a node
+/// was lost, until its streams have new leaders.
+fn stream_error(name: &str, replicas: usize, error: &jetstream::context::CreateStreamError) -> String {
+    if error.kind() == jetstream::context::CreateStreamErrorKind::TimedOut {
+        format!(
+            "stream {name}: JetStream did not answer in time; right after a cluster node is lost this lasts until \
+             its streams have new leaders (seconds): retry, and check that the NATS servers run"
+        )
+    } else {
+        creation_error(name, replicas, &error.to_string())
+    }
 }
 
 /// What to say when creating a stream (or bucket) failed.
