@@ -34,6 +34,9 @@ struct Args {
     /// Gateway request timeout, in seconds.
     #[arg(long, env = "MESH_REQUEST_TIMEOUT", default_value_t = 30)]
     request_timeout: u64,
+    /// Longest wait for in-flight deliveries at shutdown, in seconds (default: the request timeout plus 5).
+    #[arg(long, env = "MESH_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<u64>,
     /// Consumer ack wait, in seconds.
     #[arg(long, env = "MESH_ACK_WAIT", default_value_t = 30)]
     ack_wait: u64,
@@ -87,6 +90,7 @@ async fn async_main(args: Args) -> ExitCode {
     config.concurrency = usize::from(args.concurrency);
     config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
     config.ack_wait = Duration::from_secs(args.ack_wait.max(1));
+    config.shutdown_grace = args.shutdown_grace.map(Duration::from_secs);
     config.retry.max_deliver = args.max_deliver.max(1);
     config.max_hops = args.max_hops;
     config.replicas = args.replicas;

@@ -176,10 +176,10 @@ pub async fn run_with(
     root.cancel();
     let tasks = &mut world.tasks;
     let drained =
-        tokio::time::timeout(config.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tokio::time::timeout(config.shutdown_grace(), async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(
-            grace_s = config.shutdown_grace.as_secs(),
+            grace_s = config.shutdown_grace().as_secs(),
             "in-flight deliveries did not finish in time; JetStream will redeliver them"
         );
     }
