@@ -384,6 +384,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 lead: parse(&lead)?,
                 message: (!message.is_empty()).then(|| message.join(" ")),
                 by: from.unwrap_or_else(default_sender),
+                role: terminal_permissions().role_of(&crate::command::Identity::Terminal),
             };
             let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
             let report = crate::maintenance::run(&client, &registry, &window, |step| println!("{step}"))

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_bot::killswitch::KillSwitch;
+use mesh_bot::killswitch::{Actor, KillSwitch};
 use mesh_listener::nats::ensure_streams;
 use mesh_protocol::AgentId;
 use mesh_protocol::killswitch::{Mode, Scope};
@@ -279,7 +279,7 @@ async fn kill_switch_window(
     let switch = KillSwitch::open(js).await.unwrap();
     faults.note("kill switch", "hard kill pulled", started);
     retry("pulling the kill switch", || {
-        switch.pull(&Scope::Global, Mode::Hard, None, "chaos-test", Some("chaos".into()))
+        switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("chaos-test"), Some("chaos".into()))
     })
     .await;
     let paused_at = wait_paused(client, listeners, true).await;
@@ -302,7 +302,7 @@ async fn kill_switch_window(
 
     let queued = *publisher.acked.borrow() - acked_before;
     let resumed_at = Instant::now();
-    retry("releasing the kill switch", || switch.release(&Scope::Global, "chaos-test")).await;
+    retry("releasing the kill switch", || switch.release(&Scope::Global, Actor::director("chaos-test"))).await;
     faults.note("kill switch", "released", started);
     wait_paused(client, listeners, false).await;
     (paused_at, resumed_at, queued)
