@@ -131,6 +131,12 @@ async fn acked_messages_survive_chaos_and_the_kill_switch_holds() {
         agents: vec![(agents[0].clone(), 1), (agents[1].clone(), 32)],
         running: vec![None, None],
     };
+    // The bot's part: listeners create nothing, so their consumers are made with their settings.
+    let ack_wait = Duration::from_secs(ACK_WAIT_S.parse().unwrap());
+    for (agent, concurrency) in &listeners.agents {
+        let tuning = mesh_tests::fixtures::listener_tuning(usize::from(*concurrency), ack_wait);
+        mesh_tests::fixtures::provision_agent(&js, agent.as_str(), tuning).await.unwrap();
+    }
     listeners.spawn(0);
     listeners.spawn(1);
     wait_paused(&client, &mut listeners, false).await;
