@@ -314,6 +314,16 @@ pub enum AgentsAction {
     },
 }
 
+impl AgentsAction {
+    /// The agent an `add` registers active (it gets its consumer at once).
+    pub fn added_active(&self) -> Option<AgentId> {
+        match self {
+            Self::Add { id, inactive: false, .. } => id.parse().ok(),
+            _ => None,
+        }
+    }
+}
+
 /// Resolves references as the containers will: a file under the directory
 /// the registry is mounted at (`/etc/mesh/...`) is read from the registry's
 /// own directory on this host; everything else from the environment and disk.

@@ -384,6 +384,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 lead: parse(&lead)?,
                 message: (!message.is_empty()).then(|| message.join(" ")),
                 by: from.unwrap_or_else(default_sender),
+                role: terminal_permissions().role_of(&crate::command::Identity::Terminal),
             };
             let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
             let report = crate::maintenance::run(&client, &registry, &window, |step| println!("{step}"))
@@ -408,7 +409,20 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
         Command::Status => return terminal(&args, "status".into(), None).await,
         Command::Agents { action: None } => return terminal(&args, "agents".into(), None).await,
-        Command::Agents { action: Some(action) } => crate::agents::run(&args.registry, action, args.json)?,
+        Command::Agents { action: Some(action) } => {
+            let added = action.added_active();
+            crate::agents::run(&args.registry, action, args.json)?;
+            if let Some(id) = added {
+                // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                match crate::provision::after_change(&args.nats_url, std::slice::from_ref(&id)).await {
+                    Ok(done) => println!("{done}"),
+                    Err(e) => eprintln!(
+                        "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it when \
+                         it runs, and the listener waits for it until then"
+                    ),
+                }
+            }
+        }
         Command::Audit { n } => return terminal(&args, format!("audit {n}"), None).await,
         Command::Resume { agent } => {
             let line = agent.as_ref().map_or_else(|| "resume".to_owned(), |a| format!("resume agent={a}"));
@@ -475,7 +489,18 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
                 );
             }
         }
-        Command::Deploy { action } => crate::deploy::run(&args.registry, action).await?,
+        Command::Deploy { action } => {
+            let up = matches!(action, crate::deploy::DeployAction::Up { .. });
+            crate::deploy::run(&args.registry, action).await?;
+            if up {
+                let registry = registry_file::load(&args.registry)?;
+                let ids: Vec<_> = registry.active().map(|a| a.id.clone()).collect();
+                match crate::provision::after_change(&args.nats_url, &ids).await {
+                    Ok(done) => println!("{done}"),
+                    Err(e) => println!("the bot container creates the agents' consumers when it starts ({e})"),
+                }
+            }
+        }
         Command::Up { demo: _, data_dir, nats_port } => {
             mesh_listener::logging::init();
             let config = crate::demo::DemoConfig { data_dir, nats_port };
@@ -485,11 +510,11 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Connects, creates the streams if missing, and delivers one prepared message.
+/// Connects, creates the streams and the bucket if missing, and delivers one prepared message.
 async fn deliver_now(nats_url: &str, prepared: &publish::Prepared) -> anyhow::Result<Receipt> {
     let client = nats::connect_now(nats_url, "mesh-cli").await?;
     let js = async_nats::jetstream::new(client);
-    nats::ensure_streams(&js, nats::replicas_from_env()?).await?;
+    crate::provision::ensure_mesh(&js, nats::replicas_from_env()?).await?;
     Ok(publish::deliver(&js, prepared).await?)
 }
 

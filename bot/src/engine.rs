@@ -205,7 +205,7 @@ impl Engine {
             },
             other => other,
         };
-        let executed = match self.execute(&request, command).await {
+        let executed = match self.execute(&request, role, command).await {
             Ok(executed) => executed,
             Err(message) => Executed::reply(Reply::error(message)),
         };
@@ -228,17 +228,16 @@ impl Engine {
         self.confirmations.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The grade of the pause a `resume` would lift (its permission depends on it).
+    /// The grade of the pause in force where a `resume` or a kill would
+    /// replace the entry (their permission depends on it).
     async fn pause_grade(&self, command: &Command) -> Option<KillGrade> {
-        let Command::Resume { agent } = command else { return None };
+        let agent = match command {
+            Command::Resume { agent } | Command::KillSoft { agent, .. } | Command::KillHard { agent, .. } => agent,
+            _ => return None,
+        };
         let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
         match self.kill.get(&scope).await {
-            Ok(Some(state)) if state.in_force(OffsetDateTime::now_utc()) => match state.mode {
-                Mode::Soft => Some(KillGrade::Soft),
-                Mode::Hard => Some(KillGrade::Hard),
-                Mode::Nuclear => Some(KillGrade::Nuclear),
-                Mode::None => None,
-            },
+            Ok(Some(state)) if state.in_force(OffsetDateTime::now_utc()) => killswitch::grade(state.mode),
             _ => None,
         }
     }
@@ -263,8 +262,14 @@ impl Engine {
         mesh_listener::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
     }
 
-    async fn execute(&self, request: &Request, command: Command) -> Result<Executed, String> {
+    async fn execute(
+        &self,
+        request: &Request,
+        role: Option<crate::command::Role>,
+        command: Command,
+    ) -> Result<Executed, String> {
         let from = request.who.key();
+        let actor = killswitch::Actor::new(&from, role);
         match command {
             Command::Send { agent, text } => {
                 let registry = self.registry()?;
@@ -336,14 +341,14 @@ impl Engine {
                 let scope = self.scope(agent)?;
                 let state = self
                     .kill
-                    .pull(&scope, Mode::Soft, Some(duration), &from, reason)
+                    .pull(&scope, Mode::Soft, Some(duration), actor, reason)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
             }
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self.kill.pull(&scope, Mode::Hard, None, &from, reason).await.map_err(|e| e.to_string())?;
+                let state = self.kill.pull(&scope, Mode::Hard, None, actor, reason).await.map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let docker = match scope {
                     Scope::Global => {
@@ -359,7 +364,7 @@ impl Engine {
             Command::KillNuclear => {
                 let state = self
                     .kill
-                    .pull(&Scope::Global, Mode::Nuclear, None, &from, None)
+                    .pull(&Scope::Global, Mode::Nuclear, None, actor, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
@@ -379,7 +384,7 @@ impl Engine {
             }
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
-                self.kill.release(&scope, &from).await.map_err(|e| e.to_string())?;
+                self.kill.release(&scope, actor).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
                 if scope == Scope::Global {
                     let line = docker_line(

@@ -8,6 +8,8 @@
 //! - [`demo`]: `mesh up --demo`: local NATS, demo gateways, listeners, one command.
 //! - [`demo_gateway`]: a tiny gateway that prints what it receives.
 //! - [`ping`]: `mesh ping`, the fleet health check.
+//! - [`provision`]: creating the streams, the kill switch bucket and every active agent's
+//!   consumer (listeners may not): at bot start, on registry changes, `agents add`, `deploy up`.
 //! - [`dlq`]: listing and replaying dead letters.
 //! - [`engine`]: runs a parsed command against the mesh (one core for every front end).
 //! - [`audit`]: the audit trail. [`killswitch`]: pulling and releasing the switch.
@@ -41,6 +43,7 @@ pub mod local_nats;
 pub mod maintenance;
 pub mod notify;
 pub mod ping;
+pub mod provision;
 pub mod publish;
 pub mod server;
 pub mod slack;

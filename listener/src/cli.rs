@@ -46,7 +46,8 @@ struct Args {
     /// Chat replies stop after this many hops.
     #[arg(long, env = "MESH_MAX_HOPS", default_value_t = crate::config::DEFAULT_MAX_HOPS)]
     max_hops: u8,
-    /// Stream replicas: `auto` (3 when the server is part of a cluster, else 1) or 1 to 5.
+    /// Stream replicas: `auto` or 1 to 5. Accepted for old deployments: a listener creates no
+    /// stream (the bot and `mesh` do, reading `MESH_REPLICAS`).
     #[arg(long, env = "MESH_REPLICAS", default_value = "auto")]
     replicas: mesh_protocol::layout::Replicas,
     /// Serve /health and /metrics on this address.
