@@ -7,7 +7,8 @@
 //! - [`secrets`] and [`registry_file`]: the I/O half of the registry (reading
 //!   the file, resolving `env:` and `file:` tokens).
 //! - [`nats`]: connecting, and creating the streams and consumers of
-//!   [`mesh_protocol::layout`].
+//!   [`mesh_protocol::layout`]; [`backoff`]: which JetStream failures are
+//!   worth retrying, and how long.
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
 //! - [`policy`] (pure): what a gateway outcome means: ack, retry later, or dead-letter.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
@@ -20,6 +21,7 @@
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`shutdown`] and [`logging`]: process plumbing shared with the `mesh` binary.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod consumer;
