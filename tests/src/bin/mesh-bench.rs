@@ -300,7 +300,9 @@ async fn sink_ceiling(sink: &Sink, n: usize) -> anyhow::Result<f64> {
 }
 
 fn print_table(rows: &[Row], ceiling: f64) {
-    println!("\nmin(broker, sink) ceiling: {ceiling:.0} msgs/s\n");
+    if ceiling.is_finite() {
+        println!("\nmin(broker, sink) ceiling: {ceiling:.0} msgs/s\n");
+    }
     println!("{:<58} figures", "workload");
     for row in rows {
         let figures: Vec<String> = row.figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
