@@ -218,7 +218,7 @@ async fn soak_row(
     concurrency: usize,
 ) -> anyhow::Result<Row> {
     let registry = bench::write_registry(dir, sink, 1)?;
-    bench::ensure_consumer(js, "a0").await?;
+    bench::ensure_consumer(js, "a0", concurrency).await?;
     let listener =
         ListenerProcess::start(nats, &registry, &["--agent", "a0", "--concurrency", &concurrency.to_string()])?;
     bench::wait_pulling(js, "a0", Duration::from_secs(10)).await;
