@@ -1,11 +1,11 @@
 //! One message, start to finish: decode it, call the gateway (keeping the
-//! message alive with in-progress acks while the gateway works), then ack,
-//! schedule a redelivery, or store a dead letter and only then ack.
+//! message alive with in-progress acks while the gateway works), publish a
+//! chat reply, then ack, schedule a redelivery, or store a dead letter and
+//! only then ack.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::envelope::Arrival;
 use mesh_protocol::layout::MSG_ID_HEADER;
@@ -17,10 +17,11 @@ use uuid::Uuid;
 
 use std::sync::atomic::Ordering;
 
-use crate::gateway::{Gateway, Response};
+use crate::gateway::{BodyError, Gateway, Response};
 use crate::hook;
 use crate::metrics;
-use crate::policy::{self, Decision, RetryPolicy};
+use crate::policy::{self, Decision, ReplyOutcome, RetryPolicy};
+use crate::reply;
 use crate::state::AgentState;
 
 /// An agent as a listener serves it: registry entry plus resolved tokens.
@@ -103,11 +104,13 @@ pub async fn handle<G: Gateway>(
     let decision = policy::decide(&response.outcome, delivered, &deps.retry, fastrand::f64());
     match decision {
         Decision::Ack => {
-            if entry.agent.delivery == DeliveryMode::Chat
-                && let Err(e) = route_reply(deps, entry, state, &envelope, &response.body).await
-            {
-                warn!(agent, msg_id, error = %e, "chat reply not published; the message will be redelivered");
-                return nak(&msg, Duration::from_secs(1)).await;
+            if entry.agent.delivery == DeliveryMode::Chat {
+                let outcome = publish_reply(deps, entry, state, &envelope, &response).await;
+                let attempt =
+                    Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: response.outcome.status() };
+                if let Some(handled) = settle_reply(deps, entry, state, &attempt, &outcome).await {
+                    return handled;
+                }
             }
             if let Err(e) = ack(&msg, deps).await {
                 warn!(agent, msg_id, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
@@ -134,6 +137,52 @@ pub async fn handle<G: Gateway>(
     }
 }
 
+/// The delivery a reply belongs to, for settling it.
+struct Attempt<'a> {
+    msg: &'a jetstream::Message,
+    msg_id: &'a str,
+    stream_seq: u64,
+    delivered: u64,
+    status: Option<u16>,
+}
+
+/// Settles a message whose reply did not go through: a retry with the
+/// policy's backoff (counted against the delivery budget) or a dead letter.
+/// `None` when the reply is fine and the message is to be acked.
+async fn settle_reply<G: Gateway>(
+    deps: &Deps<G>,
+    entry: &AgentEntry,
+    state: &AgentState,
+    attempt: &Attempt<'_>,
+    outcome: &ReplyOutcome,
+) -> Option<Handled> {
+    let agent = entry.agent.id.as_str();
+    let Attempt { msg, msg_id, stream_seq, delivered, status } = *attempt;
+    match policy::decide_reply(outcome, delivered, &deps.retry, fastrand::f64()) {
+        Decision::Ack => None,
+        Decision::Retry(delay) => {
+            state.retried.fetch_add(1, Ordering::Relaxed);
+            state.counters.retry.increment(1);
+            let why = match outcome {
+                ReplyOutcome::Failed(why) | ReplyOutcome::Refused(why) => why.as_str(),
+                ReplyOutcome::Done => "",
+            };
+            warn!(
+                agent,
+                msg_id,
+                stream_seq,
+                delivered,
+                error = why,
+                retry_in_ms = delay.as_millis() as u64,
+                "chat reply not published; will retry"
+            );
+            Some(nak(msg, delay).await)
+        }
+        Decision::DeadLetter(reason) => {
+            Some(dead_letter(deps, entry, state, msg, stream_seq, delivered, status, reason).await)
+        }
+    }
+}
 /// A stable id for a body that carries none: the same stream sequence always
 /// gives the same id, so redeliveries share an `Idempotency-Key`.
 pub fn legacy_id(stream_seq: u64) -> Uuid {
@@ -235,78 +284,60 @@ async fn dead_letter<G: Gateway>(
     Handled::DeadLettered
 }
 
-/// Errors routing a chat reply.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplyError {
-    #[error("publishing the reply failed: {0}")]
-    Publish(String),
-}
-
-async fn route_reply<G: Gateway>(
+/// Publishes the chat reply in `response` to the sender, after the gateway's 2xx.
+async fn publish_reply<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
     state: &AgentState,
     original: &Envelope,
-    body: &Bytes,
-) -> Result<(), ReplyError> {
+    response: &Response,
+) -> ReplyOutcome {
     let agent = entry.agent.id.as_str();
     if original.kind == Kind::Broadcast {
         // Every chat agent answering every broadcast would flood the sender.
         debug!(agent, msg_id = %original.id, "no reply routed for a broadcast");
-        return Ok(());
+        return ReplyOutcome::Done;
     }
-    let Some(text) = hook::chat_reply_text(body) else {
-        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
-        return Ok(());
-    };
     let Some(target) = original.reply_subject() else {
         debug!(agent, msg_id = %original.id, "sender has no inbox and no reply_to; reply not routed");
-        return Ok(());
+        return ReplyOutcome::Done;
+    };
+    match &response.body_error {
+        // The reply would be a fragment: the gateway answered more than the
+        // listener reads, and asking again would give as much.
+        Some(e @ BodyError::TooLarge) => return ReplyOutcome::Refused(e.to_string()),
+        Some(e @ BodyError::Read(_)) => return ReplyOutcome::Failed(e.to_string()),
+        None => {}
+    }
+    let Some(text) = hook::chat_reply_text(&response.body) else {
+        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
+        return ReplyOutcome::Done;
     };
     let hops = original.hops.saturating_add(1);
     if hops > deps.max_hops {
         state.loop_guard.fetch_add(1, Ordering::Relaxed);
         metrics::loop_guard(agent);
         warn!(agent, msg_id = %original.id, hops, max_hops = deps.max_hops, "loop guard: reply not sent");
-        return Ok(());
+        return ReplyOutcome::Done;
     }
-    let to = match &target {
-        Subject::Inbox(id) => Recipient::Agent(id.clone()),
-        _ => Recipient::reply_to_sender(&original.from),
-    };
-    let mut reply = match Envelope::new(agent, to, truncate(&text)) {
+    let reply = match reply::build(&entry.agent.id, original, &target, &text, hops) {
         Ok(reply) => reply,
-        Err(e) => {
-            warn!(agent, error = %e, "chat reply is not a valid message; dropped");
-            return Ok(());
-        }
+        Err(reason) => return ReplyOutcome::Refused(reason),
     };
-    reply.kind = Kind::Reply;
-    reply.hops = hops;
-    reply.metadata.insert("in_reply_to".into(), original.id.to_string());
-    let payload = reply.encode().map_err(|e| ReplyError::Publish(e.to_string()))?;
+    if let Some(bytes) = reply.cut_from {
+        warn!(agent, msg_id = %original.id, bytes, kept = reply.envelope.text.len(), "chat reply too long for a message; cut and marked as truncated");
+    }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, format!("reply-{}", original.id).as_str());
-    let ack = deps
-        .js
-        .publish_with_headers(target.to_string(), headers, payload.into())
-        .await
-        .map_err(|e| ReplyError::Publish(e.to_string()))?;
-    ack.await.map_err(|e| ReplyError::Publish(e.to_string()))?;
+    let published = match deps.js.publish_with_headers(target.to_string(), headers, reply.payload.into()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = published {
+        return ReplyOutcome::Failed(format!("publishing the reply to {target} failed: {e}"));
+    }
     state.replies.fetch_add(1, Ordering::Relaxed);
     metrics::reply(agent);
-    info!(agent, msg_id = %reply.id, in_reply_to = %original.id, to = %target, hops, "reply routed");
-    Ok(())
-}
-
-fn truncate(text: &str) -> String {
-    const LIMIT: usize = mesh_protocol::envelope::MAX_TEXT_BYTES / 2;
-    if text.len() <= LIMIT {
-        return text.to_owned();
-    }
-    let mut cut = LIMIT;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}… [truncated]", &text[..cut])
+    info!(agent, msg_id = %reply.envelope.id, in_reply_to = %original.id, to = %target, hops, "reply routed");
+    ReplyOutcome::Done
 }

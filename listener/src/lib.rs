@@ -9,7 +9,9 @@
 //! - [`nats`]: connecting, and creating the streams and consumers of
 //!   [`mesh_protocol::layout`].
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
-//! - [`policy`] (pure): what a gateway outcome means: ack, retry later, or dead-letter.
+//! - [`policy`] (pure): what a gateway outcome (and a chat reply's fate)
+//!   means: ack, retry later, or dead-letter.
+//! - [`reply`] (pure): a chat reply's envelope, cut to fit.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.
@@ -35,6 +37,7 @@ pub mod nats;
 pub mod ping;
 pub mod policy;
 pub mod registry_file;
+pub mod reply;
 pub mod secrets;
 pub mod shutdown;
 pub mod state;
