@@ -1,27 +1,29 @@
-//! One message, start to finish: decode it, call the gateway (keeping the
-//! message alive with in-progress acks while the gateway works), publish a
-//! chat reply, then ack, schedule a redelivery, or store a dead letter and
-//! only then ack.
+//! One message, start to finish: decode it, for a chat agent check where its
+//! reply will go, call the gateway (keeping the message alive with
+//! in-progress acks while the gateway works), publish the chat reply, then
+//! ack, schedule a redelivery, or store a dead letter and only then ack.
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::envelope::Arrival;
-use mesh_protocol::layout::MSG_ID_HEADER;
+use mesh_protocol::layout::{self, ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::registry::AgentTokens;
 use mesh_protocol::subject::Subject;
-use mesh_protocol::{Agent, DeliveryMode, Envelope, Kind, Recipient};
+use mesh_protocol::{Agent, AgentId, DeliveryMode, Envelope, Recipient, Registry};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use crate::gateway::{BodyError, Gateway, Response};
 use crate::hook;
 use crate::metrics;
 use crate::policy::{self, Decision, ReplyOutcome, RetryPolicy};
-use crate::reply;
+use crate::reply::{self, ConsumerLookup, Route};
 use crate::state::AgentState;
 
 /// An agent as a listener serves it: registry entry plus resolved tokens.
@@ -50,6 +52,8 @@ pub struct Deps<G> {
     pub confirm_acks: bool,
     /// Goes up on every NATS (re)connection.
     pub connects: tokio::sync::watch::Receiver<u64>,
+    /// The registry as last read (chat replies go only to its active agents).
+    pub registry: tokio::sync::watch::Receiver<Arc<Registry>>,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -98,14 +102,27 @@ pub async fn handle<G: Gateway>(
             return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, e.to_string()).await;
         }
     };
+    // A chat agent's reply must have somewhere to go before the agent is asked:
+    // a refused target costs no LLM turn, and its dead letter was never delivered.
+    let route = if entry.agent.delivery == DeliveryMode::Chat {
+        match check_route(deps, &envelope).await {
+            Ok(route) => Some(route),
+            Err(outcome) => {
+                let attempt = Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: None };
+                return settle_reply(deps, entry, state, &attempt, &outcome).await.unwrap_or(Handled::Unsettled);
+            }
+        }
+    } else {
+        None
+    };
     let response = call_keeping_alive(deps, &msg, &request).await;
     state.record_call(response.outcome.label() == "ok");
     metrics::gateway_duration(response.elapsed);
     let decision = policy::decide(&response.outcome, delivered, &deps.retry, fastrand::f64());
     match decision {
         Decision::Ack => {
-            if entry.agent.delivery == DeliveryMode::Chat {
-                let outcome = publish_reply(deps, entry, state, &envelope, &response).await;
+            if let Some(route) = &route {
+                let outcome = publish_reply(deps, entry, state, &envelope, route, &response).await;
                 let attempt =
                     Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: response.outcome.status() };
                 if let Some(handled) = settle_reply(deps, entry, state, &attempt, &outcome).await {
@@ -284,22 +301,47 @@ async fn dead_letter<G: Gateway>(
     Handled::DeadLettered
 }
 
-/// Publishes the chat reply in `response` to the sender, after the gateway's 2xx.
+/// Where a reply to `original` goes: the registry says whether the target is
+/// an active agent, JetStream whether its consumer exists.
+async fn check_route<G>(deps: &Deps<G>, original: &Envelope) -> Result<Route, ReplyOutcome> {
+    let registry = deps.registry.borrow().clone();
+    match reply::route(original, &registry) {
+        Err(reason) => Err(ReplyOutcome::Refused(reason)),
+        Ok(Route::Agent(id)) => match reply::consumer_check(&id, consumer_lookup(&deps.js, &id).await) {
+            ReplyOutcome::Done => Ok(Route::Agent(id)),
+            refused_or_failed => Err(refused_or_failed),
+        },
+        Ok(route) => Ok(route),
+    }
+}
+
+/// Looks up an agent's durable consumer (read-only: the listener never
+/// creates another agent's consumer).
+async fn consumer_lookup(js: &jetstream::Context, agent: &AgentId) -> ConsumerLookup {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = match js.get_stream_no_info(spec.stream).await {
+        Ok(stream) => stream,
+        Err(e) => return ConsumerLookup::Failed(e.to_string()),
+    };
+    match stream.consumer_info(&spec.durable).await {
+        Ok(_) => ConsumerLookup::Found,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => ConsumerLookup::Missing,
+        Err(e) => ConsumerLookup::Failed(e.to_string()),
+    }
+}
+
+/// Publishes the chat reply in `response` along `route`, after the gateway's 2xx.
 async fn publish_reply<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
     state: &AgentState,
     original: &Envelope,
+    route: &Route,
     response: &Response,
 ) -> ReplyOutcome {
     let agent = entry.agent.id.as_str();
-    if original.kind == Kind::Broadcast {
-        // Every chat agent answering every broadcast would flood the sender.
-        debug!(agent, msg_id = %original.id, "no reply routed for a broadcast");
-        return ReplyOutcome::Done;
-    }
-    let Some(target) = original.reply_subject() else {
-        debug!(agent, msg_id = %original.id, "sender has no inbox and no reply_to; reply not routed");
+    let Some(target) = route.subject() else {
+        debug!(agent, msg_id = %original.id, ?route, "no reply routed");
         return ReplyOutcome::Done;
     };
     match &response.body_error {

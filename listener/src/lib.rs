@@ -11,7 +11,7 @@
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
 //! - [`policy`] (pure): what a gateway outcome (and a chat reply's fate)
 //!   means: ack, retry later, or dead-letter.
-//! - [`reply`] (pure): a chat reply's envelope, cut to fit.
+//! - [`reply`] (pure): where a chat reply may go, and its envelope cut to fit.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.

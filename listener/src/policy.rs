@@ -106,7 +106,8 @@ pub enum ReplyOutcome {
     /// Published, or there is nothing to publish (a broadcast, no reply text,
     /// no reply address, the loop guard).
     Done,
-    /// Can never be published for this message: the gateway's answer was
+    /// Can never be published for this message: the target is not a
+    /// registered active agent or has no consumer, the gateway's answer was
     /// cut at the read cap, the reply cannot be encoded.
     Refused(String),
     /// May work later: the publish or the target lookup failed (timeout, no

@@ -1,9 +1,13 @@
-//! A chat agent's reply as a mesh message, pure: the envelope that carries
-//! it, cut to fit the envelope limit. The publish is in [`crate::delivery`].
+//! A chat agent's reply as a mesh message, pure: where it may go (checked
+//! against the registry before the gateway is called, so a reply with nowhere
+//! to go costs no LLM turn) and the envelope that carries it, cut to fit the
+//! envelope limit. The consumer lookup and the publish are in [`crate::delivery`].
 
-use mesh_protocol::envelope::{MAX_ENVELOPE_BYTES, MAX_TEXT_BYTES};
+use mesh_protocol::envelope::{MAX_ENVELOPE_BYTES, MAX_TEXT_BYTES, UNKNOWN_SENDER};
 use mesh_protocol::subject::Subject;
-use mesh_protocol::{AgentId, Envelope, Kind, Recipient};
+use mesh_protocol::{AgentId, Envelope, Kind, Recipient, Registry};
+
+use crate::policy::ReplyOutcome;
 
 /// Longest reply text kept, in bytes before JSON escaping: half the message
 /// limit (a reply is an answer, not a document).
@@ -12,6 +16,78 @@ pub const MAX_REPLY_TEXT_BYTES: usize = MAX_TEXT_BYTES / 2;
 pub const TRUNCATED_MARK: &str = "… [truncated]";
 /// Metadata key of a cut reply: the reply's length in bytes before the cut.
 pub const TRUNCATED_FROM_KEY: &str = "truncated_from_bytes";
+
+/// Where a reply to a message goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// No reply is routed (a broadcast, a sender without an address); the
+    /// message is delivered as usual.
+    Nowhere(&'static str),
+    /// An ask's reply subject (`mesh.reply.<token>`), read by the bot or `mesh ask`.
+    Ask(Subject),
+    /// A registered active agent's inbox; its consumer must exist too, which
+    /// the caller looks up ([`consumer_check`]).
+    Agent(AgentId),
+}
+
+impl Route {
+    /// The subject the reply is published to.
+    pub fn subject(&self) -> Option<Subject> {
+        match self {
+            Self::Nowhere(_) => None,
+            Self::Ask(subject) => Some(subject.clone()),
+            Self::Agent(id) => Some(Subject::Inbox(id.clone())),
+        }
+    }
+}
+
+/// Where a reply to `original` goes. `Err` is why it can go nowhere even
+/// though the sender expects one: the sender is not a registered active agent.
+pub fn route(original: &Envelope, registry: &Registry) -> Result<Route, String> {
+    if original.kind == Kind::Broadcast {
+        // Every chat agent answering every broadcast would flood the sender.
+        return Ok(Route::Nowhere("a broadcast gets no reply"));
+    }
+    if original.reply_to.is_none() && original.from == UNKNOWN_SENDER {
+        return Ok(Route::Nowhere("plain text has no sender to answer"));
+    }
+    match original.reply_subject() {
+        None => Ok(Route::Nowhere("the sender has no inbox and no reply_to")),
+        Some(subject @ Subject::Reply(_)) => Ok(Route::Ask(subject)),
+        Some(Subject::Inbox(id)) => match registry.get(&id) {
+            None => {
+                Err(format!("reply target {id} is not a registered agent; add it to the registry or send without it"))
+            }
+            Some(agent) if !agent.is_active() => Err(format!("reply target {id} is inactive in the registry")),
+            Some(_) => Ok(Route::Agent(id)),
+        },
+        Some(other) => Err(format!("reply target {other} is neither an agent inbox nor an ask reply")),
+    }
+}
+
+/// What looking up the reply target's consumer found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsumerLookup {
+    /// It exists.
+    Found,
+    /// JetStream says there is no such consumer.
+    Missing,
+    /// The lookup itself failed.
+    Failed(String),
+}
+
+/// Whether a reply to agent `id` can be published, given its consumer lookup.
+/// A reply into an inbox without a consumer would be stored but never read
+/// (a consumer created later starts at new messages), so it is refused.
+pub fn consumer_check(id: &AgentId, lookup: ConsumerLookup) -> ReplyOutcome {
+    match lookup {
+        ConsumerLookup::Found => ReplyOutcome::Done,
+        ConsumerLookup::Missing => ReplyOutcome::Refused(format!(
+            "reply target {id} has no consumer; start {id}'s listener (or `mesh agents add` it), then `mesh dlq replay` this message"
+        )),
+        ConsumerLookup::Failed(e) => ReplyOutcome::Failed(format!("cannot look up reply target {id}'s consumer: {e}")),
+    }
+}
 
 /// A reply ready to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,12 +163,60 @@ fn escaped_char_len(c: char) -> usize {
 mod tests {
     use super::*;
 
+    fn registry() -> Registry {
+        Registry::parse(
+            r#"{
+            "nova": {"hooks_token": "hook-n", "hooks_url": "http://127.0.0.1:7002/hooks/wake"},
+            "kaan": {"hooks_token": "hook-k", "hooks_url": "http://127.0.0.1:7003/hooks/wake", "status": "inactive"}
+        }"#,
+        )
+        .unwrap()
+    }
+
     fn id(raw: &str) -> AgentId {
         raw.parse().unwrap()
     }
 
     fn message(from: &str) -> Envelope {
         Envelope::new(from, Recipient::Agent(id("ada")), "question").unwrap()
+    }
+
+    #[test]
+    fn routes() {
+        let reg = registry();
+        let ask = Subject::parse_reply_target("mesh.reply.abc123").unwrap();
+        let cases: Vec<(Envelope, Result<Route, &str>)> = vec![
+            (message("nova"), Ok(Route::Agent(id("nova")))),
+            (message("cli:alice"), Ok(Route::Nowhere("the sender has no inbox and no reply_to"))),
+            (message(UNKNOWN_SENDER), Ok(Route::Nowhere("plain text has no sender to answer"))),
+            (message("slack:U1").with_reply_to(&ask), Ok(Route::Ask(ask.clone()))),
+            (message("ghost").with_reply_to(&ask), Ok(Route::Ask(ask.clone()))),
+            (
+                Envelope::new("nova", Recipient::Broadcast, "all").unwrap(),
+                Ok(Route::Nowhere("a broadcast gets no reply")),
+            ),
+            (message("ghost"), Err("reply target ghost is not a registered agent")),
+            (message("kaan"), Err("reply target kaan is inactive in the registry")),
+            (message("cli:alice").with_reply_to(&Subject::Inbox(id("ghost"))), Err("reply target ghost is not")),
+        ];
+        for (envelope, want) in cases {
+            let got = route(&envelope, &reg);
+            match (&got, &want) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{envelope:?}"),
+                (Err(got), Err(want)) => assert!(got.starts_with(want), "{got:?} for {envelope:?}"),
+                _ => panic!("{got:?}, wanted {want:?}, for {envelope:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_target_without_a_consumer_is_refused_and_a_failed_lookup_retried() {
+        let kaan = id("kaan");
+        assert_eq!(consumer_check(&kaan, ConsumerLookup::Found), ReplyOutcome::Done);
+        assert!(matches!(consumer_check(&kaan, ConsumerLookup::Missing),
+            ReplyOutcome::Refused(why) if why.starts_with("reply target kaan has no consumer")));
+        assert!(matches!(consumer_check(&kaan, ConsumerLookup::Failed("timed out".into())),
+            ReplyOutcome::Failed(why) if why.ends_with("timed out")));
     }
 
     fn built(text: &str) -> Reply {

@@ -1,6 +1,8 @@
 //! Chat replies against a real nats-server and recording gateways: a reply
 //! too large once JSON-escaped is cut, not retried forever; a reply whose
-//! publish keeps failing ends as a dead letter within the delivery budget.
+//! publish keeps failing ends as a dead letter within the delivery budget; a
+//! reply to an agent without a consumer, or to a sender that is no registered
+//! agent, is refused visibly (a dead letter) instead of vanishing.
 
 use std::time::Duration;
 
@@ -139,4 +141,58 @@ async fn a_reply_publish_that_keeps_failing_is_dead_lettered_within_the_budget()
     assert!(record.reason.ends_with("; gave up after 3 deliveries"), "{}", record.reason);
     assert_eq!(ada_gw.requests().len(), 3, "one gateway call per delivery, within the budget");
     listener.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_to_an_agent_without_a_consumer_is_dead_lettered_not_lost() {
+    // The verified case: `mesh send --from kaan nova "hello"`, nova in chat
+    // mode, kaan registered but its consumer not created yet.
+    let nats = TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    nova_gw.set_chat_reply("hello kaan");
+    let fixture = Fixture::from_json(
+        &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
+    );
+    let js = nats.jetstream().await;
+    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert!(record.reason.starts_with("reply target kaan has no consumer"), "{}", record.reason);
+    assert!(record.reason.ends_with("; not retried"), "{}", record.reason);
+    assert_eq!((record.attempts, record.status, record.subject.as_str()), (1, None, "agents.nova.inbox"));
+    assert_eq!(original["id"], id.to_string());
+    assert!(nova_gw.requests().is_empty(), "no LLM turn for a reply with nowhere to go");
+    assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into kaan's unread inbox");
+
+    // Once kaan has its consumer, the same conversation works.
+    ensure_consumer(&js, "kaan").await;
+    let kaan = ListenerHandle::one(&fixture, &nats, "kaan");
+    send(&js, &fixture, "kaan", "nova", "hello again").await;
+    let got = kaan_gw.wait_for(1, WAIT).await;
+    assert_eq!(got[0].text(), "[mesh] Reply from nova: hello kaan");
+    assert_eq!(dead_letters(&js).await.len(), 1);
+    kaan.stop().await.expect("stop");
+    nova.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_to_a_sender_that_is_no_registered_agent_is_dead_lettered() {
+    let nats = TestNats::start().await;
+    let nova_gw = RecordingGateway::start().await;
+    nova_gw.set_chat_reply("who are you?");
+    let fixture = Fixture::from_json(&serde_json::json!({"nova": chat_agent(&nova_gw, "nova")}));
+    let js = nats.jetstream().await;
+    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    let id = send(&js, &fixture, "ghost", "nova", "boo").await;
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert!(record.reason.starts_with("reply target ghost is not a registered agent"), "{}", record.reason);
+    assert_eq!((record.attempts, record.status), (1, None));
+    assert_eq!(original["id"], id.to_string());
+    assert!(nova_gw.requests().is_empty(), "no LLM turn for a reply with nowhere to go");
+    assert!(last_in_inbox(&js, "ghost").await.is_none(), "nothing published into the void");
+    nova.stop().await.expect("stop");
 }
