@@ -425,12 +425,6 @@ async fn hostile_raw_payloads_on_every_subject_leave_the_services_answering() {
         let _ = what;
     }
     client.flush().await.unwrap();
-    // The kill switch bucket: undecodable entries are ignored (logged), not a crash and not a pause.
-    let kv = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
-    for key in ["global", "agent.nova"] {
-        kv.put(key, vec![0xff, 0x00, 0xfe].into()).await.unwrap();
-        kv.put(key, "{\"mode\": \"hard\"".into()).await.unwrap();
-    }
 
     // The hostile inbox messages end up as dead letters: 6 to nova's inbox,
     // 6 broadcasts for each of nova and kaan.
@@ -444,6 +438,13 @@ async fn hostile_raw_payloads_on_every_subject_leave_the_services_answering() {
     assert_eq!(messages_in(&js, "MESH_DLQ").await, 18);
     assert_eq!(nova.requests().len(), 1, "no hostile payload reached nova's gateway");
     assert_eq!(kaan.requests().len(), 1, "no hostile payload reached kaan's gateway");
+
+    // The kill switch bucket: undecodable entries pause (fail closed, logged), not a crash.
+    let kv = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    for key in ["global", "agent.nova"] {
+        kv.put(key, vec![0xff, 0x00, 0xfe].into()).await.unwrap();
+        kv.put(key, "{\"mode\": \"hard\"".into()).await.unwrap();
+    }
 
     // Everyone still answers: delivery, pings, and chat commands that read the abused streams.
     stack.assert_running();
