@@ -154,8 +154,12 @@ async fn a_reply_to_an_agent_without_a_consumer_is_dead_lettered_not_lost() {
         &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
     );
     let js = nats.jetstream().await;
-    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    // The send creates nova's consumer; nothing else runs that would create kaan's
+    // (no bot: a bare listener, not the harness's provisioning one).
     let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+    mesh_bot::killswitch::KillSwitch::open(&js).await.expect("the kill switch bucket");
+    let nova_id = mesh_protocol::AgentId::parse("nova").unwrap();
+    let nova = ListenerHandle::spawn_bare(fixture.listener_config(&nats, Selection::One(nova_id)));
 
     let (record, original) = wait_for_dead_letter(&js).await;
     wait_until_settled(&js, "nova", WAIT).await;
