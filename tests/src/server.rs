@@ -17,11 +17,26 @@ impl TestNats {
     /// A free port can be taken by another test's outgoing connection before the
     /// server binds it: then it tries another port (a few times).
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Starts a server that fsyncs every JetStream write before acking it
+    /// (`sync_interval: always`, what the mesh's own configs run).
+    pub async fn start_durable() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(durable: bool) -> Self {
         let store = tempfile::tempdir().expect("creating a temp dir");
         let mut attempts = 0;
         loop {
             let port = free_port().expect("finding a free port");
-            match LocalNats::start(port, store.path()).await {
+            let started = if durable {
+                LocalNats::start_durable(port, store.path()).await
+            } else {
+                LocalNats::start(port, store.path()).await
+            };
+            match started {
                 Ok(server) => return Self { server, _store: store },
                 Err(mesh_bot::local_nats::LocalNatsError::PortInUse(_)) if attempts < 5 => attempts += 1,
                 Err(e) => panic!("{e} (run scripts/install.sh to install nats-server)"),

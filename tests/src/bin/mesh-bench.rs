@@ -2,7 +2,7 @@
 //! JSON. It starts its own nats-server, a fast sink gateway and listener
 //! processes. A benchmark: it reports figures, it asserts nothing.
 //!
-//! Usage: `mesh-bench [--quick] [--forward-only] [--json PATH]` (build with `--release`);
+//! Usage: `mesh-bench [--quick] [--forward-only] [--sync-always] [--json PATH]` (build with `--release`);
 //! `mesh-bench --soak [--messages N] [--rate MSGS_PER_S] [--concurrency C]`
 //! runs only the soak (default 1,000,000 messages, up to 2,500/s, concurrency 1).
 
@@ -29,7 +29,10 @@ async fn main() -> anyhow::Result<()> {
 
     let dir = tempfile::tempdir()?;
     let sink = Sink::start().await?;
-    let nats = TestNats::start().await;
+    // `--sync-always`: the server fsyncs every write, as the mesh's configs do (README).
+    let sync_always = args.iter().any(|a| a == "--sync-always");
+    let nats = if sync_always { TestNats::start_durable().await } else { TestNats::start().await };
+    println!("nats-server sync_interval: {}", if sync_always { "always" } else { "default (2 min)" });
     let js = nats.jetstream().await;
     let mut rows = Vec::new();
 
