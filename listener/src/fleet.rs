@@ -90,6 +90,7 @@ pub async fn run_with(
         js: js.clone(),
         gateway: gateway.clone(),
         retry: config.retry,
+        // Each agent loop sets both from its consumer.
         max_hops: config.max_hops,
         ack_wait: config.ack_wait,
         confirm_acks: config.concurrency <= 1,
@@ -116,7 +117,7 @@ pub async fn run_with(
         deps,
         fleet: fleet.clone(),
         urls,
-        loop_config: LoopConfig { concurrency: config.concurrency, tuning: config.tuning() },
+        loop_config: LoopConfig { concurrency: config.concurrency, ack_wait: config.ack_wait },
         root: root.clone(),
         pause_all: false,
         paused_agents: BTreeSet::new(),
@@ -264,7 +265,7 @@ struct World<G> {
     kill: crate::killswitch::KillStates,
 }
 
-impl<G: Gateway> World<G> {
+impl<G: Gateway + Clone> World<G> {
     /// Starts, updates and stops loops so that exactly `selected` run.
     fn apply(&mut self, selected: &BTreeMap<AgentId, AgentEntry>) {
         let fleet = &self.fleet;

@@ -99,7 +99,7 @@ pub fn check_bucket(config: &stream::Config) -> Result<(), LayoutError> {
 /// Checks an agent's consumer: what it reads (filters), that it is a pull
 /// consumer with explicit acks, and that the server never drops a message
 /// by itself (the listener counts deliveries and dead-letters). The tuning
-/// (ack wait, messages in flight) may differ: see [`tuning_note`].
+/// (ack wait, messages in flight) is the consumer's: see [`effective`].
 pub fn check_consumer(spec: &ConsumerSpec, info: &consumer::Info) -> Result<(), LayoutError> {
     let config = &info.config;
     let mut diffs = Vec::new();
@@ -123,19 +123,49 @@ pub fn check_consumer(spec: &ConsumerSpec, info: &consumer::Info) -> Result<(), 
     mismatch(format!("consumer {}", spec.durable), diffs)
 }
 
-/// A warning when the consumer's tuning differs from this listener's
-/// settings (it runs with the consumer's: fewer messages in flight, or a
-/// different ack wait, than `--concurrency` and `--ack-wait` ask for).
-pub fn tuning_note(spec: &ConsumerSpec, info: &consumer::Info) -> Option<String> {
+/// What a listener runs with on a consumer: its ack wait, and the fewer of
+/// the deliveries in flight asked for (`--concurrency`) and those the
+/// consumer allows (its `max_ack_pending`, see
+/// [`mesh_protocol::layout::ConsumerTuning::concurrency`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effective {
+    /// The consumer's ack wait (in-progress acks go out at a third of it).
+    pub ack_wait: std::time::Duration,
+    /// Deliveries in flight.
+    pub concurrency: usize,
+}
+
+/// The settings a listener asking for `concurrency` and `ack_wait` runs with
+/// on the consumer `info`, and a note for the log when they differ from
+/// what it asked for.
+pub fn effective(
+    concurrency: usize,
+    ack_wait: std::time::Duration,
+    info: &consumer::Info,
+) -> (Effective, Option<String>) {
     let config = &info.config;
-    let (want, have) = (spec.tuning, (config.ack_wait, config.max_ack_pending));
-    (have != (want.ack_wait, want.max_ack_pending)).then(|| {
-        format!(
-            "consumer {} has ack_wait {:?} and max_ack_pending {}; this listener's settings ask for {:?} and {}: \
-             the consumer's apply (the bot creates consumers with the defaults)",
-            spec.durable, have.0, have.1, want.ack_wait, want.max_ack_pending
-        )
-    })
+    let tuning =
+        mesh_protocol::layout::ConsumerTuning { ack_wait: config.ack_wait, max_ack_pending: config.max_ack_pending };
+    let allowed = tuning.concurrency();
+    let run = Effective { ack_wait: config.ack_wait, concurrency: concurrency.clamp(1, allowed) };
+    let mut notes = Vec::new();
+    if run.concurrency != concurrency {
+        notes.push(format!(
+            "runs {} deliveries in flight, not {concurrency}: consumer {} allows {allowed} (max_ack_pending {}); \
+             set \"concurrency\": {concurrency} for the agent in the registry and the bot updates it",
+            run.concurrency, info.name, config.max_ack_pending
+        ));
+    }
+    if run.ack_wait != ack_wait {
+        notes.push(format!(
+            "uses consumer {}'s ack wait {:?}, not --ack-wait {:?} (in-progress acks every {:?})",
+            info.name,
+            run.ack_wait,
+            ack_wait,
+            run.ack_wait / 3
+        ));
+    }
+    (run, (!notes.is_empty()).then(|| notes.join("; ")))
 }
 
 #[cfg(test)]
@@ -182,10 +212,22 @@ mod tests {
             ),
             "{err}"
         );
-        assert_eq!(tuning_note(&spec, &consumer_info(&["agents.nova.inbox", "agents.broadcast"])), None);
-        let busy =
-            agent_consumer(&"nova".parse().unwrap(), ConsumerTuning { max_ack_pending: 16, ..Default::default() });
-        assert!(tuning_note(&busy, &consumer_info(&[])).unwrap().contains("max_ack_pending 1"));
+    }
+
+    #[test]
+    fn a_listener_runs_within_its_consumer() {
+        let info = consumer_info(&["agents.nova.inbox", "agents.broadcast"]);
+        let thirty = std::time::Duration::from_secs(30);
+        assert_eq!(effective(1, thirty, &info), (Effective { ack_wait: thirty, concurrency: 1 }, None));
+        let (run, note) = effective(32, std::time::Duration::from_secs(120), &info);
+        assert_eq!(run, Effective { ack_wait: thirty, concurrency: 1 });
+        let note = note.unwrap();
+        assert!(note.contains("runs 1 deliveries in flight, not 32: consumer agent-nova allows 1"), "{note}");
+        assert!(note.contains("ack wait 30s, not --ack-wait 120s"), "{note}");
+        let mut wide = info.clone();
+        wide.config.max_ack_pending = 128;
+        assert_eq!(effective(4, thirty, &wide), (Effective { ack_wait: thirty, concurrency: 4 }, None));
+        assert_eq!(effective(64, thirty, &wide).0.concurrency, 32);
     }
 
     #[test]

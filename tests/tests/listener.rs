@@ -176,7 +176,7 @@ async fn a_thousand_messages_with_random_failures_arrive_once_each_in_order() {
     gw.set_failure_rate(0.1, 42);
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let js = nats.jetstream().await;
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let mut acks = Vec::new();
     for i in 0..1000 {
         let envelope = mesh_protocol::Envelope::new(
@@ -390,7 +390,7 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
         async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url()).await.expect("publisher");
     let js = jetstream::new(publisher);
     mesh_listener::nats::ensure_streams(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let mut acked = BTreeMap::new();
     for i in 0..300u32 {
         if i == 150 {
