@@ -79,24 +79,24 @@ pub async fn run_with(
         None => return Ok(()),
         Some(result) => result?,
     }
-    let kill_store =
-        match crate::lookup::wait_for("kill switch", || crate::lookup::find_bucket(&js), &mut shutdown).await {
-            None => return Ok(()),
-            Some(result) => result?,
-        };
+    match crate::lookup::wait_for("kill switch", || crate::lookup::find_bucket(&js), &mut shutdown).await {
+        None => return Ok(()),
+        Some(result) => result?,
+    }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     crate::metrics::install();
     let deps = Arc::new(Deps {
         js: js.clone(),
         gateway: gateway.clone(),
         retry: config.retry,
-        // Each agent loop sets both from its consumer.
         max_hops: config.max_hops,
+        // Each agent loop sets both from its consumer.
         ack_wait: config.ack_wait,
         confirm_acks: config.concurrency <= 1,
         connects,
     });
-    let kill_states = crate::killswitch::load(&kill_store).await?;
+    let kill_keys = crate::killswitch::keys_of(selected.keys());
+    let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
     let fleet = Arc::new(FleetState::default());
     let urls = GatewayUrls::default();
     let root = CancellationToken::new();
@@ -108,7 +108,8 @@ pub async fn run_with(
     }
     tokio::spawn(ping::respond(client.clone(), fleet.clone(), gateway, urls.clone(), root.clone()));
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
-    tokio::spawn(crate::killswitch::watch(kill_store, kill_tx, root.clone()));
+    let (kill_keys_tx, kill_keys_rx) = watch::channel(kill_keys);
+    tokio::spawn(crate::killswitch::follow(client.clone(), kill_seen, kill_keys_rx, kill_tx, root.clone()));
 
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel();
     let mut world = World {
@@ -122,6 +123,7 @@ pub async fn run_with(
         pause_all: false,
         paused_agents: BTreeSet::new(),
         kill: kill_states,
+        kill_keys: kill_keys_tx,
     };
     world.apply(&selected);
     info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
@@ -263,6 +265,8 @@ struct World<G> {
     pause_all: bool,
     paused_agents: BTreeSet<AgentId>,
     kill: crate::killswitch::KillStates,
+    /// The kill switch keys followed: the global one and the running agents'.
+    kill_keys: watch::Sender<BTreeSet<String>>,
 }
 
 impl<G: Gateway + Clone> World<G> {
@@ -305,6 +309,12 @@ impl<G: Gateway + Clone> World<G> {
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }
+        let keys = crate::killswitch::keys_of(self.running.keys());
+        self.kill_keys.send_if_modified(|known| {
+            let changed = *known != keys;
+            *known = keys;
+            changed
+        });
     }
 
     fn pause(&mut self, command: PauseCommand) {

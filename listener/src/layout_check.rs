@@ -93,6 +93,9 @@ pub fn check_bucket(config: &stream::Config) -> Result<(), LayoutError> {
     if config.max_messages_per_subject < 1 {
         diffs.push("not a key-value bucket".to_owned());
     }
+    if !config.allow_direct {
+        diffs.push("allow_direct off, expected on (listeners read their keys with direct gets)".to_owned());
+    }
     mismatch(format!("kill switch bucket {BUCKET}"), diffs)
 }
 
@@ -241,6 +244,7 @@ mod tests {
         let bucket = stream::Config {
             subjects: vec!["$KV.mesh_killswitch.>".into()],
             max_messages_per_subject: 16,
+            allow_direct: true,
             ..Default::default()
         };
         assert_eq!(check_bucket(&bucket), Ok(()));

@@ -141,8 +141,11 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let ok = nova(vec![
         sub("mesh.health.ping", 1),
         sub("_INBOX_nova.x.>", 2),
+        sub("$KV.mesh_killswitch.global", 3),
+        sub("$KV.mesh_killswitch.agent.nova", 4),
         publish("mesh.dlq.nova"),
         publish("mesh.health.pong"),
+        request("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.nova", &serde_json::json!({})),
     ])
     .await;
     assert!(!ok.contains("-ERR"), "{ok}");
@@ -158,6 +161,8 @@ async fn rendered_permissions_hold_on_a_real_server() {
         (publish("$JS.API.CONSUMER.MSG.NEXT.MESH_AGENTS.agent-kaan"), "agent-kaan"),
         (publish("$JS.API.STREAM.DELETE.MESH_AGENTS"), "STREAM.DELETE"),
         (publish("$KV.mesh_killswitch.global"), "$KV.mesh_killswitch.global"),
+        (sub("$KV.mesh_killswitch.agent.kaan", 1), "Subscription to \"$KV.mesh_killswitch.agent.kaan\""),
+        (sub("$KV.mesh_killswitch.>", 1), "Subscription to \"$KV.mesh_killswitch.>\""),
     ] {
         let said = nova(vec![line.clone()]).await;
         assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
@@ -167,6 +172,8 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let wildcard = serde_json::json!({"stream_name": "MESH_AGENTS", "config": {
         "durable_name": "agent-nova", "ack_policy": "explicit", "deliver_policy": "all",
         "filter_subjects": ["agents.*.inbox", "agents.broadcast"]}});
+    let evil = serde_json::json!({"stream_name": "KV_mesh_killswitch", "config": {
+        "name": "evil", "deliver_subject": "agents.a2.inbox", "ack_policy": "none", "deliver_policy": "all"}});
     let stream = |name: &str, subjects: &[&str], max_age: u64| serde_json::json!({"name": name, "subjects": subjects, "max_age": max_age, "storage": "file"});
     for (subject, payload) in [
         ("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-nova", wildcard.clone()),
@@ -183,6 +190,17 @@ async fn rendered_permissions_hold_on_a_real_server() {
         (
             "$JS.API.STREAM.UPDATE.KV_mesh_killswitch",
             stream("KV_mesh_killswitch", &["$KV.mesh_killswitch.>"], 1_000_000_000),
+        ),
+        // Review of `sec`: a consumer of any kind on the bucket's stream, pushed
+        // at any subject, amplified every kill switch entry there.
+        ("$JS.API.CONSUMER.CREATE.KV_mesh_killswitch.evil", evil.clone()),
+        ("$JS.API.CONSUMER.CREATE.KV_mesh_killswitch", evil.clone()),
+        ("$JS.API.CONSUMER.DELETE.KV_mesh_killswitch.evil", serde_json::json!({})),
+        ("$JS.API.STREAM.MSG.GET.KV_mesh_killswitch", serde_json::json!({"seq": 1})),
+        ("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.kaan", serde_json::json!({})),
+        (
+            "$JS.API.DIRECT.GET.KV_mesh_killswitch",
+            serde_json::json!({"last_by_subj": "$KV.mesh_killswitch.agent.kaan"}),
         ),
     ] {
         let said = nova(vec![request(subject, &payload)]).await;
@@ -251,6 +269,23 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let (ok, said) = bot(&["resume"]).await;
     assert!(ok, "{said}");
     wait_state(&["ok", "gateway unknown"]).await;
+    // Without a consumer on the bucket, a hard kill and the resume still reach
+    // it through its two key subscriptions, well before its 5 s re-read.
+    let pulled = std::time::Instant::now();
+    let (ok, said) = bot(&["kill", "hard", "--agent", "nova", "--reason", "permission test", "--yes"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["paused"]).await;
+    let paused_after = pulled.elapsed();
+    let resumed = std::time::Instant::now();
+    let (ok, said) = bot(&["resume", "--agent", "nova"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["ok", "gateway unknown"]).await;
+    let resumed_after = resumed.elapsed();
+    assert!(
+        paused_after < mesh_listener::killswitch::RESYNC_EVERY
+            && resumed_after < mesh_listener::killswitch::RESYNC_EVERY,
+        "paused after {paused_after:?}, resumed after {resumed_after:?}: the change was not followed live"
+    );
     // A message the gateway refuses becomes a dead letter (the listener may publish mesh.dlq.nova).
     nova_gw.script([400]);
     let (ok, said) = bot(&["send", "nova", "refused on purpose"]).await;
