@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use mesh_listener::layout_check::LayoutError;
+use mesh_listener::lookup;
 use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::registry::Agent;
@@ -48,6 +50,23 @@ async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTun
     }
     nats::bind_consumer(js, id, tuning).await?;
     info!(agent = %id, max_ack_pending = tuning.max_ack_pending, ack_wait_s = tuning.ack_wait.as_secs(), "consumer tuning set");
+    Ok(())
+}
+
+/// Checks what exists against the layout, as every listener does: the
+/// streams, the kill switch bucket and the consumer of each active agent of
+/// `registry` (one not created yet is fine). The bot refuses to start on a
+/// mismatch (a stream with a subject transform, a consumer reading other
+/// inboxes...): it would otherwise keep feeding it.
+pub async fn verify(js: &jetstream::Context, registry: &Registry) -> Result<(), LayoutError> {
+    lookup::check_streams(js).await?;
+    lookup::find_bucket(js).await?;
+    for agent in registry.active() {
+        match lookup::find_consumer(js, &agent.id).await {
+            Ok(_) | Err(LayoutError::MissingConsumer(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
     Ok(())
 }
 

@@ -64,9 +64,6 @@ pub fn check_stream(spec: &StreamSpec, config: &stream::Config) -> Result<(), La
     if want != have {
         diffs.push(format!("subjects {have:?}, expected {want:?}"));
     }
-    if config.retention != stream::RetentionPolicy::Limits {
-        diffs.push(format!("retention {:?}, expected limits", config.retention));
-    }
     if config.max_age != spec.max_age {
         diffs.push(format!("max_age {:?}, expected {:?}", config.max_age, spec.max_age));
     }
@@ -76,7 +73,52 @@ pub fn check_stream(spec: &StreamSpec, config: &stream::Config) -> Result<(), La
     if config.duplicate_window != spec.duplicate_window {
         diffs.push(format!("duplicate_window {:?}, expected {:?}", config.duplicate_window, spec.duplicate_window));
     }
+    if config.max_messages_per_subject > 0 {
+        diffs.push(format!("max_msgs_per_subject {}, expected unlimited", config.max_messages_per_subject));
+    }
+    if config.discard != stream::DiscardPolicy::Old {
+        diffs.push(format!("discard {:?}, expected old", config.discard));
+    }
+    diffs.extend(storage_diffs(config));
     mismatch(format!("stream {}", spec.name), diffs)
+}
+
+/// What changes which messages a stream stores, under which subject, or
+/// where else they go, for the mesh streams and the kill switch bucket alike:
+/// it must hold what is published to it, as published, and nothing else.
+fn storage_diffs(config: &stream::Config) -> Vec<String> {
+    let mut diffs = Vec::new();
+    if let Some(transform) = &config.subject_transform
+        && !(transform.source.is_empty() && transform.destination.is_empty())
+    {
+        diffs.push(format!("subject_transform {:?} -> {:?}, expected none", transform.source, transform.destination));
+    }
+    if let Some(republish) = &config.republish {
+        diffs.push(format!("republish {:?} -> {:?}, expected none", republish.source, republish.destination));
+    }
+    if let Some(mirror) = &config.mirror {
+        diffs.push(format!("mirror of {:?}, expected none", mirror.name));
+    }
+    if let Some(sources) = config.sources.as_ref().filter(|s| !s.is_empty()) {
+        let names: Vec<&str> = sources.iter().map(|s| s.name.as_str()).collect();
+        diffs.push(format!("sources {names:?}, expected none"));
+    }
+    if config.sealed {
+        diffs.push("sealed, expected open".to_owned());
+    }
+    if config.no_ack {
+        diffs.push("no_ack on, expected publishes to be acknowledged".to_owned());
+    }
+    if config.max_messages > 0 {
+        diffs.push(format!("max_msgs {}, expected unlimited", config.max_messages));
+    }
+    if config.max_bytes > 0 {
+        diffs.push(format!("max_bytes {}, expected unlimited", config.max_bytes));
+    }
+    if config.retention != stream::RetentionPolicy::Limits {
+        diffs.push(format!("retention {:?}, expected limits", config.retention));
+    }
+    diffs
 }
 
 /// Checks the kill switch bucket's stream: its entries must never expire (a
@@ -96,6 +138,10 @@ pub fn check_bucket(config: &stream::Config) -> Result<(), LayoutError> {
     if !config.allow_direct {
         diffs.push("allow_direct off, expected on (listeners read their keys with direct gets)".to_owned());
     }
+    if config.max_message_size > 0 {
+        diffs.push(format!("max_msg_size {}, expected unlimited", config.max_message_size));
+    }
+    diffs.extend(storage_diffs(config));
     mismatch(format!("kill switch bucket {BUCKET}"), diffs)
 }
 
@@ -122,6 +168,31 @@ pub fn check_consumer(spec: &ConsumerSpec, info: &consumer::Info) -> Result<(), 
     }
     if config.max_deliver > 0 {
         diffs.push(format!("max_deliver {}, expected unlimited (the listener dead-letters)", config.max_deliver));
+    }
+    if config.headers_only {
+        diffs.push("headers_only on, expected whole messages".to_owned());
+    }
+    if config.replay_policy != consumer::ReplayPolicy::Instant {
+        diffs.push(format!("replay_policy {:?}, expected instant", config.replay_policy));
+    }
+    if config.rate_limit > 0 {
+        diffs.push(format!("rate_limit {} bit/s, expected none", config.rate_limit));
+    }
+    // New (the bot) or from a sequence (a restore); never one that skips what is stored by time or by subject.
+    if !matches!(
+        config.deliver_policy,
+        consumer::DeliverPolicy::New | consumer::DeliverPolicy::All | consumer::DeliverPolicy::ByStartSequence { .. }
+    ) {
+        diffs.push(format!("deliver_policy {:?}, expected new", config.deliver_policy));
+    }
+    if !config.inactive_threshold.is_zero() {
+        diffs.push(format!(
+            "inactive_threshold {:?}, expected none (the server would delete it while its listener is down)",
+            config.inactive_threshold
+        ));
+    }
+    if !config.backoff.is_empty() {
+        diffs.push(format!("backoff {:?}, expected none (the listener schedules retries)", config.backoff));
     }
     mismatch(format!("consumer {}", spec.durable), diffs)
 }
@@ -218,6 +289,30 @@ mod tests {
     }
 
     #[test]
+    fn consumer_settings_that_change_what_is_delivered_are_refused() {
+        let spec = agent_consumer(&"nova".parse().unwrap(), ConsumerTuning::default());
+        let good = consumer_info(&["agents.nova.inbox", "agents.broadcast"]);
+        type Change = fn(&mut consumer::Config);
+        let changes: [(&str, Change); 6] = [
+            ("headers_only", |c| c.headers_only = true),
+            ("replay_policy", |c| c.replay_policy = consumer::ReplayPolicy::Original),
+            ("rate_limit", |c| c.rate_limit = 8),
+            ("deliver_policy", |c| c.deliver_policy = consumer::DeliverPolicy::LastPerSubject),
+            ("inactive_threshold", |c| c.inactive_threshold = std::time::Duration::from_secs(60)),
+            ("backoff", |c| c.backoff = vec![std::time::Duration::from_secs(60)]),
+        ];
+        for (field, change) in changes {
+            let mut info = good.clone();
+            change(&mut info.config);
+            let said = check_consumer(&spec, &info).unwrap_err().to_string();
+            assert!(said.contains(field), "{field}: {said}");
+        }
+        let mut restored = good.clone();
+        restored.config.deliver_policy = consumer::DeliverPolicy::ByStartSequence { start_sequence: 7 };
+        assert_eq!(check_consumer(&spec, &restored), Ok(()));
+    }
+
+    #[test]
     fn a_listener_runs_within_its_consumer() {
         let info = consumer_info(&["agents.nova.inbox", "agents.broadcast"]);
         let thirty = std::time::Duration::from_secs(30);
@@ -238,8 +333,56 @@ mod tests {
         let spec = agents_stream(1);
         let config = crate::nats::stream_config(&spec);
         assert_eq!(check_stream(&spec, &config), Ok(()));
-        let wider = stream::Config { subjects: vec!["agents.>".into()], max_age: std::time::Duration::ZERO, ..config };
+        let wider =
+            stream::Config { subjects: vec!["agents.>".into()], max_age: std::time::Duration::ZERO, ..config.clone() };
         let err = check_stream(&spec, &wider).unwrap_err().to_string();
+        // Each setting that changes what is stored, or where it goes, alone.
+        let changed: [(&str, stream::Config); 9] = [
+            (
+                "subject_transform",
+                stream::Config {
+                    subject_transform: Some(stream::SubjectTransform {
+                        source: "agents.*.inbox".into(),
+                        destination: "agents.a1.inbox".into(),
+                    }),
+                    ..config.clone()
+                },
+            ),
+            (
+                "republish",
+                stream::Config {
+                    republish: Some(stream::Republish {
+                        source: ">".into(),
+                        destination: "mesh.health.ping".into(),
+                        headers_only: false,
+                    }),
+                    ..config.clone()
+                },
+            ),
+            (
+                "mirror",
+                stream::Config {
+                    mirror: Some(stream::Source { name: "X".into(), ..Default::default() }),
+                    ..config.clone()
+                },
+            ),
+            (
+                "sources",
+                stream::Config {
+                    sources: Some(vec![stream::Source { name: "X".into(), ..Default::default() }]),
+                    ..config.clone()
+                },
+            ),
+            ("sealed", stream::Config { sealed: true, ..config.clone() }),
+            ("max_msgs 5", stream::Config { max_messages: 5, ..config.clone() }),
+            ("max_bytes 5", stream::Config { max_bytes: 5, ..config.clone() }),
+            ("max_msgs_per_subject 1", stream::Config { max_messages_per_subject: 1, ..config.clone() }),
+            ("discard New", stream::Config { discard: stream::DiscardPolicy::New, ..config.clone() }),
+        ];
+        for (field, changed) in changed {
+            let said = check_stream(&spec, &changed).unwrap_err().to_string();
+            assert!(said.contains(field), "{field}: {said}");
+        }
         assert!(err.contains("subjects [\"agents.>\"], expected") && err.contains("max_age 0ns"), "{err}");
         let bucket = stream::Config {
             subjects: vec!["$KV.mesh_killswitch.>".into()],
@@ -248,6 +391,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check_bucket(&bucket), Ok(()));
+        let hidden = stream::Config {
+            subject_transform: Some(stream::SubjectTransform {
+                source: "$KV.mesh_killswitch.global".into(),
+                destination: "$KV.mesh_killswitch.elsewhere".into(),
+            }),
+            ..bucket.clone()
+        };
+        assert!(check_bucket(&hidden).unwrap_err().to_string().contains("subject_transform"));
         let expiring = stream::Config { max_age: std::time::Duration::from_secs(1), ..bucket };
         assert!(check_bucket(&expiring).unwrap_err().to_string().contains("entries expire after 1s, expected never"));
         assert_eq!(

@@ -475,3 +475,60 @@ async fn a_listener_refuses_to_run_on_a_consumer_or_stream_set_up_otherwise() {
     assert!(log.contains("error: stream MESH_AGENTS is not set up as this listener expects (max_age 600s"), "{log}");
     assert!(gw.requests().is_empty());
 }
+
+/// Review of `sec`: settings the check missed. A subject transform on the
+/// agents stream (`agents.*.inbox` -> `agents.a1.inbox`) stored every inbox
+/// as a1's, and one on the bucket hid `global` from listeners; listeners
+/// and the bot refuse both, naming the stream and the setting.
+#[tokio::test]
+async fn a_subject_transform_on_a_stream_or_the_bucket_is_refused_by_listeners_and_the_bot() {
+    use async_nats::jetstream::stream::SubjectTransform;
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true), ("a2", &gw, true)]);
+    let js = nats.jetstream().await;
+    mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
+    mesh_bot::provision::verify(&js, &registry).await.unwrap();
+
+    let mut agents = js.get_stream("MESH_AGENTS").await.unwrap().cached_info().config.clone();
+    agents.subject_transform =
+        Some(SubjectTransform { source: "agents.*.inbox".into(), destination: "agents.a1.inbox".into() });
+    js.update_stream(agents.clone()).await.unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "a1");
+    assert!(!listener.exit().await, "the listener ran on a stream that stores a2's messages as a1's");
+    let log = listener.text();
+    assert!(
+        log.contains("error: stream MESH_AGENTS is not set up as this listener expects (subject_transform \"agents.*.inbox\" -> \"agents.a1.inbox\", expected none)"),
+        "{log}"
+    );
+    let err = mesh_bot::provision::verify(&js, &registry).await.unwrap_err();
+    assert!(
+        err.is_fatal()
+            && err.to_string().contains("stream MESH_AGENTS")
+            && err.to_string().contains("subject_transform"),
+        "{err}"
+    );
+    agents.subject_transform = None;
+    js.update_stream(agents).await.unwrap();
+
+    let mut bucket = js.get_stream("KV_mesh_killswitch").await.unwrap().cached_info().config.clone();
+    bucket.subject_transform = Some(SubjectTransform {
+        source: "$KV.mesh_killswitch.global".into(),
+        destination: "$KV.mesh_killswitch.hidden".into(),
+    });
+    js.update_stream(bucket).await.unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "a2");
+    assert!(!listener.exit().await, "the listener ran on a bucket that hides the global kill");
+    let log = listener.text();
+    assert!(
+        log.contains(
+            "error: kill switch bucket mesh_killswitch is not set up as this listener expects (subject_transform"
+        ),
+        "{log}"
+    );
+    let err = mesh_bot::provision::verify(&js, &registry).await.unwrap_err().to_string();
+    assert!(err.contains("kill switch bucket mesh_killswitch") && err.contains("subject_transform"), "{err}");
+    assert!(gw.requests().is_empty());
+}
