@@ -175,9 +175,17 @@ pub async fn run_with(
             }
             Some(joined) = world.tasks.join_next(), if !world.tasks.is_empty() => {
                 match joined {
-                    Ok(Err(e)) => {
+                    // One agent: the process stops with the error.
+                    Ok((_, Err(e))) if matches!(config.selection, Selection::One(_)) => {
                         refused = Some(e);
                         break;
+                    }
+                    // One of many: only that agent stops; /health reports it.
+                    Ok((agent, Err(e))) => {
+                        error!(agent = %agent, error = %e, "this agent stopped; the others keep running (restart the listener once it is fixed)");
+                        if let Some(state) = world.fleet.get(&agent) {
+                            state.set_refused(e.to_string());
+                        }
                     }
                     Err(e) if e.is_panic() => error!(error = %e, "an agent loop panicked"),
                     _ => {}
@@ -256,7 +264,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
 /// The running loops of one process.
 struct World<G> {
     running: BTreeMap<AgentId, Running>,
-    tasks: JoinSet<Result<(), crate::layout_check::LayoutError>>,
+    tasks: JoinSet<(AgentId, Result<(), crate::layout_check::LayoutError>)>,
     deps: Arc<Deps<G>>,
     fleet: Arc<FleetState>,
     urls: GatewayUrls,
@@ -298,14 +306,10 @@ impl<G: Gateway + Clone> World<G> {
             let (paused_tx, paused_rx) = watch::channel(self.should_pause(id));
             let stop = self.root.child_token();
             let state = self.fleet.add(id);
-            self.tasks.spawn(consumer::run_agent(
-                self.deps.clone(),
-                state,
-                entry_rx,
-                paused_rx,
-                self.loop_config,
-                stop.clone(),
-            ));
+            let run =
+                consumer::run_agent(self.deps.clone(), state, entry_rx, paused_rx, self.loop_config, stop.clone());
+            let agent = id.clone();
+            self.tasks.spawn(async move { (agent, run.await) });
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }

@@ -2,6 +2,8 @@
 //! agent. The bot creates (or updates) the consumer with it, and a listener
 //! runs within what its consumer allows: its in-flight window and its ack
 //! wait (in-progress acks are timed from the consumer's, not `--ack-wait`).
+//! Also: with `--all`, an agent whose consumer is set up otherwise stops
+//! alone, reported in `/health`, while the others keep delivering.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
@@ -99,4 +101,63 @@ async fn in_progress_acks_follow_the_consumers_ack_wait_not_the_flag() {
     wait_until_settled(&js, "nova", WAIT).await;
     assert_eq!(gw.requests().len(), 1, "the gateway took 3.5x the consumer's ack wait and still got one request");
     listener.stop().await.unwrap();
+}
+
+/// Issue (review of `sec`): with `--all`, one agent's consumer set up
+/// otherwise stopped every agent of the process.
+#[tokio::test]
+async fn with_all_one_bad_consumer_stops_only_its_agent() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true), ("kaan", &gw, true)]);
+    let js = nats.jetstream().await;
+    mesh_bot::provision::ensure_mesh(&js, Replicas::Auto).await.unwrap();
+    mesh_bot::provision::ensure_agents(&js, &load(&fixture), None).await.unwrap();
+    // nova's consumer now reads every inbox.
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("agent-nova".into()),
+            filter_subjects: vec!["agents.*.inbox".into(), "agents.broadcast".into()],
+            ack_policy: AckPolicy::Explicit,
+            max_ack_pending: 1,
+            max_deliver: -1,
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut config = fixture.listener_config(&nats, Selection::All);
+    let port = mesh_bot::local_nats::free_port().unwrap();
+    config.http_addr = Some(([127, 0, 0, 1], port).into());
+    let (control_tx, control_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(mesh_listener::run_with(
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+        move |control| {
+            let _ = control_tx.send(control);
+        },
+    ));
+    let control = control_rx.await.unwrap();
+    let nova = control.fleet.get(&"nova".parse().unwrap()).unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while nova.refused().is_none() {
+        assert!(tokio::time::Instant::now() < deadline, "nova's loop never stopped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(nova.refused().unwrap().contains("consumer agent-nova is not set up as this listener expects"));
+    send(&js, &fixture, "kaan", "still flowing").await;
+    let got = gw.wait_for(1, WAIT).await;
+    assert!(got[0].text().ends_with("still flowing"));
+    let health: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap().json().await.unwrap();
+    assert_eq!(health["status"], "unhealthy", "{health}");
+    assert!(health["refused"]["nova"].as_str().unwrap().contains("agent-nova"), "{health}");
+    assert!(health["refused"].get("kaan").is_none(), "{health}");
+    let _ = stop.send(());
+    run.await.unwrap().unwrap();
 }
