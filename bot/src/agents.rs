@@ -33,6 +33,8 @@ pub struct AddSpec {
     pub name: Option<String>,
     /// Register it inactive (no listener, no messages).
     pub inactive: bool,
+    /// Deliveries in flight its consumer is set up for (default 1).
+    pub concurrency: Option<u16>,
 }
 
 /// Why a lifecycle command refused.
@@ -104,6 +106,9 @@ pub fn plan_add(
         if let Some(value) = value {
             entry[key] = value.into();
         }
+    }
+    if let Some(concurrency) = spec.concurrency {
+        entry["concurrency"] = concurrency.into();
     }
     let single = serde_json::json!({ id.as_str(): entry }).to_string();
     let parsed = Registry::parse(&single)?;
@@ -286,6 +291,9 @@ pub enum AgentsAction {
         /// Register it inactive (no listener, no messages).
         #[arg(long)]
         inactive: bool,
+        /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
+        #[arg(long)]
+        concurrency: Option<u16>,
         /// Do not check that the references resolve here (they only resolve inside the containers).
         #[arg(long)]
         no_check: bool,
@@ -376,9 +384,21 @@ pub fn run(path: &Path, action: AgentsAction, json: bool) -> anyhow::Result<()> 
             model,
             name,
             inactive,
+            concurrency,
             no_check,
         } => {
-            let spec = AddSpec { id, hooks_url, hooks_token, gateway, gateway_token, delivery, model, name, inactive };
+            let spec = AddSpec {
+                id,
+                hooks_url,
+                hooks_token,
+                gateway,
+                gateway_token,
+                delivery,
+                model,
+                name,
+                inactive,
+                concurrency,
+            };
             let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", spec.id);
             (plan_add(&registry, &spec, resolver(no_check))?, done)
         }
@@ -438,6 +458,11 @@ mod tests {
         let r = resolver();
         let next = plan_add(&reg, &spec("kaan", "env:KAAN_HOOK"), Some(&r)).unwrap();
         assert_eq!(next.len(), 2);
+        let busy = AddSpec { concurrency: Some(8), ..spec("kaan", "env:KAAN_HOOK") };
+        let next = plan_add(&reg, &busy, Some(&r)).unwrap();
+        assert_eq!(next.get(&"kaan".parse().unwrap()).unwrap().concurrency, 8);
+        let too_many = AddSpec { concurrency: Some(2000), ..spec("kaan", "env:KAAN_HOOK") };
+        assert!(plan_add(&reg, &too_many, Some(&r)).unwrap_err().to_string().contains("concurrency"));
         let cases: [(AddSpec, &str); 6] = [
             (spec("nova", "env:KAAN_HOOK"), "already registered"),
             (spec("Bad.Id", "env:KAAN_HOOK"), "an agent id is"),

@@ -414,7 +414,9 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             crate::agents::run(&args.registry, action, args.json)?;
             if let Some(id) = added {
                 // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                match crate::provision::after_change(&args.nats_url, std::slice::from_ref(&id)).await {
+                let registry = registry_file::load(&args.registry)?;
+                let agents: Vec<_> = registry.get(&id).into_iter().collect();
+                match crate::provision::after_change(&args.nats_url, &agents).await {
                     Ok(done) => println!("{done}"),
                     Err(e) => eprintln!(
                         "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it when \
@@ -494,8 +496,8 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
             crate::deploy::run(&args.registry, action).await?;
             if up {
                 let registry = registry_file::load(&args.registry)?;
-                let ids: Vec<_> = registry.active().map(|a| a.id.clone()).collect();
-                match crate::provision::after_change(&args.nats_url, &ids).await {
+                let agents: Vec<_> = registry.active().collect();
+                match crate::provision::after_change(&args.nats_url, &agents).await {
                     Ok(done) => println!("{done}"),
                     Err(e) => println!("the bot container creates the agents' consumers when it starts ({e})"),
                 }

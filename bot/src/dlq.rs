@@ -134,7 +134,7 @@ pub async fn replay(
     let target = publish::resolve_target(registry, agent)?;
     let entries = list(js, Some(&target.id), n).await?;
     let stream = dlq_stream(js).await?;
-    mesh_listener::nats::ensure_consumer(js, &target.id).await.map_err(SendError::from)?;
+    mesh_listener::nats::ensure_consumer(js, &target.id, target.consumer_tuning()).await.map_err(SendError::from)?;
     let mut report = ReplayReport::default();
     for entry in entries {
         let Some(envelope) = replay_envelope(&entry, &target.id) else {

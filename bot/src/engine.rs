@@ -506,7 +506,9 @@ impl Engine {
         let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
             .map_err(|e| e.to_string())?
             .with_reply_to(&reply_subject);
-        mesh_listener::nats::ensure_consumer(&self.js, agent).await.map_err(|e| e.to_string())?;
+        mesh_listener::nats::ensure_consumer(&self.js, agent, target.consumer_tuning())
+            .await
+            .map_err(|e| e.to_string())?;
         publish::publish(&self.js, &envelope).await.map_err(|e| e.to_string())?;
         let timeout = self.config.ask_timeout;
         let queued = self.queued_note(Some(agent)).await;

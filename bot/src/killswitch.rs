@@ -93,8 +93,17 @@ pub fn role_to_replace(state: &KillState, now: OffsetDateTime) -> Option<Role> {
     CommandKind::Resume.spec().access.required(grade(state.mode))
 }
 
-/// How often a revision-checked write is retried when the entry changed in between.
-const WRITE_ATTEMPTS: usize = 5;
+/// How long a revision-checked write keeps retrying while the entry changes
+/// in between (others pulling or releasing the same scope at once).
+const CONTENDED_FOR: Duration = Duration::from_secs(5);
+
+/// The wait before retry `attempt` (0-based) of a contended write: doubling
+/// from 10 ms up to 400 ms, each a random 50 to 100 % of that, so writers
+/// that collided do not collide again in step.
+fn retry_delay(attempt: u32, jitter: f64) -> Duration {
+    let ceiling = Duration::from_millis(10).saturating_mul(1 << attempt.min(6)).min(Duration::from_millis(400));
+    ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+}
 
 /// The kill switch of one mesh.
 #[derive(Debug, Clone)]
@@ -189,7 +198,15 @@ impl KillSwitch {
         only: Option<u64>,
     ) -> Result<u64, KillSwitchError> {
         let key = scope.key();
-        for _ in 0..WRITE_ATTEMPTS {
+        let give_up = tokio::time::Instant::now() + CONTENDED_FOR;
+        for attempt in 0.. {
+            if attempt > 0 {
+                let delay = retry_delay(attempt - 1, fastrand::f64());
+                if tokio::time::Instant::now() + delay > give_up {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+            }
             let entry = self.store.entry(key.as_str()).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
             let (revision, current) = match entry {
                 Some(entry) if entry.operation == kv::Operation::Put => {
@@ -314,4 +331,20 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
 /// Stream name of the events relayed to chat.
 pub fn events_stream() -> &'static str {
     layout::events_stream(1).name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contended_writes_back_off_with_jitter_within_bounds() {
+        assert_eq!(retry_delay(0, 1.0), Duration::from_millis(10));
+        assert_eq!(retry_delay(0, 0.0), Duration::from_millis(5));
+        assert_eq!(retry_delay(3, 1.0), Duration::from_millis(80));
+        assert_eq!(retry_delay(30, 1.0), Duration::from_millis(400));
+        assert_eq!(retry_delay(30, 7.0), Duration::from_millis(400), "jitter is clamped");
+        let total: Duration = (0..20).map(|a| retry_delay(a, 1.0)).sum();
+        assert!(total > CONTENDED_FOR, "the deadline, not the attempt count, ends the retries");
+    }
 }

@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use mesh_listener::layout_check::LayoutError;
+use mesh_listener::lookup;
 use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
+use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
 use tracing::{info, warn};
 
@@ -21,8 +24,9 @@ pub async fn ensure_mesh(js: &jetstream::Context, replicas: Replicas) -> Result<
     Ok(())
 }
 
-/// Creates the consumer of every active agent that has none (an existing one
-/// is left as it is); with `tuning`, creates or updates each with it.
+/// Creates the consumer of every active agent with the tuning its registry
+/// entry asks for (`concurrency`), or updates one whose tuning differs;
+/// `tuning` overrides the registry's for every agent (test harnesses).
 /// Returns how many agents were seen to.
 pub async fn ensure_agents(
     js: &jetstream::Context,
@@ -31,17 +35,39 @@ pub async fn ensure_agents(
 ) -> Result<usize, NatsError> {
     let mut done = 0;
     for agent in registry.active() {
-        ensure_agent(js, &agent.id, tuning).await?;
+        ensure_agent(js, &agent.id, tuning.unwrap_or_else(|| agent.consumer_tuning())).await?;
         done += 1;
     }
     Ok(done)
 }
 
-async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: Option<ConsumerTuning>) -> Result<(), NatsError> {
-    match tuning {
-        None => nats::ensure_consumer(js, id).await,
-        Some(tuning) => nats::bind_consumer(js, id, tuning).await.map(|_| ()),
+/// Creates an agent's consumer with `tuning`, or updates its tuning when it
+/// differs (its filters and start position stay; a listener notices the new
+/// window when it next looks its consumer up).
+async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTuning) -> Result<(), NatsError> {
+    if nats::consumer_tuning(js, id).await? == Some(tuning) {
+        return Ok(());
     }
+    nats::bind_consumer(js, id, tuning).await?;
+    info!(agent = %id, max_ack_pending = tuning.max_ack_pending, ack_wait_s = tuning.ack_wait.as_secs(), "consumer tuning set");
+    Ok(())
+}
+
+/// Checks what exists against the layout, as every listener does: the
+/// streams, the kill switch bucket and the consumer of each active agent of
+/// `registry` (one not created yet is fine). The bot refuses to start on a
+/// mismatch (a stream with a subject transform, a consumer reading other
+/// inboxes...): it would otherwise keep feeding it.
+pub async fn verify(js: &jetstream::Context, registry: &Registry) -> Result<(), LayoutError> {
+    lookup::check_streams(js).await?;
+    lookup::find_bucket(js).await?;
+    for agent in registry.active() {
+        match lookup::find_consumer(js, &agent.id).await {
+            Ok(_) | Err(LayoutError::MissingConsumer(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Settings of [`follow`].
@@ -53,7 +79,7 @@ pub struct FollowConfig {
     pub poll: Duration,
     /// Stream replicas.
     pub replicas: Replicas,
-    /// Consumer tuning to set (`None`: create missing consumers with the defaults, leave others alone).
+    /// Consumer tuning for every agent (`None`: each agent's from the registry).
     pub tuning: Option<ConsumerTuning>,
 }
 
@@ -108,15 +134,15 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
 
 /// For the `mesh` commands that change what runs (`agents add`, `deploy up`):
 /// creates the streams, the bucket and the consumers of `agents` on the NATS
-/// at `nats_url`; says what was created, or why nothing was.
-pub async fn after_change(nats_url: &str, agents: &[AgentId]) -> Result<String, NatsError> {
+/// at `nats_url` (each with its registry tuning); says what was created, or why nothing was.
+pub async fn after_change(nats_url: &str, agents: &[&Agent]) -> Result<String, NatsError> {
     let client = nats::connect_now(nats_url, "mesh-cli").await?;
     let js = jetstream::new(client);
     ensure_mesh(&js, nats::replicas_from_env()?).await?;
-    for id in agents {
-        ensure_agent(&js, id, None).await?;
+    for agent in agents {
+        ensure_agent(&js, &agent.id, agent.consumer_tuning()).await?;
     }
-    let names = agents.iter().map(|a| format!("agent-{a}")).collect::<Vec<_>>();
+    let names = agents.iter().map(|a| format!("agent-{}", a.id)).collect::<Vec<_>>();
     Ok(match names.as_slice() {
         [] => "streams and kill switch bucket in place".to_owned(),
         _ => format!("consumers in place ({}): messages sent from now on wait for the listener", names.join(", ")),

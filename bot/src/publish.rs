@@ -8,7 +8,7 @@
 use futures::StreamExt;
 use mesh_listener::backoff;
 use mesh_listener::nats::{self, NatsError};
-use mesh_protocol::layout::MSG_ID_HEADER;
+use mesh_protocol::layout::{ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
 use uuid::Uuid;
 
@@ -135,8 +135,8 @@ pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -
 pub struct Prepared {
     /// The envelope to publish.
     pub envelope: Envelope,
-    /// The agents whose consumers must exist before it is published.
-    pub recipients: Vec<AgentId>,
+    /// The agents whose consumers must exist before it is published, with the tuning a missing one gets.
+    pub recipients: Vec<(AgentId, ConsumerTuning)>,
 }
 
 /// Validates a message to one agent.
@@ -150,7 +150,7 @@ pub fn prepare_send(
     let agent = resolve_target(registry, to)?;
     let envelope = Envelope::new(from, Recipient::Agent(agent.id.clone()), text)?.with_priority(priority);
     envelope.encode()?;
-    Ok(Prepared { envelope, recipients: vec![agent.id.clone()] })
+    Ok(Prepared { envelope, recipients: vec![(agent.id.clone(), agent.consumer_tuning())] })
 }
 
 /// Validates a message to every active agent.
@@ -160,7 +160,7 @@ pub fn prepare_broadcast(
     text: &str,
     priority: Priority,
 ) -> Result<Prepared, SendError> {
-    let recipients: Vec<AgentId> = registry.active().map(|a| a.id.clone()).collect();
+    let recipients: Vec<_> = registry.active().map(|a| (a.id.clone(), a.consumer_tuning())).collect();
     if recipients.is_empty() {
         return Err(SendError::NoActiveAgents);
     }
@@ -174,7 +174,11 @@ pub fn prepare_broadcast(
 /// connection: the bot's engine does it at start, the CLI before its publish).
 pub async fn deliver(js: &async_nats::jetstream::Context, prepared: &Prepared) -> Result<Receipt, SendError> {
     let mut ensured = futures::stream::iter(
-        prepared.recipients.iter().cloned().map(|id| async move { nats::ensure_consumer(js, &id).await }),
+        prepared
+            .recipients
+            .iter()
+            .cloned()
+            .map(|(id, tuning)| async move { nats::ensure_consumer(js, &id, tuning).await }),
     )
     .buffer_unordered(ENSURE_PARALLELISM);
     while let Some(result) = ensured.next().await {

@@ -226,6 +226,13 @@ pub async fn run(
     let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot").await?;
     let limits = crate::limits::LimitStore::from_url(config.redis_url.as_deref()).await;
     let engine = Arc::new(Engine::new(config.engine.clone(), client.clone(), limits).await?);
+    // What listeners refuse to run on, the bot refuses to feed.
+    if let Ok(registry) = mesh_listener::registry_file::load(&config.engine.registry_path)
+        && let Err(e) = crate::provision::verify(engine.jetstream(), &registry).await
+        && e.is_fatal()
+    {
+        anyhow::bail!("refusing to start: {e}");
+    }
     let stop = CancellationToken::new();
     let mut app = Router::new();
     if let Some(slack) = &config.slack {

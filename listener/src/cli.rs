@@ -28,7 +28,8 @@ struct Args {
     /// Registry file (tokens.json).
     #[arg(long, env = "MESH_REGISTRY", default_value = DEFAULT_REGISTRY)]
     registry: PathBuf,
-    /// Deliveries in flight per agent; 1 keeps per-agent order.
+    /// Deliveries in flight per agent; 1 keeps per-agent order. At most what the agent's consumer
+    /// allows (its registry entry's `concurrency`, which the bot sets).
     #[arg(long, env = "MESH_CONCURRENCY", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     concurrency: u16,
     /// Gateway request timeout, in seconds.
@@ -37,7 +38,7 @@ struct Args {
     /// Longest wait for in-flight deliveries at shutdown, in seconds (default: the request timeout plus 5).
     #[arg(long, env = "MESH_SHUTDOWN_GRACE")]
     shutdown_grace: Option<u64>,
-    /// Consumer ack wait, in seconds.
+    /// Ack wait expected, in seconds; the consumer's own applies (a difference is logged at start).
     #[arg(long, env = "MESH_ACK_WAIT", default_value_t = 30)]
     ack_wait: u64,
     /// Deliveries before a message is dead-lettered.

@@ -80,13 +80,11 @@ impl ListenerConfig {
         self.shutdown_grace.unwrap_or(self.request_timeout + SHUTDOWN_MARGIN)
     }
 
-    /// The consumer tuning these settings imply. At concurrency 1 one message
-    /// at a time (order); above it four times the concurrency, so the next
-    /// messages wait in the listener (kept alive with in-progress acks) rather
-    /// than behind an ack round trip to the server.
+    /// The consumer tuning these settings ask for (what a test harness playing
+    /// the bot creates the consumer with; see [`ConsumerTuning::for_concurrency`]).
+    /// The listener itself runs within its consumer's tuning.
     pub fn tuning(&self) -> ConsumerTuning {
-        let concurrency = self.concurrency.max(1) as i64;
-        let max_ack_pending = if concurrency == 1 { 1 } else { 4 * concurrency };
-        ConsumerTuning { ack_wait: self.ack_wait, max_ack_pending }
+        let concurrency = u16::try_from(self.concurrency).unwrap_or(mesh_protocol::layout::MAX_CONCURRENCY);
+        ConsumerTuning { ack_wait: self.ack_wait, ..ConsumerTuning::for_concurrency(concurrency) }
     }
 }

@@ -16,16 +16,16 @@ use tracing::{debug, error, info, warn};
 
 use crate::delivery::{self, AgentEntry, Deps};
 use crate::gateway::Gateway;
-use crate::layout_check::LayoutError;
+use crate::layout_check::{self, LayoutError};
 use crate::state::AgentState;
 
 /// Settings of one agent loop.
 #[derive(Debug, Clone, Copy)]
 pub struct LoopConfig {
-    /// Deliveries in flight; 1 keeps order.
+    /// Deliveries in flight asked for (`--concurrency`); the consumer may allow fewer.
     pub concurrency: usize,
-    /// Consumer tuning.
-    pub tuning: mesh_protocol::layout::ConsumerTuning,
+    /// Ack wait asked for (`--ack-wait`); the consumer's applies.
+    pub ack_wait: Duration,
 }
 
 /// Messages asked for per pull request.
@@ -39,8 +39,8 @@ const REBIND_DELAY: Duration = Duration::from_secs(1);
 /// rotated token applies from the next request on); `paused` stops pulling
 /// while it is true. A missing consumer is waited for; one set up otherwise
 /// than the layout says ends the loop with the error (the process stops).
-pub async fn run_agent<G: Gateway>(
-    deps: Arc<Deps<G>>,
+pub async fn run_agent<G: Gateway + Clone>(
+    shared: Arc<Deps<G>>,
     state: Arc<AgentState>,
     entry: watch::Receiver<Arc<AgentEntry>>,
     mut paused: watch::Receiver<bool>,
@@ -57,7 +57,7 @@ pub async fn run_agent<G: Gateway>(
                 _ = paused.wait_for(|p| !*p) => continue,
             }
         }
-        let find = || crate::lookup::find_consumer(&deps.js, &agent, config.tuning);
+        let find = || crate::lookup::find_consumer(&shared.js, &agent);
         let consumer = match crate::lookup::wait_for(agent.as_str(), find, stop.cancelled()).await {
             None => break,
             Some(Ok(consumer)) => consumer,
@@ -66,7 +66,14 @@ pub async fn run_agent<G: Gateway>(
                 return Err(e);
             }
         };
-        let failure = if config.concurrency <= 1 {
+        // The consumer's ack wait and in-flight window apply, whatever the flags asked for.
+        let (run, note) = layout_check::effective(config.concurrency, config.ack_wait, consumer.cached_info());
+        if let Some(note) = note {
+            warn!(agent = %agent, "{note}");
+        }
+        let deps =
+            Arc::new(Deps { ack_wait: run.ack_wait, confirm_acks: run.concurrency <= 1, ..Deps::clone(&shared) });
+        let failure = if run.concurrency <= 1 {
             info!(agent = %agent, concurrency = 1, "pulling one message at a time");
             pull_one_at_a_time(&deps, &state, &entry, &mut paused, &stop, &consumer).await
         } else {
@@ -87,10 +94,10 @@ pub async fn run_agent<G: Gateway>(
                     }
                 }
             };
-            info!(agent = %agent, concurrency = config.concurrency, "pulling");
-            let limit = config.concurrency;
+            info!(agent = %agent, concurrency = run.concurrency, ack_wait_ms = run.ack_wait.as_millis() as u64, "pulling");
+            let limit = run.concurrency;
             // Above concurrency 1 the server lets up to three times `limit` more
-            // messages wait here (see `ListenerConfig::tuning`), so a free slot
+            // messages wait here (see `ConsumerTuning::for_concurrency`), so a free slot
             // starts the next message at once instead of after an ack round trip.
             let prefetch = 3 * limit;
             let mut waiting: VecDeque<jetstream::Message> = VecDeque::with_capacity(prefetch);

@@ -35,8 +35,8 @@ pub struct AgentEntry {
     pub tokens: AgentTokens,
 }
 
-/// What every delivery of a process shares.
-#[derive(Debug)]
+/// What every delivery of an agent loop shares.
+#[derive(Debug, Clone)]
 pub struct Deps<G> {
     /// JetStream, for dead letters and chat replies.
     pub js: jetstream::Context,
@@ -46,7 +46,7 @@ pub struct Deps<G> {
     pub retry: RetryPolicy,
     /// Chat replies stop after this many hops.
     pub max_hops: u8,
-    /// The consumers' ack wait (in-progress acks are sent at a third of it).
+    /// The consumer's ack wait, as the server has it (in-progress acks are sent at a third of it).
     pub ack_wait: Duration,
     /// Wait for the server to confirm each ack (ordered mode).
     pub confirm_acks: bool,

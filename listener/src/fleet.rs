@@ -79,11 +79,10 @@ pub async fn run_with(
         None => return Ok(()),
         Some(result) => result?,
     }
-    let kill_store =
-        match crate::lookup::wait_for("kill switch", || crate::lookup::find_bucket(&js), &mut shutdown).await {
-            None => return Ok(()),
-            Some(result) => result?,
-        };
+    match crate::lookup::wait_for("kill switch", || crate::lookup::find_bucket(&js), &mut shutdown).await {
+        None => return Ok(()),
+        Some(result) => result?,
+    }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     let metrics = crate::metrics::install();
     let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));
@@ -92,12 +91,14 @@ pub async fn run_with(
         gateway: gateway.clone(),
         retry: config.retry,
         max_hops: config.max_hops,
+        // Each agent loop sets both from its consumer.
         ack_wait: config.ack_wait,
         confirm_acks: config.concurrency <= 1,
         connects,
         registry: registry_rx,
     });
-    let kill_states = crate::killswitch::load(&kill_store).await?;
+    let kill_keys = crate::killswitch::keys_of(selected.keys());
+    let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
     let fleet = Arc::new(FleetState::default());
     let urls = GatewayUrls::default();
     let root = CancellationToken::new();
@@ -110,7 +111,8 @@ pub async fn run_with(
     }
     tokio::spawn(ping::respond(client.clone(), fleet.clone(), gateway, urls.clone(), root.clone()));
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
-    tokio::spawn(crate::killswitch::watch(kill_store, kill_tx, root.clone()));
+    let (kill_keys_tx, kill_keys_rx) = watch::channel(kill_keys);
+    tokio::spawn(crate::killswitch::follow(client.clone(), kill_seen, kill_keys_rx, kill_tx, root.clone()));
 
     let (pause_tx, mut pause_rx) = mpsc::unbounded_channel();
     let mut world = World {
@@ -119,11 +121,12 @@ pub async fn run_with(
         deps,
         fleet: fleet.clone(),
         urls,
-        loop_config: LoopConfig { concurrency: config.concurrency, tuning: config.tuning() },
+        loop_config: LoopConfig { concurrency: config.concurrency, ack_wait: config.ack_wait },
         root: root.clone(),
         pause_all: false,
         paused_agents: BTreeSet::new(),
         kill: kill_states,
+        kill_keys: kill_keys_tx,
     };
     world.apply(&selected);
     info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
@@ -176,9 +179,17 @@ pub async fn run_with(
             }
             Some(joined) = world.tasks.join_next(), if !world.tasks.is_empty() => {
                 match joined {
-                    Ok(Err(e)) => {
+                    // One agent: the process stops with the error.
+                    Ok((_, Err(e))) if matches!(config.selection, Selection::One(_)) => {
                         refused = Some(e);
                         break;
+                    }
+                    // One of many: only that agent stops; /health reports it.
+                    Ok((agent, Err(e))) => {
+                        error!(agent = %agent, error = %e, "this agent stopped; the others keep running (restart the listener once it is fixed)");
+                        if let Some(state) = world.fleet.get(&agent) {
+                            state.set_refused(e.to_string());
+                        }
                     }
                     Err(e) if e.is_panic() => error!(error = %e, "an agent loop panicked"),
                     _ => {}
@@ -257,7 +268,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
 /// The running loops of one process.
 struct World<G> {
     running: BTreeMap<AgentId, Running>,
-    tasks: JoinSet<Result<(), crate::layout_check::LayoutError>>,
+    tasks: JoinSet<(AgentId, Result<(), crate::layout_check::LayoutError>)>,
     deps: Arc<Deps<G>>,
     fleet: Arc<FleetState>,
     urls: GatewayUrls,
@@ -266,9 +277,11 @@ struct World<G> {
     pause_all: bool,
     paused_agents: BTreeSet<AgentId>,
     kill: crate::killswitch::KillStates,
+    /// The kill switch keys followed: the global one and the running agents'.
+    kill_keys: watch::Sender<BTreeSet<String>>,
 }
 
-impl<G: Gateway> World<G> {
+impl<G: Gateway + Clone> World<G> {
     /// Starts, updates and stops loops so that exactly `selected` run.
     fn apply(&mut self, selected: &BTreeMap<AgentId, AgentEntry>) {
         let fleet = &self.fleet;
@@ -297,17 +310,19 @@ impl<G: Gateway> World<G> {
             let (paused_tx, paused_rx) = watch::channel(self.should_pause(id));
             let stop = self.root.child_token();
             let state = self.fleet.add(id);
-            self.tasks.spawn(consumer::run_agent(
-                self.deps.clone(),
-                state,
-                entry_rx,
-                paused_rx,
-                self.loop_config,
-                stop.clone(),
-            ));
+            let run =
+                consumer::run_agent(self.deps.clone(), state, entry_rx, paused_rx, self.loop_config, stop.clone());
+            let agent = id.clone();
+            self.tasks.spawn(async move { (agent, run.await) });
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }
+        let keys = crate::killswitch::keys_of(self.running.keys());
+        self.kill_keys.send_if_modified(|known| {
+            let changed = *known != keys;
+            *known = keys;
+            changed
+        });
     }
 
     fn pause(&mut self, command: PauseCommand) {

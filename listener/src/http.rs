@@ -62,12 +62,15 @@ async fn health(State(ctx): State<Ctx>) -> (StatusCode, axum::Json<serde_json::V
     let uptime = ctx.fleet.started.elapsed();
     let agents: Vec<_> = ctx.fleet.agents().iter().map(|a| a.pong(uptime)).collect();
     let failing: Vec<_> = ctx.fleet.agents().iter().filter(|a| a.is_failing()).map(|a| a.id.to_string()).collect();
-    let healthy = connected && failing.is_empty();
+    let refused: serde_json::Map<String, serde_json::Value> =
+        ctx.fleet.agents().iter().filter_map(|a| a.refused().map(|why| (a.id.to_string(), why.into()))).collect();
+    let healthy = connected && failing.is_empty() && refused.is_empty();
     let status = if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = json!({
         "status": if healthy { "ok" } else { "unhealthy" },
         "nats": if connected { "connected" } else { "disconnected" },
         "failing_gateways": failing,
+        "refused": refused,
         "uptime_s": uptime.as_secs(),
         "version": mesh_protocol::VERSION,
         "agents": agents,

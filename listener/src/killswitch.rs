@@ -1,15 +1,19 @@
-//! The listener's side of the kill switch: read what is in force before any
-//! agent starts pulling, and follow every change. An entry that cannot be
-//! read pauses (fail closed), loudly, until it is overwritten or deleted.
+//! The listener's side of the kill switch: read its keys (the mesh-wide one
+//! and its agents') before any agent starts pulling, and follow every change
+//! with plain subscriptions and direct gets, never a consumer on the bucket.
+//! An entry that cannot be read pauses (fail closed), loudly, until it is
+//! overwritten or deleted.
 //! Creating the bucket ([`open`]) is for the bot and the `mesh` commands.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
+use mesh_protocol::AgentId;
+use mesh_protocol::access;
 use mesh_protocol::killswitch::{BUCKET, KillState, Mode, Scope};
 use mesh_protocol::layout::Replicas;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
@@ -61,110 +65,215 @@ pub fn decode_fail_closed(key: &str, value: &[u8], now: time::OffsetDateTime) ->
     })
 }
 
-/// Reads every entry now.
-pub async fn load(store: &kv::Store) -> Result<KillStates, NatsError> {
-    let mut out = KillStates::new();
-    let mut keys = store.keys().await.map_err(|e| NatsError::JetStream(format!("listing {BUCKET}: {e}")))?;
-    while let Some(key) = keys.next().await {
-        let key = key.map_err(|e| NatsError::JetStream(format!("listing {BUCKET}: {e}")))?;
-        if let Ok(Some(value)) = store.get(&key).await {
-            let state = decode_fail_closed(&key, &value, time::OffsetDateTime::now_utc());
-            out.insert(key, state);
-        }
-    }
-    Ok(out)
-}
-
-/// How often the bucket is re-read besides the watch: a watch that stalls
-/// without an error (its stream losing a leader mid-watch on a cluster) must
-/// not leave a listener delivering through a kill, or paused after a resume.
+/// How often the keys are re-read besides the notifications: a change
+/// published while the connection was down, or a notification lost, must not
+/// leave a listener delivering through a kill, or paused after a resume.
 pub const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the watcher has passed on, per key: the revision and the entry.
-type Seen = BTreeMap<String, (u64, Option<KillState>)>;
+/// How long one direct get may take.
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Sends every change (key, new entry or `None` when deleted) until `stop`,
-/// from the watch and from a re-read every [`RESYNC_EVERY`]; an entry older
-/// than one already passed on (a lagging replica's answer) is ignored.
-pub async fn watch(
-    store: kv::Store,
+/// What the follower has passed on, per key: the revision and the entry.
+pub type Seen = BTreeMap<String, (u64, Option<KillState>)>;
+
+/// The keys a listener follows: the mesh-wide one and each served agent's.
+pub fn keys_of<'a>(agents: impl IntoIterator<Item = &'a AgentId>) -> BTreeSet<String> {
+    let global = Scope::Global.key();
+    agents.into_iter().flat_map(access::killswitch_keys_of).chain([global]).collect()
+}
+
+/// One key as stored now, read with a direct get (the only read a
+/// listener's NATS user may do on the bucket): its revision (0 when never
+/// written) and its entry (`None` when deleted, purged or never written; an
+/// unreadable entry is a hard pause, see [`decode_fail_closed`]).
+pub async fn read(client: &async_nats::Client, key: &str) -> Result<(u64, Option<KillState>), NatsError> {
+    let request = client.request(access::killswitch_direct_get(key), bytes::Bytes::new());
+    let answer = tokio::time::timeout(READ_TIMEOUT, request)
+        .await
+        .map_err(|_| NatsError::JetStream(format!("reading kill switch key {key}: no answer in {READ_TIMEOUT:?}")))?
+        .map_err(|e| NatsError::JetStream(format!("reading kill switch key {key}: {e}")))?;
+    if answer.status == Some(async_nats::StatusCode::NOT_FOUND) {
+        return Ok((0, None));
+    }
+    if let Some(status) = answer.status.filter(|s| !s.is_success()) {
+        let why = answer.description.unwrap_or_default();
+        return Err(NatsError::JetStream(format!("reading kill switch key {key}: {status} {why}")));
+    }
+    let headers = answer.headers.unwrap_or_default();
+    let revision = headers
+        .get(SEQUENCE_HEADER)
+        .and_then(|v| v.as_str().parse::<u64>().ok())
+        .ok_or_else(|| NatsError::JetStream(format!("reading kill switch key {key}: answer without a revision")))?;
+    let removed = headers.get(OPERATION_HEADER).is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+    if removed || answer.payload.is_empty() {
+        return Ok((revision, None));
+    }
+    Ok((revision, Some(decode_fail_closed(key, &answer.payload, time::OffsetDateTime::now_utc()))))
+}
+
+/// Header of a direct get answer carrying the entry's stream sequence (its revision).
+const SEQUENCE_HEADER: &str = "Nats-Sequence";
+/// Header marking a key-value delete or purge.
+const OPERATION_HEADER: &str = "KV-Operation";
+
+/// Reads `keys` now: what is in force before any agent starts pulling.
+pub async fn load(client: &async_nats::Client, keys: &BTreeSet<String>) -> Result<(KillStates, Seen), NatsError> {
+    let (mut states, mut seen) = (KillStates::new(), Seen::new());
+    for key in keys {
+        let (revision, state) = read(client, key).await?;
+        if let Some(state) = &state {
+            states.insert(key.clone(), state.clone());
+        }
+        seen.insert(key.clone(), (revision, state));
+    }
+    Ok((states, seen))
+}
+
+/// Sends every change of the followed keys (key, new entry or `None` when
+/// deleted) until `stop`. Each key's subject is subscribed to (a put or a
+/// delete is a publish there); a notification, a change of `keys` and a
+/// re-read every [`RESYNC_EVERY`] all lead to a direct get, and only an
+/// entry newer than the one passed on for its key is passed on (a lagging
+/// replica's answer, or a rejected write's notification, changes nothing).
+pub async fn follow(
+    client: async_nats::Client,
+    mut seen: Seen,
+    mut keys: watch::Receiver<BTreeSet<String>>,
     changes: mpsc::UnboundedSender<(String, Option<KillState>)>,
     stop: CancellationToken,
 ) {
-    let mut seen = Seen::new();
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut subscribed: Option<futures::stream::SelectAll<async_nats::Subscriber>> = None;
     loop {
-        let mut watch = match store.watch_all().await {
-            Ok(watch) => watch,
-            Err(e) => {
-                warn!(error = %e, "cannot watch the kill switch; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+        let notifications = match subscribed.as_mut() {
+            Some(notifications) => notifications,
+            None => {
+                let wanted = keys.borrow_and_update().clone();
+                match subscribe(&client, &wanted).await {
+                    Ok(subs) => subscribed = Some(subs),
+                    Err(e) => {
+                        warn!(error = %e, "cannot follow the kill switch; retrying");
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                        }
+                    }
                 }
+                // Whatever changed while not subscribed.
+                if !reread(&client, &wanted, &mut seen, &changes).await {
+                    return;
+                }
+                continue;
             }
         };
-        loop {
-            let entry = tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = resync.tick() => {
-                    if !reread(&store, &mut seen, &changes).await {
-                        return;
-                    }
+        let wake = tokio::select! {
+            _ = stop.cancelled() => Wake::Stop,
+            changed = keys.changed() => if changed.is_ok() { Wake::Keys } else { Wake::Stop },
+            _ = resync.tick() => Wake::Resync,
+            message = notifications.next() => match message {
+                Some(message) => Wake::Notified(message.subject.to_string()),
+                None => Wake::Ended,
+            },
+        };
+        match wake {
+            Wake::Stop => return,
+            Wake::Keys | Wake::Ended => subscribed = None,
+            Wake::Resync => {
+                let wanted = keys.borrow().clone();
+                if !reread(&client, &wanted, &mut seen, &changes).await {
+                    return;
+                }
+            }
+            Wake::Notified(subject) => {
+                let prefix = access::killswitch_key_subject("");
+                let Some(key) = subject.strip_prefix(&prefix).filter(|k| keys.borrow().contains(*k)) else {
                     continue;
+                };
+                if !read_change(&client, key, &mut seen, &changes).await {
+                    return;
                 }
-                entry = watch.next() => entry,
-            };
-            match entry {
-                Some(Ok(entry)) => {
-                    if !pass_on(&mut seen, entry, &changes) {
-                        return;
-                    }
-                }
-                Some(Err(e)) => {
-                    warn!(error = %e, "kill switch watch failed; rewatching");
-                    break;
-                }
-                None => break,
             }
         }
     }
+}
+
+/// Reads a key after a notification. The notification can arrive before the
+/// stream has stored the write (or before the replica answering has it), so
+/// a revision not newer than the one passed on is read again a few times,
+/// briefly; a write the stream refused stays at the old revision, and the
+/// next re-read settles anything left. False when the receiver is gone.
+async fn read_change(
+    client: &async_nats::Client,
+    key: &str,
+    seen: &mut Seen,
+    changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
+) -> bool {
+    let known = seen.get(key).map_or(0, |(revision, _)| *revision);
+    for attempt in 0..NOTIFIED_READS {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        match read(client, key).await {
+            Ok((revision, state)) if revision > known => return pass_on(seen, key, revision, state, changes),
+            Ok(_) => {}
+            Err(e) => warn!(key, error = %e, "cannot read a changed kill switch key; the next re-read retries"),
+        }
+    }
+    true
+}
+
+/// Reads of a key after one notification, at most.
+const NOTIFIED_READS: u32 = 5;
+
+/// What woke the follower.
+enum Wake {
+    Stop,
+    Keys,
+    Resync,
+    Notified(String),
+    Ended,
+}
+
+async fn subscribe(
+    client: &async_nats::Client,
+    keys: &BTreeSet<String>,
+) -> Result<futures::stream::SelectAll<async_nats::Subscriber>, async_nats::SubscribeError> {
+    let mut all = futures::stream::SelectAll::new();
+    for key in keys {
+        all.push(client.subscribe(access::killswitch_key_subject(key)).await?);
+    }
+    Ok(all)
 }
 
 /// Passes an entry on when it is newer than what was passed on for its key;
 /// false when the receiver is gone.
-fn pass_on(seen: &mut Seen, entry: kv::Entry, changes: &mpsc::UnboundedSender<(String, Option<KillState>)>) -> bool {
-    if seen.get(&entry.key).is_some_and(|(revision, _)| *revision >= entry.revision) {
+fn pass_on(
+    seen: &mut Seen,
+    key: &str,
+    revision: u64,
+    state: Option<KillState>,
+    changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
+) -> bool {
+    if seen.get(key).is_some_and(|(known, _)| *known >= revision) {
         return true;
     }
-    let state = match entry.operation {
-        kv::Operation::Put => Some(decode_fail_closed(&entry.key, &entry.value, entry.created)),
-        _ => None,
-    };
-    let changed = seen.get(&entry.key).is_none_or(|(_, known)| *known != state);
-    seen.insert(entry.key.clone(), (entry.revision, state.clone()));
-    !changed || changes.send((entry.key, state)).is_ok()
+    let changed = seen.get(key).is_none_or(|(_, known)| *known != state);
+    seen.insert(key.to_owned(), (revision, state.clone()));
+    !changed || changes.send((key.to_owned(), state)).is_ok()
 }
 
-/// Re-reads every key (those listed now and those seen before); false when
-/// the receiver is gone. A failed read is left to the next round.
+/// Re-reads every followed key; false when the receiver is gone. A failed
+/// read is left to the next round.
 async fn reread(
-    store: &kv::Store,
+    client: &async_nats::Client,
+    keys: &BTreeSet<String>,
     seen: &mut Seen,
     changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
 ) -> bool {
-    let mut keys: Vec<String> = seen.keys().cloned().collect();
-    if let Ok(mut listed) = store.keys().await {
-        while let Some(Ok(key)) = listed.next().await {
-            if !keys.contains(&key) {
-                keys.push(key);
-            }
-        }
-    }
     for key in keys {
-        if let Ok(Some(entry)) = store.entry(key.as_str()).await
-            && !pass_on(seen, entry, changes)
+        if let Ok((revision, state)) = read(client, key).await
+            && !pass_on(seen, key, revision, state, changes)
         {
             return false;
         }
@@ -183,48 +292,40 @@ mod tests {
     use mesh_protocol::killswitch::Mode;
     use time::OffsetDateTime;
 
-    fn entry(revision: u64, state: Option<&KillState>) -> kv::Entry {
-        kv::Entry {
-            bucket: BUCKET.into(),
-            key: "global".into(),
-            value: state.map(|s| s.encode().into()).unwrap_or_default(),
-            revision,
-            delta: 0,
-            created: OffsetDateTime::UNIX_EPOCH,
-            operation: if state.is_some() { kv::Operation::Put } else { kv::Operation::Delete },
-            seen_current: true,
-        }
-    }
-
     #[test]
     fn only_newer_changes_are_passed_on() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hard =
             KillState { mode: Mode::Hard, until: None, by: "d".into(), reason: None, at: OffsetDateTime::UNIX_EPOCH };
         let mut seen = Seen::new();
-        assert!(pass_on(&mut seen, entry(2, Some(&hard)), &tx));
+        assert!(pass_on(&mut seen, "global", 2, Some(hard.clone()), &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), Some(hard.clone())));
-        // The watch and a re-read both saw revision 2: passed on once.
-        assert!(pass_on(&mut seen, entry(2, Some(&hard)), &tx));
+        // A notification and a re-read both saw revision 2: passed on once.
+        assert!(pass_on(&mut seen, "global", 2, Some(hard.clone()), &tx));
         assert!(rx.try_recv().is_err());
         // A lagging replica's older answer does not undo the kill.
-        assert!(pass_on(&mut seen, entry(1, None), &tx));
+        assert!(pass_on(&mut seen, "global", 1, None, &tx));
         assert!(rx.try_recv().is_err());
         // A newer delete (a resume) is passed on.
-        assert!(pass_on(&mut seen, entry(3, None), &tx));
+        assert!(pass_on(&mut seen, "global", 3, None, &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
         drop(rx);
-        assert!(!pass_on(&mut seen, entry(4, Some(&hard)), &tx), "the receiver is gone");
+        assert!(!pass_on(&mut seen, "global", 4, Some(hard), &tx), "the receiver is gone");
+    }
+
+    #[test]
+    fn a_listener_follows_the_global_key_and_its_agents() {
+        let ids: Vec<AgentId> = ["nova", "kaan"].iter().map(|s| s.parse().unwrap()).collect();
+        assert_eq!(keys_of(&ids).into_iter().collect::<Vec<_>>(), ["agent.kaan", "agent.nova", "global"]);
+        assert_eq!(keys_of(&[]).into_iter().collect::<Vec<_>>(), ["global"]);
     }
 
     #[test]
     fn an_unreadable_entry_pauses_hard_until_deleted() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut seen = Seen::new();
-        let mut garbage = entry(5, None);
-        garbage.operation = kv::Operation::Put;
-        garbage.value = "{not a kill state".into();
-        assert!(pass_on(&mut seen, garbage, &tx));
+        let garbage = decode_fail_closed("global", b"{not a kill state", OffsetDateTime::now_utc());
+        assert!(pass_on(&mut seen, "global", 5, Some(garbage), &tx));
         let (key, state) = rx.try_recv().unwrap();
         let state = state.expect("an unreadable entry is a pause, not a deletion");
         assert_eq!(
@@ -234,7 +335,7 @@ mod tests {
         assert!(state.reason.as_deref().unwrap().contains("unreadable kill switch entry \"global\""));
         assert!(state.in_force(OffsetDateTime::now_utc()));
         // Deleting it resumes.
-        assert!(pass_on(&mut seen, entry(6, None), &tx));
+        assert!(pass_on(&mut seen, "global", 6, None, &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
     }
 }

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer::pull, kv};
+use async_nats::jetstream::{self, consumer::pull};
 use mesh_protocol::AgentId;
-use mesh_protocol::killswitch::BUCKET;
 use mesh_protocol::layout::{self, ConsumerTuning};
 use tracing::{info, warn};
 
@@ -28,25 +27,25 @@ pub async fn check_streams(js: &jetstream::Context) -> Result<(), LayoutError> {
     Ok(())
 }
 
-/// Looks up the kill switch bucket and checks its stream.
-pub async fn find_bucket(js: &jetstream::Context) -> Result<kv::Store, LayoutError> {
+/// Looks up the kill switch bucket and checks its stream (the listener reads
+/// its keys with direct gets: [`crate::killswitch::read`]).
+pub async fn find_bucket(js: &jetstream::Context) -> Result<(), LayoutError> {
     let name = mesh_protocol::access::killswitch_stream();
     match js.get_stream(&name).await {
-        Ok(stream) => layout_check::check_bucket(&stream.cached_info().config)?,
-        Err(e) if not_found(&e.to_string()) => return Err(LayoutError::MissingBucket),
-        Err(e) => return Err(LayoutError::Nats(format!("looking up {name}: {e}"))),
+        Ok(stream) => layout_check::check_bucket(&stream.cached_info().config),
+        Err(e) if not_found(&e.to_string()) => Err(LayoutError::MissingBucket),
+        Err(e) => Err(LayoutError::Nats(format!("looking up {name}: {e}"))),
     }
-    js.get_key_value(BUCKET).await.map_err(|e| LayoutError::Nats(format!("opening {BUCKET}: {e}")))
 }
 
-/// Looks up an agent's consumer and checks it; warns once per lookup when
-/// its tuning differs from `tuning` (the consumer's applies).
+/// Looks up an agent's consumer and checks it. Its tuning (ack wait,
+/// messages in flight) is the consumer's own: see [`ConsumerTuning`] of
+/// `consumer.cached_info().config`.
 pub async fn find_consumer(
     js: &jetstream::Context,
     agent: &AgentId,
-    tuning: ConsumerTuning,
 ) -> Result<jetstream::consumer::Consumer<pull::Config>, LayoutError> {
-    let spec = layout::agent_consumer(agent, tuning);
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
     let stream = js.get_stream_no_info(spec.stream).await.map_err(|e| LayoutError::Nats(e.to_string()))?;
     let consumer = stream.get_consumer::<pull::Config>(&spec.durable).await.map_err(|e| {
         if not_found(&e.to_string()) {
@@ -55,11 +54,7 @@ pub async fn find_consumer(
             LayoutError::Nats(format!("looking up consumer {}: {e}", spec.durable))
         }
     })?;
-    let info = consumer.cached_info();
-    layout_check::check_consumer(&spec, info)?;
-    if let Some(note) = layout_check::tuning_note(&spec, info) {
-        warn!(agent = %agent, "{note}");
-    }
+    layout_check::check_consumer(&spec, consumer.cached_info())?;
     Ok(consumer)
 }
 

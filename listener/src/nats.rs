@@ -240,9 +240,14 @@ pub fn consumer_config(spec: &ConsumerSpec) -> pull::Config {
 }
 
 /// Makes sure an agent's durable consumer exists without changing an
-/// existing one (what a sender does before publishing).
-pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result<(), NatsError> {
-    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+/// existing one (what a sender does before publishing), creating it with
+/// `tuning` (the agent's registry entry's, [`mesh_protocol::registry::Agent::consumer_tuning`]).
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    agent: &AgentId,
+    tuning: ConsumerTuning,
+) -> Result<(), NatsError> {
+    let spec = layout::agent_consumer(agent, tuning);
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
@@ -255,6 +260,22 @@ pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result
     .await
     .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
     Ok(())
+}
+
+/// The tuning of an agent's consumer, or `None` when it does not exist.
+pub async fn consumer_tuning(js: &jetstream::Context, agent: &AgentId) -> Result<Option<ConsumerTuning>, NatsError> {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = js
+        .get_stream_no_info(spec.stream)
+        .await
+        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    match stream.consumer_info(&spec.durable).await {
+        Ok(info) => {
+            Ok(Some(ConsumerTuning { ack_wait: info.config.ack_wait, max_ack_pending: info.config.max_ack_pending }))
+        }
+        Err(e) if e.to_string().contains("not found") || e.to_string().contains("10014") => Ok(None),
+        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+    }
 }
 
 /// Creates or updates an agent's consumer with `tuning` (the admin side:

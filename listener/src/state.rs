@@ -37,6 +37,7 @@ pub struct AgentState {
     pub counters: crate::metrics::DeliveryCounters,
     gateway: AtomicU8,
     gateway_checked: Mutex<Option<Instant>>,
+    refused: Mutex<Option<String>>,
 }
 
 impl AgentState {
@@ -55,7 +56,19 @@ impl AgentState {
             loop_guard: AtomicU64::new(0),
             gateway: AtomicU8::new(0),
             gateway_checked: Mutex::new(None),
+            refused: Mutex::new(None),
         }
+    }
+
+    /// Notes that this agent's loop stopped for good, and why (its consumer
+    /// is set up otherwise than the layout says).
+    pub fn set_refused(&self, why: String) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    /// Why this agent's loop stopped for good, if it did.
+    pub fn refused(&self) -> Option<String> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Notes whether a gateway call succeeded.

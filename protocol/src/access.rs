@@ -5,7 +5,7 @@
 //! subjects the code uses. `mesh deploy render` turns them into `nats.conf`.
 
 use crate::agent_id::AgentId;
-use crate::killswitch::BUCKET;
+use crate::killswitch::{BUCKET, Scope};
 use crate::layout::{self, ConsumerTuning};
 use crate::registry::{Agent, DeliveryMode};
 use crate::subject::{self, Subject};
@@ -25,6 +25,24 @@ pub fn killswitch_stream() -> String {
 /// Subject prefix of the kill switch bucket's keys.
 pub fn killswitch_keys() -> String {
     format!("$KV.{BUCKET}.>")
+}
+
+/// The subject a kill switch key's puts and deletes are published on (a
+/// plain subscription to it sees every change of that key).
+pub fn killswitch_key_subject(key: &str) -> String {
+    format!("$KV.{BUCKET}.{key}")
+}
+
+/// The direct-get request subject for the last entry of one kill switch key
+/// (the bucket's stream has `allow_direct`); the answer carries the entry's
+/// revision in `Nats-Sequence`.
+pub fn killswitch_direct_get(key: &str) -> String {
+    format!("{JS_API}.DIRECT.GET.{}.{}", killswitch_stream(), killswitch_key_subject(key))
+}
+
+/// The kill switch keys that concern one agent: the mesh-wide one and its own.
+pub fn killswitch_keys_of(agent: &AgentId) -> [String; 2] {
+    [Scope::Global.key(), Scope::Agent(agent.clone()).key()]
 }
 
 /// One NATS user's permissions.
@@ -62,9 +80,9 @@ pub const BOT_USER: &str = "mesh-bot";
 pub const ADMIN_USER: &str = "mesh-admin";
 
 /// The listener of one agent: reads only its own consumer (its inbox and the
-/// broadcast), writes its dead letters and pongs, and, in chat mode only,
-/// replies to other agents' inboxes and `mesh.reply.*` (looking up, never
-/// creating, the target agent's consumer first).
+/// broadcast) and its two kill switch keys, writes its dead letters and
+/// pongs, and, in chat mode only, replies to other agents' inboxes and
+/// `mesh.reply.*` (looking up, never creating, the target agent's consumer first).
 ///
 /// It creates and changes nothing in JetStream: no stream, no consumer, not
 /// the kill switch bucket. Its own consumer's create-or-update right would let
@@ -89,16 +107,11 @@ pub fn listener(agent: &Agent) -> Access {
         format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"),
         format!("{JS_ACK}.{stream}.{durable}.>"),
     ]);
-    // The kill switch: read and watch (ordered consumers on the bucket's own stream), never write.
-    publish.extend([
-        format!("{JS_API}.CONSUMER.CREATE.{kv}"),
-        format!("{JS_API}.CONSUMER.CREATE.{kv}.>"),
-        format!("{JS_API}.CONSUMER.DELETE.{kv}.>"),
-        format!("{JS_API}.CONSUMER.INFO.{kv}.>"),
-        format!("{JS_API}.DIRECT.GET.{kv}.>"),
-        format!("{JS_API}.STREAM.MSG.GET.{kv}"),
-        format!("{JS_FC}.{kv}.>"),
-    ]);
+    // The kill switch: its two keys only, read with direct gets and followed
+    // with plain subscriptions. No consumer on the bucket's stream: one could
+    // be pointed (push) at any subject and amplify every entry there.
+    let keys = killswitch_keys_of(id);
+    publish.extend(keys.iter().map(|key| killswitch_direct_get(key)));
     publish.push(Subject::DeadLetter(id.clone()).to_string());
     publish.push(Subject::HealthPong.to_string());
     if agent.delivery == DeliveryMode::Chat {
@@ -113,7 +126,10 @@ pub fn listener(agent: &Agent) -> Access {
     let inbox_prefix = format!("_INBOX_{id}");
     Access {
         user: listener_user(id),
-        subscribe: vec![Subject::HealthPing.to_string(), format!("{inbox_prefix}.>")],
+        subscribe: [Subject::HealthPing.to_string(), format!("{inbox_prefix}.>")]
+            .into_iter()
+            .chain(keys.iter().map(|key| killswitch_key_subject(key)))
+            .collect(),
         inbox_prefix,
         publish,
         publish_deny: Vec::new(),
@@ -167,9 +183,18 @@ mod tests {
         for s in &access.publish {
             let changes = ["STREAM.CREATE", "STREAM.UPDATE", "CONSUMER.DURABLE"].iter().any(|bad| s.contains(bad));
             assert!(!changes, "{s}");
-            assert!(!s.starts_with("$JS.API.CONSUMER.CREATE.") || s.starts_with("$JS.API.CONSUMER.CREATE.KV_"), "{s}");
+            assert!(!s.contains("CONSUMER.CREATE") && !s.contains("CONSUMER.DELETE") && !s.contains("$JS.FC"), "{s}");
+            let kv_ok =
+                s.ends_with("STREAM.INFO.KV_mesh_killswitch") || s.ends_with(".global") || s.ends_with(".agent.nova");
+            assert!(!s.contains("KV_mesh_killswitch") || kv_ok, "{s}");
         }
-        assert_eq!(access.subscribe, ["mesh.health.ping", "_INBOX_nova.>"]);
+        assert!(
+            access.publish.contains(&"$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.nova".to_owned())
+        );
+        assert_eq!(
+            access.subscribe,
+            ["mesh.health.ping", "_INBOX_nova.>", "$KV.mesh_killswitch.global", "$KV.mesh_killswitch.agent.nova"]
+        );
         let chat = listener(&agent("chat"));
         assert!(chat.publish.contains(&"agents.*.inbox".to_owned()));
     }

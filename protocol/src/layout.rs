@@ -182,6 +182,28 @@ impl Default for ConsumerTuning {
     }
 }
 
+/// Most deliveries in flight an agent's consumer may be set up for.
+pub const MAX_CONCURRENCY: u16 = 1024;
+
+impl ConsumerTuning {
+    /// The tuning of an agent run with `concurrency` deliveries in flight
+    /// (the registry's `concurrency`, default 1): one message at a time keeps
+    /// order; above it four times the concurrency, so the next messages wait
+    /// in the listener (kept alive with in-progress acks) rather than behind
+    /// an ack round trip to the server.
+    pub fn for_concurrency(concurrency: u16) -> Self {
+        let concurrency = i64::from(concurrency.max(1));
+        let max_ack_pending = if concurrency == 1 { 1 } else { 4 * concurrency };
+        Self { max_ack_pending, ..Self::default() }
+    }
+
+    /// The deliveries in flight this tuning allows a listener (the inverse of
+    /// [`ConsumerTuning::for_concurrency`]; at least 1).
+    pub fn concurrency(&self) -> usize {
+        if self.max_ack_pending <= 1 { 1 } else { usize::try_from(self.max_ack_pending / 4).unwrap_or(1).max(1) }
+    }
+}
+
 /// One agent's durable pull consumer on the agents stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerSpec {
@@ -219,6 +241,18 @@ mod tests {
         assert_eq!(spec.durable, "agent-nova");
         assert_eq!(spec.filter_subjects, ["agents.nova.inbox", "agents.broadcast"]);
         assert_eq!(spec.stream, "MESH_AGENTS");
+    }
+
+    #[test]
+    fn tuning_follows_the_concurrency() {
+        for (concurrency, pending) in [(0, 1), (1, 1), (2, 8), (32, 128), (1024, 4096)] {
+            let tuning = ConsumerTuning::for_concurrency(concurrency);
+            assert_eq!(tuning.max_ack_pending, pending, "{concurrency}");
+            assert_eq!(tuning.concurrency(), usize::from(concurrency.max(1)));
+            assert_eq!(tuning.ack_wait, ConsumerTuning::default().ack_wait);
+        }
+        assert_eq!(ConsumerTuning { max_ack_pending: 3, ..Default::default() }.concurrency(), 1);
+        assert_eq!(ConsumerTuning { max_ack_pending: -1, ..Default::default() }.concurrency(), 1);
     }
 
     #[test]

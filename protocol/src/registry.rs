@@ -73,6 +73,14 @@ pub struct Agent {
     /// A display name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Deliveries in flight its consumer is set up for (1 to
+    /// [`crate::layout::MAX_CONCURRENCY`], default 1: per-agent order).
+    #[serde(skip_serializing_if = "is_one")]
+    pub concurrency: u16,
+}
+
+fn is_one(n: &u16) -> bool {
+    *n == 1
 }
 
 fn is_default_mode(mode: &DeliveryMode) -> bool {
@@ -90,6 +98,7 @@ impl fmt::Debug for Agent {
             .field("status", &self.status)
             .field("delivery", &self.delivery)
             .field("model", &self.model)
+            .field("concurrency", &self.concurrency)
             .finish()
     }
 }
@@ -107,6 +116,12 @@ impl Agent {
     /// True when a listener should run for this agent.
     pub fn is_active(&self) -> bool {
         self.status == Status::Active
+    }
+
+    /// The tuning its consumer is created and kept with (by the bot, `mesh
+    /// agents add` and senders); a listener runs within it.
+    pub fn consumer_tuning(&self) -> crate::layout::ConsumerTuning {
+        crate::layout::ConsumerTuning::for_concurrency(self.concurrency)
     }
 
     /// The gateway's base URL: `http://<gateway>` when set, else the hook's origin.
@@ -175,6 +190,7 @@ struct RawAgent {
     delivery: Option<String>,
     model: Option<String>,
     name: Option<String>,
+    concurrency: Option<i64>,
 }
 
 /// The whole registry, by agent id.
@@ -295,6 +311,14 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             DeliveryMode::Wake
         }),
     };
+    let max = crate::layout::MAX_CONCURRENCY;
+    let concurrency = match raw.concurrency {
+        None => 1,
+        Some(n) => u16::try_from(n).ok().filter(|n| (1..=max).contains(n)).unwrap_or_else(|| {
+            errors.push(bad("concurrency", format!("{n} is out of range; use 1 (in order) to {max}")));
+            1
+        }),
+    };
     let hooks_url = match check_hooks_url(&raw.hooks_url) {
         Ok(url) => Some(url),
         Err(reason) => {
@@ -339,6 +363,7 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             delivery,
             model: raw.model,
             name: raw.name,
+            concurrency,
         }),
         _ => Err(errors),
     }
@@ -529,6 +554,20 @@ mod tests {
             &format!(r#"{{{h}, "hooks_url": "http://g/", "delivery": "chat"}}"#),
             &["needs gateway_token", "needs model"],
         );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "concurrency": 0}}"#),
+            &["concurrency", "1 (in order) to 1024"],
+        );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "concurrency": 1025}}"#),
+            &["concurrency", "1025 is out of range"],
+        );
+        let busy =
+            Registry::parse(&format!(r#"{{"nova": {{{h}, "hooks_url": "http://g/", "concurrency": 32}}}}"#)).unwrap();
+        let nova = busy.agents().next().unwrap();
+        assert_eq!((nova.concurrency, nova.consumer_tuning().max_ack_pending), (32, 128));
+        assert!(busy.to_json().contains("\"concurrency\": 32"));
+        assert_eq!(Registry::parse(&busy.to_json()).unwrap(), busy);
         rejects(
             &format!(r#"{{{h}, "hooks_url": "http://g/", "stauts": "active"}}"#),
             &["\"nova\"", "unknown field `stauts`"],

@@ -63,7 +63,9 @@ impl SteadyPublisher {
         every: Duration,
     ) -> Self {
         for agent in &agents {
-            mesh_listener::nats::ensure_consumer(&js, agent).await.expect("creating the agent's consumer");
+            mesh_listener::nats::ensure_consumer(&js, agent, Default::default())
+                .await
+                .expect("creating the agent's consumer");
         }
         let stop = CancellationToken::new();
         let (acked_tx, acked) = watch::channel(0);

@@ -73,7 +73,7 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     // A server where a listener already created its consumer: refused, nothing written.
     let c = TestNats::start().await;
     let js_c = c.jetstream().await;
-    mesh_listener::nats::ensure_consumer(&js_c, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js_c, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let out = mesh_command(&c.url(), &fixture.registry).args(["restore", dir_s]).output().await.unwrap();
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && said.contains("restore before starting the listeners"), "{said}");

@@ -141,8 +141,11 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let ok = nova(vec![
         sub("mesh.health.ping", 1),
         sub("_INBOX_nova.x.>", 2),
+        sub("$KV.mesh_killswitch.global", 3),
+        sub("$KV.mesh_killswitch.agent.nova", 4),
         publish("mesh.dlq.nova"),
         publish("mesh.health.pong"),
+        request("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.nova", &serde_json::json!({})),
     ])
     .await;
     assert!(!ok.contains("-ERR"), "{ok}");
@@ -158,6 +161,8 @@ async fn rendered_permissions_hold_on_a_real_server() {
         (publish("$JS.API.CONSUMER.MSG.NEXT.MESH_AGENTS.agent-kaan"), "agent-kaan"),
         (publish("$JS.API.STREAM.DELETE.MESH_AGENTS"), "STREAM.DELETE"),
         (publish("$KV.mesh_killswitch.global"), "$KV.mesh_killswitch.global"),
+        (sub("$KV.mesh_killswitch.agent.kaan", 1), "Subscription to \"$KV.mesh_killswitch.agent.kaan\""),
+        (sub("$KV.mesh_killswitch.>", 1), "Subscription to \"$KV.mesh_killswitch.>\""),
     ] {
         let said = nova(vec![line.clone()]).await;
         assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
@@ -167,6 +172,8 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let wildcard = serde_json::json!({"stream_name": "MESH_AGENTS", "config": {
         "durable_name": "agent-nova", "ack_policy": "explicit", "deliver_policy": "all",
         "filter_subjects": ["agents.*.inbox", "agents.broadcast"]}});
+    let evil = serde_json::json!({"stream_name": "KV_mesh_killswitch", "config": {
+        "name": "evil", "deliver_subject": "agents.a2.inbox", "ack_policy": "none", "deliver_policy": "all"}});
     let stream = |name: &str, subjects: &[&str], max_age: u64| serde_json::json!({"name": name, "subjects": subjects, "max_age": max_age, "storage": "file"});
     for (subject, payload) in [
         ("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-nova", wildcard.clone()),
@@ -183,6 +190,17 @@ async fn rendered_permissions_hold_on_a_real_server() {
         (
             "$JS.API.STREAM.UPDATE.KV_mesh_killswitch",
             stream("KV_mesh_killswitch", &["$KV.mesh_killswitch.>"], 1_000_000_000),
+        ),
+        // Review of `sec`: a consumer of any kind on the bucket's stream, pushed
+        // at any subject, amplified every kill switch entry there.
+        ("$JS.API.CONSUMER.CREATE.KV_mesh_killswitch.evil", evil.clone()),
+        ("$JS.API.CONSUMER.CREATE.KV_mesh_killswitch", evil.clone()),
+        ("$JS.API.CONSUMER.DELETE.KV_mesh_killswitch.evil", serde_json::json!({})),
+        ("$JS.API.STREAM.MSG.GET.KV_mesh_killswitch", serde_json::json!({"seq": 1})),
+        ("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.kaan", serde_json::json!({})),
+        (
+            "$JS.API.DIRECT.GET.KV_mesh_killswitch",
+            serde_json::json!({"last_by_subj": "$KV.mesh_killswitch.agent.kaan"}),
         ),
     ] {
         let said = nova(vec![request(subject, &payload)]).await;
@@ -267,6 +285,23 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let (ok, said) = bot(&["resume"]).await;
     assert!(ok, "{said}");
     wait_state(&["ok", "gateway unknown"]).await;
+    // Without a consumer on the bucket, a hard kill and the resume still reach
+    // it through its two key subscriptions, well before its 5 s re-read.
+    let pulled = std::time::Instant::now();
+    let (ok, said) = bot(&["kill", "hard", "--agent", "nova", "--reason", "permission test", "--yes"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["paused"]).await;
+    let paused_after = pulled.elapsed();
+    let resumed = std::time::Instant::now();
+    let (ok, said) = bot(&["resume", "--agent", "nova"]).await;
+    assert!(ok, "{said}");
+    wait_state(&["ok", "gateway unknown"]).await;
+    let resumed_after = resumed.elapsed();
+    assert!(
+        paused_after < mesh_listener::killswitch::RESYNC_EVERY
+            && resumed_after < mesh_listener::killswitch::RESYNC_EVERY,
+        "paused after {paused_after:?}, resumed after {resumed_after:?}: the change was not followed live"
+    );
     // A message the gateway refuses becomes a dead letter (the listener may publish mesh.dlq.nova).
     nova_gw.script([400]);
     let (ok, said) = bot(&["send", "nova", "refused on purpose"]).await;
@@ -454,5 +489,62 @@ async fn a_listener_refuses_to_run_on_a_consumer_or_stream_set_up_otherwise() {
     assert!(!listener.exit().await, "the listener ran on a stream set up otherwise");
     let log = listener.text();
     assert!(log.contains("error: stream MESH_AGENTS is not set up as this listener expects (max_age 600s"), "{log}");
+    assert!(gw.requests().is_empty());
+}
+
+/// Review of `sec`: settings the check missed. A subject transform on the
+/// agents stream (`agents.*.inbox` -> `agents.a1.inbox`) stored every inbox
+/// as a1's, and one on the bucket hid `global` from listeners; listeners
+/// and the bot refuse both, naming the stream and the setting.
+#[tokio::test]
+async fn a_subject_transform_on_a_stream_or_the_bucket_is_refused_by_listeners_and_the_bot() {
+    use async_nats::jetstream::stream::SubjectTransform;
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true), ("a2", &gw, true)]);
+    let js = nats.jetstream().await;
+    mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
+    mesh_bot::provision::verify(&js, &registry).await.unwrap();
+
+    let mut agents = js.get_stream("MESH_AGENTS").await.unwrap().cached_info().config.clone();
+    agents.subject_transform =
+        Some(SubjectTransform { source: "agents.*.inbox".into(), destination: "agents.a1.inbox".into() });
+    js.update_stream(agents.clone()).await.unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "a1");
+    assert!(!listener.exit().await, "the listener ran on a stream that stores a2's messages as a1's");
+    let log = listener.text();
+    assert!(
+        log.contains("error: stream MESH_AGENTS is not set up as this listener expects (subject_transform \"agents.*.inbox\" -> \"agents.a1.inbox\", expected none)"),
+        "{log}"
+    );
+    let err = mesh_bot::provision::verify(&js, &registry).await.unwrap_err();
+    assert!(
+        err.is_fatal()
+            && err.to_string().contains("stream MESH_AGENTS")
+            && err.to_string().contains("subject_transform"),
+        "{err}"
+    );
+    agents.subject_transform = None;
+    js.update_stream(agents).await.unwrap();
+
+    let mut bucket = js.get_stream("KV_mesh_killswitch").await.unwrap().cached_info().config.clone();
+    bucket.subject_transform = Some(SubjectTransform {
+        source: "$KV.mesh_killswitch.global".into(),
+        destination: "$KV.mesh_killswitch.hidden".into(),
+    });
+    js.update_stream(bucket).await.unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "a2");
+    assert!(!listener.exit().await, "the listener ran on a bucket that hides the global kill");
+    let log = listener.text();
+    assert!(
+        log.contains(
+            "error: kill switch bucket mesh_killswitch is not set up as this listener expects (subject_transform"
+        ),
+        "{log}"
+    );
+    let err = mesh_bot::provision::verify(&js, &registry).await.unwrap_err().to_string();
+    assert!(err.contains("kill switch bucket mesh_killswitch") && err.contains("subject_transform"), "{err}");
     assert!(gw.requests().is_empty());
 }

@@ -67,7 +67,7 @@ async fn auto_replicas_are_three_on_a_cluster_and_one_alone() {
     assert_eq!(js.client().server_info().cluster.as_deref(), Some(mesh_tests::cluster::CLUSTER_NAME));
     assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 1);
     let nova = AgentId::parse("nova").unwrap();
-    mesh_listener::nats::ensure_consumer(&js, &nova).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &nova, Default::default()).await.unwrap();
     // ...then a start with the default setting scales every stream up,
     // and the agent's consumer with it.
     ensure_streams(&js, Replicas::Auto).await.unwrap();

@@ -176,7 +176,7 @@ async fn a_thousand_messages_with_random_failures_arrive_once_each_in_order() {
     gw.set_failure_rate(0.1, 42);
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let js = nats.jetstream().await;
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let mut acks = Vec::new();
     for i in 0..1000 {
         let envelope = mesh_protocol::Envelope::new(
@@ -240,7 +240,7 @@ async fn a_chat_reply_reaches_the_sender_inbox() {
     }));
     let js = nats.jetstream().await;
     // Every registered agent has its consumer (a reply to one without is refused).
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let listener = ListenerHandle::spawn(fixture.listener_config(&nats, Selection::All));
     let id = send(&js, &fixture, "nova", "ada", "2+2?").await;
     let asked = ada_gw.wait_for(1, WAIT).await;
@@ -268,7 +268,7 @@ async fn the_loop_guard_stops_two_chat_agents_answering_each_other() {
     let js = nats.jetstream().await;
     let mut config = fixture.listener_config(&nats, Selection::All);
     config.max_hops = 3;
-    mesh_listener::nats::ensure_consumer(&js, &"a".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"a".parse().unwrap(), Default::default()).await.unwrap();
     let listener = ListenerHandle::spawn(config);
     send(&js, &fixture, "a", "b", "start").await;
     // b answers (hop 1), a answers (hop 2), b answers (hop 3), a's answer would be hop 4: stopped.
@@ -393,7 +393,7 @@ async fn a_nats_restart_mid_stream_loses_nothing() {
         async_nats::ConnectOptions::new().retry_on_initial_connect().connect(nats.url()).await.expect("publisher");
     let js = jetstream::new(publisher);
     mesh_listener::nats::ensure_streams(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let mut acked = BTreeMap::new();
     for i in 0..300u32 {
         if i == 150 {

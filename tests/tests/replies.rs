@@ -39,9 +39,24 @@ async fn send(js: &jetstream::Context, fixture: &Fixture, from: &str, to: &str, 
     mesh_bot::publish::send(js, &load(fixture), from, to, text, Priority::Normal).await.expect("send").id
 }
 
+/// Waits until the agent's listener has a pull request open (it passed its start checks).
+async fn wait_pulling(js: &jetstream::Context, agent: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+        if let Ok(info) = stream.consumer_info(format!("agent-{agent}")).await
+            && info.num_waiting > 0
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{agent}'s listener did not start pulling within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn ensure_consumer(js: &jetstream::Context, agent: &str) {
     let id = agent.parse().expect("valid agent id");
-    mesh_listener::nats::ensure_consumer(js, &id).await.expect("creating the consumer");
+    mesh_listener::nats::ensure_consumer(js, &id, Default::default()).await.expect("creating the consumer");
 }
 
 async fn dead_letters(js: &jetstream::Context) -> Vec<(DeadLetter, bytes::Bytes)> {
@@ -114,20 +129,16 @@ async fn a_reply_publish_that_keeps_failing_is_dead_lettered_within_the_budget()
     ada_gw.set_chat_reply("4");
     let fixture = Fixture::from_json(&serde_json::json!({"ada": chat_agent(&ada_gw, "ada")}));
     let js = nats.jetstream().await;
-    // JetStream full for replies: the replies stream takes one message and refuses more.
-    let mut replies = js.get_stream("MESH_REPLIES").await.expect("replies stream");
-    let mut stream_config = replies.info().await.expect("info").config.clone();
-    stream_config.max_messages = 1;
-    stream_config.discard = jetstream::stream::DiscardPolicy::New;
-    js.update_stream(stream_config).await.expect("shrinking the replies stream");
-    js.publish("mesh.reply.filler", "x".into()).await.expect("publish").await.expect("the one message it takes");
-    let refused = js.publish("mesh.reply.probe", "x".into()).await.expect("publish").await;
-    assert!(refused.is_err(), "the replies stream refuses a second message");
-
     let mut config = fixture.listener_config(&nats, Selection::One("ada".parse().unwrap()));
     config.retry.max_deliver = 3;
     let listener = ListenerHandle::spawn(config);
     ensure_consumer(&js, "ada").await;
+    wait_pulling(&js, "ada").await;
+    // Replies cannot be stored any more (the listener checked the streams at
+    // its start; a stream deleted since stands for JetStream refusing writes).
+    js.delete_stream("MESH_REPLIES").await.expect("deleting the replies stream");
+    let refused = js.publish("mesh.reply.probe", "x".into()).await.expect("publish").await;
+    assert!(refused.is_err(), "nothing stores a reply now");
     let asked = Envelope::new("cli:alice", Recipient::Agent("ada".parse().unwrap()), "2+2?")
         .unwrap()
         .with_reply_to(&Subject::new_reply());

@@ -546,7 +546,7 @@ async fn oversize_chat_replies_from_a_gateway_are_capped_and_the_listener_goes_o
         "nova": {"hooks_token": "nova-hook-token", "hooks_url": nova.hooks_url()},
     }));
     let js = nats.jetstream().await;
-    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
     let listener =
         mesh_tests::ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
     let ask = |text: &'static str| {
