@@ -280,56 +280,62 @@ pub enum DeployAction {
     },
 }
 
-/// Runs one `mesh deploy` action.
-pub async fn run(registry_path: &Path, action: DeployAction) -> anyhow::Result<()> {
+/// What `deploy render` (and the render step of `deploy up`) wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RenderReport {
+    /// Problems worth fixing that did not stop the render.
+    pub warnings: Vec<String>,
+    /// Listener services rendered (one per active agent).
+    pub listeners: usize,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// The output directory.
+    pub out: PathBuf,
+}
+
+/// Renders the deployment files from the registry at `registry_path` into `out`.
+pub fn render_into(registry_path: &Path, out: &Path) -> anyhow::Result<RenderReport> {
+    let registry = mesh_listener::registry_file::load(registry_path)?;
+    let rendered = render(&registry);
+    let files = write(&rendered, out)?;
+    Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
+}
+
+/// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
+pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) -> anyhow::Result<RenderReport> {
+    let report = render_into(registry_path, &up.out)?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let config_dir = absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+    let mut command = tokio::process::Command::new("docker-compose");
+    command.arg("-p").arg(&up.project).arg("-f").arg(&up.compose).arg("-f").arg(up.out.join(COMPOSE_FILE));
+    for p in &up.profiles {
+        command.args(["--profile", p]);
+    }
+    command.args(["up", "-d", "--remove-orphans"]);
+    // The registry's directory and the rendered files, unless the environment says otherwise.
+    if std::env::var_os("MESH_CONFIG_DIR").is_none() {
+        command.env("MESH_CONFIG_DIR", config_dir);
+    }
+    if std::env::var_os("MESH_GENERATED_DIR").is_none() {
+        command.env("MESH_GENERATED_DIR", absolute(&up.out));
+    }
+    let status = command.status().await.map_err(|e| {
+        anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
+    })?;
+    anyhow::ensure!(
+        status.success(),
+        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
+        up.out.join(ENV_EXAMPLE).display()
+    );
+    Ok(report)
+}
+
+/// Runs the `mesh deploy` helpers that are no command on the mesh: the
+/// containers' health probe and the demo gateway.
+pub async fn run_helper(action: DeployAction) -> anyhow::Result<()> {
     match action {
-        DeployAction::Render { out } => {
-            let registry = mesh_listener::registry_file::load(registry_path)?;
-            let rendered = render(&registry);
-            for w in &rendered.warnings {
-                eprintln!("warning: {w}");
-            }
-            let files = write(&rendered, &out)?;
-            println!("rendered {} listener services into {}", registry.active().count(), out.display());
-            for f in files {
-                println!("  {}", f.display());
-            }
-        }
-        DeployAction::Up { out, compose, project, profile } => {
-            let registry = mesh_listener::registry_file::load(registry_path)?;
-            let rendered = render(&registry);
-            for w in &rendered.warnings {
-                eprintln!("warning: {w}");
-            }
-            write(&rendered, &out)?;
-            let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-            let config_dir =
-                absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
-            let mut command = tokio::process::Command::new("docker-compose");
-            command.arg("-p").arg(&project).arg("-f").arg(&compose).arg("-f").arg(out.join(COMPOSE_FILE));
-            for p in &profile {
-                command.args(["--profile", p]);
-            }
-            command.args(["up", "-d", "--remove-orphans"]);
-            // The registry's directory and the rendered files, unless the environment says otherwise.
-            if std::env::var_os("MESH_CONFIG_DIR").is_none() {
-                command.env("MESH_CONFIG_DIR", config_dir);
-            }
-            if std::env::var_os("MESH_GENERATED_DIR").is_none() {
-                command.env("MESH_GENERATED_DIR", absolute(&out));
-            }
-            let status = command.status().await.map_err(|e| {
-                anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
-            })?;
-            anyhow::ensure!(
-                status.success(),
-                "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
-                out.join(ENV_EXAMPLE).display()
-            );
-            println!(
-                "mesh up as compose project {project:?}: {} listeners; `mesh status` lists the containers",
-                registry.active().count()
-            );
+        DeployAction::Render { .. } | DeployAction::Up { .. } => {
+            anyhow::bail!("deploy render and deploy up run through the command engine")
         }
         DeployAction::Probe { url } => probe(&url).await?,
         DeployAction::DemoGateway { agent, addr, token_env } => {

@@ -1,23 +1,25 @@
-//! The command engine every front end shares: parse the line, check the
-//! permission, ask for confirmation of dangerous actions, run the command
-//! against the mesh, audit it, and hand back a platform-neutral reply.
+//! The command engine every front end shares, and the one road every command
+//! takes: a typed [`Command`] (parsed from a chat line, or built from the
+//! terminal's flags) -> front end check -> permission -> rate limit ->
+//! confirmation -> execution -> audit record -> platform-neutral reply.
 //! Slack, Discord and the terminal only render what it returns.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
 use mesh_protocol::killswitch::{Mode, Scope};
 use mesh_protocol::subject::Subject;
-use mesh_protocol::{AgentId, DeliveryMode, Envelope, Priority, Recipient, Registry};
+use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
 use time::OffsetDateTime;
 use tracing::warn;
 
 use crate::audit::{self, AuditRecord};
+use crate::command::table::Front;
 use crate::command::{Command, ConfirmConfig, Confirmations, Identity, KillGrade, Permissions, Reply, parse};
 use crate::killswitch::{self, KillSwitch};
 use crate::{dlq, ping, publish};
@@ -44,6 +46,16 @@ impl Platform {
     }
 }
 
+/// Sees each step of a long command as it happens (`maintenance`).
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
 /// One command to run.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -53,8 +65,38 @@ pub struct Request {
     pub platform: Platform,
     /// In which channel, if any.
     pub channel: Option<String>,
-    /// The command line (what follows `/mesh` or `!mesh`).
+    /// The command line for the audit trail: as typed in chat, or the
+    /// terminal command's canonical form.
     pub line: String,
+    /// The sender name messages carry (the terminal's `--from` or `cli:<user>`);
+    /// `None`: the identity's key.
+    pub from: Option<String>,
+    /// Where the steps of a long command go, if anywhere.
+    pub progress: Option<Progress>,
+}
+
+impl Request {
+    /// A chat command line.
+    pub fn chat(who: Identity, platform: Platform, channel: Option<String>, line: impl Into<String>) -> Self {
+        Self { who, platform, channel, line: line.into(), from: None, progress: None }
+    }
+
+    /// A command the terminal built from its flags, sent as `from`.
+    pub fn terminal(command: &Command, from: impl Into<String>) -> Self {
+        Self {
+            who: Identity::Terminal,
+            platform: Platform::Cli,
+            channel: None,
+            line: command.to_string(),
+            from: Some(from.into()),
+            progress: None,
+        }
+    }
+
+    /// The sender name of the messages it publishes.
+    fn sender(&self) -> String {
+        self.from.clone().unwrap_or_else(|| self.who.key())
+    }
 }
 
 /// A reply that arrives later (an agent's answer to `ask`).
@@ -68,17 +110,27 @@ pub struct Handled {
     pub follow_up: Option<FollowUp>,
     /// The code a dangerous command waits for (`confirm <code>`).
     pub confirmation_code: Option<String>,
+    /// True when the command failed or found a fault (the terminal exits non-zero):
+    /// an error reply, or a ping or maintenance with active agents missing.
+    pub failed: bool,
+    /// Why the audit record could not be stored, if it could not.
+    pub audit_error: Option<String>,
 }
 
 impl Handled {
     fn reply(reply: Reply) -> Self {
-        Self { reply, follow_up: None, confirmation_code: None }
+        let failed = reply.tone == crate::command::Tone::Error;
+        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None }
     }
 }
 
 impl std::fmt::Debug for Handled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Handled").field("reply", &self.reply).field("follow_up", &self.follow_up.is_some()).finish()
+        f.debug_struct("Handled")
+            .field("reply", &self.reply)
+            .field("follow_up", &self.follow_up.is_some())
+            .field("failed", &self.failed)
+            .finish()
     }
 }
 
@@ -106,13 +158,21 @@ pub enum EngineError {
     KillSwitch(#[from] killswitch::KillSwitchError),
 }
 
+/// The mesh the engine runs commands against.
+#[derive(Debug)]
+struct Mesh {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kill: KillSwitch,
+}
+
 /// The engine.
 #[derive(Debug)]
 pub struct Engine {
     config: EngineConfig,
-    client: async_nats::Client,
-    js: jetstream::Context,
-    kill: KillSwitch,
+    /// The mesh, or why it cannot be reached (commands that edit local files
+    /// still run; their audit record is then reported as not stored).
+    mesh: Result<Mesh, String>,
     confirmations: Mutex<Confirmations>,
     limits: crate::limits::LimitStore,
 }
@@ -122,11 +182,17 @@ struct Executed {
     reply: Reply,
     message_ids: Vec<String>,
     follow_up: Option<FollowUp>,
+    /// A fault that is no error (active agents missing from a ping).
+    failed: bool,
 }
 
 impl Executed {
     fn reply(reply: Reply) -> Self {
-        Self { reply, message_ids: Vec::new(), follow_up: None }
+        Self { reply, message_ids: Vec::new(), follow_up: None, failed: false }
+    }
+
+    fn with_ids(reply: Reply, message_ids: Vec<String>) -> Self {
+        Self { reply, message_ids, follow_up: None, failed: false }
     }
 }
 
@@ -141,12 +207,15 @@ impl Engine {
         mesh_listener::nats::ensure_streams(&js, mesh_listener::nats::replicas_from_env()?).await?;
         let kill = KillSwitch::open(&js).await?;
         let confirmations = Mutex::new(Confirmations::new(config.confirm));
-        Ok(Self { config, client, js, kill, confirmations, limits })
+        Ok(Self { config, mesh: Ok(Mesh { client, js, kill }), confirmations, limits })
     }
 
-    /// The JetStream context (for adapters that publish events).
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
+    /// An engine with no mesh (NATS cannot be reached, or does not exist yet):
+    /// commands that only edit local files run and are checked as usual; the
+    /// others fail with `reason`, and no audit record can be stored.
+    pub fn offline(config: EngineConfig, reason: String, limits: crate::limits::LimitStore) -> Self {
+        let confirmations = Mutex::new(Confirmations::new(config.confirm));
+        Self { config, mesh: Err(reason), confirmations, limits }
     }
 
     /// Rate limits and retry dedup.
@@ -154,53 +223,71 @@ impl Engine {
         &self.limits
     }
 
-    /// The kill switch.
-    pub fn kill_switch(&self) -> &KillSwitch {
-        &self.kill
+    fn mesh(&self) -> Result<&Mesh, String> {
+        self.mesh.as_ref().map_err(Clone::clone)
     }
 
-    /// Runs one command line.
+    /// Runs one chat command line: parses it, then takes the one road.
     pub async fn handle(&self, request: Request) -> Handled {
         match parse(&request.line) {
             Ok(command) => self.handle_command(request, command).await,
             Err(e) => {
                 let reply = Reply::error(e.to_string()).ephemeral();
-                self.audit(&request, "invalid", &reply, &[]).await;
-                Handled::reply(reply)
+                let audit_error = self.audit(&request, "invalid", &reply, &[]).await;
+                Handled { audit_error, ..Handled::reply(reply) }
             }
         }
     }
 
-    /// Runs one already parsed command (the terminal builds commands from flags).
-    pub async fn handle_command(&self, request: Request, command: Command) -> Handled {
-        let now = OffsetDateTime::now_utc();
-        let pause = self.pause_grade(&command).await;
-        let role = match self.config.permissions.check(&request.who, &command, pause) {
+    /// The checks before execution: front end, permission, rate limit. A
+    /// refusal is audited and returned as the reply to show; otherwise the role
+    /// the person acts with. `mesh up` takes only this part (it creates the mesh).
+    pub async fn admit(&self, request: &Request, command: &Command) -> Result<Option<crate::command::Role>, Handled> {
+        let spec = command.spec();
+        if spec.front == Front::Terminal && request.platform != Platform::Cli {
+            let reply = Reply::error(format!("{} runs only in a terminal on the host: mesh {}", spec.name, spec.usage))
+                .ephemeral();
+            let audit_error = self.audit(request, "denied", &reply, &[]).await;
+            return Err(Handled { audit_error, ..Handled::reply(reply) });
+        }
+        let pause = self.pause_grade(command).await;
+        let role = match self.config.permissions.check(&request.who, command, pause) {
             Ok(role) => role,
             Err(denied) => {
                 let reply = Reply::error(denied.to_string()).ephemeral();
-                self.audit(&request, "denied", &reply, &[]).await;
-                return Handled::reply(reply);
+                let audit_error = self.audit(request, "denied", &reply, &[]).await;
+                return Err(Handled { audit_error, ..Handled::reply(reply) });
             }
         };
-        if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), &command).await {
+        if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), command).await {
             let reply = Reply::error(message).ephemeral();
-            self.audit(&request, "limited", &reply, &[]).await;
-            return Handled::reply(reply);
+            let audit_error = self.audit(request, "limited", &reply, &[]).await;
+            return Err(Handled { audit_error, ..Handled::reply(reply) });
         }
+        Ok(role)
+    }
+
+    /// Runs one typed command: the chat's parsed line, or what the terminal
+    /// built from its flags.
+    pub async fn handle_command(&self, request: Request, command: Command) -> Handled {
+        let now = OffsetDateTime::now_utc();
+        let role = match self.admit(&request, &command).await {
+            Ok(role) => role,
+            Err(refused) => return refused,
+        };
         if command.needs_confirmation() {
             let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
-            self.audit(&request, "confirmation required", &reply, &[]).await;
-            return Handled { reply, follow_up: None, confirmation_code: Some(challenge.code) };
+            let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
+            return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
         }
         let command = match command {
             Command::Confirm { code } => match self.confirm(&request.who, role, &code, now) {
                 Ok(action) => action.command,
                 Err(e) => {
                     let reply = Reply::error(e.to_string()).ephemeral();
-                    self.audit(&request, "denied", &reply, &[]).await;
-                    return Handled::reply(reply);
+                    let audit_error = self.audit(&request, "denied", &reply, &[]).await;
+                    return Handled { audit_error, ..Handled::reply(reply) };
                 }
             },
             other => other,
@@ -209,8 +296,9 @@ impl Engine {
             Ok(executed) => executed,
             Err(message) => Executed::reply(Reply::error(message)),
         };
-        self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
-        Handled { reply: executed.reply, follow_up: executed.follow_up, confirmation_code: None }
+        let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
+        let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
+        Handled { reply: executed.reply, follow_up: executed.follow_up, confirmation_code: None, failed, audit_error }
     }
 
     /// Takes a pending action (the lock is released before anything awaits).
@@ -232,7 +320,8 @@ impl Engine {
     async fn pause_grade(&self, command: &Command) -> Option<KillGrade> {
         let Command::Resume { agent } = command else { return None };
         let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
-        match self.kill.get(&scope).await {
+        let kill = &self.mesh().ok()?.kill;
+        match kill.get(&scope).await {
             Ok(Some(state)) if state.in_force(OffsetDateTime::now_utc()) => match state.mode {
                 Mode::Soft => Some(KillGrade::Soft),
                 Mode::Hard => Some(KillGrade::Hard),
@@ -243,7 +332,8 @@ impl Engine {
         }
     }
 
-    async fn audit(&self, request: &Request, decision: &str, reply: &Reply, message_ids: &[String]) {
+    /// Appends the audit record; returns why it was not stored, if it was not.
+    async fn audit(&self, request: &Request, decision: &str, reply: &Reply, message_ids: &[String]) -> Option<String> {
         let record = AuditRecord {
             at: OffsetDateTime::now_utc(),
             who: request.who.key(),
@@ -254,9 +344,11 @@ impl Engine {
             outcome: reply.title.clone(),
             message_ids: message_ids.to_vec(),
         };
-        if let Err(e) = audit::append(&self.js, &record).await {
-            warn!(error = %e, who = %record.who, "audit record not stored");
-        }
+        let stored = match self.mesh() {
+            Ok(mesh) => audit::append(&mesh.js, &record).await,
+            Err(reason) => Err(reason),
+        };
+        stored.err().inspect(|e| warn!(error = %e, who = %record.who, "audit record not stored"))
     }
 
     fn registry(&self) -> Result<Registry, String> {
@@ -264,35 +356,41 @@ impl Engine {
     }
 
     async fn execute(&self, request: &Request, command: Command) -> Result<Executed, String> {
-        let from = request.who.key();
+        // Messages carry the sender name; the kill switch records who pulled it.
+        let (from, by) = (request.sender(), request.who.key());
         match command {
-            Command::Send { agent, text } => {
+            Command::Send { agent, text, priority } => {
                 let registry = self.registry()?;
-                let receipt = publish::send(&self.js, &registry, &from, agent.as_str(), &text, Priority::Normal)
-                    .await
+                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
                     .map_err(|e| e.to_string())?;
-                let mut reply =
-                    Reply::ok(format!("sent to {agent}")).with_lines(None, [format!("message id {}", receipt.id)]);
+                let mesh = self.mesh()?;
+                let receipt = publish::deliver(&mesh.js, &prepared).await.map_err(|e| e.to_string())?;
+                let mut reply = Reply::ok(format!("sent to {agent}"))
+                    .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
+                    .with_data(receipt_data(&receipt, agent.as_str()));
                 if let Some(note) = self.queued_note(Some(&agent)).await {
                     reply = reply.with_lines(None, [note]);
                 }
-                Ok(Executed { reply, message_ids: vec![receipt.id.to_string()], follow_up: None })
+                Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
             Command::Broadcast { priority, text } => {
                 let registry = self.registry()?;
-                let receipt =
-                    publish::broadcast(&self.js, &registry, &from, &text, priority).await.map_err(|e| e.to_string())?;
+                let prepared =
+                    publish::prepare_broadcast(&registry, &from, &text, priority).map_err(|e| e.to_string())?;
+                let mesh = self.mesh()?;
+                let receipt = publish::deliver(&mesh.js, &prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
-                    .with_lines(None, [format!("message id {}", receipt.id)]);
+                    .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
+                    .with_data(receipt_data(&receipt, "*"));
                 if let Some(note) = self.queued_note(None).await {
                     reply = reply.with_lines(None, [note]);
                 }
-                Ok(Executed { reply, message_ids: vec![receipt.id.to_string()], follow_up: None })
+                Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
             Command::Ask { agent, text } => self.ask(&from, &agent, &text).await,
             Command::Ping => {
                 let registry = self.registry()?;
-                let report = ping::ping(&self.client, &registry, self.config.ping_timeout).await?;
+                let report = ping::ping(&self.mesh()?.client, &registry, self.config.ping_timeout).await?;
                 let rows = report
                     .rows
                     .iter()
@@ -304,7 +402,9 @@ impl Engine {
                 let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
                 let title = format!("{answered} answered, {} active agents missing", report.missing);
                 let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
-                Ok(Executed::reply(reply.with_table(None, ["agent", "state", "rtt ms", "pending"], rows)))
+                let failed = report.missing > 0;
+                let reply = reply.with_table(None, ["agent", "state", "rtt ms", "pending"], rows).with_data(&report);
+                Ok(Executed { failed, ..Executed::reply(reply) })
             }
             Command::Status => self.status().await,
             Command::Agents => {
@@ -335,15 +435,17 @@ impl Engine {
             Command::KillSoft { duration, agent, reason } => {
                 let scope = self.scope(agent)?;
                 let state = self
+                    .mesh()?
                     .kill
-                    .pull(&scope, Mode::Soft, Some(duration), &from, reason)
+                    .pull(&scope, Mode::Soft, Some(duration), &by, reason)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
             }
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self.kill.pull(&scope, Mode::Hard, None, &from, reason).await.map_err(|e| e.to_string())?;
+                let state =
+                    self.mesh()?.kill.pull(&scope, Mode::Hard, None, &by, reason).await.map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let docker = match scope {
                     Scope::Global => {
@@ -356,21 +458,29 @@ impl Engine {
                 };
                 Ok(Executed::reply(reply.with_lines(None, [docker])))
             }
-            Command::KillNuclear => {
+            Command::KillNuclear { purge } => {
                 let state = self
+                    .mesh()?
                     .kill
-                    .pull(&Scope::Global, Mode::Nuclear, None, &from, None)
+                    .pull(&Scope::Global, Mode::Nuclear, None, &by, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
                 let lines = match docker_control().await {
-                    Ok(docker) => match docker.nuclear(false, crate::docker::own_container_id().as_deref()).await {
-                        Ok(report) => vec![
-                            format!("stopped: {}", list_or_none(&report.stopped)),
-                            format!("removed: {}", list_or_none(&report.removed)),
-                            format!("kept (this bot): {}", list_or_none(&report.kept)),
-                            format!("failed: {}", list_or_none(&report.failed)),
-                        ],
+                    Ok(docker) => match docker.nuclear(purge, crate::docker::own_container_id().as_deref()).await {
+                        Ok(report) => {
+                            let mut lines = vec![
+                                format!("stopped: {}", list_or_none(&report.stopped)),
+                                format!("removed: {}", list_or_none(&report.removed)),
+                                format!("kept (this bot): {}", list_or_none(&report.kept)),
+                                format!("failed: {}", list_or_none(&report.failed)),
+                            ];
+                            if purge {
+                                lines.push(format!("purged volumes: {}", list_or_none(&report.volumes)));
+                                lines.push(format!("purged networks: {}", list_or_none(&report.networks)));
+                            }
+                            lines
+                        }
                         Err(e) => vec![e.to_string()],
                     },
                     Err(e) => vec![e.to_string()],
@@ -379,7 +489,8 @@ impl Engine {
             }
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
-                self.kill.release(&scope, &from).await.map_err(|e| e.to_string())?;
+                let kill = &self.mesh()?.kill;
+                kill.release(&scope, &by).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
                 if scope == Scope::Global {
                     let line = docker_line(
@@ -389,7 +500,7 @@ impl Engine {
                     .await;
                     reply = reply.with_lines(None, [line]);
                 }
-                if let Ok(others) = self.kill.in_force().await
+                if let Ok(others) = kill.in_force().await
                     && !others.is_empty()
                 {
                     reply = reply
@@ -398,46 +509,56 @@ impl Engine {
                 Ok(Executed::reply(reply))
             }
             Command::Confirm { .. } => Err("nothing to confirm".to_owned()),
-            Command::Dlq { agent } => {
-                let entries = dlq::list(&self.js, agent.as_ref(), 20).await.map_err(|e| e.to_string())?;
+            Command::Dlq { agent, limit } => {
+                if let Some(agent) = &agent {
+                    publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
+                }
+                let entries =
+                    dlq::list(&self.mesh()?.js, agent.as_ref(), limit as usize).await.map_err(|e| e.to_string())?;
                 if entries.is_empty() {
-                    return Ok(Executed::reply(Reply::ok("no dead letters")));
+                    return Ok(Executed::reply(Reply::ok("no dead letters").with_data(&entries)));
                 }
                 let rows = entries
                     .iter()
                     .map(|e| {
                         vec![
                             e.dlq_seq.to_string(),
+                            killswitch::rfc3339(e.at),
                             e.agent.clone(),
                             e.attempts.to_string(),
+                            e.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
                             e.reason.clone(),
                             e.text.clone().unwrap_or_else(|| "<undecodable>".into()),
                         ]
                     })
                     .collect();
-                Ok(Executed::reply(Reply::warn(format!("{} dead letters", entries.len())).with_table(
-                    None,
-                    ["#", "agent", "attempts", "reason", "text"],
-                    rows,
-                )))
+                Ok(Executed::reply(
+                    Reply::warn(format!("{} dead letters", entries.len()))
+                        .with_table(None, ["#", "at", "agent", "attempts", "http", "reason", "text"], rows)
+                        .with_data(&entries),
+                ))
             }
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
-                let report = dlq::replay(&self.js, &registry, agent.as_str(), count as usize)
+                let report = dlq::replay(&self.mesh()?.js, &registry, agent.as_str(), count as usize)
                     .await
                     .map_err(|e| e.to_string())?;
                 let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
+                if report.replayed.is_empty() && report.skipped.is_empty() {
+                    return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
+                }
                 let lines = report
                     .replayed
                     .iter()
                     .map(|(seq, id)| format!("dead letter {seq} replayed as {id}"))
                     .chain(report.skipped.iter().map(|(seq, why)| format!("dead letter {seq} skipped: {why}")));
-                let reply =
-                    Reply::ok(format!("replayed {} dead letters of {agent}", ids.len())).with_lines(None, lines);
-                Ok(Executed { reply, message_ids: ids, follow_up: None })
+                let reply = Reply::ok(format!("replayed {} dead letters of {agent}", ids.len()))
+                    .with_lines(None, lines)
+                    .with_data(&report);
+                Ok(Executed::with_ids(reply, ids))
             }
             Command::Audit { count } => {
-                let records = audit::newest(&self.js, count as usize).await?;
+                let records = audit::newest(&self.mesh()?.js, count as usize).await?;
                 let rows = records
                     .iter()
                     .map(|r| {
@@ -450,13 +571,115 @@ impl Engine {
                         ]
                     })
                     .collect();
-                Ok(Executed::reply(Reply::info(format!("last {} commands", records.len())).with_table(
-                    None,
-                    ["at", "who", "command", "decision", "outcome"],
-                    rows,
-                )))
+                Ok(Executed::reply(
+                    Reply::info(format!("last {} commands", records.len()))
+                        .with_table(None, ["at", "who", "command", "decision", "outcome"], rows)
+                        .with_data(&records),
+                ))
             }
             Command::Help { topic } => Ok(Executed::reply(crate::command::help::help(topic))),
+            Command::Maintenance { duration, lead, message } => {
+                let registry = self.registry()?;
+                let window = crate::maintenance::Window { duration, lead, message, by: from };
+                let progress = request.progress.clone();
+                let report = crate::maintenance::run(&self.mesh()?.client, &registry, &window, |step| {
+                    if let Some(Progress(p)) = &progress {
+                        p(step);
+                    }
+                })
+                .await?;
+                let title = report.steps.last().cloned().unwrap_or_else(|| "maintenance done".to_owned());
+                let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
+                let failed = report.missing > 0;
+                let ids = report.message_ids.clone();
+                Ok(Executed { failed, ..Executed::with_ids(reply.with_data(&report), ids) })
+            }
+            Command::Restart { agent } => {
+                publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
+                let docker = docker_control().await.map_err(|e| e.to_string())?;
+                let name = docker.restart_listener(agent.as_str()).await.map_err(|e| e.to_string())?;
+                Ok(Executed::reply(Reply::ok(format!("restarted {name}"))))
+            }
+            Command::Backup { dir } => {
+                let manifest = crate::backup::backup(&self.mesh()?.js, &self.config.registry_path, &dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let title = format!(
+                    "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
+                    dir.display(),
+                    manifest.streams,
+                    manifest.consumers.len(),
+                    manifest.killswitch,
+                    if manifest.registry { "included" } else { "not found" }
+                );
+                Ok(Executed::reply(Reply::ok(title).with_data(&manifest)))
+            }
+            Command::Restore { dir } => {
+                let report = crate::backup::restore(&self.mesh()?.js, &self.config.registry_path, &dir)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let title = format!(
+                    "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
+                    report.streams,
+                    report.consumers,
+                    report.killswitch,
+                    report.registry.as_ref().map_or("not in the backup".into(), |p| p.display().to_string())
+                );
+                Ok(Executed::reply(Reply::ok(title).with_data(&report)))
+            }
+            Command::AgentsList => {
+                let path = &self.config.registry_path;
+                let registry = mesh_listener::registry_file::load(path).map_err(|e| e.to_string())?;
+                let rows = crate::agents::rows(&registry);
+                let table = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.status.clone(),
+                            r.delivery.clone(),
+                            r.hooks_url.clone(),
+                            r.hooks_token.clone(),
+                        ]
+                    })
+                    .collect();
+                let title = if rows.is_empty() {
+                    format!("no agents in {}", path.display())
+                } else {
+                    format!("{} agents in {}", rows.len(), path.display())
+                };
+                Ok(Executed::reply(
+                    Reply::info(title)
+                        .with_table(None, ["agent", "status", "delivery", "hooks url", "token"], table)
+                        .with_data(&rows),
+                ))
+            }
+            command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
+                let changed = crate::agents::change(&self.config.registry_path, &command).map_err(|e| e.to_string())?;
+                let kept = match &changed.backup {
+                    Some(backup) => format!("previous version kept as {}", backup.display()),
+                    None => "a new file".to_owned(),
+                };
+                let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
+                Ok(Executed::reply(Reply::ok(title).with_data(&changed)))
+            }
+            Command::DeployRender { out } => {
+                let report =
+                    crate::deploy::render_into(&self.config.registry_path, &out).map_err(|e| format!("{e:#}"))?;
+                Ok(Executed::reply(render_reply(
+                    format!("rendered {} listener services into {}", report.listeners, out.display()),
+                    &report,
+                )))
+            }
+            Command::DeployUp(up) => {
+                let report = crate::deploy::up(&self.config.registry_path, &up).await.map_err(|e| format!("{e:#}"))?;
+                let title = format!(
+                    "mesh up as compose project {:?}: {} listeners; `mesh status` lists the containers",
+                    up.project, report.listeners
+                );
+                Ok(Executed::reply(render_reply(title, &report)))
+            }
+            Command::Up { .. } => Err("mesh up runs in the terminal itself; it is only admitted here".to_owned()),
         }
     }
 
@@ -473,7 +696,7 @@ impl Engine {
 
     /// "queued until ..." when a pause holds messages for `agent` (or everyone).
     async fn queued_note(&self, agent: Option<&AgentId>) -> Option<String> {
-        let state = self.kill.effective(agent).await.ok()??;
+        let state = self.mesh().ok()?.kill.effective(agent).await.ok()??;
         let until = match (state.mode, state.until) {
             (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
             _ => "until a director resumes".to_owned(),
@@ -492,8 +715,9 @@ impl Engine {
                 "ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)"
             ));
         }
+        let mesh = self.mesh()?;
         let reply_subject = Subject::new_reply();
-        let mut replies = self
+        let mut replies = mesh
             .client
             .subscribe(reply_subject.to_string())
             .await
@@ -501,8 +725,8 @@ impl Engine {
         let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
             .map_err(|e| e.to_string())?
             .with_reply_to(&reply_subject);
-        mesh_listener::nats::ensure_consumer(&self.js, agent).await.map_err(|e| e.to_string())?;
-        publish::publish(&self.js, &envelope).await.map_err(|e| e.to_string())?;
+        mesh_listener::nats::ensure_consumer(&mesh.js, agent).await.map_err(|e| e.to_string())?;
+        publish::publish(&mesh.js, &envelope).await.map_err(|e| e.to_string())?;
         let timeout = self.config.ask_timeout;
         let queued = self.queued_note(Some(agent)).await;
         let asked = agent.clone();
@@ -522,13 +746,14 @@ impl Engine {
         if let Some(note) = queued {
             reply = reply.with_lines(None, [note]);
         }
-        Ok(Executed { reply, message_ids: vec![envelope.id.to_string()], follow_up: Some(follow_up) })
+        Ok(Executed { follow_up: Some(follow_up), ..Executed::with_ids(reply, vec![envelope.id.to_string()]) })
     }
 
     async fn status(&self) -> Result<Executed, String> {
         let registry = self.registry()?;
+        let mesh = self.mesh()?;
         let mut reply = Reply::info("mesh status");
-        let kills = self.kill.in_force().await.map_err(|e| e.to_string())?;
+        let kills = mesh.kill.in_force().await.map_err(|e| e.to_string())?;
         let kill_lines: Vec<String> = if kills.is_empty() {
             vec!["not pulled".to_owned()]
         } else {
@@ -538,14 +763,14 @@ impl Engine {
             reply.tone = crate::command::Tone::Warn;
         }
         reply = reply.with_lines(Some("kill switch"), kill_lines);
-        let report = ping::ping(&self.client, &registry, self.config.ping_timeout).await?;
+        let report = ping::ping(&mesh.client, &registry, self.config.ping_timeout).await?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();
-        let dead = match self.js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await {
+        let dead = match mesh.js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await {
             Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
             Err(_) => 0,
         };
-        let server = self.client.server_info();
+        let server = mesh.client.server_info();
         match docker_control().await {
             Ok(docker) => match docker.containers().await {
                 Ok(rows) => {
@@ -605,4 +830,24 @@ where
 
 fn list_or_none(items: &[String]) -> String {
     if items.is_empty() { "none".to_owned() } else { items.join(", ") }
+}
+
+/// The `--json` data of `send` and `broadcast`.
+fn receipt_data(receipt: &publish::Receipt, to: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": receipt.id.to_string(),
+        "to": to,
+        "stream_seq": receipt.stream_seq,
+        "duplicate": receipt.duplicate,
+        "recipients": receipt.recipients,
+    })
+}
+
+/// The reply of `deploy render` and `deploy up`: the warnings and the files written.
+fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
+    let mut reply = Reply::ok(title);
+    if !report.warnings.is_empty() {
+        reply = reply.with_lines(Some("warnings"), report.warnings.iter().cloned());
+    }
+    reply.with_lines(Some("files"), report.files.iter().map(|f| f.display().to_string())).with_data(report)
 }

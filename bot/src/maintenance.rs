@@ -30,12 +30,14 @@ pub struct Window {
 }
 
 /// What the window did, step by step.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     /// One line per step.
     pub steps: Vec<String>,
     /// Active agents that did not answer the final ping.
     pub missing: usize,
+    /// The ids of the two announcements.
+    pub message_ids: Vec<String>,
 }
 
 /// The announcement texts (pure).
@@ -69,6 +71,7 @@ pub async fn run(
     let (start, _) = announcements(window, 0, 0);
     let receipt =
         publish::broadcast(&js, registry, &window.by, &start, Priority::High).await.map_err(|e| e.to_string())?;
+    report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, start.clone())).await;
     step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
     tokio::time::sleep(window.lead).await;
@@ -86,7 +89,9 @@ pub async fn run(
     let answered = pinged.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
     report.missing = pinged.missing;
     let (_, end) = announcements(window, answered, active);
-    publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    let receipt =
+        publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, end.clone())).await;
     step(&mut report, format!("announced: {end}"));
     Ok(report)

@@ -8,6 +8,8 @@ use mesh_protocol::layout::MSG_ID_HEADER;
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
 use uuid::Uuid;
 
+use crate::command::table::edit_distance;
+
 /// Consumers checked at once before a broadcast.
 const ENSURE_PARALLELISM: usize = 32;
 
@@ -78,22 +80,6 @@ pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
         .filter(|(d, _)| *d <= 2)
         .min()
         .map(|(_, id)| id.to_owned())
-}
-
-/// Levenshtein distance, for "did you mean" hints.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(row[j + 1]) };
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// Publishes an envelope and waits for JetStream's ack.
@@ -214,13 +200,5 @@ mod tests {
         assert!(resolve_target(&reg, "kaan").unwrap_err().to_string().contains("is inactive"));
         assert!(resolve_target(&reg, "agents.*").unwrap_err().to_string().contains("subject separator"));
         assert!(resolve_target(&reg, "Nova").unwrap_err().to_string().contains("use \"nova\""));
-    }
-
-    #[test]
-    fn edit_distance_counts_edits() {
-        assert_eq!(edit_distance("nova", "nova"), 0);
-        assert_eq!(edit_distance("nova", "nvoa"), 2);
-        assert_eq!(edit_distance("nova", "novas"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 }
