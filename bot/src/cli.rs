@@ -12,6 +12,7 @@ use mesh_protocol::{AgentId, Priority};
 
 use crate::command::grammar::NewAgent;
 use crate::deploy::DeployAction;
+use crate::docker::DockerHost;
 use crate::engine::{Engine, Progress, Request};
 use crate::limits::LimitStore;
 
@@ -494,6 +495,7 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitC
         discord: crate::server::discord_from_env()?,
         redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
         monitor_every: Duration::from_secs(30),
+        docker: docker_host(),
     };
     crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
     Ok(ExitCode::SUCCESS)
@@ -517,6 +519,15 @@ fn works_offline(command: &crate::command::Command) -> bool {
     )
 }
 
+/// The Docker engine (`DOCKER_HOST`) and compose project (`MESH_COMPOSE_PROJECT`) of the mesh.
+fn docker_host() -> DockerHost {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    DockerHost {
+        host: var(crate::docker::HOST_ENV),
+        project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
+    }
+}
+
 /// The engine, connected to the mesh; offline for commands that work without it.
 async fn connect_engine(
     nats_url: &str,
@@ -527,11 +538,12 @@ async fn connect_engine(
         Ok(client) => Engine::new(config.clone(), client, LimitStore::memory()).await.map_err(anyhow::Error::from),
         Err(e) => Err(e.into()),
     };
-    match connected {
-        Ok(engine) => Ok(engine),
-        Err(e) if works_offline(command) => Ok(Engine::offline(config, format!("{e:#}"), LimitStore::memory())),
-        Err(e) => Err(e),
-    }
+    let engine = match connected {
+        Ok(engine) => engine,
+        Err(e) if works_offline(command) => Engine::offline(config, format!("{e:#}"), LimitStore::memory()),
+        Err(e) => return Err(e),
+    };
+    Ok(engine.with_containers(std::sync::Arc::new(docker_host())))
 }
 
 /// Runs one typed command through the engine as the terminal user and prints the reply.

@@ -10,8 +10,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream;
-use futures::StreamExt;
 use mesh_protocol::killswitch::{Mode, Scope};
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
@@ -21,8 +19,10 @@ use tracing::warn;
 use crate::audit::{self, AuditRecord};
 use crate::command::table::Front;
 use crate::command::{Command, ConfirmConfig, Confirmations, Identity, KillGrade, Permissions, Reply, parse};
-use crate::killswitch::{self, KillSwitch};
-use crate::{dlq, ping, publish};
+use crate::containers::{Containers, DockerError, NoContainers};
+use crate::killswitch;
+use crate::mesh::{Mesh, NatsMesh};
+use crate::publish;
 
 /// Where a command came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,28 +153,32 @@ pub struct EngineConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error(transparent)]
-    Nats(#[from] mesh_listener::nats::NatsError),
-    #[error(transparent)]
-    KillSwitch(#[from] killswitch::KillSwitchError),
+    Mesh(#[from] crate::mesh::MeshError),
 }
 
-/// The mesh the engine runs commands against.
-#[derive(Debug)]
-struct Mesh {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    kill: KillSwitch,
-}
+/// The clock the engine reads (confirmation windows, audit times).
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 
 /// The engine.
-#[derive(Debug)]
 pub struct Engine {
     config: EngineConfig,
     /// The mesh, or why it cannot be reached (commands that edit local files
     /// still run; their audit record is then reported as not stored).
-    mesh: Result<Mesh, String>,
+    mesh: Result<Arc<dyn Mesh>, String>,
+    containers: Arc<dyn Containers>,
     confirmations: Mutex<Confirmations>,
     limits: crate::limits::LimitStore,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("mesh", &self.mesh)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What running a command did, for the reply and the audit trail.
@@ -203,19 +207,39 @@ impl Engine {
         client: async_nats::Client,
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
-        let js = jetstream::new(client.clone());
-        mesh_listener::nats::ensure_streams(&js, mesh_listener::nats::replicas_from_env()?).await?;
-        let kill = KillSwitch::open(&js).await?;
-        let confirmations = Mutex::new(Confirmations::new(config.confirm));
-        Ok(Self { config, mesh: Ok(Mesh { client, js, kill }), confirmations, limits })
+        let mesh = NatsMesh::open(client).await?;
+        Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
     }
 
-    /// An engine with no mesh (NATS cannot be reached, or does not exist yet):
-    /// commands that only edit local files run and are checked as usual; the
-    /// others fail with `reason`, and no audit record can be stored.
-    pub fn offline(config: EngineConfig, reason: String, limits: crate::limits::LimitStore) -> Self {
+    /// An engine on any [`Mesh`] (a fake in tests), or with none: `Err`
+    /// says why, and then only commands that edit local files run (checked as
+    /// usual; no audit record can be stored). Containers: none until
+    /// [`Engine::with_containers`].
+    pub fn with_mesh(
+        config: EngineConfig,
+        mesh: Result<Arc<dyn Mesh>, String>,
+        limits: crate::limits::LimitStore,
+    ) -> Self {
         let confirmations = Mutex::new(Confirmations::new(config.confirm));
-        Self { config, mesh: Err(reason), confirmations, limits }
+        let clock: Clock = Arc::new(OffsetDateTime::now_utc);
+        Self { config, mesh, containers: Arc::new(NoContainers), confirmations, limits, clock }
+    }
+
+    /// An engine with no mesh (NATS cannot be reached, or does not exist yet).
+    pub fn offline(config: EngineConfig, reason: String, limits: crate::limits::LimitStore) -> Self {
+        Self::with_mesh(config, Err(reason), limits)
+    }
+
+    /// Sets the containers the engine stops, starts, restarts and lists.
+    pub fn with_containers(mut self, containers: Arc<dyn Containers>) -> Self {
+        self.containers = containers;
+        self
+    }
+
+    /// Sets the clock (tests move it to expire confirmation codes).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Rate limits and retry dedup.
@@ -223,8 +247,8 @@ impl Engine {
         &self.limits
     }
 
-    fn mesh(&self) -> Result<&Mesh, String> {
-        self.mesh.as_ref().map_err(Clone::clone)
+    fn mesh(&self) -> Result<&dyn Mesh, String> {
+        self.mesh.as_deref().map_err(Clone::clone)
     }
 
     /// Runs one chat command line: parses it, then takes the one road.
@@ -270,7 +294,7 @@ impl Engine {
     /// Runs one typed command: the chat's parsed line, or what the terminal
     /// built from its flags.
     pub async fn handle_command(&self, request: Request, command: Command) -> Handled {
-        let now = OffsetDateTime::now_utc();
+        let now = (self.clock)();
         let role = match self.admit(&request, &command).await {
             Ok(role) => role,
             Err(refused) => return refused,
@@ -320,9 +344,8 @@ impl Engine {
     async fn pause_grade(&self, command: &Command) -> Option<KillGrade> {
         let Command::Resume { agent } = command else { return None };
         let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
-        let kill = &self.mesh().ok()?.kill;
-        match kill.get(&scope).await {
-            Ok(Some(state)) if state.in_force(OffsetDateTime::now_utc()) => match state.mode {
+        match self.mesh().ok()?.kill_get(&scope).await {
+            Ok(Some(state)) if state.in_force((self.clock)()) => match state.mode {
                 Mode::Soft => Some(KillGrade::Soft),
                 Mode::Hard => Some(KillGrade::Hard),
                 Mode::Nuclear => Some(KillGrade::Nuclear),
@@ -335,7 +358,7 @@ impl Engine {
     /// Appends the audit record; returns why it was not stored, if it was not.
     async fn audit(&self, request: &Request, decision: &str, reply: &Reply, message_ids: &[String]) -> Option<String> {
         let record = AuditRecord {
-            at: OffsetDateTime::now_utc(),
+            at: (self.clock)(),
             who: request.who.key(),
             platform: request.platform.as_str().to_owned(),
             channel: request.channel.clone(),
@@ -345,7 +368,7 @@ impl Engine {
             message_ids: message_ids.to_vec(),
         };
         let stored = match self.mesh() {
-            Ok(mesh) => audit::append(&mesh.js, &record).await,
+            Ok(mesh) => mesh.audit(&record).await.map_err(|e| e.to_string()),
             Err(reason) => Err(reason),
         };
         stored.err().inspect(|e| warn!(error = %e, who = %record.who, "audit record not stored"))
@@ -363,8 +386,7 @@ impl Engine {
                 let registry = self.registry()?;
                 let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
                     .map_err(|e| e.to_string())?;
-                let mesh = self.mesh()?;
-                let receipt = publish::deliver(&mesh.js, &prepared).await.map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, agent.as_str()));
@@ -377,8 +399,7 @@ impl Engine {
                 let registry = self.registry()?;
                 let prepared =
                     publish::prepare_broadcast(&registry, &from, &text, priority).map_err(|e| e.to_string())?;
-                let mesh = self.mesh()?;
-                let receipt = publish::deliver(&mesh.js, &prepared).await.map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, "*"));
@@ -390,7 +411,7 @@ impl Engine {
             Command::Ask { agent, text } => self.ask(&from, &agent, &text).await,
             Command::Ping => {
                 let registry = self.registry()?;
-                let report = ping::ping(&self.mesh()?.client, &registry, self.config.ping_timeout).await?;
+                let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
                 let rows = report
                     .rows
                     .iter()
@@ -436,8 +457,7 @@ impl Engine {
                 let scope = self.scope(agent)?;
                 let state = self
                     .mesh()?
-                    .kill
-                    .pull(&scope, Mode::Soft, Some(duration), &by, reason)
+                    .kill_pull(&scope, Mode::Soft, Some(duration), &by, reason)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
@@ -445,13 +465,10 @@ impl Engine {
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
                 let state =
-                    self.mesh()?.kill.pull(&scope, Mode::Hard, None, &by, reason).await.map_err(|e| e.to_string())?;
+                    self.mesh()?.kill_pull(&scope, Mode::Hard, None, &by, reason).await.map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let docker = match scope {
-                    Scope::Global => {
-                        let control = docker_control().await.map(|d| async move { d.stop_listeners().await });
-                        docker_line("stopped listener containers", control).await
-                    }
+                    Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
                     Scope::Agent(_) => {
                         "docker: containers left running (a per-agent pause is enforced by the listeners)".to_owned()
                     }
@@ -461,46 +478,38 @@ impl Engine {
             Command::KillNuclear { purge } => {
                 let state = self
                     .mesh()?
-                    .kill
-                    .pull(&Scope::Global, Mode::Nuclear, None, &by, None)
+                    .kill_pull(&Scope::Global, Mode::Nuclear, None, &by, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
-                let lines = match docker_control().await {
-                    Ok(docker) => match docker.nuclear(purge, crate::docker::own_container_id().as_deref()).await {
-                        Ok(report) => {
-                            let mut lines = vec![
-                                format!("stopped: {}", list_or_none(&report.stopped)),
-                                format!("removed: {}", list_or_none(&report.removed)),
-                                format!("kept (this bot): {}", list_or_none(&report.kept)),
-                                format!("failed: {}", list_or_none(&report.failed)),
-                            ];
-                            if purge {
-                                lines.push(format!("purged volumes: {}", list_or_none(&report.volumes)));
-                                lines.push(format!("purged networks: {}", list_or_none(&report.networks)));
-                            }
-                            lines
+                let lines = match self.containers.nuclear(purge).await {
+                    Ok(report) => {
+                        let mut lines = vec![
+                            format!("stopped: {}", list_or_none(&report.stopped)),
+                            format!("removed: {}", list_or_none(&report.removed)),
+                            format!("kept (this bot): {}", list_or_none(&report.kept)),
+                            format!("failed: {}", list_or_none(&report.failed)),
+                        ];
+                        if purge {
+                            lines.push(format!("purged volumes: {}", list_or_none(&report.volumes)));
+                            lines.push(format!("purged networks: {}", list_or_none(&report.networks)));
                         }
-                        Err(e) => vec![e.to_string()],
-                    },
+                        lines
+                    }
                     Err(e) => vec![e.to_string()],
                 };
                 Ok(Executed::reply(reply.with_lines(Some("docker"), lines)))
             }
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
-                let kill = &self.mesh()?.kill;
-                kill.release(&scope, &by).await.map_err(|e| e.to_string())?;
+                let mesh = self.mesh()?;
+                mesh.kill_release(&scope, &by).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
                 if scope == Scope::Global {
-                    let line = docker_line(
-                        "started listener containers",
-                        docker_control().await.map(|d| async move { d.start_listeners().await }),
-                    )
-                    .await;
+                    let line = docker_line("started listener containers", self.containers.start_listeners().await);
                     reply = reply.with_lines(None, [line]);
                 }
-                if let Ok(others) = kill.in_force().await
+                if let Ok(others) = mesh.kill_in_force().await
                     && !others.is_empty()
                 {
                     reply = reply
@@ -514,7 +523,7 @@ impl Engine {
                     publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
                 }
                 let entries =
-                    dlq::list(&self.mesh()?.js, agent.as_ref(), limit as usize).await.map_err(|e| e.to_string())?;
+                    self.mesh()?.dead_letters(agent.as_ref(), limit as usize).await.map_err(|e| e.to_string())?;
                 if entries.is_empty() {
                     return Ok(Executed::reply(Reply::ok("no dead letters").with_data(&entries)));
                 }
@@ -540,9 +549,7 @@ impl Engine {
             }
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
-                let report = dlq::replay(&self.mesh()?.js, &registry, agent.as_str(), count as usize)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let report = self.mesh()?.replay(&registry, &agent, count as usize).await.map_err(|e| e.to_string())?;
                 let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
                 if report.replayed.is_empty() && report.skipped.is_empty() {
                     return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
@@ -558,7 +565,7 @@ impl Engine {
                 Ok(Executed::with_ids(reply, ids))
             }
             Command::Audit { count } => {
-                let records = audit::newest(&self.mesh()?.js, count as usize).await?;
+                let records = self.mesh()?.audit_newest(count as usize).await.map_err(|e| e.to_string())?;
                 let rows = records
                     .iter()
                     .map(|r| {
@@ -582,12 +589,19 @@ impl Engine {
                 let registry = self.registry()?;
                 let window = crate::maintenance::Window { duration, lead, message, by: from };
                 let progress = request.progress.clone();
-                let report = crate::maintenance::run(&self.mesh()?.client, &registry, &window, |step| {
-                    if let Some(Progress(p)) = &progress {
-                        p(step);
-                    }
-                })
-                .await?;
+                let report = self
+                    .mesh()?
+                    .maintenance(
+                        &registry,
+                        &window,
+                        Box::new(move |step: &str| {
+                            if let Some(Progress(p)) = &progress {
+                                p(step);
+                            }
+                        }),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let title = report.steps.last().cloned().unwrap_or_else(|| "maintenance done".to_owned());
                 let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
                 let failed = report.missing > 0;
@@ -596,14 +610,12 @@ impl Engine {
             }
             Command::Restart { agent } => {
                 publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
-                let docker = docker_control().await.map_err(|e| e.to_string())?;
-                let name = docker.restart_listener(agent.as_str()).await.map_err(|e| e.to_string())?;
+                let name = self.containers.restart_listener(agent.as_str()).await.map_err(|e| e.to_string())?;
                 Ok(Executed::reply(Reply::ok(format!("restarted {name}"))))
             }
             Command::Backup { dir } => {
-                let manifest = crate::backup::backup(&self.mesh()?.js, &self.config.registry_path, &dir)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let manifest =
+                    self.mesh()?.backup(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
                 let title = format!(
                     "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
                     dir.display(),
@@ -615,9 +627,7 @@ impl Engine {
                 Ok(Executed::reply(Reply::ok(title).with_data(&manifest)))
             }
             Command::Restore { dir } => {
-                let report = crate::backup::restore(&self.mesh()?.js, &self.config.registry_path, &dir)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let report = self.mesh()?.restore(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
                 let title = format!(
                     "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
                     report.streams,
@@ -696,7 +706,7 @@ impl Engine {
 
     /// "queued until ..." when a pause holds messages for `agent` (or everyone).
     async fn queued_note(&self, agent: Option<&AgentId>) -> Option<String> {
-        let state = self.mesh().ok()?.kill.effective(agent).await.ok()??;
+        let state = self.mesh().ok()?.kill_effective(agent).await.ok()??;
         let until = match (state.mode, state.until) {
             (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
             _ => "until a director resumes".to_owned(),
@@ -715,30 +725,21 @@ impl Engine {
                 "ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)"
             ));
         }
-        let mesh = self.mesh()?;
         let reply_subject = Subject::new_reply();
-        let mut replies = mesh
-            .client
-            .subscribe(reply_subject.to_string())
-            .await
-            .map_err(|e| format!("cannot wait for the reply: {e}"))?;
         let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
             .map_err(|e| e.to_string())?
             .with_reply_to(&reply_subject);
-        mesh_listener::nats::ensure_consumer(&mesh.js, agent).await.map_err(|e| e.to_string())?;
-        publish::publish(&mesh.js, &envelope).await.map_err(|e| e.to_string())?;
+        let answer = self.mesh()?.ask(&envelope, &reply_subject).await.map_err(|e| e.to_string())?;
         let timeout = self.config.ask_timeout;
         let queued = self.queued_note(Some(agent)).await;
         let asked = agent.clone();
         let follow_up: FollowUp = Box::pin(async move {
-            match tokio::time::timeout(timeout, replies.next()).await {
-                Ok(Some(message)) => match serde_json::from_slice::<Envelope>(&message.payload) {
-                    Ok(answer) => {
-                        Reply::info(format!("{asked} replied")).with_lines(None, answer.text.lines().map(str::to_owned))
-                    }
-                    Err(e) => Reply::error(format!("{asked} sent a reply that is not a message: {e}")),
-                },
-                _ => Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs())),
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(answer)) => {
+                    Reply::info(format!("{asked} replied")).with_lines(None, answer.text.lines().map(str::to_owned))
+                }
+                Ok(Err(e)) => Reply::error(format!("{asked} sent a reply that is not a message: {e}")),
+                Err(_) => Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs())),
             }
         });
         let mut reply = Reply::ok(format!("asked {agent}; the reply will follow"))
@@ -753,7 +754,7 @@ impl Engine {
         let registry = self.registry()?;
         let mesh = self.mesh()?;
         let mut reply = Reply::info("mesh status");
-        let kills = mesh.kill.in_force().await.map_err(|e| e.to_string())?;
+        let kills = mesh.kill_in_force().await.map_err(|e| e.to_string())?;
         let kill_lines: Vec<String> = if kills.is_empty() {
             vec!["not pulled".to_owned()]
         } else {
@@ -763,44 +764,41 @@ impl Engine {
             reply.tone = crate::command::Tone::Warn;
         }
         reply = reply.with_lines(Some("kill switch"), kill_lines);
-        let report = ping::ping(&mesh.client, &registry, self.config.ping_timeout).await?;
+        let report = mesh.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();
-        let dead = match mesh.js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await {
-            Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
-            Err(_) => 0,
-        };
-        let server = mesh.client.server_info();
-        match docker_control().await {
-            Ok(docker) => match docker.containers().await {
-                Ok(rows) => {
-                    let rows = rows
-                        .into_iter()
-                        .map(|c| {
-                            vec![
-                                c.name,
-                                c.role,
-                                c.state,
-                                c.health.unwrap_or_else(|| "-".into()),
-                                c.restarts.to_string(),
-                                c.uptime_s.map(crate::docker::format_uptime).unwrap_or_else(|| "-".into()),
-                            ]
-                        })
-                        .collect();
-                    reply = reply.with_table(
-                        Some("containers"),
-                        ["name", "role", "state", "health", "restarts", "uptime"],
-                        rows,
-                    );
-                }
-                Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
-            },
+        let dead = mesh.dead_letter_count().await;
+        let server = mesh.server();
+        match self.containers.list().await {
+            Ok(rows) if rows.is_empty() => {
+                reply = reply.with_lines(Some("containers"), ["none: Docker is not in use for this mesh"]);
+            }
+            Ok(rows) => {
+                let rows = rows
+                    .into_iter()
+                    .map(|c| {
+                        vec![
+                            c.name,
+                            c.role,
+                            c.state,
+                            c.health.unwrap_or_else(|| "-".into()),
+                            c.restarts.to_string(),
+                            c.uptime_s.map(crate::containers::format_uptime).unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                reply = reply.with_table(
+                    Some("containers"),
+                    ["name", "role", "state", "health", "restarts", "uptime"],
+                    rows,
+                );
+            }
             Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
         }
         reply = reply.with_lines(
             Some("mesh"),
             [
-                format!("nats {} ({})", server.version, server.server_name),
+                format!("nats {} ({})", server.version, server.name),
                 format!("agents: {} registered, {active} active, {answered} listeners answering", registry.len()),
                 format!("dead letters: {dead}"),
             ],
@@ -809,21 +807,14 @@ impl Engine {
     }
 }
 
-/// The mesh's Docker project, if the engine answers.
-async fn docker_control() -> Result<crate::docker::DockerControl, crate::docker::DockerError> {
-    crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await
-}
-
 /// One line saying what a Docker action did, or why it did not happen.
-async fn docker_line<F>(what: &str, action: Result<F, crate::docker::DockerError>) -> String
-where
-    F: Future<Output = Result<Vec<String>, crate::docker::DockerError>>,
-{
-    match action {
-        Ok(action) => match action.await {
-            Ok(names) => format!("docker: {what}: {}", list_or_none(&names)),
-            Err(e) => format!("docker: {e}"),
-        },
+fn docker_line(what: &str, done: Result<Vec<String>, DockerError>) -> String {
+    match done {
+        Ok(names) if names.is_empty() => {
+            "docker: no listener containers (Docker is not in use for this mesh)".to_owned()
+        }
+        Ok(names) => format!("docker: {what}: {}", names.join(", ")),
+        Err(DockerError::NotInUse) => "docker: not in use for this mesh".to_owned(),
         Err(e) => format!("docker: {e}"),
     }
 }
@@ -851,3 +842,7 @@ fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
     }
     reply.with_lines(Some("files"), report.files.iter().map(|f| f.display().to_string())).with_data(report)
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

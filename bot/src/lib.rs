@@ -16,7 +16,9 @@
 //! - [`events`]: mesh events and the fleet monitor.
 //! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
 //! - [`discord`]: the Discord front end (interactions, gateway messages, notifications).
-//! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
+//! - [`mesh`]: the [`mesh::Mesh`] trait the engine reaches the mesh through, and its NATS implementation.
+//! - [`containers`]: the [`containers::Containers`] trait the engine reaches Docker through.
+//! - [`docker`]: the deployed mesh's containers through bollard (status, restart, hard kill, nuclear).
 //! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
 //! - [`backup`]: `mesh backup` / `mesh restore` (registry, stream messages, consumer positions, kill switch).
 //! - [`deploy`]: `mesh deploy render|probe|demo-gateway`: nats.conf, listener services, health probe.
@@ -27,6 +29,7 @@ pub mod audit;
 pub mod backup;
 pub mod cli;
 pub mod command;
+pub mod containers;
 pub mod demo;
 pub mod demo_gateway;
 pub mod deploy;
@@ -39,6 +42,7 @@ pub mod killswitch;
 pub mod limits;
 pub mod local_nats;
 pub mod maintenance;
+pub mod mesh;
 pub mod notify;
 pub mod ping;
 pub mod publish;

@@ -80,6 +80,8 @@ pub struct BotConfig {
     pub redis_url: Option<String>,
     /// How often the fleet is pinged for agent up/down events.
     pub monitor_every: Duration,
+    /// The Docker engine and compose project of the deployed mesh.
+    pub docker: crate::docker::DockerHost,
 }
 
 /// Environment variable names.
@@ -253,7 +255,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot").await?;
     let limits = crate::limits::LimitStore::from_url(config.redis_url.as_deref()).await;
-    let engine = Arc::new(Engine::new(config.engine.clone(), client.clone(), limits).await?);
+    let engine = Engine::new(config.engine.clone(), client.clone(), limits).await?;
+    let engine = Arc::new(engine.with_containers(Arc::new(config.docker.clone())));
     let js = async_nats::jetstream::new(client.clone());
     let stop = CancellationToken::new();
     let mut app = Router::new();
