@@ -52,3 +52,12 @@ else
   apt_install "${missing[@]}"
   command -v docker-compose >/dev/null || die "docker-compose did not install; install Debian's docker-compose package by hand"
 fi
+
+# cargo-nextest: the test runner of scripts/test.sh (a time limit per test).
+if cargo nextest --version >/dev/null 2>&1; then
+  say "cargo-nextest present ($(cargo nextest --version 2>/dev/null | sed -n 's/^cargo-nextest //p' | head -1))"
+else
+  say "installing cargo-nextest $NEXTEST_VERSION (crates.io; a few minutes)"
+  cargo install --quiet --locked cargo-nextest --version "$NEXTEST_VERSION"
+  cargo nextest --version >/dev/null 2>&1 || die "cargo-nextest did not install; run: cargo install --locked cargo-nextest"
+fi

@@ -9,3 +9,5 @@ export PATH="$TOOLS/bin:$PATH"
 
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+# cargo-nextest runs the suite with a time limit per test (.config/nextest.toml).
+NEXTEST_VERSION="0.9.143"

@@ -473,9 +473,17 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
         Command::Audit { n } => C::Audit { count: n },
         Command::Backup { dir } => C::Backup { dir },
         Command::Restore { dir } => C::Restore { dir },
-        Command::Deploy { action: DeployAction::Render { out } } => C::DeployRender { out },
-        Command::Deploy { action: DeployAction::Up { out, compose, project, profile } } => {
-            C::DeployUp(crate::command::grammar::DeployUp { out, compose, project, profiles: profile })
+        Command::Deploy { action: DeployAction::Render { out, nats_sync_interval } } => {
+            C::DeployRender { out, sync: nats_sync_interval }
+        }
+        Command::Deploy { action: DeployAction::Up { out, compose, project, profile, nats_sync_interval } } => {
+            C::DeployUp(crate::command::grammar::DeployUp {
+                out,
+                compose,
+                project,
+                profiles: profile,
+                sync: nats_sync_interval,
+            })
         }
         Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
         Command::Bot { .. } | Command::Deploy { .. } => anyhow::bail!("not a command on the mesh"),

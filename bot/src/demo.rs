@@ -26,7 +26,7 @@ const AGENTS: [(&str, &str); 3] = [("nova", "wake"), ("kaan", "agent"), ("ada", 
 /// Runs the demo until `shutdown` completes.
 pub async fn run(config: DemoConfig, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     let data_dir = std::path::absolute(&config.data_dir).context("resolving the data directory")?;
-    let mut nats = LocalNats::start(config.nats_port, &data_dir.join("nats")).await?;
+    let mut nats = LocalNats::start_durable(config.nats_port, &data_dir.join("nats")).await?;
     let registry_path = data_dir.join("tokens.json");
     let mut entries = serde_json::Map::new();
     for (agent, mode) in AGENTS {

@@ -673,9 +673,9 @@ impl Engine {
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 Ok(Executed::reply(Reply::ok(title).with_data(&changed)))
             }
-            Command::DeployRender { out } => {
-                let report =
-                    crate::deploy::render_into(&self.config.registry_path, &out).map_err(|e| format!("{e:#}"))?;
+            Command::DeployRender { out, sync } => {
+                let report = crate::deploy::render_into(&self.config.registry_path, &out, &sync)
+                    .map_err(|e| format!("{e:#}"))?;
                 Ok(Executed::reply(render_reply(
                     format!("rendered {} listener services into {}", report.listeners, out.display()),
                     &report,

@@ -28,6 +28,10 @@ pub enum LocalNatsError {
     NotReady(Duration),
 }
 
+/// The durable server's config file: the command line sets everything else.
+const DURABLE_CONFIG: &str = "# Written by the mesh: fsync every JetStream write before it is acknowledged.\n\
+                              jetstream {\n  sync_interval: always\n}\n";
+
 /// A running `nats-server`; killed when dropped.
 #[derive(Debug)]
 pub struct LocalNats {
@@ -35,6 +39,8 @@ pub struct LocalNats {
     port: u16,
     store_dir: PathBuf,
     log_path: PathBuf,
+    /// A config file passed with `-c` (the durable server's `sync_interval`).
+    config: Option<PathBuf>,
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -50,7 +56,23 @@ impl LocalNats {
         }
         std::fs::create_dir_all(store_dir).map_err(LocalNatsError::Spawn)?;
         let log_path = store_dir.join("nats-server.log");
-        let mut server = Self { child: None, port, store_dir: store_dir.to_owned(), log_path };
+        let mut server = Self { child: None, port, store_dir: store_dir.to_owned(), log_path, config: None };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    /// Like [`LocalNats::start`], with JetStream fsyncing every write before
+    /// it is acknowledged (`sync_interval: always`, as `mesh deploy render`
+    /// writes by default): what the demo runs.
+    pub async fn start_durable(port: u16, store_dir: &Path) -> Result<Self, LocalNatsError> {
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return Err(LocalNatsError::PortInUse(port));
+        }
+        std::fs::create_dir_all(store_dir).map_err(LocalNatsError::Spawn)?;
+        let config = store_dir.join("nats-server.conf");
+        std::fs::write(&config, DURABLE_CONFIG).map_err(LocalNatsError::Spawn)?;
+        let log_path = store_dir.join("nats-server.log");
+        let mut server = Self { child: None, port, store_dir: store_dir.to_owned(), log_path, config: Some(config) };
         server.spawn().await?;
         Ok(server)
     }
@@ -61,7 +83,11 @@ impl LocalNats {
             .append(true)
             .open(&self.log_path)
             .map_err(LocalNatsError::Spawn)?;
-        let mut child = Command::new("nats-server")
+        let mut command = Command::new("nats-server");
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let mut child = command
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
             .arg(&self.store_dir)
             .stdin(Stdio::null())

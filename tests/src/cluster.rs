@@ -91,7 +91,7 @@ impl ClusterSpec {
              listen: {listen}:{client}\n\
              http: {listen}:{monitor}\n\
              \n\
-             jetstream {{\n  store_dir: \"{store}\"\n}}\n\
+             jetstream {{\n  store_dir: \"{store}\"\n  # fsync every write before it is acknowledged (README, Delivery guarantees)\n  sync_interval: always\n}}\n\
              \n\
              cluster {{\n  name: {CLUSTER_NAME}\n  listen: {listen}:{cluster}\n  routes: [\n{routes}  ]\n}}\n",
             name = node.name,

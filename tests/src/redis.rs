@@ -8,6 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long the server may take to answer `PING` after it was started.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many free ports `start` tries.
+const START_ATTEMPTS: usize = 5;
 
 /// The Redis server under test.
 #[derive(Debug)]
@@ -19,13 +21,28 @@ pub struct TestRedis {
 
 impl TestRedis {
     /// Starts a server on a free port; panics with install instructions when
-    /// redis-server is missing.
+    /// redis-server is missing. A free port can be taken by another test before
+    /// the server binds it: then it tries another port (a few times).
     pub async fn start() -> Self {
-        Self::start_on(mesh_bot::local_nats::free_port().expect("finding a free port")).await
+        let mut last_error = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let port = mesh_bot::local_nats::free_port().expect("finding a free port");
+            match Self::try_start_on(port).await {
+                Ok(redis) => return redis,
+                Err(error) => last_error = error,
+            }
+        }
+        panic!("redis-server did not start in {START_ATTEMPTS} attempts: {last_error}");
     }
 
-    /// Starts a server on `port` and waits until it answers `PING`.
+    /// Starts a server on `port` and waits until it answers `PING`; panics if it cannot.
     pub async fn start_on(port: u16) -> Self {
+        Self::try_start_on(port).await.unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    /// Starts a server on `port` and waits until it answers `PING` as itself
+    /// (its process id), not as another server that holds the port.
+    async fn try_start_on(port: u16) -> Result<Self, String> {
         let dir = tempfile::tempdir().expect("creating a temp dir");
         let mut child = tokio::process::Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
@@ -41,15 +58,20 @@ impl TestRedis {
                 }
                 _ => panic!("starting redis-server: {e}"),
             });
+        let pid = child.id().expect("redis-server's process id");
         let started = Instant::now();
-        while !answers_ping(port).await {
+        loop {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("redis-server exited at start ({status}); is port {port} taken?");
+                return Err(format!("redis-server exited at start ({status}); is port {port} taken?"));
             }
-            assert!(started.elapsed() < START_TIMEOUT, "redis-server did not answer PING within {START_TIMEOUT:?}");
+            if answers_ping(port).await && server_pid(port).await == Some(pid) {
+                return Ok(Self { child, port, _dir: dir });
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(format!("redis-server on port {port} did not answer PING within {START_TIMEOUT:?}"));
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Self { child, port, _dir: dir }
     }
 
     /// The port it listens on.
@@ -98,4 +120,17 @@ async fn answers_ping(port: u16) -> bool {
         Ok::<_, std::io::Error>(&reply == b"+PONG\r\n")
     };
     matches!(tokio::time::timeout(Duration::from_secs(1), attempt).await, Ok(Ok(true)))
+}
+
+/// The process id of the Redis server answering on `port` (`INFO server`).
+async fn server_pid(port: u16) -> Option<u32> {
+    let output = tokio::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "INFO", "server"])
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }

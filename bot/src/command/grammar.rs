@@ -75,6 +75,63 @@ pub struct NewAgent {
     pub inactive: bool,
 }
 
+/// How often nats-server fsyncs JetStream writes (`sync_interval`).
+///
+/// `always` (the default) fsyncs every write before it is acknowledged, so an
+/// acked message survives a power loss or an OS crash; an interval such as
+/// `2m` (nats-server's own default) is faster but can lose what was acked
+/// within the last interval on such a crash (Jepsen, NATS 2.12.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncInterval {
+    /// fsync every write.
+    Always,
+    /// fsync on a timer: a Go duration made of a number and `ms`, `s`, `m` or `h`.
+    Every(String),
+}
+
+impl SyncInterval {
+    /// The `sync_interval` line of a `jetstream` block, with a comment, each line indented.
+    pub fn conf_lines(&self, indent: &str) -> String {
+        match self {
+            Self::Always => format!(
+                "{indent}# fsync every write before it is acknowledged (render with --nats-sync-interval 2m to relax)\n\
+                 {indent}sync_interval: always"
+            ),
+            Self::Every(every) => format!(
+                "{indent}# fsync every {every}: writes acked within the last interval can be lost on power loss\n\
+                 {indent}sync_interval: \"{every}\""
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for SyncInterval {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "always" {
+            return Ok(Self::Always);
+        }
+        let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = &text[digits.len()..];
+        let positive = digits.parse::<u64>().is_ok_and(|n| n > 0);
+        if positive && ["ms", "s", "m", "h"].contains(&unit) {
+            Ok(Self::Every(text.to_owned()))
+        } else {
+            Err(format!("invalid sync interval {text:?}: use always, or a duration such as 10s or 2m"))
+        }
+    }
+}
+
+impl std::fmt::Display for SyncInterval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::Every(every) => f.write_str(every),
+        }
+    }
+}
+
 /// Where `deploy up` finds its files and which compose project it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeployUp {
@@ -86,6 +143,8 @@ pub struct DeployUp {
     pub project: String,
     /// Compose profiles to enable.
     pub profiles: Vec<String>,
+    /// How often nats-server fsyncs JetStream writes.
+    pub sync: SyncInterval,
 }
 
 /// A parsed chat command, or a terminal command built from flags.
@@ -230,6 +289,8 @@ pub enum Command {
     DeployRender {
         /// Output directory.
         out: PathBuf,
+        /// How often nats-server fsyncs JetStream writes.
+        sync: SyncInterval,
     },
     /// Render, then start the stack (terminal only).
     DeployUp(DeployUp),
@@ -339,14 +400,15 @@ impl fmt::Display for Command {
                 opt("gateway-token", gateway_token),
                 if *check { "" } else { " --no-check" }
             ),
-            Self::DeployRender { out } => write!(f, "{name} --out {}", out.display()),
+            Self::DeployRender { out, sync } => write!(f, "{name} --out {} --nats-sync-interval {sync}", out.display()),
             Self::DeployUp(up) => {
                 write!(
                     f,
-                    "{name} --out {} --compose {} --project {}",
+                    "{name} --out {} --compose {} --project {} --nats-sync-interval {}",
                     up.out.display(),
                     up.compose.display(),
-                    up.project
+                    up.project,
+                    up.sync
                 )?;
                 up.profiles.iter().try_for_each(|p| write!(f, " --profile {p}"))
             }
@@ -945,7 +1007,12 @@ mod tests {
                 "unknown command \"kil\"; did you mean \"kill\"? usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear [--purge]",
             ),
         );
-        check("deploy", Err("deploy render runs only in a terminal on the host: mesh deploy render [--out dir]"));
+        check(
+            "deploy",
+            Err(
+                "deploy render runs only in a terminal on the host: mesh deploy render [--out dir] [--nats-sync-interval always|2m]",
+            ),
+        );
         check("backup /tmp/x", Err("backup runs only in a terminal on the host: mesh backup <dir>"));
         check(
             "agents add kaan",
@@ -956,7 +1023,7 @@ mod tests {
         check(
             "depoly",
             Err(
-                "unknown command \"depoly\"; did you mean \"deploy\"? usage: deploy render [--out dir] | deploy up [--out dir] [--compose file] [--project p] [--profile p]",
+                "unknown command \"depoly\"; did you mean \"deploy\"? usage: deploy render [--out dir] [--nats-sync-interval always|2m] | deploy up [--out dir] [--compose file] [--project p] [--profile p] [--nats-sync-interval always|2m]",
             ),
         );
         check("", Err("no command given; try \"help\" for the list of commands"));

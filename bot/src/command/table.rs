@@ -363,7 +363,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
     CommandSpec {
         kind: CommandKind::DeployRender,
         name: "deploy render",
-        usage: "deploy render [--out dir]",
+        usage: "deploy render [--out dir] [--nats-sync-interval always|2m]",
         summary: "render nats.conf, the listener services and Prometheus targets from the registry",
         notes: &[],
         access: Access::AtLeast(Role::Admin),
@@ -373,7 +373,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
     CommandSpec {
         kind: CommandKind::DeployUp,
         name: "deploy up",
-        usage: "deploy up [--out dir] [--compose file] [--project p] [--profile p]",
+        usage: "deploy up [--out dir] [--compose file] [--project p] [--profile p] [--nats-sync-interval always|2m]",
         summary: "render, then start the stack with docker-compose",
         notes: &[],
         access: Access::AtLeast(Role::Admin),
