@@ -11,9 +11,9 @@ use mesh_listener::registry_file::DEFAULT_REGISTRY;
 use mesh_protocol::{AgentId, Priority};
 
 use crate::command::grammar::NewAgent;
-use crate::deploy::DeployAction;
 use crate::docker::DockerHost;
 use crate::engine::{Engine, Progress, Request};
+use crate::helpers::DeployAction;
 use crate::limits::LimitStore;
 
 /// Drive the agent mesh from a terminal.
@@ -140,7 +140,7 @@ pub enum Command {
     /// Deployment: render nats.conf and the listener services from the registry; container helpers.
     Deploy {
         #[command(subcommand)]
-        action: crate::deploy::DeployAction,
+        action: DeployAction,
     },
     /// Run the mesh locally.
     Up {
@@ -341,7 +341,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let (command, options) = match command {
         Command::Bot { addr } => return bot(&args, addr).await,
         Command::Deploy { action: action @ (DeployAction::Probe { .. } | DeployAction::DemoGateway { .. }) } => {
-            crate::deploy::run_helper(action).await?;
+            crate::helpers::run_helper(action).await?;
             return Ok(ExitCode::SUCCESS);
         }
         other => typed(other)?,

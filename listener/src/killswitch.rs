@@ -3,10 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use futures::StreamExt;
 use mesh_protocol::killswitch::{BUCKET, KillState, Scope};
-use mesh_protocol::layout::Replicas;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -16,28 +15,8 @@ use crate::nats::NatsError;
 /// Entries by scope.
 pub type KillStates = BTreeMap<String, KillState>;
 
-/// Opens the kill-switch bucket, creating it when missing.
-pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Store, NatsError> {
-    let replicas = crate::nats::resolve_replicas(js, setting).await?;
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        if let Ok(mut stream) = js.get_stream(&store.stream_name).await
-            && let Ok(info) = stream.info().await
-        {
-            crate::nats::scale_up(js, info, replicas).await;
-        }
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
-        bucket: BUCKET.to_owned(),
-        description: "mesh kill switch: global and per-agent pause state".to_owned(),
-        history: 16,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| NatsError::JetStream(crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string())))
-}
+/// Opens the kill-switch bucket, creating it when missing (shared with the bot).
+pub use mesh_runtime::kill_bucket::open;
 
 /// Reads every entry now.
 pub async fn load(store: &kv::Store) -> Result<KillStates, NatsError> {

@@ -18,7 +18,8 @@
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
 //! - [`cli`]: the `mesh-listener` command line.
-//! - [`shutdown`] and [`logging`]: process plumbing shared with the `mesh` binary.
+//! - [`nats`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
+//!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
 
 pub mod cli;
 pub mod config;
@@ -29,15 +30,12 @@ pub mod gateway;
 pub mod hook;
 pub mod http;
 pub mod killswitch;
-pub mod logging;
 pub mod metrics;
-pub mod nats;
 pub mod ping;
 pub mod policy;
-pub mod registry_file;
-pub mod secrets;
-pub mod shutdown;
 pub mod state;
+
+pub use mesh_runtime::{logging, nats, registry_file, secrets, shutdown};
 
 pub use config::ListenerConfig;
 pub use fleet::{Control, PauseCommand, run, run_with};

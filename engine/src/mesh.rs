@@ -34,7 +34,7 @@ pub enum MeshError {
     #[error(transparent)]
     Backup(#[from] BackupError),
     #[error(transparent)]
-    Nats(#[from] mesh_listener::nats::NatsError),
+    Nats(#[from] mesh_runtime::nats::NatsError),
     /// A ping, an audit read or write, or a reply subscription failed.
     #[error("{0}")]
     Request(String),
@@ -123,7 +123,7 @@ impl NatsMesh {
     /// Creates the streams and the kill switch bucket when missing.
     pub async fn open(client: async_nats::Client) -> Result<Self, MeshError> {
         let js = jetstream::new(client.clone());
-        mesh_listener::nats::ensure_streams(&js, mesh_listener::nats::replicas_from_env()?).await?;
+        mesh_runtime::nats::ensure_streams(&js, mesh_runtime::nats::replicas_from_env()?).await?;
         let kill = KillSwitch::open(&js).await?;
         Ok(Self { client, js, kill })
     }
@@ -142,7 +142,7 @@ impl Mesh for NatsMesh {
                 .await
                 .map_err(|e| MeshError::Request(format!("cannot wait for the reply: {e}")))?;
             if let mesh_protocol::Recipient::Agent(agent) = &envelope.to {
-                mesh_listener::nats::ensure_consumer(&self.js, agent).await.map_err(SendError::from)?;
+                mesh_runtime::nats::ensure_consumer(&self.js, agent).await.map_err(SendError::from)?;
             }
             crate::publish::publish(&self.js, envelope).await?;
             let wait: ReplyWait = Box::pin(async move {

@@ -3,9 +3,9 @@
 //! publish with the envelope id as `Nats-Msg-Id` and wait for JetStream's ack.
 
 use futures::StreamExt;
-use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::MSG_ID_HEADER;
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
+use mesh_runtime::nats::{self, NatsError};
 use uuid::Uuid;
 
 use crate::command::table::edit_distance;

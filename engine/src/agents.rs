@@ -41,7 +41,7 @@ pub enum AgentsError {
     #[error("writing the registry {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
-    Load(#[from] mesh_listener::registry_file::RegistryFileError),
+    Load(#[from] mesh_runtime::registry_file::RegistryFileError),
     #[error("give --hooks-token, --gateway-token or both: the token references to rotate to")]
     NothingToRotate,
     #[error("{0} is not a registry change")]
@@ -279,9 +279,9 @@ pub struct Changed {
 /// `agents add` creates the file when it does not exist yet.
 pub fn change(path: &Path, command: &crate::command::Command) -> Result<Changed, AgentsError> {
     use crate::command::Command;
-    let registry = match mesh_listener::registry_file::load(path) {
+    let registry = match mesh_runtime::registry_file::load(path) {
         Ok(registry) => registry,
-        Err(mesh_listener::registry_file::RegistryFileError::Missing { .. })
+        Err(mesh_runtime::registry_file::RegistryFileError::Missing { .. })
             if matches!(command, Command::AgentsAdd { .. }) =>
         {
             Registry::default()

@@ -60,8 +60,8 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Report, String> {
     let js = jetstream::new(client.clone());
-    let replicas = mesh_listener::nats::replicas_from_env().map_err(|e| e.to_string())?;
-    mesh_listener::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
+    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| e.to_string())?;
+    mesh_runtime::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
     let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
     let mut report = Report::default();
     let mut step = |report: &mut Report, line: String| {

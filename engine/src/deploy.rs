@@ -240,55 +240,6 @@ pub async fn probe(url: &str) -> anyhow::Result<()> {
     tokio::time::timeout(LIMIT, bounded).await.map_err(|_| anyhow::anyhow!("{url}: no answer within {LIMIT:?}"))?
 }
 
-/// `mesh deploy <action>`.
-#[derive(Debug, clap::Subcommand)]
-pub enum DeployAction {
-    /// Render nats.conf, the listener services and the Prometheus targets from the registry.
-    Render {
-        /// Output directory.
-        #[arg(long, default_value = DEFAULT_OUT)]
-        out: PathBuf,
-        /// How often nats-server fsyncs JetStream writes: always, or a duration such as 2m.
-        #[arg(long, default_value = "always")]
-        nats_sync_interval: SyncInterval,
-    },
-    /// Render, then start the stack: docker-compose up -d with the base file and the rendered listeners.
-    Up {
-        /// Output directory of the rendered files.
-        #[arg(long, default_value = DEFAULT_OUT)]
-        out: PathBuf,
-        /// The base compose file.
-        #[arg(long, default_value = DEFAULT_COMPOSE)]
-        compose: PathBuf,
-        /// Compose project name.
-        #[arg(long, env = crate::docker::PROJECT_ENV, default_value = crate::docker::DEFAULT_PROJECT)]
-        project: String,
-        /// Compose profiles to enable (demo, monitoring).
-        #[arg(long)]
-        profile: Vec<String>,
-        /// How often nats-server fsyncs JetStream writes: always, or a duration such as 2m.
-        #[arg(long, default_value = "always")]
-        nats_sync_interval: SyncInterval,
-    },
-    /// Exit 0 when a service answers (http://... 2xx, or tcp://host:port): the containers' health check.
-    Probe {
-        /// What to check.
-        url: String,
-    },
-    /// Run a demo agent gateway that prints every hook call (token from an environment variable).
-    DemoGateway {
-        /// The agent it stands for.
-        #[arg(long)]
-        agent: String,
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7002")]
-        addr: std::net::SocketAddr,
-        /// Environment variable holding the hook token it accepts.
-        #[arg(long, default_value = "HOOKS_TOKEN")]
-        token_env: String,
-    },
-}
-
 /// What `deploy render` (and the render step of `deploy up`) wrote.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RenderReport {
@@ -304,7 +255,7 @@ pub struct RenderReport {
 
 /// Renders the deployment files from the registry at `registry_path` into `out`.
 pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> anyhow::Result<RenderReport> {
-    let registry = mesh_listener::registry_file::load(registry_path)?;
+    let registry = mesh_runtime::registry_file::load(registry_path)?;
     let rendered = render(&registry, sync);
     let files = write(&rendered, out)?;
     Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
@@ -337,33 +288,6 @@ pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) ->
         up.out.join(ENV_EXAMPLE).display()
     );
     Ok(report)
-}
-
-/// Runs the `mesh deploy` helpers that are no command on the mesh: the
-/// containers' health probe and the demo gateway.
-pub async fn run_helper(action: DeployAction) -> anyhow::Result<()> {
-    match action {
-        DeployAction::Render { .. } | DeployAction::Up { .. } => {
-            anyhow::bail!("deploy render and deploy up run through the command engine")
-        }
-        DeployAction::Probe { url } => probe(&url).await?,
-        DeployAction::DemoGateway { agent, addr, token_env } => {
-            let token = std::env::var(&token_env)
-                .ok()
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| anyhow::anyhow!("set {token_env} to the hook token this gateway accepts"))?;
-            let gateway = crate::demo_gateway::DemoGateway {
-                agent,
-                hooks_token: token.trim().to_owned(),
-                gateway_token: format!("{}-unused", uuid::Uuid::now_v7()),
-            };
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            println!("demo gateway for {} on {}", gateway.agent, listener.local_addr()?);
-            crate::demo_gateway::serve_on(listener, gateway);
-            mesh_listener::shutdown::shutdown_signal().await;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -375,7 +375,7 @@ impl Engine {
     }
 
     fn registry(&self) -> Result<Registry, String> {
-        mesh_listener::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
+        mesh_runtime::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
     }
 
     async fn execute(&self, request: &Request, command: Command) -> Result<Executed, String> {
@@ -639,7 +639,7 @@ impl Engine {
             }
             Command::AgentsList => {
                 let path = &self.config.registry_path;
-                let registry = mesh_listener::registry_file::load(path).map_err(|e| e.to_string())?;
+                let registry = mesh_runtime::registry_file::load(path).map_err(|e| e.to_string())?;
                 let rows = crate::agents::rows(&registry);
                 let table = rows
                     .iter()

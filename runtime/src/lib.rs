@@ -1,0 +1,19 @@
+//! The process and NATS plumbing the bot and the listeners share: connecting
+//! (credentials, clusters, fail-fast or forever), creating the streams,
+//! consumers and the kill switch bucket of [`mesh_protocol::layout`], the
+//! registry file and token references on disk, shutdown signals and logging.
+//! No chat SDK, no HTTP server, no Docker client.
+//!
+//! # Layout
+//!
+//! - [`nats`]: connect, streams, consumers, replicas.
+//! - [`kill_bucket`]: the kill switch bucket.
+//! - [`registry_file`] and [`secrets`]: the I/O half of the registry.
+//! - [`shutdown`] and [`logging`]: process plumbing.
+
+pub mod kill_bucket;
+pub mod logging;
+pub mod nats;
+pub mod registry_file;
+pub mod secrets;
+pub mod shutdown;
