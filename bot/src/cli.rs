@@ -35,7 +35,7 @@ pub struct Args {
 
 /// The subcommands. Each one that acts on the mesh is a row of the command
 /// table ([`crate::command::COMMANDS`]) and runs through the engine; `bot`,
-/// `deploy probe`, `deploy demo-gateway` and `completions` are services and
+/// `deploy probe`, `deploy demo-gateway` and `completions` are a service and
 /// helpers, not commands on the mesh.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -141,6 +141,11 @@ pub enum Command {
     Deploy {
         #[command(subcommand)]
         action: DeployAction,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), made from these definitions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Run the mesh locally.
     Up {
@@ -340,6 +345,11 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let args = Globals { nats_url, registry, json };
     let (command, options) = match command {
         Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Completions { shell } => {
+            let mut definitions = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut definitions, "mesh", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Deploy { action: action @ (DeployAction::Probe { .. } | DeployAction::DemoGateway { .. }) } => {
             crate::helpers::run_helper(action).await?;
             return Ok(ExitCode::SUCCESS);
@@ -486,7 +496,9 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             })
         }
         Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
-        Command::Bot { .. } | Command::Deploy { .. } => anyhow::bail!("not a command on the mesh"),
+        Command::Bot { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
+            anyhow::bail!("not a command on the mesh")
+        }
     };
     Ok((command, options))
 }

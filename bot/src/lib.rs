@@ -17,7 +17,7 @@
 //! - Re-exported from `mesh-engine` under their old paths: [`command`],
 //!   [`engine`], [`mesh`], [`containers`], [`publish`], [`ping`], [`killswitch`],
 //!   [`dlq`], [`audit`], [`events`], [`notify`], [`maintenance`], [`backup`],
-//!   [`agents`], [`deploy`], [`limits`].
+//!   [`agents`], [`deploy`], [`limits`], [`provision`].
 
 pub mod cli;
 pub mod demo;
@@ -32,5 +32,5 @@ pub mod slack;
 // The engine crate's modules, under their old paths (`mesh_bot::engine`, `crate::command`, ...).
 pub use mesh_engine::{
     agents, audit, backup, command, containers, deploy, dlq, engine, events, killswitch, limits, maintenance, mesh,
-    notify, ping, publish,
+    notify, ping, provision, publish,
 };

@@ -247,6 +247,9 @@ struct HealthState {
     metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
+/// How often the bot reads the registry for agents that need a consumer.
+pub const PROVISION_POLL: Duration = Duration::from_secs(2);
+
 /// Runs the bot until `shutdown`; `on_bound` gets the address it listens on.
 pub async fn run(
     config: BotConfig,
@@ -298,6 +301,14 @@ pub async fn run(
     if let Some(discord) = &config.discord {
         app = app.merge(discord_routes(discord, &engine, &js, &config.engine.permissions, &stop)?);
     }
+    // Listeners may not create their consumers: the bot sees to every active agent's, now and on registry changes.
+    let provision = crate::provision::FollowConfig {
+        registry_path: config.engine.registry_path.clone(),
+        poll: PROVISION_POLL,
+        replicas: mesh_listener::nats::replicas_from_env()?,
+        tuning: None,
+    };
+    tokio::spawn(crate::provision::follow(js.clone(), provision, stop.clone().cancelled_owned()));
     tokio::spawn(crate::events::monitor(
         client.clone(),
         config.engine.registry_path.clone(),

@@ -109,6 +109,13 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
              \x20   user: \"${{MESH_UID:-65534}}:${{MESH_GID:-65534}}\"\n\
              \x20   read_only: true\n\
              \x20   restart: unless-stopped\n\
+             \x20   # Longer than the listener's shutdown grace (request timeout 30 s + 5 s) and its final flush.\n\
+             \x20   stop_grace_period: 50s\n\
+             \x20   logging:\n\
+             \x20     driver: json-file\n\
+             \x20     options:\n\
+             \x20       max-size: \"10m\"\n\
+             \x20       max-file: \"3\"\n\
              \x20   depends_on:\n\
              \x20     nats:\n\
              \x20       condition: service_healthy\n\
@@ -313,6 +320,8 @@ mod tests {
         assert!(!rendered.compose.contains("listener-old"), "inactive agents get no listener");
         assert!(rendered.compose.contains("NOVA_HOOK: \"${NOVA_HOOK:?"));
         assert!(rendered.compose.contains("mesh.agent: nova"));
+        assert!(rendered.compose.contains("    stop_grace_period: 50s\n"), "listeners outlive their shutdown grace");
+        assert!(rendered.compose.contains("        max-size: \"10m\"\n"), "listener logs rotate");
         assert!(rendered.nats_conf.contains("password: $LISTENER_NOVA_NATS_PASSWORD"));
         assert!(rendered.nats_conf.contains("password: $MESH_BOT_NATS_PASSWORD"));
         assert!(rendered.variables.contains("ADA_GW") && rendered.variables.contains("MESH_ADMIN_NATS_PASSWORD"));

@@ -316,7 +316,7 @@ impl Engine {
             },
             other => other,
         };
-        let executed = match self.execute(&request, command).await {
+        let executed = match self.execute(&request, role, command).await {
             Ok(executed) => executed,
             Err(message) => Executed::reply(Reply::error(message)),
         };
@@ -342,15 +342,13 @@ impl Engine {
 
     /// The grade of the pause a `resume` would lift (its permission depends on it).
     async fn pause_grade(&self, command: &Command) -> Option<KillGrade> {
-        let Command::Resume { agent } = command else { return None };
+        let agent = match command {
+            Command::Resume { agent } | Command::KillSoft { agent, .. } | Command::KillHard { agent, .. } => agent,
+            _ => return None,
+        };
         let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
         match self.mesh().ok()?.kill_get(&scope).await {
-            Ok(Some(state)) if state.in_force((self.clock)()) => match state.mode {
-                Mode::Soft => Some(KillGrade::Soft),
-                Mode::Hard => Some(KillGrade::Hard),
-                Mode::Nuclear => Some(KillGrade::Nuclear),
-                Mode::None => None,
-            },
+            Ok(Some(state)) if state.in_force((self.clock)()) => killswitch::grade(state.mode),
             _ => None,
         }
     }
@@ -378,9 +376,16 @@ impl Engine {
         mesh_runtime::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
     }
 
-    async fn execute(&self, request: &Request, command: Command) -> Result<Executed, String> {
-        // Messages carry the sender name; the kill switch records who pulled it.
+    async fn execute(
+        &self,
+        request: &Request,
+        role: Option<crate::command::Role>,
+        command: Command,
+    ) -> Result<Executed, String> {
+        // Messages carry the sender name; the kill switch records who pulled it, and the role decides
+        // which entry in force they may replace.
         let (from, by) = (request.sender(), request.who.key());
+        let actor = killswitch::Actor::new(&by, role);
         match command {
             Command::Send { agent, text, priority } => {
                 let registry = self.registry()?;
@@ -457,7 +462,7 @@ impl Engine {
                 let scope = self.scope(agent)?;
                 let state = self
                     .mesh()?
-                    .kill_pull(&scope, Mode::Soft, Some(duration), &by, reason)
+                    .kill_pull(&scope, Mode::Soft, Some(duration), actor, reason)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
@@ -465,7 +470,7 @@ impl Engine {
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
                 let state =
-                    self.mesh()?.kill_pull(&scope, Mode::Hard, None, &by, reason).await.map_err(|e| e.to_string())?;
+                    self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await.map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let docker = match scope {
                     Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
@@ -478,7 +483,7 @@ impl Engine {
             Command::KillNuclear { purge } => {
                 let state = self
                     .mesh()?
-                    .kill_pull(&Scope::Global, Mode::Nuclear, None, &by, None)
+                    .kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
@@ -503,7 +508,7 @@ impl Engine {
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
                 let mesh = self.mesh()?;
-                mesh.kill_release(&scope, &by).await.map_err(|e| e.to_string())?;
+                mesh.kill_release(&scope, actor).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
                 if scope == Scope::Global {
                     let line = docker_line("started listener containers", self.containers.start_listeners().await);
@@ -587,7 +592,7 @@ impl Engine {
             Command::Help { topic } => Ok(Executed::reply(crate::command::help::help(topic))),
             Command::Maintenance { duration, lead, message } => {
                 let registry = self.registry()?;
-                let window = crate::maintenance::Window { duration, lead, message, by: from };
+                let window = crate::maintenance::Window { duration, lead, message, by: from, role };
                 let progress = request.progress.clone();
                 let report = self
                     .mesh()?
@@ -671,7 +676,22 @@ impl Engine {
                     None => "a new file".to_owned(),
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
-                Ok(Executed::reply(Reply::ok(title).with_data(&changed)))
+                let mut reply = Reply::ok(title).with_data(&changed);
+                if let Command::AgentsAdd { agent, .. } = &command
+                    && !agent.inactive
+                    && let Ok(id) = AgentId::parse(&agent.id)
+                {
+                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                    let line = match self.provision(std::slice::from_ref(&id)).await {
+                        Ok(done) => done,
+                        Err(e) => format!(
+                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                             when it runs, and the listener waits for it until then"
+                        ),
+                    };
+                    reply = reply.with_lines(None, [line]);
+                }
+                Ok(Executed::reply(reply))
             }
             Command::DeployRender { out, sync } => {
                 let report = crate::deploy::render_into(&self.config.registry_path, &out, &sync)
@@ -687,10 +707,20 @@ impl Engine {
                     "mesh up as compose project {:?}: {} listeners; `mesh status` lists the containers",
                     up.project, report.listeners
                 );
-                Ok(Executed::reply(render_reply(title, &report)))
+                let ids: Vec<AgentId> = self.registry()?.active().map(|a| a.id.clone()).collect();
+                let line = match self.provision(&ids).await {
+                    Ok(done) => done,
+                    Err(e) => format!("the bot container creates the agents' consumers when it starts ({e})"),
+                };
+                Ok(Executed::reply(render_reply(title, &report).with_lines(None, [line])))
             }
             Command::Up { .. } => Err("mesh up runs in the terminal itself; it is only admitted here".to_owned()),
         }
+    }
+
+    /// Creates the streams, the bucket and these agents' consumers, when the mesh is reachable.
+    async fn provision(&self, agents: &[AgentId]) -> Result<String, String> {
+        self.mesh()?.provision(agents).await.map_err(|e| e.to_string())
     }
 
     fn scope(&self, agent: Option<AgentId>) -> Result<Scope, String> {

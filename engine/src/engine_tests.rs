@@ -21,6 +21,7 @@ use crate::backup::{Manifest, RestoreReport};
 use crate::command::{Command, ConfirmConfig, Identity, Permissions, Principal, Role, Tone};
 use crate::containers::{ContainerRow, Containers, DockerError, NuclearReport};
 use crate::dlq::{DeadLetterEntry, ReplayReport};
+use crate::killswitch::Actor;
 use crate::limits::{Limit, LimitStore, LimitsConfig, ManualClock, RateLimits};
 use crate::maintenance::{Report, Window};
 use crate::mesh::{Mesh, MeshError, ReplyWait, ServerInfo};
@@ -86,16 +87,16 @@ impl Mesh for FakeMesh {
         scope: &'a Scope,
         mode: Mode,
         duration: Option<Duration>,
-        by: &'a str,
+        actor: Actor<'a>,
         reason: Option<String>,
     ) -> BoxFuture<'a, Result<KillState, MeshError>> {
         let at = OffsetDateTime::now_utc();
-        let state = KillState { mode, until: duration.map(|d| at + d), by: by.to_owned(), reason, at };
+        let state = KillState { mode, until: duration.map(|d| at + d), by: actor.by.to_owned(), reason, at };
         self.state().kill.insert(scope.key(), state.clone());
         ready(Ok(state))
     }
 
-    fn kill_release<'a>(&'a self, scope: &'a Scope, _by: &'a str) -> BoxFuture<'a, Result<(), MeshError>> {
+    fn kill_release<'a>(&'a self, scope: &'a Scope, _actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
         self.state().kill.remove(&scope.key());
         ready(Ok(()))
     }
@@ -157,6 +158,10 @@ impl Mesh for FakeMesh {
 
     fn restore<'a>(&'a self, _registry: &'a Path, _dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>> {
         ready(Err(MeshError::Request("no restores in the fake".into())))
+    }
+
+    fn provision<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        ready(Ok(format!("consumers in place ({} agents)", agents.len())))
     }
 
     fn maintenance<'a>(

@@ -2,6 +2,15 @@
 //! every listener follows, plus an event for the chat channels. Listeners
 //! enforce it (they stop pulling), so no agent can ignore it, and a soft
 //! kill ends at its deadline even when nothing else runs.
+//!
+//! The replacement rule: a pull or a release overwrites the entry of its scope,
+//! so it is allowed only to someone who may resume from the entry in force
+//! there (a soft pause: admin; a hard or nuclear kill: director). Scopes do
+//! not replace each other: the pause in force for an agent is the harder of
+//! the global entry and its own, so an agent's entry can neither lift nor
+//! shorten a global kill, and a global entry leaves agents' entries alone.
+//! The check and the write are one revision-checked update of the bucket, so
+//! a kill pulled meanwhile is never overwritten unseen.
 
 use std::time::Duration;
 
@@ -12,6 +21,8 @@ use mesh_protocol::killswitch::{self, KillState, Mode, Scope};
 use mesh_protocol::{AgentId, layout};
 use time::OffsetDateTime;
 
+use crate::command::{CommandKind, KillGrade, Role};
+
 /// Errors reading or writing the switch.
 #[derive(Debug, thiserror::Error)]
 pub enum KillSwitchError {
@@ -21,7 +32,69 @@ pub enum KillSwitchError {
     Write(String),
     #[error("a soft kill lasts between 1 second and 24 hours, not {0:?}")]
     BadDuration(Duration),
+    /// The entry in force may only be replaced or lifted by a higher role.
+    #[error(
+        "{} is in force; replacing or lifting it needs the {needed} role; you have {}",
+        describe(scope, state),
+        have.map_or("no role", Role::as_str)
+    )]
+    Held {
+        /// Its scope.
+        scope: Scope,
+        /// The entry in force.
+        state: Box<KillState>,
+        /// The role that may replace it.
+        needed: Role,
+        /// The role of whoever tried.
+        have: Option<Role>,
+    },
+    #[error("the kill switch of {0} kept changing while this command ran; run it again")]
+    Contended(Scope),
 }
+
+/// Who changes the switch: the name recorded in the entry, and the role they act with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Actor<'a> {
+    /// Recorded as `by` (`slack:U123`, `terminal`, `cli:ops`).
+    pub by: &'a str,
+    /// The role they act with; it decides which entry in force they may replace.
+    pub role: Option<Role>,
+}
+
+impl<'a> Actor<'a> {
+    /// Someone acting with `role`.
+    pub fn new(by: &'a str, role: Option<Role>) -> Self {
+        Self { by, role }
+    }
+
+    /// A director (tests, and tools run by whoever owns the host).
+    pub fn director(by: &'a str) -> Self {
+        Self::new(by, Some(Role::Director))
+    }
+}
+
+/// The grade of a kill switch mode (`None` for not pulled).
+pub fn grade(mode: Mode) -> Option<KillGrade> {
+    match mode {
+        Mode::None => None,
+        Mode::Soft => Some(KillGrade::Soft),
+        Mode::Hard => Some(KillGrade::Hard),
+        Mode::Nuclear => Some(KillGrade::Nuclear),
+    }
+}
+
+/// The lowest role that may replace or lift `state` at `now` (`None` when it
+/// is not in force): the role `resume` needs while it is in force, from the
+/// command table, so the two rules cannot drift.
+pub fn role_to_replace(state: &KillState, now: OffsetDateTime) -> Option<Role> {
+    if !state.in_force(now) {
+        return None;
+    }
+    CommandKind::Resume.spec().access.required(grade(state.mode))
+}
+
+/// How often a revision-checked write is retried when the entry changed in between.
+const WRITE_ATTEMPTS: usize = 5;
 
 /// The kill switch of one mesh.
 #[derive(Debug, Clone)]
@@ -42,15 +115,28 @@ impl KillSwitch {
         Ok(Self { store, js: js.clone() })
     }
 
-    /// Pulls the switch for `scope`.
+    /// Pulls the switch for `scope`, replacing the entry there only if `actor`
+    /// may resume from it (see the module docs).
     pub async fn pull(
         &self,
         scope: &Scope,
         mode: Mode,
         duration: Option<Duration>,
-        by: &str,
+        actor: Actor<'_>,
         reason: Option<String>,
     ) -> Result<KillState, KillSwitchError> {
+        self.pull_revision(scope, mode, duration, actor, reason).await.map(|(state, _)| state)
+    }
+
+    /// Like [`KillSwitch::pull`], also returning the revision written.
+    pub async fn pull_revision(
+        &self,
+        scope: &Scope,
+        mode: Mode,
+        duration: Option<Duration>,
+        actor: Actor<'_>,
+        reason: Option<String>,
+    ) -> Result<(KillState, u64), KillSwitchError> {
         let now = OffsetDateTime::now_utc();
         let until = match mode {
             Mode::Soft => {
@@ -62,26 +148,97 @@ impl KillSwitch {
             }
             _ => None,
         };
-        let state = KillState { mode, until, by: by.to_owned(), reason, at: now };
-        self.write(scope, &state).await?;
-        Ok(state)
+        let state = KillState { mode, until, by: actor.by.to_owned(), reason, at: now };
+        let revision = self.replace(scope, &state, actor.role, None).await?;
+        Ok((state, revision))
     }
 
-    /// Releases the switch for `scope` (records who released it).
-    pub async fn release(&self, scope: &Scope, by: &str) -> Result<(), KillSwitchError> {
-        let state =
-            KillState { mode: Mode::None, until: None, by: by.to_owned(), reason: None, at: OffsetDateTime::now_utc() };
-        self.write(scope, &state).await
+    /// Releases the switch for `scope` (records who released it), if `actor`
+    /// may resume from the entry in force there.
+    pub async fn release(&self, scope: &Scope, actor: Actor<'_>) -> Result<(), KillSwitchError> {
+        let state = released(actor.by);
+        self.replace(scope, &state, actor.role, None).await.map(|_| ())
     }
 
-    async fn write(&self, scope: &Scope, state: &KillState) -> Result<(), KillSwitchError> {
-        self.store.put(scope.key(), state.encode().into()).await.map_err(|e| KillSwitchError::Write(e.to_string()))?;
+    /// Releases the entry written at `revision`, and only that one: when the
+    /// entry changed since (someone pulled a harder kill meanwhile), nothing
+    /// is written and the entry now there is returned.
+    pub async fn release_written(
+        &self,
+        scope: &Scope,
+        by: &str,
+        revision: u64,
+    ) -> Result<Option<KillState>, KillSwitchError> {
+        let state = released(by);
+        match self.replace(scope, &state, None, Some(revision)).await {
+            Ok(_) => Ok(None),
+            Err(KillSwitchError::Held { state, .. }) => Ok(Some(*state)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `state` at `scope` with a revision-checked update: the entry
+    /// read is the entry replaced. With `only` set, only that revision may be
+    /// replaced; otherwise an entry in force only by someone holding the role
+    /// that may resume from it.
+    async fn replace(
+        &self,
+        scope: &Scope,
+        state: &KillState,
+        role: Option<Role>,
+        only: Option<u64>,
+    ) -> Result<u64, KillSwitchError> {
+        let key = scope.key();
+        for _ in 0..WRITE_ATTEMPTS {
+            let entry = self.store.entry(key.as_str()).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+            let (revision, current) = match entry {
+                Some(entry) if entry.operation == kv::Operation::Put => {
+                    // An entry nobody can read is treated as a hard kill: fail closed.
+                    let current = KillState::decode(&entry.value).unwrap_or_else(|_| unreadable());
+                    (entry.revision, Some(current))
+                }
+                Some(entry) => (entry.revision, None),
+                None => (0, None),
+            };
+            let now = OffsetDateTime::now_utc();
+            if let Some(current) = current {
+                let changed = only.is_some_and(|r| r != revision);
+                let needed = role_to_replace(&current, now);
+                let refused = match only {
+                    Some(_) => changed && needed.is_some(),
+                    None => needed.is_some_and(|needed| role < Some(needed)),
+                };
+                if refused {
+                    return Err(KillSwitchError::Held {
+                        scope: scope.clone(),
+                        state: Box::new(current),
+                        needed: needed.unwrap_or(Role::Director),
+                        have: role,
+                    });
+                }
+                if changed {
+                    // Changed, but nothing in force there now: nothing to release.
+                    return Ok(revision);
+                }
+            }
+            match self.store.update(key.as_str(), state.encode().into(), revision).await {
+                Ok(written) => {
+                    self.announce(scope, state).await;
+                    return Ok(written);
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(KillSwitchError::Write(e.to_string())),
+            }
+        }
+        Err(KillSwitchError::Contended(scope.clone()))
+    }
+
+    async fn announce(&self, scope: &Scope, state: &KillState) {
         let text = match state.mode {
             Mode::None => format!("kill switch released for {scope} by {}", state.by),
             _ => format!("kill switch pulled: {}", describe(scope, state)),
         };
         crate::events::publish(&self.js, &Event::now(EventKind::Killswitch, text)).await;
-        Ok(())
     }
 
     /// The entry of one scope, if any.
@@ -118,6 +275,22 @@ impl KillSwitch {
             None => None,
         };
         Ok(killswitch::effective(global.as_ref(), own.as_ref(), OffsetDateTime::now_utc()).cloned())
+    }
+}
+
+/// The entry a release writes.
+fn released(by: &str) -> KillState {
+    KillState { mode: Mode::None, until: None, by: by.to_owned(), reason: None, at: OffsetDateTime::now_utc() }
+}
+
+/// What an entry that does not decode counts as.
+fn unreadable() -> KillState {
+    KillState {
+        mode: Mode::Hard,
+        until: None,
+        by: "unknown".to_owned(),
+        reason: Some("unreadable kill switch entry".to_owned()),
+        at: OffsetDateTime::now_utc(),
     }
 }
 

@@ -15,7 +15,9 @@
 //!   implementation. [`containers`]: the containers trait.
 //! - Mesh operations: [`publish`] (send, broadcast), [`ping`], [`killswitch`],
 //!   [`dlq`], [`audit`], [`events`] (and the fleet monitor), [`notify`] (the
-//!   events relay chat front ends post through), [`maintenance`], [`backup`].
+//!   events relay chat front ends post through), [`maintenance`], [`backup`],
+//!   [`provision`] (streams, the kill switch bucket and every active agent's
+//!   consumer, which listeners may not create).
 //! - Local operations: [`agents`] (registry edits), [`deploy`] (rendering the
 //!   deployment, compose up).
 //! - [`limits`]: rate limits and retry dedup (memory or Redis).
@@ -35,6 +37,7 @@ pub mod maintenance;
 pub mod mesh;
 pub mod notify;
 pub mod ping;
+pub mod provision;
 pub mod publish;
 
 /// The layout this crate promises, checked on its own sources.

@@ -2,6 +2,11 @@
 //! as one command. Announce, wait the lead time, soft-pause the mesh for the
 //! duration, resume, ping the fleet, and announce that the mesh is back with
 //! the ping result. Each step is printed and sent to the chat channels.
+//!
+//! A window acts as an admin at most: it needs the role `kill soft` needs,
+//! and it never replaces a hard or nuclear kill (its end would lift it). It
+//! refuses to start while one is in force for the whole mesh, and at its end
+//! it releases only its own entry: a kill pulled during the window stays.
 
 use std::time::Duration;
 
@@ -10,7 +15,8 @@ use mesh_protocol::event::{Event, EventKind};
 use mesh_protocol::killswitch::{Mode, Scope};
 use mesh_protocol::{Priority, Registry};
 
-use crate::killswitch::KillSwitch;
+use crate::command::{CommandKind, Role};
+use crate::killswitch::{Actor, KillSwitch};
 use crate::{events, ping, publish};
 
 /// Default time between the announcement and the pause.
@@ -27,6 +33,8 @@ pub struct Window {
     pub message: Option<String>,
     /// Who runs it.
     pub by: String,
+    /// The role they act with.
+    pub role: Option<Role>,
 }
 
 /// What the window did, step by step.
@@ -63,6 +71,22 @@ pub async fn run(
     let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| e.to_string())?;
     mesh_runtime::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
     let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
+    let needed = CommandKind::KillSoft.spec().access.required(None);
+    if window.role < needed {
+        let have = window.role.map_or("no role", Role::as_str);
+        return Err(format!("\"maintenance\" needs the {} role; you have {have}", needed.unwrap_or(Role::Admin)));
+    }
+    // At most admin: a window may replace a soft pause, never a hard or nuclear kill.
+    let actor = Actor::new(&window.by, window.role.min(Some(Role::Admin)));
+    if let Some(state) = switch.get(&Scope::Global).await.map_err(|e| e.to_string())?
+        && state.in_force(time::OffsetDateTime::now_utc())
+        && state.mode != Mode::Soft
+    {
+        return Err(format!(
+            "{} is in force; a maintenance window would end it, so a director resumes it first (mesh resume)",
+            crate::killswitch::describe(&Scope::Global, &state)
+        ));
+    }
     let mut report = Report::default();
     let mut step = |report: &mut Report, line: String| {
         progress(&line);
@@ -76,14 +100,20 @@ pub async fn run(
     step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
     tokio::time::sleep(window.lead).await;
     let reason = Some(window.message.clone().unwrap_or_else(|| "maintenance".into()));
-    let state = switch
-        .pull(&Scope::Global, Mode::Soft, Some(window.duration), &window.by, reason)
+    let (state, revision) = switch
+        .pull_revision(&Scope::Global, Mode::Soft, Some(window.duration), actor, reason)
         .await
         .map_err(|e| e.to_string())?;
     step(&mut report, format!("paused: {}", crate::killswitch::describe(&Scope::Global, &state)));
     tokio::time::sleep(window.duration).await;
-    switch.release(&Scope::Global, &window.by).await.map_err(|e| e.to_string())?;
-    step(&mut report, "resumed".to_owned());
+    match switch.release_written(&Scope::Global, &window.by, revision).await.map_err(|e| e.to_string())? {
+        None => step(&mut report, "resumed".to_owned()),
+        Some(held) => {
+            let line = format!("not resumed: {}", crate::killswitch::describe(&Scope::Global, &held));
+            step(&mut report, format!("{line} (pulled during the window)"));
+            return Err(line);
+        }
+    }
     let pinged = ping::ping(client, registry, ping::DEFAULT_TIMEOUT).await?;
     let active = registry.active().count();
     let answered = pinged.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
@@ -108,6 +138,7 @@ mod tests {
             lead: DEFAULT_LEAD,
             message: Some("database upgrade".into()),
             by: "cli:ops".into(),
+            role: Some(Role::Admin),
         };
         let (start, end) = announcements(&window, 11, 12);
         assert_eq!(start, "maintenance in 5m: database upgrade; the mesh pauses for 10m");

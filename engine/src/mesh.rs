@@ -16,7 +16,7 @@ use mesh_protocol::{AgentId, Envelope, Registry};
 use crate::audit::AuditRecord;
 use crate::backup::{BackupError, Manifest, RestoreReport};
 use crate::dlq::{DeadLetterEntry, DlqError, ReplayReport};
-use crate::killswitch::{KillSwitch, KillSwitchError};
+use crate::killswitch::{Actor, KillSwitch, KillSwitchError};
 use crate::maintenance::{Report, Window};
 use crate::ping::PingReport;
 use crate::publish::{Prepared, Receipt, SendError};
@@ -68,11 +68,11 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
         scope: &'a Scope,
         mode: Mode,
         duration: Option<Duration>,
-        by: &'a str,
+        actor: Actor<'a>,
         reason: Option<String>,
     ) -> BoxFuture<'a, Result<KillState, MeshError>>;
     /// Releases the kill switch.
-    fn kill_release<'a>(&'a self, scope: &'a Scope, by: &'a str) -> BoxFuture<'a, Result<(), MeshError>>;
+    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>>;
     /// Every pause in force.
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>>;
     /// The pause in force for one agent (or the global one).
@@ -102,6 +102,9 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>>;
     /// Restores `dir`.
     fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>>;
+    /// Creates the streams, the kill switch bucket and the consumers of
+    /// `agents` (listeners may not); says what is in place.
+    fn provision<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>>;
     /// Runs a maintenance window; `progress` sees each step.
     fn maintenance<'a>(
         &'a self,
@@ -166,14 +169,14 @@ impl Mesh for NatsMesh {
         scope: &'a Scope,
         mode: Mode,
         duration: Option<Duration>,
-        by: &'a str,
+        actor: Actor<'a>,
         reason: Option<String>,
     ) -> BoxFuture<'a, Result<KillState, MeshError>> {
-        Box::pin(async move { Ok(self.kill.pull(scope, mode, duration, by, reason).await?) })
+        Box::pin(async move { Ok(self.kill.pull(scope, mode, duration, actor, reason).await?) })
     }
 
-    fn kill_release<'a>(&'a self, scope: &'a Scope, by: &'a str) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move { Ok(self.kill.release(scope, by).await?) })
+    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move { Ok(self.kill.release(scope, actor).await?) })
     }
 
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>> {
@@ -229,6 +232,23 @@ impl Mesh for NatsMesh {
 
     fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>> {
         Box::pin(async move { Ok(crate::backup::restore(&self.js, registry, dir).await?) })
+    }
+
+    fn provision<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        Box::pin(async move {
+            crate::provision::ensure_mesh(&self.js, mesh_runtime::nats::replicas_from_env()?).await?;
+            for id in agents {
+                mesh_runtime::nats::ensure_consumer(&self.js, id).await?;
+            }
+            let names = agents.iter().map(|a| format!("agent-{a}")).collect::<Vec<_>>();
+            Ok(match names.as_slice() {
+                [] => "streams and kill switch bucket in place".to_owned(),
+                _ => format!(
+                    "consumers in place ({}): messages sent from now on wait for the listener",
+                    names.join(", ")
+                ),
+            })
+        })
     }
 
     fn maintenance<'a>(

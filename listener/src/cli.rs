@@ -34,6 +34,9 @@ struct Args {
     /// Gateway request timeout, in seconds.
     #[arg(long, env = "MESH_REQUEST_TIMEOUT", default_value_t = 30)]
     request_timeout: u64,
+    /// Longest wait for in-flight deliveries at shutdown, in seconds (default: the request timeout plus 5).
+    #[arg(long, env = "MESH_SHUTDOWN_GRACE")]
+    shutdown_grace: Option<u64>,
     /// Consumer ack wait, in seconds.
     #[arg(long, env = "MESH_ACK_WAIT", default_value_t = 30)]
     ack_wait: u64,
@@ -43,7 +46,8 @@ struct Args {
     /// Chat replies stop after this many hops.
     #[arg(long, env = "MESH_MAX_HOPS", default_value_t = crate::config::DEFAULT_MAX_HOPS)]
     max_hops: u8,
-    /// Stream replicas: `auto` (3 when the server is part of a cluster, else 1) or 1 to 5.
+    /// Stream replicas: `auto` or 1 to 5. Accepted for old deployments: a listener creates no
+    /// stream (the bot and `mesh` do, reading `MESH_REPLICAS`).
     #[arg(long, env = "MESH_REPLICAS", default_value = "auto")]
     replicas: mesh_protocol::layout::Replicas,
     /// Serve /health and /metrics on this address.
@@ -87,6 +91,7 @@ async fn async_main(args: Args) -> ExitCode {
     config.concurrency = usize::from(args.concurrency);
     config.request_timeout = Duration::from_secs(args.request_timeout.max(1));
     config.ack_wait = Duration::from_secs(args.ack_wait.max(1));
+    config.shutdown_grace = args.shutdown_grace.map(Duration::from_secs);
     config.retry.max_deliver = args.max_deliver.max(1);
     config.max_hops = args.max_hops;
     config.replicas = args.replicas;

@@ -43,9 +43,15 @@ pub struct ListenerConfig {
     pub registry_poll: Duration,
     /// Where `/health` and `/metrics` are served, if anywhere.
     pub http_addr: Option<SocketAddr>,
-    /// Longest wait for in-flight deliveries at shutdown.
-    pub shutdown_grace: Duration,
+    /// Longest wait for in-flight deliveries at shutdown; `None`: the request
+    /// timeout plus [`SHUTDOWN_MARGIN`], so a delivery started just before the
+    /// stop can still finish and be acked (see [`ListenerConfig::shutdown_grace`]).
+    pub shutdown_grace: Option<Duration>,
 }
+
+/// Added to the request timeout for the default shutdown grace: time to ack
+/// (or dead-letter) a delivery whose request ended at the timeout.
+pub const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
 /// Default hop limit of chat replies.
 pub const DEFAULT_MAX_HOPS: u8 = 4;
@@ -65,8 +71,13 @@ impl ListenerConfig {
             replicas: Replicas::Auto,
             registry_poll: Duration::from_secs(2),
             http_addr: None,
-            shutdown_grace: Duration::from_secs(10),
+            shutdown_grace: None,
         }
+    }
+
+    /// How long a stopping listener waits for in-flight deliveries.
+    pub fn shutdown_grace(&self) -> Duration {
+        self.shutdown_grace.unwrap_or(self.request_timeout + SHUTDOWN_MARGIN)
     }
 
     /// The consumer tuning these settings imply. At concurrency 1 one message

@@ -1,6 +1,7 @@
-//! One agent's pull loop: bind the durable consumer, pull in batches, hand
-//! each message to [`crate::delivery::handle`], and stop pulling on pause or
-//! shutdown without acking anything undelivered.
+//! One agent's pull loop: look up and check the durable consumer (never
+//! create it: the bot does), pull in batches, hand each message to
+//! [`crate::delivery::handle`], and stop pulling on pause or shutdown without
+//! acking anything undelivered.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -11,10 +12,11 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::delivery::{self, AgentEntry, Deps};
 use crate::gateway::Gateway;
+use crate::layout_check::LayoutError;
 use crate::state::AgentState;
 
 /// Settings of one agent loop.
@@ -35,7 +37,8 @@ const REBIND_DELAY: Duration = Duration::from_secs(1);
 
 /// Runs until `stop` is cancelled. `entry` carries registry updates (a
 /// rotated token applies from the next request on); `paused` stops pulling
-/// while it is true.
+/// while it is true. A missing consumer is waited for; one set up otherwise
+/// than the layout says ends the loop with the error (the process stops).
 pub async fn run_agent<G: Gateway>(
     deps: Arc<Deps<G>>,
     state: Arc<AgentState>,
@@ -43,7 +46,7 @@ pub async fn run_agent<G: Gateway>(
     mut paused: watch::Receiver<bool>,
     config: LoopConfig,
     stop: CancellationToken,
-) {
+) -> Result<(), LayoutError> {
     let agent = entry.borrow().agent.id.clone();
     while !stop.is_cancelled() {
         let is_paused = *paused.borrow();
@@ -54,14 +57,13 @@ pub async fn run_agent<G: Gateway>(
                 _ = paused.wait_for(|p| !*p) => continue,
             }
         }
-        let consumer = match crate::nats::bind_consumer(&deps.js, &agent, config.tuning).await {
-            Ok(consumer) => consumer,
-            Err(e) => {
-                warn!(agent = %agent, error = %e, "cannot bind consumer; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(REBIND_DELAY) => continue,
-                }
+        let find = || crate::lookup::find_consumer(&deps.js, &agent, config.tuning);
+        let consumer = match crate::lookup::wait_for(agent.as_str(), find, stop.cancelled()).await {
+            None => break,
+            Some(Ok(consumer)) => consumer,
+            Some(Err(e)) => {
+                error!(agent = %agent, error = %e, "refusing to run");
+                return Err(e);
             }
         };
         let mut messages = match consumer
@@ -156,6 +158,7 @@ pub async fn run_agent<G: Gateway>(
         }
     }
     info!(agent = %agent, "stopped");
+    Ok(())
 }
 
 /// How often messages waiting for a free slot get an in-progress ack: well

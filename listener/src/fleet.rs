@@ -73,10 +73,17 @@ pub async fn run_with(
     let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener").await?;
     let js = async_nats::jetstream::new(client.clone());
     tokio::pin!(shutdown);
-    tokio::select! {
-        () = &mut shutdown => return Ok(()),
-        () = wait_for_streams(&js, config.replicas) => {}
+    // The bot creates the streams, the bucket and the consumers; a listener
+    // waits for them and refuses to run on what is set up otherwise.
+    match crate::lookup::wait_for("streams", || crate::lookup::check_streams(&js), &mut shutdown).await {
+        None => return Ok(()),
+        Some(result) => result?,
     }
+    let kill_store =
+        match crate::lookup::wait_for("kill switch", || crate::lookup::find_bucket(&js), &mut shutdown).await {
+            None => return Ok(()),
+            Some(result) => result?,
+        };
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     crate::metrics::install();
     let deps = Arc::new(Deps {
@@ -88,7 +95,6 @@ pub async fn run_with(
         confirm_acks: config.concurrency <= 1,
         connects,
     });
-    let kill_store = crate::killswitch::open(&js, config.replicas).await?;
     let kill_states = crate::killswitch::load(&kill_store).await?;
     let fleet = Arc::new(FleetState::default());
     let urls = GatewayUrls::default();
@@ -123,6 +129,7 @@ pub async fn run_with(
     let mut last_registry = registry;
     let mut poll = tokio::time::interval(config.registry_poll);
     poll.tick().await;
+    let mut refused = None;
     loop {
         let next_deadline = world.next_kill_deadline();
         tokio::select! {
@@ -164,10 +171,13 @@ pub async fn run_with(
                 }
             }
             Some(joined) = world.tasks.join_next(), if !world.tasks.is_empty() => {
-                if let Err(e) = joined
-                    && e.is_panic()
-                {
-                    error!(error = %e, "an agent loop panicked");
+                match joined {
+                    Ok(Err(e)) => {
+                        refused = Some(e);
+                        break;
+                    }
+                    Err(e) if e.is_panic() => error!(error = %e, "an agent loop panicked"),
+                    _ => {}
                 }
             }
         }
@@ -176,10 +186,10 @@ pub async fn run_with(
     root.cancel();
     let tasks = &mut world.tasks;
     let drained =
-        tokio::time::timeout(config.shutdown_grace, async { while tasks.join_next().await.is_some() {} }).await;
+        tokio::time::timeout(config.shutdown_grace(), async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
         warn!(
-            grace_s = config.shutdown_grace.as_secs(),
+            grace_s = config.shutdown_grace().as_secs(),
             "in-flight deliveries did not finish in time; JetStream will redeliver them"
         );
     }
@@ -192,6 +202,9 @@ pub async fn run_with(
         warn!(error = %e, "final acks may not have reached NATS; those messages will be redelivered");
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), client.drain()).await;
+    if let Some(e) = refused {
+        return Err(e.into());
+    }
     info!("listener stopped");
     Ok(())
 }
@@ -205,19 +218,6 @@ async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
             tokio::time::sleep(left).await;
         }
         None => std::future::pending().await,
-    }
-}
-
-/// Waits until the streams exist (NATS may still be starting).
-async fn wait_for_streams(js: &async_nats::jetstream::Context, replicas: mesh_protocol::layout::Replicas) {
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match crate::nats::ensure_streams(js, replicas).await {
-            Ok(()) => return,
-            Err(e) => warn!(error = %e, "streams not ready; retrying"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
@@ -253,7 +253,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
 /// The running loops of one process.
 struct World<G> {
     running: BTreeMap<AgentId, Running>,
-    tasks: JoinSet<()>,
+    tasks: JoinSet<Result<(), crate::layout_check::LayoutError>>,
     deps: Arc<Deps<G>>,
     fleet: Arc<FleetState>,
     urls: GatewayUrls,

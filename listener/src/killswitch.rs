@@ -1,5 +1,6 @@
-//! The listener's side of the kill switch: open the bucket, read what is in
-//! force before any agent starts pulling, and follow every change.
+//! The listener's side of the kill switch: read what is in force before any
+//! agent starts pulling, and follow every change. Creating the bucket
+//! ([`open`]) is for the bot and the `mesh` commands.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +16,8 @@ use crate::nats::NatsError;
 /// Entries by scope.
 pub type KillStates = BTreeMap<String, KillState>;
 
-/// Opens the kill-switch bucket, creating it when missing (shared with the bot).
+/// Opens the kill-switch bucket, creating it when missing (the bot and the
+/// `mesh` commands; a listener only looks it up: [`crate::lookup::find_bucket`]).
 pub use mesh_runtime::kill_bucket::open;
 
 /// Reads every entry now.

@@ -7,7 +7,10 @@
 //! - [`secrets`] and [`registry_file`]: the I/O half of the registry (reading
 //!   the file, resolving `env:` and `file:` tokens).
 //! - [`nats`]: connecting, and creating the streams and consumers of
-//!   [`mesh_protocol::layout`].
+//!   [`mesh_protocol::layout`] (for the bot and the `mesh` commands; the
+//!   listener itself creates nothing).
+//! - [`lookup`] and [`layout_check`] (pure): the listener's read-only look at
+//!   the streams, the kill switch bucket and its consumer, checked against the layout.
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
 //! - [`policy`] (pure): what a gateway outcome means: ack, retry later, or dead-letter.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
@@ -30,6 +33,8 @@ pub mod gateway;
 pub mod hook;
 pub mod http;
 pub mod killswitch;
+pub mod layout_check;
+pub mod lookup;
 pub mod metrics;
 pub mod ping;
 pub mod policy;

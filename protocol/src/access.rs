@@ -64,27 +64,31 @@ pub const ADMIN_USER: &str = "mesh-admin";
 /// The listener of one agent: reads only its own consumer (its inbox and the
 /// broadcast), writes its dead letters and pongs, and, in chat mode only,
 /// replies to other agents' inboxes and `mesh.reply.*`.
+///
+/// It creates and changes nothing in JetStream: no stream, no consumer, not
+/// the kill switch bucket. Its own consumer's create-or-update right would let
+/// it set any filter (`agents.*.inbox`) and read every inbox, and a stream or
+/// bucket it created would carry its own limits. The bot and the `mesh`
+/// commands create them; the listener looks them up and checks them.
 pub fn listener(agent: &Agent) -> Access {
     let id = &agent.id;
     let consumer = layout::agent_consumer(id, ConsumerTuning::default());
     let (stream, durable) = (consumer.stream, consumer.durable);
     let kv = killswitch_stream();
-    // Account info (read-only): the client asks before creating the kill switch bucket.
-    let mut publish = vec![format!("{JS_API}.INFO")];
-    // Streams: look them up, and create them with the layout's config if missing.
-    for name in layout::all_streams(1).iter().map(|s| s.name.to_owned()).chain([kv.clone()]) {
-        publish.push(format!("{JS_API}.STREAM.INFO.{name}"));
-        publish.push(format!("{JS_API}.STREAM.CREATE.{name}"));
-    }
-    // Its own durable consumer only.
+    // Streams and the kill switch bucket: look them up only.
+    let mut publish: Vec<String> = layout::all_streams(1)
+        .iter()
+        .map(|s| s.name.to_owned())
+        .chain([kv.clone()])
+        .map(|name| format!("{JS_API}.STREAM.INFO.{name}"))
+        .collect();
+    // Its own durable consumer: look it up, pull, ack. Never create or update it.
     publish.extend([
         format!("{JS_API}.CONSUMER.INFO.{stream}.{durable}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}"),
-        format!("{JS_API}.CONSUMER.CREATE.{stream}.{durable}.>"),
         format!("{JS_API}.CONSUMER.MSG.NEXT.{stream}.{durable}"),
         format!("{JS_ACK}.{stream}.{durable}.>"),
     ]);
-    // The kill switch: read and watch (ordered consumers), never write.
+    // The kill switch: read and watch (ordered consumers on the bucket's own stream), never write.
     publish.extend([
         format!("{JS_API}.CONSUMER.CREATE.{kv}"),
         format!("{JS_API}.CONSUMER.CREATE.{kv}.>"),
@@ -153,6 +157,12 @@ mod tests {
         assert!(access.publish.contains(&"$JS.API.CONSUMER.MSG.NEXT.MESH_AGENTS.agent-nova".to_owned()));
         assert!(access.publish.contains(&"mesh.dlq.nova".to_owned()));
         assert!(access.publish.iter().all(|s| !s.contains("agents.") && !s.ends_with("$JS.API.>")));
+        // Nothing that creates or changes a stream, a consumer of the agents' stream, or the bucket.
+        for s in &access.publish {
+            let changes = ["STREAM.CREATE", "STREAM.UPDATE", "CONSUMER.DURABLE"].iter().any(|bad| s.contains(bad));
+            assert!(!changes, "{s}");
+            assert!(!s.starts_with("$JS.API.CONSUMER.CREATE.") || s.starts_with("$JS.API.CONSUMER.CREATE.KV_"), "{s}");
+        }
         assert_eq!(access.subscribe, ["mesh.health.ping", "_INBOX_nova.>"]);
         let chat = listener(&agent("chat"));
         assert!(chat.publish.contains(&"agents.*.inbox".to_owned()));

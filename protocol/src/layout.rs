@@ -195,9 +195,11 @@ pub struct ConsumerSpec {
     pub tuning: ConsumerTuning,
 }
 
-/// The durable consumer of one agent. It is created (if missing) by whoever
-/// touches the agent first, the sender or the listener, so a message sent
-/// before the listener ever ran is still delivered.
+/// The durable consumer of one agent. It is created (if missing) by the bot
+/// (for every active agent, at start and on registry changes), by `mesh
+/// agents add`, and by every sender before it publishes, so a message sent
+/// before the listener ever ran is still delivered. Never by the listener: it
+/// may only look its consumer up and check it against this spec.
 pub fn agent_consumer(agent: &AgentId, tuning: ConsumerTuning) -> ConsumerSpec {
     ConsumerSpec {
         stream: agents_stream(1).name,

@@ -1,5 +1,6 @@
-//! Connecting to NATS and creating the streams and consumers described in
-//! [`mesh_protocol::layout`].
+//! Connecting to NATS, and creating the streams and consumers described in
+//! [`mesh_protocol::layout`] (for the bot and the `mesh` commands: a
+//! listener's NATS user may not create them, see `mesh_listener::lookup`).
 
 use std::time::Duration;
 
@@ -249,9 +250,10 @@ pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result
     Ok(())
 }
 
-/// Creates or updates an agent's consumer with the listener's tuning. An
-/// existing consumer keeps its start position (a restored one starts at a
-/// sequence; the server refuses to change that).
+/// Creates or updates an agent's consumer with `tuning` (the admin side:
+/// restores, test harnesses; a listener never calls it). An existing consumer
+/// keeps its start position (a restored one starts at a sequence; the server
+/// refuses to change that).
 pub async fn bind_consumer(
     js: &jetstream::Context,
     agent: &AgentId,

@@ -248,9 +248,13 @@ impl Row {
     }
 }
 
-/// Makes sure `agent`'s consumer exists (so nothing published is missed).
-pub async fn ensure_consumer(js: &jetstream::Context, agent: &str) -> anyhow::Result<()> {
-    mesh_listener::nats::ensure_consumer(js, &agent.parse()?).await?;
+/// Makes sure `agent`'s consumer exists with the tuning of a listener at
+/// `concurrency` (so nothing published is missed; listeners create nothing),
+/// and the kill switch bucket a listener waits for.
+pub async fn ensure_consumer(js: &jetstream::Context, agent: &str, concurrency: usize) -> anyhow::Result<()> {
+    let tuning =
+        crate::fixtures::listener_tuning(concurrency, mesh_protocol::layout::ConsumerTuning::default().ack_wait);
+    crate::fixtures::provision_agent(js, agent, tuning).await?;
     Ok(())
 }
 

@@ -74,11 +74,29 @@ pub struct ListenerHandle {
 }
 
 impl ListenerHandle {
-    /// Starts `mesh_listener::run` in this process.
+    /// Starts `mesh_listener::run` in this process, with what a bot would do
+    /// alongside (listeners create nothing): the streams, the kill switch
+    /// bucket and every active agent's consumer with the listener's tuning,
+    /// once before the listener starts and again on registry changes.
     pub fn spawn(config: ListenerConfig) -> Self {
         if std::env::var_os("MESH_TEST_LOG").is_some() {
             mesh_listener::logging::init();
         }
+        let (stop, stopped) = oneshot::channel::<()>();
+        let join = tokio::spawn(async move {
+            let provisioner = provision(&config).await;
+            let result = mesh_listener::run(config, async move {
+                let _ = stopped.await;
+            })
+            .await;
+            provisioner.abort();
+            result
+        });
+        Self { stop: Some(stop), join: Some(join) }
+    }
+
+    /// Starts `mesh_listener::run` alone: nothing creates what it waits for.
+    pub fn spawn_bare(config: ListenerConfig) -> Self {
         let (stop, stopped) = oneshot::channel::<()>();
         let join = tokio::spawn(mesh_listener::run(config, async move {
             let _ = stopped.await;
@@ -86,19 +104,26 @@ impl ListenerHandle {
         Self { stop: Some(stop), join: Some(join) }
     }
 
-    /// Starts `mesh_listener::run_with` and waits until it hands over its [`mesh_listener::Control`].
+    /// Starts `mesh_listener::run_with` (with the bot's part, as [`ListenerHandle::spawn`])
+    /// and waits until it hands over its [`mesh_listener::Control`].
     pub async fn spawn_with_control(config: ListenerConfig) -> (Self, mesh_listener::Control) {
         let (stop, stopped) = oneshot::channel::<()>();
         let (control_tx, control_rx) = oneshot::channel();
-        let join = tokio::spawn(mesh_listener::run_with(
-            config,
-            async move {
-                let _ = stopped.await;
-            },
-            move |control| {
-                let _ = control_tx.send(control);
-            },
-        ));
+        let provisioner = provision(&config).await;
+        let join = tokio::spawn(async move {
+            let result = mesh_listener::run_with(
+                config,
+                async move {
+                    let _ = stopped.await;
+                },
+                move |control| {
+                    let _ = control_tx.send(control);
+                },
+            )
+            .await;
+            provisioner.abort();
+            result
+        });
         let control = control_rx.await.expect("listener started");
         (Self { stop: Some(stop), join: Some(join) }, control)
     }
@@ -127,6 +152,61 @@ impl Drop for ListenerHandle {
             let _ = stop.send(());
         }
     }
+}
+
+/// Does the bot's part for a listener started without one: the streams, the
+/// bucket and the active agents' consumers (with the listener's tuning) now,
+/// waiting a bounded time for NATS, then following the registry until the
+/// returned task is aborted.
+pub async fn provision(config: &ListenerConfig) -> tokio::task::JoinHandle<()> {
+    let follow = mesh_bot::provision::FollowConfig {
+        registry_path: config.registry_path.clone(),
+        poll: config.registry_poll,
+        replicas: config.replicas,
+        tuning: Some(config.tuning()),
+    };
+    let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-test-provision")
+        .await
+        .expect("a client for the test's bot part");
+    let js = async_nats::jetstream::new(client);
+    let first = async {
+        loop {
+            // An unreadable registry is the listener's to report.
+            let Ok(registry) = mesh_listener::registry_file::load(&follow.registry_path) else { return };
+            let done = async {
+                mesh_bot::provision::ensure_mesh(&js, follow.replicas).await?;
+                mesh_bot::provision::ensure_agents(&js, &registry, follow.tuning).await
+            };
+            if done.await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    // NATS may be down on purpose (a test of the listener's own reconnects): the follower keeps trying.
+    let _ = tokio::time::timeout(Duration::from_secs(5), first).await;
+    tokio::spawn(mesh_bot::provision::follow(js, follow, std::future::pending()))
+}
+
+/// The consumer tuning a listener process run with `--concurrency` and
+/// `--ack-wait` asks for (what a test creates its consumer with, as a bot would).
+pub fn listener_tuning(concurrency: usize, ack_wait: Duration) -> mesh_protocol::layout::ConsumerTuning {
+    let mut config = ListenerConfig::new("", "", Selection::All);
+    config.concurrency = concurrency;
+    config.ack_wait = ack_wait;
+    config.tuning()
+}
+
+/// The bot's part for a listener process started without one: the streams,
+/// the kill switch bucket, and `agent`'s consumer with `tuning` (created or updated).
+pub async fn provision_agent(
+    js: &async_nats::jetstream::Context,
+    agent: &str,
+    tuning: mesh_protocol::layout::ConsumerTuning,
+) -> Result<(), mesh_listener::nats::NatsError> {
+    mesh_bot::provision::ensure_mesh(js, mesh_protocol::layout::Replicas::Auto).await?;
+    let id = AgentId::parse(agent).map_err(|e| mesh_listener::nats::NatsError::JetStream(e.to_string()))?;
+    mesh_listener::nats::bind_consumer(js, &id, tuning).await.map(|_| ())
 }
 
 /// Path of the `mesh` binary under test (cargo builds this crate's binaries

@@ -73,6 +73,9 @@ async fn add_list_remove_validate_and_keep_a_backup() {
     )
     .await;
     assert!(out.status.success(), "{}", text(&out));
+    // NATS is not reachable here: the registry is written all the same, and it says who creates the consumer.
+    assert!(text(&out).contains("warning: consumer agent-kaan not created yet"), "{}", text(&out));
+    assert!(text(&out).contains("the bot (`mesh bot`) creates it when it runs"), "{}", text(&out));
     let backup = fixture.dir().join("tokens.json.bak");
     assert_eq!(std::fs::read_to_string(&backup).unwrap(), before);
 
@@ -91,6 +94,26 @@ async fn add_list_remove_validate_and_keep_a_backup() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!registry_text(&fixture).contains("kaan"));
     assert!(std::fs::read_to_string(&backup).unwrap().contains("kaan"), "backup holds the previous version");
+}
+
+/// Issue 20: an agent has its consumer from the moment it is registered, so a
+/// message sent before its listener ever ran waits for it (listeners create nothing).
+#[tokio::test]
+async fn an_added_agent_has_its_consumer_at_once() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let out = mesh_command(&nats.url(), &fixture.registry)
+        .args(["agents", "add", "kaan", "--hooks-url", &gw.hooks_url(), "--hooks-token", "env:KAAN_HOOK", "--no-check"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("consumers in place (agent-kaan)"), "{}", text(&out));
+    let js = async_nats::jetstream::new(nats.client().await);
+    let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-kaan").await.unwrap();
+    assert_eq!(info.config.filter_subjects, ["agents.kaan.inbox", "agents.broadcast"]);
+    assert!(js.get_key_value("mesh_killswitch").await.is_ok(), "the kill switch bucket a listener waits for");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mesh_bot::killswitch::KillSwitch;
+use mesh_bot::killswitch::{Actor, KillSwitch};
 use mesh_listener::nats::ensure_streams;
 use mesh_protocol::AgentId;
 use mesh_protocol::killswitch::{Mode, Scope};
@@ -131,6 +131,12 @@ async fn acked_messages_survive_chaos_and_the_kill_switch_holds() {
         agents: vec![(agents[0].clone(), 1), (agents[1].clone(), 32)],
         running: vec![None, None],
     };
+    // The bot's part: listeners create nothing, so their consumers are made with their settings.
+    let ack_wait = Duration::from_secs(ACK_WAIT_S.parse().unwrap());
+    for (agent, concurrency) in &listeners.agents {
+        let tuning = mesh_tests::fixtures::listener_tuning(usize::from(*concurrency), ack_wait);
+        mesh_tests::fixtures::provision_agent(&js, agent.as_str(), tuning).await.unwrap();
+    }
     listeners.spawn(0);
     listeners.spawn(1);
     wait_paused(&client, &mut listeners, false).await;
@@ -279,7 +285,7 @@ async fn kill_switch_window(
     let switch = KillSwitch::open(js).await.unwrap();
     faults.note("kill switch", "hard kill pulled", started);
     retry("pulling the kill switch", || {
-        switch.pull(&Scope::Global, Mode::Hard, None, "chaos-test", Some("chaos".into()))
+        switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("chaos-test"), Some("chaos".into()))
     })
     .await;
     let paused_at = wait_paused(client, listeners, true).await;
@@ -302,7 +308,7 @@ async fn kill_switch_window(
 
     let queued = *publisher.acked.borrow() - acked_before;
     let resumed_at = Instant::now();
-    retry("releasing the kill switch", || switch.release(&Scope::Global, "chaos-test")).await;
+    retry("releasing the kill switch", || switch.release(&Scope::Global, Actor::director("chaos-test"))).await;
     faults.note("kill switch", "released", started);
     wait_paused(client, listeners, false).await;
     (paused_at, resumed_at, queued)

@@ -2,7 +2,10 @@
 //! `nats.conf`: a listener user consumes its own agent's messages and answers
 //! pings, but may not subscribe to another agent's subjects, snoop on other
 //! clients' inboxes or publish where it must not; the bot user sends, pings and
-//! pulls the kill switch. Also: the compose and Prometheus files are well formed.
+//! pulls the kill switch, and the listener user creates or changes nothing in
+//! JetStream (no consumer, stream or bucket): it waits for what the bot creates
+//! and refuses to run on what is set up otherwise. Also: the compose and
+//! Prometheus files are well formed.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -93,6 +96,12 @@ fn publish(subject: &str) -> String {
     format!("PUB {subject} 2\r\nhi")
 }
 
+/// A JetStream API request as a listener would send it (reply under its own inbox prefix).
+fn request(subject: &str, payload: &serde_json::Value) -> String {
+    let body = payload.to_string();
+    format!("PUB {subject} _INBOX_nova.r1 {}\r\n{body}", body.len())
+}
+
 #[tokio::test]
 async fn rendered_permissions_hold_on_a_real_server() {
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
@@ -152,6 +161,32 @@ async fn rendered_permissions_hold_on_a_real_server() {
     ] {
         let said = nova(vec![line.clone()]).await;
         assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
+    }
+    // Issue 19: the listener may not create or update its consumer (with
+    // `agents.*.inbox` it would read every inbox), any stream, or the kill switch bucket.
+    let wildcard = serde_json::json!({"stream_name": "MESH_AGENTS", "config": {
+        "durable_name": "agent-nova", "ack_policy": "explicit", "deliver_policy": "all",
+        "filter_subjects": ["agents.*.inbox", "agents.broadcast"]}});
+    let stream = |name: &str, subjects: &[&str], max_age: u64| serde_json::json!({"name": name, "subjects": subjects, "max_age": max_age, "storage": "file"});
+    for (subject, payload) in [
+        ("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-nova", wildcard.clone()),
+        ("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-nova.agents.>", wildcard.clone()),
+        ("$JS.API.CONSUMER.DURABLE.CREATE.MESH_AGENTS.agent-nova", wildcard.clone()),
+        ("$JS.API.CONSUMER.CREATE.MESH_AGENTS", wildcard.clone()),
+        ("$JS.API.STREAM.CREATE.MESH_AGENTS", stream("MESH_AGENTS", &["agents.>"], 0)),
+        ("$JS.API.STREAM.UPDATE.MESH_AGENTS", stream("MESH_AGENTS", &["agents.>"], 0)),
+        ("$JS.API.STREAM.CREATE.MESH_DLQ", stream("MESH_DLQ", &["mesh.dlq.*"], 1_000_000_000)),
+        (
+            "$JS.API.STREAM.CREATE.KV_mesh_killswitch",
+            stream("KV_mesh_killswitch", &["$KV.mesh_killswitch.>"], 1_000_000_000),
+        ),
+        (
+            "$JS.API.STREAM.UPDATE.KV_mesh_killswitch",
+            stream("KV_mesh_killswitch", &["$KV.mesh_killswitch.>"], 1_000_000_000),
+        ),
+    ] {
+        let said = nova(vec![request(subject, &payload)]).await;
+        assert!(said.contains("Permissions Violation") && said.contains(subject), "{subject}: {said}");
     }
     // Only a chat-mode listener may publish replies into other agents' inboxes.
     let said = raw(port, "listener-ada", "pw-ada-1", &[publish("agents.nova.inbox"), publish("mesh.reply.abc")]).await;
@@ -282,4 +317,126 @@ fn compose_and_monitoring_files_are_well_formed() {
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(deploy.join("grafana/dashboards/mesh.json")).unwrap()).unwrap();
     assert!(dashboard["panels"].as_array().unwrap().len() >= 4);
+}
+
+/// A listener process with its output in a file, so a test can wait for a line.
+struct LoggedToFile {
+    child: tokio::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl LoggedToFile {
+    fn spawn(fixture: &Fixture, nats_url: &str, agent: &str) -> Self {
+        let log = fixture.dir().join(format!("listener-{agent}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = tokio::process::Command::new(listener_bin())
+            .args(["--agent", agent])
+            .env("NATS_URL", nats_url)
+            .env("MESH_REGISTRY", &fixture.registry)
+            .env("MESH_LOG", "info")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Self { child, log }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_for_line(&self, line: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.text().contains(line) {
+            assert!(tokio::time::Instant::now() < deadline, "never logged {line:?}:\n{}", self.text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the exit (bounded) and returns whether it succeeded.
+    async fn exit(&mut self) -> bool {
+        match tokio::time::timeout(WAIT, self.child.wait()).await {
+            Ok(status) => status.unwrap().success(),
+            Err(_) => panic!("the listener kept running:\n{}", self.text()),
+        }
+    }
+}
+
+/// Issue 19/20: a listener creates nothing. It waits, saying so, for the
+/// streams and for its consumer, and runs once the bot's part created them.
+#[tokio::test]
+async fn a_listener_waits_for_what_the_bot_creates_and_creates_nothing() {
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "nova");
+    listener
+        .wait_for_line("stream MESH_AGENTS does not exist yet; the bot (`mesh bot`) or `mesh agents add` creates it")
+        .await;
+    let js = async_nats::jetstream::new(nats.client().await);
+    assert!(js.get_stream("MESH_AGENTS").await.is_err(), "the listener created a stream");
+    mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    listener
+        .wait_for_line("consumer agent-nova does not exist yet; the bot (`mesh bot`) or `mesh agents add` creates it")
+        .await;
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    assert!(stream.consumer_info("agent-nova").await.is_err(), "the listener created its consumer");
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
+    mesh_bot::publish::send(&js, &registry, "cli:t", "nova", "once the bot made the consumer", Default::default())
+        .await
+        .unwrap();
+    let got = gw.wait_for(1, WAIT).await;
+    assert!(got[0].text().ends_with("once the bot made the consumer"));
+    let _ = std::process::Command::new("kill").args(["-TERM", &listener.child.id().unwrap().to_string()]).status();
+    assert!(listener.exit().await, "{}", listener.text());
+}
+
+/// Issue 19: a consumer that reads every inbox (what the listener's old
+/// create-or-update right allowed), or a stream set up otherwise than the
+/// layout says, makes the listener refuse to run, and it changes nothing.
+#[tokio::test]
+async fn a_listener_refuses_to_run_on_a_consumer_or_stream_set_up_otherwise() {
+    use async_nats::jetstream::consumer::{AckPolicy, pull};
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true), ("kaan", &gw, true)]);
+    let js = nats.jetstream().await;
+    mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    let wildcard = vec!["agents.*.inbox".to_owned(), "agents.broadcast".to_owned()];
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some("agent-nova".into()),
+            filter_subjects: wildcard.clone(),
+            ack_policy: AckPolicy::Explicit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "nova");
+    assert!(!listener.exit().await, "the listener ran on a consumer reading every inbox");
+    let log = listener.text();
+    assert!(
+        log.contains(
+            "error: consumer agent-nova is not set up as this listener expects (filters [\"agents.*.inbox\", \
+             \"agents.broadcast\"], expected [\"agents.broadcast\", \"agents.nova.inbox\"]); refusing to run"
+        ),
+        "{log}"
+    );
+    let info = stream.consumer_info("agent-nova").await.unwrap();
+    assert_eq!(info.config.filter_subjects, wildcard, "the listener changed nothing");
+
+    // The agents stream with its messages expiring after ten minutes instead of a week.
+    let mut config = stream.cached_info().config.clone();
+    config.max_age = Duration::from_secs(600);
+    js.update_stream(config).await.unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
+    let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "kaan");
+    assert!(!listener.exit().await, "the listener ran on a stream set up otherwise");
+    let log = listener.text();
+    assert!(log.contains("error: stream MESH_AGENTS is not set up as this listener expects (max_age 600s"), "{log}");
+    assert!(gw.requests().is_empty());
 }

@@ -270,8 +270,17 @@ async fn events_are_relayed_to_the_notify_channel_with_slack_alongside() {
     }
     let switch = mesh_bot::killswitch::KillSwitch::open(&js).await.unwrap();
     let global = mesh_protocol::killswitch::Scope::Global;
-    switch.pull(&global, mesh_protocol::killswitch::Mode::Soft, None, "discord:7", Some("drill".into())).await.unwrap();
-    switch.release(&global, "discord:7").await.unwrap();
+    switch
+        .pull(
+            &global,
+            mesh_protocol::killswitch::Mode::Soft,
+            None,
+            mesh_bot::killswitch::Actor::director("discord:7"),
+            Some("drill".into()),
+        )
+        .await
+        .unwrap();
+    switch.release(&global, mesh_bot::killswitch::Actor::director("discord:7")).await.unwrap();
     let path = format!("{API}/channels/777/messages");
     let deadline = tokio::time::Instant::now() + WAIT;
     let posts = loop {

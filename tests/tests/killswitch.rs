@@ -1,13 +1,15 @@
 //! The kill switch against a real nats-server: paused listeners deliver
 //! nothing until the pause ends, a soft pause ends by itself with no bot
 //! running, a listener started during a pause starts paused, and a per-agent
-//! pause leaves the other agents flowing.
+//! pause leaves the other agents flowing. A kill in force is replaced or
+//! lifted only by a role that may resume from it, from the CLI, the switch
+//! itself and a maintenance window.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 use std::time::Duration;
 
-use mesh_bot::killswitch::KillSwitch;
+use mesh_bot::killswitch::{Actor, KillSwitch};
 use mesh_listener::Control;
 use mesh_listener::config::Selection;
 use mesh_protocol::killswitch::{Mode, Scope};
@@ -65,12 +67,15 @@ async fn a_hard_pause_holds_messages_until_resume() {
     let js = nats.jetstream().await;
     let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
     let switch = KillSwitch::open(&js).await.unwrap();
-    switch.pull(&Scope::Global, Mode::Hard, None, "slack:UDIRECTOR", Some("incident".into())).await.unwrap();
+    switch
+        .pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIRECTOR"), Some("incident".into()))
+        .await
+        .unwrap();
     wait_paused(&control, "nova", true).await;
     send(&js, &fixture, "nova", "held").await;
     wait_waiting(&js, "nova", 1).await;
     assert!(gw.requests().is_empty(), "nothing is delivered while paused");
-    switch.release(&Scope::Global, "slack:UDIRECTOR").await.unwrap();
+    switch.release(&Scope::Global, Actor::director("slack:UDIRECTOR")).await.unwrap();
     gw.wait_for(1, WAIT).await;
     wait_until_settled(&js, "nova", WAIT).await;
     assert_eq!(gw.requests().len(), 1);
@@ -87,7 +92,10 @@ async fn a_soft_pause_ends_by_itself_with_no_bot_running() {
     let state = {
         // The switch is pulled and the client dropped: nothing but the listener remains.
         let switch = KillSwitch::open(&nats.jetstream().await).await.unwrap();
-        switch.pull(&Scope::Global, Mode::Soft, Some(Duration::from_secs(2)), "cli:t", None).await.unwrap()
+        switch
+            .pull(&Scope::Global, Mode::Soft, Some(Duration::from_secs(2)), Actor::director("cli:t"), None)
+            .await
+            .unwrap()
     };
     wait_paused(&control, "nova", true).await;
     send(&js, &fixture, "nova", "after the pause").await;
@@ -106,13 +114,13 @@ async fn a_listener_started_during_a_pause_starts_paused() {
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let js = nats.jetstream().await;
     let switch = KillSwitch::open(&js).await.unwrap();
-    switch.pull(&Scope::Agent(id("nova")), Mode::Hard, None, "cli:t", None).await.unwrap();
+    switch.pull(&Scope::Agent(id("nova")), Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
     send(&js, &fixture, "nova", "sent before the listener started").await;
     let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
     wait_paused(&control, "nova", true).await;
     wait_waiting(&js, "nova", 1).await;
     assert!(gw.requests().is_empty());
-    switch.release(&Scope::Agent(id("nova")), "cli:t").await.unwrap();
+    switch.release(&Scope::Agent(id("nova")), Actor::director("cli:t")).await.unwrap();
     gw.wait_for(1, WAIT).await;
     listener.stop().await.unwrap();
 }
@@ -125,7 +133,10 @@ async fn a_per_agent_pause_leaves_other_agents_flowing_in_one_all_process() {
     let js = nats.jetstream().await;
     let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
     let switch = KillSwitch::open(&js).await.unwrap();
-    switch.pull(&Scope::Agent(id("nova")), Mode::Soft, Some(Duration::from_secs(600)), "cli:t", None).await.unwrap();
+    switch
+        .pull(&Scope::Agent(id("nova")), Mode::Soft, Some(Duration::from_secs(600)), Actor::director("cli:t"), None)
+        .await
+        .unwrap();
     wait_paused(&control, "nova", true).await;
     wait_paused(&control, "kaan", false).await;
     send(&js, &fixture, "nova", "for nova").await;
@@ -134,7 +145,7 @@ async fn a_per_agent_pause_leaves_other_agents_flowing_in_one_all_process() {
     wait_until_settled(&js, "kaan", WAIT).await;
     wait_waiting(&js, "nova", 1).await;
     assert!(nova.requests().is_empty(), "the paused agent got nothing");
-    switch.release(&Scope::Agent(id("nova")), "cli:t").await.unwrap();
+    switch.release(&Scope::Agent(id("nova")), Actor::director("cli:t")).await.unwrap();
     nova.wait_for(1, WAIT).await;
     listener.stop().await.unwrap();
 }
@@ -152,6 +163,7 @@ async fn a_maintenance_window_announces_pauses_resumes_and_reports() {
         lead: Duration::from_secs(1),
         message: Some("db upgrade".into()),
         by: "cli:ops".into(),
+        role: Some(mesh_bot::command::Role::Admin),
     };
     let (steps_tx, mut steps) = tokio::sync::mpsc::unbounded_channel::<String>();
     let client = nats.client().await;
@@ -179,4 +191,135 @@ async fn a_maintenance_window_announces_pauses_resumes_and_reports() {
     assert!(texts.iter().any(|t| t.ends_with("during maintenance")), "{texts:?}");
     assert!(texts.iter().any(|t| t.contains("mesh is active again")), "{texts:?}");
     listener.stop().await.unwrap();
+}
+
+/// Runs `mesh` as the terminal with `role` (set through `MESH_PERMISSIONS`),
+/// against a compose project that does not exist (Docker, if any, finds nothing to stop).
+async fn mesh_as(nats: &TestNats, fixture: &Fixture, role: &str, args: &[&str]) -> (bool, String) {
+    let permissions = fixture.dir().join(format!("terminal-{role}.json"));
+    std::fs::write(&permissions, serde_json::json!({ "terminal": role }).to_string()).unwrap();
+    let out = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(args)
+        .env("MESH_PERMISSIONS", &permissions)
+        .env("MESH_COMPOSE_PROJECT", "mesh-test-no-such-project")
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// Issue 19, verified scenario: a director's hard kill, then an admin's
+/// `kill soft --for 1s` overwrote it and the admin could resume a second later.
+#[tokio::test]
+async fn an_admin_cannot_lift_a_directors_hard_kill_by_pulling_a_soft_one() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["kill", "hard", "--yes"]).await;
+    assert!(ok && said.contains("HARD by terminal"), "{said}");
+
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume"]).await;
+    assert!(!ok && said.contains("needs the director role while a hard kill is in force"), "{said}");
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["kill", "soft", "--for", "1s"]).await;
+    assert!(!ok, "an admin replaced a director's hard kill: {said}");
+    assert!(
+        said.contains("\"kill soft\" needs the director role while a hard kill is in force; you have admin"),
+        "{said}"
+    );
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["kill", "hard", "--yes", "--reason", "mine now"]).await;
+    assert!(!ok && said.contains("needs the director role while a hard kill is in force"), "{said}");
+
+    // Whatever the admin tried, the director's entry is still there, unchanged.
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let state = switch.get(&Scope::Global).await.unwrap().unwrap();
+    assert_eq!((state.mode, state.by.as_str(), state.reason.as_deref()), (Mode::Hard, "terminal", None));
+    let (_, status) = mesh_as(&nats, &fixture, "admin", &["status"]).await;
+    assert!(status.contains("the whole mesh: HARD by terminal") && !status.contains("not pulled"), "{status}");
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume"]).await;
+    assert!(!ok && said.contains("needs the director role"), "{said}");
+
+    // An agent's own entry lifts nothing of a global kill: allowed, and the global kill stays.
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["kill", "soft", "--for", "1s", "--agent", "nova"]).await;
+    assert!(ok, "{said}");
+    let effective = switch.effective(Some(&id("nova"))).await.unwrap().unwrap();
+    assert_eq!(effective.mode, Mode::Hard);
+
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume"]).await;
+    assert!(ok, "{said}");
+    assert_eq!(switch.effective(None).await.unwrap(), None);
+}
+
+/// The same rule below the engine: the bucket write itself refuses, so a kill
+/// pulled between a permission check and the write is not overwritten.
+#[tokio::test]
+async fn the_switch_replaces_an_entry_only_for_a_role_that_may_resume_it() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let admin = Actor::new("slack:UADM", Some(mesh_bot::command::Role::Admin));
+    let nova = Scope::Agent(id("nova"));
+    switch.pull(&nova, Mode::Soft, Some(Duration::from_secs(600)), admin, None).await.unwrap();
+    switch.pull(&nova, Mode::Hard, None, admin, None).await.expect("an admin may replace a soft pause");
+    let err = switch.pull(&nova, Mode::Soft, None, admin, None).await.unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "agent nova: HARD by slack:UADM until a director resumes is in force; replacing or lifting it needs the \
+         director role; you have admin"
+    );
+    assert!(switch.release(&nova, admin).await.unwrap_err().to_string().contains("needs the director role"));
+    switch.pull(&Scope::Global, Mode::Nuclear, None, Actor::director("slack:UDIR"), None).await.unwrap();
+    let err = switch.pull(&Scope::Global, Mode::Hard, None, admin, None).await.unwrap_err().to_string();
+    assert!(err.starts_with("the whole mesh: NUCLEAR by slack:UDIR"), "{err}");
+    assert_eq!(switch.get(&nova).await.unwrap().unwrap().mode, Mode::Hard);
+    switch.release(&nova, Actor::director("slack:UDIR")).await.unwrap();
+    switch.release(&Scope::Global, Actor::director("slack:UDIR")).await.unwrap();
+    assert_eq!(switch.in_force().await.unwrap(), Vec::new());
+}
+
+/// `mesh maintenance` pulled a soft pause over a global hard kill and released it at its end.
+#[tokio::test]
+async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let client = nats.client().await;
+    let window = |role| mesh_bot::maintenance::Window {
+        duration: Duration::from_secs(1),
+        lead: Duration::ZERO,
+        message: None,
+        by: "cli:ops".into(),
+        role: Some(role),
+    };
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIR"), None).await.unwrap();
+    for role in [mesh_bot::command::Role::Admin, mesh_bot::command::Role::Director] {
+        let err = mesh_bot::maintenance::run(&client, &registry, &window(role), |_| {}).await.unwrap_err();
+        assert!(err.starts_with("the whole mesh: HARD by slack:UDIR until a director resumes is in force"), "{err}");
+        assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
+    }
+    assert!(gw.requests().is_empty(), "nothing was announced");
+
+    // A hard kill pulled during the window outlives the window's end.
+    switch.release(&Scope::Global, Actor::director("slack:UDIR")).await.unwrap();
+    let (steps_tx, mut steps) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let run = {
+        let (client, registry, window) = (client.clone(), registry.clone(), window(mesh_bot::command::Role::Admin));
+        tokio::spawn(async move {
+            mesh_bot::maintenance::run(&client, &registry, &window, |s| {
+                let _ = steps_tx.send(s.to_owned());
+            })
+            .await
+        })
+    };
+    let _announced = steps.recv().await.unwrap();
+    let paused = steps.recv().await.unwrap();
+    assert!(paused.starts_with("paused: the whole mesh: SOFT"), "{paused}");
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIR"), None).await.unwrap();
+    let err = run.await.unwrap().unwrap_err();
+    assert!(err.starts_with("not resumed: the whole mesh: HARD by slack:UDIR"), "{err}");
+    assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
 }

@@ -357,6 +357,8 @@ async fn kill_9_mid_delivery_then_restart_redelivers() {
             .spawn()
             .expect("listener")
     };
+    let tuning = mesh_tests::fixtures::listener_tuning(1, Duration::from_secs(2));
+    mesh_tests::fixtures::provision_agent(&js, "nova", tuning).await.unwrap();
     let mut first = spawn();
     let id = send(&js, &fixture, "kaan", "nova", "survive a crash").await;
     let deadline = tokio::time::Instant::now() + WAIT;

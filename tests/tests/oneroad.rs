@@ -191,3 +191,16 @@ async fn a_broken_permissions_file_stops_every_command_that_needs_a_role_and_the
     }
     assert!(gw.requests().is_empty());
 }
+
+#[tokio::test]
+async fn completions_come_from_the_command_definitions() {
+    for (shell, marker) in [("bash", "_mesh()"), ("zsh", "#compdef mesh"), ("fish", "complete -c mesh")] {
+        let out = mesh("nats://127.0.0.1:1", Path::new("none.json"), None, &["completions", shell]).await;
+        assert!(out.status.success(), "{shell}: {}", said(&out));
+        let script = String::from_utf8_lossy(&out.stdout);
+        assert!(script.contains(marker), "{shell}: {script}");
+        for subcommand in ["maintenance", "restore", "dlq", "completions"] {
+            assert!(script.contains(subcommand), "{shell} lacks {subcommand}");
+        }
+    }
+}

@@ -247,12 +247,15 @@ async fn events_are_relayed_to_the_notify_channel_coalesced() {
                 &mesh_protocol::killswitch::Scope::Global,
                 mesh_protocol::killswitch::Mode::Soft,
                 None,
-                "slack:UADMIN",
+                mesh_bot::killswitch::Actor::director("slack:UADMIN"),
                 Some("drill".into()),
             )
             .await
             .unwrap();
-        switch.release(&mesh_protocol::killswitch::Scope::Global, "slack:UADMIN").await.unwrap();
+        switch
+            .release(&mesh_protocol::killswitch::Scope::Global, mesh_bot::killswitch::Actor::director("slack:UADMIN"))
+            .await
+            .unwrap();
     }
     let deadline = tokio::time::Instant::now() + WAIT;
     let (posts, lines) = loop {

@@ -95,7 +95,7 @@ mod tests {
         for usage in ["kill soft [duration]", "kill hard [agent]", "kill nuclear"] {
             assert!(kill.contains(usage), "{kill}");
         }
-        assert!(render(&help(Some("resume"))).contains("who: admin; director after kill hard"));
+        assert!(render(&help(Some("resume"))).contains("who: admin; director while a hard kill is in force"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub enum Role {
     Operator,
     /// Plus kill soft, kill hard, resume from a soft kill, dead letters.
     Admin,
-    /// Plus kill nuclear and resume from a hard kill.
+    /// Plus kill nuclear, and resume from or replace a hard or nuclear kill.
     Director,
 }
 
@@ -60,7 +60,8 @@ pub enum Access {
     /// This role or a higher one.
     AtLeast(Role),
     /// `soft` while no pause or a soft pause is in force, `hard` while a hard
-    /// (or nuclear) kill is: resuming must not be easier than the kill was.
+    /// (or nuclear) kill is: resuming, or replacing the entry in force with
+    /// another kill, must not be easier than the kill was.
     ByPause {
         /// Role needed when nothing or a soft kill is in force.
         soft: Role,
@@ -89,7 +90,7 @@ impl fmt::Display for Access {
         match self {
             Self::Anyone => f.write_str("anyone"),
             Self::AtLeast(role) => write!(f, "{role}"),
-            Self::ByPause { soft, hard } => write!(f, "{soft}; {hard} after kill hard"),
+            Self::ByPause { soft, hard } => write!(f, "{soft}; {hard} while a hard kill is in force"),
         }
     }
 }
@@ -272,8 +273,9 @@ impl Permissions {
                 needed,
                 have,
                 who: who.key(),
-                while_hard_kill: matches!(spec.access, Access::ByPause { .. })
-                    && matches!(pause, Some(KillGrade::Hard | KillGrade::Nuclear)),
+                while_pause: pause.filter(|p| {
+                    matches!(spec.access, Access::ByPause { .. }) && matches!(p, KillGrade::Hard | KillGrade::Nuclear)
+                }),
             }),
             _ => Ok(have),
         }
@@ -331,13 +333,18 @@ pub struct Denied {
     pub have: Option<Role>,
     /// Who asked (`slack:U123`), so an admin knows what to grant.
     pub who: String,
-    /// True when the command needs more because a hard kill is in force.
-    pub while_hard_kill: bool,
+    /// The grade of the kill in force when the command needs more because of
+    /// it (hard or nuclear).
+    pub while_pause: Option<KillGrade>,
 }
 
 impl Denied {
     fn message(&self) -> String {
-        let when = if self.while_hard_kill { " while a hard kill is in force" } else { "" };
+        let when = match self.while_pause {
+            Some(KillGrade::Nuclear) => " while a nuclear kill is in force",
+            Some(_) => " while a hard kill is in force",
+            None => "",
+        };
         let have = match self.have {
             Some(role) => format!("you have {role}"),
             None => format!("you have no role, so ask a director to grant one to {}", self.who),
@@ -430,6 +437,23 @@ mod tests {
         check(&dir, "resume", Some(Hard), Ok(d));
         check(&dir, "resume", Some(Nuclear), Ok(d));
         check(&ops, "resume", Some(Soft), Err("\"resume\" needs the admin role; you have operator"));
+        // A kill may replace the entry in force only for whoever may resume from it.
+        check(&admin, "kill soft 1s", Some(Soft), Ok(a));
+        check(&admin, "kill hard", Some(Soft), Ok(a));
+        check(
+            &admin,
+            "kill soft 1s",
+            Some(Hard),
+            Err("\"kill soft\" needs the director role while a hard kill is in force; you have admin"),
+        );
+        check(
+            &admin,
+            "kill hard nova",
+            Some(Nuclear),
+            Err("\"kill hard\" needs the director role while a nuclear kill is in force; you have admin"),
+        );
+        check(&dir, "kill soft 1s", Some(Hard), Ok(d));
+        check(&dir, "kill hard", Some(Nuclear), Ok(d));
     }
 
     #[test]
@@ -485,7 +509,7 @@ mod tests {
         assert!(!discord("1", &[]).is_same_person(&slack("1")));
         assert_eq!(
             Access::ByPause { soft: Role::Admin, hard: Role::Director }.to_string(),
-            "admin; director after kill hard"
+            "admin; director while a hard kill is in force"
         );
     }
 }

@@ -112,6 +112,8 @@ pub struct CommandSpec {
 }
 
 const AGENT_NOTE: &str = "an agent may be written bare (nova) or as agent=<id> (agent=nova)";
+const REPLACE_NOTE: &str = "it replaces the entry in force for the same scope (the whole mesh, or the agent), so while a \
+     hard or nuclear kill is in force there only a director may run it; a kill for another scope lifts nothing";
 
 /// Every command, in the order help lists them.
 pub const COMMANDS: [CommandSpec; 26] = [
@@ -188,8 +190,9 @@ pub const COMMANDS: [CommandSpec; 26] = [
             "agent: agent=<id>, or the next word if it is a valid agent id; without an agent the whole mesh pauses",
             "reason: the rest of the line; write -- before it when its first word could be taken for an agent (kill soft 10m -- deploy fix)",
             AGENT_NOTE,
+            REPLACE_NOTE,
         ],
-        access: Access::AtLeast(Role::Admin),
+        access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: false,
         front: Front::Any,
     },
@@ -202,8 +205,9 @@ pub const COMMANDS: [CommandSpec; 26] = [
             "agent: agent=<id>, or the first word if it is a valid agent id; without an agent the whole mesh pauses",
             "reason: the rest of the line; write -- before it when its first word could be taken for an agent (kill hard -- gateway leak)",
             "takes no duration: use kill soft for a timed pause",
+            REPLACE_NOTE,
         ],
-        access: Access::AtLeast(Role::Admin),
+        access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: true,
         front: Front::Any,
     },

@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let one = bench::write_registry(dir.path(), &sink, 1)?;
     for concurrency in [1usize, 32] {
         let agent = "a0";
-        bench::ensure_consumer(&js, agent).await?;
+        bench::ensure_consumer(&js, agent, concurrency).await?;
         bench::publish_backlog(&js, agent, n).await?;
         sink.reset();
         let listener =
@@ -95,7 +95,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
 
-    // Latency, paced.
+    // Latency, paced (the consumer back to the tuning of concurrency 1).
+    bench::ensure_consumer(&js, "a0", 1).await?;
     let listener = ListenerProcess::start(&nats, &one, &["--agent", "a0"])?;
     bench::wait_pulling(&js, "a0", Duration::from_secs(10)).await;
     for (rate, count) in [(100.0, 1000 / scale.min(5)), (1000.0, 5000 / scale)] {
@@ -137,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         let registry = bench::write_registry(dir.path(), &sink, agents)?;
         let names: Vec<String> = (0..agents).map(|i| format!("a{i}")).collect();
         let mut ensured =
-            futures::stream::iter(names.iter().map(|a| bench::ensure_consumer(&js, a))).buffer_unordered(32);
+            futures::stream::iter(names.iter().map(|a| bench::ensure_consumer(&js, a, 1))).buffer_unordered(32);
         while let Some(r) = ensured.next().await {
             r?;
         }
