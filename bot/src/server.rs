@@ -315,7 +315,9 @@ pub async fn run(
         config.monitor_every,
         stop.clone(),
     ));
-    let health = HealthState { client: client.clone(), metrics: mesh_listener::metrics::install() };
+    let metrics = mesh_listener::metrics::install();
+    tokio::spawn(mesh_listener::metrics::upkeep(metrics.clone(), mesh_listener::metrics::UPKEEP_EVERY, stop.clone()));
+    let health = HealthState { client: client.clone(), metrics };
     let app = app
         .route("/health", get(health_report))
         .route("/health/live", get(|| async { "ok" }))

@@ -1,10 +1,14 @@
 //! Sending into the mesh: validate the target against the registry, make sure
 //! the target's durable consumers exist (so nothing published is missed), then
 //! publish with the envelope id as `Nats-Msg-Id` and wait for JetStream's ack.
+//! Both steps are retried while JetStream does not answer (see
+//! [`mesh_runtime::backoff`]); a retried publish keeps its id, so it is
+//! stored once.
 
 use futures::StreamExt;
 use mesh_protocol::layout::MSG_ID_HEADER;
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
+use mesh_runtime::backoff;
 use mesh_runtime::nats::{self, NatsError};
 use uuid::Uuid;
 
@@ -30,6 +34,11 @@ pub enum SendError {
     Nats(#[from] NatsError),
     #[error("JetStream did not accept the message: {0}; nothing was sent, try again")]
     NotAccepted(String),
+    #[error(
+        "JetStream did not confirm message {id} within {waited_s}s ({error}): it may have been stored and will then \
+         be delivered; check the NATS servers before sending it again (a new send is a new message)"
+    )]
+    Unconfirmed { id: Uuid, waited_s: u64, error: String },
 }
 
 /// What JetStream confirmed.
@@ -82,20 +91,28 @@ pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
         .map(|(_, id)| id.to_owned())
 }
 
-/// Publishes an envelope and waits for JetStream's ack.
+/// Publishes an envelope and waits for JetStream's ack. A publish that got
+/// no answer (a timeout, no stream leader, a reconnect) is sent again, always
+/// with the same `Nats-Msg-Id`, for up to [`backoff::JETSTREAM`]'s bound:
+/// JetStream stores it once, and says `duplicate` when an earlier attempt had
+/// been stored after all.
 pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -> Result<(u64, bool), SendError> {
-    let payload = envelope.encode()?;
+    let payload = bytes::Bytes::from(envelope.encode()?);
     let subject =
         envelope.to.subject().ok_or_else(|| SendError::NotAccepted("a human recipient has no inbox".into()))?;
+    let subject = subject.to_string();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, envelope.id.to_string().as_str());
-    let ack = js
-        .publish_with_headers(subject.to_string(), headers, payload.into())
-        .await
-        .map_err(|e| SendError::NotAccepted(e.to_string()))?
-        .await
-        .map_err(|e| SendError::NotAccepted(e.to_string()))?;
-    Ok((ack.sequence, ack.duplicate))
+    let (subject, headers, payload) = (&subject, &headers, &payload);
+    let attempt =
+        move || async move { js.publish_with_headers(subject.clone(), headers.clone(), payload.clone()).await?.await };
+    match backoff::retry("publish", backoff::JETSTREAM, attempt).await {
+        Ok(ack) => Ok((ack.sequence, ack.duplicate)),
+        Err(backoff::Failure::GaveUp { last, waited, maybe_applied: true, .. }) => {
+            Err(SendError::Unconfirmed { id: envelope.id, waited_s: waited.as_secs(), error: last.to_string() })
+        }
+        Err(failure) => Err(SendError::NotAccepted(failure.to_string())),
+    }
 }
 
 /// A validated message and the agents it is for, built without any I/O so

@@ -85,7 +85,7 @@ pub async fn run_with(
             Some(result) => result?,
         };
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
-    crate::metrics::install();
+    let metrics = crate::metrics::install();
     let deps = Arc::new(Deps {
         js: js.clone(),
         gateway: gateway.clone(),
@@ -99,6 +99,7 @@ pub async fn run_with(
     let fleet = Arc::new(FleetState::default());
     let urls = GatewayUrls::default();
     let root = CancellationToken::new();
+    tokio::spawn(crate::metrics::upkeep(metrics, crate::metrics::UPKEEP_EVERY, root.clone()));
     if let Some(addr) = config.http_addr {
         let bound = crate::http::serve(addr, fleet.clone(), client.clone(), root.clone())
             .await

@@ -8,7 +8,8 @@
 //!   the file, resolving `env:` and `file:` tokens).
 //! - [`nats`]: connecting, and creating the streams and consumers of
 //!   [`mesh_protocol::layout`] (for the bot and the `mesh` commands; the
-//!   listener itself creates nothing).
+//!   listener itself creates nothing); [`backoff`]: which JetStream failures
+//!   are worth retrying, and how long.
 //! - [`lookup`] and [`layout_check`] (pure): the listener's read-only look at
 //!   the streams, the kill switch bucket and its consumer, checked against the layout.
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
@@ -40,7 +41,7 @@ pub mod ping;
 pub mod policy;
 pub mod state;
 
-pub use mesh_runtime::{logging, nats, registry_file, secrets, shutdown};
+pub use mesh_runtime::{backoff, logging, nats, registry_file, secrets, shutdown};
 
 pub use config::ListenerConfig;
 pub use fleet::{Control, PauseCommand, run, run_with};

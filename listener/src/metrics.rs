@@ -1,10 +1,12 @@
 //! Prometheus metrics of the listener. Names are constants so dashboards and
-//! alert rules can be checked against them.
+//! alert rules can be checked against them. [`upkeep`] drains recorded
+//! histogram samples on a timer, so memory stays flat when nobody scrapes.
 
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
 
 /// Deliveries by agent and outcome (`delivered`, `retry`, `dead_letter`).
 pub const DELIVERIES: &str = "mesh_deliveries_total";
@@ -23,7 +25,12 @@ pub const LOOP_GUARD: &str = "mesh_loop_guard_total";
 
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
-/// Installs the process-wide recorder once and returns its handle.
+/// How often [`upkeep`] drains histogram samples into their buckets.
+pub const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Installs the process-wide recorder once and returns its handle. The
+/// recorder keeps every histogram sample until upkeep (or a scrape) folds it
+/// into the buckets: run [`upkeep`] next to it.
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -39,6 +46,33 @@ pub fn install() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Something whose recorded samples must be drained now and then (the
+/// recorder's handle; a counter in tests).
+pub trait Upkeep {
+    /// Drains what was recorded since the last call.
+    fn run_upkeep(&self);
+}
+
+impl Upkeep for PrometheusHandle {
+    fn run_upkeep(&self) {
+        PrometheusHandle::run_upkeep(self);
+    }
+}
+
+/// Runs `target`'s upkeep every `every` until `stop` is cancelled. Without
+/// it, each histogram sample (two per delivered message) stays in memory
+/// until someone scrapes `/metrics`, which by default nobody does.
+pub async fn upkeep(target: impl Upkeep, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => target.run_upkeep(),
+        }
+    }
 }
 
 /// One agent's delivery counters, registered once so the per-message path
@@ -98,4 +132,34 @@ pub fn reply(agent: &str) {
 /// Counts a reply stopped by the loop guard.
 pub fn loop_guard(agent: &str) {
     metrics::counter!(LOOP_GUARD, "agent" => agent.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::mpsc;
+
+    /// Counts upkeep runs on a channel.
+    struct Probe(mpsc::UnboundedSender<()>);
+
+    impl Upkeep for Probe {
+        fn run_upkeep(&self) {
+            let _ = self.0.send(());
+        }
+    }
+
+    #[tokio::test]
+    async fn upkeep_runs_on_its_timer_until_stopped() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(upkeep(Probe(tx), Duration::from_millis(5), stop.clone()));
+        for _ in 0..3 {
+            rx.recv().await.expect("upkeep ran");
+        }
+        stop.cancel();
+        task.await.expect("the upkeep task ends when stopped");
+        // The task dropped its probe: nothing runs after the stop.
+        while rx.try_recv().is_ok() {}
+        assert!(rx.recv().await.is_none(), "upkeep ran after the stop");
+    }
 }

@@ -6,11 +6,13 @@
 //!
 //! # Layout
 //!
-//! - [`nats`]: connect, streams, consumers, replicas.
+//! - [`nats`]: connect, streams, consumers, replicas; [`backoff`]: retrying
+//!   JetStream calls that fail only for a moment.
 //! - [`kill_bucket`]: the kill switch bucket.
 //! - [`registry_file`] and [`secrets`]: the I/O half of the registry.
 //! - [`shutdown`] and [`logging`]: process plumbing.
 
+pub mod backoff;
 pub mod kill_bucket;
 pub mod logging;
 pub mod nats;

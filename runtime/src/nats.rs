@@ -4,10 +4,13 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::CreateStreamError;
 use async_nats::jetstream::{self, consumer::pull, stream};
 use mesh_protocol::AgentId;
 use mesh_protocol::layout::{self, ConsumerSpec, ConsumerTuning, Replicas, StreamSpec};
 use tracing::{info, warn};
+
+use crate::backoff;
 
 /// Environment variable with the NATS URL.
 pub const NATS_URL_ENV: &str = "NATS_URL";
@@ -159,8 +162,8 @@ pub async fn resolve_replicas(js: &jetstream::Context, setting: Replicas) -> Res
 pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Result<(), NatsError> {
     let replicas = resolve_replicas(js, setting).await?;
     for spec in layout::all_streams(replicas) {
-        let stream = js
-            .get_or_create_stream(stream_config(&spec))
+        let config = &stream_config(&spec);
+        let stream = backoff::retry(spec.name, backoff::JETSTREAM, move || js.get_or_create_stream(config.clone()))
             .await
             .map_err(|e| NatsError::JetStream(stream_error(spec.name, replicas, &e)))?;
         scale_up(js, stream.cached_info(), replicas).await;
@@ -170,15 +173,16 @@ pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Resul
 
 /// What to say when looking up or creating a stream failed. A timeout is not
 /// a placement problem: on a cluster it is typically the seconds after a node
-/// was lost, until its streams have new leaders.
-fn stream_error(name: &str, replicas: usize, error: &jetstream::context::CreateStreamError) -> String {
-    if error.kind() == jetstream::context::CreateStreamErrorKind::TimedOut {
-        format!(
-            "stream {name}: JetStream did not answer in time; right after a cluster node is lost this lasts until \
-             its streams have new leaders (seconds): retry, and check that the NATS servers run"
-        )
-    } else {
-        creation_error(name, replicas, &error.to_string())
+/// was lost, until its streams have new leaders (already retried for
+/// [`backoff::JETSTREAM`]'s bound).
+fn stream_error(name: &str, replicas: usize, failure: &backoff::Failure<CreateStreamError>) -> String {
+    match failure {
+        backoff::Failure::GaveUp { last, waited, .. } => format!(
+            "stream {name}: JetStream did not answer ({last}) for {}s; right after a cluster node is lost this \
+             lasts until its streams have new leaders (seconds): check that the NATS servers run, then retry",
+            waited.as_secs()
+        ),
+        backoff::Failure::Permanent(error) => creation_error(name, replicas, &error.to_string()),
     }
 }
 
@@ -243,10 +247,13 @@ pub async fn ensure_consumer(js: &jetstream::Context, agent: &AgentId) -> Result
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
-    stream
-        .get_or_create_consumer::<pull::Config>(&spec.durable, consumer_config(&spec))
-        .await
-        .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
+    // Idempotent (looked up first, created with the same config): safe to retry.
+    let (stream, spec) = (&stream, &spec);
+    backoff::retry(&spec.durable, backoff::JETSTREAM, move || {
+        stream.get_or_create_consumer::<pull::Config>(&spec.durable, consumer_config(spec))
+    })
+    .await
+    .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
     Ok(())
 }
 

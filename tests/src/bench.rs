@@ -68,6 +68,21 @@ impl Sink {
         tokio::time::timeout(timeout, total.wait_for(|t| *t >= n)).await.is_ok()
     }
 
+    /// Arrivals counted so far (kept across [`Sink::forget_arrivals`]).
+    pub fn total(&self) -> usize {
+        *self.total.borrow()
+    }
+
+    /// The arrival count, to wait on.
+    pub fn counter(&self) -> watch::Receiver<usize> {
+        self.total.clone()
+    }
+
+    /// Drops the recorded arrivals but keeps counting (long runs).
+    pub fn forget_arrivals(&self) {
+        self.arrivals.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
     /// Arrivals of one agent.
     pub fn arrivals(&self, agent: &str) -> Vec<Arrival> {
         self.arrivals.lock().unwrap_or_else(|p| p.into_inner()).get(agent).cloned().unwrap_or_default()
@@ -146,6 +161,16 @@ impl ListenerProcess {
         let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
         // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the comm field.
         (ticks(11) + ticks(12)) / 100.0
+    }
+
+    /// Resident set size in KiB, from `VmRSS` in /proc/<pid>/status.
+    pub fn rss_kib(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     /// RSS and PSS in KiB, from /proc/<pid>/smaps_rollup.

@@ -283,6 +283,31 @@ impl TestCluster {
         }
     }
 
+    /// Waits until the JetStream meta group has a leader among the running
+    /// nodes (as node `ask`'s `/jsz` reports it) and returns it. Stream and
+    /// consumer creation go through the meta leader.
+    pub async fn wait_meta_leader(&self, ask: usize) -> usize {
+        let url = format!("http://127.0.0.1:{}/jsz", self.spec.nodes[ask].monitor_port);
+        let deadline = tokio::time::Instant::now() + NODE_READY_TIMEOUT;
+        loop {
+            let jsz = match self.http.get(&url).send().await {
+                Ok(response) => response.json::<serde_json::Value>().await.ok(),
+                Err(_) => None,
+            };
+            let leader = jsz.as_ref().and_then(|j| j["meta_cluster"]["leader"].as_str()).and_then(|n| self.index_of(n));
+            if let Some(leader) = leader
+                && self.is_running(leader)
+            {
+                return leader;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no JetStream meta leader among the running nodes within {NODE_READY_TIMEOUT:?}: {jsz:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Where the node logs and stores live.
     pub fn dir(&self) -> &Path {
         self.dir.path()

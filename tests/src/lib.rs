@@ -9,7 +9,8 @@
 //!   `deploy/nats-cluster/` is rendered from).
 //! - [`steady`]: a steady publisher that counts acks, and the delivery tally.
 //! - [`gateway`]: the recording gateway.
-//! - [`bench`]: the sink and helpers of the `mesh-bench` program.
+//! - [`bench`]: the sink and helpers of the `mesh-bench` program; [`soak`]:
+//!   its long run that samples a listener's memory.
 //! - [`redis`]: the redis-server under test.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
@@ -23,6 +24,7 @@ pub mod gateway;
 pub mod redis;
 pub mod secrets;
 pub mod server;
+pub mod soak;
 pub mod steady;
 
 pub use cluster::TestCluster;

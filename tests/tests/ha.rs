@@ -179,12 +179,16 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
     let mut cluster = TestCluster::start().await;
     ensure_streams(&jetstream(cluster.client().await), Replicas::Auto).await.unwrap();
     cluster.kill(0).await;
-    // Streams led by the dead node answer again once a new leader is elected.
+    // What `mesh send` depends on: the meta leader (it creates consumers) and
+    // each stream's leader (it answers lookups and stores publishes), both
+    // re-elected among the survivors. The product retries while they are not
+    // (see `retry.rs`); waiting here keeps this test about the URL list.
+    cluster.wait_meta_leader(1).await;
     let js = jetstream(cluster.client().await);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     for spec in mesh_protocol::layout::all_streams(3) {
-        while js.get_stream(spec.name).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "{} has no leader 30 s after a node died", spec.name);
+        while !cluster.stream_leader(&js, spec.name).await.is_some_and(|leader| cluster.is_running(leader)) {
+            assert!(tokio::time::Instant::now() < deadline, "{} has no live leader 60 s after a node died", spec.name);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

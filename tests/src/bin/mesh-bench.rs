@@ -2,7 +2,9 @@
 //! JSON. It starts its own nats-server, a fast sink gateway and listener
 //! processes. A benchmark: it reports figures, it asserts nothing.
 //!
-//! Usage: `mesh-bench [--quick] [--forward-only] [--json PATH]` (build with `--release`).
+//! Usage: `mesh-bench [--quick] [--forward-only] [--json PATH]` (build with `--release`);
+//! `mesh-bench --soak [--messages N] [--rate MSGS_PER_S] [--concurrency C]`
+//! runs only the soak (default 1,000,000 messages, up to 2,500/s, concurrency 1).
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -10,11 +12,14 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mesh_tests::TestNats;
 use mesh_tests::bench::{self, ListenerProcess, Row, Sink};
+use mesh_tests::soak::{self, SoakConfig};
 
 const BACKLOG: usize = 20_000;
 const USAGE: &str =
     "usage: mesh-bench [--quick] [--forward-only] [--json PATH] (build with --release; needs nats-server on PATH)";
 const KNOWN: [&str; 3] = ["--quick", "--forward-only", "--json"];
+/// Soak defaults: messages, rate, messages between RSS samples.
+const SOAK: SoakConfig = SoakConfig { messages: 1_000_000, rate: 2_500.0, sample_every: 50_000 };
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -50,6 +55,20 @@ async fn run() -> anyhow::Result<()> {
     let nats = TestNats::start().await;
     let js = nats.jetstream().await;
     let mut rows = Vec::new();
+
+    if args.iter().any(|a| a == "--soak") {
+        let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+        let config = SoakConfig {
+            messages: flag("--messages").map(|v| v.parse()).transpose()?.unwrap_or(SOAK.messages),
+            rate: flag("--rate").map(|v| v.parse()).transpose()?.unwrap_or(SOAK.rate),
+            ..SOAK
+        };
+        let concurrency: usize = flag("--concurrency").map(|v| v.parse()).transpose()?.unwrap_or(1);
+        let row = soak_row(&js, &sink, dir.path(), &nats, config, concurrency).await?;
+        print_table(std::slice::from_ref(&row), f64::NAN);
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"machine": machine(), "rows": [row]}))?);
+        return Ok(());
+    }
 
     // Ceilings.
     let n = BACKLOG / scale;
@@ -211,6 +230,46 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One listener (no `--http`, so nothing scrapes `/metrics`) fed a paced
+/// stream; its RSS sampled from /proc/<pid>/status.
+async fn soak_row(
+    js: &async_nats::jetstream::Context,
+    sink: &Sink,
+    dir: &std::path::Path,
+    nats: &TestNats,
+    config: SoakConfig,
+    concurrency: usize,
+) -> anyhow::Result<Row> {
+    let registry = bench::write_registry(dir, sink, 1)?;
+    bench::ensure_consumer(js, "a0", concurrency).await?;
+    let listener =
+        ListenerProcess::start(nats, &registry, &["--agent", "a0", "--concurrency", &concurrency.to_string()])?;
+    bench::wait_pulling(js, "a0", Duration::from_secs(10)).await;
+    let report = soak::run(js, sink, &listener, "a0", config).await?;
+    listener.stop().await;
+    let mb = |kib: u64| kib as f64 / 1024.0;
+    for sample in &report.samples {
+        println!("soak sample: {} delivered, {:.1} s, RSS {:.2} MB", sample.delivered, sample.at_s, mb(sample.rss_kib));
+    }
+    Ok(Row::new(
+        format!("soak: {} messages, concurrency {concurrency}, no scrape", config.messages),
+        format!(
+            "one listener process without --http (nobody scrapes /metrics), publisher at most {} msg/s and 5,000 \
+             messages ahead of the sink; VmRSS from /proc/<pid>/status every {} deliveries; start = first sample \
+             (after warm-up), end = last",
+            config.rate, config.sample_every
+        ),
+    )
+    .with("idle_rss_mb", mb(report.idle_kib))
+    .with("start_rss_mb", mb(report.start_kib()))
+    .with("end_rss_mb", mb(report.end_kib()))
+    .with("max_rss_mb", mb(report.max_kib()))
+    .with("growth_mb", mb(report.end_kib()) - mb(report.start_kib()))
+    .with("delivered", report.delivered as f64)
+    .with("elapsed_s", report.elapsed_s)
+    .with("msgs_per_s", report.delivered as f64 / report.elapsed_s))
+}
+
 async fn publish_ceiling(js: &async_nats::jetstream::Context, n: usize) -> anyhow::Result<f64> {
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: "BENCH".into(),
@@ -265,7 +324,9 @@ async fn sink_ceiling(sink: &Sink, n: usize) -> anyhow::Result<f64> {
 }
 
 fn print_table(rows: &[Row], ceiling: f64) {
-    println!("\nmin(broker, sink) ceiling: {ceiling:.0} msgs/s\n");
+    if ceiling.is_finite() {
+        println!("\nmin(broker, sink) ceiling: {ceiling:.0} msgs/s\n");
+    }
     println!("{:<58} figures", "workload");
     for row in rows {
         let figures: Vec<String> = row.figures.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
