@@ -66,85 +66,91 @@ pub async fn run_agent<G: Gateway>(
                 return Err(e);
             }
         };
-        let mut messages = match consumer
-            .stream()
-            .max_messages_per_batch(PULL_BATCH)
-            .heartbeat(Duration::from_secs(5))
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-        {
-            Ok(messages) => messages,
-            Err(e) => {
-                warn!(agent = %agent, error = %e, "cannot start pulling; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(REBIND_DELAY) => continue,
-                }
-            }
-        };
-        info!(agent = %agent, concurrency = config.concurrency, "pulling");
-        let limit = config.concurrency.max(1);
-        // Above concurrency 1 the server lets up to three times `limit` more
-        // messages wait here (see `ListenerConfig::tuning`), so a free slot
-        // starts the next message at once instead of after an ack round trip.
-        let prefetch = if limit == 1 { 0 } else { 3 * limit };
-        let mut waiting: VecDeque<jetstream::Message> = VecDeque::with_capacity(prefetch);
-        let mut keep_waiting_alive = tokio::time::interval(progress_period(deps.ack_wait));
-        keep_waiting_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut connects = deps.connects.clone();
-        connects.mark_unchanged();
-        let mut in_flight = FuturesUnordered::new();
-        let failure = loop {
-            while in_flight.len() < limit
-                && let Some(msg) = waiting.pop_front()
+        let failure = if config.concurrency <= 1 {
+            info!(agent = %agent, concurrency = 1, "pulling one message at a time");
+            pull_one_at_a_time(&deps, &state, &entry, &mut paused, &stop, &consumer).await
+        } else {
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(PULL_BATCH)
+                .heartbeat(Duration::from_secs(5))
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
             {
-                let current = entry.borrow().clone();
-                let (deps, state) = (&*deps, &*state);
-                in_flight.push(async move {
-                    delivery::handle(deps, &current, state, msg).await;
-                });
-            }
-            let keep_alive_due = tokio::select! {
-                biased;
-                _ = stop.cancelled() => break None,
-                _ = paused.wait_for(|p| *p) => break None,
-                _ = connects.changed() => break Some("reconnected to NATS; pulling again".to_owned()),
-                Some(()) = in_flight.next(), if !in_flight.is_empty() => false,
-                item = messages.next(), if in_flight.len() < limit || waiting.len() < prefetch => match item {
-                    Some(Ok(msg)) => {
-                        waiting.push_back(msg);
-                        false
-                    }
-                    Some(Err(e)) => break Some(e.to_string()),
-                    None => break Some("pull stream ended".to_owned()),
-                },
-                _ = keep_waiting_alive.tick(), if !waiting.is_empty() => true,
-            };
-            // A waiting message's ack wait runs too: keep it from being redelivered.
-            if keep_alive_due {
-                for msg in &waiting {
-                    if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                        debug!(agent = %agent, error = %e, "in-progress ack of a waiting message failed");
+                Ok(messages) => messages,
+                Err(e) => {
+                    warn!(agent = %agent, error = %e, "cannot start pulling; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(REBIND_DELAY) => continue,
                     }
                 }
+            };
+            info!(agent = %agent, concurrency = config.concurrency, "pulling");
+            let limit = config.concurrency;
+            // Above concurrency 1 the server lets up to three times `limit` more
+            // messages wait here (see `ListenerConfig::tuning`), so a free slot
+            // starts the next message at once instead of after an ack round trip.
+            let prefetch = 3 * limit;
+            let mut waiting: VecDeque<jetstream::Message> = VecDeque::with_capacity(prefetch);
+            let mut keep_waiting_alive = tokio::time::interval(progress_period(deps.ack_wait));
+            keep_waiting_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut connects = deps.connects.clone();
+            connects.mark_unchanged();
+            let mut in_flight = FuturesUnordered::new();
+            let failure = loop {
+                while in_flight.len() < limit
+                    && let Some(msg) = waiting.pop_front()
+                {
+                    let current = entry.borrow().clone();
+                    let (deps, state) = (&*deps, &*state);
+                    in_flight.push(async move {
+                        delivery::handle(deps, &current, state, msg).await;
+                    });
+                }
+                let keep_alive_due = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => break None,
+                    _ = paused.wait_for(|p| *p) => break None,
+                    _ = connects.changed() => break Some("reconnected to NATS; pulling again".to_owned()),
+                    Some(()) = in_flight.next(), if !in_flight.is_empty() => false,
+                    item = messages.next(), if in_flight.len() < limit || waiting.len() < prefetch => match item {
+                        Some(Ok(msg)) => {
+                            waiting.push_back(msg);
+                            false
+                        }
+                        Some(Err(e)) => break Some(e.to_string()),
+                        None => break Some("pull stream ended".to_owned()),
+                    },
+                    _ = keep_waiting_alive.tick(), if !waiting.is_empty() => true,
+                };
+                // A waiting message's ack wait runs too: keep it from being redelivered.
+                if keep_alive_due {
+                    for msg in &waiting {
+                        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+                            debug!(agent = %agent, error = %e, "in-progress ack of a waiting message failed");
+                        }
+                    }
+                }
+            };
+            while in_flight.next().await.is_some() {}
+            let mut released = 0;
+            for msg in waiting.drain(..) {
+                if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                    released += 1;
+                }
             }
+            while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+                    released += 1;
+                }
+            }
+            if released > 0 {
+                debug!(agent = %agent, released, "released pulled messages");
+            }
+            failure
         };
-        while in_flight.next().await.is_some() {}
-        let mut released = 0;
-        for msg in waiting.drain(..) {
-            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                released += 1;
-            }
-        }
-        while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-            if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                released += 1;
-            }
-        }
-        if released > 0 {
-            debug!(agent = %agent, released, "released pulled messages");
-        }
         match failure {
             Some(e) => {
                 warn!(agent = %agent, error = %e, "pull stream failed; rebinding");
@@ -159,6 +165,54 @@ pub async fn run_agent<G: Gateway>(
     }
     info!(agent = %agent, "stopped");
     Ok(())
+}
+
+/// At concurrency 1: one pull request for one message, and the next request
+/// only once that message is settled. So no request is open while a message
+/// is in flight, and its ack (during a pause's or stop's drain too) cannot
+/// make the server hand the next message to a request nobody reads any more,
+/// where it would wait out a whole ack wait or be handed back having used up
+/// a delivery attempt. A pause or stop while a request waits drops it (the
+/// server hands nothing to a request whose reply subject lost its
+/// subscriber); a message that raced in with the pause is handed back
+/// unstarted. Returns why pulling failed, or `None` on pause or stop.
+async fn pull_one_at_a_time<G: Gateway>(
+    deps: &Deps<G>,
+    state: &AgentState,
+    entry: &watch::Receiver<Arc<AgentEntry>>,
+    paused: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
+    consumer: &jetstream::consumer::PullConsumer,
+) -> Option<String> {
+    let mut connects = deps.connects.clone();
+    connects.mark_unchanged();
+    loop {
+        let mut request = match consumer.batch().max_messages(1).expires(PULL_EXPIRES).messages().await {
+            Ok(request) => request,
+            Err(e) => return Some(e.to_string()),
+        };
+        let msg = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return None,
+            _ = paused.wait_for(|p| *p) => return None,
+            _ = connects.changed() => return Some("reconnected to NATS; pulling again".to_owned()),
+            item = request.next() => match item {
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => return Some(e.to_string()),
+                // The request expired empty: ask again.
+                None => continue,
+            },
+        };
+        drop(request);
+        if stop.is_cancelled() || *paused.borrow() {
+            if let Err(e) = msg.ack_with(AckKind::Nak(None)).await {
+                debug!(error = %e, "handing back a message pulled as a pause began failed; redelivered after the ack wait");
+            }
+            return None;
+        }
+        let current = entry.borrow().clone();
+        delivery::handle(deps, &current, state, msg).await;
+    }
 }
 
 /// How often messages waiting for a free slot get an in-progress ack: well

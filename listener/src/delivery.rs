@@ -1,26 +1,29 @@
-//! One message, start to finish: decode it, call the gateway (keeping the
-//! message alive with in-progress acks while the gateway works), then ack,
-//! schedule a redelivery, or store a dead letter and only then ack.
+//! One message, start to finish: decode it, for a chat agent check where its
+//! reply will go, call the gateway (keeping the message alive with
+//! in-progress acks while the gateway works), publish the chat reply, then
+//! ack, schedule a redelivery, or store a dead letter and only then ack.
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::envelope::Arrival;
-use mesh_protocol::layout::MSG_ID_HEADER;
+use mesh_protocol::layout::{self, ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::registry::AgentTokens;
 use mesh_protocol::subject::Subject;
-use mesh_protocol::{Agent, DeliveryMode, Envelope, Kind, Recipient};
+use mesh_protocol::{Agent, AgentId, DeliveryMode, Envelope, Recipient, Registry};
 use tracing::{debug, error, info, warn};
 use uuid::Uuid;
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use crate::gateway::{Gateway, Response};
+use crate::gateway::{BodyError, Gateway, Response};
 use crate::hook;
 use crate::metrics;
-use crate::policy::{self, Decision, RetryPolicy};
+use crate::policy::{self, Decision, ReplyOutcome, RetryPolicy};
+use crate::reply::{self, ConsumerLookup, Route};
 use crate::state::AgentState;
 
 /// An agent as a listener serves it: registry entry plus resolved tokens.
@@ -49,6 +52,8 @@ pub struct Deps<G> {
     pub confirm_acks: bool,
     /// Goes up on every NATS (re)connection.
     pub connects: tokio::sync::watch::Receiver<u64>,
+    /// The registry as last read (chat replies go only to its active agents).
+    pub registry: tokio::sync::watch::Receiver<Arc<Registry>>,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -97,17 +102,32 @@ pub async fn handle<G: Gateway>(
             return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, e.to_string()).await;
         }
     };
+    // A chat agent's reply must have somewhere to go before the agent is asked:
+    // a refused target costs no LLM turn, and its dead letter was never delivered.
+    let route = if entry.agent.delivery == DeliveryMode::Chat {
+        match check_route(deps, &envelope).await {
+            Ok(route) => Some(route),
+            Err(outcome) => {
+                let attempt = Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: None };
+                return settle_reply(deps, entry, state, &attempt, &outcome).await.unwrap_or(Handled::Unsettled);
+            }
+        }
+    } else {
+        None
+    };
     let response = call_keeping_alive(deps, &msg, &request).await;
     state.record_call(response.outcome.label() == "ok");
     metrics::gateway_duration(response.elapsed);
     let decision = policy::decide(&response.outcome, delivered, &deps.retry, fastrand::f64());
     match decision {
         Decision::Ack => {
-            if entry.agent.delivery == DeliveryMode::Chat
-                && let Err(e) = route_reply(deps, entry, state, &envelope, &response.body).await
-            {
-                warn!(agent, msg_id, error = %e, "chat reply not published; the message will be redelivered");
-                return nak(&msg, Duration::from_secs(1)).await;
+            if let Some(route) = &route {
+                let outcome = publish_reply(deps, entry, state, &envelope, route, &response).await;
+                let attempt =
+                    Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: response.outcome.status() };
+                if let Some(handled) = settle_reply(deps, entry, state, &attempt, &outcome).await {
+                    return handled;
+                }
             }
             if let Err(e) = ack(&msg, deps).await {
                 warn!(agent, msg_id, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
@@ -134,6 +154,52 @@ pub async fn handle<G: Gateway>(
     }
 }
 
+/// The delivery a reply belongs to, for settling it.
+struct Attempt<'a> {
+    msg: &'a jetstream::Message,
+    msg_id: &'a str,
+    stream_seq: u64,
+    delivered: u64,
+    status: Option<u16>,
+}
+
+/// Settles a message whose reply did not go through: a retry with the
+/// policy's backoff (counted against the delivery budget) or a dead letter.
+/// `None` when the reply is fine and the message is to be acked.
+async fn settle_reply<G: Gateway>(
+    deps: &Deps<G>,
+    entry: &AgentEntry,
+    state: &AgentState,
+    attempt: &Attempt<'_>,
+    outcome: &ReplyOutcome,
+) -> Option<Handled> {
+    let agent = entry.agent.id.as_str();
+    let Attempt { msg, msg_id, stream_seq, delivered, status } = *attempt;
+    match policy::decide_reply(outcome, delivered, &deps.retry, fastrand::f64()) {
+        Decision::Ack => None,
+        Decision::Retry(delay) => {
+            state.retried.fetch_add(1, Ordering::Relaxed);
+            state.counters.retry.increment(1);
+            let why = match outcome {
+                ReplyOutcome::Failed(why) | ReplyOutcome::Refused(why) => why.as_str(),
+                ReplyOutcome::Done => "",
+            };
+            warn!(
+                agent,
+                msg_id,
+                stream_seq,
+                delivered,
+                error = why,
+                retry_in_ms = delay.as_millis() as u64,
+                "chat reply not published; will retry"
+            );
+            Some(nak(msg, delay).await)
+        }
+        Decision::DeadLetter(reason) => {
+            Some(dead_letter(deps, entry, state, msg, stream_seq, delivered, status, reason).await)
+        }
+    }
+}
 /// A stable id for a body that carries none: the same stream sequence always
 /// gives the same id, so redeliveries share an `Idempotency-Key`.
 pub fn legacy_id(stream_seq: u64) -> Uuid {
@@ -235,78 +301,85 @@ async fn dead_letter<G: Gateway>(
     Handled::DeadLettered
 }
 
-/// Errors routing a chat reply.
-#[derive(Debug, thiserror::Error)]
-pub enum ReplyError {
-    #[error("publishing the reply failed: {0}")]
-    Publish(String),
+/// Where a reply to `original` goes: the registry says whether the target is
+/// an active agent, JetStream whether its consumer exists.
+async fn check_route<G>(deps: &Deps<G>, original: &Envelope) -> Result<Route, ReplyOutcome> {
+    let registry = deps.registry.borrow().clone();
+    match reply::route(original, &registry) {
+        Err(reason) => Err(ReplyOutcome::Refused(reason)),
+        Ok(Route::Agent(id)) => match reply::consumer_check(&id, consumer_lookup(&deps.js, &id).await) {
+            ReplyOutcome::Done => Ok(Route::Agent(id)),
+            refused_or_failed => Err(refused_or_failed),
+        },
+        Ok(route) => Ok(route),
+    }
 }
 
-async fn route_reply<G: Gateway>(
+/// Looks up an agent's durable consumer (read-only: the listener never
+/// creates another agent's consumer).
+async fn consumer_lookup(js: &jetstream::Context, agent: &AgentId) -> ConsumerLookup {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = match js.get_stream_no_info(spec.stream).await {
+        Ok(stream) => stream,
+        Err(e) => return ConsumerLookup::Failed(e.to_string()),
+    };
+    match stream.consumer_info(&spec.durable).await {
+        Ok(_) => ConsumerLookup::Found,
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => ConsumerLookup::Missing,
+        Err(e) => ConsumerLookup::Failed(e.to_string()),
+    }
+}
+
+/// Publishes the chat reply in `response` along `route`, after the gateway's 2xx.
+async fn publish_reply<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
     state: &AgentState,
     original: &Envelope,
-    body: &Bytes,
-) -> Result<(), ReplyError> {
+    route: &Route,
+    response: &Response,
+) -> ReplyOutcome {
     let agent = entry.agent.id.as_str();
-    if original.kind == Kind::Broadcast {
-        // Every chat agent answering every broadcast would flood the sender.
-        debug!(agent, msg_id = %original.id, "no reply routed for a broadcast");
-        return Ok(());
-    }
-    let Some(text) = hook::chat_reply_text(body) else {
-        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
-        return Ok(());
+    let Some(target) = route.subject() else {
+        debug!(agent, msg_id = %original.id, ?route, "no reply routed");
+        return ReplyOutcome::Done;
     };
-    let Some(target) = original.reply_subject() else {
-        debug!(agent, msg_id = %original.id, "sender has no inbox and no reply_to; reply not routed");
-        return Ok(());
+    match &response.body_error {
+        // The reply would be a fragment: the gateway answered more than the
+        // listener reads, and asking again would give as much.
+        Some(e @ BodyError::TooLarge) => return ReplyOutcome::Refused(e.to_string()),
+        Some(e @ BodyError::Read(_)) => return ReplyOutcome::Failed(e.to_string()),
+        None => {}
+    }
+    let Some(text) = hook::chat_reply_text(&response.body) else {
+        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
+        return ReplyOutcome::Done;
     };
     let hops = original.hops.saturating_add(1);
     if hops > deps.max_hops {
         state.loop_guard.fetch_add(1, Ordering::Relaxed);
         metrics::loop_guard(agent);
         warn!(agent, msg_id = %original.id, hops, max_hops = deps.max_hops, "loop guard: reply not sent");
-        return Ok(());
+        return ReplyOutcome::Done;
     }
-    let to = match &target {
-        Subject::Inbox(id) => Recipient::Agent(id.clone()),
-        _ => Recipient::reply_to_sender(&original.from),
-    };
-    let mut reply = match Envelope::new(agent, to, truncate(&text)) {
+    let reply = match reply::build(&entry.agent.id, original, &target, &text, hops) {
         Ok(reply) => reply,
-        Err(e) => {
-            warn!(agent, error = %e, "chat reply is not a valid message; dropped");
-            return Ok(());
-        }
+        Err(reason) => return ReplyOutcome::Refused(reason),
     };
-    reply.kind = Kind::Reply;
-    reply.hops = hops;
-    reply.metadata.insert("in_reply_to".into(), original.id.to_string());
-    let payload = reply.encode().map_err(|e| ReplyError::Publish(e.to_string()))?;
+    if let Some(bytes) = reply.cut_from {
+        warn!(agent, msg_id = %original.id, bytes, kept = reply.envelope.text.len(), "chat reply too long for a message; cut and marked as truncated");
+    }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, format!("reply-{}", original.id).as_str());
-    let ack = deps
-        .js
-        .publish_with_headers(target.to_string(), headers, payload.into())
-        .await
-        .map_err(|e| ReplyError::Publish(e.to_string()))?;
-    ack.await.map_err(|e| ReplyError::Publish(e.to_string()))?;
+    let published = match deps.js.publish_with_headers(target.to_string(), headers, reply.payload.into()).await {
+        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = published {
+        return ReplyOutcome::Failed(format!("publishing the reply to {target} failed: {e}"));
+    }
     state.replies.fetch_add(1, Ordering::Relaxed);
     metrics::reply(agent);
-    info!(agent, msg_id = %reply.id, in_reply_to = %original.id, to = %target, hops, "reply routed");
-    Ok(())
-}
-
-fn truncate(text: &str) -> String {
-    const LIMIT: usize = mesh_protocol::envelope::MAX_TEXT_BYTES / 2;
-    if text.len() <= LIMIT {
-        return text.to_owned();
-    }
-    let mut cut = LIMIT;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}… [truncated]", &text[..cut])
+    info!(agent, msg_id = %reply.envelope.id, in_reply_to = %original.id, to = %target, hops, "reply routed");
+    ReplyOutcome::Done
 }

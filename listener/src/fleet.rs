@@ -86,6 +86,7 @@ pub async fn run_with(
         };
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     let metrics = crate::metrics::install();
+    let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));
     let deps = Arc::new(Deps {
         js: js.clone(),
         gateway: gateway.clone(),
@@ -94,6 +95,7 @@ pub async fn run_with(
         ack_wait: config.ack_wait,
         confirm_acks: config.concurrency <= 1,
         connects,
+        registry: registry_rx,
     });
     let kill_states = crate::killswitch::load(&kill_store).await?;
     let fleet = Arc::new(FleetState::default());
@@ -156,6 +158,7 @@ pub async fn run_with(
                 match registry_file::load(&config.registry_path) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
+                        registry_tx.send_replace(Arc::new(registry.clone()));
                         match select(&registry, &config.selection) {
                             Ok(selected) => world.apply(&selected),
                             // One agent, now removed or inactive: stop pulling for it.

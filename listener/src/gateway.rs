@@ -19,8 +19,20 @@ pub struct Response {
     pub outcome: Outcome,
     /// The response body of a 2xx answer (capped at [`MAX_RESPONSE_BYTES`]).
     pub body: Bytes,
+    /// Set when `body` is not the whole body: longer than the cap, or the
+    /// read failed part way. A chat reply must not be taken from such a body.
+    pub body_error: Option<BodyError>,
     /// How long the call took.
     pub elapsed: Duration,
+}
+
+/// Why a 2xx answer's body is not all there.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("the gateway's answer is larger than the {} MiB the listener reads", MAX_RESPONSE_BYTES / (1024 * 1024))]
+    TooLarge,
+    #[error("reading the gateway's answer failed: {0}")]
+    Read(String),
 }
 
 /// Sends hook requests.
@@ -73,17 +85,18 @@ impl Gateway for HttpGateway {
             .body(request.body.clone())
             .send()
             .await;
-        let (outcome, body) = match sent {
+        let (outcome, (body, body_error)) = match sent {
             Ok(response) => {
                 let code = response.status().as_u16();
                 let retry_after = parse_retry_after(response.headers().get(reqwest::header::RETRY_AFTER));
-                let body = if response.status().is_success() { read_capped(response).await } else { Bytes::new() };
+                let body =
+                    if response.status().is_success() { read_capped(response).await } else { (Bytes::new(), None) };
                 (Outcome::Status { code, retry_after }, body)
             }
-            Err(e) if e.is_timeout() => (Outcome::Timeout, Bytes::new()),
-            Err(e) => (Outcome::Unreachable(describe_error(&e)), Bytes::new()),
+            Err(e) if e.is_timeout() => (Outcome::Timeout, (Bytes::new(), None)),
+            Err(e) => (Outcome::Unreachable(describe_error(&e)), (Bytes::new(), None)),
         };
-        Response { outcome, body, elapsed: started.elapsed() }
+        Response { outcome, body, body_error, elapsed: started.elapsed() }
     }
 
     async fn health(&self, url: url::Url) -> bool {
@@ -94,15 +107,19 @@ impl Gateway for HttpGateway {
     }
 }
 
-async fn read_capped(mut response: reqwest::Response) -> Bytes {
+/// Reads a body up to [`MAX_RESPONSE_BYTES`]; what is read is returned
+/// either way, with the reason when it is not the whole body.
+async fn read_capped(mut response: reqwest::Response) -> (Bytes, Option<BodyError>) {
     let mut body = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-            break;
+    let error = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() > MAX_RESPONSE_BYTES => break Some(BodyError::TooLarge),
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            Ok(None) => break None,
+            Err(e) => break Some(BodyError::Read(describe_error(&e))),
         }
-        body.extend_from_slice(&chunk);
-    }
-    Bytes::from(body)
+    };
+    (Bytes::from(body), error)
 }
 
 /// `Retry-After` in seconds; the HTTP-date form is treated as absent.

@@ -1,15 +1,16 @@
 //! The listener's side of the kill switch: read what is in force before any
-//! agent starts pulling, and follow every change. Creating the bucket
-//! ([`open`]) is for the bot and the `mesh` commands.
+//! agent starts pulling, and follow every change. An entry that cannot be
+//! read pauses (fail closed), loudly, until it is overwritten or deleted.
+//! Creating the bucket ([`open`]) is for the bot and the `mesh` commands.
 
 use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
-use mesh_protocol::killswitch::{BUCKET, KillState, Scope};
+use mesh_protocol::killswitch::{BUCKET, KillState, Mode, Scope};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use crate::nats::NatsError;
 
@@ -20,6 +21,25 @@ pub type KillStates = BTreeMap<String, KillState>;
 /// `mesh` commands; a listener only looks it up: [`crate::lookup::find_bucket`]).
 pub use mesh_runtime::kill_bucket::open;
 
+/// Who an unreadable entry's pause is attributed to.
+pub const UNREADABLE_BY: &str = "mesh-listener";
+
+/// Decodes an entry; one that cannot be decoded is a hard pause (fail closed:
+/// someone meant to write something, most likely a pause), logged as an
+/// error that says how to clear it. Pure but for the log line.
+pub fn decode_fail_closed(key: &str, value: &[u8], now: time::OffsetDateTime) -> KillState {
+    KillState::decode(value).unwrap_or_else(|e| {
+        error!(key, error = %e, "unreadable kill switch entry: pausing as if pulled hard; `mesh resume` (or `mesh kill`) overwrites it");
+        KillState {
+            mode: Mode::Hard,
+            until: None,
+            by: UNREADABLE_BY.to_owned(),
+            reason: Some(format!("unreadable kill switch entry {key:?} ({e}); paused until `mesh resume` overwrites it")),
+            at: now,
+        }
+    })
+}
+
 /// Reads every entry now.
 pub async fn load(store: &kv::Store) -> Result<KillStates, NatsError> {
     let mut out = KillStates::new();
@@ -27,12 +47,8 @@ pub async fn load(store: &kv::Store) -> Result<KillStates, NatsError> {
     while let Some(key) = keys.next().await {
         let key = key.map_err(|e| NatsError::JetStream(format!("listing {BUCKET}: {e}")))?;
         if let Ok(Some(value)) = store.get(&key).await {
-            match KillState::decode(&value) {
-                Ok(state) => {
-                    out.insert(key, state);
-                }
-                Err(e) => warn!(key, error = %e, "ignoring a kill switch entry"),
-            }
+            let state = decode_fail_closed(&key, &value, time::OffsetDateTime::now_utc());
+            out.insert(key, state);
         }
     }
     Ok(out)
@@ -102,7 +118,7 @@ fn pass_on(seen: &mut Seen, entry: kv::Entry, changes: &mpsc::UnboundedSender<(S
         return true;
     }
     let state = match entry.operation {
-        kv::Operation::Put => KillState::decode(&entry.value).ok(),
+        kv::Operation::Put => Some(decode_fail_closed(&entry.key, &entry.value, entry.created)),
         _ => None,
     };
     let changed = seen.get(&entry.key).is_none_or(|(_, known)| *known != state);
@@ -178,5 +194,26 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
         drop(rx);
         assert!(!pass_on(&mut seen, entry(4, Some(&hard)), &tx), "the receiver is gone");
+    }
+
+    #[test]
+    fn an_unreadable_entry_pauses_hard_until_deleted() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut seen = Seen::new();
+        let mut garbage = entry(5, None);
+        garbage.operation = kv::Operation::Put;
+        garbage.value = "{not a kill state".into();
+        assert!(pass_on(&mut seen, garbage, &tx));
+        let (key, state) = rx.try_recv().unwrap();
+        let state = state.expect("an unreadable entry is a pause, not a deletion");
+        assert_eq!(
+            (key.as_str(), state.mode, state.until, state.by.as_str()),
+            ("global", Mode::Hard, None, UNREADABLE_BY)
+        );
+        assert!(state.reason.as_deref().unwrap().contains("unreadable kill switch entry \"global\""));
+        assert!(state.in_force(OffsetDateTime::now_utc()));
+        // Deleting it resumes.
+        assert!(pass_on(&mut seen, entry(6, None), &tx));
+        assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
     }
 }

@@ -13,7 +13,9 @@
 //! - [`lookup`] and [`layout_check`] (pure): the listener's read-only look at
 //!   the streams, the kill switch bucket and its consumer, checked against the layout.
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
-//! - [`policy`] (pure): what a gateway outcome means: ack, retry later, or dead-letter.
+//! - [`policy`] (pure): what a gateway outcome (and a chat reply's fate)
+//!   means: ack, retry later, or dead-letter.
+//! - [`reply`] (pure): where a chat reply may go, and its envelope cut to fit.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.
@@ -39,6 +41,7 @@ pub mod lookup;
 pub mod metrics;
 pub mod ping;
 pub mod policy;
+pub mod reply;
 pub mod state;
 
 pub use mesh_runtime::{backoff, logging, nats, registry_file, secrets, shutdown};

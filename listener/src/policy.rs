@@ -1,5 +1,6 @@
-//! What a gateway outcome means for the message: ack it, retry it later, or
-//! give up and dead-letter it. Pure, table-tested.
+//! What a gateway outcome, and for a chat agent the fate of its reply, means
+//! for the message: ack it, retry it later, or give up and dead-letter it.
+//! Pure, table-tested.
 
 use std::time::Duration;
 
@@ -91,19 +92,55 @@ pub fn decide(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f
     if delivered >= policy.max_deliver {
         return Decision::DeadLetter(format!("{what}; gave up after {delivered} deliveries"));
     }
-    Decision::Retry(backoff(outcome, delivered, policy, jitter))
+    let retry_after = match outcome {
+        Outcome::Status { retry_after, .. } => *retry_after,
+        _ => None,
+    };
+    Decision::Retry(backoff(retry_after, delivered, policy, jitter))
 }
 
-fn backoff(outcome: &Outcome, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Duration {
+/// How routing a chat agent's reply went (checked before the gateway is
+/// called, and published after its 2xx).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplyOutcome {
+    /// Published, or there is nothing to publish (a broadcast, no reply text,
+    /// no reply address, the loop guard).
+    Done,
+    /// Can never be published for this message: the target is not a
+    /// registered active agent or has no consumer, the gateway's answer was
+    /// cut at the read cap, the reply cannot be encoded.
+    Refused(String),
+    /// May work later: the publish or the target lookup failed (timeout, no
+    /// permission yet, JetStream full or unavailable).
+    Failed(String),
+}
+
+/// Decides what to do with a message whose gateway call (if any) was fine
+/// but whose reply ended in `outcome`, after `delivered` deliveries. A refused
+/// reply is dead-lettered at once, so the gateway is not called again for
+/// it; a failed one is retried with the backoff and counts against the
+/// delivery budget like a failed gateway call.
+pub fn decide_reply(outcome: &ReplyOutcome, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Decision {
+    match outcome {
+        ReplyOutcome::Done => Decision::Ack,
+        ReplyOutcome::Refused(why) => Decision::DeadLetter(format!("{why}; not retried")),
+        ReplyOutcome::Failed(why) if delivered >= policy.max_deliver => {
+            Decision::DeadLetter(format!("{why}; gave up after {delivered} deliveries"))
+        }
+        ReplyOutcome::Failed(_) => Decision::Retry(backoff(None, delivered, policy, jitter)),
+    }
+}
+
+fn backoff(retry_after: Option<Duration>, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Duration {
     let exponent = delivered.saturating_sub(1).min(20) as u32;
     let full = policy.base.saturating_mul(2u32.saturating_pow(exponent)).min(policy.max);
     // Equal jitter: half fixed, half random, so delays grow but do not align.
     // `clamp` passes NaN through and `mul_f64` panics on it: a NaN jitter counts as 0.
     let jitter = if jitter.is_nan() { 0.0 } else { jitter.clamp(0.0, 1.0) };
     let jittered = full.mul_f64(0.5 + 0.5 * jitter);
-    match outcome {
-        Outcome::Status { retry_after: Some(after), .. } => jittered.max((*after).min(MAX_RETRY_AFTER)),
-        _ => jittered,
+    match retry_after {
+        Some(after) => jittered.max(after.min(MAX_RETRY_AFTER)),
+        None => jittered,
     }
 }
 
@@ -169,6 +206,37 @@ mod tests {
     }
 
     #[test]
+    fn reply_outcome_table() {
+        let policy = RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(60), max_deliver: 5 };
+        let refused = ReplyOutcome::Refused("reply target kaan has no consumer".into());
+        let failed = ReplyOutcome::Failed("publishing the reply failed: timed out".into());
+        let cases: Vec<(ReplyOutcome, u64, Decision)> = vec![
+            (ReplyOutcome::Done, 1, Decision::Ack),
+            (ReplyOutcome::Done, 99, Decision::Ack),
+            // Refused: dead-lettered at the first delivery, whatever the budget left.
+            (refused.clone(), 1, Decision::DeadLetter("reply target kaan has no consumer; not retried".into())),
+            (refused, 4, Decision::DeadLetter("reply target kaan has no consumer; not retried".into())),
+            // Failed: the policy's backoff, not a fixed delay, until the budget is spent.
+            (failed.clone(), 1, Decision::Retry(Duration::from_secs(1))),
+            (failed.clone(), 3, Decision::Retry(Duration::from_secs(4))),
+            (failed.clone(), 4, Decision::Retry(Duration::from_secs(8))),
+            (
+                failed.clone(),
+                5,
+                Decision::DeadLetter("publishing the reply failed: timed out; gave up after 5 deliveries".into()),
+            ),
+            (
+                failed,
+                17,
+                Decision::DeadLetter("publishing the reply failed: timed out; gave up after 17 deliveries".into()),
+            ),
+        ];
+        for (outcome, delivered, want) in cases {
+            assert_eq!(decide_reply(&outcome, delivered, &policy, 1.0), want, "{outcome:?} at delivery {delivered}");
+        }
+    }
+
+    #[test]
     fn odd_jitter_is_clamped_not_a_panic() {
         let policy = RetryPolicy { base: Duration::from_secs(1), max: Duration::from_secs(10), max_deliver: 100 };
         for jitter in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -3.0, 7.0] {
@@ -225,6 +293,19 @@ mod props {
                 Decision::DeadLetter(reason) => {
                     prop_assert!(!is_retryable(&outcome) || delivered >= policy.max_deliver, "{}", reason);
                 }
+            }
+        }
+
+        #[test]
+        fn a_reply_failure_never_outlives_the_budget(delivered in 0u64..100, policy in policy(), jitter in 0.0f64..1.0, refused in any::<bool>()) {
+            let outcome = if refused { ReplyOutcome::Refused("x".into()) } else { ReplyOutcome::Failed("x".into()) };
+            match decide_reply(&outcome, delivered, &policy, jitter) {
+                Decision::Ack => prop_assert!(false, "a failed reply is never acked"),
+                Decision::Retry(delay) => {
+                    prop_assert!(!refused && delivered < policy.max_deliver);
+                    prop_assert!(delay <= policy.max && delay >= policy.base.min(policy.max) / 2, "{:?}", delay);
+                }
+                Decision::DeadLetter(_) => prop_assert!(refused || delivered >= policy.max_deliver),
             }
         }
 

@@ -63,7 +63,8 @@ pub const ADMIN_USER: &str = "mesh-admin";
 
 /// The listener of one agent: reads only its own consumer (its inbox and the
 /// broadcast), writes its dead letters and pongs, and, in chat mode only,
-/// replies to other agents' inboxes and `mesh.reply.*`.
+/// replies to other agents' inboxes and `mesh.reply.*` (looking up, never
+/// creating, the target agent's consumer first).
 ///
 /// It creates and changes nothing in JetStream: no stream, no consumer, not
 /// the kill switch bucket. Its own consumer's create-or-update right would let
@@ -103,6 +104,11 @@ pub fn listener(agent: &Agent) -> Access {
     if agent.delivery == DeliveryMode::Chat {
         publish.push(subject::ALL_INBOXES.to_owned());
         publish.push(subject::ALL_REPLIES.to_owned());
+        // Before replying to an agent, look its consumer up (read-only): a
+        // reply into an inbox nobody consumes is refused, not lost. NATS
+        // wildcards are whole tokens, so `agent-*` cannot be written; the
+        // stream holds only agent consumers.
+        publish.push(format!("{JS_API}.CONSUMER.INFO.{stream}.*"));
     }
     let inbox_prefix = format!("_INBOX_{id}");
     Access {
@@ -166,6 +172,22 @@ mod tests {
         assert_eq!(access.subscribe, ["mesh.health.ping", "_INBOX_nova.>"]);
         let chat = listener(&agent("chat"));
         assert!(chat.publish.contains(&"agents.*.inbox".to_owned()));
+    }
+
+    #[test]
+    fn only_a_chat_listener_looks_up_other_agents_consumers_and_creates_none() {
+        let lookup = "$JS.API.CONSUMER.INFO.MESH_AGENTS.*".to_owned();
+        let chat = listener(&agent("chat"));
+        assert!(chat.publish.contains(&lookup), "{:?}", chat.publish);
+        for delivery in ["wake", "agent"] {
+            let access = listener(&agent(delivery));
+            assert!(!access.publish.contains(&lookup), "{delivery}");
+            assert!(access.publish.iter().all(|s| !s.starts_with("$JS.API.CONSUMER.INFO.MESH_AGENTS.*")));
+        }
+        // Creating stays limited to its own consumer.
+        let creates: Vec<_> =
+            chat.publish.iter().filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE.MESH_AGENTS")).collect();
+        assert!(creates.iter().all(|s| s.contains(".agent-nova")), "{creates:?}");
     }
 
     #[test]

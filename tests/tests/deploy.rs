@@ -188,9 +188,25 @@ async fn rendered_permissions_hold_on_a_real_server() {
         let said = nova(vec![request(subject, &payload)]).await;
         assert!(said.contains("Permissions Violation") && said.contains(subject), "{subject}: {said}");
     }
-    // Only a chat-mode listener may publish replies into other agents' inboxes.
-    let said = raw(port, "listener-ada", "pw-ada-1", &[publish("agents.nova.inbox"), publish("mesh.reply.abc")]).await;
+    // Only a chat-mode listener may publish replies into other agents' inboxes,
+    // and look up (never create) their consumers before it does.
+    let said = raw(
+        port,
+        "listener-ada",
+        "pw-ada-1",
+        &[
+            publish("agents.nova.inbox"),
+            publish("mesh.reply.abc"),
+            publish("$JS.API.CONSUMER.INFO.MESH_AGENTS.agent-nova"),
+        ],
+    )
+    .await;
     assert!(!said.contains("-ERR"), "{said}");
+    let said =
+        raw(port, "listener-ada", "pw-ada-1", &[publish("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-nova")]).await;
+    assert!(said.contains("Permissions Violation") && said.contains("CONSUMER.CREATE"), "{said}");
+    let said = nova(vec![publish("$JS.API.CONSUMER.INFO.MESH_AGENTS.agent-kaan")]).await;
+    assert!(said.contains("Permissions Violation") && said.contains("agent-kaan"), "{said}");
     // The bot may not delete a stream either.
     let said = raw(port, "mesh-bot", "pw-bot-1", &[publish("$JS.API.STREAM.DELETE.MESH_AGENTS")]).await;
     assert!(said.contains("Permissions Violation"), "{said}");

@@ -1,9 +1,9 @@
 //! The kill switch against a real nats-server: paused listeners deliver
 //! nothing until the pause ends, a soft pause ends by itself with no bot
-//! running, a listener started during a pause starts paused, and a per-agent
-//! pause leaves the other agents flowing. A kill in force is replaced or
-//! lifted only by a role that may resume from it, from the CLI, the switch
-//! itself and a maintenance window.
+//! running, a listener started during a pause starts paused, a per-agent
+//! pause leaves the other agents flowing, and an unreadable entry pauses. A
+//! kill in force is replaced or lifted only by a role that may resume from
+//! it, from the CLI, the switch itself and a maintenance window.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
@@ -322,4 +322,38 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     let err = run.await.unwrap().unwrap_err();
     assert!(err.starts_with("not resumed: the whole mesh: HARD by slack:UDIR"), "{err}");
     assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
+}
+
+#[tokio::test]
+async fn an_unreadable_kill_switch_entry_pauses_until_it_is_deleted() {
+    // Fail closed: garbage in the bucket (a hand edit, a newer writer) is a
+    // pause, not a missing entry, both when it appears and at start.
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true), ("kaan", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+    let bucket = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    bucket.put("global", "{not a kill state".into()).await.unwrap();
+    wait_paused(&control, "nova", true).await;
+    wait_paused(&control, "kaan", true).await;
+    send(&js, &fixture, "nova", "held by the unreadable entry").await;
+    wait_waiting(&js, "nova", 1).await;
+    assert!(gw.requests().is_empty(), "nothing is delivered under an unreadable entry");
+    listener.stop().await.unwrap();
+
+    // A listener starting over it starts paused, and one agent's bad entry pauses that agent only.
+    bucket.delete("global").await.unwrap();
+    bucket.put(&Scope::Agent(id("nova")).key(), "\u{0}".into()).await.unwrap();
+    let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+    wait_paused(&control, "nova", true).await;
+    send(&js, &fixture, "kaan", "kaan still flows").await;
+    let got = gw.wait_for(1, WAIT).await;
+    assert!(got[0].text().ends_with("kaan still flows"), "{}", got[0].text());
+    wait_waiting(&js, "nova", 1).await;
+    bucket.delete(&Scope::Agent(id("nova")).key()).await.unwrap();
+    let got = gw.wait_for(2, WAIT).await;
+    assert!(got[1].text().ends_with("held by the unreadable entry"), "{}", got[1].text());
+    wait_until_settled(&js, "nova", WAIT).await;
+    listener.stop().await.unwrap();
 }

@@ -239,6 +239,8 @@ async fn a_chat_reply_reaches_the_sender_inbox() {
         "nova": {"hooks_token": "nova-hook-token", "hooks_url": nova_gw.hooks_url()},
     }));
     let js = nats.jetstream().await;
+    // Every registered agent has its consumer (a reply to one without is refused).
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
     let listener = ListenerHandle::spawn(fixture.listener_config(&nats, Selection::All));
     let id = send(&js, &fixture, "nova", "ada", "2+2?").await;
     let asked = ada_gw.wait_for(1, WAIT).await;
@@ -266,6 +268,7 @@ async fn the_loop_guard_stops_two_chat_agents_answering_each_other() {
     let js = nats.jetstream().await;
     let mut config = fixture.listener_config(&nats, Selection::All);
     config.max_hops = 3;
+    mesh_listener::nats::ensure_consumer(&js, &"a".parse().unwrap()).await.unwrap();
     let listener = ListenerHandle::spawn(config);
     send(&js, &fixture, "a", "b", "start").await;
     // b answers (hop 1), a answers (hop 2), b answers (hop 3), a's answer would be hop 4: stopped.

@@ -425,12 +425,6 @@ async fn hostile_raw_payloads_on_every_subject_leave_the_services_answering() {
         let _ = what;
     }
     client.flush().await.unwrap();
-    // The kill switch bucket: undecodable entries are ignored (logged), not a crash and not a pause.
-    let kv = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
-    for key in ["global", "agent.nova"] {
-        kv.put(key, vec![0xff, 0x00, 0xfe].into()).await.unwrap();
-        kv.put(key, "{\"mode\": \"hard\"".into()).await.unwrap();
-    }
 
     // The hostile inbox messages end up as dead letters: 6 to nova's inbox,
     // 6 broadcasts for each of nova and kaan.
@@ -444,6 +438,13 @@ async fn hostile_raw_payloads_on_every_subject_leave_the_services_answering() {
     assert_eq!(messages_in(&js, "MESH_DLQ").await, 18);
     assert_eq!(nova.requests().len(), 1, "no hostile payload reached nova's gateway");
     assert_eq!(kaan.requests().len(), 1, "no hostile payload reached kaan's gateway");
+
+    // The kill switch bucket: undecodable entries pause (fail closed, logged), not a crash.
+    let kv = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    for key in ["global", "agent.nova"] {
+        kv.put(key, vec![0xff, 0x00, 0xfe].into()).await.unwrap();
+        kv.put(key, "{\"mode\": \"hard\"".into()).await.unwrap();
+    }
 
     // Everyone still answers: delivery, pings, and chat commands that read the abused streams.
     stack.assert_running();
@@ -545,6 +546,7 @@ async fn oversize_chat_replies_from_a_gateway_are_capped_and_the_listener_goes_o
         "nova": {"hooks_token": "nova-hook-token", "hooks_url": nova.hooks_url()},
     }));
     let js = nats.jetstream().await;
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap()).await.unwrap();
     let listener =
         mesh_tests::ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
     let ask = |text: &'static str| {
@@ -560,12 +562,28 @@ async fn oversize_chat_replies_from_a_gateway_are_capped_and_the_listener_goes_o
     assert!(got[0].text().ends_with("… [truncated]"), "{}", &got[0].text()[..80]);
     assert!(got[0].text().len() <= mesh_protocol::envelope::MAX_TEXT_BYTES, "{}", got[0].text().len());
 
-    // 3 MiB: more than the listener reads from a gateway; the delivery still
-    // counts (the gateway said 2xx), the unreadable reply is dropped, nothing crashes.
+    // 3 MiB: more than the listener reads from a gateway. A reply cut at the
+    // read cap is no reply: the message is dead-lettered with the reason (not
+    // acked with the reply silently dropped), the gateway is not asked again,
+    // nothing crashes.
     ada.set_chat_reply(&"x".repeat(3 * 1024 * 1024));
     ask("flood me").await;
-    ada.wait_for(2, WAIT).await;
+    let dlq = js.get_stream("MESH_DLQ").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dlq.get_raw_message(1).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "the capped reply was not dead-lettered");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let dead = dlq.get_raw_message(1).await.unwrap();
+    let reason = dead.headers.get(mesh_protocol::dead_letter::REASON_HEADER).map(|v| v.as_str().to_owned());
+    assert_eq!(
+        reason.as_deref(),
+        Some("the gateway's answer is larger than the 1 MiB the listener reads; not retried"),
+        "{:?}",
+        dead.headers
+    );
     wait_until_settled(&js, "ada", WAIT).await;
+    assert_eq!(ada.requests().len(), 2, "the capped reply is not asked for again");
 
     // And the listener goes on delivering.
     ada.set_chat_reply("short");

@@ -1,0 +1,68 @@
+//! The pull loop's edges against a real nats-server: what happens to
+//! messages the server hands out while a pause or a stop is being applied.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use mesh_listener::config::Selection;
+use mesh_listener::{Control, PauseCommand};
+use mesh_protocol::{Priority, Registry};
+use mesh_tests::fixtures::wait_until_settled;
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn load(fixture: &Fixture) -> Registry {
+    mesh_listener::registry_file::load(&fixture.registry).expect("registry")
+}
+
+async fn send(js: &jetstream::Context, fixture: &Fixture, to: &str, text: &str) {
+    mesh_bot::publish::send(js, &load(fixture), "cli:test", to, text, Priority::Normal).await.expect("send");
+}
+
+async fn wait_paused(control: &Control, agent: &str, paused: bool) {
+    let id = agent.parse().expect("agent id");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(state) = control.fleet.get(&id)
+            && state.paused.load(std::sync::atomic::Ordering::Relaxed) == paused
+        {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{agent} never became paused={paused}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_pause_at_concurrency_1_hands_no_message_to_an_abandoned_pull() {
+    // At concurrency 1 the server hands out the next message as soon as the
+    // one in flight is acked. A pause drains that one: its ack must not let
+    // the next one go to a pull request nobody reads any more, where it is
+    // either lost until the ack wait (here two minutes) or handed back, having
+    // used up a delivery attempt.
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    gw.set_delay(Duration::from_millis(300));
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().expect("id")));
+    config.ack_wait = Duration::from_secs(120);
+    let (listener, control) = ListenerHandle::spawn_with_control(config).await;
+    send(&js, &fixture, "nova", "first").await;
+    send(&js, &fixture, "nova", "second").await;
+    gw.wait_for(1, WAIT).await;
+    control.pause.send(PauseCommand::All(true)).expect("pause");
+    wait_paused(&control, "nova", true).await;
+    assert_eq!(gw.requests().len(), 1, "nothing new starts during a pause");
+    control.pause.send(PauseCommand::All(false)).expect("resume");
+    let got = gw.wait_for(2, WAIT).await;
+    assert!(got[1].text().ends_with("second"), "{:?}", got[1].text());
+    wait_until_settled(&js, "nova", WAIT).await;
+    // Each message was handed out once: none went to a pull nobody read, so
+    // none used up a delivery attempt (which --max-deliver counts).
+    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+    let info = stream.consumer_info("agent-nova").await.expect("consumer info");
+    assert_eq!(info.delivered.consumer_sequence, 2, "deliveries handed out for two messages");
+    listener.stop().await.expect("stop");
+}

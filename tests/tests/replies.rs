@@ -1,0 +1,202 @@
+//! Chat replies against a real nats-server and recording gateways: a reply
+//! too large once JSON-escaped is cut, not retried forever; a reply whose
+//! publish keeps failing ends as a dead letter within the delivery budget; a
+//! reply to an agent without a consumer, or to a sender that is no registered
+//! agent, is refused visibly (a dead letter) instead of vanishing.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use mesh_listener::config::Selection;
+use mesh_protocol::dead_letter::DeadLetter;
+use mesh_protocol::subject::Subject;
+use mesh_protocol::{Envelope, Priority, Recipient, Registry};
+use mesh_tests::fixtures::wait_until_settled;
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn chat_agent(gw: &RecordingGateway, name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "gateway": gw.addr.to_string(),
+        "gateway_token": format!("{name}-gateway-token"),
+        "hooks_token": format!("{name}-hook-token"),
+        "hooks_url": gw.hooks_url(),
+        "delivery": "chat",
+        "model": "test-model",
+    })
+}
+
+fn wake_agent(gw: &RecordingGateway, name: &str) -> serde_json::Value {
+    serde_json::json!({"hooks_token": format!("{name}-hook-token"), "hooks_url": gw.hooks_url()})
+}
+
+fn load(fixture: &Fixture) -> Registry {
+    mesh_listener::registry_file::load(&fixture.registry).expect("registry")
+}
+
+async fn send(js: &jetstream::Context, fixture: &Fixture, from: &str, to: &str, text: &str) -> uuid::Uuid {
+    mesh_bot::publish::send(js, &load(fixture), from, to, text, Priority::Normal).await.expect("send").id
+}
+
+async fn ensure_consumer(js: &jetstream::Context, agent: &str) {
+    let id = agent.parse().expect("valid agent id");
+    mesh_listener::nats::ensure_consumer(js, &id).await.expect("creating the consumer");
+}
+
+async fn dead_letters(js: &jetstream::Context) -> Vec<(DeadLetter, bytes::Bytes)> {
+    let stream = js.get_stream("MESH_DLQ").await.expect("dlq stream");
+    let last = stream.get_info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+            out.push((DeadLetter::from_headers(header).expect("dead letter headers"), message.payload));
+        }
+    }
+    out
+}
+
+async fn wait_for_dead_letter(js: &jetstream::Context) -> (DeadLetter, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((record, payload)) = dead_letters(js).await.into_iter().next() {
+            return (record, serde_json::from_slice(&payload).expect("the original envelope is kept"));
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no dead letter within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn last_in_inbox(js: &jetstream::Context, agent: &str) -> Option<(usize, serde_json::Value)> {
+    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+    let message = stream.get_last_raw_message_by_subject(&format!("agents.{agent}.inbox")).await.ok()?;
+    Some((message.payload.len(), serde_json::from_slice(&message.payload).expect("an envelope")))
+}
+
+#[tokio::test]
+async fn a_reply_too_large_once_escaped_is_cut_and_the_gateway_asked_once() {
+    // The verified case: 98,304 control characters fit the text limit but
+    // escape to 590 KB; the listener used to retry this once a second forever.
+    let nats = TestNats::start().await;
+    let (ada_gw, nova_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let huge = "\u{1}".repeat(98_304);
+    ada_gw.set_chat_reply(&huge);
+    let fixture = Fixture::from_json(
+        &serde_json::json!({"ada": chat_agent(&ada_gw, "ada"), "nova": wake_agent(&nova_gw, "nova")}),
+    );
+    let js = nats.jetstream().await;
+    ensure_consumer(&js, "nova").await;
+    let mut config = fixture.listener_config(&nats, Selection::All);
+    config.retry.max_deliver = 5;
+    let listener = ListenerHandle::spawn(config);
+    let id = send(&js, &fixture, "nova", "ada", "say a lot").await;
+
+    let got = nova_gw.wait_for(1, WAIT).await;
+    let text = got[0].text();
+    assert!(text.starts_with("[mesh] Reply from ada: \u{1}\u{1}"), "{:?}", &text[..40]);
+    assert!(text.ends_with("… [truncated]"), "the cut is marked");
+    wait_until_settled(&js, "ada", WAIT).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(ada_gw.requests().len(), 1, "one LLM turn, not one a second");
+    let (size, reply) = last_in_inbox(&js, "nova").await.expect("the reply is stored");
+    assert!(size <= mesh_protocol::envelope::MAX_ENVELOPE_BYTES, "{size} bytes");
+    assert_eq!(reply["metadata"]["truncated_from_bytes"], "98304");
+    assert_eq!(reply["metadata"]["in_reply_to"], id.to_string());
+    assert!(dead_letters(&js).await.is_empty());
+    listener.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_publish_that_keeps_failing_is_dead_lettered_within_the_budget() {
+    let nats = TestNats::start().await;
+    let ada_gw = RecordingGateway::start().await;
+    ada_gw.set_chat_reply("4");
+    let fixture = Fixture::from_json(&serde_json::json!({"ada": chat_agent(&ada_gw, "ada")}));
+    let js = nats.jetstream().await;
+    // JetStream full for replies: the replies stream takes one message and refuses more.
+    let mut replies = js.get_stream("MESH_REPLIES").await.expect("replies stream");
+    let mut stream_config = replies.info().await.expect("info").config.clone();
+    stream_config.max_messages = 1;
+    stream_config.discard = jetstream::stream::DiscardPolicy::New;
+    js.update_stream(stream_config).await.expect("shrinking the replies stream");
+    js.publish("mesh.reply.filler", "x".into()).await.expect("publish").await.expect("the one message it takes");
+    let refused = js.publish("mesh.reply.probe", "x".into()).await.expect("publish").await;
+    assert!(refused.is_err(), "the replies stream refuses a second message");
+
+    let mut config = fixture.listener_config(&nats, Selection::One("ada".parse().unwrap()));
+    config.retry.max_deliver = 3;
+    let listener = ListenerHandle::spawn(config);
+    ensure_consumer(&js, "ada").await;
+    let asked = Envelope::new("cli:alice", Recipient::Agent("ada".parse().unwrap()), "2+2?")
+        .unwrap()
+        .with_reply_to(&Subject::new_reply());
+    mesh_bot::publish::publish(&js, &asked).await.expect("publish");
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "ada", WAIT).await;
+    assert_eq!(original["id"], asked.id.to_string());
+    assert_eq!((record.attempts, record.status), (3, Some(200)));
+    assert!(record.reason.starts_with("publishing the reply to mesh.reply."), "{}", record.reason);
+    assert!(record.reason.ends_with("; gave up after 3 deliveries"), "{}", record.reason);
+    assert_eq!(ada_gw.requests().len(), 3, "one gateway call per delivery, within the budget");
+    listener.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_to_an_agent_without_a_consumer_is_dead_lettered_not_lost() {
+    // The verified case: `mesh send --from kaan nova "hello"`, nova in chat
+    // mode, kaan registered but its consumer not created yet.
+    let nats = TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    nova_gw.set_chat_reply("hello kaan");
+    let fixture = Fixture::from_json(
+        &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
+    );
+    let js = nats.jetstream().await;
+    // The send creates nova's consumer; nothing else runs that would create kaan's
+    // (no bot: a bare listener, not the harness's provisioning one).
+    let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+    mesh_bot::killswitch::KillSwitch::open(&js).await.expect("the kill switch bucket");
+    let nova_id = mesh_protocol::AgentId::parse("nova").unwrap();
+    let nova = ListenerHandle::spawn_bare(fixture.listener_config(&nats, Selection::One(nova_id)));
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert!(record.reason.starts_with("reply target kaan has no consumer"), "{}", record.reason);
+    assert!(record.reason.ends_with("; not retried"), "{}", record.reason);
+    assert_eq!((record.attempts, record.status, record.subject.as_str()), (1, None, "agents.nova.inbox"));
+    assert_eq!(original["id"], id.to_string());
+    assert!(nova_gw.requests().is_empty(), "no LLM turn for a reply with nowhere to go");
+    assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into kaan's unread inbox");
+
+    // Once kaan has its consumer, the same conversation works.
+    ensure_consumer(&js, "kaan").await;
+    let kaan = ListenerHandle::one(&fixture, &nats, "kaan");
+    send(&js, &fixture, "kaan", "nova", "hello again").await;
+    let got = kaan_gw.wait_for(1, WAIT).await;
+    assert_eq!(got[0].text(), "[mesh] Reply from nova: hello kaan");
+    assert_eq!(dead_letters(&js).await.len(), 1);
+    kaan.stop().await.expect("stop");
+    nova.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_to_a_sender_that_is_no_registered_agent_is_dead_lettered() {
+    let nats = TestNats::start().await;
+    let nova_gw = RecordingGateway::start().await;
+    nova_gw.set_chat_reply("who are you?");
+    let fixture = Fixture::from_json(&serde_json::json!({"nova": chat_agent(&nova_gw, "nova")}));
+    let js = nats.jetstream().await;
+    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    let id = send(&js, &fixture, "ghost", "nova", "boo").await;
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert!(record.reason.starts_with("reply target ghost is not a registered agent"), "{}", record.reason);
+    assert_eq!((record.attempts, record.status), (1, None));
+    assert_eq!(original["id"], id.to_string());
+    assert!(nova_gw.requests().is_empty(), "no LLM turn for a reply with nowhere to go");
+    assert!(last_in_inbox(&js, "ghost").await.is_none(), "nothing published into the void");
+    nova.stop().await.expect("stop");
+}
