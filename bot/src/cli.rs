@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mesh_listener::nats::{self, DEFAULT_NATS_URL};
-use mesh_listener::registry_file::{self, DEFAULT_REGISTRY};
-use mesh_protocol::Priority;
+use mesh_listener::registry_file::DEFAULT_REGISTRY;
+use mesh_protocol::{AgentId, Priority};
 
-use crate::publish::{self, Receipt};
+use crate::command::grammar::NewAgent;
+use crate::docker::DockerHost;
+use crate::engine::{Engine, Progress, Request};
+use crate::helpers::DeployAction;
+use crate::limits::LimitStore;
 
 /// Drive the agent mesh from a terminal.
 #[derive(Debug, Parser)]
@@ -29,7 +33,10 @@ pub struct Args {
     pub command: Command,
 }
 
-/// The subcommands.
+/// The subcommands. Each one that acts on the mesh is a row of the command
+/// table ([`crate::command::COMMANDS`]) and runs through the engine; `bot`,
+/// `deploy probe`, `deploy demo-gateway` and `completions` are a service and
+/// helpers, not commands on the mesh.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Send a message to one agent.
@@ -56,12 +63,12 @@ pub enum Command {
         /// Only this agent's dead letters.
         agent: Option<String>,
         /// Show at most this many.
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
+        #[arg(long, default_value_t = crate::command::grammar::DEFAULT_DLQ_LIST)]
+        limit: u32,
         #[command(subcommand)]
         action: Option<DlqAction>,
     },
-    /// Run the chat bot server (Slack slash commands, health, metrics, notifications).
+    /// Run the chat bot server (Slack and Discord commands, health, metrics, notifications).
     Bot {
         /// Address to listen on.
         #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
@@ -72,14 +79,14 @@ pub enum Command {
     /// List the registry's agents (with the listeners' view), or change the registry.
     Agents {
         #[command(subcommand)]
-        action: Option<crate::agents::AgentsAction>,
+        action: Option<AgentsAction>,
     },
     /// Ask a chat-mode agent and wait for its reply.
     Ask {
         /// The agent's id.
         agent: String,
-        /// The question (several words are joined with spaces).
-        #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+        /// The question (several words are joined with spaces; after `--` everything is text).
+        #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
         /// Seconds to wait for the reply.
         #[arg(long, default_value_t = 120)]
@@ -117,7 +124,7 @@ pub enum Command {
     /// Show the newest audit records.
     Audit {
         /// How many.
-        #[arg(default_value_t = 20)]
+        #[arg(default_value_t = crate::command::grammar::DEFAULT_AUDIT)]
         n: u32,
     },
     /// Back up the registry, the stream messages, consumer positions and the kill switch into a new directory.
@@ -133,7 +140,12 @@ pub enum Command {
     /// Deployment: render nats.conf and the listener services from the registry; container helpers.
     Deploy {
         #[command(subcommand)]
-        action: crate::deploy::DeployAction,
+        action: DeployAction,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), made from these definitions.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
     /// Run the mesh locally.
     Up {
@@ -152,8 +164,8 @@ pub enum Command {
 /// The message of `send` and `broadcast`.
 #[derive(Debug, clap::Args)]
 pub struct MessageArgs {
-    /// The message (several words are joined with spaces; `-` reads standard input).
-    #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
+    /// The message (several words are joined with spaces; `-` reads standard input; after `--` everything is text).
+    #[arg(required = true, num_args = 1..)]
     text: Vec<String>,
     /// low, normal, high or urgent (high and urgent wake the agent now).
     #[arg(long, default_value = "normal")]
@@ -172,7 +184,71 @@ pub enum DlqAction {
         agent: String,
         /// How many (oldest first).
         #[arg(default_value_t = 1)]
-        n: usize,
+        n: u32,
+    },
+}
+
+/// `mesh agents <action>`.
+#[derive(Debug, Subcommand)]
+pub enum AgentsAction {
+    /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
+    List,
+    /// Register an agent (creating the registry file when there is none). Tokens are references: env:NAME or file:/absolute/path.
+    Add {
+        /// The new agent's id.
+        id: String,
+        /// The gateway's wake hook, http(s)://host:port/hooks/wake.
+        #[arg(long)]
+        hooks_url: String,
+        /// The hook token's reference.
+        #[arg(long)]
+        hooks_token: String,
+        /// The gateway's host:port (agent and chat delivery).
+        #[arg(long)]
+        gateway: Option<String>,
+        /// The gateway operator token's reference (chat delivery).
+        #[arg(long)]
+        gateway_token: Option<String>,
+        /// wake (default), agent or chat.
+        #[arg(long)]
+        delivery: Option<String>,
+        /// The model named in chat completions.
+        #[arg(long)]
+        model: Option<String>,
+        /// A display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Register it inactive (no listener, no messages).
+        #[arg(long)]
+        inactive: bool,
+        /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
+        #[arg(long)]
+        concurrency: Option<u16>,
+        /// Do not check that the references resolve here (they only resolve inside the containers).
+        #[arg(long)]
+        no_check: bool,
+    },
+    /// Remove an agent from the registry (its listener stops on the next registry poll).
+    Remove {
+        /// The agent.
+        id: String,
+        /// Keep the entry, marked inactive.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Point an agent at a new token; listeners use it from their next registry poll on.
+    Rotate {
+        /// The agent.
+        id: String,
+        /// The new hook token's reference (a new env var or file).
+        #[arg(long, required_unless_present = "gateway_token")]
+        hooks_token: Option<String>,
+        /// The new gateway token's reference.
+        #[arg(long)]
+        gateway_token: Option<String>,
+        /// Do not check that the reference resolves here.
+        #[arg(long)]
+        no_check: bool,
     },
 }
 
@@ -220,23 +296,6 @@ pub enum KillGrade {
         #[arg(long)]
         purge: bool,
     },
-}
-
-/// The command line the engine parses for a kill.
-fn kill_line(grade: &KillGrade) -> (String, bool) {
-    let target = |agent: &Option<String>, reason: &Option<String>| {
-        let agent = agent.as_ref().map(|a| format!(" agent={a}")).unwrap_or_default();
-        let reason = reason.as_ref().map(|r| format!(" -- {r}")).unwrap_or_default();
-        format!("{agent}{reason}")
-    };
-    match grade {
-        KillGrade::Soft { duration, agent, reason } => {
-            let duration = duration.as_ref().map(|d| format!(" {d}")).unwrap_or_default();
-            (format!("kill soft{duration}{}", target(agent, reason)), false)
-        }
-        KillGrade::Hard { agent, reason, yes } => (format!("kill hard{}", target(agent, reason)), *yes),
-        KillGrade::Nuclear { yes, .. } => ("kill nuclear".to_owned(), *yes),
-    }
 }
 
 /// The whole `mesh` program.
@@ -287,291 +346,284 @@ fn default_sender() -> String {
 async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let Args { nats_url, registry, json, command } = args;
     let args = Globals { nats_url, registry, json };
-    match command {
+    let (command, options) = match command {
+        Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Completions { shell } => {
+            let mut definitions = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut definitions, "mesh", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Deploy { action: action @ (DeployAction::Probe { .. } | DeployAction::DemoGateway { .. }) } => {
+            crate::helpers::run_helper(action).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => typed(other)?,
+    };
+    // Fail closed: a permissions file that is set but broken stops every command that needs a role.
+    let permissions = match crate::server::permissions_from_env() {
+        Ok(permissions) => permissions,
+        Err(e) if command.spec().access.required(None).is_some() => return Err(e.into()),
+        Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
+    };
+    let mut config = crate::server::engine_config(args.registry.clone(), permissions);
+    if let Some(timeout) = options.ping_timeout {
+        config.ping_timeout = timeout;
+    }
+    if let Some(timeout) = options.ask_timeout {
+        config.ask_timeout = timeout;
+    }
+    let from = options.from.unwrap_or_else(default_sender);
+    if let crate::command::Command::Up { data_dir, nats_port } = &command {
+        // `mesh up` creates the mesh: it is admitted like every command, with nothing to audit into yet.
+        let engine = Engine::offline(config, "the demo mesh is not running yet".into(), LimitStore::memory());
+        if let Err(refused) = engine.admit(&Request::terminal(&command, &from), &command).await {
+            print_reply(&refused.reply, args.json)?;
+            return Ok(ExitCode::FAILURE);
+        }
+        mesh_listener::logging::init();
+        let config = crate::demo::DemoConfig { data_dir: data_dir.clone(), nats_port: *nats_port };
+        crate::demo::run(config, mesh_listener::shutdown::shutdown_signal()).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let engine = connect_engine(&args.nats_url, config, &command).await?;
+    run_terminal(&engine, command, &from, options.yes, args.json).await
+}
+
+/// What the terminal adds to a typed command: timeouts, the sender, `--yes`.
+#[derive(Debug, Default)]
+struct TerminalOptions {
+    from: Option<String>,
+    ping_timeout: Option<Duration>,
+    ask_timeout: Option<Duration>,
+    yes: bool,
+}
+
+fn agent_id(raw: &str) -> anyhow::Result<AgentId> {
+    Ok(AgentId::parse(raw)?)
+}
+
+fn duration(raw: &str) -> anyhow::Result<Duration> {
+    crate::command::grammar::parse_duration(raw).map_err(anyhow::Error::msg)
+}
+
+/// Maps the flags of one subcommand straight to the typed command (no line is
+/// formatted and parsed again).
+fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalOptions)> {
+    use crate::command::Command as C;
+    let mut options = TerminalOptions::default();
+    let command = match command {
         Command::Send { agent, message } => {
-            let registry = registry_file::load(&args.registry)?;
-            let (from, text) = (message.from.unwrap_or_else(default_sender), message_text(message.text)?);
-            let prepared = publish::prepare_send(&registry, &from, &agent, &text, message.priority)?;
-            let receipt = deliver_now(&args.nats_url, &prepared).await?;
-            print_receipt(&receipt, &agent, args.json);
+            options.from = message.from;
+            C::Send { agent: agent_id(&agent)?, text: message_text(message.text)?, priority: message.priority }
         }
         Command::Broadcast { message } => {
-            let registry = registry_file::load(&args.registry)?;
-            let (from, text) = (message.from.unwrap_or_else(default_sender), message_text(message.text)?);
-            let prepared = publish::prepare_broadcast(&registry, &from, &text, message.priority)?;
-            let receipt = deliver_now(&args.nats_url, &prepared).await?;
-            print_receipt(&receipt, "*", args.json);
+            options.from = message.from;
+            C::Broadcast { priority: message.priority, text: message_text(message.text)? }
         }
         Command::Ping { timeout_ms } => {
-            let registry = registry_file::load(&args.registry)?;
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let report = crate::ping::ping(&client, &registry, Duration::from_millis(timeout_ms))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                print!("{}", report.render_text());
-            }
-            if report.missing > 0 {
-                return Ok(ExitCode::FAILURE);
-            }
+            options.ping_timeout = Some(Duration::from_millis(timeout_ms));
+            C::Ping
         }
-        Command::Dlq { agent, limit, action } => {
-            let registry = registry_file::load(&args.registry)?;
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let js = async_nats::jetstream::new(client);
-            match action {
-                Some(DlqAction::Replay { agent, n }) => {
-                    let report = crate::dlq::replay(&js, &registry, &agent, n).await?;
-                    if args.json {
-                        println!("{}", serde_json::to_string(&report)?);
-                    } else {
-                        for (seq, id) in &report.replayed {
-                            println!("dead letter {seq} replayed as {id}");
-                        }
-                        for (seq, why) in &report.skipped {
-                            println!("dead letter {seq} skipped: {why}");
-                        }
-                        if report.replayed.is_empty() && report.skipped.is_empty() {
-                            println!("no dead letters for {agent}");
-                        }
-                    }
-                }
-                None => {
-                    let id = match &agent {
-                        Some(raw) => Some(crate::publish::resolve_any(&registry, raw)?),
-                        None => None,
-                    };
-                    let entries = crate::dlq::list(&js, id.as_ref(), limit).await?;
-                    if args.json {
-                        println!("{}", serde_json::to_string(&entries)?);
-                    } else if entries.is_empty() {
-                        println!("no dead letters");
-                    } else {
-                        for e in &entries {
-                            let status = e.status.map(|s| format!(" (HTTP {s})")).unwrap_or_default();
-                            let text = e.text.as_deref().unwrap_or("<undecodable payload>");
-                            println!(
-                                "#{} {} {} attempts={}{status}: {}
-    {}",
-                                e.dlq_seq, e.at, e.agent, e.attempts, e.reason, text
-                            );
-                        }
-                    }
-                }
-            }
+        Command::Dlq { action: Some(DlqAction::Replay { agent, n }), .. } => {
+            C::DlqReplay { agent: agent_id(&agent)?, count: n }
         }
-        Command::Bot { addr } => {
-            mesh_listener::logging::init();
-            let permissions = crate::server::permissions_from_env()?;
-            let config = crate::server::BotConfig {
-                nats_url: args.nats_url.clone(),
-                addr,
-                engine: crate::server::engine_config(args.registry.clone(), permissions),
-                slack: crate::server::slack_from_env()?,
-                discord: crate::server::discord_from_env()?,
-                redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
-                monitor_every: Duration::from_secs(30),
+        Command::Dlq { agent, limit, action: None } => {
+            C::Dlq { agent: agent.as_deref().map(agent_id).transpose()?, limit }
+        }
+        Command::Status => C::Status,
+        Command::Agents { action: None } => C::Agents,
+        Command::Agents { action: Some(AgentsAction::List) } => C::AgentsList,
+        Command::Agents {
+            action:
+                Some(AgentsAction::Add {
+                    id,
+                    hooks_url,
+                    hooks_token,
+                    gateway,
+                    gateway_token,
+                    delivery,
+                    model,
+                    name,
+                    inactive,
+                    concurrency,
+                    no_check,
+                }),
+        } => {
+            let agent = NewAgent {
+                id,
+                hooks_url,
+                hooks_token,
+                gateway,
+                gateway_token,
+                delivery,
+                model,
+                name,
+                inactive,
+                concurrency,
             };
-            crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
+            C::AgentsAdd { agent, check: !no_check }
         }
-        Command::Maintenance { duration, message, lead, from } => {
-            let registry = registry_file::load(&args.registry)?;
-            let parse = |d: &str| crate::command::grammar::parse_duration(d).map_err(anyhow::Error::msg);
-            let window = crate::maintenance::Window {
-                duration: parse(&duration)?,
-                lead: parse(&lead)?,
-                message: (!message.is_empty()).then(|| message.join(" ")),
-                by: from.unwrap_or_else(default_sender),
-                role: terminal_permissions().role_of(&crate::command::Identity::Terminal),
-            };
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let report = crate::maintenance::run(&client, &registry, &window, |step| println!("{step}"))
-                .await
-                .map_err(anyhow::Error::msg)?;
-            let record = crate::audit::AuditRecord {
-                at: time::OffsetDateTime::now_utc(),
-                who: window.by.clone(),
-                platform: "cli".into(),
-                channel: None,
-                line: crate::audit::clip(&format!("maintenance {duration} --lead {lead}")),
-                decision: "allowed".into(),
-                outcome: report.steps.last().cloned().unwrap_or_default(),
-                message_ids: Vec::new(),
-            };
-            if let Err(e) = crate::audit::append(&async_nats::jetstream::new(client.clone()), &record).await {
-                eprintln!("warning: maintenance not recorded in the audit trail: {e}");
-            }
-            if report.missing > 0 {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
-        Command::Status => return terminal(&args, "status".into(), None).await,
-        Command::Agents { action: None } => return terminal(&args, "agents".into(), None).await,
-        Command::Agents { action: Some(action) } => {
-            let added = action.added_active();
-            crate::agents::run(&args.registry, action, args.json)?;
-            if let Some(id) = added {
-                // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                let registry = registry_file::load(&args.registry)?;
-                let agents: Vec<_> = registry.get(&id).into_iter().collect();
-                match crate::provision::after_change(&args.nats_url, &agents).await {
-                    Ok(done) => println!("{done}"),
-                    Err(e) => eprintln!(
-                        "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it when \
-                         it runs, and the listener waits for it until then"
-                    ),
-                }
-            }
-        }
-        Command::Audit { n } => return terminal(&args, format!("audit {n}"), None).await,
-        Command::Resume { agent } => {
-            let line = agent.as_ref().map_or_else(|| "resume".to_owned(), |a| format!("resume agent={a}"));
-            return terminal(&args, line, None).await;
-        }
-        Command::Kill { grade } => {
-            let (line, yes) = kill_line(&grade);
-            let code = terminal(&args, line, Some(yes)).await?;
-            if let KillGrade::Nuclear { purge: true, .. } = grade
-                && code == ExitCode::SUCCESS
-            {
-                let docker =
-                    crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await?;
-                let report = docker.nuclear(true, crate::docker::own_container_id().as_deref()).await?;
-                println!(
-                    "purged volumes: {:?}, networks: {:?}, failed: {:?}",
-                    report.volumes, report.networks, report.failed
-                );
-            }
-            return Ok(code);
-        }
-        Command::Restart { agent } => {
-            let registry = registry_file::load(&args.registry)?;
-            crate::publish::resolve_any(&registry, &agent)?;
-            let docker =
-                crate::docker::DockerControl::connect(&crate::docker::DockerControl::project_from_env()).await?;
-            let name = docker.restart_listener(&agent).await?;
-            println!("restarted {name}");
+        Command::Agents { action: Some(AgentsAction::Remove { id, keep }) } => C::AgentsRemove { agent: id, keep },
+        Command::Agents { action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, no_check }) } => {
+            C::AgentsRotate { agent: id, hooks_token, gateway_token, check: !no_check }
         }
         Command::Ask { agent, text, timeout_s } => {
-            let text = message_text(text)?;
-            let mut config = crate::server::engine_config(args.registry.clone(), terminal_permissions());
-            config.ask_timeout = Duration::from_secs(timeout_s);
-            return terminal_with(&args, config, format!("ask {agent} {text}"), None).await;
+            options.ask_timeout = Some(Duration::from_secs(timeout_s));
+            C::Ask { agent: agent_id(&agent)?, text: message_text(text)? }
         }
-        Command::Backup { dir } => {
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let manifest = crate::backup::backup(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
-            if args.json {
-                println!("{}", serde_json::to_string(&manifest)?);
-            } else {
-                println!(
-                    "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
-                    dir.display(),
-                    manifest.streams,
-                    manifest.consumers.len(),
-                    manifest.killswitch,
-                    if manifest.registry { "included" } else { "not found" }
-                );
+        Command::Kill { grade: KillGrade::Soft { duration: d, agent, reason } } => C::KillSoft {
+            duration: d.as_deref().map(duration).transpose()?.unwrap_or(crate::command::grammar::DEFAULT_SOFT_KILL),
+            agent: agent.as_deref().map(agent_id).transpose()?,
+            reason,
+        },
+        Command::Kill { grade: KillGrade::Hard { agent, reason, yes } } => {
+            options.yes = yes;
+            C::KillHard { agent: agent.as_deref().map(agent_id).transpose()?, reason }
+        }
+        Command::Kill { grade: KillGrade::Nuclear { yes, purge } } => {
+            options.yes = yes;
+            C::KillNuclear { purge }
+        }
+        Command::Resume { agent } => C::Resume { agent: agent.as_deref().map(agent_id).transpose()? },
+        Command::Maintenance { duration: d, message, lead, from } => {
+            options.from = from;
+            C::Maintenance {
+                duration: duration(&d)?,
+                lead: duration(&lead)?,
+                message: (!message.is_empty()).then(|| message.join(" ")),
             }
         }
-        Command::Restore { dir } => {
-            let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-            let report = crate::backup::restore(&async_nats::jetstream::new(client), &args.registry, &dir).await?;
-            if args.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!(
-                    "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
-                    report.streams,
-                    report.consumers,
-                    report.killswitch,
-                    report.registry.as_ref().map_or("not in the backup".into(), |p| p.display().to_string())
-                );
-            }
+        Command::Restart { agent } => C::Restart { agent: agent_id(&agent)? },
+        Command::Audit { n } => C::Audit { count: n },
+        Command::Backup { dir } => C::Backup { dir },
+        Command::Restore { dir } => C::Restore { dir },
+        Command::Deploy { action: DeployAction::Render { out, nats_sync_interval } } => {
+            C::DeployRender { out, sync: nats_sync_interval }
         }
-        Command::Deploy { action } => {
-            let up = matches!(action, crate::deploy::DeployAction::Up { .. });
-            crate::deploy::run(&args.registry, action).await?;
-            if up {
-                let registry = registry_file::load(&args.registry)?;
-                let agents: Vec<_> = registry.active().collect();
-                match crate::provision::after_change(&args.nats_url, &agents).await {
-                    Ok(done) => println!("{done}"),
-                    Err(e) => println!("the bot container creates the agents' consumers when it starts ({e})"),
-                }
-            }
+        Command::Deploy { action: DeployAction::Up { out, compose, project, profile, nats_sync_interval } } => {
+            C::DeployUp(crate::command::grammar::DeployUp {
+                out,
+                compose,
+                project,
+                profiles: profile,
+                sync: nats_sync_interval,
+            })
         }
-        Command::Up { demo: _, data_dir, nats_port } => {
-            mesh_listener::logging::init();
-            let config = crate::demo::DemoConfig { data_dir, nats_port };
-            crate::demo::run(config, mesh_listener::shutdown::shutdown_signal()).await?;
+        Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
+        Command::Bot { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
+            anyhow::bail!("not a command on the mesh")
         }
-    }
+    };
+    Ok((command, options))
+}
+
+/// `mesh bot`: refuses to start on a broken permissions file.
+async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+    mesh_listener::logging::init();
+    let permissions = crate::server::permissions_from_env()?;
+    let config = crate::server::BotConfig {
+        nats_url: args.nats_url.clone(),
+        addr,
+        engine: crate::server::engine_config(args.registry.clone(), permissions),
+        slack: crate::server::slack_from_env()?,
+        discord: crate::server::discord_from_env()?,
+        redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
+        monitor_every: Duration::from_secs(30),
+        docker: docker_host(),
+    };
+    crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Connects, creates the streams and the bucket if missing, and delivers one prepared message.
-async fn deliver_now(nats_url: &str, prepared: &publish::Prepared) -> anyhow::Result<Receipt> {
-    let client = nats::connect_now(nats_url, "mesh-cli").await?;
-    let js = async_nats::jetstream::new(client);
-    crate::provision::ensure_mesh(&js, nats::replicas_from_env()?).await?;
-    Ok(publish::deliver(&js, prepared).await?)
+/// Commands that touch only local files or Docker: they run (and say their
+/// audit record was not stored) when NATS cannot be reached, since that is
+/// when an operator may need them most.
+fn works_offline(command: &crate::command::Command) -> bool {
+    use crate::command::CommandKind as K;
+    matches!(
+        command.kind(),
+        K::AgentsList
+            | K::AgentsAdd
+            | K::AgentsRemove
+            | K::AgentsRotate
+            | K::DeployRender
+            | K::DeployUp
+            | K::Restart
+            | K::Help
+    )
 }
 
-/// Whoever runs `mesh` on the host: a director unless `MESH_PERMISSIONS` says otherwise.
-fn terminal_permissions() -> crate::command::Permissions {
-    crate::server::permissions_from_env().unwrap_or_else(|_| crate::command::Permissions::new())
+/// The Docker engine (`DOCKER_HOST`) and compose project (`MESH_COMPOSE_PROJECT`) of the mesh.
+fn docker_host() -> DockerHost {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    DockerHost {
+        host: var(crate::docker::HOST_ENV),
+        project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
+    }
 }
 
-async fn terminal(args: &Globals, line: String, confirm: Option<bool>) -> anyhow::Result<ExitCode> {
-    let config = crate::server::engine_config(args.registry.clone(), terminal_permissions());
-    terminal_with(args, config, line, confirm).await
-}
-
-/// Runs one command through the engine as the terminal user and prints the reply.
-async fn terminal_with(
-    args: &Globals,
+/// The engine, connected to the mesh; offline for commands that work without it.
+async fn connect_engine(
+    nats_url: &str,
     config: crate::engine::EngineConfig,
-    line: String,
-    confirm: Option<bool>,
-) -> anyhow::Result<ExitCode> {
-    use crate::engine::{Engine, Platform, Request};
-    let client = nats::connect_now(&args.nats_url, "mesh-cli").await?;
-    let engine = Engine::new(config, client, crate::limits::LimitStore::memory()).await?;
-    let request = |line: String| Request {
-        who: crate::command::Identity::Terminal,
-        platform: Platform::Cli,
-        channel: None,
-        line,
+    command: &crate::command::Command,
+) -> anyhow::Result<Engine> {
+    let connected = match nats::connect_now(nats_url, "mesh-cli").await {
+        Ok(client) => Engine::new(config.clone(), client, LimitStore::memory()).await.map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
     };
-    let mut handled = engine.handle(request(line)).await;
+    let engine = match connected {
+        Ok(engine) => engine,
+        Err(e) if works_offline(command) => Engine::offline(config, format!("{e:#}"), LimitStore::memory()),
+        Err(e) => return Err(e),
+    };
+    Ok(engine.with_containers(std::sync::Arc::new(docker_host())))
+}
+
+/// Runs one typed command through the engine as the terminal user and prints the reply.
+async fn run_terminal(
+    engine: &Engine,
+    command: crate::command::Command,
+    from: &str,
+    yes: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let request = |command: &crate::command::Command| {
+        let mut request = Request::terminal(command, from);
+        if !json {
+            request.progress = Some(Progress(std::sync::Arc::new(|step: &str| println!("{step}"))));
+        }
+        request
+    };
+    let mut handled = engine.handle_command(request(&command), command).await;
     if let Some(code) = handled.confirmation_code.clone() {
-        let confirmed = match confirm {
-            Some(true) => true,
-            _ => prompt_confirmation(&handled.reply.title, &code)?,
-        };
+        let confirmed = yes || prompt_confirmation(&handled.reply.title, &code)?;
         if !confirmed {
             anyhow::bail!("not confirmed; nothing was done");
         }
-        handled = engine.handle(request(format!("confirm {code}"))).await;
+        let confirm = crate::command::Command::Confirm { code };
+        handled = engine.handle_command(request(&confirm), confirm).await;
     }
-    let failed = handled.reply.tone == crate::command::Tone::Error;
-    print_reply(&handled.reply, args.json)?;
+    if let Some(e) = &handled.audit_error {
+        eprintln!("warning: not recorded in the audit trail: {e}");
+    }
+    print_reply(&handled.reply, json)?;
     if let Some(follow_up) = handled.follow_up {
         let answer = follow_up.await;
-        print_reply(&answer, args.json)?;
+        print_reply(&answer, json)?;
         if answer.tone != crate::command::Tone::Info {
             return Ok(ExitCode::FAILURE);
         }
     }
-    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if handled.failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
+/// The reply as text (errors on stderr), or as the one `--json` schema on stdout.
 fn print_reply(reply: &crate::command::Reply, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string(reply)?);
+    } else if reply.tone == crate::command::Tone::Error {
+        eprint!("{}", crate::command::render_text::render(reply));
     } else {
         print!("{}", crate::command::render_text::render(reply));
     }
@@ -589,24 +641,4 @@ fn prompt_confirmation(instruction: &str, code: &str) -> anyhow::Result<bool> {
     let mut answer = String::new();
     std::io::stdin().lock().read_line(&mut answer)?;
     Ok(answer.trim().eq_ignore_ascii_case(code))
-}
-
-fn print_receipt(receipt: &Receipt, to: &str, json: bool) {
-    if json {
-        let value = serde_json::json!({
-            "id": receipt.id.to_string(),
-            "to": to,
-            "stream_seq": receipt.stream_seq,
-            "duplicate": receipt.duplicate,
-            "recipients": receipt.recipients,
-        });
-        println!("{value}");
-    } else if to == "*" {
-        println!(
-            "{} broadcast to {} active agents (stream seq {})",
-            receipt.id, receipt.recipients, receipt.stream_seq
-        );
-    } else {
-        println!("{} sent to {to} (stream seq {})", receipt.id, receipt.stream_seq);
-    }
 }

@@ -18,8 +18,12 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder, RemoveVolumeOptions, RestartContainerOptionsBuilder, StartContainerOptions,
     StopContainerOptionsBuilder,
 };
-use futures::future::join_all;
+use futures::future::{BoxFuture, join_all};
 use time::OffsetDateTime;
+
+pub use crate::containers::{
+    ContainerRow, Containers, DEFAULT_PROJECT, DockerError, NuclearReport, PROJECT_ENV, format_uptime,
+};
 
 /// Label naming the compose project.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
@@ -29,10 +33,6 @@ pub const ROLE_LABEL: &str = "mesh.role";
 pub const AGENT_LABEL: &str = "mesh.agent";
 /// Role of the listener containers.
 pub const LISTENER_ROLE: &str = "listener";
-/// Environment variable naming the compose project.
-pub const PROJECT_ENV: &str = "MESH_COMPOSE_PROJECT";
-/// Project name when none is given.
-pub const DEFAULT_PROJECT: &str = "mesh";
 /// Environment variable naming the engine (`unix:///...`, `tcp://host:port`).
 pub const HOST_ENV: &str = "DOCKER_HOST";
 /// Engine address when `DOCKER_HOST` is not set.
@@ -43,80 +43,6 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// Seconds a container gets to stop before it is killed.
 pub const STOP_GRACE_SECS: i32 = 10;
-
-/// A Docker problem.
-#[derive(Debug, thiserror::Error)]
-pub enum DockerError {
-    /// The engine did not answer the ping.
-    #[error("docker engine not reachable at {host}: {reason}; the transport-level pause still works")]
-    Unreachable {
-        /// The address tried.
-        host: String,
-        /// What went wrong.
-        reason: String,
-    },
-    /// One engine call failed.
-    #[error("docker call failed: {0}; check the engine with `docker ps`")]
-    Call(String),
-    /// No listener container carries this agent's label.
-    #[error("no listener container for agent {agent:?} in project {project:?}; check `mesh status` and {PROJECT_ENV}")]
-    NoListener {
-        /// The agent asked for.
-        agent: String,
-        /// The project searched.
-        project: String,
-    },
-    /// Some containers changed state, others did not.
-    #[error("{action} {} but failed on {}; run it again or check `docker ps`", list(done), failed.join("; "))]
-    Partial {
-        /// `stopped` or `started`.
-        action: &'static str,
-        /// Names that did change.
-        done: Vec<String>,
-        /// Names that did not, with why.
-        failed: Vec<String>,
-    },
-}
-
-fn list(names: &[String]) -> String {
-    if names.is_empty() { "nothing".to_owned() } else { names.join(", ") }
-}
-
-/// One container of the mesh.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ContainerRow {
-    /// Container name.
-    pub name: String,
-    /// `mesh.role` label (`-` without one).
-    pub role: String,
-    /// `mesh.agent` label.
-    pub agent: Option<String>,
-    /// `running`, `exited`, ...
-    pub state: String,
-    /// Health check status, if the container has one.
-    pub health: Option<String>,
-    /// Restarts by the engine.
-    pub restarts: i64,
-    /// Seconds since it started, while running.
-    pub uptime_s: Option<u64>,
-}
-
-/// What a nuclear teardown did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct NuclearReport {
-    /// Containers that were running and were stopped.
-    pub stopped: Vec<String>,
-    /// Containers removed.
-    pub removed: Vec<String>,
-    /// Containers left alone (the bot's own).
-    pub kept: Vec<String>,
-    /// Volumes removed (with purge).
-    pub volumes: Vec<String>,
-    /// Networks removed (with purge).
-    pub networks: Vec<String>,
-    /// What failed, with why.
-    pub failed: Vec<String>,
-}
 
 /// The engine and the project it manages.
 #[derive(Debug, Clone)]
@@ -174,11 +100,6 @@ impl DockerControl {
             Ok(Err(e)) => Err(unreachable(e.to_string())),
             Err(_) => Err(unreachable(format!("no answer within {}s", PING_TIMEOUT.as_secs()))),
         }
-    }
-
-    /// The project from `MESH_COMPOSE_PROJECT`, or `mesh`.
-    pub fn project_from_env() -> String {
-        std::env::var(PROJECT_ENV).ok().filter(|p| !p.is_empty()).unwrap_or_else(|| DEFAULT_PROJECT.to_owned())
     }
 
     /// The compose project this control manages.
@@ -374,16 +295,6 @@ fn parse_time(raw: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()
 }
 
-/// Uptime as `3d 4h`, `2h 5m`, `42s`.
-pub fn format_uptime(secs: u64) -> String {
-    match secs {
-        s if s >= 86_400 => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
-        s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
-        s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
-        s => format!("{s}s"),
-    }
-}
-
 /// The id of the container this process runs in, if any: from the engine's
 /// bind mounts in `/proc/self/mountinfo`, then `/proc/self/cgroup`, then the
 /// hostname (the engine's default is the short id) when `/.dockerenv` exists.
@@ -534,5 +445,44 @@ mod tests {
         );
         let e = DockerError::Partial { action: "stopped", done: vec!["a".into()], failed: vec!["b: boom".into()] };
         assert_eq!(e.to_string(), "stopped a but failed on b: boom; run it again or check `docker ps`");
+    }
+}
+
+/// The [`Containers`] the engine reaches: the Docker engine at `host` (the
+/// local socket when `None`), connected for each call so an engine that comes
+/// and goes is reported per command.
+#[derive(Debug, Clone)]
+pub struct DockerHost {
+    /// `DOCKER_HOST`, if set.
+    pub host: Option<String>,
+    /// The compose project.
+    pub project: String,
+}
+
+impl DockerHost {
+    async fn control(&self) -> Result<DockerControl, DockerError> {
+        DockerControl::connect_to(self.host.as_deref(), &self.project).await
+    }
+}
+
+impl Containers for DockerHost {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerRow>, DockerError>> {
+        Box::pin(async move { self.control().await?.containers().await })
+    }
+
+    fn restart_listener<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<String, DockerError>> {
+        Box::pin(async move { self.control().await?.restart_listener(agent).await })
+    }
+
+    fn stop_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+        Box::pin(async move { self.control().await?.stop_listeners().await })
+    }
+
+    fn start_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+        Box::pin(async move { self.control().await?.start_listeners().await })
+    }
+
+    fn nuclear(&self, purge: bool) -> BoxFuture<'_, Result<NuclearReport, DockerError>> {
+        Box::pin(async move { self.control().await?.nuclear(purge, own_container_id().as_deref()).await })
     }
 }

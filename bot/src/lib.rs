@@ -1,49 +1,36 @@
 //! The `mesh` command line, chat bot server and local stack.
 //!
+//! The leaves on `mesh-engine`: the terminal, Slack and Discord front ends,
+//! the bot server, Docker through bollard, and the local demo. Every command
+//! runs through [`engine::Engine`]; this crate only maps platform input to
+//! commands and renders the replies.
+//!
 //! # Layout
 //!
-//! - [`command`]: the pure command core: grammar, permissions, confirmations, replies and renderers.
-//! - [`publish`]: sending and broadcasting into the mesh, validated against the registry.
-//! - [`local_nats`]: a `nats-server` child process (the embedded default, and the test harness).
-//! - [`demo`]: `mesh up --demo`: local NATS, demo gateways, listeners, one command.
-//! - [`demo_gateway`]: a tiny gateway that prints what it receives.
-//! - [`ping`]: `mesh ping`, the fleet health check.
-//! - [`provision`]: creating the streams, the kill switch bucket and every active agent's
-//!   consumer (listeners may not): at bot start, on registry changes, `agents add`, `deploy up`.
-//! - [`dlq`]: listing and replaying dead letters.
-//! - [`engine`]: runs a parsed command against the mesh (one core for every front end).
-//! - [`audit`]: the audit trail. [`killswitch`]: pulling and releasing the switch.
-//! - [`limits`]: rate limits per user and command class, and retry dedup (memory or Redis).
-//! - [`maintenance`]: the maintenance window as one command.
-//! - [`events`]: mesh events and the fleet monitor.
-//! - [`server`]: `mesh bot`, the chat bot server; [`slack`]: the Slack front end.
-//! - [`discord`]: the Discord front end (interactions, gateway messages, notifications).
-//! - [`docker`]: the deployed mesh's containers (status, restart, hard kill, nuclear).
-//! - [`agents`]: agent lifecycle (`mesh agents list|add|remove|rotate`), atomic registry edits.
-//! - [`backup`]: `mesh backup` / `mesh restore` (registry, stream messages, consumer positions, kill switch).
-//! - [`deploy`]: `mesh deploy render|probe|demo-gateway`: nats.conf, listener services, health probe.
-//! - [`cli`]: the `mesh` command line.
+//! - [`cli`]: the `mesh` command line (flags to typed commands; `--json`).
+//! - [`server`]: `mesh bot`, the chat bot server and its configuration.
+//! - [`slack`]: the Slack front end. [`discord`]: the Discord front end.
+//! - [`docker`]: `docker::DockerHost`, the engine's containers through bollard.
+//! - [`helpers`]: `mesh deploy probe` and `mesh deploy demo-gateway`.
+//! - [`local_nats`]: a `nats-server` child process (the demo, and the test harness).
+//! - [`demo`]: `mesh up --demo`; [`demo_gateway`]: a gateway that prints what it receives.
+//! - Re-exported from `mesh-engine` under their old paths: [`command`],
+//!   [`engine`], [`mesh`], [`containers`], [`publish`], [`ping`], [`killswitch`],
+//!   [`dlq`], [`audit`], [`events`], [`notify`], [`maintenance`], [`backup`],
+//!   [`agents`], [`deploy`], [`limits`], [`provision`].
 
-pub mod agents;
-pub mod audit;
-pub mod backup;
 pub mod cli;
-pub mod command;
 pub mod demo;
 pub mod demo_gateway;
-pub mod deploy;
 pub mod discord;
-pub mod dlq;
 pub mod docker;
-pub mod engine;
-pub mod events;
-pub mod killswitch;
-pub mod limits;
+pub mod helpers;
 pub mod local_nats;
-pub mod maintenance;
-pub mod notify;
-pub mod ping;
-pub mod provision;
-pub mod publish;
 pub mod server;
 pub mod slack;
+
+// The engine crate's modules, under their old paths (`mesh_bot::engine`, `crate::command`, ...).
+pub use mesh_engine::{
+    agents, audit, backup, command, containers, deploy, dlq, engine, events, killswitch, limits, maintenance, mesh,
+    notify, ping, provision, publish,
+};

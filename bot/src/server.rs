@@ -4,7 +4,7 @@
 //! until ctrl-c or SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -80,6 +80,8 @@ pub struct BotConfig {
     pub redis_url: Option<String>,
     /// How often the fleet is pinged for agent up/down events.
     pub monitor_every: Duration,
+    /// The Docker engine and compose project of the deployed mesh.
+    pub docker: crate::docker::DockerHost,
 }
 
 /// Environment variable names.
@@ -183,17 +185,48 @@ pub fn discord_from_env() -> anyhow::Result<Option<DiscordConfig>> {
     }))
 }
 
-/// Reads the permissions file named by `MESH_PERMISSIONS` (none: only `help` for chat users).
-pub fn permissions_from_env() -> anyhow::Result<Permissions> {
+/// Why the permissions file cannot be used. Every command that needs a role,
+/// and `mesh bot`, stops on it (fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum PermissionsFileError {
+    /// The file cannot be read.
+    #[error("cannot read the permissions file {path} ({}); fix the path or unset it", env::MESH_PERMISSIONS)]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not JSON, names an unknown role or key, or a malformed identity.
+    #[error(
+        "the permissions file {path} ({}) is invalid, so commands that need a role are refused; fix it",
+        env::MESH_PERMISSIONS
+    )]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The fault, with its line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads the permissions file named by `MESH_PERMISSIONS`. None set: chat
+/// users may only run `help`, and the terminal is director.
+pub fn permissions_from_env() -> Result<Permissions, PermissionsFileError> {
     match std::env::var(env::MESH_PERMISSIONS) {
         // Set but empty (a compose default) means unset.
-        Ok(path) if !path.trim().is_empty() => {
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("reading {}={path}", env::MESH_PERMISSIONS))?;
-            serde_json::from_str(&text).with_context(|| format!("{path} is not a valid permissions file"))
-        }
+        Ok(path) if !path.trim().is_empty() => permissions_from_file(Path::new(&path)),
         _ => Ok(Permissions::new()),
     }
+}
+
+/// Reads one permissions file.
+pub fn permissions_from_file(path: &Path) -> Result<Permissions, PermissionsFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| PermissionsFileError::Unreadable { path: path.to_owned(), source })?;
+    serde_json::from_str(&text).map_err(|source| PermissionsFileError::Invalid { path: path.to_owned(), source })
 }
 
 /// Default engine settings for a registry.
@@ -225,10 +258,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot").await?;
     let limits = crate::limits::LimitStore::from_url(config.redis_url.as_deref()).await;
-    let engine = Arc::new(Engine::new(config.engine.clone(), client.clone(), limits).await?);
+    let engine = Engine::new(config.engine.clone(), client.clone(), limits).await?;
+    let engine = Arc::new(engine.with_containers(Arc::new(config.docker.clone())));
+    let js = async_nats::jetstream::new(client.clone());
     // What listeners refuse to run on, the bot refuses to feed.
     if let Ok(registry) = mesh_listener::registry_file::load(&config.engine.registry_path)
-        && let Err(e) = crate::provision::verify(engine.jetstream(), &registry).await
+        && let Err(e) = crate::provision::verify(&js, &registry).await
         && e.is_fatal()
     {
         anyhow::bail!("refusing to start: {e}");
@@ -248,7 +283,7 @@ pub async fn run(
                 async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
             };
             // Slack allows about one post per second per channel.
-            let relay = crate::notify::relay(engine.jetstream().clone(), "slack", NOTIFY_INTERVAL, stop.clone(), post);
+            let relay = crate::notify::relay(js.clone(), "slack", NOTIFY_INTERVAL, stop.clone(), post);
             tokio::spawn(relay);
         }
         let state = slack::commands::SlackState {
@@ -271,7 +306,7 @@ pub async fn run(
         }
     }
     if let Some(discord) = &config.discord {
-        app = app.merge(discord_routes(discord, &engine, &config.engine.permissions, &stop)?);
+        app = app.merge(discord_routes(discord, &engine, &js, &config.engine.permissions, &stop)?);
     }
     // Listeners may not create their consumers: the bot sees to every active agent's, now and on registry changes.
     let provision = crate::provision::FollowConfig {
@@ -280,7 +315,7 @@ pub async fn run(
         replicas: mesh_listener::nats::replicas_from_env()?,
         tuning: None,
     };
-    tokio::spawn(crate::provision::follow(engine.jetstream().clone(), provision, stop.clone().cancelled_owned()));
+    tokio::spawn(crate::provision::follow(js.clone(), provision, stop.clone().cancelled_owned()));
     tokio::spawn(crate::events::monitor(
         client.clone(),
         config.engine.registry_path.clone(),
@@ -323,6 +358,7 @@ pub async fn run(
 fn discord_routes<S: Clone + Send + Sync + 'static>(
     discord: &DiscordConfig,
     engine: &Arc<Engine>,
+    js: &async_nats::jetstream::Context,
     permissions: &Permissions,
     stop: &CancellationToken,
 ) -> anyhow::Result<Router<S>> {
@@ -344,7 +380,7 @@ fn discord_routes<S: Clone + Send + Sync + 'static>(
             async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
         };
         // Well within Discord's five messages per five seconds in a channel.
-        let relay = crate::notify::relay(engine.jetstream().clone(), "discord", NOTIFY_INTERVAL, stop.clone(), post);
+        let relay = crate::notify::relay(js.clone(), "discord", NOTIFY_INTERVAL, stop.clone(), post);
         tokio::spawn(relay);
     }
     if let (true, Some(token)) = (discord.gateway, &discord.bot_token) {

@@ -7,12 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use async_nats::jetstream::{self, kv};
 use futures::StreamExt;
 use mesh_protocol::AgentId;
 use mesh_protocol::access;
-use mesh_protocol::killswitch::{BUCKET, KillState, Mode, Scope};
-use mesh_protocol::layout::Replicas;
+use mesh_protocol::killswitch::{KillState, Mode, Scope};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
@@ -24,27 +22,7 @@ pub type KillStates = BTreeMap<String, KillState>;
 
 /// Opens the kill-switch bucket, creating it when missing (the bot and the
 /// `mesh` commands; a listener only looks it up: [`crate::lookup::find_bucket`]).
-pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Store, NatsError> {
-    let replicas = crate::nats::resolve_replicas(js, setting).await?;
-    if let Ok(store) = js.get_key_value(BUCKET).await {
-        if let Ok(mut stream) = js.get_stream(&store.stream_name).await
-            && let Ok(info) = stream.info().await
-        {
-            crate::nats::scale_up(js, info, replicas).await;
-        }
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
-        bucket: BUCKET.to_owned(),
-        description: "mesh kill switch: global and per-agent pause state".to_owned(),
-        history: 16,
-        storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| NatsError::JetStream(crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string())))
-}
+pub use mesh_runtime::kill_bucket::open;
 
 /// Who an unreadable entry's pause is attributed to.
 pub const UNREADABLE_BY: &str = "mesh-listener";

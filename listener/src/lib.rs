@@ -6,12 +6,6 @@
 //! - [`config`]: validated listener settings (flags, env, defaults).
 //! - [`secrets`] and [`registry_file`]: the I/O half of the registry (reading
 //!   the file, resolving `env:` and `file:` tokens).
-//! - [`nats`]: connecting, and creating the streams and consumers of
-//!   [`mesh_protocol::layout`] (for the bot and the `mesh` commands; the
-//!   listener itself creates nothing); [`backoff`]: which JetStream failures
-//!   are worth retrying, and how long.
-//! - [`lookup`] and [`layout_check`] (pure): the listener's read-only look at
-//!   the streams, the kill switch bucket and its consumer, checked against the layout.
 //! - [`hook`] (pure): which endpoint, headers and body a message becomes.
 //! - [`policy`] (pure): what a gateway outcome (and a chat reply's fate)
 //!   means: ack, retry later, or dead-letter.
@@ -24,9 +18,9 @@
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
 //! - [`cli`]: the `mesh-listener` command line.
-//! - [`shutdown`] and [`logging`]: process plumbing shared with the `mesh` binary.
+//! - [`nats`], [`lookup`], [`layout_check`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
+//!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
 
-pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -36,18 +30,13 @@ pub mod gateway;
 pub mod hook;
 pub mod http;
 pub mod killswitch;
-pub mod layout_check;
-pub mod logging;
-pub mod lookup;
 pub mod metrics;
-pub mod nats;
 pub mod ping;
 pub mod policy;
-pub mod registry_file;
 pub mod reply;
-pub mod secrets;
-pub mod shutdown;
 pub mod state;
+
+pub use mesh_runtime::{backoff, layout_check, logging, lookup, nats, registry_file, secrets, shutdown};
 
 pub use config::ListenerConfig;
 pub use fleet::{Control, PauseCommand, run, run_with};

@@ -80,7 +80,8 @@ async fn add_list_remove_validate_and_keep_a_backup() {
     assert_eq!(std::fs::read_to_string(&backup).unwrap(), before);
 
     let out = mesh(&fixture, &["agents", "list", "--json"]).await;
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = &reply["data"];
     assert_eq!(rows[0]["id"], "kaan");
     assert_eq!(rows[0]["hooks_token"], token_ref.as_str());
     assert_eq!(rows[1]["id"], "nova");

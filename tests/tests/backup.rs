@@ -84,7 +84,8 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     let b = TestNats::start().await;
     let restored_registry = fixture.dir().join("restored").join("tokens.json");
     let printed = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
-    let report: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    let report = &reply["data"];
     assert_eq!(report["streams"]["MESH_AGENTS"], 4, "{report}");
     assert_eq!(report["consumers"]["nova"], 3, "nova had 3 pending: {report}");
     assert_eq!(report["consumers"]["kaan"], 0, "kaan had acked everything: {report}");

@@ -265,7 +265,7 @@ async fn rendered_permissions_hold_on_a_real_server() {
     // kill switch reaches it through its read-only watch of the bucket.
     let nova_state = |said: &str| -> Option<String> {
         let report: serde_json::Value = serde_json::from_str(said.lines().next()?).ok()?;
-        let row = report["rows"].as_array()?.iter().find(|r| r["agent"] == "nova")?.clone();
+        let row = report["data"]["rows"].as_array()?.iter().find(|r| r["agent"] == "nova")?.clone();
         row["rtt_ms"].is_number().then(|| row["state"].as_str().unwrap_or_default().to_owned())
     };
     let wait_state = |want: &'static [&'static str]| async move {

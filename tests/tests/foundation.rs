@@ -41,7 +41,8 @@ async fn send_reaches_the_gateway_exactly_once_with_token_and_text() {
     let text = "hello \"nova\" — שלום <!channel> 👋";
     let out = mesh(&nats.url(), &fixture, &["send", "nova", text]).await;
     assert!(out.status.success(), "mesh send failed: {}", stderr(&out));
-    let id = stdout(&out).split_whitespace().next().expect("an id").to_owned();
+    let printed = stdout(&out);
+    let id = printed.split("message id ").nth(1).and_then(|r| r.split_whitespace().next()).expect("an id").to_owned();
     uuid::Uuid::parse_str(&id).expect("mesh send prints the message id");
 
     let got = gw.wait_for(1, WAIT).await;

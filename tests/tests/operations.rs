@@ -33,14 +33,14 @@ async fn ping_reports_every_registry_agent_and_fails_when_one_is_silent() {
     let deadline = tokio::time::Instant::now() + WAIT;
     let out = loop {
         let out = mesh(&nats, &fixture, &["ping", "--json", "--timeout-ms", "500"]).await;
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ping --json prints JSON");
-        if report["rows"][1]["rtt_ms"].is_number() {
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ping --json prints JSON");
+        if reply["data"]["rows"][1]["rtt_ms"].is_number() {
             break out;
         }
-        assert!(tokio::time::Instant::now() < deadline, "nova never answered: {report}");
+        assert!(tokio::time::Instant::now() < deadline, "nova never answered: {reply}");
     };
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let rows: Vec<(String, String)> = report["rows"]
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Vec<(String, String)> = reply["data"]["rows"]
         .as_array()
         .unwrap()
         .iter()
@@ -132,7 +132,9 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
         assert!(tokio::time::Instant::now() < deadline, "dead letter never listed: {listed}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(listed.contains("nova attempts=1 (HTTP 404): gateway answered HTTP 404; not retried"), "{listed}");
+    let row = listed.lines().find(|l| l.contains("lost then found")).unwrap();
+    let cells: Vec<&str> = row.split("  ").map(str::trim).filter(|c| !c.is_empty()).collect();
+    assert_eq!(cells[2..6], ["nova", "1", "404", "gateway answered HTTP 404; not retried"], "{listed}");
 
     let out = mesh(&nats, &fixture, &["dlq", "replay", "nova"]).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -177,8 +179,12 @@ async fn sigterm_finishes_the_delivery_in_flight_and_logs_never_show_a_token() {
     gw.set_delay(Duration::from_millis(1500));
     let out = mesh(&nats, &fixture, &["send", "nova", "in flight at shutdown"]).await;
     assert!(out.status.success());
-    let seq: u64 =
-        text(&out.stdout).rsplit("stream seq ").next().unwrap().trim_end_matches([')', '\n']).parse().unwrap();
+    let seq: u64 = text(&out.stdout)
+        .split("stream seq ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no stream seq in {:?}", text(&out.stdout)));
     let deadline = tokio::time::Instant::now() + WAIT;
     while !gw.requests().iter().any(|r| r.text().ends_with("in flight at shutdown")) {
         assert!(tokio::time::Instant::now() < deadline, "the last message never reached the gateway");

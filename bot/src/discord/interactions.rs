@@ -159,7 +159,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, InteractionError> {
         .to_owned();
     let channel = payload.channel_id.or(payload.channel.map(|c| c.id));
     Ok(Incoming::Command {
-        request: Request { who, platform: Platform::Discord, channel, line },
+        request: Request::chat(who, Platform::Discord, channel, line),
         application_id: payload.application_id,
         token: payload.token,
     })
@@ -275,11 +275,13 @@ mod tests {
     #[test]
     fn errors_help_and_denials_are_private() {
         let permissions = Permissions::new().grant(Principal::DiscordRole("100".into()), Role::Operator);
-        let request = |user: &str, roles: &[&str], line: &str| Request {
-            who: Identity::Discord { user: user.into(), roles: roles.iter().map(|r| r.to_string()).collect() },
-            platform: Platform::Discord,
-            channel: None,
-            line: line.into(),
+        let request = |user: &str, roles: &[&str], line: &str| {
+            Request::chat(
+                Identity::Discord { user: user.into(), roles: roles.iter().map(|r| r.to_string()).collect() },
+                Platform::Discord,
+                None,
+                line,
+            )
         };
         assert!(!answer_is_private(&permissions, &request("1", &["100"], "send nova hi")));
         assert!(answer_is_private(&permissions, &request("1", &[], "send nova hi")));

@@ -26,12 +26,12 @@ pub fn message_request(message: &Message) -> Option<Request> {
         return None;
     }
     let roles = message.member.as_ref().map(|m| m.roles.iter().map(|r| r.to_string()).collect()).unwrap_or_default();
-    Some(Request {
-        who: Identity::Discord { user: message.author.id.to_string(), roles },
-        platform: Platform::Discord,
-        channel: Some(message.channel_id.to_string()),
-        line: rest.trim().to_owned(),
-    })
+    Some(Request::chat(
+        Identity::Discord { user: message.author.id.to_string(), roles },
+        Platform::Discord,
+        Some(message.channel_id.to_string()),
+        rest.trim(),
+    ))
 }
 
 /// What answering a message did.

@@ -100,12 +100,8 @@ pub(super) async fn start(state: &SlackState, command: SlashCommand, dedup_key: 
         return Ok("duplicate request ignored (already handled)".to_owned());
     }
     let working = format!("working on `/mesh {}`…", super::super::command::render_slack::escape(command.text.trim()));
-    let request = Request {
-        who: Identity::Slack { user: command.user_id },
-        platform: Platform::Slack,
-        channel: command.channel_id,
-        line: command.text,
-    };
+    let request =
+        Request::chat(Identity::Slack { user: command.user_id }, Platform::Slack, command.channel_id, command.text);
     tokio::spawn(run(state.clone(), request, command.response_url));
     Ok(working)
 }

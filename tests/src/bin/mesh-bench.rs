@@ -15,12 +15,35 @@ use mesh_tests::bench::{self, ListenerProcess, Row, Sink};
 use mesh_tests::soak::{self, SoakConfig};
 
 const BACKLOG: usize = 20_000;
+const USAGE: &str =
+    "usage: mesh-bench [--quick] [--forward-only] [--json PATH] (build with --release; needs nats-server on PATH)";
+const KNOWN: [&str; 3] = ["--quick", "--forward-only", "--json"];
 /// Soak defaults: messages, rate, messages between RSS samples.
 const SOAK: SoakConfig = SoakConfig { messages: 1_000_000, rate: 2_500.0, sample_every: 50_000 };
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    if let Some(unknown) = args.iter().skip(1).find(|a| a.starts_with('-') && !KNOWN.contains(&a.as_str())) {
+        anyhow::bail!("unknown option {unknown:?}; {USAGE}");
+    }
+    if nats_version().is_empty() {
+        anyhow::bail!("nats-server is not on PATH; run scripts/install.sh, or put .mesh/tools/bin on PATH");
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let json_path = args.iter().position(|a| a == "--json").and_then(|i| args.get(i + 1)).cloned();
     let scale = if quick { 10 } else { 1 };

@@ -1,6 +1,6 @@
 //! Connecting to NATS, and creating the streams and consumers described in
 //! [`mesh_protocol::layout`] (for the bot and the `mesh` commands: a
-//! listener's NATS user may not create them, see [`crate::lookup`]).
+//! listener's NATS user may not create them, see `mesh_listener::lookup`).
 
 use std::time::Duration;
 

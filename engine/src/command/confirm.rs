@@ -173,7 +173,7 @@ impl Confirmations {
                 break code;
             }
         };
-        let confirmer = if matches!(command, Command::KillNuclear) && self.config.two_person_nuclear {
+        let confirmer = if matches!(command, Command::KillNuclear { .. }) && self.config.two_person_nuclear {
             Confirmer::OtherDirector
         } else {
             Confirmer::SameUser
@@ -221,7 +221,7 @@ impl Confirmations {
             return Err(ConfirmError::Expired { code, command, ago: (now - action.expires_at).whole_seconds() });
         }
         let same = action.requested_by.is_same_person(who);
-        if matches!(action.command, Command::KillNuclear) && self.config.two_person_nuclear {
+        if matches!(action.command, Command::KillNuclear { .. }) && self.config.two_person_nuclear {
             if same {
                 return Err(ConfirmError::SamePerson { command });
             }
@@ -343,32 +343,32 @@ mod tests {
             5,
             Err("code \"CODE\" for \"kill hard\" was asked for by someone else; only they can confirm it"),
         );
-        check(one, Command::KillNuclear, (&alice, dir), 5, Ok(()));
+        check(one, Command::KillNuclear { purge: false }, (&alice, dir), 5, Ok(()));
         check(
             one,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             (&bob, dir),
             5,
             Err("code \"CODE\" for \"kill nuclear\" was asked for by someone else; only they can confirm it"),
         );
-        check(two, Command::KillNuclear, (&bob, dir), 5, Ok(()));
+        check(two, Command::KillNuclear { purge: false }, (&bob, dir), 5, Ok(()));
         check(
             two,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             (&alice, dir),
             5,
             Err("two-person rule: \"kill nuclear\" must be confirmed by a different director than the one who asked"),
         );
         check(
             two,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             (&bob, admin),
             5,
             Err("two-person rule: \"kill nuclear\" must be confirmed by a director; you have admin"),
         );
         check(
             two,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             (&bob, None),
             5,
             Err("two-person rule: \"kill nuclear\" must be confirmed by a director; you have no role"),
@@ -376,7 +376,7 @@ mod tests {
         check(two, hard(), (&alice, admin), 5, Ok(()));
         check(
             two,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             (&bob, dir),
             61,
             Err("code \"CODE\" for \"kill nuclear\" expired 1s ago; run \"kill nuclear\" again for a new code"),
@@ -441,7 +441,7 @@ mod tests {
         assert_eq!(c.len(), MAX_PENDING);
         let two = Confirmations::new(ConfirmConfig { two_person_nuclear: true, ..Default::default() }).request(
             &alice,
-            Command::KillNuclear,
+            Command::KillNuclear { purge: false },
             T0,
             9,
         );

@@ -22,10 +22,10 @@ use async_nats::jetstream::{self, consumer::DeliverPolicy};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt;
-use mesh_listener::nats::{NatsError, consumer_config};
 use mesh_protocol::AgentId;
 use mesh_protocol::killswitch::BUCKET;
 use mesh_protocol::layout::{self, ConsumerTuning};
+use mesh_runtime::nats::{NatsError, consumer_config};
 use serde::{Deserialize, Serialize};
 
 /// Version of the backup format.
@@ -209,8 +209,8 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
             reason: format!("format version {} (this mesh reads {FORMAT_VERSION})", manifest.version),
         });
     }
-    let replicas = mesh_listener::nats::replicas_from_env()?;
-    mesh_listener::nats::ensure_streams(js, replicas).await?;
+    let replicas = mesh_runtime::nats::replicas_from_env()?;
+    mesh_runtime::nats::ensure_streams(js, replicas).await?;
     let mut report =
         RestoreReport { streams: BTreeMap::new(), consumers: BTreeMap::new(), killswitch: 0, registry: None };
     let agents_stream = layout::agents_stream(1).name;
@@ -283,7 +283,7 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
     }
     let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
     if !entries.is_empty() {
-        let store = mesh_listener::killswitch::open(js, replicas).await?;
+        let store = mesh_runtime::kill_bucket::open(js, replicas).await?;
         for (key, value) in &entries {
             store
                 .put(key, value.clone().into_bytes().into())

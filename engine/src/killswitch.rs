@@ -118,9 +118,9 @@ pub const MAX_SOFT: Duration = Duration::from_secs(24 * 3600);
 impl KillSwitch {
     /// Opens the bucket (creating it when missing).
     pub async fn open(js: &jetstream::Context) -> Result<Self, KillSwitchError> {
-        let replicas = mesh_listener::nats::replicas_from_env().map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+        let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
         let store =
-            mesh_listener::killswitch::open(js, replicas).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+            mesh_runtime::kill_bucket::open(js, replicas).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
         Ok(Self { store, js: js.clone() })
     }
 

@@ -38,12 +38,14 @@ pub struct Window {
 }
 
 /// What the window did, step by step.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     /// One line per step.
     pub steps: Vec<String>,
     /// Active agents that did not answer the final ping.
     pub missing: usize,
+    /// The ids of the two announcements.
+    pub message_ids: Vec<String>,
 }
 
 /// The announcement texts (pure).
@@ -66,8 +68,8 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<Report, String> {
     let js = jetstream::new(client.clone());
-    let replicas = mesh_listener::nats::replicas_from_env().map_err(|e| e.to_string())?;
-    mesh_listener::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
+    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| e.to_string())?;
+    mesh_runtime::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
     let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
     let needed = CommandKind::KillSoft.spec().access.required(None);
     if window.role < needed {
@@ -93,6 +95,7 @@ pub async fn run(
     let (start, _) = announcements(window, 0, 0);
     let receipt =
         publish::broadcast(&js, registry, &window.by, &start, Priority::High).await.map_err(|e| e.to_string())?;
+    report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, start.clone())).await;
     step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
     tokio::time::sleep(window.lead).await;
@@ -116,7 +119,9 @@ pub async fn run(
     let answered = pinged.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
     report.missing = pinged.missing;
     let (_, end) = announcements(window, answered, active);
-    publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    let receipt =
+        publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, end.clone())).await;
     step(&mut report, format!("announced: {end}"));
     Ok(report)

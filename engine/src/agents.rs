@@ -12,30 +12,8 @@ use mesh_protocol::registry::RegistryErrors;
 use mesh_protocol::secret::SecretError;
 use mesh_protocol::{Agent, AgentId, Registry, SecretRef, SecretResolver};
 
-/// What `mesh agents add` is given.
-#[derive(Debug, Clone, Default)]
-pub struct AddSpec {
-    /// The new agent's id.
-    pub id: String,
-    /// Its wake hook URL.
-    pub hooks_url: String,
-    /// Reference to its hook token (`env:NAME` or `file:/path`).
-    pub hooks_token: String,
-    /// The gateway's `host:port`.
-    pub gateway: Option<String>,
-    /// Reference to the gateway's operator token.
-    pub gateway_token: Option<String>,
-    /// `wake`, `agent` or `chat`.
-    pub delivery: Option<String>,
-    /// The model (chat delivery).
-    pub model: Option<String>,
-    /// Display name.
-    pub name: Option<String>,
-    /// Register it inactive (no listener, no messages).
-    pub inactive: bool,
-    /// Deliveries in flight its consumer is set up for (default 1).
-    pub concurrency: Option<u16>,
-}
+/// What `mesh agents add` is given (the command core's [`NewAgent`]).
+pub use crate::command::grammar::NewAgent as AddSpec;
 
 /// Why a lifecycle command refused.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +40,12 @@ pub enum AgentsError {
     SameToken { field: &'static str },
     #[error("writing the registry {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Load(#[from] mesh_runtime::registry_file::RegistryFileError),
+    #[error("give --hooks-token, --gateway-token or both: the token references to rotate to")]
+    NothingToRotate,
+    #[error("{0} is not a registry change")]
+    NotAChange(&'static str),
 }
 
 /// A reference given on the command line: `env:` or `file:` only.
@@ -240,13 +224,23 @@ pub fn backup_path(registry: &Path) -> PathBuf {
 }
 
 /// Writes `registry` to `path` atomically, keeping the previous file as
-/// [`backup_path`] and its permissions. Returns the backup's path.
-pub fn write_atomic(path: &Path, registry: &Registry) -> Result<PathBuf, AgentsError> {
+/// [`backup_path`] and its permissions. Returns the backup's path (none when
+/// the file is new: it is then created mode 0600, in a directory created mode 0700).
+pub fn write_atomic(path: &Path, registry: &Registry) -> Result<Option<PathBuf>, AgentsError> {
     let err = |source| AgentsError::Write { path: path.to_owned(), source };
-    let backup = backup_path(path);
-    let permissions = std::fs::metadata(path).map_err(err)?.permissions();
-    std::fs::copy(path, &backup).map_err(err)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (permissions, backup) = match std::fs::metadata(path) {
+        Ok(meta) => {
+            let backup = backup_path(path);
+            std::fs::copy(path, &backup).map_err(err)?;
+            (meta.permissions(), Some(backup))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            create_private_dir(dir).map_err(err)?;
+            (private_file_permissions(), None)
+        }
+        Err(e) => return Err(err(e)),
+    };
     let mut temp = tempfile::NamedTempFile::new_in(dir).map_err(err)?;
     temp.write_all(registry.to_json().as_bytes()).map_err(err)?;
     temp.as_file().sync_all().map_err(err)?;
@@ -258,78 +252,75 @@ pub fn write_atomic(path: &Path, registry: &Registry) -> Result<PathBuf, AgentsE
     Ok(backup)
 }
 
-/// `mesh agents <action>`.
-#[derive(Debug, clap::Subcommand)]
-pub enum AgentsAction {
-    /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
-    List,
-    /// Register an agent. Tokens are references: env:NAME or file:/absolute/path.
-    Add {
-        /// The new agent's id.
-        id: String,
-        /// The gateway's wake hook, http(s)://host:port/hooks/wake.
-        #[arg(long)]
-        hooks_url: String,
-        /// The hook token's reference.
-        #[arg(long)]
-        hooks_token: String,
-        /// The gateway's host:port (agent and chat delivery).
-        #[arg(long)]
-        gateway: Option<String>,
-        /// The gateway operator token's reference (chat delivery).
-        #[arg(long)]
-        gateway_token: Option<String>,
-        /// wake (default), agent or chat.
-        #[arg(long)]
-        delivery: Option<String>,
-        /// The model named in chat completions.
-        #[arg(long)]
-        model: Option<String>,
-        /// A display name.
-        #[arg(long)]
-        name: Option<String>,
-        /// Register it inactive (no listener, no messages).
-        #[arg(long)]
-        inactive: bool,
-        /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
-        #[arg(long)]
-        concurrency: Option<u16>,
-        /// Do not check that the references resolve here (they only resolve inside the containers).
-        #[arg(long)]
-        no_check: bool,
-    },
-    /// Remove an agent from the registry (its listener stops on the next registry poll).
-    Remove {
-        /// The agent.
-        id: String,
-        /// Keep the entry, marked inactive.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// Point an agent at a new token; listeners use it from their next registry poll on.
-    Rotate {
-        /// The agent.
-        id: String,
-        /// The new hook token's reference (a new env var or file).
-        #[arg(long, required_unless_present = "gateway_token")]
-        hooks_token: Option<String>,
-        /// The new gateway token's reference.
-        #[arg(long)]
-        gateway_token: Option<String>,
-        /// Do not check that the reference resolves here.
-        #[arg(long)]
-        no_check: bool,
-    },
+/// Creates `dir` (and its parents) readable by the owner only, when missing.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
 }
 
-impl AgentsAction {
-    /// The agent an `add` registers active (it gets its consumer at once).
-    pub fn added_active(&self) -> Option<AgentId> {
-        match self {
-            Self::Add { id, inactive: false, .. } => id.parse().ok(),
-            _ => None,
+fn private_file_permissions() -> std::fs::Permissions {
+    std::os::unix::fs::PermissionsExt::from_mode(0o600)
+}
+
+/// What a registry change did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Changed {
+    /// One line saying what changed and what happens next.
+    pub done: String,
+    /// The registry file.
+    pub registry: PathBuf,
+    /// The previous version, when there was one.
+    pub backup: Option<PathBuf>,
+}
+
+/// Applies one registry change (`agents add|remove|rotate`) to the file at `path`.
+/// `agents add` creates the file when it does not exist yet.
+pub fn change(path: &Path, command: &crate::command::Command) -> Result<Changed, AgentsError> {
+    use crate::command::Command;
+    let registry = match mesh_runtime::registry_file::load(path) {
+        Ok(registry) => registry,
+        Err(mesh_runtime::registry_file::RegistryFileError::Missing { .. })
+            if matches!(command, Command::AgentsAdd { .. }) =>
+        {
+            Registry::default()
         }
-    }
+        Err(e) => return Err(e.into()),
+    };
+    let registry_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
+    let host = HostResolver { registry_dir };
+    let resolver = |check: bool| check.then_some(&host as &dyn SecretResolver);
+    let (next, done) = match command {
+        Command::AgentsAdd { agent, check } => {
+            let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", agent.id);
+            (plan_add(&registry, agent, resolver(*check))?, done)
+        }
+        Command::AgentsRemove { agent, keep } => {
+            let done = if *keep { format!("marked {agent} inactive") } else { format!("removed {agent}") };
+            let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
+            (plan_remove(&registry, agent, *keep)?, done)
+        }
+        Command::AgentsRotate { agent, hooks_token, gateway_token, check } => {
+            if hooks_token.is_none() && gateway_token.is_none() {
+                return Err(AgentsError::NothingToRotate);
+            }
+            let mut next = registry.clone();
+            if let Some(r) = hooks_token {
+                next = plan_rotate(&next, agent, TokenField::Hooks, r, resolver(*check))?;
+            }
+            if let Some(r) = gateway_token {
+                next = plan_rotate(&next, agent, TokenField::Gateway, r, resolver(*check))?;
+            }
+            (next, format!("rotated {agent}'s token; listeners use the new one from their next registry poll"))
+        }
+        other => return Err(AgentsError::NotAChange(other.spec().name)),
+    };
+    let backup = write_atomic(path, &next)?;
+    Ok(Changed { done, registry: path.to_owned(), backup })
 }
 
 /// Resolves references as the containers will: a file under the directory
@@ -352,79 +343,6 @@ impl SecretResolver for HostResolver {
             Err(_) => std::fs::read_to_string(path),
         }
     }
-}
-
-/// Runs one lifecycle action against the registry file.
-pub fn run(path: &Path, action: AgentsAction, json: bool) -> anyhow::Result<()> {
-    let registry = mesh_listener::registry_file::load(path)?;
-    let registry_dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned();
-    let host = HostResolver { registry_dir };
-    let resolver = |no_check: bool| (!no_check).then_some(&host as &dyn SecretResolver);
-    let (next, done) = match action {
-        AgentsAction::List => {
-            let rows = rows(&registry);
-            if json {
-                println!("{}", serde_json::to_string(&rows)?);
-            } else if rows.is_empty() {
-                println!("no agents in {}", path.display());
-            } else {
-                for r in rows {
-                    println!("{:<20} {:<8} {:<6} {} token {}", r.id, r.status, r.delivery, r.hooks_url, r.hooks_token);
-                }
-            }
-            return Ok(());
-        }
-        AgentsAction::Add {
-            id,
-            hooks_url,
-            hooks_token,
-            gateway,
-            gateway_token,
-            delivery,
-            model,
-            name,
-            inactive,
-            concurrency,
-            no_check,
-        } => {
-            let spec = AddSpec {
-                id,
-                hooks_url,
-                hooks_token,
-                gateway,
-                gateway_token,
-                delivery,
-                model,
-                name,
-                inactive,
-                concurrency,
-            };
-            let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", spec.id);
-            (plan_add(&registry, &spec, resolver(no_check))?, done)
-        }
-        AgentsAction::Remove { id, keep } => {
-            let done = if keep { format!("marked {id} inactive") } else { format!("removed {id}") };
-            let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
-            (plan_remove(&registry, &id, keep)?, done)
-        }
-        AgentsAction::Rotate { id, hooks_token, gateway_token, no_check } => {
-            let mut next = registry.clone();
-            if let Some(r) = &hooks_token {
-                next = plan_rotate(&next, &id, TokenField::Hooks, r, resolver(no_check))?;
-            }
-            if let Some(r) = &gateway_token {
-                next = plan_rotate(&next, &id, TokenField::Gateway, r, resolver(no_check))?;
-            }
-            (next, format!("rotated {id}'s token; listeners use the new one from their next registry poll"))
-        }
-    };
-    let backup = write_atomic(path, &next)?;
-    if json {
-        println!("{}", serde_json::json!({"done": done, "registry": path, "backup": backup}));
-    } else {
-        println!("{done} in {} (previous version kept as {})", path.display(), backup.display());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -525,7 +443,7 @@ mod tests {
         std::fs::write(&path, REG).unwrap();
         let reg = Registry::parse(REG).unwrap();
         let next = plan_remove(&reg, "nova", true).unwrap();
-        let backup = write_atomic(&path, &next).unwrap();
+        let backup = write_atomic(&path, &next).unwrap().unwrap();
         assert_eq!(std::fs::read_to_string(&backup).unwrap(), REG);
         assert_eq!(Registry::parse(&std::fs::read_to_string(&path).unwrap()).unwrap(), next);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();

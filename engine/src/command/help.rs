@@ -19,16 +19,17 @@ fn overview() -> Reply {
         .iter()
         .map(|s| {
             let summary = if s.confirm { format!("{} (asks for a code)", s.summary) } else { s.summary.to_owned() };
-            vec![s.usage.to_owned(), s.access.to_string(), summary]
+            vec![s.usage.to_owned(), s.access.to_string(), s.front.as_str().to_owned(), summary]
         })
         .collect();
     Reply::info("mesh commands")
-        .with_table(None, ["command", "who", "what"], rows)
+        .with_table(None, ["command", "who", "where", "what"], rows)
         .with_lines(
             None,
             [
                 "type \"help <command>\" for the rules of one command, such as \"help kill soft\"",
                 "an agent may be written bare (nova) or as agent=<id> (agent=nova)",
+                "terminal commands run as `mesh <command>` on the host, with the terminal's role",
             ],
         )
         .ephemeral()
@@ -46,6 +47,9 @@ fn lines(spec: &CommandSpec) -> Vec<String> {
     let mut lines = vec![spec.summary.to_owned()];
     lines.extend(spec.notes.iter().map(|n| (*n).to_owned()));
     lines.push(format!("who: {}", spec.access));
+    if spec.front == table::Front::Terminal {
+        lines.push(format!("terminal only: mesh {}", spec.usage));
+    }
     if spec.confirm {
         lines.push(format!(
             "asks for a one-time code first: type \"confirm <code>\" within {}s",
@@ -81,8 +85,8 @@ mod tests {
             Some("kill nuclear"),
             "help: kill nuclear\n\
              \n\
-             kill nuclear\n  \
-               tear the whole mesh down: containers, volumes, network\n  \
+             kill nuclear [--purge]\n  \
+               tear the whole mesh down: containers (with --purge also volumes and networks)\n  \
                with the two-person rule on, a different director must confirm\n  \
                who: director\n  \
                asks for a one-time code first: type \"confirm <code>\" within 60s\n",
@@ -105,6 +109,7 @@ mod tests {
             assert!(row.contains(&format!("  {}  ", spec.access)), "{row}");
             assert!(row.contains(spec.summary), "{row}");
             assert_eq!(row.contains("(asks for a code)"), spec.confirm, "{row}");
+            assert!(row.contains(&format!("  {}  ", spec.front.as_str())), "{row}");
         }
         // Every topic `help <topic>` accepts has something to show.
         for spec in COMMANDS.iter() {

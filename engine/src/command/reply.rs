@@ -50,12 +50,16 @@ pub struct Reply {
     pub sections: Vec<Section>,
     /// True when only the person who ran the command should see it.
     pub ephemeral: bool,
+    /// The command's result as data, for `--json` (documented per command in
+    /// README); renderers show only the title and sections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 impl Reply {
     /// A reply with a title and nothing else.
     pub fn new(tone: Tone, title: impl Into<String>) -> Self {
-        Self { title: title.into(), tone, sections: Vec::new(), ephemeral: false }
+        Self { title: title.into(), tone, sections: Vec::new(), ephemeral: false, data: None }
     }
 
     /// A neutral reply.
@@ -82,6 +86,12 @@ impl Reply {
     /// parse errors, denials and failed confirmations.
     pub fn from_error(error: &dyn std::error::Error) -> Self {
         Self::error(error.to_string()).ephemeral()
+    }
+
+    /// Attaches the result as data (shown by `--json`).
+    pub fn with_data(mut self, data: impl serde::Serialize) -> Self {
+        self.data = serde_json::to_value(data).ok();
+        self
     }
 
     /// Shows the reply only to the person who ran the command.

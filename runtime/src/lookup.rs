@@ -28,7 +28,7 @@ pub async fn check_streams(js: &jetstream::Context) -> Result<(), LayoutError> {
 }
 
 /// Looks up the kill switch bucket and checks its stream (the listener reads
-/// its keys with direct gets: [`crate::killswitch::read`]).
+/// its keys with direct gets: `mesh_listener::killswitch::read`).
 pub async fn find_bucket(js: &jetstream::Context) -> Result<(), LayoutError> {
     let name = mesh_protocol::access::killswitch_stream();
     match js.get_stream(&name).await {

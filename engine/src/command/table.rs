@@ -1,9 +1,10 @@
-//! The command table: every command's name, usage line, summary, required role
-//! and confirmation flag, in one place. Parse errors and the help text are built
-//! from it, so they cannot drift from each other.
+//! The command table: every command's name, usage line, summary, required role,
+//! confirmation flag and front ends, in one place. Parse errors and the help
+//! text are built from it, so they cannot drift from each other. Chat commands
+//! and terminal-only commands are rows of the same table: the same permission
+//! check and the same audit apply to both.
 
 use super::permission::{Access, Role};
-use crate::publish::edit_distance;
 
 /// Which command a row describes: one variant per row of [`COMMANDS`], in table order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +39,48 @@ pub enum CommandKind {
     Audit,
     /// `help [command]`.
     Help,
+    /// `maintenance <duration> [message]` (terminal only).
+    Maintenance,
+    /// `restart <agent>` (terminal only).
+    Restart,
+    /// `backup <dir>` (terminal only).
+    Backup,
+    /// `restore <dir>` (terminal only).
+    Restore,
+    /// `agents list` (terminal only).
+    AgentsList,
+    /// `agents add <agent> ...` (terminal only).
+    AgentsAdd,
+    /// `agents remove <agent>` (terminal only).
+    AgentsRemove,
+    /// `agents rotate <agent> ...` (terminal only).
+    AgentsRotate,
+    /// `deploy render` (terminal only).
+    DeployRender,
+    /// `deploy up` (terminal only).
+    DeployUp,
+    /// `up --demo` (terminal only).
+    Up,
+}
+
+/// Which front ends may run a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Front {
+    /// Slack, Discord and the terminal.
+    Any,
+    /// Only the `mesh` command line on the host (it names local files or
+    /// starts local processes).
+    Terminal,
+}
+
+impl Front {
+    /// How help shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Any => "chat, terminal",
+            Self::Terminal => "terminal",
+        }
+    }
 }
 
 impl CommandKind {
@@ -64,6 +107,8 @@ pub struct CommandSpec {
     pub access: Access,
     /// True when it only runs after `confirm <code>`.
     pub confirm: bool,
+    /// Which front ends may run it.
+    pub front: Front,
 }
 
 const AGENT_NOTE: &str = "an agent may be written bare (nova) or as agent=<id> (agent=nova)";
@@ -71,7 +116,7 @@ const REPLACE_NOTE: &str = "it replaces the entry in force for the same scope (t
      hard or nuclear kill is in force there only a director may run it; a kill for another scope lifts nothing";
 
 /// Every command, in the order help lists them.
-pub const COMMANDS: [CommandSpec; 15] = [
+pub const COMMANDS: [CommandSpec; 26] = [
     CommandSpec {
         kind: CommandKind::Send,
         name: "send",
@@ -80,6 +125,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &["the text is sent exactly as typed: quotes, mentions, emoji and spacing included"],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Broadcast,
@@ -92,6 +138,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         ],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Ask,
@@ -101,6 +148,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &["the text is sent exactly as typed"],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Ping,
@@ -110,6 +158,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::AtLeast(Role::Viewer),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Status,
@@ -119,6 +168,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::AtLeast(Role::Viewer),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Agents,
@@ -128,6 +178,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::AtLeast(Role::Viewer),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::KillSoft,
@@ -143,6 +194,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         ],
         access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::KillHard,
@@ -157,15 +209,17 @@ pub const COMMANDS: [CommandSpec; 15] = [
         ],
         access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: true,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::KillNuclear,
         name: "kill nuclear",
-        usage: "kill nuclear",
-        summary: "tear the whole mesh down: containers, volumes, network",
+        usage: "kill nuclear [--purge]",
+        summary: "tear the whole mesh down: containers (with --purge also volumes and networks)",
         notes: &["with the two-person rule on, a different director must confirm"],
         access: Access::AtLeast(Role::Director),
         confirm: true,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Resume,
@@ -175,6 +229,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[AGENT_NOTE],
         access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Confirm,
@@ -184,6 +239,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &["only the user who asked may confirm, except kill nuclear under the two-person rule"],
         access: Access::AtLeast(Role::Admin),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Dlq,
@@ -196,6 +252,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         ],
         access: Access::AtLeast(Role::Admin),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::DlqReplay,
@@ -205,6 +262,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::AtLeast(Role::Admin),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Audit,
@@ -214,6 +272,7 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::AtLeast(Role::Viewer),
         confirm: false,
+        front: Front::Any,
     },
     CommandSpec {
         kind: CommandKind::Help,
@@ -223,6 +282,117 @@ pub const COMMANDS: [CommandSpec; 15] = [
         notes: &[],
         access: Access::Anyone,
         confirm: false,
+        front: Front::Any,
+    },
+    CommandSpec {
+        kind: CommandKind::Maintenance,
+        name: "maintenance",
+        usage: "maintenance <duration> [--lead 5m] [message]",
+        summary: "announce, wait, pause the mesh for the duration, resume, ping, announce again",
+        notes: &["the pause is a soft kill by the terminal user; each step is printed as it happens"],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::Restart,
+        name: "restart",
+        usage: "restart <agent>",
+        summary: "restart one agent's listener container (Docker)",
+        notes: &[],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::Backup,
+        name: "backup",
+        usage: "backup <dir>",
+        summary: "back up the registry, stream messages, consumer positions and the kill switch",
+        notes: &["the directory is created and must not hold anything yet"],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::Restore,
+        name: "restore",
+        usage: "restore <dir>",
+        summary: "restore a backup into a fresh NATS server and write the registry back",
+        notes: &["stop the listeners first"],
+        access: Access::AtLeast(Role::Director),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::AgentsList,
+        name: "agents list",
+        usage: "agents list",
+        summary: "list the registry file's agents with where their tokens come from",
+        notes: &[],
+        access: Access::AtLeast(Role::Viewer),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::AgentsAdd,
+        name: "agents add",
+        usage: "agents add <agent> --hooks-url <url> --hooks-token <ref> [...]",
+        summary: "register an agent (tokens are env:NAME or file:/path references)",
+        notes: &[],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::AgentsRemove,
+        name: "agents remove",
+        usage: "agents remove <agent> [--keep]",
+        summary: "remove an agent from the registry (or mark it inactive)",
+        notes: &[],
+        access: Access::AtLeast(Role::Director),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::AgentsRotate,
+        name: "agents rotate",
+        usage: "agents rotate <agent> --hooks-token <ref> | --gateway-token <ref>",
+        summary: "point an agent at a new token",
+        notes: &[],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::DeployRender,
+        name: "deploy render",
+        usage: "deploy render [--out dir] [--nats-sync-interval always|2m]",
+        summary: "render nats.conf, the listener services and Prometheus targets from the registry",
+        notes: &[],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::DeployUp,
+        name: "deploy up",
+        usage: "deploy up [--out dir] [--compose file] [--project p] [--profile p] [--nats-sync-interval always|2m]",
+        summary: "render, then start the stack with docker-compose",
+        notes: &[],
+        access: Access::AtLeast(Role::Admin),
+        confirm: false,
+        front: Front::Terminal,
+    },
+    CommandSpec {
+        kind: CommandKind::Up,
+        name: "up",
+        usage: "up --demo [--data-dir dir] [--nats-port port]",
+        summary: "run a local demo mesh: nats-server, demo gateways, listeners",
+        notes: &["checked like every command; not audited, since it creates the mesh the audit trail lives in"],
+        access: Access::AtLeast(Role::Operator),
+        confirm: false,
+        front: Front::Terminal,
     },
 ];
 
@@ -254,6 +424,22 @@ pub fn suggest(typed: &str) -> Option<&'static str> {
         })
         .min()
         .map(|(_, _, c)| c)
+}
+
+/// Levenshtein distance, for "did you mean" hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(row[j + 1]) };
+            prev = cur;
+        }
+    }
+    row[b.len()]
 }
 
 /// Every command name and every first word of a multi-word name, table order.
@@ -296,7 +482,8 @@ mod tests {
         check("dql", Some("dlq"));
         check("hlep", Some("help"));
         check("x", None);
-        check("deploy", None);
+        check("deploy", Some("deploy"));
+        check("zzzzzz", None);
         check("", None);
     }
 
@@ -305,12 +492,24 @@ mod tests {
         assert_eq!(usage_of("send"), "send <agent> <text>");
         assert_eq!(
             usage_of("kill"),
-            "kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear"
+            "kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear [--purge]"
         );
         assert_eq!(usage_of("dlq"), "dlq [agent] | dlq replay <agent> [n]");
         assert_eq!(usage_of("kill soft"), "kill soft [duration] [agent] [reason]");
         assert_eq!(topic("kill"), Some("kill"));
         assert_eq!(topic("dlq replay"), Some("dlq replay"));
         assert_eq!(topic("ki"), None);
+        assert_eq!(
+            usage_of("agents"),
+            "agents | agents list | agents add <agent> --hooks-url <url> --hooks-token <ref> [...] | agents remove <agent> [--keep] | agents rotate <agent> --hooks-token <ref> | --gateway-token <ref>"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("nova", "nova"), 0);
+        assert_eq!(edit_distance("nova", "nvoa"), 2);
+        assert_eq!(edit_distance("nova", "novas"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

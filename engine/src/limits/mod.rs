@@ -47,7 +47,8 @@ pub enum CommandClass {
     Read,
     /// send, broadcast, ask.
     Message,
-    /// kill soft/hard/nuclear, resume, confirm, dlq replay.
+    /// kill soft/hard/nuclear, resume, confirm, dlq replay, and the terminal's
+    /// changes (maintenance, restart, backup, restore, agents, deploy, up).
     Control,
 }
 
@@ -64,10 +65,21 @@ impl CommandClass {
             | CommandKind::KillNuclear
             | CommandKind::Resume
             | CommandKind::Confirm
-            | CommandKind::DlqReplay => Self::Control,
+            | CommandKind::DlqReplay
+            | CommandKind::Maintenance
+            | CommandKind::Restart
+            | CommandKind::Backup
+            | CommandKind::Restore
+            | CommandKind::AgentsAdd
+            | CommandKind::AgentsRemove
+            | CommandKind::AgentsRotate
+            | CommandKind::DeployRender
+            | CommandKind::DeployUp
+            | CommandKind::Up => Self::Control,
             CommandKind::Ping
             | CommandKind::Status
             | CommandKind::Agents
+            | CommandKind::AgentsList
             | CommandKind::Dlq
             | CommandKind::Audit
             | CommandKind::Help => Self::Read,

@@ -2,15 +2,17 @@
 //! the target's durable consumers exist (so nothing published is missed), then
 //! publish with the envelope id as `Nats-Msg-Id` and wait for JetStream's ack.
 //! Both steps are retried while JetStream does not answer (see
-//! [`mesh_listener::backoff`]); a retried publish keeps its id, so it is
+//! [`mesh_runtime::backoff`]); a retried publish keeps its id, so it is
 //! stored once.
 
 use futures::StreamExt;
-use mesh_listener::backoff;
-use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::{ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
+use mesh_runtime::backoff;
+use mesh_runtime::nats::{self, NatsError};
 use uuid::Uuid;
+
+use crate::command::table::edit_distance;
 
 /// Consumers checked at once before a broadcast.
 const ENSURE_PARALLELISM: usize = 32;
@@ -87,22 +89,6 @@ pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
         .filter(|(d, _)| *d <= 2)
         .min()
         .map(|(_, id)| id.to_owned())
-}
-
-/// Levenshtein distance, for "did you mean" hints.
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = if ca == *cb { prev } else { 1 + prev.min(row[j]).min(row[j + 1]) };
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// Publishes an envelope and waits for JetStream's ack. A publish that got
@@ -235,13 +221,5 @@ mod tests {
         assert!(resolve_target(&reg, "kaan").unwrap_err().to_string().contains("is inactive"));
         assert!(resolve_target(&reg, "agents.*").unwrap_err().to_string().contains("subject separator"));
         assert!(resolve_target(&reg, "Nova").unwrap_err().to_string().contains("use \"nova\""));
-    }
-
-    #[test]
-    fn edit_distance_counts_edits() {
-        assert_eq!(edit_distance("nova", "nova"), 0);
-        assert_eq!(edit_distance("nova", "nvoa"), 2);
-        assert_eq!(edit_distance("nova", "novas"), 1);
-        assert_eq!(edit_distance("", "abc"), 3);
     }
 }

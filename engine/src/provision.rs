@@ -9,18 +9,18 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use mesh_listener::layout_check::LayoutError;
-use mesh_listener::lookup;
-use mesh_listener::nats::{self, NatsError};
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
+use mesh_runtime::layout_check::LayoutError;
+use mesh_runtime::lookup;
+use mesh_runtime::nats::{self, NatsError};
 use tracing::{info, warn};
 
 /// Creates the streams and the kill switch bucket when missing.
 pub async fn ensure_mesh(js: &jetstream::Context, replicas: Replicas) -> Result<(), NatsError> {
     nats::ensure_streams(js, replicas).await?;
-    mesh_listener::killswitch::open(js, replicas).await?;
+    mesh_runtime::kill_bucket::open(js, replicas).await?;
     Ok(())
 }
 
@@ -96,7 +96,7 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
     let mut last_error = String::new();
     loop {
         let outcome = async {
-            let registry = mesh_listener::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
+            let registry = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
             let fresh = done.as_ref().is_some_and(|(r, at)| *r == registry && at.elapsed() < RECHECK_EVERY);
             if fresh {
                 return Ok(None);

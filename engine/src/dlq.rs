@@ -54,8 +54,8 @@ pub enum DlqError {
 }
 
 async fn dlq_stream(js: &async_nats::jetstream::Context) -> Result<Stream, DlqError> {
-    let replicas = mesh_listener::nats::replicas_from_env().map_err(|e| DlqError::Read(e.to_string()))?;
-    mesh_listener::nats::ensure_streams(js, replicas).await.map_err(|e| DlqError::Read(e.to_string()))?;
+    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| DlqError::Read(e.to_string()))?;
+    mesh_runtime::nats::ensure_streams(js, replicas).await.map_err(|e| DlqError::Read(e.to_string()))?;
     js.get_stream(layout::dead_letter_stream(1).name).await.map_err(|e| DlqError::Read(e.to_string()))
 }
 
@@ -134,7 +134,7 @@ pub async fn replay(
     let target = publish::resolve_target(registry, agent)?;
     let entries = list(js, Some(&target.id), n).await?;
     let stream = dlq_stream(js).await?;
-    mesh_listener::nats::ensure_consumer(js, &target.id, target.consumer_tuning()).await.map_err(SendError::from)?;
+    mesh_runtime::nats::ensure_consumer(js, &target.id, target.consumer_tuning()).await.map_err(SendError::from)?;
     let mut report = ReplayReport::default();
     for entry in entries {
         let Some(envelope) = replay_envelope(&entry, &target.id) else {

@@ -13,8 +13,12 @@
 //!   next word if it is a valid agent id, is the agent; `--` ends the agent
 //!   slot; the rest is the reason. `kill hard` is the same without duration.
 //! - `dlq replay` is always the replay command.
+//! - Terminal-only commands (`backup`, `maintenance`, `agents add`, ...) are
+//!   rows of the same table, but a chat line naming one is refused with
+//!   [`ParseError::TerminalOnly`]: the terminal builds them from its flags.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_protocol::{AgentId, AgentIdError, Priority};
@@ -30,6 +34,8 @@ pub const MAX_SOFT_KILL: Duration = Duration::from_secs(24 * 60 * 60);
 pub const DEFAULT_REPLAY: u32 = 10;
 /// The most dead letters one `dlq replay` redelivers.
 pub const MAX_REPLAY: u32 = 1000;
+/// Dead letters `dlq` lists when no limit is given.
+pub const DEFAULT_DLQ_LIST: u32 = 20;
 /// Entries `audit` shows when no count is given.
 pub const DEFAULT_AUDIT: u32 = 20;
 /// The most entries one `audit` shows.
@@ -46,7 +52,104 @@ pub enum KillGrade {
     Nuclear,
 }
 
-/// A parsed chat or terminal command.
+/// What `agents add` registers (tokens are references, never values).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewAgent {
+    /// The new agent's id.
+    pub id: String,
+    /// Its wake hook URL.
+    pub hooks_url: String,
+    /// Reference to its hook token (`env:NAME` or `file:/path`).
+    pub hooks_token: String,
+    /// The gateway's `host:port`.
+    pub gateway: Option<String>,
+    /// Reference to the gateway's operator token.
+    pub gateway_token: Option<String>,
+    /// `wake`, `agent` or `chat`.
+    pub delivery: Option<String>,
+    /// The model (chat delivery).
+    pub model: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// Register it inactive (no listener, no messages).
+    pub inactive: bool,
+    /// Deliveries in flight its consumer is set up for (default 1).
+    pub concurrency: Option<u16>,
+}
+
+/// How often nats-server fsyncs JetStream writes (`sync_interval`).
+///
+/// `always` (the default) fsyncs every write before it is acknowledged, so an
+/// acked message survives a power loss or an OS crash; an interval such as
+/// `2m` (nats-server's own default) is faster but can lose what was acked
+/// within the last interval on such a crash (Jepsen, NATS 2.12.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncInterval {
+    /// fsync every write.
+    Always,
+    /// fsync on a timer: a Go duration made of a number and `ms`, `s`, `m` or `h`.
+    Every(String),
+}
+
+impl SyncInterval {
+    /// The `sync_interval` line of a `jetstream` block, with a comment, each line indented.
+    pub fn conf_lines(&self, indent: &str) -> String {
+        match self {
+            Self::Always => format!(
+                "{indent}# fsync every write before it is acknowledged (render with --nats-sync-interval 2m to relax)\n\
+                 {indent}sync_interval: always"
+            ),
+            Self::Every(every) => format!(
+                "{indent}# fsync every {every}: writes acked within the last interval can be lost on power loss\n\
+                 {indent}sync_interval: \"{every}\""
+            ),
+        }
+    }
+}
+
+impl std::str::FromStr for SyncInterval {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "always" {
+            return Ok(Self::Always);
+        }
+        let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        let unit = &text[digits.len()..];
+        let positive = digits.parse::<u64>().is_ok_and(|n| n > 0);
+        if positive && ["ms", "s", "m", "h"].contains(&unit) {
+            Ok(Self::Every(text.to_owned()))
+        } else {
+            Err(format!("invalid sync interval {text:?}: use always, or a duration such as 10s or 2m"))
+        }
+    }
+}
+
+impl std::fmt::Display for SyncInterval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Always => f.write_str("always"),
+            Self::Every(every) => f.write_str(every),
+        }
+    }
+}
+
+/// Where `deploy up` finds its files and which compose project it starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeployUp {
+    /// Output directory of the rendered files.
+    pub out: PathBuf,
+    /// The base compose file.
+    pub compose: PathBuf,
+    /// Compose project name.
+    pub project: String,
+    /// Compose profiles to enable.
+    pub profiles: Vec<String>,
+    /// How often nats-server fsyncs JetStream writes.
+    pub sync: SyncInterval,
+}
+
+/// A parsed chat command, or a terminal command built from flags.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Send `text` to one agent.
@@ -55,6 +158,8 @@ pub enum Command {
         agent: AgentId,
         /// The message, exactly as typed.
         text: String,
+        /// How urgent it is (normal unless `--priority` was given).
+        priority: Priority,
     },
     /// Send `text` to every active agent.
     Broadcast {
@@ -93,7 +198,10 @@ pub enum Command {
         reason: Option<String>,
     },
     /// Tear the mesh down.
-    KillNuclear,
+    KillNuclear {
+        /// Also remove the project's volumes and networks.
+        purge: bool,
+    },
     /// End a pause.
     Resume {
         /// One agent, or the whole mesh when `None`.
@@ -108,6 +216,8 @@ pub enum Command {
     Dlq {
         /// One agent's, or every agent's when `None`.
         agent: Option<AgentId>,
+        /// Show at most this many (chat: always [`DEFAULT_DLQ_LIST`]; the terminal has `--limit`).
+        limit: u32,
     },
     /// Redeliver an agent's oldest dead letters.
     DlqReplay {
@@ -126,6 +236,73 @@ pub enum Command {
         /// A command name or first word from the table (`kill`, `kill soft`).
         topic: Option<&'static str>,
     },
+    /// The maintenance window (terminal only).
+    Maintenance {
+        /// How long the mesh is paused.
+        duration: Duration,
+        /// Time between the announcement and the pause.
+        lead: Duration,
+        /// What the maintenance is for.
+        message: Option<String>,
+    },
+    /// Restart one agent's listener container (terminal only).
+    Restart {
+        /// The agent.
+        agent: AgentId,
+    },
+    /// Back up into a new directory (terminal only).
+    Backup {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// Restore a backup (terminal only).
+    Restore {
+        /// The backup directory.
+        dir: PathBuf,
+    },
+    /// List the registry file (terminal only).
+    AgentsList,
+    /// Register an agent (terminal only).
+    AgentsAdd {
+        /// The entry.
+        agent: NewAgent,
+        /// Check that the references resolve on this host.
+        check: bool,
+    },
+    /// Remove an agent, or mark it inactive (terminal only).
+    AgentsRemove {
+        /// The agent, as typed.
+        agent: String,
+        /// Keep the entry, marked inactive.
+        keep: bool,
+    },
+    /// Point an agent at new tokens (terminal only).
+    AgentsRotate {
+        /// The agent, as typed.
+        agent: String,
+        /// The new hook token's reference.
+        hooks_token: Option<String>,
+        /// The new gateway token's reference.
+        gateway_token: Option<String>,
+        /// Check that the references resolve on this host.
+        check: bool,
+    },
+    /// Render the deployment files (terminal only).
+    DeployRender {
+        /// Output directory.
+        out: PathBuf,
+        /// How often nats-server fsyncs JetStream writes.
+        sync: SyncInterval,
+    },
+    /// Render, then start the stack (terminal only).
+    DeployUp(DeployUp),
+    /// Run the local demo mesh (terminal only).
+    Up {
+        /// Where NATS data and the demo registry live.
+        data_dir: PathBuf,
+        /// NATS client port.
+        nats_port: u16,
+    },
 }
 
 impl Command {
@@ -140,13 +317,24 @@ impl Command {
             Self::Agents => CommandKind::Agents,
             Self::KillSoft { .. } => CommandKind::KillSoft,
             Self::KillHard { .. } => CommandKind::KillHard,
-            Self::KillNuclear => CommandKind::KillNuclear,
+            Self::KillNuclear { .. } => CommandKind::KillNuclear,
             Self::Resume { .. } => CommandKind::Resume,
             Self::Confirm { .. } => CommandKind::Confirm,
             Self::Dlq { .. } => CommandKind::Dlq,
             Self::DlqReplay { .. } => CommandKind::DlqReplay,
             Self::Audit { .. } => CommandKind::Audit,
             Self::Help { .. } => CommandKind::Help,
+            Self::Maintenance { .. } => CommandKind::Maintenance,
+            Self::Restart { .. } => CommandKind::Restart,
+            Self::Backup { .. } => CommandKind::Backup,
+            Self::Restore { .. } => CommandKind::Restore,
+            Self::AgentsList => CommandKind::AgentsList,
+            Self::AgentsAdd { .. } => CommandKind::AgentsAdd,
+            Self::AgentsRemove { .. } => CommandKind::AgentsRemove,
+            Self::AgentsRotate { .. } => CommandKind::AgentsRotate,
+            Self::DeployRender { .. } => CommandKind::DeployRender,
+            Self::DeployUp(_) => CommandKind::DeployUp,
+            Self::Up { .. } => CommandKind::Up,
         }
     }
 
@@ -161,28 +349,74 @@ impl Command {
     }
 }
 
-/// The canonical form, for audit entries and confirmation prompts; it parses
-/// back to the same command.
+/// The canonical form, for audit entries and confirmation prompts; a chat
+/// command's form parses back to the same command (terminal-only commands are
+/// shown the way they are typed after `mesh`).
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = self.spec().name;
         let opt_agent = |a: &Option<AgentId>| a.as_ref().map(|a| format!(" agent={a}")).unwrap_or_default();
         let reason = |r: &Option<String>| r.as_ref().map(|r| format!(" -- {r}")).unwrap_or_default();
+        let opt = |flag: &str, v: &Option<String>| v.as_ref().map(|v| format!(" --{flag} {v}")).unwrap_or_default();
         match self {
-            Self::Send { agent, text } | Self::Ask { agent, text } => write!(f, "{name} {agent} {text}"),
+            Self::Send { agent, text, priority: Priority::Normal } => write!(f, "{name} {agent} {text}"),
+            Self::Send { agent, text, priority } => write!(f, "{name} --priority {priority} {agent} {text}"),
+            Self::Ask { agent, text } => write!(f, "{name} {agent} {text}"),
             Self::Broadcast { priority, text } => write!(f, "{name} --priority {priority} {text}"),
-            Self::Ping | Self::Status | Self::Agents | Self::KillNuclear | Self::Help { topic: None } => {
-                f.write_str(name)
-            }
+            Self::Ping
+            | Self::Status
+            | Self::Agents
+            | Self::KillNuclear { purge: false }
+            | Self::Help { topic: None } => f.write_str(name),
+            Self::KillNuclear { purge: true } => write!(f, "{name} --purge"),
             Self::KillSoft { duration, agent, reason: r } => {
                 write!(f, "{name} {}{}{}", format_duration(*duration), opt_agent(agent), reason(r))
             }
             Self::KillHard { agent, reason: r } => write!(f, "{name}{}{}", opt_agent(agent), reason(r)),
-            Self::Resume { agent } | Self::Dlq { agent } => write!(f, "{name}{}", opt_agent(agent)),
+            Self::Resume { agent } | Self::Dlq { agent, limit: DEFAULT_DLQ_LIST } => {
+                write!(f, "{name}{}", opt_agent(agent))
+            }
+            Self::Dlq { agent, limit } => write!(f, "{name}{} --limit {limit}", opt_agent(agent)),
             Self::Confirm { code } => write!(f, "{name} {code}"),
             Self::DlqReplay { agent, count } => write!(f, "{name} {agent} {count}"),
             Self::Audit { count } => write!(f, "{name} {count}"),
             Self::Help { topic: Some(topic) } => write!(f, "{name} {topic}"),
+            Self::Maintenance { duration, lead, message } => {
+                write!(f, "{name} {} --lead {}", format_duration(*duration), format_duration(*lead))?;
+                message.as_ref().map_or(Ok(()), |m| write!(f, " -- {m}"))
+            }
+            Self::Restart { agent } => write!(f, "{name} {agent}"),
+            Self::Backup { dir } | Self::Restore { dir } => write!(f, "{name} {}", dir.display()),
+            Self::AgentsList => f.write_str(name),
+            Self::AgentsAdd { agent: a, check } => {
+                write!(f, "{name} {} --hooks-url {} --hooks-token {}", a.id, a.hooks_url, a.hooks_token)?;
+                write!(f, "{}{}", opt("gateway", &a.gateway), opt("gateway-token", &a.gateway_token))?;
+                write!(f, "{}{}{}", opt("delivery", &a.delivery), opt("model", &a.model), opt("name", &a.name))?;
+                write!(f, "{}{}", if a.inactive { " --inactive" } else { "" }, if *check { "" } else { " --no-check" })
+            }
+            Self::AgentsRemove { agent, keep } => write!(f, "{name} {agent}{}", if *keep { " --keep" } else { "" }),
+            Self::AgentsRotate { agent, hooks_token, gateway_token, check } => write!(
+                f,
+                "{name} {agent}{}{}{}",
+                opt("hooks-token", hooks_token),
+                opt("gateway-token", gateway_token),
+                if *check { "" } else { " --no-check" }
+            ),
+            Self::DeployRender { out, sync } => write!(f, "{name} --out {} --nats-sync-interval {sync}", out.display()),
+            Self::DeployUp(up) => {
+                write!(
+                    f,
+                    "{name} --out {} --compose {} --project {} --nats-sync-interval {}",
+                    up.out.display(),
+                    up.compose.display(),
+                    up.project,
+                    up.sync
+                )?;
+                up.profiles.iter().try_for_each(|p| write!(f, " --profile {p}"))
+            }
+            Self::Up { data_dir, nats_port } => {
+                write!(f, "{name} --demo --data-dir {} --nats-port {nats_port}", data_dir.display())
+            }
         }
     }
 }
@@ -224,6 +458,14 @@ pub enum ParseError {
         /// What is wrong and what to write instead.
         problem: String,
         /// The usage line.
+        usage: &'static str,
+    },
+    /// A terminal-only command was given in chat.
+    #[error("{name} runs only in a terminal on the host: mesh {usage}")]
+    TerminalOnly {
+        /// The command's name.
+        name: &'static str,
+        /// Its usage line.
         usage: &'static str,
     },
     /// Words left over after a complete command.
@@ -276,41 +518,55 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
         "dlq" => CommandKind::Dlq,
         "audit" => CommandKind::Audit,
         "help" => CommandKind::Help,
+        "maintenance" => CommandKind::Maintenance,
+        "restart" => CommandKind::Restart,
+        "backup" => CommandKind::Backup,
+        "restore" => CommandKind::Restore,
+        "up" => CommandKind::Up,
+        "deploy" => match c.word().map(str::to_lowercase).as_deref() {
+            Some("up") => CommandKind::DeployUp,
+            _ => CommandKind::DeployRender,
+        },
         _ => return Err(unknown(&first)),
     };
+    let kind = match (kind, c.peek().map(str::to_lowercase).as_deref()) {
+        (CommandKind::Agents, Some("list")) => CommandKind::AgentsList,
+        (CommandKind::Agents, Some("add")) => CommandKind::AgentsAdd,
+        (CommandKind::Agents, Some("remove")) => CommandKind::AgentsRemove,
+        (CommandKind::Agents, Some("rotate")) => CommandKind::AgentsRotate,
+        (kind, _) => kind,
+    };
     let spec = kind.spec();
+    if spec.front == table::Front::Terminal {
+        return Err(ParseError::TerminalOnly { name: spec.name, usage: spec.usage });
+    }
     let usage = spec.usage;
     let missing = |what| ParseError::Missing { what, usage: usage.to_owned() };
     let command = match kind {
-        CommandKind::Send | CommandKind::Ask => {
+        CommandKind::Send => {
+            let priority = priority(&mut c, usage)?;
             let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
             let text = c.text().ok_or_else(|| missing("<text>"))?.to_owned();
-            if kind == CommandKind::Send { Command::Send { agent, text } } else { Command::Ask { agent, text } }
+            Command::Send { agent, text, priority }
+        }
+        CommandKind::Ask => {
+            let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
+            Command::Ask { agent, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned() }
         }
         CommandKind::Broadcast => {
-            let mut priority = Priority::default();
-            if let Some(word) = c.peek() {
-                let value = match word.strip_prefix("--priority") {
-                    Some("") => {
-                        c.word();
-                        Some(c.word().ok_or_else(|| missing("the priority after --priority"))?)
-                    }
-                    Some(eq) => eq.strip_prefix('=').inspect(|_| {
-                        c.word();
-                    }),
-                    None => None,
-                };
-                if let Some(value) = value {
-                    priority =
-                        value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage })?;
-                }
-            }
+            let priority = priority(&mut c, usage)?;
             Command::Broadcast { priority, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned() }
         }
         CommandKind::Ping => Command::Ping,
         CommandKind::Status => Command::Status,
         CommandKind::Agents => Command::Agents,
-        CommandKind::KillNuclear => Command::KillNuclear,
+        CommandKind::KillNuclear => {
+            let purge = c.peek().is_some_and(|w| w.eq_ignore_ascii_case("--purge"));
+            if purge {
+                c.word();
+            }
+            Command::KillNuclear { purge }
+        }
         CommandKind::KillSoft => {
             let given = c.peek().filter(|w| is_duration_shaped(w));
             let duration = match given {
@@ -344,7 +600,9 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
             Command::KillHard { agent, reason: c.reason() }
         }
         CommandKind::Resume => Command::Resume { agent: c.word().map(|w| agent(w, usage)).transpose()? },
-        CommandKind::Dlq => Command::Dlq { agent: c.word().map(|w| agent(w, usage)).transpose()? },
+        CommandKind::Dlq => {
+            Command::Dlq { agent: c.word().map(|w| agent(w, usage)).transpose()?, limit: DEFAULT_DLQ_LIST }
+        }
         CommandKind::Confirm => {
             let raw = c.word().ok_or_else(|| missing("<code>"))?;
             let code = confirm::normalize_code(raw).ok_or_else(|| ParseError::BadArgument {
@@ -373,6 +631,17 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
                 Command::Help { topic: Some(table::topic(&wanted).ok_or_else(|| unknown(&wanted))?) }
             }
         }
+        CommandKind::Maintenance
+        | CommandKind::Restart
+        | CommandKind::Backup
+        | CommandKind::Restore
+        | CommandKind::AgentsList
+        | CommandKind::AgentsAdd
+        | CommandKind::AgentsRemove
+        | CommandKind::AgentsRotate
+        | CommandKind::DeployRender
+        | CommandKind::DeployUp
+        | CommandKind::Up => return Err(ParseError::TerminalOnly { name: spec.name, usage }),
     };
     if let Some(extra) = c.word() {
         return Err(ParseError::Unexpected { extra: shown_plain(extra), name: spec.name, usage });
@@ -387,6 +656,28 @@ pub fn format_duration(d: Duration) -> String {
         s if s > 0 && s % 3600 == 0 => format!("{}h", s / 3600),
         s if s > 0 && s % 60 == 0 => format!("{}m", s / 60),
         s => format!("{s}s"),
+    }
+}
+
+/// An optional leading `--priority P` (or `--priority=P`); normal when absent.
+fn priority(c: &mut Cursor<'_>, usage: &'static str) -> Result<Priority, ParseError> {
+    let Some(word) = c.peek() else { return Ok(Priority::default()) };
+    let value = match word.strip_prefix("--priority") {
+        Some("") => {
+            c.word();
+            Some(c.word().ok_or_else(|| ParseError::Missing {
+                what: "the priority after --priority",
+                usage: usage.to_owned(),
+            })?)
+        }
+        Some(eq) => eq.strip_prefix('=').inspect(|_| {
+            c.word();
+        }),
+        None => None,
+    };
+    match value {
+        Some(value) => value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage }),
+        None => Ok(Priority::default()),
     }
 }
 
@@ -522,7 +813,7 @@ mod tests {
     }
 
     fn send(agent: &str, text: &str) -> Command {
-        Command::Send { agent: id(agent), text: text.into() }
+        Command::Send { agent: id(agent), text: text.into(), priority: Priority::Normal }
     }
 
     fn soft(secs: u64, agent: Option<&str>, reason: Option<&str>) -> Command {
@@ -564,6 +855,11 @@ mod tests {
         check("send nova\nline one\nline two", Ok(send("nova", "line one\nline two")));
         check("send nova\tkill hard", Ok(send("nova", "kill hard")));
         check("send agent=nova hi", Ok(send("nova", "hi")));
+        check(
+            "send --priority high nova deploy done",
+            Ok(Command::Send { agent: id("nova"), text: "deploy done".into(), priority: Priority::High }),
+        );
+        check("send nova hi --priority high", Ok(send("nova", "hi --priority high")));
         check("ask kaan what is 2+2?", Ok(Command::Ask { agent: id("kaan"), text: "what is 2+2?".into() }));
         check("send nova", Err("missing <text>; usage: send <agent> <text>"));
         check("send nova    ", Err("missing <text>; usage: send <agent> <text>"));
@@ -649,12 +945,13 @@ mod tests {
                 "kill hard takes no duration (\"5m\"): it lasts until a director resumes, so use kill soft 5m for a timed pause; usage: kill hard [agent] [reason]",
             ),
         );
-        check("kill nuclear", Ok(Command::KillNuclear));
-        check("kill nuclear now", Err("unexpected \"now\" after \"kill nuclear\"; usage: kill nuclear"));
+        check("kill nuclear", Ok(Command::KillNuclear { purge: false }));
+        check("kill nuclear --purge", Ok(Command::KillNuclear { purge: true }));
+        check("kill nuclear now", Err("unexpected \"now\" after \"kill nuclear\"; usage: kill nuclear [--purge]"));
         check(
             "kill",
             Err(
-                "missing soft, hard or nuclear; usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear",
+                "missing soft, hard or nuclear; usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear [--purge]",
             ),
         );
         check(
@@ -683,9 +980,9 @@ mod tests {
                 "\"12\" is not a confirmation code; codes are 6 letters and digits such as K7P2QX; usage: confirm <code>",
             ),
         );
-        check("dlq", Ok(Command::Dlq { agent: None }));
-        check("dlq nova", Ok(Command::Dlq { agent: Some(id("nova")) }));
-        check("dlq agent=replay", Ok(Command::Dlq { agent: Some(id("replay")) }));
+        check("dlq", Ok(Command::Dlq { agent: None, limit: DEFAULT_DLQ_LIST }));
+        check("dlq nova", Ok(Command::Dlq { agent: Some(id("nova")), limit: DEFAULT_DLQ_LIST }));
+        check("dlq agent=replay", Ok(Command::Dlq { agent: Some(id("replay")), limit: DEFAULT_DLQ_LIST }));
         check("dlq replay nova", Ok(Command::DlqReplay { agent: id("nova"), count: DEFAULT_REPLAY }));
         check("DLQ Replay nova 3", Ok(Command::DlqReplay { agent: id("nova"), count: 3 }));
         check("dlq replay", Err("missing <agent>; usage: dlq replay <agent> [n]"));
@@ -709,10 +1006,28 @@ mod tests {
         check(
             "kil hard",
             Err(
-                "unknown command \"kil\"; did you mean \"kill\"? usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear",
+                "unknown command \"kil\"; did you mean \"kill\"? usage: kill soft [duration] [agent] [reason] | kill hard [agent] [reason] | kill nuclear [--purge]",
             ),
         );
-        check("deploy", Err("unknown command \"deploy\"; try \"help\" for the list of commands"));
+        check(
+            "deploy",
+            Err(
+                "deploy render runs only in a terminal on the host: mesh deploy render [--out dir] [--nats-sync-interval always|2m]",
+            ),
+        );
+        check("backup /tmp/x", Err("backup runs only in a terminal on the host: mesh backup <dir>"));
+        check(
+            "agents add kaan",
+            Err(
+                "agents add runs only in a terminal on the host: mesh agents add <agent> --hooks-url <url> --hooks-token <ref> [...]",
+            ),
+        );
+        check(
+            "depoly",
+            Err(
+                "unknown command \"depoly\"; did you mean \"deploy\"? usage: deploy render [--out dir] [--nats-sync-interval always|2m] | deploy up [--out dir] [--compose file] [--project p] [--profile p] [--nats-sync-interval always|2m]",
+            ),
+        );
         check("", Err("no command given; try \"help\" for the list of commands"));
         check(" \t ", Err("no command given; try \"help\" for the list of commands"));
         let long = parse(&"x".repeat(100_000)).unwrap_err().to_string();
@@ -722,6 +1037,11 @@ mod tests {
     #[test]
     fn every_table_name_parses_to_its_kind() {
         for spec in table::COMMANDS.iter() {
+            if spec.front == table::Front::Terminal {
+                let refused = parse(spec.name).map(|c| c.kind());
+                assert_eq!(refused, Err(ParseError::TerminalOnly { name: spec.name, usage: spec.usage }));
+                continue;
+            }
             let line = match spec.kind {
                 CommandKind::Send | CommandKind::Ask => format!("{} nova hi", spec.name),
                 CommandKind::Broadcast => "broadcast hi".to_owned(),
@@ -768,19 +1088,23 @@ mod props {
 
     fn command() -> impl Strategy<Value = Command> {
         let agent = proptest::option::of(agent_id());
-        let priority = proptest::sample::select(Priority::ALL.to_vec());
         let code =
             proptest::collection::vec(proptest::sample::select(confirm::CODE_ALPHABET.to_vec()), confirm::CODE_LEN)
                 .prop_map(|b| String::from_utf8(b).expect("ascii"));
         let topic = proptest::sample::select(table::candidates().collect::<Vec<_>>());
+        let priority = proptest::sample::select(Priority::ALL.to_vec());
         prop_oneof![
-            (agent_id(), text()).prop_map(|(agent, text)| Command::Send { agent, text }),
+            (agent_id(), text(), priority.clone()).prop_map(|(agent, text, priority)| Command::Send {
+                agent,
+                text,
+                priority
+            }),
             (agent_id(), text()).prop_map(|(agent, text)| Command::Ask { agent, text }),
-            (priority, text()).prop_map(|(priority, text)| Command::Broadcast { priority, text }),
+            (priority.clone(), text()).prop_map(|(priority, text)| Command::Broadcast { priority, text }),
             Just(Command::Ping),
             Just(Command::Status),
             Just(Command::Agents),
-            Just(Command::KillNuclear),
+            any::<bool>().prop_map(|purge| Command::KillNuclear { purge }),
             (1..=MAX_SOFT_KILL.as_secs(), agent.clone(), reason()).prop_map(|(s, agent, reason)| Command::KillSoft {
                 duration: Duration::from_secs(s),
                 agent,
@@ -788,7 +1112,7 @@ mod props {
             }),
             (agent.clone(), reason()).prop_map(|(agent, reason)| Command::KillHard { agent, reason }),
             agent.clone().prop_map(|agent| Command::Resume { agent }),
-            agent.prop_map(|agent| Command::Dlq { agent }),
+            agent.prop_map(|agent| Command::Dlq { agent, limit: DEFAULT_DLQ_LIST }),
             code.prop_map(|code| Command::Confirm { code }),
             (agent_id(), 1..=MAX_REPLAY).prop_map(|(agent, count)| Command::DlqReplay { agent, count }),
             (1..=MAX_AUDIT).prop_map(|count| Command::Audit { count }),
@@ -814,7 +1138,7 @@ mod props {
         fn message_text_passes_through_intact(agent in agent_id(), text in text(), word in "(send|SEND|Send|ask)") {
             let parsed = parse(&format!("{word} {agent} {text}")).expect("a well-formed send parses");
             let (got_agent, got_text) = match parsed {
-                Command::Send { agent, text } | Command::Ask { agent, text } => (agent, text),
+                Command::Send { agent, text, .. } | Command::Ask { agent, text } => (agent, text),
                 other => panic!("parsed as {other:?}"),
             };
             prop_assert_eq!(got_agent, agent);

@@ -65,7 +65,7 @@ pub async fn monitor(client: async_nats::Client, registry_path: PathBuf, every: 
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(registry) = mesh_listener::registry_file::load(&registry_path) else { continue };
+        let Ok(registry) = mesh_runtime::registry_file::load(&registry_path) else { continue };
         let Ok(report) = crate::ping::ping(&client, &registry, Duration::from_secs(2)).await else { continue };
         let up = report
             .rows

@@ -159,62 +159,7 @@ fn list(items: &[String]) -> String {
     items.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")
 }
 
-/// How often nats-server fsyncs JetStream writes (`sync_interval`).
-///
-/// `always` (the default) fsyncs every write before it is acknowledged, so an
-/// acked message survives a power loss or an OS crash; an interval such as
-/// `2m` (nats-server's own default) is faster but can lose what was acked
-/// within the last interval on such a crash (Jepsen, NATS 2.12.1).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SyncInterval {
-    /// fsync every write.
-    Always,
-    /// fsync on a timer: a Go duration made of a number and `ms`, `s`, `m` or `h`.
-    Every(String),
-}
-
-impl SyncInterval {
-    /// The `sync_interval` line of a `jetstream` block, with a comment, each line indented.
-    pub fn conf_lines(&self, indent: &str) -> String {
-        match self {
-            Self::Always => format!(
-                "{indent}# fsync every write before it is acknowledged (render with --nats-sync-interval 2m to relax)\n\
-                 {indent}sync_interval: always"
-            ),
-            Self::Every(every) => format!(
-                "{indent}# fsync every {every}: writes acked within the last interval can be lost on power loss\n\
-                 {indent}sync_interval: \"{every}\""
-            ),
-        }
-    }
-}
-
-impl std::str::FromStr for SyncInterval {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        if text == "always" {
-            return Ok(Self::Always);
-        }
-        let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-        let unit = &text[digits.len()..];
-        let positive = digits.parse::<u64>().is_ok_and(|n| n > 0);
-        if positive && ["ms", "s", "m", "h"].contains(&unit) {
-            Ok(Self::Every(text.to_owned()))
-        } else {
-            Err(format!("invalid sync interval {text:?}: use always, or a duration such as 10s or 2m"))
-        }
-    }
-}
-
-impl std::fmt::Display for SyncInterval {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Always => f.write_str("always"),
-            Self::Every(every) => f.write_str(every),
-        }
-    }
-}
+pub use crate::command::grammar::SyncInterval;
 
 /// The NATS server config: JetStream, monitoring, and one user per [`Access`]
 /// plus the unrestricted operator user; passwords are `$VARIABLE` references.
@@ -302,124 +247,54 @@ pub async fn probe(url: &str) -> anyhow::Result<()> {
     tokio::time::timeout(LIMIT, bounded).await.map_err(|_| anyhow::anyhow!("{url}: no answer within {LIMIT:?}"))?
 }
 
-/// `mesh deploy <action>`.
-#[derive(Debug, clap::Subcommand)]
-pub enum DeployAction {
-    /// Render nats.conf, the listener services and the Prometheus targets from the registry.
-    Render {
-        /// Output directory.
-        #[arg(long, default_value = DEFAULT_OUT)]
-        out: PathBuf,
-        /// How often nats-server fsyncs JetStream writes: always, or a duration such as 2m.
-        #[arg(long, default_value = "always")]
-        nats_sync_interval: SyncInterval,
-    },
-    /// Render, then start the stack: docker-compose up -d with the base file and the rendered listeners.
-    Up {
-        /// Output directory of the rendered files.
-        #[arg(long, default_value = DEFAULT_OUT)]
-        out: PathBuf,
-        /// The base compose file.
-        #[arg(long, default_value = DEFAULT_COMPOSE)]
-        compose: PathBuf,
-        /// Compose project name.
-        #[arg(long, env = crate::docker::PROJECT_ENV, default_value = crate::docker::DEFAULT_PROJECT)]
-        project: String,
-        /// Compose profiles to enable (demo, monitoring).
-        #[arg(long)]
-        profile: Vec<String>,
-        /// How often nats-server fsyncs JetStream writes: always, or a duration such as 2m.
-        #[arg(long, default_value = "always")]
-        nats_sync_interval: SyncInterval,
-    },
-    /// Exit 0 when a service answers (http://... 2xx, or tcp://host:port): the containers' health check.
-    Probe {
-        /// What to check.
-        url: String,
-    },
-    /// Run a demo agent gateway that prints every hook call (token from an environment variable).
-    DemoGateway {
-        /// The agent it stands for.
-        #[arg(long)]
-        agent: String,
-        /// Address to listen on.
-        #[arg(long, default_value = "0.0.0.0:7002")]
-        addr: std::net::SocketAddr,
-        /// Environment variable holding the hook token it accepts.
-        #[arg(long, default_value = "HOOKS_TOKEN")]
-        token_env: String,
-    },
+/// What `deploy render` (and the render step of `deploy up`) wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RenderReport {
+    /// Problems worth fixing that did not stop the render.
+    pub warnings: Vec<String>,
+    /// Listener services rendered (one per active agent).
+    pub listeners: usize,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// The output directory.
+    pub out: PathBuf,
 }
 
-/// Runs one `mesh deploy` action.
-pub async fn run(registry_path: &Path, action: DeployAction) -> anyhow::Result<()> {
-    match action {
-        DeployAction::Render { out, nats_sync_interval } => {
-            let registry = mesh_listener::registry_file::load(registry_path)?;
-            let rendered = render(&registry, &nats_sync_interval);
-            for w in &rendered.warnings {
-                eprintln!("warning: {w}");
-            }
-            let files = write(&rendered, &out)?;
-            println!("rendered {} listener services into {}", registry.active().count(), out.display());
-            for f in files {
-                println!("  {}", f.display());
-            }
-        }
-        DeployAction::Up { out, compose, project, profile, nats_sync_interval } => {
-            let registry = mesh_listener::registry_file::load(registry_path)?;
-            let rendered = render(&registry, &nats_sync_interval);
-            for w in &rendered.warnings {
-                eprintln!("warning: {w}");
-            }
-            write(&rendered, &out)?;
-            let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-            let config_dir =
-                absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
-            let mut command = tokio::process::Command::new("docker-compose");
-            command.arg("-p").arg(&project).arg("-f").arg(&compose).arg("-f").arg(out.join(COMPOSE_FILE));
-            for p in &profile {
-                command.args(["--profile", p]);
-            }
-            command.args(["up", "-d", "--remove-orphans"]);
-            // The registry's directory and the rendered files, unless the environment says otherwise.
-            if std::env::var_os("MESH_CONFIG_DIR").is_none() {
-                command.env("MESH_CONFIG_DIR", config_dir);
-            }
-            if std::env::var_os("MESH_GENERATED_DIR").is_none() {
-                command.env("MESH_GENERATED_DIR", absolute(&out));
-            }
-            let status = command.status().await.map_err(|e| {
-                anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
-            })?;
-            anyhow::ensure!(
-                status.success(),
-                "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
-                out.join(ENV_EXAMPLE).display()
-            );
-            println!(
-                "mesh up as compose project {project:?}: {} listeners; `mesh status` lists the containers",
-                registry.active().count()
-            );
-        }
-        DeployAction::Probe { url } => probe(&url).await?,
-        DeployAction::DemoGateway { agent, addr, token_env } => {
-            let token = std::env::var(&token_env)
-                .ok()
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| anyhow::anyhow!("set {token_env} to the hook token this gateway accepts"))?;
-            let gateway = crate::demo_gateway::DemoGateway {
-                agent,
-                hooks_token: token.trim().to_owned(),
-                gateway_token: format!("{}-unused", uuid::Uuid::now_v7()),
-            };
-            let listener = tokio::net::TcpListener::bind(addr).await?;
-            println!("demo gateway for {} on {}", gateway.agent, listener.local_addr()?);
-            crate::demo_gateway::serve_on(listener, gateway);
-            mesh_listener::shutdown::shutdown_signal().await;
-        }
+/// Renders the deployment files from the registry at `registry_path` into `out`.
+pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> anyhow::Result<RenderReport> {
+    let registry = mesh_runtime::registry_file::load(registry_path)?;
+    let rendered = render(&registry, sync);
+    let files = write(&rendered, out)?;
+    Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
+}
+
+/// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
+pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) -> anyhow::Result<RenderReport> {
+    let report = render_into(registry_path, &up.out, &up.sync)?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let config_dir = absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
+    let mut command = tokio::process::Command::new("docker-compose");
+    command.arg("-p").arg(&up.project).arg("-f").arg(&up.compose).arg("-f").arg(up.out.join(COMPOSE_FILE));
+    for p in &up.profiles {
+        command.args(["--profile", p]);
     }
-    Ok(())
+    command.args(["up", "-d", "--remove-orphans"]);
+    // The registry's directory and the rendered files, unless the environment says otherwise.
+    if std::env::var_os("MESH_CONFIG_DIR").is_none() {
+        command.env("MESH_CONFIG_DIR", config_dir);
+    }
+    if std::env::var_os("MESH_GENERATED_DIR").is_none() {
+        command.env("MESH_GENERATED_DIR", absolute(&up.out));
+    }
+    let status = command.status().await.map_err(|e| {
+        anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
+    })?;
+    anyhow::ensure!(
+        status.success(),
+        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
+        up.out.join(ENV_EXAMPLE).display()
+    );
+    Ok(report)
 }
 
 #[cfg(test)]

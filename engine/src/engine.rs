@@ -1,0 +1,881 @@
+//! The command engine every front end shares, and the one road every command
+//! takes: a typed [`Command`] (parsed from a chat line, or built from the
+//! terminal's flags) -> front end check -> permission -> rate limit ->
+//! confirmation -> execution -> audit record -> platform-neutral reply.
+//! Slack, Discord and the terminal only render what it returns.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_protocol::killswitch::{Mode, Scope};
+use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::subject::Subject;
+use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
+use time::OffsetDateTime;
+use tracing::warn;
+
+use crate::audit::{self, AuditRecord};
+use crate::command::table::Front;
+use crate::command::{Command, ConfirmConfig, Confirmations, Identity, KillGrade, Permissions, Reply, parse};
+use crate::containers::{Containers, DockerError, NoContainers};
+use crate::killswitch;
+use crate::mesh::{Mesh, NatsMesh};
+use crate::publish;
+
+/// Where a command came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    /// The `mesh` command line.
+    Cli,
+    /// Slack.
+    Slack,
+    /// Discord.
+    Discord,
+}
+
+impl Platform {
+    /// The name used in the audit trail.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cli => "cli",
+            Self::Slack => "slack",
+            Self::Discord => "discord",
+        }
+    }
+}
+
+/// Sees each step of a long command as it happens (`maintenance`).
+#[derive(Clone)]
+pub struct Progress(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress")
+    }
+}
+
+/// One command to run.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Who gave it.
+    pub who: Identity,
+    /// Where.
+    pub platform: Platform,
+    /// In which channel, if any.
+    pub channel: Option<String>,
+    /// The command line for the audit trail: as typed in chat, or the
+    /// terminal command's canonical form.
+    pub line: String,
+    /// The sender name messages carry (the terminal's `--from` or `cli:<user>`);
+    /// `None`: the identity's key.
+    pub from: Option<String>,
+    /// Where the steps of a long command go, if anywhere.
+    pub progress: Option<Progress>,
+}
+
+impl Request {
+    /// A chat command line.
+    pub fn chat(who: Identity, platform: Platform, channel: Option<String>, line: impl Into<String>) -> Self {
+        Self { who, platform, channel, line: line.into(), from: None, progress: None }
+    }
+
+    /// A command the terminal built from its flags, sent as `from`.
+    pub fn terminal(command: &Command, from: impl Into<String>) -> Self {
+        Self {
+            who: Identity::Terminal,
+            platform: Platform::Cli,
+            channel: None,
+            line: command.to_string(),
+            from: Some(from.into()),
+            progress: None,
+        }
+    }
+
+    /// The sender name of the messages it publishes.
+    fn sender(&self) -> String {
+        self.from.clone().unwrap_or_else(|| self.who.key())
+    }
+}
+
+/// A reply that arrives later (an agent's answer to `ask`).
+pub type FollowUp = Pin<Box<dyn Future<Output = Reply> + Send + 'static>>;
+
+/// What a command produced.
+pub struct Handled {
+    /// The answer to show now.
+    pub reply: Reply,
+    /// An answer to show when it arrives (`ask`).
+    pub follow_up: Option<FollowUp>,
+    /// The code a dangerous command waits for (`confirm <code>`).
+    pub confirmation_code: Option<String>,
+    /// True when the command failed or found a fault (the terminal exits non-zero):
+    /// an error reply, or a ping or maintenance with active agents missing.
+    pub failed: bool,
+    /// Why the audit record could not be stored, if it could not.
+    pub audit_error: Option<String>,
+}
+
+impl Handled {
+    fn reply(reply: Reply) -> Self {
+        let failed = reply.tone == crate::command::Tone::Error;
+        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None }
+    }
+}
+
+impl std::fmt::Debug for Handled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handled")
+            .field("reply", &self.reply)
+            .field("follow_up", &self.follow_up.is_some())
+            .field("failed", &self.failed)
+            .finish()
+    }
+}
+
+/// Settings of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The registry file, read for every command (so edits apply at once).
+    pub registry_path: PathBuf,
+    /// Who may do what.
+    pub permissions: Permissions,
+    /// Confirmation window and two-person rule.
+    pub confirm: ConfirmConfig,
+    /// How long `ask` waits for the agent's reply.
+    pub ask_timeout: Duration,
+    /// How long `ping` and `status` wait for pongs.
+    pub ping_timeout: Duration,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+}
+
+/// The clock the engine reads (confirmation windows, audit times).
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// The engine.
+pub struct Engine {
+    config: EngineConfig,
+    /// The mesh, or why it cannot be reached (commands that edit local files
+    /// still run; their audit record is then reported as not stored).
+    mesh: Result<Arc<dyn Mesh>, String>,
+    containers: Arc<dyn Containers>,
+    confirmations: Mutex<Confirmations>,
+    limits: crate::limits::LimitStore,
+    clock: Clock,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("mesh", &self.mesh)
+            .field("containers", &self.containers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What running a command did, for the reply and the audit trail.
+struct Executed {
+    reply: Reply,
+    message_ids: Vec<String>,
+    follow_up: Option<FollowUp>,
+    /// A fault that is no error (active agents missing from a ping).
+    failed: bool,
+}
+
+impl Executed {
+    fn reply(reply: Reply) -> Self {
+        Self { reply, message_ids: Vec::new(), follow_up: None, failed: false }
+    }
+
+    fn with_ids(reply: Reply, message_ids: Vec<String>) -> Self {
+        Self { reply, message_ids, follow_up: None, failed: false }
+    }
+}
+
+impl Engine {
+    /// Connects the engine to the mesh.
+    pub async fn new(
+        config: EngineConfig,
+        client: async_nats::Client,
+        limits: crate::limits::LimitStore,
+    ) -> Result<Self, EngineError> {
+        let mesh = NatsMesh::open(client).await?;
+        Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
+    }
+
+    /// An engine on any [`Mesh`] (a fake in tests), or with none: `Err`
+    /// says why, and then only commands that edit local files run (checked as
+    /// usual; no audit record can be stored). Containers: none until
+    /// [`Engine::with_containers`].
+    pub fn with_mesh(
+        config: EngineConfig,
+        mesh: Result<Arc<dyn Mesh>, String>,
+        limits: crate::limits::LimitStore,
+    ) -> Self {
+        let confirmations = Mutex::new(Confirmations::new(config.confirm));
+        let clock: Clock = Arc::new(OffsetDateTime::now_utc);
+        Self { config, mesh, containers: Arc::new(NoContainers), confirmations, limits, clock }
+    }
+
+    /// An engine with no mesh (NATS cannot be reached, or does not exist yet).
+    pub fn offline(config: EngineConfig, reason: String, limits: crate::limits::LimitStore) -> Self {
+        Self::with_mesh(config, Err(reason), limits)
+    }
+
+    /// Sets the containers the engine stops, starts, restarts and lists.
+    pub fn with_containers(mut self, containers: Arc<dyn Containers>) -> Self {
+        self.containers = containers;
+        self
+    }
+
+    /// Sets the clock (tests move it to expire confirmation codes).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Rate limits and retry dedup.
+    pub fn limits(&self) -> &crate::limits::LimitStore {
+        &self.limits
+    }
+
+    fn mesh(&self) -> Result<&dyn Mesh, String> {
+        self.mesh.as_deref().map_err(Clone::clone)
+    }
+
+    /// Runs one chat command line: parses it, then takes the one road.
+    pub async fn handle(&self, request: Request) -> Handled {
+        match parse(&request.line) {
+            Ok(command) => self.handle_command(request, command).await,
+            Err(e) => {
+                let reply = Reply::error(e.to_string()).ephemeral();
+                let audit_error = self.audit(&request, "invalid", &reply, &[]).await;
+                Handled { audit_error, ..Handled::reply(reply) }
+            }
+        }
+    }
+
+    /// The checks before execution: front end, permission, rate limit. A
+    /// refusal is audited and returned as the reply to show; otherwise the role
+    /// the person acts with. `mesh up` takes only this part (it creates the mesh).
+    pub async fn admit(&self, request: &Request, command: &Command) -> Result<Option<crate::command::Role>, Handled> {
+        let spec = command.spec();
+        if spec.front == Front::Terminal && request.platform != Platform::Cli {
+            let reply = Reply::error(format!("{} runs only in a terminal on the host: mesh {}", spec.name, spec.usage))
+                .ephemeral();
+            let audit_error = self.audit(request, "denied", &reply, &[]).await;
+            return Err(Handled { audit_error, ..Handled::reply(reply) });
+        }
+        let pause = self.pause_grade(command).await;
+        let role = match self.config.permissions.check(&request.who, command, pause) {
+            Ok(role) => role,
+            Err(denied) => {
+                let reply = Reply::error(denied.to_string()).ephemeral();
+                let audit_error = self.audit(request, "denied", &reply, &[]).await;
+                return Err(Handled { audit_error, ..Handled::reply(reply) });
+            }
+        };
+        if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), command).await {
+            let reply = Reply::error(message).ephemeral();
+            let audit_error = self.audit(request, "limited", &reply, &[]).await;
+            return Err(Handled { audit_error, ..Handled::reply(reply) });
+        }
+        Ok(role)
+    }
+
+    /// Runs one typed command: the chat's parsed line, or what the terminal
+    /// built from its flags.
+    pub async fn handle_command(&self, request: Request, command: Command) -> Handled {
+        let now = (self.clock)();
+        let role = match self.admit(&request, &command).await {
+            Ok(role) => role,
+            Err(refused) => return refused,
+        };
+        if command.needs_confirmation() {
+            let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
+            let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
+            let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
+            return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
+        }
+        let command = match command {
+            Command::Confirm { code } => match self.confirm(&request.who, role, &code, now) {
+                Ok(action) => action.command,
+                Err(e) => {
+                    let reply = Reply::error(e.to_string()).ephemeral();
+                    let audit_error = self.audit(&request, "denied", &reply, &[]).await;
+                    return Handled { audit_error, ..Handled::reply(reply) };
+                }
+            },
+            other => other,
+        };
+        let executed = match self.execute(&request, role, command).await {
+            Ok(executed) => executed,
+            Err(message) => Executed::reply(Reply::error(message)),
+        };
+        let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
+        let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
+        Handled { reply: executed.reply, follow_up: executed.follow_up, confirmation_code: None, failed, audit_error }
+    }
+
+    /// Takes a pending action (the lock is released before anything awaits).
+    fn confirm(
+        &self,
+        who: &Identity,
+        role: Option<crate::command::Role>,
+        code: &str,
+        now: OffsetDateTime,
+    ) -> Result<crate::command::PendingAction, crate::command::ConfirmError> {
+        self.lock_confirmations().confirm(who, role, code, now)
+    }
+
+    fn lock_confirmations(&self) -> std::sync::MutexGuard<'_, Confirmations> {
+        self.confirmations.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The grade of the pause a `resume` would lift (its permission depends on it).
+    async fn pause_grade(&self, command: &Command) -> Option<KillGrade> {
+        let agent = match command {
+            Command::Resume { agent } | Command::KillSoft { agent, .. } | Command::KillHard { agent, .. } => agent,
+            _ => return None,
+        };
+        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        match self.mesh().ok()?.kill_get(&scope).await {
+            Ok(Some(state)) if state.in_force((self.clock)()) => killswitch::grade(state.mode),
+            _ => None,
+        }
+    }
+
+    /// Appends the audit record; returns why it was not stored, if it was not.
+    async fn audit(&self, request: &Request, decision: &str, reply: &Reply, message_ids: &[String]) -> Option<String> {
+        let record = AuditRecord {
+            at: (self.clock)(),
+            who: request.who.key(),
+            platform: request.platform.as_str().to_owned(),
+            channel: request.channel.clone(),
+            line: audit::clip(&request.line),
+            decision: decision.to_owned(),
+            outcome: reply.title.clone(),
+            message_ids: message_ids.to_vec(),
+        };
+        let stored = match self.mesh() {
+            Ok(mesh) => mesh.audit(&record).await.map_err(|e| e.to_string()),
+            Err(reason) => Err(reason),
+        };
+        stored.err().inspect(|e| warn!(error = %e, who = %record.who, "audit record not stored"))
+    }
+
+    fn registry(&self) -> Result<Registry, String> {
+        mesh_runtime::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
+    }
+
+    async fn execute(
+        &self,
+        request: &Request,
+        role: Option<crate::command::Role>,
+        command: Command,
+    ) -> Result<Executed, String> {
+        // Messages carry the sender name; the kill switch records who pulled it, and the role decides
+        // which entry in force they may replace.
+        let (from, by) = (request.sender(), request.who.key());
+        let actor = killswitch::Actor::new(&by, role);
+        match command {
+            Command::Send { agent, text, priority } => {
+                let registry = self.registry()?;
+                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
+                    .map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let mut reply = Reply::ok(format!("sent to {agent}"))
+                    .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
+                    .with_data(receipt_data(&receipt, agent.as_str()));
+                if let Some(note) = self.queued_note(Some(&agent)).await {
+                    reply = reply.with_lines(None, [note]);
+                }
+                Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
+            }
+            Command::Broadcast { priority, text } => {
+                let registry = self.registry()?;
+                let prepared =
+                    publish::prepare_broadcast(&registry, &from, &text, priority).map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
+                    .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
+                    .with_data(receipt_data(&receipt, "*"));
+                if let Some(note) = self.queued_note(None).await {
+                    reply = reply.with_lines(None, [note]);
+                }
+                Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
+            }
+            Command::Ask { agent, text } => self.ask(&from, &agent, &text).await,
+            Command::Ping => {
+                let registry = self.registry()?;
+                let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
+                let rows = report
+                    .rows
+                    .iter()
+                    .map(|r| {
+                        let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+                        vec![r.agent.clone(), r.state.to_owned(), opt(r.rtt_ms), opt(r.pending)]
+                    })
+                    .collect();
+                let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
+                let title = format!("{answered} answered, {} active agents missing", report.missing);
+                let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
+                let failed = report.missing > 0;
+                let reply = reply.with_table(None, ["agent", "state", "rtt ms", "pending"], rows).with_data(&report);
+                Ok(Executed { failed, ..Executed::reply(reply) })
+            }
+            Command::Status => self.status().await,
+            Command::Agents => {
+                let registry = self.registry()?;
+                let rows = registry
+                    .agents()
+                    .map(|a| {
+                        let mode = match a.delivery {
+                            DeliveryMode::Wake => "wake",
+                            DeliveryMode::Agent => "agent",
+                            DeliveryMode::Chat => "chat",
+                        };
+                        let status = if a.is_active() { "active" } else { "inactive" };
+                        vec![
+                            a.id.to_string(),
+                            status.to_owned(),
+                            mode.to_owned(),
+                            a.hooks_url.host_str().unwrap_or("").to_owned(),
+                        ]
+                    })
+                    .collect();
+                Ok(Executed::reply(Reply::info(format!("{} agents", registry.len())).with_table(
+                    None,
+                    ["agent", "status", "delivery", "gateway host"],
+                    rows,
+                )))
+            }
+            Command::KillSoft { duration, agent, reason } => {
+                let scope = self.scope(agent)?;
+                let state = self
+                    .mesh()?
+                    .kill_pull(&scope, Mode::Soft, Some(duration), actor, reason)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
+            }
+            Command::KillHard { agent, reason } => {
+                let scope = self.scope(agent)?;
+                let state =
+                    self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await.map_err(|e| e.to_string())?;
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                let docker = match scope {
+                    Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
+                    Scope::Agent(_) => {
+                        "docker: containers left running (a per-agent pause is enforced by the listeners)".to_owned()
+                    }
+                };
+                Ok(Executed::reply(reply.with_lines(None, [docker])))
+            }
+            Command::KillNuclear { purge } => {
+                let state = self
+                    .mesh()?
+                    .kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
+                let lines = match self.containers.nuclear(purge).await {
+                    Ok(report) => {
+                        let mut lines = vec![
+                            format!("stopped: {}", list_or_none(&report.stopped)),
+                            format!("removed: {}", list_or_none(&report.removed)),
+                            format!("kept (this bot): {}", list_or_none(&report.kept)),
+                            format!("failed: {}", list_or_none(&report.failed)),
+                        ];
+                        if purge {
+                            lines.push(format!("purged volumes: {}", list_or_none(&report.volumes)));
+                            lines.push(format!("purged networks: {}", list_or_none(&report.networks)));
+                        }
+                        lines
+                    }
+                    Err(e) => vec![e.to_string()],
+                };
+                Ok(Executed::reply(reply.with_lines(Some("docker"), lines)))
+            }
+            Command::Resume { agent } => {
+                let scope = self.scope(agent)?;
+                let mesh = self.mesh()?;
+                mesh.kill_release(&scope, actor).await.map_err(|e| e.to_string())?;
+                let mut reply = Reply::ok(format!("resumed {scope}"));
+                if scope == Scope::Global {
+                    let line = docker_line("started listener containers", self.containers.start_listeners().await);
+                    reply = reply.with_lines(None, [line]);
+                }
+                if let Ok(others) = mesh.kill_in_force().await
+                    && !others.is_empty()
+                {
+                    reply = reply
+                        .with_lines(Some("still in force"), others.iter().map(|(s, st)| killswitch::describe(s, st)));
+                }
+                Ok(Executed::reply(reply))
+            }
+            Command::Confirm { .. } => Err("nothing to confirm".to_owned()),
+            Command::Dlq { agent, limit } => {
+                if let Some(agent) = &agent {
+                    publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
+                }
+                let entries =
+                    self.mesh()?.dead_letters(agent.as_ref(), limit as usize).await.map_err(|e| e.to_string())?;
+                if entries.is_empty() {
+                    return Ok(Executed::reply(Reply::ok("no dead letters").with_data(&entries)));
+                }
+                let rows = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.dlq_seq.to_string(),
+                            killswitch::rfc3339(e.at),
+                            e.agent.clone(),
+                            e.attempts.to_string(),
+                            e.status.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+                            e.reason.clone(),
+                            e.text.clone().unwrap_or_else(|| "<undecodable>".into()),
+                        ]
+                    })
+                    .collect();
+                Ok(Executed::reply(
+                    Reply::warn(format!("{} dead letters", entries.len()))
+                        .with_table(None, ["#", "at", "agent", "attempts", "http", "reason", "text"], rows)
+                        .with_data(&entries),
+                ))
+            }
+            Command::DlqReplay { agent, count } => {
+                let registry = self.registry()?;
+                let report = self.mesh()?.replay(&registry, &agent, count as usize).await.map_err(|e| e.to_string())?;
+                let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
+                if report.replayed.is_empty() && report.skipped.is_empty() {
+                    return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
+                }
+                let lines = report
+                    .replayed
+                    .iter()
+                    .map(|(seq, id)| format!("dead letter {seq} replayed as {id}"))
+                    .chain(report.skipped.iter().map(|(seq, why)| format!("dead letter {seq} skipped: {why}")));
+                let reply = Reply::ok(format!("replayed {} dead letters of {agent}", ids.len()))
+                    .with_lines(None, lines)
+                    .with_data(&report);
+                Ok(Executed::with_ids(reply, ids))
+            }
+            Command::Audit { count } => {
+                let records = self.mesh()?.audit_newest(count as usize).await.map_err(|e| e.to_string())?;
+                let rows = records
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            killswitch::rfc3339(r.at),
+                            r.who.clone(),
+                            r.line.clone(),
+                            r.decision.clone(),
+                            r.outcome.clone(),
+                        ]
+                    })
+                    .collect();
+                Ok(Executed::reply(
+                    Reply::info(format!("last {} commands", records.len()))
+                        .with_table(None, ["at", "who", "command", "decision", "outcome"], rows)
+                        .with_data(&records),
+                ))
+            }
+            Command::Help { topic } => Ok(Executed::reply(crate::command::help::help(topic))),
+            Command::Maintenance { duration, lead, message } => {
+                let registry = self.registry()?;
+                let window = crate::maintenance::Window { duration, lead, message, by: from, role };
+                let progress = request.progress.clone();
+                let report = self
+                    .mesh()?
+                    .maintenance(
+                        &registry,
+                        &window,
+                        Box::new(move |step: &str| {
+                            if let Some(Progress(p)) = &progress {
+                                p(step);
+                            }
+                        }),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let title = report.steps.last().cloned().unwrap_or_else(|| "maintenance done".to_owned());
+                let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
+                let failed = report.missing > 0;
+                let ids = report.message_ids.clone();
+                Ok(Executed { failed, ..Executed::with_ids(reply.with_data(&report), ids) })
+            }
+            Command::Restart { agent } => {
+                publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
+                let name = self.containers.restart_listener(agent.as_str()).await.map_err(|e| e.to_string())?;
+                Ok(Executed::reply(Reply::ok(format!("restarted {name}"))))
+            }
+            Command::Backup { dir } => {
+                let manifest =
+                    self.mesh()?.backup(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
+                let title = format!(
+                    "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
+                    dir.display(),
+                    manifest.streams,
+                    manifest.consumers.len(),
+                    manifest.killswitch,
+                    if manifest.registry { "included" } else { "not found" }
+                );
+                Ok(Executed::reply(Reply::ok(title).with_data(&manifest)))
+            }
+            Command::Restore { dir } => {
+                let report = self.mesh()?.restore(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
+                let title = format!(
+                    "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
+                    report.streams,
+                    report.consumers,
+                    report.killswitch,
+                    report.registry.as_ref().map_or("not in the backup".into(), |p| p.display().to_string())
+                );
+                Ok(Executed::reply(Reply::ok(title).with_data(&report)))
+            }
+            Command::AgentsList => {
+                let path = &self.config.registry_path;
+                let registry = mesh_runtime::registry_file::load(path).map_err(|e| e.to_string())?;
+                let rows = crate::agents::rows(&registry);
+                let table = rows
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.status.clone(),
+                            r.delivery.clone(),
+                            r.hooks_url.clone(),
+                            r.hooks_token.clone(),
+                        ]
+                    })
+                    .collect();
+                let title = if rows.is_empty() {
+                    format!("no agents in {}", path.display())
+                } else {
+                    format!("{} agents in {}", rows.len(), path.display())
+                };
+                Ok(Executed::reply(
+                    Reply::info(title)
+                        .with_table(None, ["agent", "status", "delivery", "hooks url", "token"], table)
+                        .with_data(&rows),
+                ))
+            }
+            command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
+                let changed = crate::agents::change(&self.config.registry_path, &command).map_err(|e| e.to_string())?;
+                let kept = match &changed.backup {
+                    Some(backup) => format!("previous version kept as {}", backup.display()),
+                    None => "a new file".to_owned(),
+                };
+                let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
+                let mut reply = Reply::ok(title).with_data(&changed);
+                if let Command::AgentsAdd { agent, .. } = &command
+                    && !agent.inactive
+                    && let Ok(id) = AgentId::parse(&agent.id)
+                {
+                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                        Ok(done) => done,
+                        Err(e) => format!(
+                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                             when it runs, and the listener waits for it until then"
+                        ),
+                    };
+                    reply = reply.with_lines(None, [line]);
+                }
+                Ok(Executed::reply(reply))
+            }
+            Command::DeployRender { out, sync } => {
+                let report = crate::deploy::render_into(&self.config.registry_path, &out, &sync)
+                    .map_err(|e| format!("{e:#}"))?;
+                Ok(Executed::reply(render_reply(
+                    format!("rendered {} listener services into {}", report.listeners, out.display()),
+                    &report,
+                )))
+            }
+            Command::DeployUp(up) => {
+                let report = crate::deploy::up(&self.config.registry_path, &up).await.map_err(|e| format!("{e:#}"))?;
+                let title = format!(
+                    "mesh up as compose project {:?}: {} listeners; `mesh status` lists the containers",
+                    up.project, report.listeners
+                );
+                let agents: Vec<_> = self.registry()?.active().map(|a| (a.id.clone(), a.consumer_tuning())).collect();
+                let line = match self.provision(&agents).await {
+                    Ok(done) => done,
+                    Err(e) => format!("the bot container creates the agents' consumers when it starts ({e})"),
+                };
+                Ok(Executed::reply(render_reply(title, &report).with_lines(None, [line])))
+            }
+            Command::Up { .. } => Err("mesh up runs in the terminal itself; it is only admitted here".to_owned()),
+        }
+    }
+
+    /// Creates the streams, the bucket and these agents' consumers, when the mesh is reachable.
+    async fn provision(&self, agents: &[(AgentId, ConsumerTuning)]) -> Result<String, String> {
+        self.mesh()?.provision(agents).await.map_err(|e| e.to_string())
+    }
+
+    fn scope(&self, agent: Option<AgentId>) -> Result<Scope, String> {
+        match agent {
+            None => Ok(Scope::Global),
+            Some(id) => {
+                let registry = self.registry()?;
+                publish::resolve_any(&registry, id.as_str()).map_err(|e| e.to_string())?;
+                Ok(Scope::Agent(id))
+            }
+        }
+    }
+
+    /// "queued until ..." when a pause holds messages for `agent` (or everyone).
+    async fn queued_note(&self, agent: Option<&AgentId>) -> Option<String> {
+        let state = self.mesh().ok()?.kill_effective(agent).await.ok()??;
+        let until = match (state.mode, state.until) {
+            (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
+            _ => "until a director resumes".to_owned(),
+        };
+        Some(format!(
+            "the mesh is paused ({}): the message is queued and delivered when the pause ends, {until}",
+            state.mode
+        ))
+    }
+
+    async fn ask(&self, from: &str, agent: &AgentId, text: &str) -> Result<Executed, String> {
+        let registry = self.registry()?;
+        let target = publish::resolve_target(&registry, agent.as_str()).map_err(|e| e.to_string())?;
+        if target.delivery != DeliveryMode::Chat {
+            return Err(format!(
+                "ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)"
+            ));
+        }
+        let reply_subject = Subject::new_reply();
+        let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
+            .map_err(|e| e.to_string())?
+            .with_reply_to(&reply_subject);
+        let tuning = target.consumer_tuning();
+        let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await.map_err(|e| e.to_string())?;
+        let timeout = self.config.ask_timeout;
+        let queued = self.queued_note(Some(agent)).await;
+        let asked = agent.clone();
+        let follow_up: FollowUp = Box::pin(async move {
+            match tokio::time::timeout(timeout, answer).await {
+                Ok(Ok(answer)) => {
+                    Reply::info(format!("{asked} replied")).with_lines(None, answer.text.lines().map(str::to_owned))
+                }
+                Ok(Err(e)) => Reply::error(format!("{asked} sent a reply that is not a message: {e}")),
+                Err(_) => Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs())),
+            }
+        });
+        let mut reply = Reply::ok(format!("asked {agent}; the reply will follow"))
+            .with_lines(None, [format!("message id {}", envelope.id)]);
+        if let Some(note) = queued {
+            reply = reply.with_lines(None, [note]);
+        }
+        Ok(Executed { follow_up: Some(follow_up), ..Executed::with_ids(reply, vec![envelope.id.to_string()]) })
+    }
+
+    async fn status(&self) -> Result<Executed, String> {
+        let registry = self.registry()?;
+        let mesh = self.mesh()?;
+        let mut reply = Reply::info("mesh status");
+        let kills = mesh.kill_in_force().await.map_err(|e| e.to_string())?;
+        let kill_lines: Vec<String> = if kills.is_empty() {
+            vec!["not pulled".to_owned()]
+        } else {
+            kills.iter().map(|(scope, state)| killswitch::describe(scope, state)).collect()
+        };
+        if !kills.is_empty() {
+            reply.tone = crate::command::Tone::Warn;
+        }
+        reply = reply.with_lines(Some("kill switch"), kill_lines);
+        let report = mesh.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
+        let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
+        let active = registry.active().count();
+        let dead = mesh.dead_letter_count().await;
+        let server = mesh.server();
+        match self.containers.list().await {
+            Ok(rows) if rows.is_empty() => {
+                reply = reply.with_lines(Some("containers"), ["none: Docker is not in use for this mesh"]);
+            }
+            Ok(rows) => {
+                let rows = rows
+                    .into_iter()
+                    .map(|c| {
+                        vec![
+                            c.name,
+                            c.role,
+                            c.state,
+                            c.health.unwrap_or_else(|| "-".into()),
+                            c.restarts.to_string(),
+                            c.uptime_s.map(crate::containers::format_uptime).unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect();
+                reply = reply.with_table(
+                    Some("containers"),
+                    ["name", "role", "state", "health", "restarts", "uptime"],
+                    rows,
+                );
+            }
+            Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
+        }
+        reply = reply.with_lines(
+            Some("mesh"),
+            [
+                format!("nats {} ({})", server.version, server.name),
+                format!("agents: {} registered, {active} active, {answered} listeners answering", registry.len()),
+                format!("dead letters: {dead}"),
+            ],
+        );
+        Ok(Executed::reply(reply))
+    }
+}
+
+/// One line saying what a Docker action did, or why it did not happen.
+fn docker_line(what: &str, done: Result<Vec<String>, DockerError>) -> String {
+    match done {
+        Ok(names) if names.is_empty() => {
+            "docker: no listener containers (Docker is not in use for this mesh)".to_owned()
+        }
+        Ok(names) => format!("docker: {what}: {}", names.join(", ")),
+        Err(DockerError::NotInUse) => "docker: not in use for this mesh".to_owned(),
+        Err(e) => format!("docker: {e}"),
+    }
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() { "none".to_owned() } else { items.join(", ") }
+}
+
+/// The `--json` data of `send` and `broadcast`.
+fn receipt_data(receipt: &publish::Receipt, to: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": receipt.id.to_string(),
+        "to": to,
+        "stream_seq": receipt.stream_seq,
+        "duplicate": receipt.duplicate,
+        "recipients": receipt.recipients,
+    })
+}
+
+/// The reply of `deploy render` and `deploy up`: the warnings and the files written.
+fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
+    let mut reply = Reply::ok(title);
+    if !report.warnings.is_empty() {
+        reply = reply.with_lines(Some("warnings"), report.warnings.iter().cloned());
+    }
+    reply.with_lines(Some("files"), report.files.iter().map(|f| f.display().to_string())).with_data(report)
+}
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

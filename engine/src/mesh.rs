@@ -1,0 +1,275 @@
+//! What the engine needs from the mesh, as a trait: publishing, pings, the
+//! kill switch, dead letters, the audit trail, backups and the maintenance
+//! window. [`NatsMesh`] is the JetStream implementation; the engine's unit
+//! tests use an in-memory fake, so the whole pipeline is tested without servers.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use mesh_protocol::killswitch::{KillState, Mode, Scope};
+use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::subject::Subject;
+use mesh_protocol::{AgentId, Envelope, Registry};
+
+use crate::audit::AuditRecord;
+use crate::backup::{BackupError, Manifest, RestoreReport};
+use crate::dlq::{DeadLetterEntry, DlqError, ReplayReport};
+use crate::killswitch::{Actor, KillSwitch, KillSwitchError};
+use crate::maintenance::{Report, Window};
+use crate::ping::PingReport;
+use crate::publish::{Prepared, Receipt, SendError};
+
+/// Why a mesh operation failed. Each variant keeps its cause; the messages
+/// are the one-line, actionable ones of the operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Send(#[from] SendError),
+    #[error(transparent)]
+    KillSwitch(#[from] KillSwitchError),
+    #[error(transparent)]
+    DeadLetters(#[from] DlqError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
+    #[error(transparent)]
+    Nats(#[from] mesh_runtime::nats::NatsError),
+    /// A ping, an audit read or write, or a reply subscription failed.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// The answer to an `ask`, once it arrives (the caller bounds the wait).
+pub type ReplyWait = BoxFuture<'static, Result<Envelope, String>>;
+
+/// The NATS server the engine talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInfo {
+    /// nats-server version.
+    pub version: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// Everything the engine does to the mesh.
+pub trait Mesh: Send + Sync + std::fmt::Debug {
+    /// Creates the recipients' consumers, publishes, waits for the ack.
+    fn deliver<'a>(&'a self, prepared: &'a Prepared) -> BoxFuture<'a, Result<Receipt, MeshError>>;
+    /// Subscribes to `reply`, then publishes `envelope` (whose `reply_to` is `reply`).
+    fn ask<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        reply: &'a Subject,
+        tuning: ConsumerTuning,
+    ) -> BoxFuture<'a, Result<ReplyWait, MeshError>>;
+    /// Pings the fleet.
+    fn ping<'a>(&'a self, registry: &'a Registry, timeout: Duration) -> BoxFuture<'a, Result<PingReport, MeshError>>;
+    /// The kill switch entry of one scope.
+    fn kill_get<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Result<Option<KillState>, MeshError>>;
+    /// Pulls the kill switch.
+    fn kill_pull<'a>(
+        &'a self,
+        scope: &'a Scope,
+        mode: Mode,
+        duration: Option<Duration>,
+        actor: Actor<'a>,
+        reason: Option<String>,
+    ) -> BoxFuture<'a, Result<KillState, MeshError>>;
+    /// Releases the kill switch.
+    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>>;
+    /// Every pause in force.
+    fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>>;
+    /// The pause in force for one agent (or the global one).
+    fn kill_effective<'a>(&'a self, agent: Option<&'a AgentId>) -> BoxFuture<'a, Result<Option<KillState>, MeshError>>;
+    /// Dead letters, oldest first.
+    fn dead_letters<'a>(
+        &'a self,
+        agent: Option<&'a AgentId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterEntry>, MeshError>>;
+    /// How many dead letters are stored.
+    fn dead_letter_count(&self) -> BoxFuture<'_, u64>;
+    /// Replays an agent's oldest dead letters.
+    fn replay<'a>(
+        &'a self,
+        registry: &'a Registry,
+        agent: &'a AgentId,
+        n: usize,
+    ) -> BoxFuture<'a, Result<ReplayReport, MeshError>>;
+    /// Appends an audit record.
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>>;
+    /// The newest audit records, newest first.
+    fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>>;
+    /// The server.
+    fn server(&self) -> ServerInfo;
+    /// Backs up into `dir`.
+    fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>>;
+    /// Restores `dir`.
+    fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>>;
+    /// Creates the streams, the kill switch bucket and the consumers of
+    /// `agents` (listeners may not); says what is in place.
+    fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>>;
+    /// Runs a maintenance window; `progress` sees each step.
+    fn maintenance<'a>(
+        &'a self,
+        registry: &'a Registry,
+        window: &'a Window,
+        progress: Box<dyn FnMut(&str) + Send + 'a>,
+    ) -> BoxFuture<'a, Result<Report, MeshError>>;
+}
+
+/// The mesh over NATS JetStream.
+#[derive(Debug, Clone)]
+pub struct NatsMesh {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    kill: KillSwitch,
+}
+
+impl NatsMesh {
+    /// Creates the streams and the kill switch bucket when missing.
+    pub async fn open(client: async_nats::Client) -> Result<Self, MeshError> {
+        let js = jetstream::new(client.clone());
+        mesh_runtime::nats::ensure_streams(&js, mesh_runtime::nats::replicas_from_env()?).await?;
+        let kill = KillSwitch::open(&js).await?;
+        Ok(Self { client, js, kill })
+    }
+}
+
+impl Mesh for NatsMesh {
+    fn deliver<'a>(&'a self, prepared: &'a Prepared) -> BoxFuture<'a, Result<Receipt, MeshError>> {
+        Box::pin(async move { Ok(crate::publish::deliver(&self.js, prepared).await?) })
+    }
+
+    fn ask<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        reply: &'a Subject,
+        tuning: ConsumerTuning,
+    ) -> BoxFuture<'a, Result<ReplyWait, MeshError>> {
+        Box::pin(async move {
+            let mut replies = self
+                .client
+                .subscribe(reply.to_string())
+                .await
+                .map_err(|e| MeshError::Request(format!("cannot wait for the reply: {e}")))?;
+            if let mesh_protocol::Recipient::Agent(agent) = &envelope.to {
+                mesh_runtime::nats::ensure_consumer(&self.js, agent, tuning).await.map_err(SendError::from)?;
+            }
+            crate::publish::publish(&self.js, envelope).await?;
+            let wait: ReplyWait = Box::pin(async move {
+                let message = replies.next().await.ok_or_else(|| "the reply subscription closed".to_owned())?;
+                serde_json::from_slice::<Envelope>(&message.payload).map_err(|e| format!("not a message: {e}"))
+            });
+            Ok(wait)
+        })
+    }
+
+    fn ping<'a>(&'a self, registry: &'a Registry, timeout: Duration) -> BoxFuture<'a, Result<PingReport, MeshError>> {
+        Box::pin(async move { crate::ping::ping(&self.client, registry, timeout).await.map_err(MeshError::Request) })
+    }
+
+    fn kill_get<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Result<Option<KillState>, MeshError>> {
+        Box::pin(async move { Ok(self.kill.get(scope).await?) })
+    }
+
+    fn kill_pull<'a>(
+        &'a self,
+        scope: &'a Scope,
+        mode: Mode,
+        duration: Option<Duration>,
+        actor: Actor<'a>,
+        reason: Option<String>,
+    ) -> BoxFuture<'a, Result<KillState, MeshError>> {
+        Box::pin(async move { Ok(self.kill.pull(scope, mode, duration, actor, reason).await?) })
+    }
+
+    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move { Ok(self.kill.release(scope, actor).await?) })
+    }
+
+    fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>> {
+        Box::pin(async move { Ok(self.kill.in_force().await?) })
+    }
+
+    fn kill_effective<'a>(&'a self, agent: Option<&'a AgentId>) -> BoxFuture<'a, Result<Option<KillState>, MeshError>> {
+        Box::pin(async move { Ok(self.kill.effective(agent).await?) })
+    }
+
+    fn dead_letters<'a>(
+        &'a self,
+        agent: Option<&'a AgentId>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<DeadLetterEntry>, MeshError>> {
+        Box::pin(async move { Ok(crate::dlq::list(&self.js, agent, limit).await?) })
+    }
+
+    fn dead_letter_count(&self) -> BoxFuture<'_, u64> {
+        Box::pin(async move {
+            match self.js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await {
+                Ok(mut stream) => stream.info().await.map(|i| i.state.messages).unwrap_or(0),
+                Err(_) => 0,
+            }
+        })
+    }
+
+    fn replay<'a>(
+        &'a self,
+        registry: &'a Registry,
+        agent: &'a AgentId,
+        n: usize,
+    ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
+        Box::pin(async move { Ok(crate::dlq::replay(&self.js, registry, agent.as_str(), n).await?) })
+    }
+
+    fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move { crate::audit::append(&self.js, record).await.map_err(MeshError::Request) })
+    }
+
+    fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>> {
+        Box::pin(async move { crate::audit::newest(&self.js, n).await.map_err(MeshError::Request) })
+    }
+
+    fn server(&self) -> ServerInfo {
+        let info = self.client.server_info();
+        ServerInfo { version: info.version.clone(), name: info.server_name.clone() }
+    }
+
+    fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
+        Box::pin(async move { Ok(crate::backup::backup(&self.js, registry, dir).await?) })
+    }
+
+    fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>> {
+        Box::pin(async move { Ok(crate::backup::restore(&self.js, registry, dir).await?) })
+    }
+
+    fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>> {
+        Box::pin(async move {
+            crate::provision::ensure_mesh(&self.js, mesh_runtime::nats::replicas_from_env()?).await?;
+            for (id, tuning) in agents {
+                mesh_runtime::nats::ensure_consumer(&self.js, id, *tuning).await?;
+            }
+            let names = agents.iter().map(|(a, _)| format!("agent-{a}")).collect::<Vec<_>>();
+            Ok(match names.as_slice() {
+                [] => "streams and kill switch bucket in place".to_owned(),
+                _ => format!(
+                    "consumers in place ({}): messages sent from now on wait for the listener",
+                    names.join(", ")
+                ),
+            })
+        })
+    }
+
+    fn maintenance<'a>(
+        &'a self,
+        registry: &'a Registry,
+        window: &'a Window,
+        progress: Box<dyn FnMut(&str) + Send + 'a>,
+    ) -> BoxFuture<'a, Result<Report, MeshError>> {
+        Box::pin(async move {
+            crate::maintenance::run(&self.client, registry, window, progress).await.map_err(MeshError::Request)
+        })
+    }
+}
