@@ -83,6 +83,12 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     // Server B, fresh; the registry file is gone too.
     let b = TestNats::start().await;
     let restored_registry = fixture.dir().join("restored").join("tokens.json");
+    // Every command is audited, so a look at the fresh server first leaves a
+    // record in MESH_AUDIT: that must not make the server "not fresh".
+    let looked = mesh_command(&b.url(), &fixture.registry).args(["status"]).output().await.unwrap();
+    assert!(looked.status.success(), "{}", String::from_utf8_lossy(&looked.stderr));
+    let audited = b.jetstream().await.get_stream("MESH_AUDIT").await.unwrap().info().await.unwrap().state.messages;
+    assert!(audited > 0, "mesh status left an audit record");
     let printed = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
     let reply: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
     let report = &reply["data"];
