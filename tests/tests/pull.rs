@@ -77,8 +77,11 @@ async fn a_pause_at_concurrency_4_hands_waiting_messages_back_once() {
     let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
     gw.set_delay(Duration::from_millis(300));
-    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let entry = serde_json::json!({"hooks_token": "nova-hook-token", "hooks_url": gw.hooks_url(), "concurrency": 4});
+    let fixture = Fixture::from_json(&serde_json::json!({ "nova": entry }));
     let js = nats.jetstream().await;
+    let tuning = mesh_tests::fixtures::listener_tuning(4, Duration::from_secs(120));
+    mesh_tests::fixtures::provision_agent(&js, "nova", tuning).await.expect("provisioning nova");
     let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().expect("id")));
     config.ack_wait = Duration::from_secs(120);
     config.concurrency = 4;
@@ -90,6 +93,9 @@ async fn a_pause_at_concurrency_4_hands_waiting_messages_back_once() {
     control.pause.send(PauseCommand::All(true)).expect("pause");
     wait_paused(&control, "nova", true).await;
     let during = gw.requests().len();
+    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+    let info = stream.consumer_info("agent-nova").await.expect("consumer info");
+    assert_eq!(info.config.max_ack_pending, 16, "the listener ran at concurrency 4");
     assert!(during < 20, "the pause came before everything was delivered ({during})");
     control.pause.send(PauseCommand::All(false)).expect("resume");
     let got = gw.wait_for(20, WAIT).await;
@@ -100,7 +106,6 @@ async fn a_pause_at_concurrency_4_hands_waiting_messages_back_once() {
     texts.dedup();
     assert_eq!(texts.len(), 20, "no message delivered twice");
     // Each message handed back by the pause is handed out once more, no more.
-    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
     let info = stream.consumer_info("agent-nova").await.expect("consumer info");
     assert!(
         info.delivered.consumer_sequence <= 20 + (20 - during as u64),
