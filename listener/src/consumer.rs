@@ -141,18 +141,24 @@ pub async fn run_agent<G: Gateway + Clone>(
                     }
                 }
             };
-            while in_flight.next().await.is_some() {}
+            // Close the pull before handing anything back: a message NAKed while
+            // it is open comes straight back into it (using up a delivery
+            // attempt) and is lost with the subscription (waiting out the ack
+            // wait). What is already buffered is taken first, then the
+            // unstarted messages go back at once (not after the in-flight
+            // ones, which may take a whole gateway call) and the in-flight
+            // ones are finished.
+            while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                waiting.push_back(msg);
+            }
+            drop(messages);
             let mut released = 0;
             for msg in waiting.drain(..) {
                 if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
                     released += 1;
                 }
             }
-            while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
-                if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
-                    released += 1;
-                }
-            }
+            while in_flight.next().await.is_some() {}
             if released > 0 {
                 debug!(agent = %agent, released, "released pulled messages");
             }

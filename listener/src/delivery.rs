@@ -96,6 +96,13 @@ pub async fn handle<G: Gateway>(
         }
     };
     let msg_id = envelope.id.to_string();
+    // Past the budget (a dead letter that could not be stored, so the message
+    // came back): straight to the dead letter, without asking the agent again.
+    if delivered > deps.retry.max_deliver {
+        let reason =
+            format!("gave up after {} deliveries; the dead letter could not be stored before", deps.retry.max_deliver);
+        return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, reason).await;
+    }
     let request = match hook::build(&entry.agent, &entry.tokens, &envelope) {
         Ok(request) => request,
         Err(e) => {
@@ -289,8 +296,11 @@ async fn dead_letter<G: Gateway>(
         Err(e) => Err(e.to_string()),
     };
     if let Err(e) = stored {
-        error!(agent = %entry.agent.id, stream_seq, error = %e, "dead letter not stored; the message stays pending and is retried");
-        return nak(msg, Duration::from_secs(1)).await;
+        // Growing and capped: a JetStream refusing writes is asked again less
+        // and less often, and the gateway is not called again (see `handle`).
+        let delay = policy::backoff(None, attempts, &deps.retry, fastrand::f64());
+        error!(agent = %entry.agent.id, stream_seq, attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter could not be stored; the message stays in the stream and storing it is retried (without calling the gateway again)");
+        return nak(msg, delay).await;
     }
     state.dead_lettered.fetch_add(1, Ordering::Relaxed);
     state.counters.dead_letter.increment(1);

@@ -131,7 +131,10 @@ pub fn decide_reply(outcome: &ReplyOutcome, delivered: u64, policy: &RetryPolicy
     }
 }
 
-fn backoff(retry_after: Option<Duration>, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Duration {
+/// The delay before delivery `delivered + 1`: `base` doubling per delivery,
+/// capped at `max`, with equal jitter, and at least `retry_after` (capped at
+/// [`MAX_RETRY_AFTER`]).
+pub fn backoff(retry_after: Option<Duration>, delivered: u64, policy: &RetryPolicy, jitter: f64) -> Duration {
     let exponent = delivered.saturating_sub(1).min(20) as u32;
     let full = policy.base.saturating_mul(2u32.saturating_pow(exponent)).min(policy.max);
     // Equal jitter: half fixed, half random, so delays grow but do not align.

@@ -8,6 +8,7 @@ use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, Envelope, Kind, Recipient, Registry};
 
 use crate::policy::ReplyOutcome;
+use uuid::Uuid;
 
 /// Longest reply text kept, in bytes before JSON escaping: half the message
 /// limit (a reply is an answer, not a document).
@@ -113,6 +114,7 @@ pub fn build(agent: &AgentId, original: &Envelope, target: &Subject, text: &str,
     };
     let unencodable = |e: &dyn std::fmt::Display| format!("the reply cannot be encoded as a message: {e}");
     let mut reply = Envelope::new(agent.as_str(), to, TRUNCATED_MARK).map_err(|e| unencodable(&e))?;
+    reply.id = reply_id(original.id);
     reply.kind = Kind::Reply;
     reply.hops = hops;
     reply.metadata.insert("in_reply_to".into(), original.id.to_string());
@@ -129,6 +131,23 @@ pub fn build(agent: &AgentId, original: &Envelope, target: &Subject, text: &str,
     reply.text = format!("{}{TRUNCATED_MARK}", &text[..cut]);
     let payload = reply.encode().map_err(|e| unencodable(&e))?;
     Ok(Reply { envelope: reply, payload, cut_from: Some(text.len()) })
+}
+
+/// Mixed into an original message's id to give its reply's id.
+const REPLY_ID_MASK: [u8; 16] = *b"mesh.reply.id/v1";
+
+/// The id of the reply to the message with id `original`: the original's
+/// bytes XORed with [`REPLY_ID_MASK`], stamped as a version 8 (custom) UUID.
+/// Deterministic, so a reply published again after a redelivery (past the
+/// stream's duplicate window too) has the same id, and the target's gateway
+/// the same `Idempotency-Key`; it differs from the original's id, so the two
+/// never share a key.
+pub fn reply_id(original: Uuid) -> Uuid {
+    let mut bytes = *original.as_bytes();
+    for (byte, mask) in bytes.iter_mut().zip(REPLY_ID_MASK) {
+        *byte ^= mask;
+    }
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 /// The longest prefix of `text` (a byte index on a char boundary) of at most
@@ -222,6 +241,22 @@ mod tests {
     fn built(text: &str) -> Reply {
         let original = message("nova");
         build(&id("ada"), &original, &Subject::Inbox(id("nova")), text, 1).expect("a reply")
+    }
+
+    #[test]
+    fn a_reply_id_is_derived_from_the_original_id() {
+        let original = message("nova");
+        let target = Subject::Inbox(id("nova"));
+        let first = build(&id("ada"), &original, &target, "answer", 1).unwrap();
+        let again = build(&id("ada"), &original, &target, "another answer", 1).unwrap();
+        assert_eq!(first.envelope.id, again.envelope.id, "a redelivered reply keeps its id");
+        assert_eq!(first.envelope.id, reply_id(original.id));
+        assert_ne!(first.envelope.id, original.id);
+        assert_eq!(first.envelope.id.get_version_num(), 8);
+        let other = message("nova");
+        assert_ne!(build(&id("ada"), &other, &target, "answer", 1).unwrap().envelope.id, first.envelope.id);
+        let legacy = [crate::delivery::legacy_id(1), crate::delivery::legacy_id(2)].map(reply_id);
+        assert_ne!(legacy[0], legacy[1]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! too large once JSON-escaped is cut, not retried forever; a reply whose
 //! publish keeps failing ends as a dead letter within the delivery budget; a
 //! reply to an agent without a consumer, or to a sender that is no registered
-//! agent, is refused visibly (a dead letter) instead of vanishing.
+//! agent, is refused visibly (a dead letter) instead of vanishing; a dead
+//! letter JetStream will not store does not ask the agent past the budget.
 
 use std::time::Duration;
 
@@ -151,6 +152,63 @@ async fn a_reply_publish_that_keeps_failing_is_dead_lettered_within_the_budget()
     assert!(record.reason.starts_with("publishing the reply to mesh.reply."), "{}", record.reason);
     assert!(record.reason.ends_with("; gave up after 3 deliveries"), "{}", record.reason);
     assert_eq!(ada_gw.requests().len(), 3, "one gateway call per delivery, within the budget");
+    listener.stop().await.expect("stop");
+}
+
+/// Waits until `agent`'s consumer has made at least `deliveries` deliveries.
+async fn wait_deliveries(js: &jetstream::Context, agent: &str, deliveries: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+        if let Ok(info) = stream.consumer_info(format!("agent-{agent}")).await
+            && info.delivered.consumer_sequence >= deliveries
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{agent} did not reach {deliveries} deliveries within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_dead_letter_that_cannot_be_stored_does_not_ask_the_agent_again() {
+    // JetStream refusing writes: neither the reply nor its dead letter can be
+    // stored. The agent is asked within the budget only; the message stays in
+    // the stream and is dead-lettered once the dead-letter stream takes it.
+    let nats = TestNats::start().await;
+    let ada_gw = RecordingGateway::start().await;
+    ada_gw.set_chat_reply("4");
+    let fixture = Fixture::from_json(&serde_json::json!({"ada": chat_agent(&ada_gw, "ada")}));
+    let js = nats.jetstream().await;
+    let mut config = fixture.listener_config(&nats, Selection::One("ada".parse().unwrap()));
+    config.retry.max_deliver = 2;
+    config.retry.base = Duration::from_millis(20);
+    config.retry.max = Duration::from_millis(100);
+    let listener = ListenerHandle::spawn(config);
+    ensure_consumer(&js, "ada").await;
+    wait_pulling(&js, "ada").await;
+    js.delete_stream("MESH_REPLIES").await.expect("deleting the replies stream");
+    js.delete_stream("MESH_DLQ").await.expect("deleting the dead-letter stream");
+    let asked = Envelope::new("cli:alice", Recipient::Agent("ada".parse().unwrap()), "2+2?")
+        .unwrap()
+        .with_reply_to(&Subject::new_reply());
+    mesh_bot::publish::publish(&js, &asked).await.expect("publish");
+
+    // Three times the budget in deliveries (the consumer's own max-deliver is unlimited or larger).
+    wait_deliveries(&js, "ada", 6).await;
+    assert_eq!(ada_gw.requests().len(), 2, "the agent is asked once per delivery within the budget, never past it");
+
+    let spec = mesh_protocol::layout::dead_letter_stream(1);
+    js.create_stream(mesh_listener::nats::stream_config(&spec)).await.expect("recreating the dead-letter stream");
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "ada", WAIT).await;
+    assert_eq!(original["id"], asked.id.to_string());
+    assert_eq!(record.subject, "agents.ada.inbox");
+    assert!(record.attempts > 2, "dead-lettered on a later delivery: {}", record.attempts);
+    assert_eq!(ada_gw.requests().len(), 2, "still no further LLM turn");
     listener.stop().await.expect("stop");
 }
 
