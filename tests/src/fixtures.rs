@@ -304,3 +304,20 @@ impl Logged {
         self.output.await.expect("output reader")
     }
 }
+
+/// Every dead letter in `MESH_DLQ`, oldest first: its headers and the original bytes.
+pub async fn dead_letters(
+    js: &async_nats::jetstream::Context,
+) -> Vec<(mesh_protocol::dead_letter::DeadLetter, bytes::Bytes)> {
+    let stream = js.get_stream("MESH_DLQ").await.expect("dlq stream");
+    let last = stream.get_info().await.expect("info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(message) = stream.get_raw_message(seq).await {
+            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+            let record = mesh_protocol::dead_letter::DeadLetter::from_headers(header).expect("dead letter headers");
+            out.push((record, message.payload));
+        }
+    }
+    out
+}

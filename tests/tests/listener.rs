@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use mesh_listener::config::Selection;
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::{Priority, Registry};
-use mesh_tests::fixtures::{listener_bin, wait_until_settled};
+use mesh_tests::fixtures::{dead_letters, listener_bin, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -21,19 +21,6 @@ fn load(fixture: &Fixture) -> Registry {
 
 async fn send(js: &jetstream::Context, fixture: &Fixture, from: &str, to: &str, text: &str) -> uuid::Uuid {
     mesh_bot::publish::send(js, &load(fixture), from, to, text, Priority::Normal).await.expect("send").id
-}
-
-async fn dead_letters(js: &jetstream::Context) -> Vec<(DeadLetter, bytes::Bytes)> {
-    let stream = js.get_stream("MESH_DLQ").await.expect("dlq stream");
-    let last = stream.get_info().await.expect("info").state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(message) = stream.get_raw_message(seq).await {
-            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
-            out.push((DeadLetter::from_headers(header).expect("dead letter headers"), message.payload));
-        }
-    }
-    out
 }
 
 async fn wait_for_dead_letters(js: &jetstream::Context, n: usize) -> Vec<(DeadLetter, bytes::Bytes)> {

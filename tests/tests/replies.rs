@@ -12,7 +12,7 @@ use mesh_listener::config::Selection;
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{Envelope, Priority, Recipient, Registry};
-use mesh_tests::fixtures::wait_until_settled;
+use mesh_tests::fixtures::{dead_letters, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -58,19 +58,6 @@ async fn wait_pulling(js: &jetstream::Context, agent: &str) {
 async fn ensure_consumer(js: &jetstream::Context, agent: &str) {
     let id = agent.parse().expect("valid agent id");
     mesh_listener::nats::ensure_consumer(js, &id, Default::default()).await.expect("creating the consumer");
-}
-
-async fn dead_letters(js: &jetstream::Context) -> Vec<(DeadLetter, bytes::Bytes)> {
-    let stream = js.get_stream("MESH_DLQ").await.expect("dlq stream");
-    let last = stream.get_info().await.expect("info").state.last_sequence;
-    let mut out = Vec::new();
-    for seq in 1..=last {
-        if let Ok(message) = stream.get_raw_message(seq).await {
-            let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
-            out.push((DeadLetter::from_headers(header).expect("dead letter headers"), message.payload));
-        }
-    }
-    out
 }
 
 async fn wait_for_dead_letter(js: &jetstream::Context) -> (DeadLetter, serde_json::Value) {
