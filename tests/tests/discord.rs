@@ -185,6 +185,15 @@ async fn signed_interactions_run_once_and_edit_the_deferred_answer() {
     assert_eq!(again["type"], 4);
     assert_eq!(again["data"]["flags"], 64);
     assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
+    // Spelled otherwise (upper-case hex) or signed anew at another second, it is
+    // the same interaction (the signed body's id): still once.
+    let upper = [("x-signature-ed25519", headers[0].1.to_uppercase()), headers[1].clone()];
+    let (status, again) = bot.post_raw(&send, &upper).await;
+    assert_eq!(status, 200);
+    assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
+    let (status, again) = bot.post_signed(&send, now() - 1, &bot.key).await;
+    assert_eq!(status, 200);
+    assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
 
     // A member without the role: an ephemeral deferral, the needed role named, nothing sent.
     let denied = Bot::interaction("6", &["999"], "send nova hi", "itok-denied-2");
