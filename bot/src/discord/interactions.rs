@@ -105,8 +105,8 @@ pub enum Incoming {
     Ping,
     /// `/mesh <command line>`.
     Command {
-        /// The command to run.
-        request: Request,
+        /// The command to run (boxed: it is much larger than PING).
+        request: Box<Request>,
         /// The interaction's id: unique per interaction, so the dedup key.
         interaction_id: String,
         /// The application the token belongs to.
@@ -166,7 +166,7 @@ pub fn parse(body: &[u8]) -> Result<Incoming, InteractionError> {
         .to_owned();
     let channel = payload.channel_id.or(payload.channel.map(|c| c.id));
     Ok(Incoming::Command {
-        request: Request::chat(who, Platform::Discord, channel, line),
+        request: Box::new(Request::chat(who, Platform::Discord, channel, line)),
         interaction_id: payload.id,
         application_id: payload.application_id,
         token: payload.token,
@@ -197,7 +197,7 @@ pub async fn handle(
     let (request, interaction_id, application_id, token) = match parse(&body) {
         Ok(Incoming::Ping) => return (StatusCode::OK, axum::Json(json!({"type": PONG}))),
         Ok(Incoming::Command { request, interaction_id, application_id, token }) => {
-            (request, interaction_id, application_id, token)
+            (*request, interaction_id, application_id, token)
         }
         Err(e) => {
             warn!(error = %e, "discord interaction not handled");
