@@ -193,7 +193,7 @@ pub enum DlqAction {
 pub enum AgentsAction {
     /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
     List,
-    /// Register an agent (creating the registry file when there is none). Tokens are references: env:NAME or file:/absolute/path.
+    /// Register an agent (creating the registry file when there is none). Tokens are references: env:MESH_TOKEN_<NAME> or file:<registry dir>/secrets/<file> (or /run/secrets/<file>).
     Add {
         /// The new agent's id.
         id: String,

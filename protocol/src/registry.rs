@@ -493,7 +493,7 @@ mod tests {
         "status": "active"
       },
       "kaan": {
-        "hooks_token": "env:KAAN_HOOK",
+        "hooks_token": "env:MESH_TOKEN_KAAN_HOOK",
         "hooks_url": "https://kaan.example:443/hooks/wake",
         "status": "inactive"
       }
@@ -586,13 +586,16 @@ mod tests {
     #[test]
     fn token_references_must_resolve() {
         let reg = Registry::parse(
-            r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#,
+            r#"{"nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#,
         )
         .unwrap();
         let err = reg.resolve_tokens(&MapResolver::default()).unwrap_err().to_string();
-        assert!(err.contains("agent \"nova\": field hooks_token: environment variable NOVA_HOOK is not set"), "{err}");
+        assert!(
+            err.contains("agent \"nova\": field hooks_token: environment variable MESH_TOKEN_NOVA_HOOK is not set"),
+            "{err}"
+        );
         let mut res = MapResolver::default();
-        res.env.insert("NOVA_HOOK".into(), "same".into());
+        res.env.insert("MESH_TOKEN_NOVA_HOOK".into(), "same".into());
         res.files.insert("/s/gw".into(), "same\n".into());
         assert!(reg.resolve_tokens(&res).unwrap_err().to_string().contains("are the same"));
         res.files.insert("/s/gw".into(), "other".into());

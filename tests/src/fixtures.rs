@@ -51,6 +51,16 @@ impl Fixture {
         self.dir.path()
     }
 
+    /// Writes a token file where listeners may read it (`secrets/` beside the
+    /// registry) and returns its path.
+    pub fn secret_file(&self, name: &str, value: &str) -> PathBuf {
+        let dir = self.dir.path().join("secrets");
+        std::fs::create_dir_all(&dir).expect("creating the secrets directory");
+        let path = dir.join(name);
+        std::fs::write(&path, value).expect("writing a token file");
+        path
+    }
+
     /// Listener settings for this registry with fast retries for tests.
     pub fn listener_config(&self, nats: &TestNats, selection: Selection) -> ListenerConfig {
         self.listener_config_at(&nats.url(), selection)
