@@ -224,6 +224,9 @@ pub enum AgentsAction {
         /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
         #[arg(long)]
         concurrency: Option<u16>,
+        /// Let a chat agent's gateway token travel over plain HTTP to a host that is not loopback (a private network you trust); otherwise use --gateway https://host:port.
+        #[arg(long)]
+        allow_plaintext: bool,
         /// Do not check that the references resolve here (they only resolve inside the containers).
         #[arg(long)]
         no_check: bool,
@@ -446,6 +449,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     name,
                     inactive,
                     concurrency,
+                    allow_plaintext,
                     no_check,
                 }),
         } => {
@@ -460,6 +464,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 name,
                 inactive,
                 concurrency,
+                allow_plaintext,
             };
             C::AgentsAdd { agent, check: !no_check }
         }

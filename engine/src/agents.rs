@@ -94,6 +94,9 @@ pub fn plan_add(
     if let Some(concurrency) = spec.concurrency {
         entry["concurrency"] = concurrency.into();
     }
+    if spec.allow_plaintext {
+        entry["allow_plaintext"] = true.into();
+    }
     let single = serde_json::json!({ id.as_str(): entry }).to_string();
     let parsed = Registry::parse(&single)?;
     let agent = parsed.get(&id).cloned().ok_or_else(|| AgentsError::Exists(spec.id.clone()))?;

@@ -311,7 +311,7 @@ mod tests {
     const REG: &str = r#"{
       "nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"},
       "ada": {"hooks_token": "file:/etc/mesh/secrets/ada", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m",
-              "delivery": "chat", "hooks_url": "http://ada-gw:7002/hooks/wake"},
+              "delivery": "chat", "hooks_url": "http://ada-gw:7002/hooks/wake", "allow_plaintext": true},
       "old": {"hooks_token": "literal-old-secret", "hooks_url": "http://old:1/hooks/wake", "status": "inactive"},
       "lit": {"hooks_token": "literal-secret-value", "hooks_url": "http://lit:1/hooks/wake"}
     }"#;

@@ -233,7 +233,7 @@ impl Containers for FakeContainers {
 const REGISTRY: &str = r#"{
   "nova": {"hooks_token": "env:MESH_TOKEN_NOVA", "hooks_url": "http://nova:7002/hooks/wake"},
   "ada": {"hooks_token": "env:MESH_TOKEN_ADA", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m", "delivery": "chat",
-          "hooks_url": "http://ada:7002/hooks/wake"}
+          "hooks_url": "http://ada:7002/hooks/wake", "allow_plaintext": true}
 }"#;
 
 /// An engine on a fake mesh, with its clock, containers and registry file.
