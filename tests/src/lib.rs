@@ -12,6 +12,7 @@
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program; [`soak`]:
 //!   its long run that samples a listener's memory.
 //! - [`redis`]: the redis-server under test.
+//! - [`ports`]: processes under test on a free port, started again on another when it was taken.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
@@ -21,6 +22,7 @@ pub mod cluster;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
+pub mod ports;
 pub mod redis;
 pub mod secrets;
 pub mod server;

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,7 @@ use ed25519_dalek::SigningKey;
 use mesh_bot::discord::api::DiscordApi;
 use mesh_bot::discord::messages::{self, Answered};
 use mesh_bot::discord::verify::{public_key_hex, sign};
-use mesh_tests::fixtures::{mesh_bin, wait_until_settled};
+use mesh_tests::fixtures::{Logged, mesh_bin, wait_until_settled};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 use serde_json::{Value, json};
 use serenity::model::channel::Message;
@@ -37,8 +36,7 @@ fn permissions_file(fixture: &Fixture) -> std::path::PathBuf {
 }
 
 struct Bot {
-    child: tokio::process::Child,
-    output: tokio::task::JoinHandle<String>,
+    bot: Logged,
     url: String,
     discord: RecordingGateway,
     key: SigningKey,
@@ -47,33 +45,34 @@ struct Bot {
 
 impl Bot {
     async fn start(nats: &TestNats, fixture: &Fixture, extra_env: &[(&str, &str)]) -> Self {
-        let discord = RecordingGateway::start().await;
+        Self::start_with(nats, fixture, extra_env, RecordingGateway::start().await).await
+    }
+
+    /// Starts the bot with `discord` as Discord's REST API.
+    async fn start_with(
+        nats: &TestNats,
+        fixture: &Fixture,
+        extra_env: &[(&str, &str)],
+        discord: RecordingGateway,
+    ) -> Self {
         let key = signing_key();
-        let port = mesh_bot::local_nats::free_port().unwrap();
-        let mut child = tokio::process::Command::new(mesh_bin())
-            .args(["bot", "--addr", &format!("127.0.0.1:{port}")])
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_PERMISSIONS", permissions_file(fixture))
-            .env("DISCORD_PUBLIC_KEY", public_key_hex(&key))
-            .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
-            .env("DISCORD_APPLICATION_ID", APP)
-            .env("DISCORD_API_URL", format!("http://{}{API}", discord.addr))
-            .env("DISCORD_GATEWAY", "off")
-            .env("MESH_LOG", "trace")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mesh bot");
-        // Drain the logs as they come: a full pipe would block the bot.
-        let mut stderr = child.stderr.take().expect("stderr");
-        let output = tokio::spawn(async move {
-            let mut logs = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs).await;
-            logs
-        });
+        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
+            let mut command = tokio::process::Command::new(mesh_bin());
+            command
+                .args(["bot", "--addr", addr])
+                .env("NATS_URL", nats.url())
+                .env("MESH_REGISTRY", &fixture.registry)
+                .env("MESH_PERMISSIONS", permissions_file(fixture))
+                .env("DISCORD_PUBLIC_KEY", public_key_hex(&key))
+                .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
+                .env("DISCORD_APPLICATION_ID", APP)
+                .env("DISCORD_API_URL", format!("http://{}{API}", discord.addr))
+                .env("DISCORD_GATEWAY", "off")
+                .env("MESH_LOG", "trace")
+                .envs(extra_env.iter().copied());
+            command
+        })
+        .await;
         mesh_listener::gateway::install_tls_provider();
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{port}");
@@ -82,7 +81,7 @@ impl Bot {
             assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { child, output, url, discord, key, http }
+        Self { bot, url, discord, key, http }
     }
 
     /// An application command interaction for `/mesh <line>`.
@@ -125,10 +124,8 @@ impl Bot {
         format!("{API}/webhooks/{APP}/{token}/messages/@original")
     }
 
-    async fn logs(mut self) -> String {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        self.output.await.expect("log reader")
+    async fn logs(self) -> String {
+        self.bot.kill().await
     }
 }
 

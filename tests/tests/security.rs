@@ -81,17 +81,19 @@ impl Stack {
         );
         let permissions = fixture.dir().join("permissions.json");
         std::fs::write(&permissions, serde_json::json!({"director": ["slack:UDIR"]}).to_string()).unwrap();
-        let port = mesh_bot::local_nats::free_port().unwrap();
-        let mut bot = mesh_command(&nats.url(), &fixture.registry);
-        bot.args(["bot", "--addr", &format!("127.0.0.1:{port}")])
-            .env("MESH_PERMISSIONS", &permissions)
-            .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
-            .env("SLACK_BOT_TOKEN", BOT_TOKEN)
-            .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-            .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-            .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
-            .env("MESH_LOG", "trace");
-        let bot = Logged::spawn(bot);
+        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
+            let mut bot = mesh_command(&nats.url(), &fixture.registry);
+            bot.args(["bot", "--addr", addr])
+                .env("MESH_PERMISSIONS", &permissions)
+                .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
+                .env("SLACK_BOT_TOKEN", BOT_TOKEN)
+                .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
+                .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
+                .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
+                .env("MESH_LOG", "trace");
+            bot
+        })
+        .await;
         let bot_url = format!("http://127.0.0.1:{port}");
         let listener_port = mesh_bot::local_nats::free_port().unwrap();
         let mut listener = tokio::process::Command::new(listener_bin());
