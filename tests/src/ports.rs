@@ -9,6 +9,8 @@ use crate::fixtures::Logged;
 
 /// What `mesh bot` prints once it listens (its info log line).
 pub const BOT_LISTENING: &str = "mesh bot listening";
+/// What `mesh-listener --http ADDR` prints once its endpoints listen.
+pub const LISTENER_LISTENING: &str = "health and metrics endpoints up";
 /// How many ports [`spawn_listening`] tries.
 pub const ATTEMPTS: usize = 5;
 /// How long a process may take from its start to listening.

@@ -95,17 +95,20 @@ impl Stack {
         })
         .await;
         let bot_url = format!("http://127.0.0.1:{port}");
-        let listener_port = mesh_bot::local_nats::free_port().unwrap();
-        let mut listener = tokio::process::Command::new(listener_bin());
-        listener
-            .arg("--all")
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("NOVA_HOOK", NOVA_HOOK)
-            .env("MESH_HTTP", format!("127.0.0.1:{listener_port}"))
-            .env("MESH_MAX_DELIVER", "2")
-            .env("MESH_LOG", "trace");
-        let listener = Logged::spawn(listener);
+        let make_listener = |port: u16| {
+            let mut listener = tokio::process::Command::new(listener_bin());
+            listener
+                .arg("--all")
+                .env("NATS_URL", nats.url())
+                .env("MESH_REGISTRY", &fixture.registry)
+                .env("NOVA_HOOK", NOVA_HOOK)
+                .env("MESH_HTTP", format!("127.0.0.1:{port}"))
+                .env("MESH_MAX_DELIVER", "2")
+                .env("MESH_LOG", "trace");
+            listener
+        };
+        let (listener, listener_port) =
+            mesh_tests::ports::spawn_listening(make_listener, mesh_tests::ports::LISTENER_LISTENING).await;
         let listener_url = format!("http://127.0.0.1:{listener_port}");
         wait_live(&http, &bot_url, "mesh bot").await;
         wait_live(&http, &listener_url, "mesh-listener").await;
