@@ -23,6 +23,8 @@ pub mod op {
     pub const IDENTIFY: u64 = 2;
     /// Resuming a session.
     pub const RESUME: u64 = 6;
+    /// The client should reconnect and resume.
+    pub const RECONNECT: u64 = 7;
     /// The session is invalid; `d` says whether it may be resumed.
     pub const INVALID_SESSION: u64 = 9;
     /// The first frame, with the heartbeat interval.

@@ -426,7 +426,7 @@ async fn rate_limits_and_early_edits_are_retried() {
 const MESSAGE_COMMAND_INTENTS: u64 = (1 << 9) | (1 << 12) | (1 << 15);
 
 #[tokio::test]
-async fn the_gateway_client_runs_message_commands_once_across_a_resume_and_a_new_session() {
+async fn the_gateway_client_runs_message_commands_once_across_resumes_and_a_new_session() {
     use mesh_tests::discord_gateway::{FakeDiscordGateway, op};
     let nats = TestNats::start().await;
     let nova = RecordingGateway::start().await;
@@ -491,13 +491,25 @@ async fn the_gateway_client_runs_message_commands_once_across_a_resume_and_a_new
     assert_eq!(wait_for_reply(3).await[2].body["message_reference"]["message_id"], "13");
     third.wait_for_heartbeat(2).await;
 
-    // Each command ran once: three deliveries, three replies, one per command.
+    // Discord asks the client to reconnect (op 7, routine in production): it resumes the new session.
+    third.send(json!({"op": op::RECONNECT, "d": null}));
+    let fourth = gateway.accept().await;
+    assert_eq!(fourth.opening["op"], op::RESUME);
+    assert_eq!(fourth.opening["d"]["session_id"], "session-2");
+    assert_eq!(fourth.opening["d"]["seq"], 2);
+    fourth.continue_after(&third);
+    fourth.dispatch("RESUMED", json!({}));
+    fourth.dispatch("MESSAGE_CREATE", command(14, "!mesh send nova after a reconnect"));
+    assert_eq!(nova.wait_for(4, WAIT).await[3].text(), "[mesh] Message from discord:5: after a reconnect");
+    assert_eq!(wait_for_reply(4).await[3].body["message_reference"]["message_id"], "14");
+
+    // Each command ran once: four deliveries, four replies, one per command.
     let js = nats.jetstream().await;
     wait_until_settled(&js, "nova", WAIT).await;
-    assert_eq!(nova.requests().len(), 3);
+    assert_eq!(nova.requests().len(), 4);
     let references: Vec<Value> =
         bot.discord.requests_to(&replies).iter().map(|r| r.body["message_reference"]["message_id"].clone()).collect();
-    assert_eq!(references, [json!("11"), json!("12"), json!("13")]);
+    assert_eq!(references, [json!("11"), json!("12"), json!("13"), json!("14")]);
     listener.stop().await.unwrap();
     let logs = bot.logs().await;
     assert!(logs.contains("discord gateway ready"), "the handler saw READY");
