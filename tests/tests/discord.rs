@@ -443,7 +443,9 @@ async fn the_gateway_client_runs_message_commands_once_across_resumes_and_a_new_
 
     // A new session: the client asked the REST API where the gateway is, with the bot token.
     let first = gateway.accept().await;
+    // (serenity 0.12's `Client::start` asks `GET /gateway`; `/gateway/bot` is for autosharding.)
     let asked = bot.discord.requests().into_iter().find(|r| r.path.starts_with(&format!("{API}/gateway"))).unwrap();
+    assert_eq!(asked.path, format!("{API}/gateway"));
     assert_eq!(asked.authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
     // (Frames are not printed on failure: IDENTIFY and RESUME carry the token.)
     assert_eq!(first.opening["op"], op::IDENTIFY);
