@@ -80,29 +80,34 @@ impl Stack {
         );
         let permissions = fixture.dir().join("permissions.json");
         std::fs::write(&permissions, serde_json::json!({"director": ["slack:UDIR"]}).to_string()).unwrap();
-        let port = mesh_bot::local_nats::free_port().unwrap();
-        let mut bot = mesh_command(&nats.url(), &fixture.registry);
-        bot.args(["bot", "--addr", &format!("127.0.0.1:{port}")])
-            .env("MESH_PERMISSIONS", &permissions)
-            .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
-            .env("SLACK_BOT_TOKEN", BOT_TOKEN)
-            .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-            .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-            .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
-            .env("MESH_LOG", "trace");
-        let bot = Logged::spawn(bot);
+        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
+            let mut bot = mesh_command(&nats.url(), &fixture.registry);
+            bot.args(["bot", "--addr", addr])
+                .env("MESH_PERMISSIONS", &permissions)
+                .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
+                .env("SLACK_BOT_TOKEN", BOT_TOKEN)
+                .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
+                .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
+                .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
+                .env("MESH_LOG", "trace");
+            bot
+        })
+        .await;
         let bot_url = format!("http://127.0.0.1:{port}");
-        let listener_port = mesh_bot::local_nats::free_port().unwrap();
-        let mut listener = tokio::process::Command::new(listener_bin());
-        listener
-            .arg("--all")
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
-            .env("MESH_HTTP", format!("127.0.0.1:{listener_port}"))
-            .env("MESH_MAX_DELIVER", "2")
-            .env("MESH_LOG", "trace");
-        let listener = Logged::spawn(listener);
+        let make_listener = |port: u16| {
+            let mut listener = tokio::process::Command::new(listener_bin());
+            listener
+                .arg("--all")
+                .env("NATS_URL", nats.url())
+                .env("MESH_REGISTRY", &fixture.registry)
+                .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
+                .env("MESH_HTTP", format!("127.0.0.1:{port}"))
+                .env("MESH_MAX_DELIVER", "2")
+                .env("MESH_LOG", "trace");
+            listener
+        };
+        let (listener, listener_port) =
+            mesh_tests::ports::spawn_listening(make_listener, mesh_tests::ports::LISTENER_LISTENING).await;
         let listener_url = format!("http://127.0.0.1:{listener_port}");
         wait_live(&http, &bot_url, "mesh bot").await;
         wait_live(&http, &listener_url, "mesh-listener").await;
