@@ -301,7 +301,7 @@ impl Engine {
             Err(refused) => return refused,
         };
         if command.needs_confirmation() {
-            let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
+            let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
             return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
@@ -879,3 +879,11 @@ fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+/// 64 bits from the operating system's generator (through `uuid`'s v4, which
+/// uses `getrandom`): confirmation codes must not be guessable from earlier ones.
+fn os_random_u64() -> u64 {
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    // v4 fixes 4 version bits in `high` and 2 variant bits in `low`.
+    high.rotate_left(17) ^ low
+}

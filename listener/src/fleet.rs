@@ -129,7 +129,7 @@ pub async fn run_with(
         kill_keys: kill_keys_tx,
     };
     world.apply(&selected);
-    info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
+    info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
     on_start(Control { pause: pause_tx, fleet });
 
     let mut last_registry = registry;

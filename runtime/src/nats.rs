@@ -44,6 +44,22 @@ pub enum NatsError {
     Replicas(String),
 }
 
+/// The URL setting as it may be shown: user info (`user:password@`) becomes `***@`.
+pub fn redact_url(url: &str) -> String {
+    server_urls(url)
+        .iter()
+        .map(|u| {
+            let (scheme, rest) = u.split_once("://").map_or(("", *u), |(s, r)| (s, r));
+            let shown = match rest.rsplit_once('@') {
+                Some((_, host)) => format!("***@{host}"),
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() { shown } else { format!("{scheme}://{shown}") }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The servers of a URL setting: one URL, or several separated by commas
 /// (the nodes of a cluster; the client fails over between them).
 pub fn server_urls(url: &str) -> Vec<&str> {
@@ -83,8 +99,8 @@ pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, Na
         tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(server_urls(url))).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() }),
-        Err(_) => Err(NatsError::Unreachable { url: url.to_owned(), reason: "timed out".into() }),
+        Ok(Err(e)) => Err(NatsError::Unreachable { url: redact_url(url), reason: e.to_string() }),
+        Err(_) => Err(NatsError::Unreachable { url: redact_url(url), reason: "timed out".into() }),
     }
 }
 
@@ -116,7 +132,7 @@ pub async fn connect_watched(
         })
         .connect(server_urls(url))
         .await
-        .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| NatsError::Unreachable { url: redact_url(url), reason: e.to_string() })?;
     Ok((client, connects))
 }
 
@@ -305,6 +321,14 @@ pub async fn bind_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(redact_url("nats://admin:s3cret@a:4222"), "nats://***@a:4222");
+        assert_eq!(redact_url("nats://tok@a:1, nats://b:2"), "nats://***@a:1,nats://b:2");
+        assert_eq!(redact_url("u:p@host:4222"), "***@host:4222");
+        assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
+    }
 
     #[test]
     fn a_url_setting_names_one_or_several_servers() {
