@@ -248,7 +248,8 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
                 .map_err(|e| BackupError::Format { path: path.clone(), reason: format!("seq {}: {e}", stored.seq) })?;
             let mut headers = HeaderMap::new();
             for (name, value) in &stored.headers {
-                let name = if name.eq_ignore_ascii_case(MSG_ID_HEADER) { RESTORED_MSG_ID_HEADER } else { name.as_str() };
+                let name =
+                    if name.eq_ignore_ascii_case(MSG_ID_HEADER) { RESTORED_MSG_ID_HEADER } else { name.as_str() };
                 headers.append(name, value.as_str());
             }
             let what = format!("republishing {} seq {}", spec.name, stored.seq);

@@ -185,7 +185,8 @@ pub async fn replay(
         match stream.delete_message(entry.dlq_seq).await {
             Ok(_) => {}
             // Another replay of the same dead letter removed it first.
-            Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(ref js) if js.error_code() == ErrorCode::NO_MESSAGE_FOUND) => {}
+            Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(ref js) if js.error_code() == ErrorCode::NO_MESSAGE_FOUND) =>
+                {}
             Err(e) => {
                 return Err(DlqError::NotRemoved { seq: entry.dlq_seq, id: envelope.id, reason: e.to_string() });
             }

@@ -216,9 +216,7 @@ async fn settle_reply<G: Gateway>(
             );
             Some(nak(msg, delay).await)
         }
-        Decision::DeadLetter(reason) => {
-            Some(dead_letter(deps, entry, state, stored, delivered, status, reason).await)
-        }
+        Decision::DeadLetter(reason) => Some(dead_letter(deps, entry, state, stored, delivered, status, reason).await),
     }
 }
 /// A stable id for a body that carries none (legacy `{"from", "message"}`,
