@@ -33,8 +33,7 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     mesh_bot::publish::send(&js, &registry(), "test", "nova", "backlog of the first nova", Priority::Normal)
         .await
         .unwrap();
-    let said = mesh(&nats, &fixture, &["agents", "remove", "nova"]).await;
-    assert!(said.contains("agent-nova (1 undelivered messages dropped)"), "{said}");
+    let removed = mesh(&nats, &fixture, &["agents", "remove", "nova"]).await;
     mesh_bot::publish::broadcast(&js, &registry(), "test", "while nova was away", Priority::Normal).await.unwrap();
 
     // The id is used again.
@@ -50,5 +49,9 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     let texts: Vec<String> = nova_gw.requests().iter().map(|r| r.text().to_owned()).collect();
     assert_eq!(texts, ["[mesh] Message from test: welcome back"], "only what was sent after the re-add");
     assert_eq!(got[0].authorization.as_deref(), Some("Bearer nova-hook-token"));
+    assert!(
+        removed.contains("agent-nova (1 undelivered messages dropped)"),
+        "the removal says what it dropped: {removed}"
+    );
     nova.stop().await.unwrap();
 }

@@ -138,11 +138,11 @@ async fn a_dead_letter_replayed_twice_reaches_the_gateway_once_with_its_fields()
     mesh_bot::publish::publish(&js, &crashed).await.unwrap();
     // ...and the replay run again (through the engine, as every front end does).
     let said = mesh(&nats, &fixture.registry, &["dlq", "replay", "nova"]).await;
-    assert!(said.contains(&format!("replayed as {}", crashed.id)), "{said}");
     gw.wait_for(2, WAIT).await;
     wait_until_settled(&js, "nova", WAIT).await;
     let got = gw.requests();
     assert_eq!(got.len(), 2, "the original's 404 and one replay: {got:?}");
+    assert!(said.contains(&format!("replayed as {}", crashed.id)), "{said}");
     assert_eq!(got[1].idempotency_key.as_deref(), Some(format!("nova:{}", crashed.id).as_str()));
     assert!(dead_letters(&js).await.is_empty(), "the dead letter is removed");
 
