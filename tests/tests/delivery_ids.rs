@@ -114,6 +114,35 @@ async fn a_new_dead_letter_right_after_a_restore_is_stored_and_its_message_not_l
 }
 
 #[tokio::test]
+async fn a_dead_letter_after_the_agents_stream_restarts_its_sequences_is_stored() {
+    // The same hazard without a restore: the agents stream recreated (wiped
+    // by an operator) numbers from 1 again while the dead letters stay, and
+    // a dead letter id built on the sequence would repeat within the window.
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    gw.script([404]);
+    mesh_bot::publish::send(&js, &load(&fixture), "test", "nova", "first", Priority::Normal).await.unwrap();
+    wait_dead_letters(&js, 1).await;
+    listener.stop().await.unwrap();
+    js.delete_stream("MESH_AGENTS").await.unwrap();
+    mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    gw.script([404]);
+    let second =
+        mesh_bot::publish::send(&js, &load(&fixture), "test", "nova", "second", Priority::Normal).await.unwrap();
+    assert_eq!(second.stream_seq, 1, "the recreated stream numbers from 1 again");
+    let got = wait_dead_letters(&js, 2).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    let newest: serde_json::Value = serde_json::from_slice(&got[1].1).unwrap();
+    assert_eq!(newest["id"], second.id.to_string());
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_dead_letter_replayed_twice_reaches_the_gateway_once_with_its_fields() {
     let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
