@@ -190,3 +190,30 @@ pub async fn after_change(nats_url: &str, agents: &[&Agent]) -> Result<String, N
         _ => format!("consumers in place ({}): messages sent from now on wait for the listener", names.join(", ")),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(json: &str) -> Registry {
+        Registry::parse(json).unwrap()
+    }
+
+    #[test]
+    fn an_agent_removed_or_made_inactive_is_retired_and_no_other() {
+        let before = registry(
+            r#"{"nova": {"hooks_token": "a", "hooks_url": "http://h/"},
+                "kaan": {"hooks_token": "b", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/"},
+                "old": {"hooks_token": "d", "hooks_url": "http://h/", "status": "inactive"}}"#,
+        );
+        let after = registry(
+            r#"{"nova": {"hooks_token": "a2", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/", "status": "inactive"},
+                "new": {"hooks_token": "e", "hooks_url": "http://h/"}}"#,
+        );
+        let ids: Vec<String> = retired(&before, &after).iter().map(ToString::to_string).collect();
+        assert_eq!(ids, ["kaan", "zed"], "removed and made inactive; a rotated token or a new agent is no retirement");
+        assert!(retired(&after, &after).is_empty());
+    }
+}
