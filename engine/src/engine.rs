@@ -678,20 +678,39 @@ impl Engine {
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 let mut reply = Reply::ok(title).with_data(&changed);
-                if let Command::AgentsAdd { agent, .. } = &command
-                    && !agent.inactive
-                    && let Ok(id) = AgentId::parse(&agent.id)
-                {
-                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
-                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                // A new registration starts afresh: a consumer left over from an
+                // earlier agent of the same id (its backlog, old broadcasts) goes,
+                // and so does the consumer of a removed or inactive agent.
+                let (retire, create) = match &command {
+                    Command::AgentsAdd { agent, .. } => (AgentId::parse(&agent.id).ok(), !agent.inactive),
+                    Command::AgentsRemove { agent, .. } => (AgentId::parse(agent).ok(), false),
+                    _ => (None, false),
+                };
+                if let Some(id) = retire {
+                    let retired = match self.mesh() {
+                        Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    let line = match retired {
                         Ok(done) => done,
                         Err(e) => format!(
-                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
-                             when it runs, and the listener waits for it until then"
+                            "warning: consumer agent-{id} not deleted ({e}); the bot (`mesh bot`) deletes it when it \
+                             sees the change, else a re-added {id} gets what it held"
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
+                    if create {
+                        // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                        let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                        let line = match self.provision(&[(id.clone(), tuning)]).await {
+                            Ok(done) => done,
+                            Err(e) => format!(
+                                "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                                 when it runs, and the listener waits for it until then"
+                            ),
+                        };
+                        reply = reply.with_lines(None, [line]);
+                    }
                 }
                 Ok(Executed::reply(reply))
             }

@@ -172,6 +172,10 @@ impl Mesh for FakeMesh {
         ready(Ok(format!("consumers in place ({} agents)", agents.len())))
     }
 
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        ready(Ok(format!("consumers deleted ({} agents)", agents.len())))
+    }
+
     fn maintenance<'a>(
         &'a self,
         _registry: &'a Registry,

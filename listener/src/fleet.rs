@@ -96,6 +96,7 @@ pub async fn run_with(
         confirm_acks: config.concurrency <= 1,
         connects,
         registry: registry_rx,
+        registry_path: config.registry_path.clone(),
     });
     let kill_keys = crate::killswitch::keys_of(selected.keys());
     let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;

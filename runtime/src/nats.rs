@@ -294,6 +294,29 @@ pub async fn consumer_tuning(js: &jetstream::Context, agent: &AgentId) -> Result
     }
 }
 
+/// Deletes an agent's durable consumer, when it has one (an agent removed or
+/// made inactive: re-activated, the id starts afresh with a new consumer and
+/// receives nothing older). Returns how many messages it still held for the
+/// agent (pending and unacked), `None` when there was no consumer. Those
+/// messages stay in the stream until they age out; nobody will deliver them.
+pub async fn delete_consumer(js: &jetstream::Context, agent: &AgentId) -> Result<Option<u64>, NatsError> {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = js
+        .get_stream_no_info(spec.stream)
+        .await
+        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    let held = match stream.consumer_info(&spec.durable).await {
+        Ok(info) => info.num_pending + info.num_ack_pending as u64,
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+    };
+    match stream.delete_consumer(&spec.durable).await {
+        Ok(_) => Ok(Some(held)),
+        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) => Err(NatsError::JetStream(format!("deleting consumer {}: {e}", spec.durable))),
+    }
+}
+
 /// Creates or updates an agent's consumer with `tuning` (the admin side:
 /// restores, test harnesses; a listener never calls it). An existing consumer
 /// keeps its start position (a restored one starts at a sequence; the server

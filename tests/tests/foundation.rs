@@ -52,7 +52,7 @@ async fn send_reaches_the_gateway_exactly_once_with_token_and_text() {
     let req = &got[0];
     assert_eq!(req.path, "/hooks/wake");
     assert_eq!(req.authorization.as_deref(), Some("Bearer nova-hook-token"));
-    assert_eq!(req.idempotency_key.as_deref(), Some(id.as_str()));
+    assert_eq!(req.idempotency_key.as_deref(), Some(format!("nova:{id}").as_str()));
     assert_eq!(req.text(), format!("[mesh] Message from cli:tester: {text}"));
     assert_eq!(req.body["mode"], "next-heartbeat");
     listener.stop().await.expect("listener stops cleanly");
