@@ -268,6 +268,10 @@ pub async fn run(
     {
         anyhow::bail!("refusing to start: {e}");
     }
+    // Connected by now (the engine created the streams).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
+    }
     let stop = CancellationToken::new();
     let mut app = Router::new();
     if let Some(slack) = &config.slack {

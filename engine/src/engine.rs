@@ -797,6 +797,16 @@ impl Engine {
             reply.tone = crate::command::Tone::Warn;
         }
         reply = reply.with_lines(Some("kill switch"), kill_lines);
+        let pause_lines = match mesh.server_pauses().await {
+            Ok(crate::mesh::ServerPauses::TooOld(warning)) => {
+                reply.tone = crate::command::Tone::Warn;
+                vec![warning]
+            }
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) if rows.is_empty() => vec!["no agent consumers".to_owned()],
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) => rows.iter().map(|r| r.describe()).collect(),
+            Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
+        };
+        reply = reply.with_lines(Some("server-side pause"), pause_lines);
         let report = mesh.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();

@@ -157,6 +157,10 @@ impl Mesh for FakeMesh {
         ServerInfo { version: "fake".into(), name: "fake".into() }
     }
 
+    fn server_pauses(&self) -> BoxFuture<'_, Result<crate::mesh::ServerPauses, MeshError>> {
+        Box::pin(async { Ok(crate::mesh::ServerPauses::Consumers(Vec::new())) })
+    }
+
     fn backup<'a>(&'a self, _registry: &'a Path, _dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
         ready(Err(MeshError::Request("no backups in the fake".into())))
     }

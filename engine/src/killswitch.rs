@@ -1,7 +1,9 @@
 //! Pulling and releasing the kill switch: entries in the JetStream bucket that
 //! every listener follows, plus an event for the chat channels. Listeners
-//! enforce it (they stop pulling), so no agent can ignore it, and a soft
-//! kill ends at its deadline even when nothing else runs.
+//! enforce it (they stop pulling), and so does nats-server 2.11 or later:
+//! every change pauses or resumes the agent consumers it covers on the
+//! server (`mesh_runtime::server_pause`), so no client can pull from them
+//! either; a soft kill ends at its deadline even when nothing else runs.
 //!
 //! The replacement rule: a pull or a release overwrites the entry of its scope,
 //! so it is allowed only to someone who may resume from the entry in force
@@ -240,6 +242,7 @@ impl KillSwitch {
             }
             match self.store.update(key.as_str(), state.encode().into(), revision).await {
                 Ok(written) => {
+                    self.enforce(scope).await;
                     self.announce(scope, state).await;
                     return Ok(written);
                 }
@@ -248,6 +251,21 @@ impl KillSwitch {
             }
         }
         Err(KillSwitchError::Contended(scope.clone()))
+    }
+
+    /// Pauses or resumes the consumers `scope` covers on the server to match
+    /// the entries now in force (`mesh_runtime::server_pause`). A failure is
+    /// logged, not returned: the entry is written and the listeners follow
+    /// it; the bot's provisioning applies the server-side pause again within
+    /// [`crate::provision::RECHECK_EVERY`].
+    async fn enforce(&self, scope: &Scope) {
+        let only = match scope {
+            Scope::Global => None,
+            Scope::Agent(id) => Some(id),
+        };
+        if let Err(e) = mesh_runtime::server_pause::sync(&self.js, only).await {
+            tracing::warn!(scope = %scope, error = %e, "cannot apply the kill switch on the server; the listeners' pause holds");
+        }
     }
 
     async fn announce(&self, scope: &Scope, state: &KillState) {

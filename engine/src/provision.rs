@@ -103,6 +103,9 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
             }
             ensure_mesh(&js, config.replicas).await.map_err(|e| e.to_string())?;
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;
+            // A kill switch change whose server-side pause failed (or a
+            // consumer created while it was applied) is corrected here.
+            mesh_runtime::server_pause::sync(&js, None).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(Some((registry, n)))
         };
         let outcome = tokio::select! {
