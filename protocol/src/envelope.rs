@@ -27,8 +27,8 @@ pub const MAX_FROM_LEN: usize = 64;
 pub const UNKNOWN_SENDER: &str = "external";
 /// Shortest time to live a message may be given.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
-/// Longest time to live: the agents stream keeps messages 7 days anyway.
-pub const MAX_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest time to live (as long as the longest duration the command grammar reads).
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How far past `expires_at` a receiver still delivers: the clock-skew
 /// tolerance between the sender's clock (which set `expires_at`) and the
 /// listener's (which reads it). With clocks within this of each other a
@@ -210,7 +210,7 @@ pub enum EnvelopeError {
     BadSender(String),
     #[error("reply_to is invalid: {0}")]
     BadReplyTo(SubjectError),
-    #[error("a time to live lasts between 1 second and 7 days, not {0:?}")]
+    #[error("a time to live lasts between 1 second and 24 hours, not {0:?}")]
     BadTtl(Duration),
 }
 
@@ -539,7 +539,7 @@ mod tests {
         let expiring = r#"{"v":1,"id":"0190b0a0-0000-7000-8000-000000000000","from":"kaan","to":"nova","text":"hi","sent_at":"2026-01-01T00:00:00Z","expires_at":"2026-01-01T00:00:02Z"}"#;
         let (env, _) = Envelope::decode(expiring.as_bytes(), &arrival()).unwrap();
         assert_eq!(env.expires_at, Some(time::macros::datetime!(2026-01-01 0:00:02 UTC)));
-        rejects(expiring.replace("2026-01-01T00:00:02Z", "soon").as_bytes(), "expires_at");
+        rejects(expiring.replace("2026-01-01T00:00:02Z", "soon").as_bytes(), "invalid envelope");
         for bad in [Duration::ZERO, Duration::from_millis(999), MAX_TTL + Duration::from_secs(1)] {
             let env = Envelope::new("a", Recipient::Broadcast, "x").unwrap();
             assert!(matches!(env.with_ttl(bad), Err(EnvelopeError::BadTtl(_))), "{bad:?}");
