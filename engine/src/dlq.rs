@@ -102,7 +102,9 @@ pub async fn list(
 }
 
 /// The envelope a replay publishes: new id, original text and sender, and a
-/// note in its metadata.
+/// note in its metadata. It has no expiry: replaying is an operator's
+/// decision that the message is still wanted (an expired one included), so
+/// the original's `expires_at` is dropped rather than renewed.
 pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envelope> {
     let arrival = Arrival { to: Recipient::Agent(agent.clone()), fallback_id: uuid::Uuid::nil(), stored_at: entry.at };
     let (original, _) = Envelope::decode(&entry.payload, &arrival).ok()?;
@@ -175,6 +177,16 @@ mod tests {
         assert_ne!(replay.id, original.id);
         assert_eq!((replay.from.as_str(), replay.text.as_str()), ("kaan", "hello"));
         assert_eq!(replay.metadata[REPLAY_OF], original.id.to_string());
+        // An expired message replays without its expiry.
+        let expiring = original.clone().with_ttl(std::time::Duration::from_secs(2)).unwrap();
+        let expired = DeadLetterEntry {
+            reason: "expired: its time to live ended at 2026-11-30T15:00:00Z; not delivered".into(),
+            payload: expiring.encode().unwrap().into(),
+            ..entry.clone()
+        };
+        let replay = replay_envelope(&expired, &"nova".parse().unwrap()).unwrap();
+        assert_eq!((replay.expires_at, replay.text.as_str()), (None, "hello"));
+        assert!(replay.metadata["dead_letter_reason"].starts_with("expired"));
         let garbage = DeadLetterEntry { payload: bytes::Bytes::from_static(&[0xff]), ..entry };
         assert!(replay_envelope(&garbage, &"nova".parse().unwrap()).is_none());
     }
