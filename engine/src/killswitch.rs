@@ -199,6 +199,25 @@ impl KillSwitch {
         role: Option<Role>,
         only: Option<u64>,
     ) -> Result<u64, KillSwitchError> {
+        let mut applied = false;
+        let written = self.replace_entry(scope, state, role, only, &mut applied).await;
+        if applied {
+            // From what is written now, whatever the outcome.
+            self.enforce(scope, None).await;
+        }
+        written
+    }
+
+    /// The revision-checked write of [`KillSwitch::replace`]; sets `applied`
+    /// once the entry about to be written was applied to the server.
+    async fn replace_entry(
+        &self,
+        scope: &Scope,
+        state: &KillState,
+        role: Option<Role>,
+        only: Option<u64>,
+        applied: &mut bool,
+    ) -> Result<u64, KillSwitchError> {
         let key = scope.key();
         let give_up = tokio::time::Instant::now() + CONTENDED_FOR;
         for attempt in 0.. {
@@ -240,9 +259,11 @@ impl KillSwitch {
                     return Ok(revision);
                 }
             }
+            // Allowed: the server first, so listeners resuming on the entry find their consumers resumed.
+            self.enforce(scope, Some(state)).await;
+            *applied = true;
             match self.store.update(key.as_str(), state.encode().into(), revision).await {
                 Ok(written) => {
-                    self.enforce(scope).await;
                     self.announce(scope, state).await;
                     return Ok(written);
                 }
@@ -254,16 +275,17 @@ impl KillSwitch {
     }
 
     /// Pauses or resumes the consumers `scope` covers on the server to match
-    /// the entries now in force (`mesh_runtime::server_pause`). A failure is
-    /// logged, not returned: the entry is written and the listeners follow
-    /// it; the bot's provisioning applies the server-side pause again within
-    /// [`crate::provision::RECHECK_EVERY`].
-    async fn enforce(&self, scope: &Scope) {
+    /// the entries in force, with `planned` in place of the entry of `scope`
+    /// (`mesh_runtime::server_pause`). A failure is logged, not returned: the
+    /// entry is written and the listeners follow it; the bot's provisioning
+    /// applies the server-side pause again within [`crate::provision::RECHECK_EVERY`].
+    async fn enforce(&self, scope: &Scope, planned: Option<&KillState>) {
         let only = match scope {
             Scope::Global => None,
             Scope::Agent(id) => Some(id),
         };
-        if let Err(e) = mesh_runtime::server_pause::sync(&self.js, only).await {
+        let planned = planned.map(|state| (scope, state));
+        if let Err(e) = mesh_runtime::server_pause::sync_planned(&self.js, only, planned).await {
             tracing::warn!(scope = %scope, error = %e, "cannot apply the kill switch on the server; the listeners' pause holds");
         }
     }

@@ -194,23 +194,45 @@ pub struct Synced {
 /// taking the one just written, so two writers applying out of order still
 /// end on the entry in force. Nothing on an older server.
 pub async fn sync(js: &jetstream::Context, only: Option<&AgentId>) -> Result<Synced, NatsError> {
+    sync_planned(js, only, None).await
+}
+
+/// Like [`sync`], as if the entry of `planned`'s scope were already
+/// `planned`'s state: the kill switch applies a change to the server just
+/// before writing it, so a listener that resumes on the new entry pulls
+/// from a consumer already resumed (nats-server does not serve a pull that
+/// waited on a paused consumer when it is resumed; it would wait out its
+/// expiry), and then [`sync`]s again from what was written.
+pub async fn sync_planned(
+    js: &jetstream::Context,
+    only: Option<&AgentId>,
+    planned: Option<(&Scope, &KillState)>,
+) -> Result<Synced, NatsError> {
     let mut synced = Synced::default();
     if Support::of(&js.client()) != Support::Enforced {
         return Ok(synced);
     }
     let store = bucket(js).await?;
-    let global = match &store {
-        Some(store) => entry(store, &Scope::Global).await?,
-        None => None,
+    let read = |scope: Scope| {
+        let store = store.clone();
+        async move {
+            if let Some((planned_scope, state)) = planned
+                && *planned_scope == scope
+            {
+                return Ok(Some(state.clone()));
+            }
+            match &store {
+                Some(store) => entry(store, &scope).await,
+                None => Ok(None),
+            }
+        }
     };
+    let global = read(Scope::Global).await?;
     for consumer in list(js).await? {
         if only.is_some_and(|only| *only != consumer.agent) {
             continue;
         }
-        let own = match &store {
-            Some(store) => entry(store, &Scope::Agent(consumer.agent.clone())).await?,
-            None => None,
-        };
+        let own = read(Scope::Agent(consumer.agent.clone())).await?;
         let now = OffsetDateTime::now_utc();
         let want = killswitch::server_pause_until(killswitch::effective(global.as_ref(), own.as_ref(), now));
         let seconds = |t: Option<OffsetDateTime>| t.map(OffsetDateTime::unix_timestamp);

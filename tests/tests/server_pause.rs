@@ -207,3 +207,35 @@ async fn the_bots_provisioning_repairs_a_server_pause_that_was_lifted_behind_its
     stop.cancel();
     follow.await.unwrap();
 }
+
+/// A running listener resumes at once: the server-side resume comes before
+/// the entry the listener follows, so its first pull after the resume is not
+/// one the server held while paused (nats-server leaves those unanswered
+/// until they expire, 10 s for the listener's pulls).
+#[tokio::test]
+async fn a_running_listener_delivers_right_after_resume() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, control) = mesh_tests::ListenerHandle::spawn_with_control(
+        fixture.listener_config(&nats, mesh_listener::config::Selection::All),
+    )
+    .await;
+    let switch = KillSwitch::open(&js).await.unwrap();
+    for round in 0..3 {
+        switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !control.fleet.get(&id("nova")).is_some_and(|s| s.paused.load(std::sync::atomic::Ordering::Relaxed)) {
+            assert!(tokio::time::Instant::now() < deadline, "nova never paused");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        send(&js, &fixture, "nova", &format!("round {round}")).await;
+        let resumed = std::time::Instant::now();
+        switch.release(&Scope::Global, Actor::director("cli:t")).await.unwrap();
+        gw.wait_for(round + 1, WAIT).await;
+        let took = resumed.elapsed();
+        assert!(took < Duration::from_secs(5), "round {round}: delivered {took:?} after the resume");
+    }
+    listener.stop().await.unwrap();
+}
