@@ -486,7 +486,11 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
         }
         Command::Ask { agent, text, timeout_s, ttl } => {
             options.ask_timeout = Some(Duration::from_secs(timeout_s));
-            C::Ask { agent: agent_id(&agent)?, text: message_text(text)?, ttl: ttl.as_deref().map(duration).transpose()? }
+            C::Ask {
+                agent: agent_id(&agent)?,
+                text: message_text(text)?,
+                ttl: ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Kill { grade: KillGrade::Soft { duration: d, agent, reason } } => C::KillSoft {
             duration: d.as_deref().map(duration).transpose()?.unwrap_or(crate::command::grammar::DEFAULT_SOFT_KILL),

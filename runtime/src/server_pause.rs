@@ -9,9 +9,9 @@
 
 use async_nats::jetstream::{self, kv};
 use futures::TryStreamExt;
+use mesh_protocol::AgentId;
 use mesh_protocol::killswitch::{self, BUCKET, KillState, Mode, PAUSED_UNTIL_RESUMED, Scope};
 use mesh_protocol::layout::{self, ConsumerTuning};
-use mesh_protocol::AgentId;
 use time::OffsetDateTime;
 use tracing::{info, warn};
 
@@ -72,7 +72,9 @@ fn decode(bytes: &[u8]) -> KillState {
 async fn bucket(js: &jetstream::Context) -> Result<Option<kv::Store>, NatsError> {
     match js.get_key_value(BUCKET).await {
         Ok(store) => Ok(Some(store)),
-        Err(e) if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket && e.to_string().contains("not found") => {
+        Err(e)
+            if e.kind() == jetstream::context::KeyValueErrorKind::GetBucket && e.to_string().contains("not found") =>
+        {
             Ok(None)
         }
         Err(e) => Err(NatsError::JetStream(format!("opening the kill switch bucket: {e}"))),
@@ -161,7 +163,8 @@ impl ConsumerPause {
 /// The server-side pause of every agent consumer, by agent.
 pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerPause>, NatsError> {
     let name = layout::agents_stream(1).name;
-    let stream = js.get_stream_no_info(name).await.map_err(|e| NatsError::JetStream(format!("opening stream {name}: {e}")))?;
+    let stream =
+        js.get_stream_no_info(name).await.map_err(|e| NatsError::JetStream(format!("opening stream {name}: {e}")))?;
     let infos: Vec<_> = stream
         .consumers()
         .try_collect()

@@ -50,8 +50,7 @@ async fn a_message_whose_ttl_ends_while_its_agent_is_paused_is_dead_lettered_as_
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("a1", &gw, true)]);
     let js = nats.jetstream().await;
-    let (listener, _control) =
-        ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+    let (listener, _control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
     let (ok, said) = mesh(&nats, &fixture, &["kill", "hard", "--agent", "a1", "--yes", "--reason", "ttl test"]).await;
     assert!(ok, "{said}");
 

@@ -693,10 +693,10 @@ fn message_options(c: &mut Cursor<'_>, usage: &'static str, with_priority: bool)
                 value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage })?;
         } else if !ttl_seen && let Some(value) = flag_value(c, "--ttl", "the time to live after --ttl", usage)? {
             ttl_seen = true;
-            options.ttl = Some(parse_duration(value).map_err(|problem| ParseError::BadArgument {
-                problem: format!("--ttl: {problem}"),
-                usage,
-            })?);
+            options.ttl = Some(
+                parse_duration(value)
+                    .map_err(|problem| ParseError::BadArgument { problem: format!("--ttl: {problem}"), usage })?,
+            );
         } else {
             return Ok(options);
         }
@@ -960,9 +960,15 @@ mod tests {
         check("send --priority high --ttl 1h nova x", Ok(send(Priority::High, ttl(3600), "x")));
         check("send --ttl 1h --priority=high nova x", Ok(send(Priority::High, ttl(3600), "x")));
         check("send nova x --ttl 2s", Ok(send(Priority::Normal, None, "x --ttl 2s")));
-        check("ask --ttl 30s kaan still there?", Ok(Command::Ask { agent: id("kaan"), text: "still there?".into(), ttl: ttl(30) }));
+        check(
+            "ask --ttl 30s kaan still there?",
+            Ok(Command::Ask { agent: id("kaan"), text: "still there?".into(), ttl: ttl(30) }),
+        );
         let b = |priority, ttl, text: &str| Command::Broadcast { priority, text: text.into(), ttl };
-        check("broadcast --ttl 5m maintenance in 5 minutes", Ok(b(Priority::Normal, ttl(300), "maintenance in 5 minutes")));
+        check(
+            "broadcast --ttl 5m maintenance in 5 minutes",
+            Ok(b(Priority::Normal, ttl(300), "maintenance in 5 minutes")),
+        );
         check("broadcast --ttl 5m --priority high back", Ok(b(Priority::High, ttl(300), "back")));
         // A flag given once already starts the text, as a second --priority always did.
         check("broadcast --ttl 5m --ttl 6m x", Ok(b(Priority::Normal, ttl(300), "--ttl 6m x")));
@@ -971,7 +977,10 @@ mod tests {
         check("send --ttl", Err(&format!("missing the time to live after --ttl; {usage}")));
         check("send --ttl soon nova x", Err(&format!("--ttl: duration \"soon\" is not like 30s, 5m or 2h; {usage}")));
         check("send --ttl 0s nova x", Err(&format!("--ttl: duration \"0s\" is zero; use at least 1s; {usage}")));
-        check("send --ttl 25h nova x", Err(&format!("--ttl: duration \"25h\" is longer than the 24h maximum; {usage}")));
+        check(
+            "send --ttl 25h nova x",
+            Err(&format!("--ttl: duration \"25h\" is longer than the 24h maximum; {usage}")),
+        );
         // The canonical form (audit records, confirmations) carries the ttl.
         assert_eq!(send(Priority::Normal, ttl(120), "x").to_string(), "send --ttl 2m nova x");
         assert_eq!(b(Priority::Normal, ttl(5), "x").to_string(), "broadcast --priority normal --ttl 5s x");

@@ -125,10 +125,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
         name: "send",
         usage: "send <agent> <text>",
         summary: "send a message to one agent",
-        notes: &[
-            "the text is sent exactly as typed: quotes, mentions, emoji and spacing included",
-            TTL_NOTE,
-        ],
+        notes: &["the text is sent exactly as typed: quotes, mentions, emoji and spacing included", TTL_NOTE],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
         front: Front::Any,
