@@ -37,6 +37,8 @@ struct State {
     audit_fails: bool,
     /// The answer channel of the last `ask`, for the test to reply on.
     asked: Option<oneshot::Sender<Envelope>>,
+    /// What `server_pauses` answers (`None`: no agent consumers).
+    server_pauses: Option<crate::mesh::ServerPauses>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -158,7 +160,8 @@ impl Mesh for FakeMesh {
     }
 
     fn server_pauses(&self) -> BoxFuture<'_, Result<crate::mesh::ServerPauses, MeshError>> {
-        Box::pin(async { Ok(crate::mesh::ServerPauses::Consumers(Vec::new())) })
+        let pauses = self.state().server_pauses.clone().unwrap_or(crate::mesh::ServerPauses::Consumers(Vec::new()));
+        ready(Ok(pauses))
     }
 
     fn backup<'a>(&'a self, _registry: &'a Path, _dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
@@ -548,4 +551,24 @@ async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
     assert_eq!(ttls, [Some(time::Duration::minutes(5)), Some(time::Duration::seconds(10)), None]);
     let audit = s.audit();
     assert_eq!(audit[1].1, "broadcast --ttl 10s x", "the audit line carries the ttl");
+}
+
+#[tokio::test]
+async fn status_shows_each_consumers_server_side_pause_or_that_the_server_is_too_old() {
+    use mesh_runtime::server_pause::{ConsumerPause, Support};
+    let s = setup();
+    let paused = |agent: &str, until| ConsumerPause { agent: id(agent), until };
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::Consumers(vec![
+        paused("ada", Some(mesh_protocol::killswitch::PAUSED_UNTIL_RESUMED)),
+        paused("nova", None),
+    ]));
+    let text = crate::command::render_text::render(&s.engine.handle(slack("UOP", "status")).await.reply);
+    assert!(text.contains("server-side pause"), "{text}");
+    assert!(text.contains("agent-ada: paused until resumed") && text.contains("agent-nova: not paused"), "{text}");
+
+    let warning = Support::of_version("2.10.22").warning().unwrap();
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::TooOld(warning.clone()));
+    let reply = s.engine.handle(slack("UOP", "status")).await.reply;
+    assert_eq!(reply.tone, Tone::Warn);
+    assert!(crate::command::render_text::render(&reply).contains(&warning));
 }
