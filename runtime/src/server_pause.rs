@@ -165,22 +165,37 @@ pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerPause>, NatsErr
     let name = layout::agents_stream(1).name;
     let stream =
         js.get_stream_no_info(name).await.map_err(|e| NatsError::JetStream(format!("opening stream {name}: {e}")))?;
-    let infos: Vec<_> = stream
-        .consumers()
-        .try_collect()
-        .await
-        .map_err(|e| NatsError::JetStream(format!("listing the consumers of {name}: {e}")))?;
-    let now = OffsetDateTime::now_utc();
-    let mut out: Vec<ConsumerPause> = infos
-        .into_iter()
-        .filter_map(|info| {
-            let agent = AgentId::parse(info.name.strip_prefix("agent-")?).ok()?;
-            let until = info.config.pause_until.filter(|until| info.paused && *until > now);
-            Some(ConsumerPause { agent, until })
-        })
-        .collect();
+    let infos: Vec<_> = match stream.consumers().try_collect().await {
+        Ok(infos) => infos,
+        // No agents stream yet: no agent consumers either.
+        Err(e) if e.to_string().contains("not found") => Vec::new(),
+        Err(e) => return Err(NatsError::JetStream(format!("listing the consumers of {name}: {e}"))),
+    };
+    let mut out: Vec<ConsumerPause> = infos.iter().filter_map(pause_of).collect();
     out.sort_by(|a, b| a.agent.cmp(&b.agent));
     Ok(out)
+}
+
+/// The server-side pause of one agent's consumer, `None` when it has none.
+async fn one(js: &jetstream::Context, agent: &AgentId) -> Result<Option<ConsumerPause>, NatsError> {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = js
+        .get_stream_no_info(spec.stream)
+        .await
+        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    match stream.consumer_info(&spec.durable).await {
+        Ok(info) => Ok(pause_of(&info)),
+        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+    }
+}
+
+/// An agent consumer's pause as its info tells it (`None` for another consumer).
+fn pause_of(info: &jetstream::consumer::Info) -> Option<ConsumerPause> {
+    let agent = AgentId::parse(info.name.strip_prefix("agent-")?).ok()?;
+    let now = OffsetDateTime::now_utc();
+    let until = info.config.pause_until.filter(|until| info.paused && *until > now);
+    Some(ConsumerPause { agent, until })
 }
 
 /// What [`sync`] changed.
@@ -231,10 +246,11 @@ pub async fn sync_planned(
         }
     };
     let global = read(Scope::Global).await?;
-    for consumer in list(js).await? {
-        if only.is_some_and(|only| *only != consumer.agent) {
-            continue;
-        }
+    let consumers = match only {
+        Some(agent) => one(js, agent).await?.into_iter().collect(),
+        None => list(js).await?,
+    };
+    for consumer in consumers {
         let own = read(Scope::Agent(consumer.agent.clone())).await?;
         let now = OffsetDateTime::now_utc();
         let want = killswitch::server_pause_until(killswitch::effective(global.as_ref(), own.as_ref(), now));
