@@ -64,7 +64,7 @@ pub async fn run_with(
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
     let registry = registry_file::load(&config.registry_path)?;
-    let selected = select(&registry, &config.selection)?;
+    let selected = select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path))?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
     {
@@ -166,7 +166,7 @@ pub async fn run_with(
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         registry_tx.send_replace(Arc::new(registry.clone()));
-                        match select(&registry, &config.selection) {
+                        match select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path)) {
                             Ok(selected) => world.apply(&selected),
                             // One agent, now removed or inactive: stop pulling for it.
                             Err(e) if matches!(config.selection, Selection::One(_)) => {
@@ -242,7 +242,11 @@ async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
 
 /// The agents to serve, with tokens resolved. Agents whose tokens do not
 /// resolve are reported and skipped (the rest of the fleet keeps running).
-fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
+fn select(
+    registry: &Registry,
+    selection: &Selection,
+    secrets: &OsSecrets,
+) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
     let agents: Vec<_> = match selection {
         Selection::All => registry.active().collect(),
         Selection::One(id) => {
@@ -259,7 +263,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
     };
     let mut out = BTreeMap::new();
     for agent in agents {
-        match agent.resolve_tokens(&OsSecrets) {
+        match agent.resolve_tokens(secrets) {
             Ok(tokens) => {
                 out.insert(agent.id.clone(), AgentEntry { agent: agent.clone(), tokens });
             }

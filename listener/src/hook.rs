@@ -123,7 +123,7 @@ mod tests {
             r#"{
             "nova": {"hooks_token": "hook-n", "hooks_url": "http://127.0.0.1:7002/hooks/wake"},
             "kaan": {"hooks_token": "hook-k", "hooks_url": "http://127.0.0.1:7003/hooks/wake", "delivery": "agent"},
-            "ada": {"hooks_token": "hook-a", "gateway_token": "gw-a", "gateway": "ada-gw:7004",
+            "ada": {"hooks_token": "hook-a", "gateway_token": "gw-a", "gateway": "https://ada-gw:7004",
                     "hooks_url": "http://ada-gw:7004/hooks/wake", "delivery": "chat", "model": "m1"}
         }"#,
         )
@@ -167,7 +167,7 @@ mod tests {
     fn chat_mode_uses_the_gateway_token_and_model() {
         let env = Envelope::new("nova", Recipient::Agent("ada".parse().unwrap()), "2+2?").unwrap();
         let (req, body) = request("ada", &env);
-        assert_eq!(req.url.as_str(), "http://ada-gw:7004/v1/chat/completions");
+        assert_eq!(req.url.as_str(), "https://ada-gw:7004/v1/chat/completions");
         assert_eq!(req.token.expose(), "gw-a");
         assert_eq!(body["model"], "m1");
         assert_eq!(body["messages"][0]["content"], "[mesh] Message from nova: 2+2?");
