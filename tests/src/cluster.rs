@@ -191,8 +191,7 @@ impl TestCluster {
         let dir = tempfile::tempdir().expect("creating a temp dir");
         let spec = ClusterSpec::loopback(dir.path()).expect("finding free ports");
         let users = deploy::users(registry);
-        std::fs::write(dir.path().join(deploy::NATS_AUTH_CONF), deploy::nats_auth(&users))
-            .expect("writing the users");
+        std::fs::write(dir.path().join(deploy::NATS_AUTH_CONF), deploy::nats_auth(&users)).expect("writing the users");
         let secret = || uuid::Uuid::now_v7().simple().to_string();
         let mut env: Vec<(String, String)> = users
             .iter()

@@ -184,7 +184,8 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
     }
     // The bot sees the registry but no token file: secrets/ is masked.
     let bot = format!("{project}_bot_1");
-    let inspect = Command::new("docker").args(["inspect", "--format", "{{json .HostConfig.Tmpfs}}", &bot]).output().unwrap();
+    let inspect =
+        Command::new("docker").args(["inspect", "--format", "{{json .HostConfig.Tmpfs}}", &bot]).output().unwrap();
     let tmpfs = String::from_utf8_lossy(&inspect.stdout);
     assert!(tmpfs.contains("\"/etc/mesh/secrets\""), "the bot's secrets/ is not masked: {tmpfs}");
 

@@ -41,8 +41,7 @@ fn deploy_files_are_the_tested_config() {
     .unwrap();
     let users = mesh_bot::deploy::users(&registry);
     let checked = tempfile::tempdir().unwrap();
-    std::fs::write(checked.path().join(mesh_bot::deploy::NATS_AUTH_CONF), mesh_bot::deploy::nats_auth(&users))
-        .unwrap();
+    std::fs::write(checked.path().join(mesh_bot::deploy::NATS_AUTH_CONF), mesh_bot::deploy::nats_auth(&users)).unwrap();
     let mut env: Vec<(String, String)> = users
         .iter()
         .map(|u| u.user.as_str())
@@ -61,7 +60,13 @@ fn deploy_files_are_the_tested_config() {
         assert_eq!(on_disk, rendered, "{} differs from ClusterSpec::deploy(); rerun with MESH_BLESS=1", path.display());
         let copy = checked.path().join(path.file_name().unwrap());
         std::fs::copy(&path, &copy).unwrap();
-        let check = std::process::Command::new("nats-server").arg("-t").arg("-c").arg(&copy).envs(env.clone()).output().unwrap();
+        let check = std::process::Command::new("nats-server")
+            .arg("-t")
+            .arg("-c")
+            .arg(&copy)
+            .envs(env.clone())
+            .output()
+            .unwrap();
         assert!(
             check.status.success(),
             "nats-server rejects {}: {}",
@@ -285,11 +290,8 @@ async fn raw(port: u16, login: Option<(&str, &str)>, lines: &[String]) -> String
 fn route_to_node0(cluster: &TestCluster, name: &str, password: &str) -> (tokio::process::Child, PathBuf) {
     let conf = cluster.dir().join(format!("{name}.conf"));
     let log = cluster.dir().join(format!("{name}.log"));
-    let route = format!(
-        "nats-route://{}:{password}@127.0.0.1:{}",
-        cluster::ROUTE_USER,
-        cluster.spec.nodes[0].cluster_port
-    );
+    let route =
+        format!("nats-route://{}:{password}@127.0.0.1:{}", cluster::ROUTE_USER, cluster.spec.nodes[0].cluster_port);
     std::fs::write(
         &conf,
         format!(
@@ -339,7 +341,8 @@ async fn cluster_nodes_refuse_clients_and_routes_without_credentials() {
     let login = Some((nova[0].1.as_str(), nova[1].1.as_str()));
     let allowed = raw(port, login, &["SUB mesh.health.ping 1".into()]).await;
     assert!(allowed.contains("PONG") && !allowed.contains("-ERR"), "nova's own rights: {allowed}");
-    let body = r#"{"stream_name":"MESH_AGENTS","config":{"durable_name":"agent-nova","filter_subjects":["agents.*.inbox"]}}"#;
+    let body =
+        r#"{"stream_name":"MESH_AGENTS","config":{"durable_name":"agent-nova","filter_subjects":["agents.*.inbox"]}}"#;
     for (line, what) in [
         ("SUB agents.kaan.inbox 1".to_owned(), "Subscription to \"agents.kaan.inbox\""),
         (
@@ -368,7 +371,9 @@ async fn cluster_nodes_refuse_clients_and_routes_without_credentials() {
 
     // Monitoring is reachable on loopback only: the configs bind it there.
     for index in 0..3 {
-        assert!(cluster.spec.render(index).contains(&format!("http: 127.0.0.1:{}", cluster.spec.nodes[index].monitor_port)));
+        assert!(
+            cluster.spec.render(index).contains(&format!("http: 127.0.0.1:{}", cluster.spec.nodes[index].monitor_port))
+        );
     }
     assert!(ClusterSpec::deploy().render(0).contains("http: 127.0.0.1:8222\n"));
 }
