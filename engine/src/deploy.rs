@@ -329,16 +329,16 @@ pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> any
     let files = write(&rendered, out)?;
     // What the containers mount must exist: `secrets/` (masked in them) and
     // each active agent's `secrets/<agent>/` (its listener's token directory).
+    let mut warnings = rendered.warnings;
     let config_dir = registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let secrets = config_dir.join(mesh_runtime::secrets::SECRETS_DIR_NAME);
-    for agent in registry.active() {
-        let dir = secrets.join(agent.id.as_str());
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| anyhow::anyhow!("creating {}: {e}; create it, the listener mounts it", dir.display()))?;
+    let dirs = std::iter::once(secrets.clone()).chain(registry.active().map(|a| secrets.join(a.id.as_str())));
+    for dir in dirs {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            warnings.push(format!("cannot create {} ({e}): create it, the containers mount it", dir.display()));
+        }
     }
-    std::fs::create_dir_all(&secrets)
-        .map_err(|e| anyhow::anyhow!("creating {}: {e}; create it, the containers mount it", secrets.display()))?;
-    Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
+    Ok(RenderReport { warnings, listeners: registry.active().count(), files, out: out.to_owned() })
 }
 
 /// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
