@@ -37,8 +37,7 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     mesh_bot::publish::broadcast(&js, &registry(), "test", "while nova was away", Priority::Normal).await.unwrap();
 
     // The id is used again.
-    let token = fixture.dir().join("nova-hook");
-    std::fs::write(&token, "nova-hook-token\n").unwrap();
+    let token = fixture.secret_file("nova-hook", "nova-hook-token\n");
     let token_ref = format!("file:{}", token.display());
     mesh(&nats, &fixture, &["agents", "add", "nova", "--hooks-url", &nova_gw.hooks_url(), "--hooks-token", &token_ref])
         .await;
