@@ -209,6 +209,9 @@ pub enum AgentsAction {
         /// The gateway operator token's reference (chat delivery).
         #[arg(long)]
         gateway_token: Option<String>,
+        /// The agent's own mesh token's reference: what it presents to a listener's /v1/messages and /mcp to send.
+        #[arg(long)]
+        mesh_token: Option<String>,
         /// wake (default), agent or chat.
         #[arg(long)]
         delivery: Option<String>,
@@ -241,11 +244,14 @@ pub enum AgentsAction {
         /// The agent.
         id: String,
         /// The new hook token's reference (a new env var or file).
-        #[arg(long, required_unless_present = "gateway_token")]
+        #[arg(long, required_unless_present_any = ["gateway_token", "mesh_token"])]
         hooks_token: Option<String>,
         /// The new gateway token's reference.
         #[arg(long)]
         gateway_token: Option<String>,
+        /// The new mesh token's reference (the old token is refused from the listeners' next registry poll on).
+        #[arg(long)]
+        mesh_token: Option<String>,
         /// Do not check that the reference resolves here.
         #[arg(long)]
         no_check: bool,
@@ -441,6 +447,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     hooks_token,
                     gateway,
                     gateway_token,
+                    mesh_token,
                     delivery,
                     model,
                     name,
@@ -455,6 +462,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 hooks_token,
                 gateway,
                 gateway_token,
+                mesh_token,
                 delivery,
                 model,
                 name,
@@ -464,9 +472,9 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             C::AgentsAdd { agent, check: !no_check }
         }
         Command::Agents { action: Some(AgentsAction::Remove { id, keep }) } => C::AgentsRemove { agent: id, keep },
-        Command::Agents { action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, no_check }) } => {
-            C::AgentsRotate { agent: id, hooks_token, gateway_token, check: !no_check }
-        }
+        Command::Agents {
+            action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, mesh_token, no_check }),
+        } => C::AgentsRotate { agent: id, hooks_token, gateway_token, mesh_token, check: !no_check },
         Command::Ask { agent, text, timeout_s } => {
             options.ask_timeout = Some(Duration::from_secs(timeout_s));
             C::Ask { agent: agent_id(&agent)?, text: message_text(text)? }

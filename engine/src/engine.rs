@@ -34,6 +34,10 @@ pub enum Platform {
     Slack,
     /// Discord.
     Discord,
+    /// An agent through a listener's `POST /v1/messages`.
+    Http,
+    /// An agent through the MCP tools.
+    Mcp,
 }
 
 impl Platform {
@@ -43,6 +47,8 @@ impl Platform {
             Self::Cli => "cli",
             Self::Slack => "slack",
             Self::Discord => "discord",
+            Self::Http => "http",
+            Self::Mcp => "mcp",
         }
     }
 }
@@ -74,12 +80,34 @@ pub struct Request {
     pub from: Option<String>,
     /// Where the steps of a long command go, if anywhere.
     pub progress: Option<Progress>,
+    /// The message a `send` answers (an agent's reply), if any.
+    pub thread: Option<crate::thread::Thread>,
 }
 
 impl Request {
     /// A chat command line.
     pub fn chat(who: Identity, platform: Platform, channel: Option<String>, line: impl Into<String>) -> Self {
-        Self { who, platform, channel, line: line.into(), from: None, progress: None }
+        Self { who, platform, channel, line: line.into(), from: None, progress: None, thread: None }
+    }
+
+    /// A command an agent gave through the HTTP API or the MCP tools: the
+    /// messages it sends are always from that agent, whatever the input said.
+    pub fn agent(id: &AgentId, platform: Platform, command: &Command) -> Self {
+        Self {
+            who: Identity::Agent { id: id.to_string() },
+            platform,
+            channel: None,
+            line: command.to_string(),
+            from: Some(id.to_string()),
+            progress: None,
+            thread: None,
+        }
+    }
+
+    /// Marks the command's message as an answer to another one.
+    pub fn with_thread(mut self, thread: crate::thread::Thread) -> Self {
+        self.thread = Some(thread);
+        self
     }
 
     /// A command the terminal built from its flags, sent as `from`.
@@ -91,6 +119,7 @@ impl Request {
             line: command.to_string(),
             from: Some(from.into()),
             progress: None,
+            thread: None,
         }
     }
 
@@ -390,8 +419,11 @@ impl Engine {
         match command {
             Command::Send { agent, text, priority } => {
                 let registry = self.registry()?;
-                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
+                let mut prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
                     .map_err(|e| e.to_string())?;
+                if let Some(thread) = &request.thread {
+                    thread.stamp(&mut prepared.envelope)?;
+                }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -403,8 +435,11 @@ impl Engine {
             }
             Command::Broadcast { priority, text } => {
                 let registry = self.registry()?;
-                let prepared =
+                let mut prepared =
                     publish::prepare_broadcast(&registry, &from, &text, priority).map_err(|e| e.to_string())?;
+                if let Some(thread) = &request.thread {
+                    thread.stamp(&mut prepared.envelope)?;
+                }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
