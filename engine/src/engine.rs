@@ -81,7 +81,7 @@ pub struct Request {
     /// Where the steps of a long command go, if anywhere.
     pub progress: Option<Progress>,
     /// The message a `send` answers (an agent's reply), if any.
-    pub thread: Option<crate::thread::Thread>,
+    pub thread: Option<Box<crate::thread::Thread>>,
 }
 
 impl Request {
@@ -106,7 +106,7 @@ impl Request {
 
     /// Marks the command's message as an answer to another one.
     pub fn with_thread(mut self, thread: crate::thread::Thread) -> Self {
-        self.thread = Some(thread);
+        self.thread = Some(Box::new(thread));
         self
     }
 
@@ -145,12 +145,19 @@ pub struct Handled {
     pub failed: bool,
     /// Why the audit record could not be stored, if it could not.
     pub audit_error: Option<String>,
+    /// The audit trail's decision: `allowed`, `denied`, `limited`, `invalid`,
+    /// `confirmation required` (an HTTP front end maps it to a status).
+    pub decision: &'static str,
 }
 
 impl Handled {
     fn reply(reply: Reply) -> Self {
         let failed = reply.tone == crate::command::Tone::Error;
-        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None }
+        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None, decision: "allowed" }
+    }
+
+    fn refused(decision: &'static str, reply: Reply, audit_error: Option<String>) -> Self {
+        Self { audit_error, decision, ..Self::reply(reply) }
     }
 }
 
@@ -288,7 +295,7 @@ impl Engine {
             Err(e) => {
                 let reply = Reply::error(e.to_string()).ephemeral();
                 let audit_error = self.audit(&request, "invalid", &reply, &[]).await;
-                Handled { audit_error, ..Handled::reply(reply) }
+                Handled::refused("invalid", reply, audit_error)
             }
         }
     }
@@ -302,7 +309,7 @@ impl Engine {
             let reply = Reply::error(format!("{} runs only in a terminal on the host: mesh {}", spec.name, spec.usage))
                 .ephemeral();
             let audit_error = self.audit(request, "denied", &reply, &[]).await;
-            return Err(Handled { audit_error, ..Handled::reply(reply) });
+            return Err(Handled::refused("denied", reply, audit_error));
         }
         let pause = self.pause_grade(command).await;
         let role = match self.config.permissions.check(&request.who, command, pause) {
@@ -310,13 +317,13 @@ impl Engine {
             Err(denied) => {
                 let reply = Reply::error(denied.to_string()).ephemeral();
                 let audit_error = self.audit(request, "denied", &reply, &[]).await;
-                return Err(Handled { audit_error, ..Handled::reply(reply) });
+                return Err(Handled::refused("denied", reply, audit_error));
             }
         };
         if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), command).await {
             let reply = Reply::error(message).ephemeral();
             let audit_error = self.audit(request, "limited", &reply, &[]).await;
-            return Err(Handled { audit_error, ..Handled::reply(reply) });
+            return Err(Handled::refused("limited", reply, audit_error));
         }
         Ok(role)
     }
@@ -333,7 +340,10 @@ impl Engine {
             let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
-            return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
+            return Handled {
+                confirmation_code: Some(challenge.code),
+                ..Handled::refused("confirmation required", reply, audit_error)
+            };
         }
         let command = match command {
             Command::Confirm { code } => match self.confirm(&request.who, role, &code, now) {
@@ -341,7 +351,7 @@ impl Engine {
                 Err(e) => {
                     let reply = Reply::error(e.to_string()).ephemeral();
                     let audit_error = self.audit(&request, "denied", &reply, &[]).await;
-                    return Handled { audit_error, ..Handled::reply(reply) };
+                    return Handled::refused("denied", reply, audit_error);
                 }
             },
             other => other,
@@ -352,7 +362,14 @@ impl Engine {
         };
         let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
         let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
-        Handled { reply: executed.reply, follow_up: executed.follow_up, confirmation_code: None, failed, audit_error }
+        Handled {
+            reply: executed.reply,
+            follow_up: executed.follow_up,
+            confirmation_code: None,
+            failed,
+            audit_error,
+            decision: "allowed",
+        }
     }
 
     /// Takes a pending action (the lock is released before anything awaits).
@@ -425,10 +442,11 @@ impl Engine {
                     thread.stamp(&mut prepared.envelope)?;
                 }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let queued = self.queued_note(Some(&agent)).await;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
-                    .with_data(receipt_data(&receipt, agent.as_str()));
-                if let Some(note) = self.queued_note(Some(&agent)).await {
+                    .with_data(receipt_data(&receipt, agent.as_str(), queued.as_deref()));
+                if let Some(note) = queued {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
@@ -441,10 +459,11 @@ impl Engine {
                     thread.stamp(&mut prepared.envelope)?;
                 }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let queued = self.queued_note(None).await;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
-                    .with_data(receipt_data(&receipt, "*"));
-                if let Some(note) = self.queued_note(None).await {
+                    .with_data(receipt_data(&receipt, "*", queued.as_deref()));
+                if let Some(note) = queued {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
@@ -891,14 +910,17 @@ fn list_or_none(items: &[String]) -> String {
     if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }
 
-/// The `--json` data of `send` and `broadcast`.
-fn receipt_data(receipt: &publish::Receipt, to: &str) -> serde_json::Value {
+/// The `--json` data of `send` and `broadcast`; `queued` says why delivery
+/// waits (a kill switch in force), when it does.
+fn receipt_data(receipt: &publish::Receipt, to: &str, queued: Option<&str>) -> serde_json::Value {
     serde_json::json!({
         "id": receipt.id.to_string(),
         "to": to,
         "stream_seq": receipt.stream_seq,
         "duplicate": receipt.duplicate,
         "recipients": receipt.recipients,
+        "queued": queued.is_some(),
+        "queued_note": queued,
     })
 }
 

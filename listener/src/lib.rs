@@ -17,10 +17,13 @@
 //! - [`killswitch`]: reading and following the kill switch bucket.
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
+//! - [`agent_api`]: `POST /v1/messages`, agents sending through the engine
+//!   with their `mesh_token`.
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`nats`], [`lookup`], [`layout_check`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
 //!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
 
+pub mod agent_api;
 pub mod cli;
 pub mod config;
 pub mod consumer;
