@@ -83,7 +83,8 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
             ("MESH_HTTP".to_owned(), quote(&format!("0.0.0.0:{LISTENER_HTTP_PORT}"))),
             ("MESH_LOG_FORMAT".to_owned(), quote("json")),
         ];
-        for token in [Some(&agent.hooks_token), agent.gateway_token.as_ref()].into_iter().flatten() {
+        let tokens = [Some(&agent.hooks_token), agent.gateway_token.as_ref(), agent.mesh_token.as_ref()];
+        for token in tokens.into_iter().flatten() {
             match token {
                 SecretRef::Env(name) => {
                     variables.insert(name.clone());
@@ -329,6 +330,14 @@ mod tests {
         assert!(rendered.warnings[0].contains("literal token"));
         let targets: serde_json::Value = serde_json::from_str(&rendered.prometheus_targets).unwrap();
         assert_eq!(targets.as_array().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_listener_gets_its_agents_mesh_token_variable() {
+        let reg = r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "mesh_token": "env:NOVA_MESH", "hooks_url": "http://g/hooks/wake"}}"#;
+        let rendered = render(&Registry::parse(reg).unwrap(), &SyncInterval::Always);
+        assert!(rendered.compose.contains("NOVA_MESH: \"${NOVA_MESH:?"), "{}", rendered.compose);
+        assert!(rendered.nats_conf.contains("mesh.audit.http"), "{}", rendered.nats_conf);
     }
 
     #[test]

@@ -53,6 +53,7 @@ impl Mesh {
         config.agent_limits.message =
             mesh_bot::limits::Limit { max: messages_per_minute, window: Duration::from_secs(60) };
         let (listener, control) = ListenerHandle::spawn_with_control(config).await;
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let base = format!("http://{}", control.http.expect("the listener serves --http"));
         Self { nats, gateways, fixture, _listener: listener, base, http: reqwest::Client::new() }
     }
