@@ -74,6 +74,12 @@ pub enum Command {
         #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
     },
+    /// The mesh's MCP tools over stdio for an agent's MCP host: bridges to a listener's /mcp with the agent's MESH_TOKEN.
+    Mcp {
+        /// The listener's MCP endpoint, http://listener-<agent>:9100/mcp.
+        #[arg(long, env = "MESH_MCP_URL")]
+        url: String,
+    },
     /// Show the kill switch, the listeners answering, and dead letters.
     Status,
     /// List the registry's agents (with the listeners' view), or change the registry.
@@ -354,6 +360,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let args = Globals { nats_url, registry, json };
     let (command, options) = match command {
         Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Mcp { url } => {
+            crate::mcp_stdio::bridge(&url, &crate::mcp_stdio::token_from_env()?).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Completions { shell } => {
             let mut definitions = <Args as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut definitions, "mesh", &mut std::io::stdout());
@@ -518,7 +528,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             })
         }
         Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
-        Command::Bot { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
+        Command::Bot { .. } | Command::Mcp { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
             anyhow::bail!("not a command on the mesh")
         }
     };

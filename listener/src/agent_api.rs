@@ -86,7 +86,8 @@ pub fn router(api: AgentApi) -> Router {
 #[derive(Debug, Clone)]
 pub struct Caller(pub AgentId);
 
-async fn require_agent(State(api): State<AgentApi>, mut request: Request, next: Next) -> Response {
+/// Answers 401 unless the request's Bearer token is a served agent's `mesh_token`; puts the [`Caller`] in the request.
+pub async fn require_agent(State(api): State<AgentApi>, mut request: Request, next: Next) -> Response {
     let tokens = api.tokens.borrow().clone();
     match authenticate(&tokens, request.headers()) {
         Some(id) => {

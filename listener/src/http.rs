@@ -50,7 +50,7 @@ pub async fn serve(
         .with_state(ctx);
     // The agent API has its own body limit (a message is larger than 16 KiB).
     let app = match api {
-        Some(api) => app.merge(crate::agent_api::router(api)),
+        Some(api) => app.merge(crate::agent_api::router(api.clone())).merge(crate::mcp::router(api)),
         None => app,
     };
     tokio::spawn(async move {

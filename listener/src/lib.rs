@@ -19,6 +19,7 @@
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
 //! - [`agent_api`]: `POST /v1/messages`, agents sending through the engine
 //!   with their `mesh_token`.
+//! - [`mcp`]: the same as MCP tools (`/mcp`, Streamable HTTP, `rmcp`).
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`nats`], [`lookup`], [`layout_check`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
 //!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
@@ -33,6 +34,7 @@ pub mod gateway;
 pub mod hook;
 pub mod http;
 pub mod killswitch;
+pub mod mcp;
 pub mod metrics;
 pub mod ping;
 pub mod policy;
