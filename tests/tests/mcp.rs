@@ -133,6 +133,16 @@ async fn an_mcp_client_sends_asks_replies_and_reads_its_inbox_through_the_engine
         assert!(mcp.contains(&want), "{want:?} not in {mcp:?}");
     }
     assert!(audit.iter().any(|r| r.platform == "mcp" && r.line.starts_with("ask ada")), "{audit:#?}");
+    // A kill switch pulled: the send is accepted and queued, and the result says so.
+    let switch = mesh_bot::killswitch::KillSwitch::open(&nats.jetstream().await).await.expect("kill switch");
+    let scope = mesh_protocol::killswitch::Scope::Global;
+    let director = mesh_bot::killswitch::Actor::director("cli:t");
+    switch.pull(&scope, mesh_protocol::killswitch::Mode::Hard, None, director, None).await.expect("pull");
+    let held = call(&nova, "broadcast", json!({"text": "while paused"})).await;
+    assert_eq!((held.is_error, structured(&held)["queued"].clone()), (Some(false), json!(true)), "{held:?}");
+    assert!(structured(&held)["note"].as_str().unwrap_or_default().contains("queued"), "{held:?}");
+    switch.release(&scope, mesh_bot::killswitch::Actor::director("cli:t")).await.expect("release");
+
     // `mesh mcp` over stdio, under the same client: kaan's token, relayed to the listener's /mcp.
     let mut command = tokio::process::Command::new(mesh_tests::fixtures::mesh_bin());
     command.args(["mcp", "--url", &url]).env("MESH_TOKEN", "kaan-mesh-token").stderr(std::process::Stdio::null());
@@ -142,8 +152,10 @@ async fn an_mcp_client_sends_asks_replies_and_reads_its_inbox_through_the_engine
     let sent = call(&stdio, "send", json!({"to": "nova", "text": "over stdio"})).await;
     assert_eq!(sent.is_error, Some(false), "{sent:?}");
     let id = structured(&sent)["id"].as_str().expect("an id").to_owned();
-    let got = nova_gw.wait_for(2, WAIT).await;
-    assert_eq!(got[1].text(), format!("[mesh] Message from kaan (id {id}): over stdio"));
+    // nova has the reply, the broadcast released by the resume, and this.
+    let got = nova_gw.wait_for(3, WAIT).await;
+    let want = format!("[mesh] Message from kaan (id {id}): over stdio");
+    assert!(got.iter().any(|r| r.text() == want), "{:?}", got.iter().map(|r| r.text()).collect::<Vec<_>>());
     let _ = stdio.cancel().await;
     for client in [nova, kaan, vera] {
         let _ = client.cancel().await;
