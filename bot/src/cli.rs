@@ -97,6 +97,9 @@ pub enum Command {
         /// Seconds to wait for the reply.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+        /// Time to live (30s, 5m, 2h): not delivered by then, it is a dead letter (reason "expired").
+        #[arg(long)]
+        ttl: Option<String>,
     },
     /// Pull the kill switch: listeners stop pulling; messages wait in JetStream.
     Kill {
@@ -179,6 +182,10 @@ pub struct MessageArgs {
     /// Sender name (an agent id, so replies reach its inbox, or a label).
     #[arg(long, env = "MESH_FROM")]
     from: Option<String>,
+    /// Time to live (30s, 5m, 2h; at most 24h): not delivered by then, it is a dead letter (reason "expired").
+    /// A broadcast without it takes MESH_BROADCAST_TTL, if set.
+    #[arg(long)]
+    ttl: Option<String>,
 }
 
 /// What to do with dead letters.
@@ -199,7 +206,7 @@ pub enum DlqAction {
 pub enum AgentsAction {
     /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
     List,
-    /// Register an agent (creating the registry file when there is none). Tokens are references: env:NAME or file:/absolute/path.
+    /// Register an agent (creating the registry file when there is none). Tokens are references: env:MESH_TOKEN_<NAME> or file:<registry dir>/secrets/<file> (or /run/secrets/<file>).
     Add {
         /// The new agent's id.
         id: String,
@@ -233,6 +240,9 @@ pub enum AgentsAction {
         /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
         #[arg(long)]
         concurrency: Option<u16>,
+        /// Let a chat agent's gateway token travel over plain HTTP to a host that is not loopback (a private network you trust); otherwise use --gateway https://host:port.
+        #[arg(long)]
+        allow_plaintext: bool,
         /// Do not check that the references resolve here (they only resolve inside the containers).
         #[arg(long)]
         no_check: bool,
@@ -382,6 +392,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
     };
     let mut config = crate::server::engine_config(args.registry.clone(), permissions);
+    config.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
     if let Some(timeout) = options.ping_timeout {
         config.ping_timeout = timeout;
     }
@@ -430,11 +441,20 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
     let command = match command {
         Command::Send { agent, message } => {
             options.from = message.from;
-            C::Send { agent: agent_id(&agent)?, text: message_text(message.text)?, priority: message.priority }
+            C::Send {
+                agent: agent_id(&agent)?,
+                text: message_text(message.text)?,
+                priority: message.priority,
+                ttl: message.ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Broadcast { message } => {
             options.from = message.from;
-            C::Broadcast { priority: message.priority, text: message_text(message.text)? }
+            C::Broadcast {
+                priority: message.priority,
+                text: message_text(message.text)?,
+                ttl: message.ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Ping { timeout_ms } => {
             options.ping_timeout = Some(Duration::from_millis(timeout_ms));
@@ -463,6 +483,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     name,
                     inactive,
                     concurrency,
+                    allow_plaintext,
                     no_check,
                 }),
         } => {
@@ -478,6 +499,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 name,
                 inactive,
                 concurrency,
+                allow_plaintext,
             };
             C::AgentsAdd { agent, check: !no_check }
         }
@@ -485,9 +507,13 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
         Command::Agents {
             action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, mesh_token, no_check }),
         } => C::AgentsRotate { agent: id, hooks_token, gateway_token, mesh_token, check: !no_check },
-        Command::Ask { agent, text, timeout_s } => {
+        Command::Ask { agent, text, timeout_s, ttl } => {
             options.ask_timeout = Some(Duration::from_secs(timeout_s));
-            C::Ask { agent: agent_id(&agent)?, text: message_text(text)? }
+            C::Ask {
+                agent: agent_id(&agent)?,
+                text: message_text(text)?,
+                ttl: ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Kill { grade: KillGrade::Soft { duration: d, agent, reason } } => C::KillSoft {
             duration: d.as_deref().map(duration).transpose()?.unwrap_or(crate::command::grammar::DEFAULT_SOFT_KILL),
@@ -539,10 +565,12 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
 async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     mesh_listener::logging::init();
     let permissions = crate::server::permissions_from_env()?;
+    let mut engine = crate::server::engine_config(args.registry.clone(), permissions);
+    engine.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
     let config = crate::server::BotConfig {
         nats_url: args.nats_url.clone(),
         addr,
-        engine: crate::server::engine_config(args.registry.clone(), permissions),
+        engine,
         slack: crate::server::slack_from_env()?,
         discord: crate::server::discord_from_env()?,
         redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),

@@ -181,10 +181,10 @@ pub async fn send(
         Some(raw) => raw.parse().map_err(bad)?,
     };
     let command = if to == "*" {
-        Command::Broadcast { priority, text }
+        Command::Broadcast { priority, text, ttl: None }
     } else {
         let agent = AgentId::parse(to).map_err(|e| bad(format!("to: {e}; or \"*\" for every agent")))?;
-        Command::Send { agent, text, priority }
+        Command::Send { agent, text, priority, ttl: None }
     };
     let mut request = mesh_engine::engine::Request::agent(caller, platform, &command);
     if let Some(raw) = in_reply_to {

@@ -66,7 +66,7 @@ pub async fn run_with(
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
     let registry = registry_file::load(&config.registry_path)?;
-    let selected = select(&registry, &config.selection)?;
+    let selected = select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path))?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
     {
@@ -85,6 +85,10 @@ pub async fn run_with(
         None => return Ok(()),
         Some(result) => result?,
     }
+    // Connected by now (the lookups were answered).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
+    }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     let metrics = crate::metrics::install();
     let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));
@@ -98,6 +102,7 @@ pub async fn run_with(
         confirm_acks: config.concurrency <= 1,
         connects,
         registry: registry_rx,
+        registry_path: config.registry_path.clone(),
     });
     let kill_keys = crate::killswitch::keys_of(selected.keys());
     let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
@@ -139,7 +144,7 @@ pub async fn run_with(
         mesh_tokens,
     };
     world.apply(&selected);
-    info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
+    info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
     on_start(Control { pause: pause_tx, fleet, http });
 
     let mut last_registry = registry;
@@ -172,7 +177,7 @@ pub async fn run_with(
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         registry_tx.send_replace(Arc::new(registry.clone()));
-                        match select(&registry, &config.selection) {
+                        match select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path)) {
                             Ok(selected) => world.apply(&selected),
                             // One agent, now removed or inactive: stop pulling for it.
                             Err(e) if matches!(config.selection, Selection::One(_)) => {
@@ -250,6 +255,7 @@ async fn agent_api(
         confirm: mesh_engine::command::ConfirmConfig::default(),
         ask_timeout: Duration::from_secs(120),
         ping_timeout: Duration::from_secs(2),
+        broadcast_ttl: None,
     };
     let limits = LimitsConfig { rates: config.agent_limits, ..LimitsConfig::default() };
     let limits = LimitStore::new(limits, None, Arc::new(SystemClock::new()));
@@ -281,7 +287,11 @@ async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
 
 /// The agents to serve, with tokens resolved. Agents whose tokens do not
 /// resolve are reported and skipped (the rest of the fleet keeps running).
-fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
+fn select(
+    registry: &Registry,
+    selection: &Selection,
+    secrets: &OsSecrets,
+) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
     let agents: Vec<_> = match selection {
         Selection::All => registry.active().collect(),
         Selection::One(id) => {
@@ -298,7 +308,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
     };
     let mut out = BTreeMap::new();
     for agent in agents {
-        match agent.resolve_tokens(&OsSecrets) {
+        match agent.resolve_tokens(secrets) {
             Ok(tokens) => {
                 out.insert(agent.id.clone(), AgentEntry { agent: agent.clone(), tokens });
             }

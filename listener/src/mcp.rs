@@ -213,7 +213,7 @@ impl MeshTools {
                     Ok(agent) => agent,
                     Err(e) => return failed(format!("to: {e}")),
                 };
-                let command = Command::Ask { agent, text };
+                let command = Command::Ask { agent, text, ttl: None };
                 let request = EngineRequest::agent(caller, Platform::Mcp, &command);
                 let handled = self.api.engine.handle_command(request, command).await;
                 if handled.failed {

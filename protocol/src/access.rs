@@ -194,7 +194,7 @@ mod tests {
 
     fn agent(delivery: &str) -> Agent {
         let json = format!(
-            r#"{{"nova": {{"hooks_token": "env:A", "gateway_token": "env:B", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "{delivery}"}}}}"#
+            r#"{{"nova": {{"hooks_token": "env:MESH_TOKEN_A", "gateway_token": "env:MESH_TOKEN_B", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "{delivery}", "allow_plaintext": true}}}}"#
         );
         Registry::parse(&json).unwrap().agents().next().unwrap().clone()
     }
@@ -211,6 +211,7 @@ mod tests {
             let changes = ["STREAM.CREATE", "STREAM.UPDATE", "CONSUMER.DURABLE"].iter().any(|bad| s.contains(bad));
             assert!(!changes, "{s}");
             assert!(!s.contains("CONSUMER.CREATE") && !s.contains("CONSUMER.DELETE") && !s.contains("$JS.FC"), "{s}");
+            assert!(!s.contains("CONSUMER.PAUSE"), "a listener may not lift the server-side pause: {s}");
             let kv_ok =
                 s.ends_with("STREAM.INFO.KV_mesh_killswitch") || s.ends_with(".global") || s.ends_with(".agent.nova");
             assert!(!s.contains("KV_mesh_killswitch") || kv_ok, "{s}");
@@ -244,7 +245,7 @@ mod tests {
 
     #[test]
     fn a_mesh_token_adds_exactly_the_rights_to_send_and_audit() {
-        let json = r#"{"nova": {"hooks_token": "env:A", "mesh_token": "env:M", "hooks_url": "http://g/hooks/wake"}}"#;
+        let json = r#"{"nova": {"hooks_token": "env:MESH_TOKEN_A", "mesh_token": "env:MESH_TOKEN_M", "hooks_url": "http://g/hooks/wake"}}"#;
         let with = listener(Registry::parse(json).unwrap().agents().next().unwrap());
         let without = listener(&agent("wake"));
         let added: Vec<_> = with.publish.iter().filter(|s| !without.publish.contains(s)).cloned().collect();
@@ -261,6 +262,13 @@ mod tests {
         );
         assert_eq!(with.subscribe, without.subscribe, "no new subscription");
         assert!(with.publish.iter().all(|s| !s.contains("CREATE") && !s.contains("UPDATE") && !s.contains("DELETE")));
+    }
+
+    #[test]
+    fn the_bot_may_pause_and_resume_agent_consumers() {
+        let bot = bot();
+        assert!(bot.publish.contains(&"$JS.API.>".to_owned()));
+        assert!(bot.publish_deny.iter().all(|s| !s.contains("CONSUMER")), "{:?}", bot.publish_deny);
     }
 
     #[test]

@@ -12,15 +12,19 @@
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program; [`soak`]:
 //!   its long run that samples a listener's memory.
 //! - [`redis`]: the redis-server under test.
+//! - [`discord_gateway`]: a fake Discord gateway (the WebSocket protocol serenity speaks).
+//! - [`ports`]: processes under test on a free port, started again on another when it was taken.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
 
 pub mod bench;
 pub mod cluster;
+pub mod discord_gateway;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
+pub mod ports;
 pub mod redis;
 pub mod secrets;
 pub mod server;
