@@ -74,6 +74,12 @@ pub enum Command {
         #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
     },
+    /// The mesh's MCP tools over stdio for an agent's MCP host: bridges to a listener's /mcp with the agent's MESH_TOKEN.
+    Mcp {
+        /// The listener's MCP endpoint, http://listener-<agent>:9100/mcp.
+        #[arg(long, env = "MESH_MCP_URL")]
+        url: String,
+    },
     /// Show the kill switch, the listeners answering, and dead letters.
     Status,
     /// List the registry's agents (with the listeners' view), or change the registry.
@@ -216,6 +222,9 @@ pub enum AgentsAction {
         /// The gateway operator token's reference (chat delivery).
         #[arg(long)]
         gateway_token: Option<String>,
+        /// The agent's own mesh token's reference: what it presents to a listener's /v1/messages and /mcp to send.
+        #[arg(long)]
+        mesh_token: Option<String>,
         /// wake (default), agent or chat.
         #[arg(long)]
         delivery: Option<String>,
@@ -251,11 +260,14 @@ pub enum AgentsAction {
         /// The agent.
         id: String,
         /// The new hook token's reference (a new env var or file).
-        #[arg(long, required_unless_present = "gateway_token")]
+        #[arg(long, required_unless_present_any = ["gateway_token", "mesh_token"])]
         hooks_token: Option<String>,
         /// The new gateway token's reference.
         #[arg(long)]
         gateway_token: Option<String>,
+        /// The new mesh token's reference (the old token is refused from the listeners' next registry poll on).
+        #[arg(long)]
+        mesh_token: Option<String>,
         /// Do not check that the reference resolves here.
         #[arg(long)]
         no_check: bool,
@@ -358,6 +370,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let args = Globals { nats_url, registry, json };
     let (command, options) = match command {
         Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Mcp { url } => {
+            crate::mcp_stdio::bridge(&url, &crate::mcp_stdio::token_from_env()?).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Completions { shell } => {
             let mut definitions = <Args as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut definitions, "mesh", &mut std::io::stdout());
@@ -461,6 +477,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     hooks_token,
                     gateway,
                     gateway_token,
+                    mesh_token,
                     delivery,
                     model,
                     name,
@@ -476,6 +493,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 hooks_token,
                 gateway,
                 gateway_token,
+                mesh_token,
                 delivery,
                 model,
                 name,
@@ -486,9 +504,9 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             C::AgentsAdd { agent, check: !no_check }
         }
         Command::Agents { action: Some(AgentsAction::Remove { id, keep }) } => C::AgentsRemove { agent: id, keep },
-        Command::Agents { action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, no_check }) } => {
-            C::AgentsRotate { agent: id, hooks_token, gateway_token, check: !no_check }
-        }
+        Command::Agents {
+            action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, mesh_token, no_check }),
+        } => C::AgentsRotate { agent: id, hooks_token, gateway_token, mesh_token, check: !no_check },
         Command::Ask { agent, text, timeout_s, ttl } => {
             options.ask_timeout = Some(Duration::from_secs(timeout_s));
             C::Ask {
@@ -536,7 +554,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             })
         }
         Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
-        Command::Bot { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
+        Command::Bot { .. } | Command::Mcp { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
             anyhow::bail!("not a command on the mesh")
         }
     };

@@ -26,6 +26,7 @@ pub mod discord;
 pub mod docker;
 pub mod helpers;
 pub mod local_nats;
+pub mod mcp_stdio;
 pub mod server;
 pub mod slack;
 

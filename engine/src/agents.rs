@@ -42,7 +42,7 @@ pub enum AgentsError {
     Write { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Load(#[from] mesh_runtime::registry_file::RegistryFileError),
-    #[error("give --hooks-token, --gateway-token or both: the token references to rotate to")]
+    #[error("give --hooks-token, --gateway-token, --mesh-token or several: the token references to rotate to")]
     NothingToRotate,
     #[error("{0} is not a registry change")]
     NotAChange(&'static str),
@@ -74,6 +74,7 @@ pub fn plan_add(
     }
     let hooks = reference("--hooks-token", &spec.hooks_token)?;
     let gateway = spec.gateway_token.as_deref().map(|r| reference("--gateway-token", r)).transpose()?;
+    let mesh = spec.mesh_token.as_deref().map(|r| reference("--mesh-token", r)).transpose()?;
     let mut entry = serde_json::json!({
         "hooks_url": spec.hooks_url,
         "hooks_token": hooks.to_string(),
@@ -82,6 +83,7 @@ pub fn plan_add(
     let optional = [
         ("gateway", spec.gateway.clone()),
         ("gateway_token", gateway.as_ref().map(ToString::to_string)),
+        ("mesh_token", mesh.as_ref().map(ToString::to_string)),
         ("delivery", spec.delivery.clone()),
         ("model", spec.model.clone()),
         ("name", spec.name.clone()),
@@ -104,6 +106,9 @@ pub fn plan_add(
         check_resolves("--hooks-token", &agent.hooks_token, resolver)?;
         if let Some(g) = &agent.gateway_token {
             check_resolves("--gateway-token", g, resolver)?;
+        }
+        if let Some(m) = &agent.mesh_token {
+            check_resolves("--mesh-token", m, resolver)?;
         }
         agent.resolve_tokens(resolver)?;
     }
@@ -133,6 +138,9 @@ pub enum TokenField {
     Hooks,
     /// `gateway_token`.
     Gateway,
+    /// `mesh_token` (the agent's own credential; rotating it refuses the old one
+    /// from the listeners' next registry poll on).
+    Mesh,
 }
 
 impl TokenField {
@@ -140,6 +148,7 @@ impl TokenField {
         match self {
             Self::Hooks => "--hooks-token",
             Self::Gateway => "--gateway-token",
+            Self::Mesh => "--mesh-token",
         }
     }
 }
@@ -160,6 +169,7 @@ pub fn plan_rotate(
     let old = match field {
         TokenField::Hooks => Some(std::mem::replace(&mut agent.hooks_token, new.clone())),
         TokenField::Gateway => agent.gateway_token.replace(new.clone()),
+        TokenField::Mesh => agent.mesh_token.replace(new.clone()),
     };
     if old.as_ref() == Some(&new) {
         return Err(AgentsError::SameReference { field: flag });
@@ -307,8 +317,8 @@ pub fn change(path: &Path, command: &crate::command::Command) -> Result<Changed,
             let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
             (plan_remove(&registry, agent, *keep)?, done)
         }
-        Command::AgentsRotate { agent, hooks_token, gateway_token, check } => {
-            if hooks_token.is_none() && gateway_token.is_none() {
+        Command::AgentsRotate { agent, hooks_token, gateway_token, mesh_token, check } => {
+            if hooks_token.is_none() && gateway_token.is_none() && mesh_token.is_none() {
                 return Err(AgentsError::NothingToRotate);
             }
             let mut next = registry.clone();
@@ -317,6 +327,9 @@ pub fn change(path: &Path, command: &crate::command::Command) -> Result<Changed,
             }
             if let Some(r) = gateway_token {
                 next = plan_rotate(&next, agent, TokenField::Gateway, r, resolver(*check))?;
+            }
+            if let Some(r) = mesh_token {
+                next = plan_rotate(&next, agent, TokenField::Mesh, r, resolver(*check))?;
             }
             (next, format!("rotated {agent}'s token; listeners use the new one from their next registry poll"))
         }
@@ -438,6 +451,35 @@ mod tests {
         assert!(err("env:MESH_TOKEN_SAME").contains("same value"));
         assert!(err("n2-literal").contains("must be a reference"));
         assert!(err("env:MESH_TOKEN_NOPE").contains("NOPE is not set"));
+    }
+
+    #[test]
+    fn a_mesh_token_is_added_and_rotated_like_the_others() {
+        let reg = Registry::parse(REG).unwrap();
+        let mut r = resolver();
+        r.env.insert("MESH_TOKEN_KAAN_MESH".into(), "km1".into());
+        r.env.insert("MESH_TOKEN_KAAN_MESH_2".into(), "km2".into());
+        let add =
+            AddSpec { mesh_token: Some("env:MESH_TOKEN_KAAN_MESH".into()), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        let next = plan_add(&reg, &add, Some(&r)).unwrap();
+        let kaan = next.get(&"kaan".parse().unwrap()).unwrap();
+        assert_eq!(kaan.mesh_token.as_ref().map(ToString::to_string).as_deref(), Some("env:MESH_TOKEN_KAAN_MESH"));
+        // The hook's token may not double as the mesh token, by reference or by value.
+        for same in ["env:MESH_TOKEN_KAAN_HOOK", "env:MESH_TOKEN_KAAN_MESH_SAME"] {
+            r.env.insert("MESH_TOKEN_KAAN_MESH_SAME".into(), "k1".into());
+            let add = AddSpec { mesh_token: Some(same.into()), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+            let err = plan_add(&reg, &add, Some(&r)).unwrap_err().to_string();
+            assert!(err.contains("mesh_token is the same as its hooks_token"), "{same}: {err}");
+        }
+        let literal = AddSpec { mesh_token: Some("km-literal".into()), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        let err = plan_add(&reg, &literal, Some(&r)).unwrap_err().to_string();
+        assert!(err.contains("--mesh-token must be a reference") && !err.contains("km-literal"), "{err}");
+        let rotated = plan_rotate(&next, "kaan", TokenField::Mesh, "env:MESH_TOKEN_KAAN_MESH_2", Some(&r)).unwrap();
+        let kaan = rotated.get(&"kaan".parse().unwrap()).unwrap();
+        assert_eq!(kaan.mesh_token.as_ref().map(ToString::to_string).as_deref(), Some("env:MESH_TOKEN_KAAN_MESH_2"));
+        let err =
+            plan_rotate(&next, "kaan", TokenField::Mesh, "env:MESH_TOKEN_KAAN_MESH", Some(&r)).unwrap_err().to_string();
+        assert!(err.contains("--mesh-token") && err.contains("is the current one"), "{err}");
     }
 
     #[test]

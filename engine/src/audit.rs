@@ -14,9 +14,9 @@ pub struct AuditRecord {
     /// When.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
-    /// Who (`slack:U123`, `discord:42`, `terminal`).
+    /// Who (`slack:U123`, `discord:42`, `terminal`, `agent:nova`).
     pub who: String,
-    /// `slack`, `discord` or `cli`.
+    /// `slack`, `discord`, `cli`, or an agent's front end: `http` (`/v1/messages`) or `mcp`.
     pub platform: String,
     /// The channel it was given in.
     pub channel: Option<String>,

@@ -104,7 +104,8 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
             ("MESH_HTTP".to_owned(), quote(&format!("0.0.0.0:{LISTENER_HTTP_PORT}"))),
             ("MESH_LOG_FORMAT".to_owned(), quote("json")),
         ];
-        for token in [Some(&agent.hooks_token), agent.gateway_token.as_ref()].into_iter().flatten() {
+        let tokens = [Some(&agent.hooks_token), agent.gateway_token.as_ref(), agent.mesh_token.as_ref()];
+        for token in tokens.into_iter().flatten() {
             match token {
                 SecretRef::Env(name) => {
                     variables.insert(name.clone());
@@ -454,6 +455,14 @@ mod tests {
             );
             assert!(service.contains("    tmpfs:\n      - \"/etc/mesh/secrets:"), "{service}");
         }
+    }
+
+    #[test]
+    fn a_listener_gets_its_agents_mesh_token_variable() {
+        let reg = r#"{"nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "mesh_token": "env:MESH_TOKEN_NOVA_MESH", "hooks_url": "http://g/hooks/wake"}}"#;
+        let rendered = render(&Registry::parse(reg).unwrap(), &SyncInterval::Always);
+        assert!(rendered.compose.contains("MESH_TOKEN_NOVA_MESH: \"${MESH_TOKEN_NOVA_MESH:?"), "{}", rendered.compose);
+        assert!(rendered.nats_conf.contains("mesh.audit.http"), "{}", rendered.nats_conf);
     }
 
     #[test]

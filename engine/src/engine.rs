@@ -34,6 +34,10 @@ pub enum Platform {
     Slack,
     /// Discord.
     Discord,
+    /// An agent through a listener's `POST /v1/messages`.
+    Http,
+    /// An agent through the MCP tools.
+    Mcp,
 }
 
 impl Platform {
@@ -43,6 +47,8 @@ impl Platform {
             Self::Cli => "cli",
             Self::Slack => "slack",
             Self::Discord => "discord",
+            Self::Http => "http",
+            Self::Mcp => "mcp",
         }
     }
 }
@@ -74,12 +80,34 @@ pub struct Request {
     pub from: Option<String>,
     /// Where the steps of a long command go, if anywhere.
     pub progress: Option<Progress>,
+    /// The message a `send` answers (an agent's reply), if any.
+    pub thread: Option<Box<crate::thread::Thread>>,
 }
 
 impl Request {
     /// A chat command line.
     pub fn chat(who: Identity, platform: Platform, channel: Option<String>, line: impl Into<String>) -> Self {
-        Self { who, platform, channel, line: line.into(), from: None, progress: None }
+        Self { who, platform, channel, line: line.into(), from: None, progress: None, thread: None }
+    }
+
+    /// A command an agent gave through the HTTP API or the MCP tools: the
+    /// messages it sends are always from that agent, whatever the input said.
+    pub fn agent(id: &AgentId, platform: Platform, command: &Command) -> Self {
+        Self {
+            who: Identity::Agent { id: id.to_string() },
+            platform,
+            channel: None,
+            line: command.to_string(),
+            from: Some(id.to_string()),
+            progress: None,
+            thread: None,
+        }
+    }
+
+    /// Marks the command's message as an answer to another one.
+    pub fn with_thread(mut self, thread: crate::thread::Thread) -> Self {
+        self.thread = Some(Box::new(thread));
+        self
     }
 
     /// A command the terminal built from its flags, sent as `from`.
@@ -91,6 +119,7 @@ impl Request {
             line: command.to_string(),
             from: Some(from.into()),
             progress: None,
+            thread: None,
         }
     }
 
@@ -116,12 +145,19 @@ pub struct Handled {
     pub failed: bool,
     /// Why the audit record could not be stored, if it could not.
     pub audit_error: Option<String>,
+    /// The audit trail's decision: `allowed`, `denied`, `limited`, `invalid`,
+    /// `confirmation required` (an HTTP front end maps it to a status).
+    pub decision: &'static str,
 }
 
 impl Handled {
     fn reply(reply: Reply) -> Self {
         let failed = reply.tone == crate::command::Tone::Error;
-        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None }
+        Self { reply, follow_up: None, confirmation_code: None, failed, audit_error: None, decision: "allowed" }
+    }
+
+    fn refused(decision: &'static str, reply: Reply, audit_error: Option<String>) -> Self {
+        Self { audit_error, decision, ..Self::reply(reply) }
     }
 }
 
@@ -261,7 +297,7 @@ impl Engine {
             Err(e) => {
                 let reply = Reply::error(e.to_string()).ephemeral();
                 let audit_error = self.audit(&request, "invalid", &reply, &[]).await;
-                Handled { audit_error, ..Handled::reply(reply) }
+                Handled::refused("invalid", reply, audit_error)
             }
         }
     }
@@ -275,7 +311,7 @@ impl Engine {
             let reply = Reply::error(format!("{} runs only in a terminal on the host: mesh {}", spec.name, spec.usage))
                 .ephemeral();
             let audit_error = self.audit(request, "denied", &reply, &[]).await;
-            return Err(Handled { audit_error, ..Handled::reply(reply) });
+            return Err(Handled::refused("denied", reply, audit_error));
         }
         let pause = self.pause_grade(command).await;
         let role = match self.config.permissions.check(&request.who, command, pause) {
@@ -283,13 +319,13 @@ impl Engine {
             Err(denied) => {
                 let reply = Reply::error(denied.to_string()).ephemeral();
                 let audit_error = self.audit(request, "denied", &reply, &[]).await;
-                return Err(Handled { audit_error, ..Handled::reply(reply) });
+                return Err(Handled::refused("denied", reply, audit_error));
             }
         };
         if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), command).await {
             let reply = Reply::error(message).ephemeral();
             let audit_error = self.audit(request, "limited", &reply, &[]).await;
-            return Err(Handled { audit_error, ..Handled::reply(reply) });
+            return Err(Handled::refused("limited", reply, audit_error));
         }
         Ok(role)
     }
@@ -306,7 +342,10 @@ impl Engine {
             let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
-            return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
+            return Handled {
+                confirmation_code: Some(challenge.code),
+                ..Handled::refused("confirmation required", reply, audit_error)
+            };
         }
         let command = match command {
             Command::Confirm { code } => match self.confirm(&request.who, role, &code, now) {
@@ -314,7 +353,7 @@ impl Engine {
                 Err(e) => {
                     let reply = Reply::error(e.to_string()).ephemeral();
                     let audit_error = self.audit(&request, "denied", &reply, &[]).await;
-                    return Handled { audit_error, ..Handled::reply(reply) };
+                    return Handled::refused("denied", reply, audit_error);
                 }
             },
             other => other,
@@ -325,7 +364,14 @@ impl Engine {
         };
         let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
         let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
-        Handled { reply: executed.reply, follow_up: executed.follow_up, confirmation_code: None, failed, audit_error }
+        Handled {
+            reply: executed.reply,
+            follow_up: executed.follow_up,
+            confirmation_code: None,
+            failed,
+            audit_error,
+            decision: "allowed",
+        }
     }
 
     /// Takes a pending action (the lock is released before anything awaits).
@@ -392,28 +438,36 @@ impl Engine {
         match command {
             Command::Send { agent, text, priority, ttl } => {
                 let registry = self.registry()?;
-                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
+                let mut prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
                     .and_then(|p| p.with_ttl(ttl))
                     .map_err(|e| e.to_string())?;
+                if let Some(thread) = &request.thread {
+                    thread.stamp(&mut prepared.envelope)?;
+                }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let queued = self.queued_note(Some(&agent)).await;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
-                    .with_data(receipt_data(&receipt, agent.as_str()));
-                if let Some(note) = self.queued_note(Some(&agent)).await {
+                    .with_data(receipt_data(&receipt, agent.as_str(), queued.as_deref()));
+                if let Some(note) = queued {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
             Command::Broadcast { priority, text, ttl } => {
                 let registry = self.registry()?;
-                let prepared = publish::prepare_broadcast(&registry, &from, &text, priority)
+                let mut prepared = publish::prepare_broadcast(&registry, &from, &text, priority)
                     .and_then(|p| p.with_ttl(ttl.or(self.config.broadcast_ttl)))
                     .map_err(|e| e.to_string())?;
+                if let Some(thread) = &request.thread {
+                    thread.stamp(&mut prepared.envelope)?;
+                }
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let queued = self.queued_note(None).await;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
-                    .with_data(receipt_data(&receipt, "*"));
-                if let Some(note) = self.queued_note(None).await {
+                    .with_data(receipt_data(&receipt, "*", queued.as_deref()));
+                if let Some(note) = queued {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
@@ -892,14 +946,17 @@ fn list_or_none(items: &[String]) -> String {
     if items.is_empty() { "none".to_owned() } else { items.join(", ") }
 }
 
-/// The `--json` data of `send` and `broadcast`.
-fn receipt_data(receipt: &publish::Receipt, to: &str) -> serde_json::Value {
+/// The `--json` data of `send` and `broadcast`; `queued` says why delivery
+/// waits (a kill switch in force), when it does.
+fn receipt_data(receipt: &publish::Receipt, to: &str, queued: Option<&str>) -> serde_json::Value {
     serde_json::json!({
         "id": receipt.id.to_string(),
         "to": to,
         "stream_seq": receipt.stream_seq,
         "duplicate": receipt.duplicate,
         "recipients": receipt.recipients,
+        "queued": queued.is_some(),
+        "queued_note": queued,
     })
 }
 

@@ -21,6 +21,7 @@
 //! - Local operations: [`agents`] (registry edits), [`deploy`] (rendering the
 //!   deployment, compose up).
 //! - [`limits`]: rate limits and retry dedup (memory or Redis).
+//! - [`thread`]: an agent's reply to a message: its hop count and the loop guard.
 
 pub mod agents;
 pub mod audit;
@@ -39,6 +40,7 @@ pub mod notify;
 pub mod ping;
 pub mod provision;
 pub mod publish;
+pub mod thread;
 
 /// The layout this crate promises, checked on its own sources.
 #[cfg(test)]

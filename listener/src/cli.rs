@@ -51,9 +51,12 @@ struct Args {
     /// stream (the bot and `mesh` do, reading `MESH_REPLICAS`).
     #[arg(long, env = "MESH_REPLICAS", default_value = "auto")]
     replicas: mesh_protocol::layout::Replicas,
-    /// Serve /health and /metrics on this address.
+    /// Serve /health, /metrics and the agent API (/v1/messages) on this address.
     #[arg(long, env = "MESH_HTTP")]
     http: Option<SocketAddr>,
+    /// Permissions file (JSON) giving agents their role on /v1/messages; without one, agents are operators.
+    #[arg(long, env = "MESH_PERMISSIONS")]
+    permissions: Option<std::path::PathBuf>,
     /// Async runtime threads (two measured best on a 2-core machine, see BENCHMARKS.md).
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     worker_threads: u16,
@@ -97,6 +100,19 @@ async fn async_main(args: Args) -> ExitCode {
     config.max_hops = args.max_hops;
     config.replicas = args.replicas;
     config.http_addr = args.http;
+    // Set but empty (a compose default) means unset.
+    if let Some(path) = args.permissions.filter(|p| !p.as_os_str().is_empty()) {
+        let parsed = std::fs::read_to_string(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(permissions) => config.permissions = permissions,
+            Err(e) => {
+                eprintln!("error: the permissions file {} (MESH_PERMISSIONS) is unusable: {e}; fix it", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
     match crate::run(config, crate::shutdown::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -47,6 +47,11 @@ pub struct ListenerConfig {
     /// timeout plus [`SHUTDOWN_MARGIN`], so a delivery started just before the
     /// stop can still finish and be acked (see [`ListenerConfig::shutdown_grace`]).
     pub shutdown_grace: Option<Duration>,
+    /// Roles of the agents that send through `/v1/messages` (`MESH_PERMISSIONS`;
+    /// agents with no grant get the file's `"agent"` role, operator by default).
+    pub permissions: mesh_engine::command::Permissions,
+    /// Rate limits of those agents, per agent, in this process.
+    pub agent_limits: mesh_engine::limits::RateLimits,
 }
 
 /// Added to the request timeout for the default shutdown grace: time to ack
@@ -72,6 +77,8 @@ impl ListenerConfig {
             registry_poll: Duration::from_secs(2),
             http_addr: None,
             shutdown_grace: None,
+            permissions: mesh_engine::command::Permissions::new(),
+            agent_limits: mesh_engine::limits::RateLimits::default(),
         }
     }
 

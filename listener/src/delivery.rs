@@ -132,6 +132,15 @@ pub async fn handle<G: Gateway>(
     } else {
         None
     };
+    state.record_handed(crate::state::Handed {
+        id: envelope.id,
+        from: envelope.from.clone(),
+        hops: envelope.hops,
+        in_reply_to: envelope.metadata.get("in_reply_to").cloned(),
+        text: envelope.text.chars().take(crate::state::RECENT_TEXT_CHARS).collect(),
+        stream_seq,
+        sent_at: envelope.sent_at,
+    });
     let response = call_keeping_alive(deps, &msg, &request).await;
     state.record_call(response.outcome.label() == "ok");
     metrics::gateway_duration(response.elapsed);

@@ -42,6 +42,8 @@ pub struct Control {
     pub pause: mpsc::UnboundedSender<PauseCommand>,
     /// Live state of every agent.
     pub fleet: Arc<FleetState>,
+    /// Where `/health`, `/metrics` and the agent API are served (the bound address of `--http`).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// One running agent loop.
@@ -108,11 +110,18 @@ pub async fn run_with(
     let urls = GatewayUrls::default();
     let root = CancellationToken::new();
     tokio::spawn(crate::metrics::upkeep(metrics, crate::metrics::UPKEEP_EVERY, root.clone()));
+    let (mesh_tokens, mesh_tokens_rx) = watch::channel(Arc::new(BTreeMap::new()));
+    let api = match config.http_addr {
+        Some(_) => agent_api(&config, &client, &fleet, mesh_tokens_rx).await,
+        None => None,
+    };
+    let mut http = None;
     if let Some(addr) = config.http_addr {
-        let bound = crate::http::serve(addr, fleet.clone(), client.clone(), root.clone())
+        let bound = crate::http::serve(addr, fleet.clone(), client.clone(), api, root.clone())
             .await
             .with_context(|| format!("serving /health and /metrics on {addr}"))?;
         info!(addr = %bound, "health and metrics endpoints up");
+        http = Some(bound);
     }
     tokio::spawn(ping::respond(client.clone(), fleet.clone(), gateway, urls.clone(), root.clone()));
     let (kill_tx, mut kill_rx) = mpsc::unbounded_channel();
@@ -132,10 +141,11 @@ pub async fn run_with(
         paused_agents: BTreeSet::new(),
         kill: kill_states,
         kill_keys: kill_keys_tx,
+        mesh_tokens,
     };
     world.apply(&selected);
     info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
-    on_start(Control { pause: pause_tx, fleet });
+    on_start(Control { pause: pause_tx, fleet, http });
 
     let mut last_registry = registry;
     let mut poll = tokio::time::interval(config.registry_poll);
@@ -229,6 +239,40 @@ pub async fn run_with(
     Ok(())
 }
 
+/// The engine behind `/v1/messages`: agents' sends take the same road as
+/// every other command. `None` (logged) when it cannot be set up; the health
+/// endpoints still run.
+async fn agent_api(
+    config: &ListenerConfig,
+    client: &async_nats::Client,
+    fleet: &Arc<FleetState>,
+    tokens: crate::agent_api::MeshTokens,
+) -> Option<crate::agent_api::AgentApi> {
+    use mesh_engine::limits::{LimitStore, LimitsConfig, SystemClock};
+    let engine_config = mesh_engine::engine::EngineConfig {
+        registry_path: config.registry_path.clone(),
+        permissions: config.permissions.clone(),
+        confirm: mesh_engine::command::ConfirmConfig::default(),
+        ask_timeout: Duration::from_secs(120),
+        ping_timeout: Duration::from_secs(2),
+        broadcast_ttl: None,
+    };
+    let limits = LimitsConfig { rates: config.agent_limits, ..LimitsConfig::default() };
+    let limits = LimitStore::new(limits, None, Arc::new(SystemClock::new()));
+    match mesh_engine::engine::Engine::new(engine_config, client.clone(), limits).await {
+        Ok(engine) => Some(crate::agent_api::AgentApi {
+            engine: Arc::new(engine),
+            tokens,
+            fleet: fleet.clone(),
+            max_hops: config.max_hops,
+        }),
+        Err(e) => {
+            error!(error = %e, "the agent API (/v1/messages) is off: the engine cannot reach the mesh");
+            None
+        }
+    }
+}
+
 /// Sleeps until `deadline`, or forever when there is none.
 async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
     match deadline {
@@ -288,6 +332,8 @@ struct World<G> {
     kill: crate::killswitch::KillStates,
     /// The kill switch keys followed: the global one and the running agents'.
     kill_keys: watch::Sender<BTreeSet<String>>,
+    /// The mesh tokens of the running agents (who may call `/v1/messages`).
+    mesh_tokens: watch::Sender<Arc<BTreeMap<AgentId, mesh_protocol::Secret>>>,
 }
 
 impl<G: Gateway + Clone> World<G> {
@@ -326,6 +372,13 @@ impl<G: Gateway + Clone> World<G> {
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }
+        let tokens: BTreeMap<_, _> =
+            selected.iter().filter_map(|(id, e)| e.tokens.mesh.clone().map(|t| (id.clone(), t))).collect();
+        self.mesh_tokens.send_if_modified(|known| {
+            let changed = **known != tokens;
+            *known = Arc::new(tokens);
+            changed
+        });
         let keys = crate::killswitch::keys_of(self.running.keys());
         self.kill_keys.send_if_modified(|known| {
             let changed = *known != keys;

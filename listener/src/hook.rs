@@ -37,8 +37,13 @@ struct WakeBody<'a> {
 
 /// The text a woken agent reads: who sent it, then the message.
 pub fn wake_text(envelope: &Envelope) -> String {
+    format!("[mesh] {}: {}", headline(envelope), envelope.text)
+}
+
+/// `Message from kaan`, `Reply from ada`, ...
+fn headline(envelope: &Envelope) -> String {
     if envelope.metadata.contains_key("replay_of") {
-        return format!("[mesh] Replayed message from {}: {}", envelope.from, envelope.text);
+        return format!("Replayed message from {}", envelope.from);
     }
     let label = match (envelope.kind, &envelope.to) {
         (_, Recipient::Broadcast) | (Kind::Broadcast, _) => "Broadcast",
@@ -46,7 +51,25 @@ pub fn wake_text(envelope: &Envelope) -> String {
         (Kind::Reply, _) => "Reply",
         (Kind::Message, _) => "Message",
     };
-    format!("[mesh] {label} from {}: {}", envelope.from, envelope.text)
+    format!("{label} from {}", envelope.from)
+}
+
+/// The text a woken agent that has a `mesh_token` reads: like [`wake_text`],
+/// with the message's id (what it passes as `in_reply_to` to answer) and, for
+/// an answer, the id of the message it answers.
+///
+/// `[mesh] Reply from kaan (id 0193..., in reply to 0192...): text`
+pub fn wake_text_with_ids(envelope: &Envelope) -> String {
+    let thread = match envelope.metadata.get("in_reply_to") {
+        Some(original) => format!(", in reply to {original}"),
+        None => String::new(),
+    };
+    format!("[mesh] {} (id {}{thread}): {}", headline(envelope), envelope.id, envelope.text)
+}
+
+/// What `agent` reads: ids only for an agent that can answer through the mesh (it has a `mesh_token`).
+fn text_for(agent: &Agent, envelope: &Envelope) -> String {
+    if agent.mesh_token.is_some() { wake_text_with_ids(envelope) } else { wake_text(envelope) }
 }
 
 /// `now` for high and urgent messages, else `next-heartbeat`.
@@ -66,7 +89,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
     let (url, token, body) = match agent.delivery {
         DeliveryMode::Wake => {
             // The hot path: serialized straight from a struct, no JSON tree.
-            let body = WakeBody { text: &wake_text(envelope), mode: wake_mode(envelope) };
+            let body = WakeBody { text: &text_for(agent, envelope), mode: wake_mode(envelope) };
             let body = serde_json::to_vec(&body).expect("a wake body always serializes");
             return Ok(HookRequest {
                 url: agent.hooks_url.clone(),
@@ -80,7 +103,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
             endpoint(agent, "hooks/agent"),
             tokens.hooks.clone(),
             json!({
-                "message": wake_text(envelope),
+                "message": text_for(agent, envelope),
                 "name": "mesh",
                 "agentId": agent.id.as_str(),
                 "sessionKey": format!("mesh:{}", envelope.from),
@@ -94,7 +117,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
                 token,
                 json!({
                     "model": agent.model.as_deref().unwrap_or("default"),
-                    "messages": [{ "role": "user", "content": wake_text(envelope) }],
+                    "messages": [{ "role": "user", "content": text_for(agent, envelope) }],
                     "user": format!("mesh:{}", envelope.from),
                 }),
             )
@@ -196,6 +219,25 @@ mod tests {
         assert_eq!(req.token.expose(), "gw-a");
         assert_eq!(body["model"], "m1");
         assert_eq!(body["messages"][0]["content"], "[mesh] Message from nova: 2+2?");
+    }
+
+    #[test]
+    fn an_agent_with_a_mesh_token_reads_the_ids_it_answers_with() {
+        let reg = Registry::parse(
+            r#"{"nova": {"hooks_token": "hook-n", "mesh_token": "mesh-n", "hooks_url": "http://127.0.0.1:7002/hooks/wake"}}"#,
+        )
+        .unwrap();
+        let nova = reg.agents().next().unwrap();
+        let tokens = nova.resolve_tokens(&MapResolver::default()).unwrap();
+        let mut env = Envelope::new("kaan", Recipient::Agent(nova.id.clone()), "ok: done").unwrap();
+        env.kind = Kind::Reply;
+        env.metadata.insert("in_reply_to".into(), "0192-original".into());
+        let body: serde_json::Value = serde_json::from_slice(&build(nova, &tokens, &env).unwrap().body).unwrap();
+        let want = format!("[mesh] Reply from kaan (id {}, in reply to 0192-original): ok: done", env.id);
+        assert_eq!(body["text"], want.as_str());
+        env.metadata.clear();
+        env.kind = Kind::Message;
+        assert_eq!(wake_text_with_ids(&env), format!("[mesh] Message from kaan (id {}): ok: done", env.id));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub async fn serve(
     addr: SocketAddr,
     fleet: Arc<FleetState>,
     client: async_nats::Client,
+    api: Option<crate::agent_api::AgentApi>,
     stop: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -47,6 +48,11 @@ pub async fn serve(
         // These routes read no body: anything larger than the limit is refused with 413 up front.
         .layer(tower_http::limit::RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .with_state(ctx);
+    // The agent API has its own body limit (a message is larger than 16 KiB).
+    let app = match api {
+        Some(api) => app.merge(crate::agent_api::router(api.clone())).merge(crate::mcp::router(api)),
+        None => app,
+    };
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
     });

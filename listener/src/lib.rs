@@ -17,10 +17,14 @@
 //! - [`killswitch`]: reading and following the kill switch bucket.
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
+//! - [`agent_api`]: `POST /v1/messages`, agents sending through the engine
+//!   with their `mesh_token`.
+//! - [`mcp`]: the same as MCP tools (`/mcp`, Streamable HTTP, `rmcp`).
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`nats`], [`lookup`], [`layout_check`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
 //!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
 
+pub mod agent_api;
 pub mod cli;
 pub mod config;
 pub mod consumer;
@@ -30,6 +34,7 @@ pub mod gateway;
 pub mod hook;
 pub mod http;
 pub mod killswitch;
+pub mod mcp;
 pub mod metrics;
 pub mod ping;
 pub mod policy;

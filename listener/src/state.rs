@@ -1,7 +1,7 @@
 //! What a listener process knows about itself and each of its agents, shared
 //! by the delivery loops, the ping responder and the health endpoints.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -11,6 +11,32 @@ use mesh_protocol::health::{GatewayHealth, Pong};
 
 /// Gateway calls failing in a row before the agent counts as unhealthy.
 pub const UNHEALTHY_AFTER_FAILURES: u64 = 5;
+
+/// Messages handed to an agent that its listener remembers (the ones an agent
+/// may answer with `in_reply_to`, and its `inbox`); older ones are forgotten.
+pub const RECENT_DELIVERIES: usize = 64;
+
+/// Characters of each remembered message's text kept (the whole text is in the stream).
+pub const RECENT_TEXT_CHARS: usize = 4096;
+
+/// A message handed to an agent's gateway, as remembered for its answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handed {
+    /// The message id (what `in_reply_to` names).
+    pub id: uuid::Uuid,
+    /// Who sent it.
+    pub from: String,
+    /// Its hop count (an answer carries one more).
+    pub hops: u8,
+    /// The message it answers, if it is an answer.
+    pub in_reply_to: Option<String>,
+    /// Its text.
+    pub text: String,
+    /// Its sequence in the agents stream.
+    pub stream_seq: u64,
+    /// When it was sent.
+    pub sent_at: time::OffsetDateTime,
+}
 
 /// Live counters of one agent.
 #[derive(Debug)]
@@ -38,6 +64,8 @@ pub struct AgentState {
     gateway: AtomicU8,
     gateway_checked: Mutex<Option<Instant>>,
     refused: Mutex<Option<String>>,
+    /// The last [`RECENT_DELIVERIES`] messages handed to the gateway, oldest first.
+    recent: Mutex<VecDeque<Handed>>,
 }
 
 impl AgentState {
@@ -57,7 +85,30 @@ impl AgentState {
             gateway: AtomicU8::new(0),
             gateway_checked: Mutex::new(None),
             refused: Mutex::new(None),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_DELIVERIES)),
         }
+    }
+
+    /// Remembers a message handed to the gateway (a redelivery once).
+    pub fn record_handed(&self, handed: Handed) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.iter().any(|h| h.id == handed.id) {
+            return;
+        }
+        if recent.len() == RECENT_DELIVERIES {
+            recent.pop_front();
+        }
+        recent.push_back(handed);
+    }
+
+    /// A message recently handed to this agent, by id.
+    pub fn handed(&self, id: uuid::Uuid) -> Option<Handed> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|h| h.id == id).cloned()
+    }
+
+    /// The newest `n` messages handed to this agent, newest first.
+    pub fn recent(&self, n: usize) -> Vec<Handed> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner()).iter().rev().take(n).cloned().collect()
     }
 
     /// Notes that this agent's loop stopped for good, and why (its consumer

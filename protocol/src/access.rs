@@ -123,6 +123,13 @@ pub fn listener(agent: &Agent) -> Access {
         // stream holds only agent consumers.
         publish.push(format!("{JS_API}.CONSUMER.INFO.{stream}.*"));
     }
+    if agent.mesh_token.is_some() {
+        for right in agent_api_rights(stream, &kv) {
+            if !publish.contains(&right) {
+                publish.push(right);
+            }
+        }
+    }
     let inbox_prefix = format!("_INBOX_{id}");
     Access {
         user: listener_user(id),
@@ -135,6 +142,26 @@ pub fn listener(agent: &Agent) -> Access {
         publish_deny: Vec::new(),
         responses: 16,
     }
+}
+
+/// Front ends an agent reaches the engine through (their audit subjects).
+pub const AGENT_FRONT_ENDS: [&str; 2] = ["http", "mcp"];
+
+/// What a listener serving an agent with a `mesh_token` adds, so the agent
+/// can send through it (the engine's road, `POST /v1/messages`): publish into
+/// any agent's inbox and the broadcast, look up (never create) the target's
+/// consumer, read any agent's kill switch entry (to say a message is queued),
+/// and append its audit records. Nothing that creates or changes anything in
+/// JetStream, no subscription to another agent's subjects.
+fn agent_api_rights(stream: &str, kv: &str) -> Vec<String> {
+    let mut rights = vec![
+        subject::ALL_INBOXES.to_owned(),
+        Subject::Broadcast.to_string(),
+        format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
+        format!("{JS_API}.DIRECT.GET.{kv}.{}", killswitch_keys()),
+    ];
+    rights.extend(AGENT_FRONT_ENDS.iter().filter_map(|front| Subject::audit(front).ok()).map(|s| s.to_string()));
+    rights
 }
 
 /// The bot: sends, broadcasts, pings, runs the kill switch, reads and replays
@@ -214,6 +241,27 @@ mod tests {
         let creates: Vec<_> =
             chat.publish.iter().filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE.MESH_AGENTS")).collect();
         assert!(creates.iter().all(|s| s.contains(".agent-nova")), "{creates:?}");
+    }
+
+    #[test]
+    fn a_mesh_token_adds_exactly_the_rights_to_send_and_audit() {
+        let json = r#"{"nova": {"hooks_token": "env:MESH_TOKEN_A", "mesh_token": "env:MESH_TOKEN_M", "hooks_url": "http://g/hooks/wake"}}"#;
+        let with = listener(Registry::parse(json).unwrap().agents().next().unwrap());
+        let without = listener(&agent("wake"));
+        let added: Vec<_> = with.publish.iter().filter(|s| !without.publish.contains(s)).cloned().collect();
+        assert_eq!(
+            added,
+            [
+                "agents.*.inbox",
+                "agents.broadcast",
+                "$JS.API.CONSUMER.INFO.MESH_AGENTS.*",
+                "$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.>",
+                "mesh.audit.http",
+                "mesh.audit.mcp",
+            ]
+        );
+        assert_eq!(with.subscribe, without.subscribe, "no new subscription");
+        assert!(with.publish.iter().all(|s| !s.contains("CREATE") && !s.contains("UPDATE") && !s.contains("DELETE")));
     }
 
     #[test]

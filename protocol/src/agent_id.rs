@@ -13,6 +13,12 @@ pub const MAX_AGENT_ID_LEN: usize = 32;
 pub const AGENT_ID_RULE: &str =
     "1 to 32 characters: lowercase letters a-z, digits, '-' and '_', starting with a letter or digit";
 
+/// The verbs the NATS Agent Protocol (Synadia, v0.3) reserves under `agents.`
+/// (`agents.{verb}.{agent}...`, heartbeats on `agents.hb.*`): an agent of ours
+/// named one of them would make `agents.<id>.inbox` look like that protocol's
+/// traffic, so no agent may be named one.
+pub const RESERVED_VERBS: [&str; 4] = ["prompt", "hb", "status", "attachments"];
+
 /// A validated agent id, safe to embed in a NATS subject or consumer name.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AgentId(String);
@@ -30,6 +36,11 @@ pub enum AgentIdError {
     BadChar { shown: String, what: String },
     #[error("agent id {shown} starts with {first:?}; an agent id is {AGENT_ID_RULE}")]
     BadStart { shown: String, first: char },
+    #[error(
+        "agent id {shown} is reserved: the NATS Agent Protocol uses agents.{id}.* for its {id} verb (its \
+         reserved verbs: prompt, hb, status, attachments); pick another name"
+    )]
+    Reserved { shown: String, id: &'static str },
 }
 
 impl AgentId {
@@ -52,6 +63,9 @@ impl AgentId {
         let first = raw.chars().next().unwrap_or('-');
         if !first.is_ascii_alphanumeric() {
             return Err(AgentIdError::BadStart { shown, first });
+        }
+        if let Some(verb) = RESERVED_VERBS.iter().find(|v| **v == raw) {
+            return Err(AgentIdError::Reserved { shown, id: verb });
         }
         Ok(Self(raw.to_owned()))
     }
@@ -183,6 +197,18 @@ mod tests {
         check("_nova", Err("starts with '_'"));
         check("növa", Err("'ö'"));
         check("Nö", Err("'N'"));
+    }
+
+    #[test]
+    fn the_agent_protocol_verbs_are_reserved() {
+        for verb in RESERVED_VERBS {
+            let err = AgentId::parse(verb).unwrap_err().to_string();
+            assert!(err.contains("is reserved") && err.contains("NATS Agent Protocol"), "{err}");
+        }
+        // Only the exact verbs: names that merely contain one are fine.
+        for ok in ["prompter", "hb2", "status-bot", "attachment"] {
+            assert!(AgentId::parse(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

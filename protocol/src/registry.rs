@@ -61,6 +61,11 @@ pub struct Agent {
     pub gateway_token: Option<SecretRef>,
     /// The token sent as `Authorization: Bearer` to the hook.
     pub hooks_token: SecretRef,
+    /// The agent's own credential on the mesh: the Bearer token it presents to
+    /// a listener's `POST /v1/messages` (and `/mcp`), which picks the agent.
+    /// Without one the agent cannot send.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_token: Option<SecretRef>,
     /// The wake hook, `http(s)://host:port/hooks/wake`.
     pub hooks_url: Url,
     /// Active or inactive.
@@ -99,6 +104,7 @@ impl fmt::Debug for Agent {
             .field("gateway", &self.gateway)
             .field("gateway_token", &self.gateway_token)
             .field("hooks_token", &self.hooks_token)
+            .field("mesh_token", &self.mesh_token)
             .field("hooks_url", &self.hooks_url.as_str())
             .field("status", &self.status)
             .field("delivery", &self.delivery)
@@ -116,6 +122,8 @@ pub struct AgentTokens {
     pub hooks: Secret,
     /// Sent to the gateway's chat endpoint.
     pub gateway: Option<Secret>,
+    /// What the agent presents to the mesh (`mesh_token`).
+    pub mesh: Option<Secret>,
 }
 
 impl Agent {
@@ -143,7 +151,7 @@ impl Agent {
         base
     }
 
-    /// Resolves both tokens and checks they differ.
+    /// Resolves its tokens and checks they all differ.
     pub fn resolve_tokens(&self, resolver: &dyn SecretResolver) -> Result<AgentTokens, RegistryError> {
         let field_err = |field: &'static str| {
             let agent = self.id.to_string();
@@ -157,7 +165,16 @@ impl Agent {
         if gateway.as_ref() == Some(&hooks) {
             return Err(RegistryError::SameTokens { agent: self.id.to_string() });
         }
-        Ok(AgentTokens { hooks, gateway })
+        let mesh = match &self.mesh_token {
+            Some(r) => Some(r.resolve(resolver).map_err(field_err("mesh_token"))?),
+            None => None,
+        };
+        if let Some(mesh) = &mesh
+            && (*mesh == hooks || gateway.as_ref() == Some(mesh))
+        {
+            return Err(RegistryError::MeshTokenReused { agent: self.id.to_string() });
+        }
+        Ok(AgentTokens { hooks, gateway, mesh })
     }
 }
 
@@ -176,6 +193,11 @@ pub enum RegistryError {
     Token { agent: String, field: &'static str, source: SecretError },
     #[error("agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token")]
     SameTokens { agent: String },
+    #[error(
+        "agent {agent:?}: mesh_token is the same as its hooks_token or gateway_token; give the agent a mesh token of \
+         its own (whoever holds the hook token could otherwise send as the agent)"
+    )]
+    MeshTokenReused { agent: String },
     #[error(
         "agents {first:?} and {second:?} would share the NATS user password variable {variable} (`-` and `_` map to the same name); rename one of them"
     )]
@@ -196,6 +218,7 @@ struct RawAgent {
     gateway: Option<String>,
     gateway_token: Option<String>,
     hooks_token: String,
+    mesh_token: Option<String>,
     hooks_url: String,
     status: Option<String>,
     delivery: Option<String>,
@@ -370,6 +393,17 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
     {
         errors.push(RegistryError::SameTokens { agent: agent.clone() });
     }
+    let mesh_token = match raw.mesh_token.as_deref() {
+        None => None,
+        Some(r) => token("mesh_token", r).map_err(|e| errors.push(e)).ok(),
+    };
+    // The same reference (or literal) as another token is refused here; two
+    // references that resolve to the same value, by `resolve_tokens`.
+    if let Some(m) = &mesh_token
+        && (hooks_token.as_ref() == Some(m) || gateway_token.as_ref() == Some(m))
+    {
+        errors.push(RegistryError::MeshTokenReused { agent: agent.clone() });
+    }
     if delivery == DeliveryMode::Chat {
         if raw.gateway_token.is_none() {
             errors.push(RegistryError::ChatNeeds { agent: agent.clone(), field: "gateway_token" });
@@ -405,6 +439,7 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             gateway: raw.gateway,
             gateway_token,
             hooks_token,
+            mesh_token,
             hooks_url,
             status,
             delivery,
@@ -690,6 +725,45 @@ mod tests {
             Registry::parse(r#"{"No.va": {"hooks_token": "t", "hooks_url": "http://g/"}}"#).unwrap_err().to_string();
         assert!(err.contains("registry key \"No.va\""), "{err}");
         assert!(Registry::parse("[1]").unwrap_err().to_string().contains("not a JSON object"));
+    }
+
+    #[test]
+    fn a_mesh_token_is_the_agents_own() {
+        let reg = Registry::parse(
+            r#"{"nova": {"hooks_token": "h", "gateway_token": "env:MESH_TOKEN_G", "mesh_token": "env:MESH_TOKEN_NOVA_MESH", "hooks_url": "http://g/"}}"#,
+        )
+        .unwrap();
+        let nova = reg.agents().next().unwrap();
+        assert_eq!(nova.mesh_token, Some(SecretRef::Env("MESH_TOKEN_NOVA_MESH".into())));
+        assert!(reg.to_json().contains("\"mesh_token\": \"env:MESH_TOKEN_NOVA_MESH\""));
+        assert_eq!(Registry::parse(&reg.to_json()).unwrap(), reg);
+        // The same reference or literal as another token is refused when parsed ...
+        for other in ["hooks_token", "gateway_token"] {
+            let json = format!(
+                r#"{{"nova": {{"hooks_token": "h", "gateway_token": "g", "hooks_url": "http://g/", "{other}": "same", "mesh_token": "same"}}}}"#
+            );
+            let err = Registry::parse(&json).unwrap_err().to_string();
+            assert!(err.contains("mesh_token is the same as its hooks_token or gateway_token"), "{other}: {err}");
+        }
+        // ... and different references to the same value when resolved.
+        let mut res = MapResolver::default();
+        res.env.insert("MESH_TOKEN_G".into(), "gw".into());
+        res.env.insert("MESH_TOKEN_NOVA_MESH".into(), "h".into());
+        assert!(matches!(nova.resolve_tokens(&res), Err(RegistryError::MeshTokenReused { .. })));
+        res.env.insert("MESH_TOKEN_NOVA_MESH".into(), "mesh-secret".into());
+        assert_eq!(nova.resolve_tokens(&res).unwrap().mesh.unwrap().expose(), "mesh-secret");
+        // Never shown: Debug keeps the reference only.
+        res.env.clear();
+        assert!(!format!("{nova:?}").contains("mesh-secret"));
+        let err = nova.resolve_tokens(&res).unwrap_err().to_string();
+        assert!(err.contains("field gateway_token"), "{err}");
+    }
+
+    #[test]
+    fn reserved_agent_protocol_verbs_are_refused_as_keys() {
+        let err =
+            Registry::parse(r#"{"status": {"hooks_token": "t", "hooks_url": "http://g/"}}"#).unwrap_err().to_string();
+        assert!(err.contains("registry key \"status\"") && err.contains("reserved"), "{err}");
     }
 
     #[test]

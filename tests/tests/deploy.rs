@@ -558,3 +558,119 @@ async fn a_subject_transform_on_a_stream_or_the_bucket_is_refused_by_listeners_a
     assert!(err.contains("kill switch bucket mesh_killswitch") && err.contains("subject_transform"), "{err}");
     assert!(gw.requests().is_empty());
 }
+
+/// Issue 14: the listener of an agent with a `mesh_token` may send for it
+/// through the engine (`POST /v1/messages`: any inbox, the broadcast, its
+/// audit records, consumer look-ups) and nothing more; a listener of an agent
+/// without one still may not.
+#[tokio::test]
+async fn a_mesh_token_gives_the_listener_exactly_the_rights_to_send_for_its_agent() {
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"hooks_token": "nova-hook-token", "mesh_token": "nova-mesh-token", "hooks_url": nova_gw.hooks_url()},
+        "kaan": {"hooks_token": "kaan-hook-token", "hooks_url": kaan_gw.hooks_url()},
+    }));
+    let out_dir = fixture.dir().join("generated");
+    let out = mesh_command("nats://127.0.0.1:1", &fixture.registry)
+        .args(["deploy", "render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nats = ConfiguredNats::start(&out_dir.join("nats.conf")).await;
+    let port = nats.port;
+    let nova = |lines: Vec<String>| async move { raw(port, "listener-nova", "pw-nova-1", &lines).await };
+    let ok = nova(vec![
+        publish("agents.zed.inbox"),
+        publish("agents.broadcast.x"),
+        publish("mesh.audit.http"),
+        publish("mesh.audit.mcp"),
+        request("$JS.API.CONSUMER.INFO.MESH_AGENTS.agent-kaan", &serde_json::json!({})),
+        request("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.kaan", &serde_json::json!({})),
+    ])
+    .await;
+    // agents.broadcast.x is no subject of ours: only the broadcast itself is allowed.
+    assert!(ok.contains("Permissions Violation") && ok.contains("agents.broadcast.x"), "{ok}");
+    assert_eq!(ok.matches("Permissions Violation").count(), 1, "{ok}");
+    for (line, what) in [
+        (publish("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-kaan"), "CONSUMER.CREATE"),
+        (publish("$JS.API.STREAM.MSG.GET.MESH_AGENTS"), "STREAM.MSG.GET"),
+        (publish("mesh.audit.slack"), "mesh.audit.slack"),
+        (publish("mesh.reply.abc"), "mesh.reply.abc"),
+        (publish("$KV.mesh_killswitch.global"), "$KV.mesh_killswitch.global"),
+        (sub("agents.kaan.inbox", 1), "Subscription to \"agents.kaan.inbox\""),
+        (sub("mesh.audit.>", 1), "Subscription to \"mesh.audit.>\""),
+    ] {
+        let said = nova(vec![line.clone()]).await;
+        assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
+    }
+    for line in [publish("agents.nova.inbox"), publish("mesh.audit.http")] {
+        let said = raw(port, "listener-kaan", "pw-kaan-1", std::slice::from_ref(&line)).await;
+        assert!(said.contains("Permissions Violation"), "kaan has no mesh token: {line}: {said}");
+    }
+
+    // For real: the bot creates the streams and consumers, both listeners run
+    // as their users, and nova sends to kaan through its listener's API.
+    let bot = |args: &'static [&'static str]| {
+        let mut command = mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(args)
+            .env("NATS_USER", "mesh-bot")
+            .env("NATS_PASSWORD", "pw-bot-1")
+            .env("MESH_INBOX_PREFIX", "_INBOX_bot");
+        async move {
+            let out = command.output().await.unwrap();
+            (
+                out.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        }
+    };
+    for args in [&["send", "nova", "first"][..], &["send", "kaan", "first"][..]] {
+        let (ok, said) = bot(args).await;
+        assert!(ok, "{said}");
+    }
+    let http = mesh_bot::local_nats::free_port().unwrap();
+    let listener = |agent: &str, password: &str, http: Option<u16>| {
+        let mut command = tokio::process::Command::new(listener_bin());
+        command
+            .env("NATS_URL", nats.url())
+            .env("MESH_REGISTRY", &fixture.registry)
+            .env("AGENT_ID", agent)
+            .env("NATS_USER", format!("listener-{agent}"))
+            .env("NATS_PASSWORD", password)
+            .env("MESH_INBOX_PREFIX", format!("_INBOX_{agent}"));
+        if let Some(port) = http {
+            command.env("MESH_HTTP", format!("127.0.0.1:{port}"));
+        }
+        Logged::spawn(command)
+    };
+    let nova_listener = listener("nova", "pw-nova-1", Some(http));
+    let kaan_listener = listener("kaan", "pw-kaan-1", None);
+    kaan_gw.wait_for(1, WAIT).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (status, body) = loop {
+        let sent = client
+            .post(format!("http://127.0.0.1:{http}/v1/messages"))
+            .bearer_auth("nova-mesh-token")
+            .json(&serde_json::json!({"to": "kaan", "text": "through the agent api"}))
+            .send()
+            .await;
+        match sent {
+            Ok(response) => break (response.status().as_u16(), response.text().await.unwrap_or_default()),
+            Err(e) => assert!(tokio::time::Instant::now() < deadline, "nova's listener API never answered: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 200, "{body}");
+    let got = kaan_gw.wait_for(2, WAIT).await;
+    assert_eq!(got[1].text(), "[mesh] Message from nova: through the agent api");
+    let (ok, said) = bot(&["audit", "--json"]).await;
+    assert!(ok && said.contains("\"who\":\"agent:nova\"") && said.contains("\"platform\":\"http\""), "{said}");
+    for log in [nova_listener.kill().await, kaan_listener.kill().await] {
+        assert!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "{log}");
+        assert!(!log.contains("nova-mesh-token"), "the mesh token reached a log");
+    }
+}

@@ -65,6 +65,8 @@ pub struct NewAgent {
     pub gateway: Option<String>,
     /// Reference to the gateway's operator token.
     pub gateway_token: Option<String>,
+    /// Reference to the agent's own mesh token (what it presents to `/v1/messages` and `/mcp`).
+    pub mesh_token: Option<String>,
     /// `wake`, `agent` or `chat`.
     pub delivery: Option<String>,
     /// The model (chat delivery).
@@ -292,6 +294,8 @@ pub enum Command {
         hooks_token: Option<String>,
         /// The new gateway token's reference.
         gateway_token: Option<String>,
+        /// The new mesh token's reference.
+        mesh_token: Option<String>,
         /// Check that the references resolve on this host.
         check: bool,
     },
@@ -406,15 +410,17 @@ impl fmt::Display for Command {
             Self::AgentsAdd { agent: a, check } => {
                 write!(f, "{name} {} --hooks-url {} --hooks-token {}", a.id, a.hooks_url, a.hooks_token)?;
                 write!(f, "{}{}", opt("gateway", &a.gateway), opt("gateway-token", &a.gateway_token))?;
+                write!(f, "{}", opt("mesh-token", &a.mesh_token))?;
                 write!(f, "{}{}{}", opt("delivery", &a.delivery), opt("model", &a.model), opt("name", &a.name))?;
                 write!(f, "{}{}", if a.inactive { " --inactive" } else { "" }, if *check { "" } else { " --no-check" })
             }
             Self::AgentsRemove { agent, keep } => write!(f, "{name} {agent}{}", if *keep { " --keep" } else { "" }),
-            Self::AgentsRotate { agent, hooks_token, gateway_token, check } => write!(
+            Self::AgentsRotate { agent, hooks_token, gateway_token, mesh_token, check } => write!(
                 f,
-                "{name} {agent}{}{}{}",
+                "{name} {agent}{}{}{}{}",
                 opt("hooks-token", hooks_token),
                 opt("gateway-token", gateway_token),
+                opt("mesh-token", mesh_token),
                 if *check { "" } else { " --no-check" }
             ),
             Self::DeployRender { out, sync } => write!(f, "{name} --out {} --nats-sync-interval {sync}", out.display()),

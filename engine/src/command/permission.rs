@@ -112,6 +112,12 @@ pub enum Identity {
     },
     /// Whoever runs `mesh` in a terminal on the host.
     Terminal,
+    /// An agent of the registry, authenticated by its `mesh_token` (the HTTP
+    /// send API and the MCP tools).
+    Agent {
+        /// The agent's id.
+        id: String,
+    },
 }
 
 impl Identity {
@@ -122,6 +128,7 @@ impl Identity {
             Self::Slack { user } => format!("slack:{user}"),
             Self::Discord { user, .. } => format!("discord:{user}"),
             Self::Terminal => "terminal".to_owned(),
+            Self::Agent { id } => format!("agent:{id}"),
         }
     }
 
@@ -137,6 +144,7 @@ impl Identity {
                 .chain(roles.iter().map(|r| Principal::DiscordRole(r.clone())))
                 .collect(),
             Self::Terminal => Vec::new(),
+            Self::Agent { id } => vec![Principal::Agent(id.clone())],
         }
     }
 }
@@ -151,6 +159,8 @@ pub enum Principal {
     DiscordUser(String),
     /// A Discord guild role id.
     DiscordRole(String),
+    /// An agent id (`agent:nova`).
+    Agent(String),
 }
 
 impl fmt::Display for Principal {
@@ -159,6 +169,7 @@ impl fmt::Display for Principal {
             Self::SlackUser(id) => write!(f, "slack:{id}"),
             Self::DiscordUser(id) => write!(f, "discord:{id}"),
             Self::DiscordRole(id) => write!(f, "discord-role:{id}"),
+            Self::Agent(id) => write!(f, "agent:{id}"),
         }
     }
 }
@@ -178,12 +189,18 @@ impl FromStr for Principal {
             "discord" | "discord-role" => {
                 Err(bad("a Discord id is a number such as 123456789012345678 (developer mode, copy id)"))
             }
+            "agent" if mesh_protocol::AgentId::parse(id).is_ok() => Ok(Self::Agent(id.to_owned())),
+            "agent" => Err(bad("an agent is named by its registry id, such as agent:nova")),
             _ => Err(bad(PRINCIPAL_FORMS)),
         }
     }
 }
 
-const PRINCIPAL_FORMS: &str = "use slack:<user id>, discord:<user id> or discord-role:<role id>";
+const PRINCIPAL_FORMS: &str = "use slack:<user id>, discord:<user id>, discord-role:<role id> or agent:<agent id>";
+
+/// The role of agents with no grant of their own, unless the permissions file
+/// says otherwise (its `"agent"` key): agents send, broadcast and ask, nothing more.
+pub const DEFAULT_AGENT_ROLE: Role = Role::Operator;
 
 /// Why a permissions config is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,11 +237,18 @@ pub struct Permissions {
     grants: BTreeMap<Principal, Role>,
     default_role: Option<Role>,
     terminal_role: Role,
+    /// Agents with no grant of their own (`None`: only `help`).
+    agent_role: Option<Role>,
 }
 
 impl Default for Permissions {
     fn default() -> Self {
-        Self { grants: BTreeMap::new(), default_role: None, terminal_role: Role::Director }
+        Self {
+            grants: BTreeMap::new(),
+            default_role: None,
+            terminal_role: Role::Director,
+            agent_role: Some(DEFAULT_AGENT_ROLE),
+        }
     }
 }
 
@@ -253,12 +277,23 @@ impl Permissions {
         self
     }
 
+    /// Sets the role of agents with no grant of their own (`None`: only `help`).
+    pub fn with_agent_role(mut self, role: Option<Role>) -> Self {
+        self.agent_role = role;
+        self
+    }
+
     /// The highest role `who` holds, if any.
     pub fn role_of(&self, who: &Identity) -> Option<Role> {
         if matches!(who, Identity::Terminal) {
             return Some(self.terminal_role);
         }
-        who.principals().iter().filter_map(|p| self.grants.get(p).copied()).max().or(self.default_role)
+        let granted = who.principals().iter().filter_map(|p| self.grants.get(p).copied()).max();
+        // An agent's own grant wins (viewer included); the default for people is not an agent's.
+        match who {
+            Identity::Agent { .. } => granted.or(self.agent_role),
+            _ => granted.or(self.default_role),
+        }
     }
 
     /// Checks that `who` may run `command` while `pause` is in force, and
@@ -290,6 +325,9 @@ struct PermissionsFile {
     default: Option<Role>,
     #[serde(default)]
     terminal: Option<Role>,
+    /// The role of agents with no grant; `null` for none.
+    #[serde(default = "default_agent_role")]
+    agent: Option<Role>,
     #[serde(default)]
     viewer: Vec<String>,
     #[serde(default)]
@@ -303,7 +341,7 @@ struct PermissionsFile {
 impl TryFrom<PermissionsFile> for Permissions {
     type Error = PermissionsError;
     fn try_from(file: PermissionsFile) -> Result<Self, Self::Error> {
-        let mut out = Permissions::new().with_default_role(file.default);
+        let mut out = Permissions::new().with_default_role(file.default).with_agent_role(file.agent);
         if let Some(role) = file.terminal {
             out = out.with_terminal_role(role);
         }
@@ -319,6 +357,10 @@ impl TryFrom<PermissionsFile> for Permissions {
         }
         Ok(out)
     }
+}
+
+fn default_agent_role() -> Option<Role> {
+    Some(DEFAULT_AGENT_ROLE)
 }
 
 /// Why a person may not run a command.
@@ -500,6 +542,29 @@ mod tests {
             "boss".parse::<Role>().unwrap_err().to_string(),
             "unknown role \"boss\"; use viewer, operator, admin or director"
         );
+    }
+
+    #[test]
+    fn agents_get_their_grant_or_the_agent_role() {
+        let nova = Identity::Agent { id: "nova".into() };
+        let kaan = Identity::Agent { id: "kaan".into() };
+        assert_eq!(nova.key(), "agent:nova");
+        // No file: agents are operators, people have no role.
+        assert_eq!(Permissions::new().role_of(&nova), Some(Role::Operator));
+        let file: Permissions =
+            serde_json::from_str(r#"{"default": "director", "agent": "viewer", "admin": ["agent:nova"]}"#).unwrap();
+        assert_eq!(file.role_of(&nova), Some(Role::Admin));
+        // The default for people never reaches an agent.
+        assert_eq!(file.role_of(&kaan), Some(Role::Viewer));
+        let denied = file.check(&kaan, &parse("send nova hi").unwrap(), None).unwrap_err().to_string();
+        assert_eq!(denied, "\"send\" needs the operator role; you have viewer");
+        let none: Permissions = serde_json::from_str(r#"{"agent": null, "viewer": ["agent:kaan"]}"#).unwrap();
+        assert_eq!(none.role_of(&nova), None);
+        assert_eq!(none.role_of(&kaan), Some(Role::Viewer));
+        // A Slack user named like an agent is not that agent.
+        assert_eq!(file.role_of(&slack("NOVA")), Some(Role::Director));
+        let err = serde_json::from_str::<Permissions>(r#"{"admin": ["agent:No.va"]}"#).unwrap_err().to_string();
+        assert!(err.contains("agent:nova"), "{err}");
     }
 
     #[test]
