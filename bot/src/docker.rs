@@ -82,12 +82,6 @@ async fn bounded<T>(call: impl Future<Output = Result<T, BollardError>>) -> Resu
 }
 
 impl DockerControl {
-    /// Connects through `DOCKER_HOST` or the local socket and pings the engine.
-    pub async fn connect(project: &str) -> Result<Self, DockerError> {
-        let host = std::env::var(HOST_ENV).ok().filter(|h| !h.is_empty());
-        Self::connect_to(host.as_deref(), project).await
-    }
-
     /// Connects to `host` (`unix:///...`, `tcp://host:port`; the local socket
     /// when `None`) and pings the engine, waiting at most [`PING_TIMEOUT`].
     pub async fn connect_to(host: Option<&str>, project: &str) -> Result<Self, DockerError> {
@@ -306,8 +300,8 @@ pub fn own_container_id() -> Option<String> {
             if !std::path::Path::new("/.dockerenv").exists() {
                 return None;
             }
-            let hostname = std::env::var("HOSTNAME").ok().unwrap_or_else(|| read("/etc/hostname"));
-            short_id(hostname.trim())
+            // The engine writes the short id there (and into HOSTNAME) unless the service sets a hostname.
+            short_id(read("/etc/hostname").trim())
         },
     )
 }

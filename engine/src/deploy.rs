@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mesh_protocol::access::{self, Access};
+use mesh_protocol::registry::HostAllowList;
 use mesh_protocol::{Registry, SecretRef};
 
 /// Where the registry directory is mounted in the containers.
@@ -261,16 +262,25 @@ pub struct RenderReport {
 }
 
 /// Renders the deployment files from the registry at `registry_path` into `out`.
-pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> anyhow::Result<RenderReport> {
-    let registry = mesh_runtime::registry_file::load(registry_path)?;
+pub fn render_into(
+    registry_path: &Path,
+    allowed: &HostAllowList,
+    out: &Path,
+    sync: &SyncInterval,
+) -> anyhow::Result<RenderReport> {
+    let registry = mesh_runtime::registry_file::load(registry_path, allowed)?;
     let rendered = render(&registry, sync);
     let files = write(&rendered, out)?;
     Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
 }
 
 /// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
-pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) -> anyhow::Result<RenderReport> {
-    let report = render_into(registry_path, &up.out, &up.sync)?;
+pub async fn up(
+    registry_path: &Path,
+    allowed: &HostAllowList,
+    up: &crate::command::grammar::DeployUp,
+) -> anyhow::Result<RenderReport> {
+    let report = render_into(registry_path, allowed, &up.out, &up.sync)?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let config_dir = absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
     let mut command = tokio::process::Command::new("docker-compose");
@@ -279,13 +289,9 @@ pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) ->
         command.args(["--profile", p]);
     }
     command.args(["up", "-d", "--remove-orphans"]);
-    // The registry's directory and the rendered files, unless the environment says otherwise.
-    if std::env::var_os("MESH_CONFIG_DIR").is_none() {
-        command.env("MESH_CONFIG_DIR", config_dir);
-    }
-    if std::env::var_os("MESH_GENERATED_DIR").is_none() {
-        command.env("MESH_GENERATED_DIR", absolute(&up.out));
-    }
+    // The registry's directory and the rendered files, unless the terminal was told otherwise.
+    command.env("MESH_CONFIG_DIR", up.config_dir.clone().unwrap_or(config_dir));
+    command.env("MESH_GENERATED_DIR", up.generated_dir.clone().unwrap_or_else(|| absolute(&up.out)));
     let status = command.status().await.map_err(|e| {
         anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
     })?;

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_protocol::killswitch::{Mode, Scope};
-use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::layout::{ConsumerTuning, Replicas};
+use mesh_protocol::registry::HostAllowList;
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
 use time::OffsetDateTime;
@@ -148,6 +149,28 @@ pub struct EngineConfig {
     pub ask_timeout: Duration,
     /// How long `ping` and `status` wait for pongs.
     pub ping_timeout: Duration,
+    /// Stream replicas (`MESH_REPLICAS`, read once at start).
+    pub replicas: Replicas,
+    /// The hosts the registry's URLs may point at (`MESH_HOOKS_ALLOWED_HOSTS`,
+    /// read once at start; empty allows any).
+    pub allowed_hosts: HostAllowList,
+}
+
+impl EngineConfig {
+    /// The defaults for a registry and permissions: confirmation window of
+    /// [`crate::command::confirm::CONFIRM_WINDOW`] without the two-person rule,
+    /// `ask` waits 120 s, pings 2 s, auto replicas, any host.
+    pub fn new(registry_path: PathBuf, permissions: Permissions) -> Self {
+        Self {
+            registry_path,
+            permissions,
+            confirm: ConfirmConfig { window: crate::command::confirm::CONFIRM_WINDOW, two_person_nuclear: false },
+            ask_timeout: Duration::from_secs(120),
+            ping_timeout: Duration::from_secs(2),
+            replicas: Replicas::Auto,
+            allowed_hosts: HostAllowList::default(),
+        }
+    }
 }
 
 /// Why the engine could not start.
@@ -208,7 +231,7 @@ impl Engine {
         client: async_nats::Client,
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
-        let mesh = NatsMesh::open(client).await?;
+        let mesh = NatsMesh::open(client, config.replicas).await?;
         Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
     }
 
@@ -374,7 +397,8 @@ impl Engine {
     }
 
     fn registry(&self) -> Result<Registry, String> {
-        mesh_runtime::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
+        mesh_runtime::registry_file::load(&self.config.registry_path, &self.config.allowed_hosts)
+            .map_err(|e| e.to_string())
     }
 
     async fn execute(
@@ -645,7 +669,8 @@ impl Engine {
             }
             Command::AgentsList => {
                 let path = &self.config.registry_path;
-                let registry = mesh_runtime::registry_file::load(path).map_err(|e| e.to_string())?;
+                let registry =
+                    mesh_runtime::registry_file::load(path, &self.config.allowed_hosts).map_err(|e| e.to_string())?;
                 let rows = crate::agents::rows(&registry);
                 let table = rows
                     .iter()
@@ -671,7 +696,8 @@ impl Engine {
                 ))
             }
             command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
-                let changed = crate::agents::change(&self.config.registry_path, &command).map_err(|e| e.to_string())?;
+                let changed = crate::agents::change(&self.config.registry_path, &self.config.allowed_hosts, &command)
+                    .map_err(|e| e.to_string())?;
                 let kept = match &changed.backup {
                     Some(backup) => format!("previous version kept as {}", backup.display()),
                     None => "a new file".to_owned(),
@@ -696,15 +722,18 @@ impl Engine {
                 Ok(Executed::reply(reply))
             }
             Command::DeployRender { out, sync } => {
-                let report = crate::deploy::render_into(&self.config.registry_path, &out, &sync)
-                    .map_err(|e| format!("{e:#}"))?;
+                let report =
+                    crate::deploy::render_into(&self.config.registry_path, &self.config.allowed_hosts, &out, &sync)
+                        .map_err(|e| format!("{e:#}"))?;
                 Ok(Executed::reply(render_reply(
                     format!("rendered {} listener services into {}", report.listeners, out.display()),
                     &report,
                 )))
             }
             Command::DeployUp(up) => {
-                let report = crate::deploy::up(&self.config.registry_path, &up).await.map_err(|e| format!("{e:#}"))?;
+                let report = crate::deploy::up(&self.config.registry_path, &self.config.allowed_hosts, &up)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
                 let title = format!(
                     "mesh up as compose project {:?}: {} listeners; `mesh status` lists the containers",
                     up.project, report.listeners

@@ -264,6 +264,7 @@ fn setup_with(limits: LimitStore, two_person: bool) -> Setup {
         confirm: ConfirmConfig { two_person_nuclear: two_person, ..ConfirmConfig::default() },
         ask_timeout: Duration::from_secs(30),
         ping_timeout: Duration::from_millis(10),
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
     };
     let mesh = FakeMesh::default();
     let containers = Arc::new(FakeContainers::default());
@@ -452,6 +453,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
         confirm: ConfirmConfig::default(),
         ask_timeout: Duration::from_secs(1),
         ping_timeout: Duration::from_millis(10),
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
     };
     let engine = Engine::offline(config, "cannot reach NATS".into(), LimitStore::memory());
     let add = Command::AgentsAdd {

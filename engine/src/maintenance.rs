@@ -63,14 +63,14 @@ pub fn announcements(window: &Window, answered: usize, active: usize) -> (String
 /// Runs the window; `progress` sees each step as it happens.
 pub async fn run(
     client: &async_nats::Client,
+    replicas: mesh_protocol::layout::Replicas,
     registry: &Registry,
     window: &Window,
     mut progress: impl FnMut(&str),
 ) -> Result<Report, String> {
     let js = jetstream::new(client.clone());
-    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| e.to_string())?;
     mesh_runtime::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
-    let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
+    let switch = KillSwitch::open_with(&js, replicas).await.map_err(|e| e.to_string())?;
     let needed = CommandKind::KillSoft.spec().access.required(None);
     if window.role < needed {
         let have = window.role.map_or("no role", Role::as_str);

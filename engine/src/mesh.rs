@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use mesh_protocol::killswitch::{KillState, Mode, Scope};
-use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, Envelope, Registry};
 
@@ -126,15 +126,16 @@ pub struct NatsMesh {
     client: async_nats::Client,
     js: jetstream::Context,
     kill: KillSwitch,
+    replicas: Replicas,
 }
 
 impl NatsMesh {
-    /// Creates the streams and the kill switch bucket when missing.
-    pub async fn open(client: async_nats::Client) -> Result<Self, MeshError> {
+    /// Creates the streams and the kill switch bucket when missing, with `replicas`.
+    pub async fn open(client: async_nats::Client, replicas: Replicas) -> Result<Self, MeshError> {
         let js = jetstream::new(client.clone());
-        mesh_runtime::nats::ensure_streams(&js, mesh_runtime::nats::replicas_from_env()?).await?;
-        let kill = KillSwitch::open(&js).await?;
-        Ok(Self { client, js, kill })
+        mesh_runtime::nats::ensure_streams(&js, replicas).await?;
+        let kill = KillSwitch::open_with(&js, replicas).await?;
+        Ok(Self { client, js, kill, replicas })
     }
 }
 
@@ -242,12 +243,12 @@ impl Mesh for NatsMesh {
     }
 
     fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>> {
-        Box::pin(async move { Ok(crate::backup::restore(&self.js, registry, dir).await?) })
+        Box::pin(async move { Ok(crate::backup::restore(&self.js, self.replicas, registry, dir).await?) })
     }
 
     fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>> {
         Box::pin(async move {
-            crate::provision::ensure_mesh(&self.js, mesh_runtime::nats::replicas_from_env()?).await?;
+            crate::provision::ensure_mesh(&self.js, self.replicas).await?;
             for (id, tuning) in agents {
                 mesh_runtime::nats::ensure_consumer(&self.js, id, *tuning).await?;
             }
@@ -269,7 +270,9 @@ impl Mesh for NatsMesh {
         progress: Box<dyn FnMut(&str) + Send + 'a>,
     ) -> BoxFuture<'a, Result<Report, MeshError>> {
         Box::pin(async move {
-            crate::maintenance::run(&self.client, registry, window, progress).await.map_err(MeshError::Request)
+            crate::maintenance::run(&self.client, self.replicas, registry, window, progress)
+                .await
+                .map_err(MeshError::Request)
         })
     }
 }

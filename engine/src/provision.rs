@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
-use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
 use mesh_runtime::layout_check::LayoutError;
 use mesh_runtime::lookup;
@@ -79,6 +78,8 @@ pub struct FollowConfig {
     pub poll: Duration,
     /// Stream replicas.
     pub replicas: Replicas,
+    /// The hosts the registry's URLs may point at (empty: any).
+    pub allowed_hosts: mesh_protocol::registry::HostAllowList,
     /// Consumer tuning for every agent (`None`: each agent's from the registry).
     pub tuning: Option<ConsumerTuning>,
 }
@@ -96,7 +97,8 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
     let mut last_error = String::new();
     loop {
         let outcome = async {
-            let registry = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
+            let registry = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
+                .map_err(|e| e.to_string())?;
             let fresh = done.as_ref().is_some_and(|(r, at)| *r == registry && at.elapsed() < RECHECK_EVERY);
             if fresh {
                 return Ok(None);
@@ -130,21 +132,4 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
             () = tokio::time::sleep(config.poll) => {}
         }
     }
-}
-
-/// For the `mesh` commands that change what runs (`agents add`, `deploy up`):
-/// creates the streams, the bucket and the consumers of `agents` on the NATS
-/// at `nats_url` (each with its registry tuning); says what was created, or why nothing was.
-pub async fn after_change(nats_url: &str, agents: &[&Agent]) -> Result<String, NatsError> {
-    let client = nats::connect_now(nats_url, "mesh-cli").await?;
-    let js = jetstream::new(client);
-    ensure_mesh(&js, nats::replicas_from_env()?).await?;
-    for agent in agents {
-        ensure_agent(&js, &agent.id, agent.consumer_tuning()).await?;
-    }
-    let names = agents.iter().map(|a| format!("agent-{}", a.id)).collect::<Vec<_>>();
-    Ok(match names.as_slice() {
-        [] => "streams and kill switch bucket in place".to_owned(),
-        _ => format!("consumers in place ({}): messages sent from now on wait for the listener", names.join(", ")),
-    })
 }

@@ -47,6 +47,10 @@ pub struct ListenerConfig {
     /// timeout plus [`SHUTDOWN_MARGIN`], so a delivery started just before the
     /// stop can still finish and be acked (see [`ListenerConfig::shutdown_grace`]).
     pub shutdown_grace: Option<Duration>,
+    /// NATS credentials and inbox prefix (from the environment, read at start).
+    pub nats_auth: mesh_runtime::config::NatsAuth,
+    /// The hosts the registry's URLs may point at (`MESH_HOOKS_ALLOWED_HOSTS`; empty: any).
+    pub allowed_hosts: mesh_protocol::registry::HostAllowList,
 }
 
 /// Added to the request timeout for the default shutdown grace: time to ack
@@ -72,6 +76,8 @@ impl ListenerConfig {
             registry_poll: Duration::from_secs(2),
             http_addr: None,
             shutdown_grace: None,
+            nats_auth: mesh_runtime::config::NatsAuth::default(),
+            allowed_hosts: mesh_protocol::registry::HostAllowList::default(),
         }
     }
 

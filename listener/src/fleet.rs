@@ -63,14 +63,14 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
-    let registry = registry_file::load(&config.registry_path)?;
+    let registry = registry_file::load(&config.registry_path, &config.allowed_hosts)?;
     let selected = select(&registry, &config.selection)?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
     {
         anyhow::bail!("agent {:?} has tokens that do not resolve; see the error above", id.as_str());
     }
-    let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener").await?;
+    let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener", &config.nats_auth).await?;
     let js = async_nats::jetstream::new(client.clone());
     tokio::pin!(shutdown);
     // The bot creates the streams, the bucket and the consumers; a listener
@@ -158,7 +158,7 @@ pub async fn run_with(
                 world.refresh_pauses();
             }
             _ = poll.tick() => {
-                match registry_file::load(&config.registry_path) {
+                match registry_file::load(&config.registry_path, &config.allowed_hosts) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         registry_tx.send_replace(Arc::new(registry.clone()));

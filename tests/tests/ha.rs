@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mesh_listener::config::Selection;
-use mesh_listener::nats::{ensure_streams, replicas_from_env};
+use mesh_listener::nats::ensure_streams;
 use mesh_protocol::layout::{self, Replicas};
 use mesh_protocol::{AgentId, killswitch};
+use mesh_runtime::config::replicas_from_env;
 use mesh_tests::cluster::ClusterSpec;
 use mesh_tests::steady::{SteadyPublisher, Tally};
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestCluster, TestNats};
