@@ -75,7 +75,7 @@ impl Mesh for FakeMesh {
         let mut state = self.state();
         state.published.push(envelope.clone());
         state.asked = Some(tx);
-        let wait: ReplyWait = Box::pin(async move { rx.await.map_err(|_| "no answer".to_owned()) });
+        let wait: ReplyWait = Box::pin(async move { rx.await.map_err(|_| crate::mesh::ReplyError::Closed) });
         ready(Ok(wait))
     }
 
@@ -511,4 +511,28 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
     let resumed = s.engine.handle_command(Request::terminal(&resume, "cli:ops"), resume).await;
     assert_eq!(resumed.reply.title, "resumed the whole mesh");
     assert_eq!(*s.containers.calls.lock().unwrap(), ["stop", "start"]);
+}
+
+#[tokio::test]
+async fn a_failed_command_keeps_its_typed_cause_and_its_one_line_message() {
+    use std::error::Error as _;
+    let s = setup();
+    let request = slack("UDIR", "send nvoa hi");
+    let send = Command::Send { agent: id("nvoa"), text: "hi".into(), priority: mesh_protocol::Priority::Normal };
+    let Err(e) = s.engine.execute(&request, Some(crate::command::Role::Director), send).await else {
+        panic!("an unknown agent must fail")
+    };
+    assert!(matches!(e, CommandError::Send(publish::SendError::UnknownAgent { .. })), "{e:?}");
+    assert!(e.to_string().starts_with("unknown agent \"nvoa\""), "{e}");
+
+    // A registry that cannot be read: the I/O error stays reachable as the source.
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig::new(dir.path().to_owned(), permissions());
+    let engine = Engine::with_mesh(config, Ok(Arc::new(FakeMesh::default())), LimitStore::memory());
+    let Err(e) = engine.execute(&request, Some(crate::command::Role::Director), Command::Ping).await else {
+        panic!("a directory is no registry")
+    };
+    assert!(matches!(e, CommandError::Registry(_)), "{e:?}");
+    assert!(e.to_string().starts_with("cannot read registry"), "{e}");
+    assert!(e.source().is_some_and(|cause| cause.is::<std::io::Error>()), "the cause is kept: {e:?}");
 }

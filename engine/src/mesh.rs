@@ -36,13 +36,33 @@ pub enum MeshError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Nats(#[from] mesh_runtime::nats::NatsError),
-    /// A ping, an audit read or write, or a reply subscription failed.
-    #[error("{0}")]
-    Request(String),
+    #[error(transparent)]
+    Ping(#[from] crate::ping::PingError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Maintenance(#[from] crate::maintenance::MaintenanceError),
+    /// No subscription for an `ask`'s reply.
+    #[error("cannot wait for the reply: {0}")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    /// Any other failure (a fake mesh's, in tests), with its cause.
+    #[error(transparent)]
+    Request(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why an `ask`'s reply did not arrive as a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The subscription ended before a reply came.
+    #[error("the reply subscription closed")]
+    Closed,
+    /// The reply is not an envelope.
+    #[error("not a message: {0}")]
+    Decode(#[source] serde_json::Error),
 }
 
 /// The answer to an `ask`, once it arrives (the caller bounds the wait).
-pub type ReplyWait = BoxFuture<'static, Result<Envelope, String>>;
+pub type ReplyWait = BoxFuture<'static, Result<Envelope, ReplyError>>;
 
 /// The NATS server the engine talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,25 +171,21 @@ impl Mesh for NatsMesh {
         tuning: ConsumerTuning,
     ) -> BoxFuture<'a, Result<ReplyWait, MeshError>> {
         Box::pin(async move {
-            let mut replies = self
-                .client
-                .subscribe(reply.to_string())
-                .await
-                .map_err(|e| MeshError::Request(format!("cannot wait for the reply: {e}")))?;
+            let mut replies = self.client.subscribe(reply.to_string()).await.map_err(MeshError::Subscribe)?;
             if let mesh_protocol::Recipient::Agent(agent) = &envelope.to {
                 mesh_runtime::nats::ensure_consumer(&self.js, agent, tuning).await.map_err(SendError::from)?;
             }
             crate::publish::publish(&self.js, envelope).await?;
             let wait: ReplyWait = Box::pin(async move {
-                let message = replies.next().await.ok_or_else(|| "the reply subscription closed".to_owned())?;
-                serde_json::from_slice::<Envelope>(&message.payload).map_err(|e| format!("not a message: {e}"))
+                let message = replies.next().await.ok_or(ReplyError::Closed)?;
+                serde_json::from_slice::<Envelope>(&message.payload).map_err(ReplyError::Decode)
             });
             Ok(wait)
         })
     }
 
     fn ping<'a>(&'a self, registry: &'a Registry, timeout: Duration) -> BoxFuture<'a, Result<PingReport, MeshError>> {
-        Box::pin(async move { crate::ping::ping(&self.client, registry, timeout).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::ping::ping(&self.client, registry, timeout).await.map_err(MeshError::from) })
     }
 
     fn kill_get<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Result<Option<KillState>, MeshError>> {
@@ -226,11 +242,11 @@ impl Mesh for NatsMesh {
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move { crate::audit::append(&self.js, record).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::audit::append(&self.js, record).await.map_err(MeshError::from) })
     }
 
     fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>> {
-        Box::pin(async move { crate::audit::newest(&self.js, n).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::audit::newest(&self.js, n).await.map_err(MeshError::from) })
     }
 
     fn server(&self) -> ServerInfo {
@@ -272,7 +288,7 @@ impl Mesh for NatsMesh {
         Box::pin(async move {
             crate::maintenance::run(&self.client, self.replicas, registry, window, progress)
                 .await
-                .map_err(MeshError::Request)
+                .map_err(MeshError::from)
         })
     }
 }

@@ -305,7 +305,8 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
             |_| {},
         )
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("the whole mesh: HARD by slack:UDIR until a director resumes is in force"), "{err}");
         assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
     }
@@ -327,7 +328,7 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     let paused = steps.recv().await.unwrap();
     assert!(paused.starts_with("paused: the whole mesh: SOFT"), "{paused}");
     switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIR"), None).await.unwrap();
-    let err = run.await.unwrap().unwrap_err();
+    let err = run.await.unwrap().unwrap_err().to_string();
     assert!(err.starts_with("not resumed: the whole mesh: HARD by slack:UDIR"), "{err}");
     assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
 }
