@@ -13,10 +13,12 @@
 //!   its long run that samples a listener's memory.
 //! - [`redis`]: the redis-server under test.
 //! - [`docker`]: a tiny local image and labelled test containers.
+//! - [`bot`]: the `mesh bot` process under test (start, wait, logs, stop).
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
 
 pub mod bench;
+pub mod bot;
 pub mod cluster;
 pub mod docker;
 pub mod fixtures;

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +12,8 @@ use ed25519_dalek::SigningKey;
 use mesh_bot::discord::api::DiscordApi;
 use mesh_bot::discord::messages::{self, Answered};
 use mesh_bot::discord::verify::{public_key_hex, sign};
-use mesh_tests::fixtures::{mesh_bin, wait_until_settled};
+use mesh_tests::bot::BotProcess;
+use mesh_tests::fixtures::wait_until_settled;
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 use serde_json::{Value, json};
 use serenity::model::channel::Message;
@@ -37,8 +37,7 @@ fn permissions_file(fixture: &Fixture) -> std::path::PathBuf {
 }
 
 struct Bot {
-    child: tokio::process::Child,
-    output: tokio::task::JoinHandle<String>,
+    process: BotProcess,
     url: String,
     discord: RecordingGateway,
     key: SigningKey,
@@ -49,40 +48,18 @@ impl Bot {
     async fn start(nats: &TestNats, fixture: &Fixture, extra_env: &[(&str, &str)]) -> Self {
         let discord = RecordingGateway::start().await;
         let key = signing_key();
-        let port = mesh_bot::local_nats::free_port().unwrap();
-        let mut child = tokio::process::Command::new(mesh_bin())
-            .args(["bot", "--addr", &format!("127.0.0.1:{port}")])
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_PERMISSIONS", permissions_file(fixture))
-            .env("DISCORD_PUBLIC_KEY", public_key_hex(&key))
-            .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
-            .env("DISCORD_APPLICATION_ID", APP)
-            .env("DISCORD_API_URL", format!("http://{}{API}", discord.addr))
-            .env("DISCORD_GATEWAY", "off")
-            .env("MESH_LOG", "trace")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mesh bot");
-        // Drain the logs as they come: a full pipe would block the bot.
-        let mut stderr = child.stderr.take().expect("stderr");
-        let output = tokio::spawn(async move {
-            let mut logs = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs).await;
-            logs
-        });
-        mesh_listener::gateway::install_tls_provider();
-        let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http.get(format!("{url}/health/live")).send().await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, output, url, discord, key, http }
+        let env = [
+            ("MESH_PERMISSIONS", permissions_file(fixture).display().to_string()),
+            ("DISCORD_PUBLIC_KEY", public_key_hex(&key)),
+            ("DISCORD_BOT_TOKEN", BOT_TOKEN.to_owned()),
+            ("DISCORD_APPLICATION_ID", APP.to_owned()),
+            ("DISCORD_API_URL", format!("http://{}{API}", discord.addr)),
+            ("DISCORD_GATEWAY", "off".to_owned()),
+        ];
+        let extra = extra_env.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let process = BotProcess::start(&nats.url(), &fixture.registry, env.into_iter().chain(extra)).await;
+        let url = process.url.clone();
+        Self { process, url, discord, key, http: reqwest::Client::new() }
     }
 
     /// An application command interaction for `/mesh <line>`.
@@ -125,10 +102,8 @@ impl Bot {
         format!("{API}/webhooks/{APP}/{token}/messages/@original")
     }
 
-    async fn logs(mut self) -> String {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        self.output.await.expect("log reader")
+    async fn logs(self) -> String {
+        self.process.stop().await.1
     }
 }
 

@@ -4,11 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use mesh_bot::slack::verify::sign;
-use mesh_tests::fixtures::{mesh_bin, wait_until_settled};
+use mesh_tests::bot::BotProcess;
+use mesh_tests::fixtures::wait_until_settled;
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -17,8 +17,7 @@ const BOT_TOKEN: &str = "xoxb-test-bot-token-0123456789";
 const POST_MESSAGE: &str = "/api/chat.postMessage";
 
 struct Bot {
-    child: tokio::process::Child,
-    output: tokio::task::JoinHandle<String>,
+    process: BotProcess,
     url: String,
     slack: RecordingGateway,
     http: reqwest::Client,
@@ -42,40 +41,17 @@ impl Bot {
             serde_json::json!({"operator": ["slack:UOPS"], "admin": ["slack:UADMIN"]}).to_string(),
         )
         .unwrap();
-        let port = mesh_bot::local_nats::free_port().unwrap();
-        let child = tokio::process::Command::new(mesh_bin())
-            .args(["bot", "--addr", &format!("127.0.0.1:{port}")])
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_PERMISSIONS", &permissions)
-            .env("SLACK_SIGNING_SECRET", SECRET)
-            .env("SLACK_BOT_TOKEN", BOT_TOKEN)
-            .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-            .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-            .env("MESH_LOG", "trace")
-            .envs(extra_env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mesh bot");
-        let mut child = child;
-        // Drain the logs as they come: a full pipe would block the bot.
-        let mut stderr = child.stderr.take().expect("stderr");
-        let output = tokio::spawn(async move {
-            let mut logs = String::new();
-            let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut logs).await;
-            logs
-        });
-        mesh_listener::gateway::install_tls_provider();
-        let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http.get(format!("{url}/health/live")).send().await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { child, output, url, slack, http }
+        let env = [
+            ("MESH_PERMISSIONS", permissions.display().to_string()),
+            ("SLACK_SIGNING_SECRET", SECRET.to_owned()),
+            ("SLACK_BOT_TOKEN", BOT_TOKEN.to_owned()),
+            ("SLACK_API_URL", format!("http://{}/api", slack.addr)),
+            ("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr)),
+        ];
+        let extra = extra_env.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let process = BotProcess::start(&nats.url(), &fixture.registry, env.into_iter().chain(extra)).await;
+        let url = process.url.clone();
+        Self { process, url, slack, http: reqwest::Client::new() }
     }
 
     fn form(&self, user: &str, text: &str, n: u32) -> String {
@@ -118,10 +94,8 @@ impl Bot {
         self.post(&self.form(user, text, n), now(), SECRET).await
     }
 
-    async fn logs(mut self) -> String {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
-        self.output.await.expect("log reader")
+    async fn logs(self) -> String {
+        self.process.stop().await.1
     }
 }
 
