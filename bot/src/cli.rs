@@ -300,7 +300,20 @@ pub enum KillGrade {
 
 /// The whole `mesh` program.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // Under --json an argument error is the same error object as every other error.
+        Err(e) if e.use_stderr() && wants_json(std::env::args_os()) => {
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim_end).filter(|l| !l.is_empty());
+            let title = lines.next().unwrap_or("invalid arguments");
+            let reply = crate::command::Reply::error(title.strip_prefix("error: ").unwrap_or(title).to_owned())
+                .with_lines(None, lines.map(str::to_owned));
+            print_json_error(&reply);
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+        Err(e) => e.exit(),
+    };
     match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => {
@@ -311,12 +324,30 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
+    let json = args.json;
     match execute(args).await {
         Ok(code) => code,
+        Err(e) if json => {
+            print_json_error(&crate::command::Reply::error(format!("{e:#}")));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// True when `--json` is among the options (not in the text after `--`).
+fn wants_json(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    args.into_iter().skip(1).take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// An error raised before or around the engine, as the `--json` error object on stdout.
+fn print_json_error(reply: &crate::command::Reply) {
+    match serde_json::to_string(reply) {
+        Ok(line) => println!("{line}"),
+        Err(_) => eprintln!("error: {}", reply.title),
     }
 }
 
