@@ -261,13 +261,38 @@ pub struct RenderReport {
     pub out: PathBuf,
 }
 
+/// Why `deploy render` or `deploy up` failed (each keeps its cause).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The registry cannot be loaded.
+    #[error(transparent)]
+    Registry(#[from] mesh_runtime::registry_file::RegistryFileError),
+    /// A rendered file cannot be written.
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
+    /// docker-compose cannot be started.
+    #[error("cannot run docker-compose: {0}; install it (Debian: apt-get install docker-compose)")]
+    Compose(#[source] std::io::Error),
+    /// docker-compose ran and failed.
+    #[error(
+        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
+        env_example.display()
+    )]
+    Failed {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The list of variables the deployment needs.
+        env_example: PathBuf,
+    },
+}
+
 /// Renders the deployment files from the registry at `registry_path` into `out`.
 pub fn render_into(
     registry_path: &Path,
     allowed: &HostAllowList,
     out: &Path,
     sync: &SyncInterval,
-) -> anyhow::Result<RenderReport> {
+) -> Result<RenderReport, DeployError> {
     let registry = mesh_runtime::registry_file::load(registry_path, allowed)?;
     let rendered = render(&registry, sync);
     let files = write(&rendered, out)?;
@@ -279,7 +304,7 @@ pub async fn up(
     registry_path: &Path,
     allowed: &HostAllowList,
     up: &crate::command::grammar::DeployUp,
-) -> anyhow::Result<RenderReport> {
+) -> Result<RenderReport, DeployError> {
     let report = render_into(registry_path, allowed, &up.out, &up.sync)?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let config_dir = absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
@@ -292,14 +317,10 @@ pub async fn up(
     // The registry's directory and the rendered files, unless the terminal was told otherwise.
     command.env("MESH_CONFIG_DIR", up.config_dir.clone().unwrap_or(config_dir));
     command.env("MESH_GENERATED_DIR", up.generated_dir.clone().unwrap_or_else(|| absolute(&up.out)));
-    let status = command.status().await.map_err(|e| {
-        anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
-    })?;
-    anyhow::ensure!(
-        status.success(),
-        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
-        up.out.join(ENV_EXAMPLE).display()
-    );
+    let status = command.status().await.map_err(DeployError::Compose)?;
+    if !status.success() {
+        return Err(DeployError::Failed { status, env_example: up.out.join(ENV_EXAMPLE) });
+    }
     Ok(report)
 }
 
@@ -355,5 +376,19 @@ mod tests {
             assert!(bad.parse::<SyncInterval>().is_err(), "{bad:?} must be refused");
         }
         assert_eq!("150ms".parse::<SyncInterval>().unwrap().to_string(), "150ms");
+    }
+
+    #[test]
+    fn render_errors_are_typed_and_keep_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("tokens.json");
+        let e = render_into(&missing, &HostAllowList::default(), dir.path(), &SyncInterval::Always).unwrap_err();
+        assert!(matches!(e, DeployError::Registry(_)), "{e:?}");
+        assert!(e.to_string().starts_with("registry ") && e.to_string().contains("not found"), "{e}");
+        std::fs::write(&missing, REG).unwrap();
+        let blocked = dir.path().join("a-file");
+        std::fs::write(&blocked, "").unwrap();
+        let e = render_into(&missing, &HostAllowList::default(), &blocked, &SyncInterval::Always).unwrap_err();
+        assert!(matches!(e, DeployError::Write(_)), "{e:?}");
     }
 }

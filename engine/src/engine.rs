@@ -199,9 +199,8 @@ pub enum CommandError {
     Docker(#[from] DockerError),
     #[error(transparent)]
     Agents(#[from] crate::agents::AgentsError),
-    /// Rendering or starting the deployment failed (the whole chain, on one line).
-    #[error("{0:#}")]
-    Deploy(#[from] anyhow::Error),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
     /// `ask` of an agent that does not reply.
     #[error("ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)")]
     NotChat {
