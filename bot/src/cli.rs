@@ -193,7 +193,7 @@ pub enum DlqAction {
 pub enum AgentsAction {
     /// List the registry's agents (from the file; no NATS needed). Tokens show as references.
     List,
-    /// Register an agent (creating the registry file when there is none). Tokens are references: env:NAME or file:/absolute/path.
+    /// Register an agent (creating the registry file when there is none). Tokens are references: env:MESH_TOKEN_<NAME> or file:<registry dir>/secrets/<file> (or /run/secrets/<file>).
     Add {
         /// The new agent's id.
         id: String,
@@ -224,6 +224,9 @@ pub enum AgentsAction {
         /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
         #[arg(long)]
         concurrency: Option<u16>,
+        /// Let a chat agent's gateway token travel over plain HTTP to a host that is not loopback (a private network you trust); otherwise use --gateway https://host:port.
+        #[arg(long)]
+        allow_plaintext: bool,
         /// Do not check that the references resolve here (they only resolve inside the containers).
         #[arg(long)]
         no_check: bool,
@@ -478,6 +481,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     name,
                     inactive,
                     concurrency,
+                    allow_plaintext,
                     no_check,
                 }),
         } => {
@@ -492,6 +496,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 name,
                 inactive,
                 concurrency,
+                allow_plaintext,
             };
             C::AgentsAdd { agent, check: !no_check }
         }

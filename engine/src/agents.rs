@@ -94,6 +94,9 @@ pub fn plan_add(
     if let Some(concurrency) = spec.concurrency {
         entry["concurrency"] = concurrency.into();
     }
+    if spec.allow_plaintext {
+        entry["allow_plaintext"] = true.into();
+    }
     let single = serde_json::json!({ id.as_str(): entry }).to_string();
     let parsed = Registry::parse(&single)?;
     let agent = parsed.get(&id).cloned().ok_or_else(|| AgentsError::Exists(spec.id.clone()))?;
@@ -338,13 +341,16 @@ pub struct HostResolver {
 
 impl SecretResolver for HostResolver {
     fn env_var(&self, name: &str) -> Option<String> {
-        mesh_runtime::secrets::OsSecrets.env_var(name)
+        mesh_runtime::secrets::OsSecrets::for_registry(&self.registry_dir.join("tokens.json")).env_var(name)
     }
 
     fn read_file(&self, path: &Path) -> std::io::Result<String> {
+        // The listener reads token files only from its secrets directories
+        // (`secrets/` beside the registry, `/run/secrets`): check the same here.
+        let dirs = mesh_runtime::secrets::secrets_dirs(&self.registry_dir.join("tokens.json"));
         match path.strip_prefix(crate::deploy::CONFIG_DIR_IN_CONTAINER) {
-            Ok(rest) => std::fs::read_to_string(self.registry_dir.join(rest)),
-            Err(_) => std::fs::read_to_string(path),
+            Ok(rest) => mesh_runtime::secrets::read_confined(&self.registry_dir.join(rest), &dirs),
+            Err(_) => mesh_runtime::secrets::read_confined(path, &dirs),
         }
     }
 }
@@ -355,11 +361,17 @@ mod tests {
     use super::*;
     use mesh_protocol::secret::MapResolver;
 
-    const REG: &str = r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "hooks_url": "http://nova:7002/hooks/wake"}}"#;
+    const REG: &str =
+        r#"{"nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "hooks_url": "http://nova:7002/hooks/wake"}}"#;
 
     fn resolver() -> MapResolver {
         let mut r = MapResolver::default();
-        for (k, v) in [("NOVA_HOOK", "n1"), ("NOVA_HOOK_2", "n2"), ("KAAN_HOOK", "k1"), ("SAME", "n1")] {
+        for (k, v) in [
+            ("MESH_TOKEN_NOVA_HOOK", "n1"),
+            ("MESH_TOKEN_NOVA_HOOK_2", "n2"),
+            ("MESH_TOKEN_KAAN_HOOK", "k1"),
+            ("MESH_TOKEN_SAME", "n1"),
+        ] {
             r.env.insert(k.into(), v.into());
         }
         r
@@ -378,20 +390,26 @@ mod tests {
     fn add_validates_before_changing_anything() {
         let reg = Registry::parse(REG).unwrap();
         let r = resolver();
-        let next = plan_add(&reg, &spec("kaan", "env:KAAN_HOOK"), Some(&r)).unwrap();
+        let next = plan_add(&reg, &spec("kaan", "env:MESH_TOKEN_KAAN_HOOK"), Some(&r)).unwrap();
         assert_eq!(next.len(), 2);
-        let busy = AddSpec { concurrency: Some(8), ..spec("kaan", "env:KAAN_HOOK") };
+        let busy = AddSpec { concurrency: Some(8), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
         let next = plan_add(&reg, &busy, Some(&r)).unwrap();
         assert_eq!(next.get(&"kaan".parse().unwrap()).unwrap().concurrency, 8);
-        let too_many = AddSpec { concurrency: Some(2000), ..spec("kaan", "env:KAAN_HOOK") };
+        let too_many = AddSpec { concurrency: Some(2000), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
         assert!(plan_add(&reg, &too_many, Some(&r)).unwrap_err().to_string().contains("concurrency"));
         let cases: [(AddSpec, &str); 6] = [
-            (spec("nova", "env:KAAN_HOOK"), "already registered"),
-            (spec("Bad.Id", "env:KAAN_HOOK"), "an agent id is"),
+            (spec("nova", "env:MESH_TOKEN_KAAN_HOOK"), "already registered"),
+            (spec("Bad.Id", "env:MESH_TOKEN_KAAN_HOOK"), "an agent id is"),
             (spec("kaan", "plain-secret"), "must be a reference"),
-            (spec("kaan", "env:MISSING"), "MISSING is not set"),
-            (AddSpec { hooks_url: "http://k/h?token=x".into(), ..spec("kaan", "env:KAAN_HOOK") }, "query string"),
-            (AddSpec { delivery: Some("chat".into()), ..spec("kaan", "env:KAAN_HOOK") }, "needs gateway_token"),
+            (spec("kaan", "env:MESH_TOKEN_MISSING"), "MISSING is not set"),
+            (
+                AddSpec { hooks_url: "http://k/h?token=x".into(), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") },
+                "query string",
+            ),
+            (
+                AddSpec { delivery: Some("chat".into()), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") },
+                "needs gateway_token",
+            ),
         ];
         for (spec, want) in cases {
             let err = plan_add(&reg, &spec, Some(&r)).unwrap_err().to_string();
@@ -399,7 +417,7 @@ mod tests {
             assert!(!err.contains("plain-secret"), "{err}");
         }
         // Without a resolver, an unresolvable reference is accepted (--no-check).
-        assert!(plan_add(&reg, &spec("kaan", "env:MISSING"), None).is_ok());
+        assert!(plan_add(&reg, &spec("kaan", "env:MESH_TOKEN_MISSING"), None).is_ok());
     }
 
     #[test]
@@ -416,14 +434,14 @@ mod tests {
     fn rotate_needs_a_new_reference_and_a_new_value() {
         let reg = Registry::parse(REG).unwrap();
         let r = resolver();
-        let next = plan_rotate(&reg, "nova", TokenField::Hooks, "env:NOVA_HOOK_2", Some(&r)).unwrap();
+        let next = plan_rotate(&reg, "nova", TokenField::Hooks, "env:MESH_TOKEN_NOVA_HOOK_2", Some(&r)).unwrap();
         let nova = next.get(&"nova".parse().unwrap()).unwrap();
-        assert_eq!(nova.hooks_token.to_string(), "env:NOVA_HOOK_2");
+        assert_eq!(nova.hooks_token.to_string(), "env:MESH_TOKEN_NOVA_HOOK_2");
         let err = |to: &str| plan_rotate(&reg, "nova", TokenField::Hooks, to, Some(&r)).unwrap_err().to_string();
-        assert!(err("env:NOVA_HOOK").contains("is the current one"));
-        assert!(err("env:SAME").contains("same value"));
+        assert!(err("env:MESH_TOKEN_NOVA_HOOK").contains("is the current one"));
+        assert!(err("env:MESH_TOKEN_SAME").contains("same value"));
         assert!(err("n2-literal").contains("must be a reference"));
-        assert!(err("env:NOPE").contains("NOPE is not set"));
+        assert!(err("env:MESH_TOKEN_NOPE").contains("NOPE is not set"));
     }
 
     #[test]
@@ -438,6 +456,10 @@ mod tests {
         assert_eq!(r.resolve(&host).unwrap().expose(), "n-two");
         assert!(plan_rotate(&reg, "nova", TokenField::Hooks, "file:/etc/mesh/secrets/nova-2", Some(&host)).is_ok());
         assert!(SecretRef::parse("file:/etc/mesh/secrets/none").unwrap().resolve(&host).is_err());
+        // Outside the secrets directory (the registry itself, say): refused, with the reason.
+        std::fs::write(dir.path().join("tokens.json"), "{}").unwrap();
+        let e = SecretRef::parse("file:/etc/mesh/tokens.json").unwrap().resolve(&host).unwrap_err();
+        assert!(e.to_string().contains("outside the secrets directories"), "{e}");
     }
 
     #[test]

@@ -90,11 +90,17 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
                     variables.insert(name.clone());
                     env.push((name.clone(), required(name)));
                 }
-                SecretRef::File(path) if !path.starts_with(CONFIG_DIR_IN_CONTAINER) => warnings.push(format!(
-                    "agent {}: token file {} is outside {CONFIG_DIR_IN_CONTAINER}, the directory mounted into the listener; move it under the registry's directory",
-                    agent.id,
-                    path.display()
-                )),
+                SecretRef::File(path)
+                    if !path.starts_with(format!("{CONFIG_DIR_IN_CONTAINER}/secrets"))
+                        && !path.starts_with(mesh_runtime::secrets::RUN_SECRETS) =>
+                {
+                    warnings.push(format!(
+                        "agent {}: token file {} is outside {CONFIG_DIR_IN_CONTAINER}/secrets (the secrets directory beside the registry, mounted into the listener) and {}: the listener will refuse it; move it there",
+                        agent.id,
+                        path.display(),
+                        mesh_runtime::secrets::RUN_SECRETS
+                    ))
+                }
                 SecretRef::File(_) => {}
                 SecretRef::Literal(_) => warnings.push(format!(
                     "agent {}: a literal token in the registry; prefer env:NAME or file:{CONFIG_DIR_IN_CONTAINER}/...",
@@ -330,9 +336,9 @@ mod tests {
     use super::*;
 
     const REG: &str = r#"{
-      "nova": {"hooks_token": "env:NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"},
-      "ada": {"hooks_token": "file:/etc/mesh/secrets/ada", "gateway_token": "env:ADA_GW", "model": "m",
-              "delivery": "chat", "hooks_url": "http://ada-gw:7002/hooks/wake"},
+      "nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"},
+      "ada": {"hooks_token": "file:/etc/mesh/secrets/ada", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m",
+              "delivery": "chat", "hooks_url": "http://ada-gw:7002/hooks/wake", "allow_plaintext": true},
       "old": {"hooks_token": "literal-old-secret", "hooks_url": "http://old:1/hooks/wake", "status": "inactive"},
       "lit": {"hooks_token": "literal-secret-value", "hooks_url": "http://lit:1/hooks/wake"}
     }"#;
@@ -345,13 +351,15 @@ mod tests {
         }
         assert!(rendered.compose.contains("  listener-nova:\n") && rendered.compose.contains("  listener-ada:\n"));
         assert!(!rendered.compose.contains("listener-old"), "inactive agents get no listener");
-        assert!(rendered.compose.contains("NOVA_HOOK: \"${NOVA_HOOK:?"));
+        assert!(rendered.compose.contains("MESH_TOKEN_NOVA_HOOK: \"${MESH_TOKEN_NOVA_HOOK:?"));
         assert!(rendered.compose.contains("mesh.agent: nova"));
         assert!(rendered.compose.contains("    stop_grace_period: 50s\n"), "listeners outlive their shutdown grace");
         assert!(rendered.compose.contains("        max-size: \"10m\"\n"), "listener logs rotate");
         assert!(rendered.nats_conf.contains("password: $LISTENER_NOVA_NATS_PASSWORD"));
         assert!(rendered.nats_conf.contains("password: $MESH_BOT_NATS_PASSWORD"));
-        assert!(rendered.variables.contains("ADA_GW") && rendered.variables.contains("MESH_ADMIN_NATS_PASSWORD"));
+        assert!(
+            rendered.variables.contains("MESH_TOKEN_ADA_GW") && rendered.variables.contains("MESH_ADMIN_NATS_PASSWORD")
+        );
         assert_eq!(rendered.warnings.len(), 1, "{:?}", rendered.warnings);
         assert!(rendered.warnings[0].contains("literal token"));
         let targets: serde_json::Value = serde_json::from_str(&rendered.prometheus_targets).unwrap();

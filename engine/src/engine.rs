@@ -359,7 +359,7 @@ impl Engine {
             Err(refused) => return refused,
         };
         if command.needs_confirmation() {
-            let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
+            let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
             return Handled { confirmation_code: Some(challenge.code), audit_error, ..Handled::reply(reply) };
@@ -722,20 +722,39 @@ impl Engine {
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 let mut reply = Reply::ok(title).with_data(&changed);
-                if let Command::AgentsAdd { agent, .. } = &command
-                    && !agent.inactive
-                    && let Ok(id) = AgentId::parse(&agent.id)
-                {
-                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
-                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                // A new registration starts afresh: a consumer left over from an
+                // earlier agent of the same id (its backlog, old broadcasts) goes,
+                // and so does the consumer of a removed or inactive agent.
+                let (retire, create) = match &command {
+                    Command::AgentsAdd { agent, .. } => (AgentId::parse(&agent.id).ok(), !agent.inactive),
+                    Command::AgentsRemove { agent, .. } => (AgentId::parse(agent).ok(), false),
+                    _ => (None, false),
+                };
+                if let Some(id) = retire {
+                    let retired = match self.mesh() {
+                        Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    let line = match retired {
                         Ok(done) => done,
                         Err(e) => format!(
-                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
-                             when it runs, and the listener waits for it until then"
+                            "warning: consumer agent-{id} not deleted ({e}); the bot (`mesh bot`) deletes it when it \
+                             sees the change, else a re-added {id} gets what it held"
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
+                    if create {
+                        // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                        let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                        let line = match self.provision(&[(id.clone(), tuning)]).await {
+                            Ok(done) => done,
+                            Err(e) => format!(
+                                "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                                 when it runs, and the listener waits for it until then"
+                            ),
+                        };
+                        reply = reply.with_lines(None, [line]);
+                    }
                 }
                 Ok(Executed::reply(reply))
             }
@@ -919,3 +938,11 @@ fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+/// 64 bits from the operating system's generator (through `uuid`'s v4, which
+/// uses `getrandom`): confirmation codes must not be guessable from earlier ones.
+fn os_random_u64() -> u64 {
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    // v4 fixes 4 version bits in `high` and 2 variant bits in `low`.
+    high.rotate_left(17) ^ low
+}

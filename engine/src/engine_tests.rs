@@ -172,6 +172,10 @@ impl Mesh for FakeMesh {
         ready(Ok(format!("consumers in place ({} agents)", agents.len())))
     }
 
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        ready(Ok(format!("consumers deleted ({} agents)", agents.len())))
+    }
+
     fn maintenance<'a>(
         &'a self,
         _registry: &'a Registry,
@@ -231,9 +235,9 @@ impl Containers for FakeContainers {
 }
 
 const REGISTRY: &str = r#"{
-  "nova": {"hooks_token": "env:NOVA", "hooks_url": "http://nova:7002/hooks/wake"},
-  "ada": {"hooks_token": "env:ADA", "gateway_token": "env:ADA_GW", "model": "m", "delivery": "chat",
-          "hooks_url": "http://ada:7002/hooks/wake"}
+  "nova": {"hooks_token": "env:MESH_TOKEN_NOVA", "hooks_url": "http://nova:7002/hooks/wake"},
+  "ada": {"hooks_token": "env:MESH_TOKEN_ADA", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m", "delivery": "chat",
+          "hooks_url": "http://ada:7002/hooks/wake", "allow_plaintext": true}
 }"#;
 
 /// An engine on a fake mesh, with its clock, containers and registry file.
@@ -460,7 +464,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
         agent: crate::command::grammar::NewAgent {
             id: "nova".into(),
             hooks_url: "http://nova:7002/hooks/wake".into(),
-            hooks_token: "env:NOVA_HOOK".into(),
+            hooks_token: "env:MESH_TOKEN_NOVA_HOOK".into(),
             ..Default::default()
         },
         check: false,

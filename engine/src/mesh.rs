@@ -131,6 +131,9 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     /// Creates the streams, the kill switch bucket and the consumers of
     /// `agents` (listeners may not); says what is in place.
     fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>>;
+    /// Deletes the consumers of `agents` (removed, made inactive, or about to
+    /// be registered afresh); says what each still held.
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>>;
     /// Runs a maintenance window; `progress` sees each step.
     fn maintenance<'a>(
         &'a self,
@@ -277,6 +280,10 @@ impl Mesh for NatsMesh {
                 ),
             })
         })
+    }
+
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        Box::pin(async move { Ok(crate::provision::retire(&self.js, agents).await?) })
     }
 
     fn maintenance<'a>(

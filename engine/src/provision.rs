@@ -4,12 +4,20 @@
 //! it) from the moment it is registered. The bot does it at start and on every
 //! registry change; `mesh agents add` and `mesh deploy up` do it when NATS is
 //! reachable; senders create their target's consumer before publishing.
+//!
+//! An agent's consumer lives as long as the agent is registered and active:
+//! `mesh agents remove` (with `--keep` too) deletes it, `mesh agents add`
+//! deletes one left over from an earlier agent of the same id before creating
+//! it, and the bot deletes the consumer of an agent it sees removed or made
+//! inactive in the registry. So a re-activated or re-used id receives nothing
+//! sent before its (re)activation: no old broadcasts, no earlier backlog.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
+use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
 use mesh_runtime::layout_check::LayoutError;
 use mesh_runtime::lookup;
@@ -50,6 +58,31 @@ async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTun
     nats::bind_consumer(js, id, tuning).await?;
     info!(agent = %id, max_ack_pending = tuning.max_ack_pending, ack_wait_s = tuning.ack_wait.as_secs(), "consumer tuning set");
     Ok(())
+}
+
+/// Deletes the consumers of `agents` (removed or made inactive), saying what
+/// each still held; an agent without one is skipped.
+pub async fn retire(js: &jetstream::Context, agents: &[AgentId]) -> Result<String, NatsError> {
+    let mut done = Vec::new();
+    for id in agents {
+        match nats::delete_consumer(js, id).await? {
+            Some(held) => {
+                if held > 0 {
+                    warn!(agent = %id, dropped = held, "consumer deleted with messages it had not delivered; they stay in the stream until they age out, undelivered");
+                } else {
+                    info!(agent = %id, "consumer deleted");
+                }
+                done.push(format!("agent-{id} ({held} undelivered messages dropped)"));
+            }
+            None => done.push(format!("agent-{id} (there was none)")),
+        }
+    }
+    Ok(format!("consumers deleted: {}; a re-added agent starts with messages sent after it", done.join(", ")))
+}
+
+/// The active agents of `before` that `after` no longer has active.
+fn retired(before: &Registry, after: &Registry) -> Vec<AgentId> {
+    before.active().filter(|a| !after.get(&a.id).is_some_and(Agent::is_active)).map(|a| a.id.clone()).collect()
 }
 
 /// Checks what exists against the layout, as every listener does: the
@@ -104,6 +137,17 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 return Ok(None);
             }
             ensure_mesh(&js, config.replicas).await.map_err(|e| e.to_string())?;
+            if let Some((before, _)) = &done {
+                let gone = retired(before, &registry);
+                // Read once more right before deleting: an agent added back
+                // meanwhile (`mesh agents add` recreates its consumer) keeps it.
+                let now = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
+                    .map_err(|e| e.to_string())?;
+                let gone: Vec<_> = gone.into_iter().filter(|id| !now.get(id).is_some_and(Agent::is_active)).collect();
+                if !gone.is_empty() {
+                    retire(&js, &gone).await.map_err(|e| e.to_string())?;
+                }
+            }
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(Some((registry, n)))
         };
@@ -131,5 +175,31 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
             () = &mut stop => return,
             () = tokio::time::sleep(config.poll) => {}
         }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(json: &str) -> Registry {
+        Registry::parse(json).unwrap()
+    }
+
+    #[test]
+    fn an_agent_removed_or_made_inactive_is_retired_and_no_other() {
+        let before = registry(
+            r#"{"nova": {"hooks_token": "a", "hooks_url": "http://h/"},
+                "kaan": {"hooks_token": "b", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/"},
+                "old": {"hooks_token": "d", "hooks_url": "http://h/", "status": "inactive"}}"#,
+        );
+        let after = registry(
+            r#"{"nova": {"hooks_token": "a2", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/", "status": "inactive"},
+                "new": {"hooks_token": "e", "hooks_url": "http://h/"}}"#,
+        );
+        let ids: Vec<String> = retired(&before, &after).iter().map(ToString::to_string).collect();
+        assert_eq!(ids, ["kaan", "zed"], "removed and made inactive; a rotated token or a new agent is no retirement");
+        assert!(retired(&after, &after).is_empty());
     }
 }

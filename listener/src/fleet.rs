@@ -64,7 +64,7 @@ pub async fn run_with(
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
     let registry = registry_file::load(&config.registry_path, &config.allowed_hosts)?;
-    let selected = select(&registry, &config.selection)?;
+    let selected = select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path))?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
     {
@@ -96,6 +96,8 @@ pub async fn run_with(
         confirm_acks: config.concurrency <= 1,
         connects,
         registry: registry_rx,
+        registry_path: config.registry_path.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
     });
     let kill_keys = crate::killswitch::keys_of(selected.keys());
     let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
@@ -129,7 +131,7 @@ pub async fn run_with(
         kill_keys: kill_keys_tx,
     };
     world.apply(&selected);
-    info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
+    info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
     on_start(Control { pause: pause_tx, fleet });
 
     let mut last_registry = registry;
@@ -162,7 +164,7 @@ pub async fn run_with(
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         registry_tx.send_replace(Arc::new(registry.clone()));
-                        match select(&registry, &config.selection) {
+                        match select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path)) {
                             Ok(selected) => world.apply(&selected),
                             // One agent, now removed or inactive: stop pulling for it.
                             Err(e) if matches!(config.selection, Selection::One(_)) => {
@@ -238,7 +240,11 @@ async fn sleep_until_deadline(deadline: Option<time::OffsetDateTime>) {
 
 /// The agents to serve, with tokens resolved. Agents whose tokens do not
 /// resolve are reported and skipped (the rest of the fleet keeps running).
-fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
+fn select(
+    registry: &Registry,
+    selection: &Selection,
+    secrets: &OsSecrets,
+) -> anyhow::Result<BTreeMap<AgentId, AgentEntry>> {
     let agents: Vec<_> = match selection {
         Selection::All => registry.active().collect(),
         Selection::One(id) => {
@@ -255,7 +261,7 @@ fn select(registry: &Registry, selection: &Selection) -> anyhow::Result<BTreeMap
     };
     let mut out = BTreeMap::new();
     for agent in agents {
-        match agent.resolve_tokens(&OsSecrets) {
+        match agent.resolve_tokens(secrets) {
             Ok(tokens) => {
                 out.insert(agent.id.clone(), AgentEntry { agent: agent.clone(), tokens });
             }

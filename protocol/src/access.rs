@@ -167,7 +167,7 @@ mod tests {
 
     fn agent(delivery: &str) -> Agent {
         let json = format!(
-            r#"{{"nova": {{"hooks_token": "env:A", "gateway_token": "env:B", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "{delivery}"}}}}"#
+            r#"{{"nova": {{"hooks_token": "env:MESH_TOKEN_A", "gateway_token": "env:MESH_TOKEN_B", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "{delivery}", "allow_plaintext": true}}}}"#
         );
         Registry::parse(&json).unwrap().agents().next().unwrap().clone()
     }

@@ -52,7 +52,8 @@ pub struct Agent {
     /// The agent's id (the registry key).
     #[serde(skip)]
     pub id: AgentId,
-    /// The gateway's `host:port`, for `agent` and `chat` delivery.
+    /// The gateway: `host:port` (plain HTTP) or `https://host:port`, for
+    /// `agent` and `chat` delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway: Option<String>,
     /// The gateway's operator token (for `chat` delivery).
@@ -77,6 +78,10 @@ pub struct Agent {
     /// [`crate::layout::MAX_CONCURRENCY`], default 1: per-agent order).
     #[serde(skip_serializing_if = "is_one")]
     pub concurrency: u16,
+    /// The operator's opt-in to sending `gateway_token` over plain HTTP to a
+    /// host that is not loopback (a private network they trust).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub allow_plaintext: bool,
 }
 
 fn is_one(n: &u16) -> bool {
@@ -99,6 +104,7 @@ impl fmt::Debug for Agent {
             .field("delivery", &self.delivery)
             .field("model", &self.model)
             .field("concurrency", &self.concurrency)
+            .field("allow_plaintext", &self.allow_plaintext)
             .finish()
     }
 }
@@ -124,10 +130,11 @@ impl Agent {
         crate::layout::ConsumerTuning::for_concurrency(self.concurrency)
     }
 
-    /// The gateway's base URL: `http://<gateway>` when set, else the hook's origin.
+    /// The gateway's base URL: `http://host:port/` or `https://host:port/`
+    /// when `gateway` is set, else the hook's origin.
     pub fn gateway_base(&self) -> Url {
         if let Some(gateway) = &self.gateway
-            && let Ok(url) = Url::parse(&format!("http://{gateway}/"))
+            && let Ok(url) = gateway_url(gateway)
         {
             return url;
         }
@@ -169,6 +176,10 @@ pub enum RegistryError {
     Token { agent: String, field: &'static str, source: SecretError },
     #[error("agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token")]
     SameTokens { agent: String },
+    #[error(
+        "agents {first:?} and {second:?} would share the NATS user password variable {variable} (`-` and `_` map to the same name); rename one of them"
+    )]
+    SharedPassword { first: String, second: String, variable: String },
     #[error("agent {agent:?}: delivery \"chat\" needs {field}")]
     ChatNeeds { agent: String, field: &'static str },
 }
@@ -191,6 +202,8 @@ struct RawAgent {
     model: Option<String>,
     name: Option<String>,
     concurrency: Option<i64>,
+    #[serde(default)]
+    allow_plaintext: bool,
 }
 
 /// The whole registry, by agent id.
@@ -212,6 +225,19 @@ impl Registry {
                     agents.insert(agent.id.clone(), agent);
                 }
                 Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        // `mesh deploy render` names each listener's password variable after
+        // its id: two ids that map to one name would share a NATS user's password.
+        let mut variables: BTreeMap<String, &AgentId> = BTreeMap::new();
+        for id in agents.keys() {
+            let variable = crate::access::password_env(&crate::access::listener_user(id));
+            if let Some(first) = variables.insert(variable.clone(), id) {
+                errors.push(RegistryError::SharedPassword {
+                    first: first.to_string(),
+                    second: id.to_string(),
+                    variable,
+                });
             }
         }
         if errors.is_empty() { Ok(Self { agents }) } else { Err(RegistryErrors(errors)) }
@@ -352,6 +378,27 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             errors.push(RegistryError::ChatNeeds { agent: agent.clone(), field: "model" });
         }
     }
+    // Only chat delivery sends the gateway token (wake and agent send the hook token).
+    if let (Some(url), Some(_), DeliveryMode::Chat, false) = (&hooks_url, &gateway_token, delivery, raw.allow_plaintext)
+    {
+        let base = match &raw.gateway {
+            Some(gateway) => gateway_url(gateway).ok(),
+            None => Some(url.clone()),
+        };
+        if let Some(base) = base
+            && base.scheme() == "http"
+            && !is_loopback(&base)
+        {
+            errors.push(bad(
+                "gateway",
+                format!(
+                    "gateway_token would cross the network to {} in clear text: use https://{}, or set \"allow_plaintext\": true for a private network you trust",
+                    base.host_str().unwrap_or("?"),
+                    base.host_str().unwrap_or("host:port"),
+                ),
+            ));
+        }
+    }
     match (hooks_url, hooks_token) {
         (Some(hooks_url), Some(hooks_token)) if errors.is_empty() => Ok(Agent {
             id,
@@ -364,6 +411,7 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             model: raw.model,
             name: raw.name,
             concurrency,
+            allow_plaintext: raw.allow_plaintext,
         }),
         _ => Err(errors),
     }
@@ -461,7 +509,7 @@ impl Registry {
                 errors.push(bad("hooks_url", reason));
             }
             if let Some(gateway) = &agent.gateway {
-                let host = Url::parse(&format!("http://{gateway}/")).ok();
+                let host = gateway_url(gateway).ok();
                 if let Err(reason) = allowed.check(host.as_ref().and_then(Url::host_str)) {
                     errors.push(bad("gateway", reason));
                 }
@@ -472,11 +520,32 @@ impl Registry {
 }
 
 fn check_gateway(raw: &str) -> Result<(), String> {
-    let url = Url::parse(&format!("http://{raw}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
-    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || raw.contains('/') {
-        return Err(format!("{raw:?} is not host:port (no scheme, path or user info)"));
+    gateway_url(raw).map(|_| ())
+}
+
+/// `host:port` is plain HTTP; `https://host:port` (or an explicit
+/// `http://host:port`) names the scheme. Nothing else: no path, query or user info.
+fn gateway_url(raw: &str) -> Result<Url, String> {
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+        Some((other, _)) => return Err(format!("{raw:?}: scheme {other:?} is not http or https")),
+        None => ("http", raw),
+    };
+    let url = Url::parse(&format!("{scheme}://{rest}/")).map_err(|_| format!("{raw:?} is not host:port"))?;
+    if url.path() != "/" || url.query().is_some() || !url.username().is_empty() || rest.contains(['/', '?', '#']) {
+        return Err(format!("{raw:?} is not host:port or https://host:port (no path, query or user info)"));
     }
-    Ok(())
+    Ok(url)
+}
+
+/// True for `localhost` and loopback addresses: traffic that never leaves the machine.
+fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -493,11 +562,51 @@ mod tests {
         "status": "active"
       },
       "kaan": {
-        "hooks_token": "env:KAAN_HOOK",
+        "hooks_token": "env:MESH_TOKEN_KAAN_HOOK",
         "hooks_url": "https://kaan.example:443/hooks/wake",
         "status": "inactive"
       }
     }"#;
+
+    #[test]
+    fn a_chat_gateway_token_crosses_a_network_only_over_https_or_by_opt_in() {
+        let chat = |gateway: &str, extra: &str| {
+            Registry::parse(&format!(
+                r#"{{"ada": {{"hooks_token": "h", "gateway_token": "g", "model": "m", "delivery": "chat",
+                    "gateway": "{gateway}", "hooks_url": "http://ada-gw:7004/hooks/wake"{extra}}}}}"#
+            ))
+        };
+        let err = chat("ada-gw:7004", "").unwrap_err().to_string();
+        assert!(
+            err.contains("clear text") && err.contains("https://ada-gw") && err.contains("allow_plaintext"),
+            "{err}"
+        );
+        assert!(chat("http://10.0.0.5:7004", "").is_err());
+        let ok = chat("https://ada-gw:7004", "").unwrap();
+        let ada = ok.get(&"ada".parse().unwrap()).unwrap();
+        assert_eq!(ada.gateway_base().as_str(), "https://ada-gw:7004/");
+        for local in ["127.0.0.1:7004", "localhost:7004", "[::1]:7004"] {
+            assert!(chat(local, "").is_ok(), "{local}");
+        }
+        let opted = chat("ada-gw:7004", r#", "allow_plaintext": true"#).unwrap();
+        assert!(opted.to_json().contains("\"allow_plaintext\": true"), "the opt-in is written back");
+        for bad in ["ftp://ada-gw:1", "https://ada-gw:1/path", "https://u@ada-gw:1", "ada-gw:1?x"] {
+            assert!(chat(bad, "").is_err(), "{bad}");
+        }
+        // Wake delivery never sends the gateway token: the old format stays valid.
+        assert!(Registry::parse(OLD).is_ok());
+    }
+
+    #[test]
+    fn ids_that_would_share_a_nats_password_variable_are_refused() {
+        let err = Registry::parse(
+            r#"{"nova-2": {"hooks_token": "a", "hooks_url": "http://n/h"},
+                "nova_2": {"hooks_token": "b", "hooks_url": "http://n/h"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"nova-2\" and \"nova_2\"") && err.contains("LISTENER_NOVA_2_NATS_PASSWORD"), "{err}");
+    }
 
     #[test]
     fn reads_the_old_format() {
@@ -586,13 +695,16 @@ mod tests {
     #[test]
     fn token_references_must_resolve() {
         let reg = Registry::parse(
-            r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#,
+            r#"{"nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "gateway_token": "file:/s/gw", "hooks_url": "http://g/"}}"#,
         )
         .unwrap();
         let err = reg.resolve_tokens(&MapResolver::default()).unwrap_err().to_string();
-        assert!(err.contains("agent \"nova\": field hooks_token: environment variable NOVA_HOOK is not set"), "{err}");
+        assert!(
+            err.contains("agent \"nova\": field hooks_token: environment variable MESH_TOKEN_NOVA_HOOK is not set"),
+            "{err}"
+        );
         let mut res = MapResolver::default();
-        res.env.insert("NOVA_HOOK".into(), "same".into());
+        res.env.insert("MESH_TOKEN_NOVA_HOOK".into(), "same".into());
         res.files.insert("/s/gw".into(), "same\n".into());
         assert!(reg.resolve_tokens(&res).unwrap_err().to_string().contains("are the same"));
         res.files.insert("/s/gw".into(), "other".into());

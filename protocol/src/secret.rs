@@ -54,9 +54,17 @@ pub enum SecretError {
     FileEmpty(String),
     #[error("the value is empty")]
     Empty,
-    #[error("malformed reference {0:?}: use env:NAME (letters, digits, '_') or file:/absolute/path")]
+    #[error("malformed reference {0:?}: use env:MESH_TOKEN_NAME (letters, digits, '_') or file:/absolute/path")]
     Malformed(String),
+    #[error(
+        "env:{0} is not a token variable: token variables are named {ENV_PREFIX}<NAME> (for example env:{ENV_PREFIX}{0}), so a registry entry cannot send the mesh's own settings to a gateway"
+    )]
+    EnvNotAllowed(String),
 }
+
+/// The prefix every `env:` token variable carries: a registry entry can name
+/// only these, never `NATS_PASSWORD`, `SLACK_BOT_TOKEN` or another setting.
+pub const ENV_PREFIX: &str = "MESH_TOKEN_";
 
 /// Reads environment variables and files for [`SecretRef::resolve`].
 pub trait SecretResolver {
@@ -71,10 +79,12 @@ impl SecretRef {
     pub fn parse(raw: &str) -> Result<Self, SecretError> {
         if let Some(name) = raw.strip_prefix("env:") {
             let valid = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            return if valid {
-                Ok(Self::Env(name.to_owned()))
-            } else {
+            return if !valid {
                 Err(SecretError::Malformed(raw.chars().take(80).collect()))
+            } else if name.len() <= ENV_PREFIX.len() || !name.starts_with(ENV_PREFIX) {
+                Err(SecretError::EnvNotAllowed(name.to_owned()))
+            } else {
+                Ok(Self::Env(name.to_owned()))
             };
         }
         if let Some(path) = raw.strip_prefix("file:") {
@@ -103,7 +113,7 @@ impl SecretRef {
                 let shown = path.display().to_string();
                 let text = resolver
                     .read_file(path)
-                    .map_err(|e| SecretError::FileUnreadable { path: shown.clone(), reason: e.kind().to_string() })?;
+                    .map_err(|e| SecretError::FileUnreadable { path: shown.clone(), reason: e.to_string() })?;
                 let value = text.trim();
                 if value.is_empty() { Err(SecretError::FileEmpty(shown)) } else { Ok(Secret::new(value)) }
             }
@@ -178,26 +188,41 @@ mod tests {
 
     #[test]
     fn parses_references() {
-        assert_eq!(SecretRef::parse("env:NOVA_TOKEN").unwrap(), SecretRef::Env("NOVA_TOKEN".into()));
+        assert_eq!(
+            SecretRef::parse("env:MESH_TOKEN_NOVA_TOKEN").unwrap(),
+            SecretRef::Env("MESH_TOKEN_NOVA_TOKEN".into())
+        );
         assert_eq!(SecretRef::parse("file:/run/secrets/x").unwrap(), SecretRef::File("/run/secrets/x".into()));
         assert!(SecretRef::parse("env:").is_err());
-        assert!(SecretRef::parse("env:A-B").is_err());
+        assert!(SecretRef::parse("env:MESH_TOKEN_A-B").is_err());
         assert!(SecretRef::parse("file:relative").is_err());
+        // Only token variables: a registry entry cannot name the mesh's own settings.
+        for name in ["MESH_ADMIN_NATS_PASSWORD", "NATS_PASSWORD", "SLACK_BOT_TOKEN", "MESH_TOKEN_"] {
+            let e = SecretRef::parse(&format!("env:{name}")).unwrap_err();
+            assert_eq!(e, SecretError::EnvNotAllowed(name.into()));
+            assert!(e.to_string().contains("token variables are named MESH_TOKEN_<NAME>"), "{e}");
+        }
         assert!(SecretRef::parse("").is_err());
     }
 
     #[test]
     fn resolves_and_reports_what_is_missing() {
         let mut res = MapResolver::default();
-        res.env.insert("SET".into(), "abc\n".into());
-        res.env.insert("BLANK".into(), " ".into());
+        res.env.insert("MESH_TOKEN_SET".into(), "abc\n".into());
+        res.env.insert("MESH_TOKEN_BLANK".into(), " ".into());
         res.files.insert("/s/tok".into(), "filetok\n".into());
         let get = |raw: &str| SecretRef::parse(raw).unwrap().resolve(&res);
-        assert_eq!(get("env:SET").unwrap().expose(), "abc");
+        assert_eq!(get("env:MESH_TOKEN_SET").unwrap().expose(), "abc");
         assert_eq!(get("file:/s/tok").unwrap().expose(), "filetok");
         assert_eq!(get("lit").unwrap().expose(), "lit");
-        assert_eq!(get("env:NOPE").unwrap_err().to_string(), "environment variable NOPE is not set");
-        assert_eq!(get("env:BLANK").unwrap_err().to_string(), "environment variable BLANK is empty");
+        assert_eq!(
+            get("env:MESH_TOKEN_NOPE").unwrap_err().to_string(),
+            "environment variable MESH_TOKEN_NOPE is not set"
+        );
+        assert_eq!(
+            get("env:MESH_TOKEN_BLANK").unwrap_err().to_string(),
+            "environment variable MESH_TOKEN_BLANK is empty"
+        );
         assert!(get("file:/s/none").unwrap_err().to_string().contains("cannot read secret file /s/none"));
     }
 }

@@ -1,9 +1,9 @@
 //! `mesh bot` as a process under test, the one way every end-to-end test runs
-//! it: started with its environment on a free port, waited for until it
-//! answers `/health/live`, its output captured as it comes (a full pipe would
-//! block it), stopped with SIGTERM.
+//! it: started with its environment on a free port (again on another one when
+//! that was taken), waited for until it answers `/health/live`, its output
+//! captured as it comes (a full pipe would block it), stopped with SIGTERM.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -28,18 +28,25 @@ pub struct BotProcess {
 impl BotProcess {
     /// Starts `mesh bot` on a free loopback port against `nats_url` and
     /// `registry`, with `env` added (and `MESH_LOG=trace` unless `env` sets
-    /// it), then waits until it answers `/health/live`. Panics with its
-    /// output when it exits first or does not answer within [`START_WAIT`].
+    /// it): started again on another port when its port was taken
+    /// ([`crate::ports::spawn_bot`]), then waited for until it answers
+    /// `/health/live`. Panics with its output when it exits first or does not
+    /// answer within [`START_WAIT`].
     pub async fn start<K, V>(nats_url: &str, registry: &Path, env: impl IntoIterator<Item = (K, V)>) -> Self
     where
         K: AsRef<OsStr>,
         V: AsRef<OsStr>,
     {
-        let port = mesh_bot::local_nats::free_port().expect("a free port");
+        let env: Vec<(OsString, OsString)> =
+            env.into_iter().map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned())).collect();
+        let (process, port) = crate::ports::spawn_bot(|addr| {
+            let mut command = mesh_command(nats_url, registry);
+            command.args(["bot", "--addr", addr]).env("MESH_LOG", "trace").envs(env.iter().cloned());
+            command
+        })
+        .await;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut command = mesh_command(nats_url, registry);
-        command.args(["bot", "--addr", &addr.to_string()]).env("MESH_LOG", "trace").envs(env);
-        let mut bot = Self { process: Logged::spawn(command), addr, url: format!("http://{addr}") };
+        let mut bot = Self { process, addr, url: format!("http://{addr}") };
         mesh_listener::gateway::install_tls_provider();
         let http = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + START_WAIT;

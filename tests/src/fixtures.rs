@@ -51,6 +51,16 @@ impl Fixture {
         self.dir.path()
     }
 
+    /// Writes a token file where listeners may read it (`secrets/` beside the
+    /// registry) and returns its path.
+    pub fn secret_file(&self, name: &str, value: &str) -> PathBuf {
+        let dir = self.dir.path().join("secrets");
+        std::fs::create_dir_all(&dir).expect("creating the secrets directory");
+        let path = dir.join(name);
+        std::fs::write(&path, value).expect("writing a token file");
+        path
+    }
+
     /// Listener settings for this registry with fast retries for tests.
     pub fn listener_config(&self, nats: &TestNats, selection: Selection) -> ListenerConfig {
         self.listener_config_at(&nats.url(), selection)
@@ -263,7 +273,38 @@ pub async fn wait_until_settled(js: &async_nats::jetstream::Context, agent: &str
 pub struct Logged {
     /// The process.
     pub child: tokio::process::Child,
-    output: tokio::task::JoinHandle<String>,
+    output: tokio::sync::watch::Receiver<Output>,
+    readers: tokio::task::JoinHandle<()>,
+}
+
+/// What a [`Logged`] process printed so far.
+#[derive(Debug, Default)]
+struct Output {
+    stdout: String,
+    stderr: String,
+    /// Both streams are closed (the process exited, usually).
+    closed: bool,
+}
+
+impl Output {
+    fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Appends what `stream` prints, line by line, to the part of the output `part` picks.
+async fn pump(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    output: &tokio::sync::watch::Sender<Output>,
+    part: fn(&mut Output) -> &mut String,
+) {
+    use tokio::io::AsyncBufReadExt;
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut line = Vec::new();
+    while matches!(stream.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+        output.send_modify(|o| part(o).push_str(&String::from_utf8_lossy(&line)));
+        line.clear();
+    }
 }
 
 impl Logged {
@@ -275,20 +316,33 @@ impl Logged {
             .kill_on_drop(true)
             .spawn()
             .expect("spawning a process under test");
-        let mut stdout = child.stdout.take().expect("stdout");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let output = tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let (mut out, mut err) = (String::new(), String::new());
-            let _ = tokio::join!(stdout.read_to_string(&mut out), stderr.read_to_string(&mut err));
-            out + &err
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, output) = tokio::sync::watch::channel(Output::default());
+        let readers = tokio::spawn(async move {
+            tokio::join!(pump(stdout, &tx, |o| &mut o.stdout), pump(stderr, &tx, |o| &mut o.stderr));
+            tx.send_modify(|o| o.closed = true);
         });
-        Self { child, output }
+        Self { child, output, readers }
     }
 
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().unwrap_or(0)
+    }
+
+    /// Waits until the output holds `needle`: `Err` with all of it when the
+    /// process closed its output (exited) first; panics after `timeout`.
+    pub async fn wait_for_output(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        let holds = |o: &Output| o.stdout.contains(needle) || o.stderr.contains(needle);
+        let mut output = self.output.clone();
+        let seen = tokio::time::timeout(timeout, output.wait_for(|o| holds(o) || o.closed)).await.is_ok();
+        let output = self.output.borrow();
+        match (holds(&output), seen) {
+            (true, _) => Ok(()),
+            (false, true) => Err(output.all()),
+            (false, false) => panic!("{needle:?} not printed within {timeout:?}; output so far:\n{}", output.all()),
+        }
     }
 
     /// Waits for the exit (sending SIGTERM first when `terminate`), then returns the status and all output.
@@ -297,14 +351,20 @@ impl Logged {
             let _ = std::process::Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
         }
         let status = self.child.wait().await.expect("waiting for the process");
-        (status, self.output.await.expect("output reader"))
+        (status, self.output_at_end().await)
     }
 
     /// Kills it (SIGKILL) and returns all output.
     pub async fn kill(mut self) -> String {
         let _ = self.child.start_kill();
         let _ = self.child.wait().await;
-        self.output.await.expect("output reader")
+        self.output_at_end().await
+    }
+
+    /// All output (stdout, then stderr), once both streams are closed.
+    async fn output_at_end(self) -> String {
+        self.readers.await.expect("output reader");
+        self.output.borrow().all()
     }
 }
 

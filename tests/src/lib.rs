@@ -12,6 +12,8 @@
 //! - [`bench`]: the sink and helpers of the `mesh-bench` program; [`soak`]:
 //!   its long run that samples a listener's memory.
 //! - [`redis`]: the redis-server under test.
+//! - [`discord_gateway`]: a fake Discord gateway (the WebSocket protocol serenity speaks).
+//! - [`ports`]: processes under test on a free port, started again on another when it was taken.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`bot`]: the `mesh bot` process under test (start, wait, logs, stop).
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
@@ -20,9 +22,11 @@
 pub mod bench;
 pub mod bot;
 pub mod cluster;
+pub mod discord_gateway;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
+pub mod ports;
 pub mod redis;
 pub mod secrets;
 pub mod server;

@@ -27,8 +27,7 @@ fn registry_text(fixture: &Fixture) -> String {
 async fn add_list_remove_validate_and_keep_a_backup() {
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
-    let secret = fixture.dir().join("kaan-hook");
-    std::fs::write(&secret, "kaan-secret-1\n").unwrap();
+    let secret = fixture.secret_file("kaan-hook", "kaan-secret-1\n");
     let token_ref = format!("file:{}", secret.display());
     let before = registry_text(&fixture);
 
@@ -54,7 +53,7 @@ async fn add_list_remove_validate_and_keep_a_backup() {
                 "--hooks-url",
                 "http://kaan:7002/hooks/wake",
                 "--hooks-token",
-                "env:MESH_TEST_UNSET_X",
+                "env:MESH_TOKEN_MESH_TEST_UNSET_X",
             ],
             "MESH_TEST_UNSET_X is not set",
         ),
@@ -104,7 +103,16 @@ async fn an_added_agent_has_its_consumer_at_once() {
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let out = mesh_command(&nats.url(), &fixture.registry)
-        .args(["agents", "add", "kaan", "--hooks-url", &gw.hooks_url(), "--hooks-token", "env:KAAN_HOOK", "--no-check"])
+        .args([
+            "agents",
+            "add",
+            "kaan",
+            "--hooks-url",
+            &gw.hooks_url(),
+            "--hooks-token",
+            "env:MESH_TOKEN_KAAN_HOOK",
+            "--no-check",
+        ])
         .output()
         .await
         .unwrap();
@@ -120,14 +128,12 @@ async fn an_added_agent_has_its_consumer_at_once() {
 async fn a_rotated_token_is_used_at_once_and_the_old_one_no_more() {
     let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (old, new) = (dir.path().join("nova-hook-1"), dir.path().join("nova-hook-2"));
-    std::fs::write(&old, "old-token-1\n").unwrap();
-    std::fs::write(&new, "new-token-2\n").unwrap();
-    let fixture = Fixture::from_json(&serde_json::json!({"nova": {
-        "hooks_token": format!("file:{}", old.display()),
-        "hooks_url": gw.hooks_url(),
-    }}));
+    let fixture = Fixture::from_json(&serde_json::json!({}));
+    let old = fixture.secret_file("nova-hook-1", "old-token-1\n");
+    let new = fixture.secret_file("nova-hook-2", "new-token-2\n");
+    let json =
+        serde_json::json!({"nova": {"hooks_token": format!("file:{}", old.display()), "hooks_url": gw.hooks_url()}});
+    std::fs::write(&fixture.registry, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     let listener = ListenerHandle::one(&fixture, &nats, "nova");
     let js = nats.jetstream().await;
     let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();

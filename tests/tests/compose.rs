@@ -76,7 +76,7 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
     let registry = config.join("tokens.json");
     std::fs::write(
         &registry,
-        r#"{"demo": {"hooks_token": "env:DEMO_HOOKS_TOKEN", "hooks_url": "http://demo-gateway:7002/hooks/wake"}}"#,
+        r#"{"demo": {"hooks_token": "env:MESH_TOKEN_DEMO_HOOKS", "hooks_url": "http://demo-gateway:7002/hooks/wake"}}"#,
     )
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -104,7 +104,7 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         ("LISTENER_DEMO_NATS_PASSWORD", "listener-pw-compose".to_owned()),
         ("MESH_BOT_NATS_PASSWORD", "bot-pw-compose".to_owned()),
         ("MESH_ADMIN_NATS_PASSWORD", ADMIN_PASSWORD.to_owned()),
-        ("DEMO_HOOKS_TOKEN", "demo-hook-token-compose".to_owned()),
+        ("MESH_TOKEN_DEMO_HOOKS", "demo-hook-token-compose".to_owned()),
     ];
     let compose = Compose {
         project: project.clone(),

@@ -1,7 +1,8 @@
 //! The Discord front end end to end: the `mesh bot` binary serves signed
 //! interactions against a real nats-server and recording gateways, Discord's
 //! REST API is a local recorder, and gateway message commands run through the
-//! same code the serenity handler calls, with a serenity `Message` built here.
+//! same code the serenity handler calls, with a serenity `Message` built here,
+//! and through the bot's serenity client connected to a fake Discord gateway.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
@@ -46,7 +47,16 @@ struct Bot {
 
 impl Bot {
     async fn start(nats: &TestNats, fixture: &Fixture, extra_env: &[(&str, &str)]) -> Self {
-        let discord = RecordingGateway::start().await;
+        Self::start_with(nats, fixture, extra_env, RecordingGateway::start().await).await
+    }
+
+    /// Starts the bot with `discord` as Discord's REST API.
+    async fn start_with(
+        nats: &TestNats,
+        fixture: &Fixture,
+        extra_env: &[(&str, &str)],
+        discord: RecordingGateway,
+    ) -> Self {
         let key = signing_key();
         let env = [
             ("MESH_PERMISSIONS", permissions_file(fixture).display().to_string()),
@@ -159,6 +169,15 @@ async fn signed_interactions_run_once_and_edit_the_deferred_answer() {
     assert_eq!(status, 200);
     assert_eq!(again["type"], 4);
     assert_eq!(again["data"]["flags"], 64);
+    assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
+    // Spelled otherwise (upper-case hex) or signed anew at another second, it is
+    // the same interaction (the signed body's id): still once.
+    let upper = [("x-signature-ed25519", headers[0].1.to_uppercase()), headers[1].clone()];
+    let (status, again) = bot.post_raw(&send, &upper).await;
+    assert_eq!(status, 200);
+    assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
+    let (status, again) = bot.post_signed(&send, now() - 1, &bot.key).await;
+    assert_eq!(status, 200);
     assert!(again["data"]["content"].as_str().unwrap().contains("duplicate"), "{again}");
 
     // A member without the role: an ephemeral deferral, the needed role named, nothing sent.
@@ -396,4 +415,101 @@ async fn rate_limits_and_early_edits_are_retried() {
     assert!(error.contains("DISCORD_BOT_TOKEN"), "{error}");
     assert!(api.register_command().await.unwrap_err().to_string().contains("DISCORD_APPLICATION_ID"));
     assert_eq!(discord.requests_to(&path).len(), 2);
+}
+
+/// The intents the bot must ask for to read `!mesh` in guild channels and DMs:
+/// GUILD_MESSAGES (1 << 9), DIRECT_MESSAGES (1 << 12), MESSAGE_CONTENT (1 << 15).
+const MESSAGE_COMMAND_INTENTS: u64 = (1 << 9) | (1 << 12) | (1 << 15);
+
+#[tokio::test]
+async fn the_gateway_client_runs_message_commands_once_across_resumes_and_a_new_session() {
+    use mesh_tests::discord_gateway::{FakeDiscordGateway, op};
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let gateway = FakeDiscordGateway::start().await;
+    let rest = RecordingGateway::start().await;
+    gateway.announce_on(&rest);
+    let replies = format!("{API}/channels/22/messages");
+    rest.respond_with(&replies, json!({"id": "555", "channel_id": "22"}));
+    let bot = Bot::start_with(&nats, &fixture, &[("DISCORD_GATEWAY", "on")], rest).await;
+    let command = |id: u64, text: &str| serde_json::to_value(gateway_message(id, 5, &[100], text)).unwrap();
+    let wait_for_reply = |n: usize| bot.discord.wait_for_path(&replies, n, WAIT);
+
+    // A new session: the client asked the REST API where the gateway is, with the bot token.
+    let first = gateway.accept().await;
+    // (serenity 0.12's `Client::start` asks `GET /gateway`; `/gateway/bot` is for autosharding.)
+    let asked = bot.discord.requests().into_iter().find(|r| r.path.starts_with(&format!("{API}/gateway"))).unwrap();
+    assert_eq!(asked.path, format!("{API}/gateway"));
+    assert_eq!(asked.authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    // (Frames are not printed on failure: IDENTIFY and RESUME carry the token.)
+    assert_eq!(first.opening["op"], op::IDENTIFY);
+    let identify = &first.opening["d"];
+    assert_eq!(identify["token"], format!("Bot {BOT_TOKEN}"));
+    assert_eq!(identify["intents"], MESSAGE_COMMAND_INTENTS, "the intents `!mesh` needs, and no more");
+    assert_eq!(identify["shard"], json!([0, 1]));
+    first.ready("session-1", APP);
+    // Heartbeats come at the interval HELLO set, carrying the last sequence number, and are acknowledged.
+    first.wait_for_heartbeat(1).await;
+
+    // A command: delivered to nova, answered as a reply to it.
+    first.dispatch("MESSAGE_CREATE", command(11, "!mesh send nova hello"));
+    assert_eq!(nova.wait_for(1, WAIT).await[0].text(), "[mesh] Message from discord:5: hello");
+    let posted = wait_for_reply(1).await;
+    assert_eq!(posted[0].authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    assert_eq!(posted[0].body["message_reference"]["message_id"], "11");
+    assert!(posted[0].body.to_string().contains("sent to nova"), "{}", posted[0].body);
+    first.wait_for_heartbeat(2).await;
+
+    // The connection drops: the client resumes the session where it was.
+    first.drop_connection();
+    let second = gateway.accept().await;
+    assert_eq!(second.opening["op"], op::RESUME);
+    assert_eq!(second.opening["d"]["session_id"], "session-1");
+    assert_eq!(second.opening["d"]["seq"], 2);
+    assert_eq!(second.opening["d"]["token"], format!("Bot {BOT_TOKEN}"));
+    second.continue_after(&first);
+    // Discord may deliver an event again on a resume: it runs once.
+    second.dispatch("MESSAGE_CREATE", command(11, "!mesh send nova hello"));
+    second.dispatch("RESUMED", json!({}));
+    let after_resume = second.dispatch("MESSAGE_CREATE", command(12, "!mesh send nova after the resume"));
+    assert_eq!(nova.wait_for(2, WAIT).await[1].text(), "[mesh] Message from discord:5: after the resume");
+    assert_eq!(wait_for_reply(2).await[1].body["message_reference"]["message_id"], "12");
+    second.wait_for_heartbeat(after_resume).await;
+
+    // Discord ends the session (not resumable): the client identifies anew.
+    second.send(json!({"op": op::INVALID_SESSION, "d": false}));
+    let third = gateway.accept().await;
+    assert_eq!(third.opening["op"], op::IDENTIFY);
+    assert_eq!(third.opening["d"]["intents"], MESSAGE_COMMAND_INTENTS);
+    third.ready("session-2", APP);
+    third.dispatch("MESSAGE_CREATE", command(13, "!mesh send nova in a new session"));
+    assert_eq!(nova.wait_for(3, WAIT).await[2].text(), "[mesh] Message from discord:5: in a new session");
+    assert_eq!(wait_for_reply(3).await[2].body["message_reference"]["message_id"], "13");
+    third.wait_for_heartbeat(2).await;
+
+    // Discord asks the client to reconnect (op 7, routine in production): it resumes the new session.
+    third.send(json!({"op": op::RECONNECT, "d": null}));
+    let fourth = gateway.accept().await;
+    assert_eq!(fourth.opening["op"], op::RESUME);
+    assert_eq!(fourth.opening["d"]["session_id"], "session-2");
+    assert_eq!(fourth.opening["d"]["seq"], 2);
+    fourth.continue_after(&third);
+    fourth.dispatch("RESUMED", json!({}));
+    fourth.dispatch("MESSAGE_CREATE", command(14, "!mesh send nova after a reconnect"));
+    assert_eq!(nova.wait_for(4, WAIT).await[3].text(), "[mesh] Message from discord:5: after a reconnect");
+    assert_eq!(wait_for_reply(4).await[3].body["message_reference"]["message_id"], "14");
+
+    // Each command ran once: four deliveries, four replies, one per command.
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(nova.requests().len(), 4);
+    let references: Vec<Value> =
+        bot.discord.requests_to(&replies).iter().map(|r| r.body["message_reference"]["message_id"].clone()).collect();
+    assert_eq!(references, [json!("11"), json!("12"), json!("13"), json!("14")]);
+    listener.stop().await.unwrap();
+    let logs = bot.logs().await;
+    assert!(logs.contains("discord gateway ready"), "the handler saw READY");
+    assert!(!logs.contains(BOT_TOKEN), "the bot token leaked into the bot's logs");
 }

@@ -10,7 +10,8 @@ use mesh_bot::deploy::{SyncInterval, render};
 use mesh_protocol::registry::Registry;
 
 const WAIT: Duration = Duration::from_secs(20);
-const REGISTRY: &str = r#"{"nova": {"hooks_token": "env:NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"}}"#;
+const REGISTRY: &str =
+    r#"{"nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"}}"#;
 
 /// Starts nats-server with `conf` (passwords set) and returns what `/varz`
 /// says of its JetStream config.

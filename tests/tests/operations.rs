@@ -156,14 +156,14 @@ async fn sigterm_finishes_the_delivery_in_flight_and_logs_never_show_a_token() {
     let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::from_json(&serde_json::json!({
-        "nova": {"hooks_token": "env:NOVA_SECRET_HOOK", "hooks_url": gw.hooks_url(), "gateway_token": "literal-gateway-secret"},
+        "nova": {"hooks_token": "env:MESH_TOKEN_NOVA_SECRET_HOOK", "hooks_url": gw.hooks_url(), "gateway_token": "literal-gateway-secret"},
     }));
     let mut command = tokio::process::Command::new(listener_bin());
     command
         .args(["--agent", "nova"])
         .env("NATS_URL", nats.url())
         .env("MESH_REGISTRY", &fixture.registry)
-        .env("NOVA_SECRET_HOOK", "env-hook-secret")
+        .env("MESH_TOKEN_NOVA_SECRET_HOOK", "env-hook-secret")
         .env("MESH_LOG", "trace");
     let child = Logged::spawn(command);
     // A 401 and a retried 503 make the listener log errors too.

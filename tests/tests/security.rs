@@ -34,10 +34,9 @@ fn secrets() -> SecretScan {
 /// nova: hook token from the environment, literal gateway token; kaan: hook token from a file.
 fn registry(nova: &RecordingGateway, kaan: &RecordingGateway) -> Fixture {
     let fixture = Fixture::from_json(&serde_json::json!({}));
-    let token_file = fixture.dir().join("kaan-hook");
-    std::fs::write(&token_file, format!("{KAAN_HOOK}\n")).unwrap();
+    let token_file = fixture.secret_file("kaan-hook", &format!("{KAAN_HOOK}\n"));
     let json = serde_json::json!({
-        "nova": {"gateway": nova.addr.to_string(), "hooks_token": "env:NOVA_HOOK", "gateway_token": NOVA_GATEWAY,
+        "nova": {"gateway": nova.addr.to_string(), "hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "gateway_token": NOVA_GATEWAY,
                  "hooks_url": nova.hooks_url()},
         "kaan": {"hooks_token": format!("file:{}", token_file.display()), "hooks_url": kaan.hooks_url()},
     });
@@ -92,17 +91,20 @@ impl Stack {
         ];
         let bot = BotProcess::start(&nats.url(), &fixture.registry, env).await;
         let bot_url = bot.url.clone();
-        let listener_port = mesh_bot::local_nats::free_port().unwrap();
-        let mut listener = tokio::process::Command::new(listener_bin());
-        listener
-            .arg("--all")
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("NOVA_HOOK", NOVA_HOOK)
-            .env("MESH_HTTP", format!("127.0.0.1:{listener_port}"))
-            .env("MESH_MAX_DELIVER", "2")
-            .env("MESH_LOG", "trace");
-        let listener = Logged::spawn(listener);
+        let make_listener = |port: u16| {
+            let mut listener = tokio::process::Command::new(listener_bin());
+            listener
+                .arg("--all")
+                .env("NATS_URL", nats.url())
+                .env("MESH_REGISTRY", &fixture.registry)
+                .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
+                .env("MESH_HTTP", format!("127.0.0.1:{port}"))
+                .env("MESH_MAX_DELIVER", "2")
+                .env("MESH_LOG", "trace");
+            listener
+        };
+        let (listener, listener_port) =
+            mesh_tests::ports::spawn_listening(make_listener, mesh_tests::ports::LISTENER_LISTENING).await;
         let listener_url = format!("http://127.0.0.1:{listener_port}");
         wait_live(&http, &listener_url, "mesh-listener").await;
         Self { bot, bot_url, listener, listener_url, slack, http }
@@ -165,7 +167,7 @@ impl Stack {
 async fn mesh(nats: &TestNats, fixture: &Fixture, args: &[&str], scan: &mut SecretScan) -> std::process::Output {
     let out = mesh_command(&nats.url(), &fixture.registry)
         .args(args)
-        .env("NOVA_HOOK", NOVA_HOOK)
+        .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
         .env("MESH_LOG", "trace")
         .output()
         .await
@@ -324,7 +326,7 @@ async fn the_hooks_host_allow_list_is_enforced_by_every_loader() {
     // The recording gateways listen on 127.0.0.1: allowing only another host refuses both agents.
     let out = mesh_command(&nats.url(), &fixture.registry)
         .args(["send", "nova", "hi"])
-        .env("NOVA_HOOK", NOVA_HOOK)
+        .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
         .env("MESH_HOOKS_ALLOWED_HOSTS", "gateways.internal")
         .output()
         .await
@@ -340,7 +342,7 @@ async fn the_hooks_host_allow_list_is_enforced_by_every_loader() {
         .arg("--all")
         .env("NATS_URL", nats.url())
         .env("MESH_REGISTRY", &fixture.registry)
-        .env("NOVA_HOOK", NOVA_HOOK)
+        .env("MESH_TOKEN_NOVA_HOOK", NOVA_HOOK)
         .env("MESH_HOOKS_ALLOWED_HOSTS", "gateways.internal")
         .output()
         .await
@@ -513,7 +515,7 @@ async fn no_configured_secret_appears_in_any_output_even_on_error_paths() {
     let out = mesh(&nats, &same, &["send", "nova", "x"], &mut scan).await;
     assert!(!out.status.success(), "a registry with equal tokens was accepted");
     let unresolved = Fixture::from_json(&serde_json::json!({
-        "nova": {"hooks_token": "env:NOT_SET_ANYWHERE", "gateway_token": NOVA_GATEWAY, "hooks_url": nova.hooks_url()},
+        "nova": {"hooks_token": "env:MESH_TOKEN_NOT_SET_ANYWHERE", "gateway_token": NOVA_GATEWAY, "hooks_url": nova.hooks_url()},
     }));
     let out = tokio::process::Command::new(listener_bin())
         .args(["--agent", "nova"])
@@ -590,4 +592,51 @@ async fn oversize_chat_replies_from_a_gateway_are_capped_and_the_listener_goes_o
     assert_eq!(got.last().unwrap().text(), "[mesh] Reply from ada: short");
     assert_eq!(nova.requests().len(), 2, "the capped 3 MiB reply was not routed");
     listener.stop().await.unwrap();
+}
+
+/// Issue 19.3: a registry editor cannot point a token at the mesh's own
+/// secrets and have the listener send it to a gateway: `env:` names only
+/// `MESH_TOKEN_*` variables, `file:` only files in a secrets directory.
+#[tokio::test]
+async fn a_token_reference_cannot_reach_the_meshs_own_secrets() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let listener = |fixture: &Fixture, env: &[(&str, &str)]| {
+        let mut command = tokio::process::Command::new(listener_bin());
+        command.args(["--agent", "nova"]).env("NATS_URL", nats.url()).env("MESH_REGISTRY", &fixture.registry);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        // A listener that accepted the reference would run on: bounded, it fails here.
+        command.kill_on_drop(true);
+        async move { tokio::time::timeout(WAIT, command.output()).await.expect("the listener accepted the reference") }
+    };
+
+    // env: the admin's NATS password, set in the listener's environment.
+    let env_ref = Fixture::from_json(&serde_json::json!({
+        "nova": {"hooks_token": "env:MESH_ADMIN_NATS_PASSWORD", "hooks_url": gw.hooks_url()},
+    }));
+    let out = listener(&env_ref, &[("MESH_ADMIN_NATS_PASSWORD", "admin-pw-7f3a")]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the listener ran with env:MESH_ADMIN_NATS_PASSWORD");
+    assert!(stderr.contains("not a token variable") && stderr.contains("MESH_TOKEN_"), "{stderr}");
+    let out = mesh_command(&nats.url(), &env_ref.registry)
+        .args(["deploy", "render", "--out", env_ref.dir().join("generated").to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "deploy render passed the admin password to a listener");
+
+    // file: a file beside the registry but outside its secrets directory.
+    let file_ref = Fixture::from_json(&serde_json::json!({}));
+    let outside = file_ref.dir().join("nats-password");
+    std::fs::write(&outside, "admin-pw-7f3a\n").unwrap();
+    let json = serde_json::json!({"nova": {"hooks_token": format!("file:{}", outside.display()), "hooks_url": gw.hooks_url()}});
+    std::fs::write(&file_ref.registry, json.to_string()).unwrap();
+    let out = listener(&file_ref, &[]).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the listener ran with a token file outside the secrets directory");
+    assert!(stderr.contains("outside the secrets directories"), "{stderr}");
+    assert!(!stderr.contains("admin-pw-7f3a"), "the secret leaked into the error");
+    assert!(gw.requests().is_empty(), "the gateway was called");
 }

@@ -249,17 +249,18 @@ async fn events_are_relayed_to_the_notify_channel_coalesced() {
 }
 
 /// Slack's Socket Mode side: `apps.connections.open` hands out a WebSocket
-/// URL on the same server; each connection the bot opens is passed to the test.
+/// URL on the same server, numbered by the call (1, 2, ...); each connection
+/// the bot opens is passed to the test with that number.
 struct SocketSlack {
     addr: std::net::SocketAddr,
-    connections: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<axum::extract::ws::WebSocket>>,
+    connections: tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(usize, axum::extract::ws::WebSocket)>>,
     open_authorization: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl SocketSlack {
     async fn start() -> Self {
         use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<WebSocket>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(usize, WebSocket)>();
         let open_authorization = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -269,17 +270,23 @@ impl SocketSlack {
                 "/api/apps.connections.open",
                 axum::routing::post(move |headers: axum::http::HeaderMap| async move {
                     let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default();
-                    seen.lock().unwrap().push(auth.to_owned());
-                    axum::Json(serde_json::json!({"ok": true, "url": format!("ws://{addr}/socket")}))
+                    let n = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(auth.to_owned());
+                        seen.len()
+                    };
+                    axum::Json(serde_json::json!({"ok": true, "url": format!("ws://{addr}/socket/{n}")}))
                 }),
             )
             .route(
-                "/socket",
-                axum::routing::get(move |upgrade: WebSocketUpgrade| async move {
-                    upgrade.on_upgrade(move |socket| async move {
-                        let _ = tx.send(socket);
-                    })
-                }),
+                "/socket/{n}",
+                axum::routing::get(
+                    move |axum::extract::Path(n): axum::extract::Path<usize>, upgrade: WebSocketUpgrade| async move {
+                        upgrade.on_upgrade(move |socket| async move {
+                            let _ = tx.send((n, socket));
+                        })
+                    },
+                ),
             );
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { addr, connections: tokio::sync::Mutex::new(rx), open_authorization }
@@ -287,14 +294,41 @@ impl SocketSlack {
 
     /// The next connection the bot opens, greeted with Slack's `hello`.
     async fn accept(&self) -> axum::extract::ws::WebSocket {
-        let mut socket = tokio::time::timeout(WAIT, self.connections.lock().await.recv())
-            .await
-            .expect("the bot opens a socket mode connection")
-            .unwrap();
-        let hello = serde_json::json!({"type": "hello", "num_connections": 1,
-            "connection_info": {"app_id": "A1"}, "debug_info": {"host": "test"}});
-        socket.send(axum::extract::ws::Message::Text(hello.to_string().into())).await.unwrap();
-        socket
+        self.accept_numbered().await.1
+    }
+
+    /// The next connection the bot opens and keeps, greeted with Slack's `hello`
+    /// and answering a ping, with the number of the `apps.connections.open` call
+    /// that named it. Connections closed by then (a process that exited) are passed over.
+    async fn accept_numbered(&self) -> (usize, axum::extract::ws::WebSocket) {
+        use axum::extract::ws::Message;
+        let mut connections = self.connections.lock().await;
+        loop {
+            let (n, mut socket) = tokio::time::timeout(WAIT, connections.recv())
+                .await
+                .expect("the bot opens a socket mode connection")
+                .unwrap();
+            let hello = serde_json::json!({"type": "hello", "num_connections": 1,
+                "connection_info": {"app_id": "A1"}, "debug_info": {"host": "test"}});
+            let greeted = socket.send(Message::Text(hello.to_string().into())).await.is_ok()
+                && socket.send(Message::Ping(b"alive?".to_vec().into())).await.is_ok();
+            let answered = greeted
+                && loop {
+                    match tokio::time::timeout(WAIT, socket.recv()).await.expect("an answer to the ping in time") {
+                        Some(Ok(Message::Pong(_))) => break true,
+                        Some(Ok(_)) => continue,
+                        Some(Err(_)) | None => break false,
+                    }
+                };
+            if answered {
+                return (n, socket);
+            }
+        }
+    }
+
+    /// How many times `apps.connections.open` was called.
+    fn opened(&self) -> usize {
+        self.open_authorization.lock().unwrap().len()
     }
 }
 
@@ -370,6 +404,85 @@ async fn socket_mode_commands_are_acknowledged_answered_and_run_once() {
     listener.stop().await.unwrap();
     let logs = bot.logs().await;
     assert!(logs.contains("slack socket mode"), "trace logs were captured");
+    for secret in [APP_TOKEN, BOT_TOKEN, "nova-hook-token"] {
+        assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
+    }
+}
+
+/// Waits until the bot closes `socket` (a close frame or the end of the stream).
+async fn closed_by_the_bot(socket: &mut axum::extract::ws::WebSocket) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.recv()).await.expect("the bot closes the old connection") {
+            Some(Ok(axum::extract::ws::Message::Close(_)) | Err(_)) | None => return,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn socket_mode_reconnects_after_a_disconnect_and_a_dropped_connection_and_runs_commands_once() {
+    const APP_TOKEN: &str = "xapp-1-test-app-token-0123456789";
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let slack = SocketSlack::start().await;
+    let api_url = format!("http://{}/api", slack.addr);
+    let bot = Bot::start_with(
+        &nats,
+        &fixture,
+        &[("SLACK_SIGNING_SECRET", ""), ("SLACK_APP_TOKEN", APP_TOKEN), ("SLACK_API_URL", &api_url)],
+    )
+    .await;
+    let response_url = |n: u32| format!("http://{}/commands/T1/{n}/abc", bot.slack.addr);
+    let recorder = &bot.slack;
+    let ran = |n: u32| {
+        let path = format!("/commands/T1/{n}/abc");
+        async move { recorder.wait_for_path(&path, 1, WAIT).await }
+    };
+    // The client keeps two connections (the second a few seconds after the first).
+    let (first, mut a) = slack.accept_numbered().await;
+    let (second, mut b) = slack.accept_numbered().await;
+    assert_eq!((first, second), (1, 2));
+
+    let ack = socket_command(&mut a, "env-1", "trigger-1", "UOPS", "send nova one", &response_url(1)).await;
+    assert!(ack["payload"]["text"].as_str().unwrap().starts_with("working on"), "{ack}");
+    assert!(follow_up_text(&ran(1).await[0]).contains("sent to nova"));
+
+    // Slack asks the client to reconnect: it opens a new connection and closes the old one.
+    let disconnect = serde_json::json!({"type": "disconnect", "reason": "refresh_requested",
+                                        "debug_info": {"host": "test"}});
+    a.send(axum::extract::ws::Message::Text(disconnect.to_string().into())).await.unwrap();
+    let (third, mut c) = slack.accept_numbered().await;
+    assert_eq!(third, 3, "apps.connections.open was called again");
+    closed_by_the_bot(&mut a).await;
+    let ack = socket_command(&mut c, "env-2", "trigger-2", "UOPS", "send nova two", &response_url(2)).await;
+    assert!(ack["payload"]["text"].as_str().unwrap().starts_with("working on"), "{ack}");
+    ran(2).await;
+    // The first command, redelivered on the other connection (Slack retries unacknowledged envelopes): runs once.
+    let again = socket_command(&mut b, "env-1", "trigger-1", "UOPS", "send nova one", &response_url(1)).await;
+    assert!(again["payload"]["text"].as_str().unwrap().contains("duplicate"), "{again}");
+
+    // The connection drops without a close frame: the client opens another.
+    drop(c);
+    let (fourth, mut d) = slack.accept_numbered().await;
+    assert_eq!(fourth, 4, "apps.connections.open was called again");
+    let ack = socket_command(&mut d, "env-3", "trigger-3", "UOPS", "send nova three", &response_url(3)).await;
+    assert!(ack["payload"]["text"].as_str().unwrap().starts_with("working on"), "{ack}");
+    ran(3).await;
+
+    // Each command ran once, in order; every connection was opened with the app token.
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    let got: Vec<String> = nova.requests().iter().map(|r| r.text().to_owned()).collect();
+    let from = |text: &str| format!("[mesh] Message from slack:UOPS: {text}");
+    assert_eq!(got, [from("one"), from("two"), from("three")]);
+    assert_eq!(bot.slack.requests_to("/commands/T1/1/abc").len(), 1, "one answer to the first command");
+    assert_eq!(slack.opened(), 4, "no connection was opened but the two replacements");
+    assert!(slack.open_authorization.lock().unwrap().iter().all(|a| *a == format!("Bearer {APP_TOKEN}")));
+    listener.stop().await.unwrap();
+    let logs = bot.logs().await;
     for secret in [APP_TOKEN, BOT_TOKEN, "nova-hook-token"] {
         assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
     }

@@ -55,6 +55,8 @@ struct Payload {
     #[serde(rename = "type")]
     kind: u8,
     #[serde(default)]
+    id: String,
+    #[serde(default)]
     application_id: String,
     #[serde(default)]
     token: String,
@@ -103,8 +105,10 @@ pub enum Incoming {
     Ping,
     /// `/mesh <command line>`.
     Command {
-        /// The command to run.
-        request: Request,
+        /// The command to run (boxed: it is much larger than PING).
+        request: Box<Request>,
+        /// The interaction's id: unique per interaction, so the dedup key.
+        interaction_id: String,
         /// The application the token belongs to.
         application_id: String,
         /// The interaction token (a secret: never log it).
@@ -143,6 +147,9 @@ pub fn parse(body: &[u8]) -> Result<Incoming, InteractionError> {
     if payload.application_id.is_empty() {
         return Err(InteractionError::Missing("application_id"));
     }
+    if payload.id.is_empty() {
+        return Err(InteractionError::Missing("id"));
+    }
     // In a guild the member carries the user and their role ids; in a DM only `user` is sent.
     let who = match (payload.member, payload.user) {
         (Some(member), _) => Identity::Discord { user: member.user.id, roles: member.roles },
@@ -159,7 +166,8 @@ pub fn parse(body: &[u8]) -> Result<Incoming, InteractionError> {
         .to_owned();
     let channel = payload.channel_id.or(payload.channel.map(|c| c.id));
     Ok(Incoming::Command {
-        request: Request::chat(who, Platform::Discord, channel, line),
+        request: Box::new(Request::chat(who, Platform::Discord, channel, line)),
+        interaction_id: payload.id,
         application_id: payload.application_id,
         token: payload.token,
     })
@@ -182,22 +190,24 @@ pub async fn handle(
 ) -> (StatusCode, axum::Json<Value>) {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = header(SIGNATURE_HEADER);
-    if let Err(e) = verify::verify(&state.public_key, header(TIMESTAMP_HEADER), signature, &body, now) {
+    if let Err(e) = verify::verify(&state.public_key, header(TIMESTAMP_HEADER), header(SIGNATURE_HEADER), &body, now) {
         warn!(error = %e, "discord request rejected");
         return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": format!("invalid request: {e}")})));
     }
-    let signature = signature.unwrap_or_default();
-    let (request, application_id, token) = match parse(&body) {
+    let (request, interaction_id, application_id, token) = match parse(&body) {
         Ok(Incoming::Ping) => return (StatusCode::OK, axum::Json(json!({"type": PONG}))),
-        Ok(Incoming::Command { request, application_id, token }) => (request, application_id, token),
+        Ok(Incoming::Command { request, interaction_id, application_id, token }) => {
+            (*request, interaction_id, application_id, token)
+        }
         Err(e) => {
             warn!(error = %e, "discord interaction not handled");
             return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": e.to_string()})));
         }
     };
-    // The signature covers timestamp and body: the same signature is the same request.
-    if !state.engine.limits().seen_once(&format!("discord:{signature}")).await {
+    // The id comes from the signed body and is unique per interaction, so a
+    // replay runs once however its signature header is spelled (upper-case
+    // hex, a leading `+`) and whatever timestamp it was re-signed with.
+    if !state.engine.limits().seen_once(&format!("discord:interaction:{interaction_id}")).await {
         info!(user = %request.who.key(), "duplicate discord interaction ignored");
         let data = json!({"content": "duplicate request ignored (already handled)",
                           "flags": render_discord::EPHEMERAL_FLAG, "allowed_mentions": {"parse": []}});
@@ -245,7 +255,10 @@ mod tests {
     fn ping_and_commands_are_read() {
         assert!(matches!(parse(br#"{"type":1,"id":"1","application_id":"42","token":"t"}"#), Ok(Incoming::Ping)));
         let body = command(Some("send nova hi"), json!({"user": {"id": "5"}, "roles": ["100", "200"]}));
-        let Ok(Incoming::Command { request, application_id, token }) = parse(&body) else { panic!("not a command") };
+        let Ok(Incoming::Command { request, interaction_id, application_id, token }) = parse(&body) else {
+            panic!("not a command")
+        };
+        assert_eq!(interaction_id, "1");
         assert_eq!(request.who, Identity::Discord { user: "5".into(), roles: vec!["100".into(), "200".into()] });
         assert_eq!((request.line.as_str(), request.channel.as_deref()), ("send nova hi", Some("900")));
         assert_eq!(request.platform, Platform::Discord);

@@ -87,7 +87,8 @@ pub fn public_key_hex(key: &SigningKey) -> String {
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) || !text.is_ascii() {
+    // Only hex digits: `from_str_radix` alone would also take a leading `+`.
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok()).collect()
@@ -141,6 +142,14 @@ mod tests {
         assert!("00".parse::<PublicKey>().is_err());
         assert!("g".repeat(64).parse::<PublicKey>().is_err());
         assert!(public_key_hex(&key(1)).to_uppercase().parse::<PublicKey>().is_ok());
+    }
+
+    #[test]
+    fn hex_is_hex_digits_only() {
+        assert_eq!(decode_hex("0aFF"), Some(vec![0x0a, 0xff]));
+        // `u8::from_str_radix("+a", 16)` is Ok(10): a second spelling of a signature.
+        assert_eq!(decode_hex("+aff"), None);
+        assert_eq!(decode_hex("-aff"), None);
     }
 
     #[test]

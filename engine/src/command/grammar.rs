@@ -61,7 +61,7 @@ pub struct NewAgent {
     pub hooks_url: String,
     /// Reference to its hook token (`env:NAME` or `file:/path`).
     pub hooks_token: String,
-    /// The gateway's `host:port`.
+    /// The gateway's `host:port` or `https://host:port`.
     pub gateway: Option<String>,
     /// Reference to the gateway's operator token.
     pub gateway_token: Option<String>,
@@ -75,6 +75,8 @@ pub struct NewAgent {
     pub inactive: bool,
     /// Deliveries in flight its consumer is set up for (default 1).
     pub concurrency: Option<u16>,
+    /// Allow its gateway token over plain HTTP to a host that is not loopback.
+    pub allow_plaintext: bool,
 }
 
 /// How often nats-server fsyncs JetStream writes (`sync_interval`).
