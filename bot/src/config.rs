@@ -12,7 +12,6 @@ use mesh_protocol::Secret;
 use mesh_protocol::layout::Replicas;
 use mesh_protocol::registry::HostAllowList;
 use mesh_runtime::config::NatsAuth;
-use mesh_runtime::nats::NatsError;
 
 use crate::command::{ConfirmConfig, Permissions};
 use crate::discord;
@@ -38,11 +37,13 @@ pub struct Settings {
     pub docker: DockerHost,
     /// `USER`: the terminal's default sender is `cli:<user>`.
     pub user: Option<String>,
+    /// `MESH_BROADCAST_TTL`: the time to live of a broadcast sent without `--ttl`.
+    pub broadcast_ttl: Option<std::time::Duration>,
 }
 
 impl Settings {
     /// Reads the settings; a malformed value stops the command with one line naming it.
-    pub fn from_env() -> Result<Self, NatsError> {
+    pub fn from_env() -> anyhow::Result<Self> {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         Ok(Self {
             nats: NatsAuth::from_env()?,
@@ -55,6 +56,7 @@ impl Settings {
                 project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
             },
             user: var("USER"),
+            broadcast_ttl: broadcast_ttl_from_env()?,
         })
     }
 
@@ -67,8 +69,19 @@ impl Settings {
             },
             replicas: self.replicas,
             allowed_hosts: self.allowed_hosts.clone(),
+            broadcast_ttl: self.broadcast_ttl,
             ..EngineConfig::new(registry_path, permissions)
         }
+    }
+}
+
+/// The default time to live of broadcasts ([`env::MESH_BROADCAST_TTL`]), read once at start.
+pub fn broadcast_ttl_from_env() -> anyhow::Result<Option<std::time::Duration>> {
+    match std::env::var(env::MESH_BROADCAST_TTL) {
+        Ok(raw) if !raw.trim().is_empty() => crate::command::grammar::parse_duration(raw.trim())
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; unset it or use 30s, 5m or 2h", env::MESH_BROADCAST_TTL)),
+        _ => Ok(None),
     }
 }
 
@@ -115,6 +128,8 @@ pub mod env {
     pub const MESH_PERMISSIONS: &str = "MESH_PERMISSIONS";
     /// Two-person rule for nuclear.
     pub const MESH_TWO_PERSON_NUCLEAR: &str = "MESH_TWO_PERSON_NUCLEAR";
+    /// Time to live of a broadcast sent without `--ttl` (`30s`, `5m`, `2h`; unset: none).
+    pub const MESH_BROADCAST_TTL: &str = "MESH_BROADCAST_TTL";
     /// Redis URL.
     pub const REDIS_URL: &str = "REDIS_URL";
 }

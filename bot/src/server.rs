@@ -87,7 +87,8 @@ pub struct BotConfig {
 }
 
 pub use crate::config::{
-    PermissionsFileError, discord_from_env, env, permissions_from_env, permissions_from_file, slack_from_env,
+    PermissionsFileError, broadcast_ttl_from_env, discord_from_env, env, permissions_from_env, permissions_from_file,
+    slack_from_env,
 };
 
 /// The engine's defaults for a registry and permissions (no two-person rule,
@@ -122,6 +123,10 @@ pub async fn run(
         && e.is_fatal()
     {
         anyhow::bail!("refusing to start: {e}");
+    }
+    // Connected by now (the engine created the streams).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
     }
     let stop = CancellationToken::new();
     let mut app = Router::new();

@@ -301,6 +301,10 @@ pub async fn restore(
         }
     }
     report.killswitch = entries.len();
+    // The restored consumers take the restored kill switch's pause on the server.
+    if let Err(e) = mesh_runtime::server_pause::sync(js, None).await {
+        tracing::warn!(error = %e, "cannot pause the restored consumers on the server; the listeners' pause holds");
+    }
     let saved = dir.join(REGISTRY);
     if manifest.registry && saved.exists() {
         let text = std::fs::read_to_string(&saved).map_err(io(&saved))?;

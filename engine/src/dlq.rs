@@ -131,7 +131,9 @@ pub fn replay_id(original: Uuid, dlq_seq: u64) -> Uuid {
 
 /// The envelope a replay publishes: the id [`replay_id`] derives, the
 /// original's sender, text, kind, priority, `reply_to`, hop count and
-/// metadata, and a note in its metadata.
+/// metadata, and a note in its metadata. It has no expiry: replaying is an
+/// operator's decision that the message is still wanted (an expired one
+/// included), so the original's `expires_at` is dropped rather than renewed.
 pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envelope> {
     // A body without an id (legacy, plain text) has the one the listener derived, kept in the headers.
     let fallback_id = entry.message_id.unwrap_or_default();
@@ -227,6 +229,16 @@ mod tests {
         assert_eq!((again.id, replay.id.get_version_num()), (replay.id, 8));
         assert_eq!(replay.id, replay_id(original.id, 7));
         assert_ne!(replay_id(original.id, 8), replay.id, "another dead letter of the message");
+        // An expired message replays without its expiry.
+        let expiring = original.clone().with_ttl(std::time::Duration::from_secs(2)).unwrap();
+        let expired = DeadLetterEntry {
+            reason: "expired: its time to live ended at 2026-11-30T15:00:00Z; not delivered".into(),
+            payload: expiring.encode().unwrap().into(),
+            ..entry.clone()
+        };
+        let replay = replay_envelope(&expired, &"nova".parse().unwrap()).unwrap();
+        assert_eq!((replay.expires_at, replay.text.as_str()), (None, "hello"));
+        assert!(replay.metadata["dead_letter_reason"].starts_with("expired"));
         let garbage = DeadLetterEntry { payload: bytes::Bytes::from_static(&[0xff]), ..entry };
         assert!(replay_envelope(&garbage, &"nova".parse().unwrap()).is_none());
     }

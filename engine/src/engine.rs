@@ -154,6 +154,8 @@ pub struct EngineConfig {
     /// The hosts the registry's URLs may point at (`MESH_HOOKS_ALLOWED_HOSTS`,
     /// read once at start; empty allows any).
     pub allowed_hosts: HostAllowList,
+    /// The time to live of a broadcast sent without `--ttl` (`MESH_BROADCAST_TTL`); `None`: never expires.
+    pub broadcast_ttl: Option<Duration>,
 }
 
 impl EngineConfig {
@@ -169,6 +171,7 @@ impl EngineConfig {
             ping_timeout: Duration::from_secs(2),
             replicas: Replicas::Auto,
             allowed_hosts: HostAllowList::default(),
+            broadcast_ttl: None,
         }
     }
 }
@@ -446,9 +449,10 @@ impl Engine {
         let (from, by) = (request.sender(), request.who.key());
         let actor = killswitch::Actor::new(&by, role);
         match command {
-            Command::Send { agent, text, priority } => {
+            Command::Send { agent, text, priority, ttl } => {
                 let registry = self.registry()?;
-                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)?;
+                let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
+                    .and_then(|p| p.with_ttl(ttl))?;
                 let receipt = self.mesh()?.deliver(&prepared).await?;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -458,9 +462,10 @@ impl Engine {
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
-            Command::Broadcast { priority, text } => {
+            Command::Broadcast { priority, text, ttl } => {
                 let registry = self.registry()?;
-                let prepared = publish::prepare_broadcast(&registry, &from, &text, priority)?;
+                let prepared = publish::prepare_broadcast(&registry, &from, &text, priority)
+                    .and_then(|p| p.with_ttl(ttl.or(self.config.broadcast_ttl)))?;
                 let receipt = self.mesh()?.deliver(&prepared).await?;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -470,7 +475,7 @@ impl Engine {
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
-            Command::Ask { agent, text } => self.ask(&from, &agent, &text).await,
+            Command::Ask { agent, text, ttl } => self.ask(&from, &agent, &text, ttl).await,
             Command::Ping => {
                 let registry = self.registry()?;
                 let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await?;
@@ -812,14 +817,23 @@ impl Engine {
         ))
     }
 
-    async fn ask(&self, from: &str, agent: &AgentId, text: &str) -> Result<Executed, CommandError> {
+    async fn ask(
+        &self,
+        from: &str,
+        agent: &AgentId,
+        text: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Executed, CommandError> {
         let registry = self.registry()?;
         let target = publish::resolve_target(&registry, agent.as_str())?;
         if target.delivery != DeliveryMode::Chat {
             return Err(CommandError::NotChat { agent: agent.clone() });
         }
         let reply_subject = Subject::new_reply();
-        let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)?.with_reply_to(&reply_subject);
+        let mut envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)?.with_reply_to(&reply_subject);
+        if let Some(ttl) = ttl {
+            envelope = envelope.with_ttl(ttl)?;
+        }
         let tuning = target.consumer_tuning();
         let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await?;
         let timeout = self.config.ask_timeout;
@@ -856,6 +870,16 @@ impl Engine {
             reply.tone = crate::command::Tone::Warn;
         }
         reply = reply.with_lines(Some("kill switch"), kill_lines);
+        let pause_lines = match mesh.server_pauses().await {
+            Ok(crate::mesh::ServerPauses::TooOld(warning)) => {
+                reply.tone = crate::command::Tone::Warn;
+                vec![warning]
+            }
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) if rows.is_empty() => vec!["no agent consumers".to_owned()],
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) => rows.iter().map(|r| r.describe()).collect(),
+            Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
+        };
+        reply = reply.with_lines(Some("server-side pause"), pause_lines);
         let report = mesh.ping(&registry, self.config.ping_timeout).await?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();

@@ -37,6 +37,8 @@ struct State {
     audit_fails: bool,
     /// The answer channel of the last `ask`, for the test to reply on.
     asked: Option<oneshot::Sender<Envelope>>,
+    /// What `server_pauses` answers (`None`: no agent consumers).
+    server_pauses: Option<crate::mesh::ServerPauses>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -155,6 +157,11 @@ impl Mesh for FakeMesh {
 
     fn server(&self) -> ServerInfo {
         ServerInfo { version: "fake".into(), name: "fake".into() }
+    }
+
+    fn server_pauses(&self) -> BoxFuture<'_, Result<crate::mesh::ServerPauses, MeshError>> {
+        let pauses = self.state().server_pauses.clone().unwrap_or(crate::mesh::ServerPauses::Consumers(Vec::new()));
+        ready(Ok(pauses))
     }
 
     fn backup<'a>(&'a self, _registry: &'a Path, _dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
@@ -353,7 +360,7 @@ async fn terminal_only_commands_are_refused_in_chat_even_to_a_director() {
 async fn the_terminal_role_comes_from_the_permissions() {
     let mut s = setup();
     s.engine.config.permissions = permissions().with_terminal_role(Role::Viewer);
-    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default() };
+    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default(), ttl: None };
     let handled = s.engine.handle_command(Request::terminal(&send, "cli:ops"), send).await;
     assert_eq!(handled.reply.title, "\"send\" needs the operator role; you have viewer");
     assert_eq!(s.published(), 0);
@@ -475,7 +482,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode(registry_path.parent().unwrap()), mode(&registry_path)), (0o700, 0o600));
-    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default() };
+    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default(), ttl: None };
     let handled = engine.handle_command(Request::terminal(&send, "cli:ops"), send).await;
     assert_eq!(handled.reply.title, "cannot reach NATS");
 }
@@ -522,7 +529,8 @@ async fn a_failed_command_keeps_its_typed_cause_and_its_one_line_message() {
     use std::error::Error as _;
     let s = setup();
     let request = slack("UDIR", "send nvoa hi");
-    let send = Command::Send { agent: id("nvoa"), text: "hi".into(), priority: mesh_protocol::Priority::Normal };
+    let send =
+        Command::Send { agent: id("nvoa"), text: "hi".into(), priority: mesh_protocol::Priority::Normal, ttl: None };
     let Err(e) = s.engine.execute(&request, Some(crate::command::Role::Director), send).await else {
         panic!("an unknown agent must fail")
     };
@@ -539,4 +547,58 @@ async fn a_failed_command_keeps_its_typed_cause_and_its_one_line_message() {
     assert!(matches!(e, CommandError::Registry(_)), "{e:?}");
     assert!(e.to_string().starts_with("cannot read registry"), "{e}");
     assert!(e.source().is_some_and(|cause| cause.is::<std::io::Error>()), "the cause is kept: {e:?}");
+}
+
+#[tokio::test]
+async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
+    let mut s = setup();
+    s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await;
+    s.engine.handle(slack("UOP", "ask --ttl 1m ada x")).await;
+    s.engine.handle(slack("UOP", "broadcast x")).await;
+    let ttls: Vec<_> = s.mesh.state().published.iter().map(|e| e.expires_at.map(|at| at - e.sent_at)).collect();
+    assert_eq!(ttls, [Some(time::Duration::seconds(2)), Some(time::Duration::minutes(1)), None]);
+
+    // With a default for broadcasts: a broadcast without --ttl takes it, --ttl overrides it, a send has none.
+    let dir = tempfile::tempdir().unwrap();
+    let registry_path = dir.path().join("tokens.json");
+    std::fs::write(&registry_path, REGISTRY).unwrap();
+    let config = EngineConfig {
+        registry_path,
+        permissions: permissions(),
+        confirm: ConfirmConfig::default(),
+        ask_timeout: Duration::from_secs(30),
+        ping_timeout: Duration::from_millis(10),
+        broadcast_ttl: Some(Duration::from_secs(300)),
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
+    };
+    s.mesh = FakeMesh::default();
+    s.engine = Engine::with_mesh(config, Ok(Arc::new(s.mesh.clone())), LimitStore::memory());
+    for line in ["broadcast maintenance in 5 minutes", "broadcast --ttl 10s x", "send nova x"] {
+        let handled = s.engine.handle(slack("UOP", line)).await;
+        assert_eq!(handled.reply.tone, Tone::Ok, "{line}: {:?}", handled.reply);
+    }
+    let ttls: Vec<_> = s.mesh.state().published.iter().map(|e| e.expires_at.map(|at| at - e.sent_at)).collect();
+    assert_eq!(ttls, [Some(time::Duration::minutes(5)), Some(time::Duration::seconds(10)), None]);
+    let audit = s.audit();
+    assert_eq!(audit[1].1, "broadcast --ttl 10s x", "the audit line carries the ttl");
+}
+
+#[tokio::test]
+async fn status_shows_each_consumers_server_side_pause_or_that_the_server_is_too_old() {
+    use mesh_runtime::server_pause::{ConsumerPause, Support};
+    let s = setup();
+    let paused = |agent: &str, until| ConsumerPause { agent: id(agent), until };
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::Consumers(vec![
+        paused("ada", Some(mesh_protocol::killswitch::PAUSED_UNTIL_RESUMED)),
+        paused("nova", None),
+    ]));
+    let text = crate::command::render_text::render(&s.engine.handle(slack("UOP", "status")).await.reply);
+    assert!(text.contains("server-side pause"), "{text}");
+    assert!(text.contains("agent-ada: paused until resumed") && text.contains("agent-nova: not paused"), "{text}");
+
+    let warning = Support::of_version("2.10.22").warning().unwrap();
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::TooOld(warning.clone()));
+    let reply = s.engine.handle(slack("UOP", "status")).await.reply;
+    assert_eq!(reply.tone, Tone::Warn);
+    assert!(crate::command::render_text::render(&reply).contains(&warning));
 }

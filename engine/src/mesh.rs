@@ -73,6 +73,15 @@ pub struct ServerInfo {
     pub name: String,
 }
 
+/// The kill switch as nats-server enforces it, for `mesh status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerPauses {
+    /// The server cannot pause consumers: the warning to show.
+    TooOld(String),
+    /// Each agent consumer's pause on the server.
+    Consumers(Vec<mesh_runtime::server_pause::ConsumerPause>),
+}
+
 /// Everything the engine does to the mesh.
 pub trait Mesh: Send + Sync + std::fmt::Debug {
     /// Creates the recipients' consumers, publishes, waits for the ack.
@@ -124,6 +133,8 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>>;
     /// The server.
     fn server(&self) -> ServerInfo;
+    /// Each agent consumer's pause on the server (or why the server has none).
+    fn server_pauses(&self) -> BoxFuture<'_, Result<ServerPauses, MeshError>>;
     /// Backs up into `dir`.
     fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>>;
     /// Restores `dir`.
@@ -255,6 +266,17 @@ impl Mesh for NatsMesh {
     fn server(&self) -> ServerInfo {
         let info = self.client.server_info();
         ServerInfo { version: info.version.clone(), name: info.server_name.clone() }
+    }
+
+    fn server_pauses(&self) -> BoxFuture<'_, Result<ServerPauses, MeshError>> {
+        Box::pin(async move {
+            use mesh_runtime::server_pause::{self, Support};
+            let support = Support::of(&self.client);
+            if let Some(warning) = support.warning() {
+                return Ok(ServerPauses::TooOld(warning));
+            }
+            Ok(ServerPauses::Consumers(server_pause::list(&self.js).await?))
+        })
     }
 
     fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {

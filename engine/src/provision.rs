@@ -15,7 +15,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
@@ -122,12 +123,17 @@ pub struct FollowConfig {
 pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Ensures the streams, the bucket and every active agent's consumer now and
-/// whenever the registry changes, until `stop` completes. Failures (NATS
-/// down, registry unreadable) are logged and retried at the next poll.
+/// whenever the registry changes, until `stop` completes; and keeps the
+/// server-side pause of the agent consumers in step with the kill switch
+/// bucket (watched: a hand edit is applied at once; checked again every
+/// [`RECHECK_EVERY`]). Failures (NATS down, registry unreadable) are logged
+/// and retried at the next poll.
 pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut done: Option<(Registry, tokio::time::Instant)> = None;
     let mut last_error = String::new();
+    // The kill switch bucket, watched so the server-side pause follows every change.
+    let (mut watch, mut watch_changes): (Option<kv::Store>, Option<kv::Watch>) = (None, None);
     loop {
         let outcome = async {
             let registry = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
@@ -149,6 +155,9 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;
+            // A kill switch change whose server-side pause failed (or a
+            // consumer created while it was applied) is corrected here.
+            mesh_runtime::server_pause::sync(&js, None).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(Some((registry, n)))
         };
         let outcome = tokio::select! {
@@ -171,12 +180,59 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
         }
+        if watch.is_none() && done.is_some() {
+            watch = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.ok();
+            watch_changes = match &watch {
+                Some(store) => store.watch_all().await.ok(),
+                None => None,
+            };
+        }
         tokio::select! {
             () = &mut stop => return,
             () = tokio::time::sleep(config.poll) => {}
+            change = next_change(&mut watch_changes) => match change {
+                // Any change of the bucket, a hand edit included: the server follows it.
+                Some(Ok(_)) => {
+                    if let Err(e) = mesh_runtime::server_pause::sync(&js, None).await {
+                        warn!(error = %e, "cannot apply the kill switch on the server yet; retrying");
+                    }
+                }
+                _ => (watch, watch_changes) = (None, None),
+            },
         }
     }
 }
+
+/// The next change of the kill switch bucket, or never without a watch.
+async fn next_change(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// For the `mesh` commands that change what runs (`agents add`, `deploy up`):
+/// creates the streams, the bucket and the consumers of `agents` on the NATS
+/// at `nats_url` (each with its registry tuning); says what was created, or why nothing was.
+pub async fn after_change(
+    nats_url: &str,
+    auth: &mesh_runtime::config::NatsAuth,
+    replicas: Replicas,
+    agents: &[&Agent],
+) -> Result<String, NatsError> {
+    let client = nats::connect_now(nats_url, "mesh-cli", auth).await?;
+    let js = jetstream::new(client);
+    ensure_mesh(&js, replicas).await?;
+    for agent in agents {
+        ensure_agent(&js, &agent.id, agent.consumer_tuning()).await?;
+    }
+    let names = agents.iter().map(|a| format!("agent-{}", a.id)).collect::<Vec<_>>();
+    Ok(match names.as_slice() {
+        [] => "streams and kill switch bucket in place".to_owned(),
+        _ => format!("consumers in place ({}): messages sent from now on wait for the listener", names.join(", ")),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

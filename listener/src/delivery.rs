@@ -103,6 +103,11 @@ pub async fn handle<G: Gateway>(
     };
     let stored = Stored { msg: &msg, id: envelope.id, stream_seq, stored_at };
     let msg_id = envelope.id.to_string();
+    // Past its time to live (checked on every delivery, a retry's included):
+    // never delivered; a dead letter an operator can replay as a new message.
+    if let Some(reason) = policy::expired(&envelope, time::OffsetDateTime::now_utc()) {
+        return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
+    }
     // Past the budget (a dead letter that could not be stored, so the message
     // came back): straight to the dead letter, without asking the agent again.
     if delivered > deps.retry.max_deliver {

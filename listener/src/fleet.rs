@@ -83,6 +83,10 @@ pub async fn run_with(
         None => return Ok(()),
         Some(result) => result?,
     }
+    // Connected by now (the lookups were answered).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
+    }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     let metrics = crate::metrics::install();
     let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));

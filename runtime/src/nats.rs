@@ -248,10 +248,16 @@ pub async fn ensure_consumer(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    if stream.consumer_info(&spec.durable).await.is_ok() {
+        return Ok(());
+    }
+    // A consumer created during a kill starts paused on the server.
+    let mut config = consumer_config(&spec);
+    config.pause_until = crate::server_pause::for_new_consumer(js, agent).await;
     // Idempotent (looked up first, created with the same config): safe to retry.
-    let (stream, spec) = (&stream, &spec);
+    let (stream, spec, config) = (&stream, &spec, &config);
     backoff::retry(&spec.durable, backoff::JETSTREAM, move || {
-        stream.get_or_create_consumer::<pull::Config>(&spec.durable, consumer_config(spec))
+        stream.get_or_create_consumer::<pull::Config>(&spec.durable, config.clone())
     })
     .await
     .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
@@ -312,8 +318,13 @@ pub async fn bind_consumer(
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
     let mut config = consumer_config(&spec);
-    if let Ok(existing) = stream.consumer_info(&spec.durable).await {
-        config.deliver_policy = existing.config.deliver_policy;
+    match stream.consumer_info(&spec.durable).await {
+        Ok(existing) => {
+            config.deliver_policy = existing.config.deliver_policy;
+            // An update leaves the server-side pause as it is.
+            config.pause_until = existing.config.pause_until;
+        }
+        Err(_) => config.pause_until = crate::server_pause::for_new_consumer(js, agent).await,
     }
     stream
         .create_consumer(config)

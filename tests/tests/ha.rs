@@ -212,3 +212,71 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
     let (status, output) = listener.finish(true).await;
     assert!(status.success(), "listener exit {status}: {output}");
 }
+
+/// The server-side pause of the kill switch on the cluster (issue 18): a
+/// hard kill pauses the 3-replica consumer, the pause survives the loss of
+/// the consumer's leader, a plain client on the survivors pulls nothing, and
+/// `resume` lifts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_kill_holds_on_the_cluster_through_the_loss_of_the_consumers_leader() {
+    use async_nats::jetstream::consumer::pull;
+    use futures::StreamExt;
+    use mesh_bot::killswitch::{Actor, KillSwitch};
+    use mesh_protocol::killswitch::{Mode, PAUSED_UNTIL_RESUMED, Scope};
+
+    let mut cluster = TestCluster::start().await;
+    let js = jetstream(cluster.client().await);
+    let gateway = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gateway, true)]);
+    mesh_tests::fixtures::provision_agent(&js, "nova", Default::default()).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let consumer_info = || async { js.get_stream("MESH_AGENTS").await.ok()?.consumer_info("agent-nova").await.ok() };
+    let info = consumer_info().await.unwrap();
+    assert_eq!((info.paused, info.config.pause_until), (true, Some(PAUSED_UNTIL_RESUMED)));
+    assert_eq!(info.cluster.as_ref().map(|c| c.replicas.len()), Some(2), "a 3-replica consumer");
+    let leader = info.cluster.and_then(|c| c.leader).and_then(|l| cluster.index_of(&l)).unwrap();
+    println!("killing the consumer's leader {}", cluster.spec.nodes[leader].name);
+    cluster.kill(leader).await;
+    // A new leader among the survivors, still paused.
+    loop {
+        if let Some(info) = consumer_info().await
+            && info
+                .cluster
+                .as_ref()
+                .and_then(|c| c.leader.as_deref())
+                .and_then(|l| cluster.index_of(l))
+                .is_some_and(|l| l != leader)
+        {
+            assert!(info.paused, "the pause was lost with the leader");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent-nova has no new leader 60 s after its leader died");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
+    mesh_bot::publish::send(&js, &registry, "cli:t", "nova", "held by the cluster", mesh_protocol::Priority::Normal)
+        .await
+        .unwrap();
+    let fetch = |expires: Duration| {
+        let js = js.clone();
+        async move {
+            let consumer: async_nats::jetstream::consumer::Consumer<pull::Config> =
+                js.get_stream("MESH_AGENTS").await.unwrap().get_consumer("agent-nova").await.unwrap();
+            let mut batch = consumer.fetch().max_messages(1).expires(expires).messages().await.unwrap();
+            let mut got = 0;
+            while let Some(message) = batch.next().await {
+                message.unwrap().ack().await.unwrap();
+                got += 1;
+            }
+            got
+        }
+    };
+    assert_eq!(fetch(Duration::from_secs(2)).await, 0, "a plain client pulled from a paused consumer");
+    switch.release(&Scope::Global, Actor::director("cli:t")).await.unwrap();
+    assert!(!consumer_info().await.unwrap().paused);
+    assert_eq!(fetch(Duration::from_secs(20)).await, 1);
+    cluster.restart(leader).await;
+}
