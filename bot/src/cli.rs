@@ -11,7 +11,7 @@ use mesh_listener::registry_file::DEFAULT_REGISTRY;
 use mesh_protocol::{AgentId, Priority};
 
 use crate::command::grammar::NewAgent;
-use crate::docker::DockerHost;
+use crate::config::Settings;
 use crate::engine::{Engine, Progress, Request};
 use crate::helpers::DeployAction;
 use crate::limits::LimitStore;
@@ -322,7 +322,20 @@ pub enum KillGrade {
 
 /// The whole `mesh` program.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        // Under --json an argument error is the same error object as every other error.
+        Err(e) if e.use_stderr() && wants_json(std::env::args_os()) => {
+            let text = e.render().to_string();
+            let mut lines = text.lines().map(str::trim_end).filter(|l| !l.is_empty());
+            let title = lines.next().unwrap_or("invalid arguments");
+            let reply = crate::command::Reply::error(title.strip_prefix("error: ").unwrap_or(title).to_owned())
+                .with_lines(None, lines.map(str::to_owned));
+            print_json_error(&reply);
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+        Err(e) => e.exit(),
+    };
     match tokio::runtime::Runtime::new() {
         Ok(rt) => rt.block_on(run(args)),
         Err(e) => {
@@ -333,12 +346,30 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
+    let json = args.json;
     match execute(args).await {
         Ok(code) => code,
+        Err(e) if json => {
+            print_json_error(&crate::command::Reply::error(format!("{e:#}")));
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// True when `--json` is among the options (not in the text after `--`).
+fn wants_json(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
+    args.into_iter().skip(1).take_while(|a| a != "--").any(|a| a == "--json")
+}
+
+/// An error raised before or around the engine, as the `--json` error object on stdout.
+fn print_json_error(reply: &crate::command::Reply) {
+    match serde_json::to_string(reply) {
+        Ok(line) => println!("{line}"),
+        Err(_) => eprintln!("error: {}", reply.title),
     }
 }
 
@@ -353,8 +384,8 @@ fn message_text(words: Vec<String>) -> anyhow::Result<String> {
     Ok(words.join(" "))
 }
 
-fn default_sender() -> String {
-    let user: String = std::env::var("USER")
+fn default_sender(user: Option<&str>) -> String {
+    let user: String = user
         .unwrap_or_default()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
@@ -385,21 +416,21 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         }
         other => typed(other)?,
     };
+    let settings = Settings::from_env()?;
     // Fail closed: a permissions file that is set but broken stops every command that needs a role.
-    let permissions = match crate::server::permissions_from_env() {
+    let permissions = match crate::config::permissions_from_env() {
         Ok(permissions) => permissions,
         Err(e) if command.spec().access.required(None).is_some() => return Err(e.into()),
         Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
     };
-    let mut config = crate::server::engine_config(args.registry.clone(), permissions);
-    config.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
+    let mut config = settings.engine_config(args.registry.clone(), permissions);
     if let Some(timeout) = options.ping_timeout {
         config.ping_timeout = timeout;
     }
     if let Some(timeout) = options.ask_timeout {
         config.ask_timeout = timeout;
     }
-    let from = options.from.unwrap_or_else(default_sender);
+    let from = options.from.unwrap_or_else(|| default_sender(settings.user.as_deref()));
     if let crate::command::Command::Up { data_dir, nats_port } = &command {
         // `mesh up` creates the mesh: it is admitted like every command, with nothing to audit into yet.
         let engine = Engine::offline(config, "the demo mesh is not running yet".into(), LimitStore::memory());
@@ -412,7 +443,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         crate::demo::run(config, mesh_listener::shutdown::shutdown_signal()).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let engine = connect_engine(&args.nats_url, config, &command).await?;
+    let engine = connect_engine(&args.nats_url, &settings, config, &command).await?;
     run_terminal(&engine, command, &from, options.yes, args.json).await
 }
 
@@ -544,15 +575,17 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
         Command::Deploy { action: DeployAction::Render { out, nats_sync_interval } } => {
             C::DeployRender { out, sync: nats_sync_interval }
         }
-        Command::Deploy { action: DeployAction::Up { out, compose, project, profile, nats_sync_interval } } => {
-            C::DeployUp(crate::command::grammar::DeployUp {
-                out,
-                compose,
-                project,
-                profiles: profile,
-                sync: nats_sync_interval,
-            })
-        }
+        Command::Deploy {
+            action: DeployAction::Up { out, compose, project, profile, nats_sync_interval, config_dir, generated_dir },
+        } => C::DeployUp(crate::command::grammar::DeployUp {
+            out,
+            compose,
+            project,
+            profiles: profile,
+            sync: nats_sync_interval,
+            config_dir,
+            generated_dir,
+        }),
         Command::Up { demo: _, data_dir, nats_port } => C::Up { data_dir, nats_port },
         Command::Bot { .. } | Command::Mcp { .. } | Command::Deploy { .. } | Command::Completions { .. } => {
             anyhow::bail!("not a command on the mesh")
@@ -564,18 +597,18 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
 /// `mesh bot`: refuses to start on a broken permissions file.
 async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
     mesh_listener::logging::init();
-    let permissions = crate::server::permissions_from_env()?;
-    let mut engine = crate::server::engine_config(args.registry.clone(), permissions);
-    engine.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
+    let settings = Settings::from_env()?;
+    let permissions = crate::config::permissions_from_env()?;
     let config = crate::server::BotConfig {
         nats_url: args.nats_url.clone(),
         addr,
-        engine,
-        slack: crate::server::slack_from_env()?,
-        discord: crate::server::discord_from_env()?,
-        redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
+        engine: settings.engine_config(args.registry.clone(), permissions),
+        slack: crate::config::slack_from_env()?,
+        discord: crate::config::discord_from_env()?,
+        redis_url: settings.redis_url,
         monitor_every: Duration::from_secs(30),
-        docker: docker_host(),
+        docker: settings.docker,
+        nats: settings.nats,
     };
     crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
     Ok(ExitCode::SUCCESS)
@@ -599,22 +632,14 @@ fn works_offline(command: &crate::command::Command) -> bool {
     )
 }
 
-/// The Docker engine (`DOCKER_HOST`) and compose project (`MESH_COMPOSE_PROJECT`) of the mesh.
-fn docker_host() -> DockerHost {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-    DockerHost {
-        host: var(crate::docker::HOST_ENV),
-        project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
-    }
-}
-
 /// The engine, connected to the mesh; offline for commands that work without it.
 async fn connect_engine(
     nats_url: &str,
+    settings: &Settings,
     config: crate::engine::EngineConfig,
     command: &crate::command::Command,
 ) -> anyhow::Result<Engine> {
-    let connected = match nats::connect_now(nats_url, "mesh-cli").await {
+    let connected = match nats::connect_now(nats_url, "mesh-cli", &settings.nats).await {
         Ok(client) => Engine::new(config.clone(), client, LimitStore::memory()).await.map_err(anyhow::Error::from),
         Err(e) => Err(e.into()),
     };
@@ -623,7 +648,7 @@ async fn connect_engine(
         Err(e) if works_offline(command) => Engine::offline(config, format!("{e:#}"), LimitStore::memory()),
         Err(e) => return Err(e),
     };
-    Ok(engine.with_containers(std::sync::Arc::new(docker_host())))
+    Ok(engine.with_containers(std::sync::Arc::new(settings.docker.clone())))
 }
 
 /// Runs one typed command through the engine as the terminal user and prints the reply.

@@ -57,16 +57,17 @@ pub async fn run(config: DemoConfig, shutdown: impl std::future::Future<Output =
     listener.registry_poll = std::time::Duration::from_secs(1);
     print_banner(&nats, &registry_path);
     // The bot's part: streams, bucket and consumers, which listeners may not create.
-    let client = mesh_listener::nats::connect_service(&nats.url(), "mesh-demo").await?;
+    let client = mesh_listener::nats::connect_service(&nats.url(), "mesh-demo", &Default::default()).await?;
     let js = async_nats::jetstream::new(client);
     let replicas = mesh_protocol::layout::Replicas::Auto;
     crate::provision::ensure_mesh(&js, replicas).await?;
-    let registry = mesh_listener::registry_file::load(&registry_path)?;
+    let registry = mesh_listener::registry_file::load(&registry_path, &listener.allowed_hosts)?;
     crate::provision::ensure_agents(&js, &registry, None).await?;
     let follow = crate::provision::FollowConfig {
         registry_path: registry_path.clone(),
         poll: std::time::Duration::from_secs(1),
         replicas,
+        allowed_hosts: listener.allowed_hosts.clone(),
         tuning: None,
     };
     let provisioner = tokio::spawn(crate::provision::follow(js, follow, std::future::pending()));

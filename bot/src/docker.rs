@@ -59,8 +59,8 @@ struct Found {
     running: bool,
 }
 
-fn call_err(e: impl std::fmt::Display) -> DockerError {
-    DockerError::Call(e.to_string())
+fn call_err(e: BollardError) -> DockerError {
+    DockerError::Call(e.into())
 }
 
 /// True for the engine's 304 answer: already in the wanted state.
@@ -74,7 +74,7 @@ async fn within<T>(
 ) -> Result<Result<T, BollardError>, DockerError> {
     tokio::time::timeout(CALL_TIMEOUT, call)
         .await
-        .map_err(|_| DockerError::Call(format!("no answer within {}s", CALL_TIMEOUT.as_secs())))
+        .map_err(|_| DockerError::Call(format!("no answer within {}s", CALL_TIMEOUT.as_secs()).into()))
 }
 
 async fn bounded<T>(call: impl Future<Output = Result<T, BollardError>>) -> Result<T, DockerError> {
@@ -82,23 +82,16 @@ async fn bounded<T>(call: impl Future<Output = Result<T, BollardError>>) -> Resu
 }
 
 impl DockerControl {
-    /// Connects through `DOCKER_HOST` or the local socket and pings the engine.
-    pub async fn connect(project: &str) -> Result<Self, DockerError> {
-        let host = std::env::var(HOST_ENV).ok().filter(|h| !h.is_empty());
-        Self::connect_to(host.as_deref(), project).await
-    }
-
     /// Connects to `host` (`unix:///...`, `tcp://host:port`; the local socket
     /// when `None`) and pings the engine, waiting at most [`PING_TIMEOUT`].
     pub async fn connect_to(host: Option<&str>, project: &str) -> Result<Self, DockerError> {
         let host = host.unwrap_or(DEFAULT_HOST);
-        let unreachable = |reason: String| DockerError::Unreachable { host: host.to_owned(), reason };
-        let docker =
-            Docker::connect_with_host(host).map_err(|e| unreachable(e.to_string()))?.with_timeout(CALL_TIMEOUT);
+        let unreachable = |reason: crate::containers::Cause| DockerError::Unreachable { host: host.to_owned(), reason };
+        let docker = Docker::connect_with_host(host).map_err(|e| unreachable(e.into()))?.with_timeout(CALL_TIMEOUT);
         match tokio::time::timeout(PING_TIMEOUT, docker.ping()).await {
             Ok(Ok(_)) => Ok(Self { docker, project: project.to_owned() }),
-            Ok(Err(e)) => Err(unreachable(e.to_string())),
-            Err(_) => Err(unreachable(format!("no answer within {}s", PING_TIMEOUT.as_secs()))),
+            Ok(Err(e)) => Err(unreachable(e.into())),
+            Err(_) => Err(unreachable(format!("no answer within {}s", PING_TIMEOUT.as_secs()).into())),
         }
     }
 
@@ -306,8 +299,8 @@ pub fn own_container_id() -> Option<String> {
             if !std::path::Path::new("/.dockerenv").exists() {
                 return None;
             }
-            let hostname = std::env::var("HOSTNAME").ok().unwrap_or_else(|| read("/etc/hostname"));
-            short_id(hostname.trim())
+            // The engine writes the short id there (and into HOSTNAME) unless the service sets a hostname.
+            short_id(read("/etc/hostname").trim())
         },
     )
 }

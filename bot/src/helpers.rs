@@ -35,6 +35,12 @@ pub enum DeployAction {
         /// How often nats-server fsyncs JetStream writes: always, or a duration such as 2m.
         #[arg(long, default_value = "always")]
         nats_sync_interval: SyncInterval,
+        /// The directory the containers mount as /etc/mesh (default: the registry file's directory).
+        #[arg(long, env = "MESH_CONFIG_DIR")]
+        config_dir: Option<PathBuf>,
+        /// The rendered files' directory as compose sees it (default: --out, made absolute).
+        #[arg(long, env = "MESH_GENERATED_DIR")]
+        generated_dir: Option<PathBuf>,
     },
     /// Exit 0 when a service answers (http://... 2xx, or tcp://host:port): the containers' health check.
     Probe {
@@ -64,13 +70,11 @@ pub async fn run_helper(action: DeployAction) -> anyhow::Result<()> {
         }
         DeployAction::Probe { url } => probe(&url).await?,
         DeployAction::DemoGateway { agent, addr, token_env } => {
-            let token = std::env::var(&token_env)
-                .ok()
-                .filter(|t| !t.trim().is_empty())
+            let token = crate::config::secret_var(&token_env)
                 .ok_or_else(|| anyhow::anyhow!("set {token_env} to the hook token this gateway accepts"))?;
             let gateway = crate::demo_gateway::DemoGateway {
                 agent,
-                hooks_token: token.trim().to_owned(),
+                hooks_token: token.expose().to_owned(),
                 gateway_token: format!("{}-unused", uuid::Uuid::now_v7()),
             };
             let listener = tokio::net::TcpListener::bind(addr).await?;

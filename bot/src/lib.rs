@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`cli`]: the `mesh` command line (flags to typed commands; `--json`).
-//! - [`server`]: `mesh bot`, the chat bot server and its configuration.
+//! - [`config`]: what `mesh` reads from the environment, once, at start.
+//! - [`server`]: `mesh bot`, the chat bot server.
 //! - [`slack`]: the Slack front end. [`discord`]: the Discord front end.
 //! - [`docker`]: `docker::DockerHost`, the engine's containers through bollard.
 //! - [`helpers`]: `mesh deploy probe` and `mesh deploy demo-gateway`.
@@ -20,6 +21,7 @@
 //!   [`agents`], [`deploy`], [`limits`], [`provision`].
 
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod demo_gateway;
 pub mod discord;

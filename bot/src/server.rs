@@ -4,7 +4,7 @@
 //! until ctrl-c or SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use mesh_protocol::Secret;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::command::{ConfirmConfig, Permissions};
+use crate::command::Permissions;
 use crate::engine::{Engine, EngineConfig};
 use crate::{discord, slack};
 
@@ -82,176 +82,19 @@ pub struct BotConfig {
     pub monitor_every: Duration,
     /// The Docker engine and compose project of the deployed mesh.
     pub docker: crate::docker::DockerHost,
+    /// NATS credentials and inbox prefix.
+    pub nats: mesh_runtime::config::NatsAuth,
 }
 
-/// Environment variable names.
-pub mod env {
-    /// Slack signing secret.
-    pub const SLACK_SIGNING_SECRET: &str = "SLACK_SIGNING_SECRET";
-    /// File holding the Slack signing secret.
-    pub const SLACK_SIGNING_SECRET_FILE: &str = "SLACK_SIGNING_SECRET_FILE";
-    /// Slack bot token.
-    pub const SLACK_BOT_TOKEN: &str = "SLACK_BOT_TOKEN";
-    /// Slack app-level token (`xapp-...`), for Socket Mode.
-    pub const SLACK_APP_TOKEN: &str = "SLACK_APP_TOKEN";
-    /// File holding the Slack app-level token.
-    pub const SLACK_APP_TOKEN_FILE: &str = "SLACK_APP_TOKEN_FILE";
-    /// Slack Web API base URL.
-    pub const SLACK_API_URL: &str = "SLACK_API_URL";
-    /// Accepted prefix of `response_url`.
-    pub const SLACK_RESPONSE_URL_PREFIX: &str = "SLACK_RESPONSE_URL_PREFIX";
-    /// Channel for notifications.
-    pub const SLACK_NOTIFY_CHANNEL: &str = "SLACK_NOTIFY_CHANNEL";
-    /// Discord application public key (hex).
-    pub const DISCORD_PUBLIC_KEY: &str = "DISCORD_PUBLIC_KEY";
-    /// File holding the Discord public key.
-    pub const DISCORD_PUBLIC_KEY_FILE: &str = "DISCORD_PUBLIC_KEY_FILE";
-    /// Discord bot token.
-    pub const DISCORD_BOT_TOKEN: &str = "DISCORD_BOT_TOKEN";
-    /// File holding the Discord bot token.
-    pub const DISCORD_BOT_TOKEN_FILE: &str = "DISCORD_BOT_TOKEN_FILE";
-    /// Discord application id.
-    pub const DISCORD_APPLICATION_ID: &str = "DISCORD_APPLICATION_ID";
-    /// Discord REST API base URL.
-    pub const DISCORD_API_URL: &str = "DISCORD_API_URL";
-    /// Discord channel for notifications.
-    pub const DISCORD_NOTIFY_CHANNEL: &str = "DISCORD_NOTIFY_CHANNEL";
-    /// `on` or `off`: the Discord gateway client.
-    pub const DISCORD_GATEWAY: &str = "DISCORD_GATEWAY";
-    /// Permissions file.
-    pub const MESH_PERMISSIONS: &str = "MESH_PERMISSIONS";
-    /// Two-person rule for nuclear.
-    pub const MESH_TWO_PERSON_NUCLEAR: &str = "MESH_TWO_PERSON_NUCLEAR";
-    /// Time to live of a broadcast sent without `--ttl` (`30s`, `5m`, `2h`; unset: none).
-    pub const MESH_BROADCAST_TTL: &str = "MESH_BROADCAST_TTL";
-    /// Redis URL.
-    pub const REDIS_URL: &str = "REDIS_URL";
-}
+pub use crate::config::{
+    PermissionsFileError, broadcast_ttl_from_env, discord_from_env, env, permissions_from_env, permissions_from_file,
+    slack_from_env,
+};
 
-fn secret_from_env(var: &str, file_var: Option<&str>) -> anyhow::Result<Option<Secret>> {
-    if let Ok(value) = std::env::var(var)
-        && !value.trim().is_empty()
-    {
-        return Ok(Some(Secret::new(value.trim())));
-    }
-    if let Some(file_var) = file_var
-        && let Ok(path) = std::env::var(file_var)
-    {
-        let value = std::fs::read_to_string(&path).with_context(|| format!("reading {file_var}={path}"))?;
-        return Ok(Some(Secret::new(value.trim())));
-    }
-    Ok(None)
-}
-
-/// Reads the Slack settings from the environment: Slack is on when a signing
-/// secret (HTTP slash commands) or an app token (Socket Mode) is set.
-pub fn slack_from_env() -> anyhow::Result<Option<SlackConfig>> {
-    let signing_secret = secret_from_env(env::SLACK_SIGNING_SECRET, Some(env::SLACK_SIGNING_SECRET_FILE))?;
-    let app_token = secret_from_env(env::SLACK_APP_TOKEN, Some(env::SLACK_APP_TOKEN_FILE))?;
-    if signing_secret.is_none() && app_token.is_none() {
-        return Ok(None);
-    }
-    Ok(Some(SlackConfig {
-        signing_secret,
-        app_token,
-        bot_token: secret_from_env(env::SLACK_BOT_TOKEN, None)?,
-        api_url: std::env::var(env::SLACK_API_URL).unwrap_or_else(|_| "https://slack.com/api".into()),
-        response_url_prefix: std::env::var(env::SLACK_RESPONSE_URL_PREFIX)
-            .unwrap_or_else(|_| "https://hooks.slack.com/".into()),
-        notify_channel: std::env::var(env::SLACK_NOTIFY_CHANNEL).ok().filter(|c| !c.is_empty()),
-    }))
-}
-
-/// Reads the Discord settings from the environment (none when neither a
-/// public key nor a bot token is set).
-pub fn discord_from_env() -> anyhow::Result<Option<DiscordConfig>> {
-    let public_key = secret_from_env(env::DISCORD_PUBLIC_KEY, Some(env::DISCORD_PUBLIC_KEY_FILE))?;
-    let bot_token = secret_from_env(env::DISCORD_BOT_TOKEN, Some(env::DISCORD_BOT_TOKEN_FILE))?;
-    if public_key.is_none() && bot_token.is_none() {
-        return Ok(None);
-    }
-    let public_key = public_key.map(|k| k.expose().parse::<discord::verify::PublicKey>()).transpose()?;
-    let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-    let gateway = match var(env::DISCORD_GATEWAY).as_deref() {
-        None | Some("on" | "1" | "true") => bot_token.is_some(),
-        Some("off" | "0" | "false") => false,
-        Some(other) => anyhow::bail!("{}={other:?} is not on or off", env::DISCORD_GATEWAY),
-    };
-    Ok(Some(DiscordConfig {
-        public_key,
-        bot_token,
-        application_id: var(env::DISCORD_APPLICATION_ID),
-        api_url: var(env::DISCORD_API_URL).unwrap_or_else(|| discord::api::DEFAULT_API_URL.into()),
-        notify_channel: var(env::DISCORD_NOTIFY_CHANNEL),
-        gateway,
-    }))
-}
-
-/// Why the permissions file cannot be used. Every command that needs a role,
-/// and `mesh bot`, stops on it (fail closed).
-#[derive(Debug, thiserror::Error)]
-pub enum PermissionsFileError {
-    /// The file cannot be read.
-    #[error("cannot read the permissions file {path} ({}); fix the path or unset it", env::MESH_PERMISSIONS)]
-    Unreadable {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not JSON, names an unknown role or key, or a malformed identity.
-    #[error(
-        "the permissions file {path} ({}) is invalid, so commands that need a role are refused; fix it",
-        env::MESH_PERMISSIONS
-    )]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The fault, with its line and column.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// Reads the permissions file named by `MESH_PERMISSIONS`. None set: chat
-/// users may only run `help`, and the terminal is director.
-pub fn permissions_from_env() -> Result<Permissions, PermissionsFileError> {
-    match std::env::var(env::MESH_PERMISSIONS) {
-        // Set but empty (a compose default) means unset.
-        Ok(path) if !path.trim().is_empty() => permissions_from_file(Path::new(&path)),
-        _ => Ok(Permissions::new()),
-    }
-}
-
-/// Reads one permissions file.
-pub fn permissions_from_file(path: &Path) -> Result<Permissions, PermissionsFileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| PermissionsFileError::Unreadable { path: path.to_owned(), source })?;
-    serde_json::from_str(&text).map_err(|source| PermissionsFileError::Invalid { path: path.to_owned(), source })
-}
-
-/// Default engine settings for a registry.
+/// The engine's defaults for a registry and permissions (no two-person rule,
+/// auto replicas, any host); `mesh` builds its own from [`crate::config::Settings`].
 pub fn engine_config(registry_path: PathBuf, permissions: Permissions) -> EngineConfig {
-    let two_person = std::env::var(env::MESH_TWO_PERSON_NUCLEAR).is_ok_and(|v| v == "1" || v == "true");
-    EngineConfig {
-        registry_path,
-        permissions,
-        confirm: ConfirmConfig { window: crate::command::confirm::CONFIRM_WINDOW, two_person_nuclear: two_person },
-        ask_timeout: Duration::from_secs(120),
-        ping_timeout: Duration::from_secs(2),
-        broadcast_ttl: None,
-    }
-}
-
-/// The default time to live of broadcasts ([`env::MESH_BROADCAST_TTL`]), read once at start.
-pub fn broadcast_ttl_from_env() -> anyhow::Result<Option<Duration>> {
-    match std::env::var(env::MESH_BROADCAST_TTL) {
-        Ok(raw) if !raw.trim().is_empty() => crate::command::grammar::parse_duration(raw.trim())
-            .map(Some)
-            .map_err(|e| anyhow::anyhow!("{}: {e}; unset it or use 30s, 5m or 2h", env::MESH_BROADCAST_TTL)),
-        _ => Ok(None),
-    }
+    EngineConfig::new(registry_path, permissions)
 }
 
 #[derive(Clone)]
@@ -269,13 +112,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> anyhow::Result<()> {
-    let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot").await?;
+    let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot", &config.nats).await?;
     let limits = crate::limits::LimitStore::from_url(config.redis_url.as_deref()).await;
     let engine = Engine::new(config.engine.clone(), client.clone(), limits).await?;
     let engine = Arc::new(engine.with_containers(Arc::new(config.docker.clone())));
     let js = async_nats::jetstream::new(client.clone());
     // What listeners refuse to run on, the bot refuses to feed.
-    if let Ok(registry) = mesh_listener::registry_file::load(&config.engine.registry_path)
+    if let Ok(registry) = mesh_listener::registry_file::load(&config.engine.registry_path, &config.engine.allowed_hosts)
         && let Err(e) = crate::provision::verify(&js, &registry).await
         && e.is_fatal()
     {
@@ -329,13 +172,15 @@ pub async fn run(
     let provision = crate::provision::FollowConfig {
         registry_path: config.engine.registry_path.clone(),
         poll: PROVISION_POLL,
-        replicas: mesh_listener::nats::replicas_from_env()?,
+        replicas: config.engine.replicas,
+        allowed_hosts: config.engine.allowed_hosts.clone(),
         tuning: None,
     };
     tokio::spawn(crate::provision::follow(js.clone(), provision, stop.clone().cancelled_owned()));
     tokio::spawn(crate::events::monitor(
         client.clone(),
         config.engine.registry_path.clone(),
+        config.engine.allowed_hosts.clone(),
         config.monitor_every,
         stop.clone(),
     ));

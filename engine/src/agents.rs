@@ -293,9 +293,13 @@ pub struct Changed {
 
 /// Applies one registry change (`agents add|remove|rotate`) to the file at `path`.
 /// `agents add` creates the file when it does not exist yet.
-pub fn change(path: &Path, command: &crate::command::Command) -> Result<Changed, AgentsError> {
+pub fn change(
+    path: &Path,
+    allowed: &mesh_protocol::registry::HostAllowList,
+    command: &crate::command::Command,
+) -> Result<Changed, AgentsError> {
     use crate::command::Command;
-    let registry = match mesh_runtime::registry_file::load(path) {
+    let registry = match mesh_runtime::registry_file::load(path, allowed) {
         Ok(registry) => registry,
         Err(mesh_runtime::registry_file::RegistryFileError::Missing { .. })
             if matches!(command, Command::AgentsAdd { .. }) =>
@@ -350,7 +354,7 @@ pub struct HostResolver {
 
 impl SecretResolver for HostResolver {
     fn env_var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+        mesh_runtime::secrets::OsSecrets::for_registry(&self.registry_dir.join("tokens.json")).env_var(name)
     }
 
     fn read_file(&self, path: &Path) -> std::io::Result<String> {

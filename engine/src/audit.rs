@@ -31,22 +31,38 @@ pub struct AuditRecord {
     pub message_ids: Vec<String>,
 }
 
+/// Why the audit trail could not be written or read (each keeps its cause).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The platform name is no subject token.
+    #[error(transparent)]
+    Subject(#[from] mesh_protocol::subject::SubjectError),
+    /// The record cannot be encoded.
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// JetStream did not take or confirm the record.
+    #[error(transparent)]
+    Publish(#[from] jetstream::context::PublishError),
+    /// The audit stream cannot be read.
+    #[error(transparent)]
+    Stream(#[from] jetstream::context::GetStreamError),
+    /// The audit stream's state cannot be read.
+    #[error(transparent)]
+    Info(#[from] jetstream::context::RequestError),
+}
+
 /// Appends a record; waits for JetStream's ack.
-pub async fn append(js: &jetstream::Context, record: &AuditRecord) -> Result<(), String> {
-    let subject = Subject::audit(&record.platform).map_err(|e| e.to_string())?;
-    let payload = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    js.publish(subject.to_string(), payload.into())
-        .await
-        .map_err(|e| e.to_string())?
-        .await
-        .map_err(|e| e.to_string())?;
+pub async fn append(js: &jetstream::Context, record: &AuditRecord) -> Result<(), AuditError> {
+    let subject = Subject::audit(&record.platform)?;
+    let payload = serde_json::to_vec(record)?;
+    js.publish(subject.to_string(), payload.into()).await?.await?;
     Ok(())
 }
 
 /// The newest `n` records, newest first.
-pub async fn newest(js: &jetstream::Context, n: usize) -> Result<Vec<AuditRecord>, String> {
-    let stream = js.get_stream(layout::audit_stream(1).name).await.map_err(|e| e.to_string())?;
-    let info = stream.get_info().await.map_err(|e| e.to_string())?;
+pub async fn newest(js: &jetstream::Context, n: usize) -> Result<Vec<AuditRecord>, AuditError> {
+    let stream = js.get_stream(layout::audit_stream(1).name).await?;
+    let info = stream.get_info().await?;
     let (first, mut seq) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
     while out.len() < n && seq >= first && seq > 0 {

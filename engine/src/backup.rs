@@ -203,7 +203,12 @@ pub struct RestoreReport {
 }
 
 /// Restores `dir` into the (fresh) server at `js` and the registry to `registry`.
-pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Result<RestoreReport, BackupError> {
+pub async fn restore(
+    js: &jetstream::Context,
+    replicas: mesh_protocol::layout::Replicas,
+    registry: &Path,
+    dir: &Path,
+) -> Result<RestoreReport, BackupError> {
     let manifest: Manifest = read_json(&dir.join(MANIFEST))?;
     if manifest.version != FORMAT_VERSION {
         return Err(BackupError::Format {
@@ -211,7 +216,6 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
             reason: format!("format version {} (this mesh reads {FORMAT_VERSION})", manifest.version),
         });
     }
-    let replicas = mesh_runtime::nats::replicas_from_env()?;
     mesh_runtime::nats::ensure_streams(js, replicas).await?;
     let mut report =
         RestoreReport { streams: BTreeMap::new(), consumers: BTreeMap::new(), killswitch: 0, registry: None };

@@ -51,6 +51,10 @@ impl Containers for NoContainers {
     }
 }
 
+/// The cause of a Docker problem, from whatever client the implementation uses
+/// (this crate links none).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// A Docker problem.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -60,11 +64,12 @@ pub enum DockerError {
         /// The address tried.
         host: String,
         /// What went wrong.
-        reason: String,
+        #[source]
+        reason: Cause,
     },
     /// One engine call failed.
     #[error("docker call failed: {0}; check the engine with `docker ps`")]
-    Call(String),
+    Call(#[source] Cause),
     /// No listener container carries this agent's label.
     #[error("no listener container for agent {agent:?} in project {project:?}; check `mesh status` and {PROJECT_ENV}")]
     NoListener {
@@ -135,5 +140,22 @@ pub fn format_uptime(secs: u64) -> String {
         s if s >= 3600 => format!("{}h {}m", s / 3600, s % 3600 / 60),
         s if s >= 60 => format!("{}m {}s", s / 60, s % 60),
         s => format!("{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_errors_keep_their_cause_and_their_message() {
+        use std::error::Error as _;
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = DockerError::Unreachable { host: "tcp://127.0.0.1:1".into(), reason: Box::new(refused) };
+        assert_eq!(
+            e.to_string(),
+            "docker engine not reachable at tcp://127.0.0.1:1: connection refused; the transport-level pause still works"
+        );
+        assert!(e.source().is_some_and(|cause| cause.is::<std::io::Error>()), "{e:?}");
     }
 }

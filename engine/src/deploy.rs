@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mesh_protocol::access::{self, Access};
+use mesh_protocol::registry::HostAllowList;
 use mesh_protocol::{Registry, SecretRef};
 
 /// Where the registry directory is mounted in the containers.
@@ -323,9 +324,39 @@ pub struct RenderReport {
     pub out: PathBuf,
 }
 
+/// Why `deploy render` or `deploy up` failed (each keeps its cause).
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    /// The registry cannot be loaded.
+    #[error(transparent)]
+    Registry(#[from] mesh_runtime::registry_file::RegistryFileError),
+    /// A rendered file cannot be written.
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
+    /// docker-compose cannot be started.
+    #[error("cannot run docker-compose: {0}; install it (Debian: apt-get install docker-compose)")]
+    Compose(#[source] std::io::Error),
+    /// docker-compose ran and failed.
+    #[error(
+        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
+        env_example.display()
+    )]
+    Failed {
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The list of variables the deployment needs.
+        env_example: PathBuf,
+    },
+}
+
 /// Renders the deployment files from the registry at `registry_path` into `out`.
-pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> anyhow::Result<RenderReport> {
-    let registry = mesh_runtime::registry_file::load(registry_path)?;
+pub fn render_into(
+    registry_path: &Path,
+    allowed: &HostAllowList,
+    out: &Path,
+    sync: &SyncInterval,
+) -> Result<RenderReport, DeployError> {
+    let registry = mesh_runtime::registry_file::load(registry_path, allowed)?;
     let rendered = render(&registry, sync);
     let files = write(&rendered, out)?;
     // What the containers mount must exist: `secrets/` (masked in them) and
@@ -343,8 +374,12 @@ pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> any
 }
 
 /// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
-pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) -> anyhow::Result<RenderReport> {
-    let report = render_into(registry_path, &up.out, &up.sync)?;
+pub async fn up(
+    registry_path: &Path,
+    allowed: &HostAllowList,
+    up: &crate::command::grammar::DeployUp,
+) -> Result<RenderReport, DeployError> {
+    let report = render_into(registry_path, allowed, &up.out, &up.sync)?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
     let config_dir = absolute(registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")));
     let mut command = tokio::process::Command::new("docker-compose");
@@ -353,21 +388,13 @@ pub async fn up(registry_path: &Path, up: &crate::command::grammar::DeployUp) ->
         command.args(["--profile", p]);
     }
     command.args(["up", "-d", "--remove-orphans"]);
-    // The registry's directory and the rendered files, unless the environment says otherwise.
-    if std::env::var_os("MESH_CONFIG_DIR").is_none() {
-        command.env("MESH_CONFIG_DIR", config_dir);
+    // The registry's directory and the rendered files, unless the terminal was told otherwise.
+    command.env("MESH_CONFIG_DIR", up.config_dir.clone().unwrap_or(config_dir));
+    command.env("MESH_GENERATED_DIR", up.generated_dir.clone().unwrap_or_else(|| absolute(&up.out)));
+    let status = command.status().await.map_err(DeployError::Compose)?;
+    if !status.success() {
+        return Err(DeployError::Failed { status, env_example: up.out.join(ENV_EXAMPLE) });
     }
-    if std::env::var_os("MESH_GENERATED_DIR").is_none() {
-        command.env("MESH_GENERATED_DIR", absolute(&up.out));
-    }
-    let status = command.status().await.map_err(|e| {
-        anyhow::anyhow!("cannot run docker-compose: {e}; install it (Debian: apt-get install docker-compose)")
-    })?;
-    anyhow::ensure!(
-        status.success(),
-        "docker-compose up failed ({status}); are the images built? (scripts/images.sh) are the variables of {} set?",
-        up.out.join(ENV_EXAMPLE).display()
-    );
     Ok(report)
 }
 
@@ -476,5 +503,19 @@ mod tests {
             assert!(bad.parse::<SyncInterval>().is_err(), "{bad:?} must be refused");
         }
         assert_eq!("150ms".parse::<SyncInterval>().unwrap().to_string(), "150ms");
+    }
+
+    #[test]
+    fn render_errors_are_typed_and_keep_their_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("tokens.json");
+        let e = render_into(&missing, &HostAllowList::default(), dir.path(), &SyncInterval::Always).unwrap_err();
+        assert!(matches!(e, DeployError::Registry(_)), "{e:?}");
+        assert!(e.to_string().starts_with("registry ") && e.to_string().contains("not found"), "{e}");
+        std::fs::write(&missing, REG).unwrap();
+        let blocked = dir.path().join("a-file");
+        std::fs::write(&blocked, "").unwrap();
+        let e = render_into(&missing, &HostAllowList::default(), &blocked, &SyncInterval::Always).unwrap_err();
+        assert!(matches!(e, DeployError::Write(_)), "{e:?}");
     }
 }

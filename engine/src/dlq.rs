@@ -66,8 +66,7 @@ pub enum DlqError {
 }
 
 async fn dlq_stream(js: &async_nats::jetstream::Context) -> Result<Stream, DlqError> {
-    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| DlqError::Read(e.to_string()))?;
-    mesh_runtime::nats::ensure_streams(js, replicas).await.map_err(|e| DlqError::Read(e.to_string()))?;
+    // The streams exist: the engine's mesh created them at start (`NatsMesh::open`), with the configured replicas.
     js.get_stream(layout::dead_letter_stream(1).name).await.map_err(|e| DlqError::Read(e.to_string()))
 }
 

@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_protocol::killswitch::{Mode, Scope};
-use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::layout::{ConsumerTuning, Replicas};
+use mesh_protocol::registry::HostAllowList;
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
 use time::OffsetDateTime;
@@ -184,8 +185,31 @@ pub struct EngineConfig {
     pub ask_timeout: Duration,
     /// How long `ping` and `status` wait for pongs.
     pub ping_timeout: Duration,
+    /// Stream replicas (`MESH_REPLICAS`, read once at start).
+    pub replicas: Replicas,
+    /// The hosts the registry's URLs may point at (`MESH_HOOKS_ALLOWED_HOSTS`,
+    /// read once at start; empty allows any).
+    pub allowed_hosts: HostAllowList,
     /// The time to live of a broadcast sent without `--ttl` (`MESH_BROADCAST_TTL`); `None`: never expires.
     pub broadcast_ttl: Option<Duration>,
+}
+
+impl EngineConfig {
+    /// The defaults for a registry and permissions: confirmation window of
+    /// [`crate::command::confirm::CONFIRM_WINDOW`] without the two-person rule,
+    /// `ask` waits 120 s, pings 2 s, auto replicas, any host.
+    pub fn new(registry_path: PathBuf, permissions: Permissions) -> Self {
+        Self {
+            registry_path,
+            permissions,
+            confirm: ConfirmConfig { window: crate::command::confirm::CONFIRM_WINDOW, two_person_nuclear: false },
+            ask_timeout: Duration::from_secs(120),
+            ping_timeout: Duration::from_secs(2),
+            replicas: Replicas::Auto,
+            allowed_hosts: HostAllowList::default(),
+            broadcast_ttl: None,
+        }
+    }
 }
 
 /// Why the engine could not start.
@@ -193,6 +217,43 @@ pub struct EngineConfig {
 pub enum EngineError {
     #[error(transparent)]
     Mesh(#[from] crate::mesh::MeshError),
+}
+
+/// Why a command failed. The reply shows its `Display`: one line that says
+/// what to do; each variant keeps its cause (`source`).
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The mesh cannot be reached (why, in words); only commands on local files run.
+    #[error("{0}")]
+    Offline(String),
+    #[error(transparent)]
+    Registry(#[from] mesh_runtime::registry_file::RegistryFileError),
+    #[error(transparent)]
+    Send(#[from] publish::SendError),
+    #[error(transparent)]
+    Envelope(#[from] mesh_protocol::envelope::EnvelopeError),
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::MeshError),
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error(transparent)]
+    Agents(#[from] crate::agents::AgentsError),
+    #[error(transparent)]
+    Deploy(#[from] crate::deploy::DeployError),
+    #[error(transparent)]
+    Thread(#[from] crate::thread::ThreadError),
+    /// `ask` of an agent that does not reply.
+    #[error("ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)")]
+    NotChat {
+        /// The agent asked.
+        agent: AgentId,
+    },
+    /// `confirm` reached execution without a pending action.
+    #[error("nothing to confirm")]
+    NothingToConfirm,
+    /// `mesh up` is only admitted by the engine; the terminal runs it.
+    #[error("mesh up runs in the terminal itself; it is only admitted here")]
+    UpNotHere,
 }
 
 /// The clock the engine reads (confirmation windows, audit times).
@@ -246,7 +307,7 @@ impl Engine {
         client: async_nats::Client,
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
-        let mesh = NatsMesh::open(client).await?;
+        let mesh = NatsMesh::open(client, config.replicas).await?;
         Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
     }
 
@@ -286,8 +347,8 @@ impl Engine {
         &self.limits
     }
 
-    fn mesh(&self) -> Result<&dyn Mesh, String> {
-        self.mesh.as_deref().map_err(Clone::clone)
+    fn mesh(&self) -> Result<&dyn Mesh, CommandError> {
+        self.mesh.as_deref().map_err(|reason| CommandError::Offline(reason.clone()))
     }
 
     /// Runs one chat command line: parses it, then takes the one road.
@@ -360,7 +421,7 @@ impl Engine {
         };
         let executed = match self.execute(&request, role, command).await {
             Ok(executed) => executed,
-            Err(message) => Executed::reply(Reply::error(message)),
+            Err(e) => Executed::reply(Reply::error(e.to_string())),
         };
         let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
         let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
@@ -414,15 +475,15 @@ impl Engine {
             outcome: reply.title.clone(),
             message_ids: message_ids.to_vec(),
         };
-        let stored = match self.mesh() {
+        let stored = match &self.mesh {
             Ok(mesh) => mesh.audit(&record).await.map_err(|e| e.to_string()),
-            Err(reason) => Err(reason),
+            Err(reason) => Err(reason.clone()),
         };
         stored.err().inspect(|e| warn!(error = %e, who = %record.who, "audit record not stored"))
     }
 
-    fn registry(&self) -> Result<Registry, String> {
-        mesh_runtime::registry_file::load(&self.config.registry_path).map_err(|e| e.to_string())
+    fn registry(&self) -> Result<Registry, CommandError> {
+        Ok(mesh_runtime::registry_file::load(&self.config.registry_path, &self.config.allowed_hosts)?)
     }
 
     async fn execute(
@@ -430,7 +491,7 @@ impl Engine {
         request: &Request,
         role: Option<crate::command::Role>,
         command: Command,
-    ) -> Result<Executed, String> {
+    ) -> Result<Executed, CommandError> {
         // Messages carry the sender name; the kill switch records who pulled it, and the role decides
         // which entry in force they may replace.
         let (from, by) = (request.sender(), request.who.key());
@@ -439,12 +500,11 @@ impl Engine {
             Command::Send { agent, text, priority, ttl } => {
                 let registry = self.registry()?;
                 let mut prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
-                    .and_then(|p| p.with_ttl(ttl))
-                    .map_err(|e| e.to_string())?;
+                    .and_then(|p| p.with_ttl(ttl))?;
                 if let Some(thread) = &request.thread {
                     thread.stamp(&mut prepared.envelope)?;
                 }
-                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await?;
                 let queued = self.queued_note(Some(&agent)).await;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -457,12 +517,11 @@ impl Engine {
             Command::Broadcast { priority, text, ttl } => {
                 let registry = self.registry()?;
                 let mut prepared = publish::prepare_broadcast(&registry, &from, &text, priority)
-                    .and_then(|p| p.with_ttl(ttl.or(self.config.broadcast_ttl)))
-                    .map_err(|e| e.to_string())?;
+                    .and_then(|p| p.with_ttl(ttl.or(self.config.broadcast_ttl)))?;
                 if let Some(thread) = &request.thread {
                     thread.stamp(&mut prepared.envelope)?;
                 }
-                let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
+                let receipt = self.mesh()?.deliver(&prepared).await?;
                 let queued = self.queued_note(None).await;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -475,7 +534,7 @@ impl Engine {
             Command::Ask { agent, text, ttl } => self.ask(&from, &agent, &text, ttl).await,
             Command::Ping => {
                 let registry = self.registry()?;
-                let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
+                let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await?;
                 let rows = report
                     .rows
                     .iter()
@@ -519,17 +578,12 @@ impl Engine {
             }
             Command::KillSoft { duration, agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self
-                    .mesh()?
-                    .kill_pull(&scope, Mode::Soft, Some(duration), actor, reason)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let state = self.mesh()?.kill_pull(&scope, Mode::Soft, Some(duration), actor, reason).await?;
                 Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
             }
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state =
-                    self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await.map_err(|e| e.to_string())?;
+                let state = self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let docker = match scope {
                     Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
@@ -540,11 +594,7 @@ impl Engine {
                 Ok(Executed::reply(reply.with_lines(None, [docker])))
             }
             Command::KillNuclear { purge } => {
-                let state = self
-                    .mesh()?
-                    .kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let state = self.mesh()?.kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None).await?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
                 let lines = match self.containers.nuclear(purge).await {
                     Ok(report) => {
@@ -567,7 +617,7 @@ impl Engine {
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
                 let mesh = self.mesh()?;
-                mesh.kill_release(&scope, actor).await.map_err(|e| e.to_string())?;
+                mesh.kill_release(&scope, actor).await?;
                 let mut reply = Reply::ok(format!("resumed {scope}"));
                 if scope == Scope::Global {
                     let line = docker_line("started listener containers", self.containers.start_listeners().await);
@@ -581,13 +631,12 @@ impl Engine {
                 }
                 Ok(Executed::reply(reply))
             }
-            Command::Confirm { .. } => Err("nothing to confirm".to_owned()),
+            Command::Confirm { .. } => Err(CommandError::NothingToConfirm),
             Command::Dlq { agent, limit } => {
                 if let Some(agent) = &agent {
-                    publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
+                    publish::resolve_any(&self.registry()?, agent.as_str())?;
                 }
-                let entries =
-                    self.mesh()?.dead_letters(agent.as_ref(), limit as usize).await.map_err(|e| e.to_string())?;
+                let entries = self.mesh()?.dead_letters(agent.as_ref(), limit as usize).await?;
                 if entries.is_empty() {
                     return Ok(Executed::reply(Reply::ok("no dead letters").with_data(&entries)));
                 }
@@ -613,7 +662,7 @@ impl Engine {
             }
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
-                let report = self.mesh()?.replay(&registry, &agent, count as usize).await.map_err(|e| e.to_string())?;
+                let report = self.mesh()?.replay(&registry, &agent, count as usize).await?;
                 let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
                 if report.replayed.is_empty() && report.skipped.is_empty() {
                     return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
@@ -629,7 +678,7 @@ impl Engine {
                 Ok(Executed::with_ids(reply, ids))
             }
             Command::Audit { count } => {
-                let records = self.mesh()?.audit_newest(count as usize).await.map_err(|e| e.to_string())?;
+                let records = self.mesh()?.audit_newest(count as usize).await?;
                 let rows = records
                     .iter()
                     .map(|r| {
@@ -664,8 +713,7 @@ impl Engine {
                             }
                         }),
                     )
-                    .await
-                    .map_err(|e| e.to_string())?;
+                    .await?;
                 let title = report.steps.last().cloned().unwrap_or_else(|| "maintenance done".to_owned());
                 let reply = if report.missing == 0 { Reply::ok(title) } else { Reply::warn(title) };
                 let failed = report.missing > 0;
@@ -673,13 +721,12 @@ impl Engine {
                 Ok(Executed { failed, ..Executed::with_ids(reply.with_data(&report), ids) })
             }
             Command::Restart { agent } => {
-                publish::resolve_any(&self.registry()?, agent.as_str()).map_err(|e| e.to_string())?;
-                let name = self.containers.restart_listener(agent.as_str()).await.map_err(|e| e.to_string())?;
+                publish::resolve_any(&self.registry()?, agent.as_str())?;
+                let name = self.containers.restart_listener(agent.as_str()).await?;
                 Ok(Executed::reply(Reply::ok(format!("restarted {name}"))))
             }
             Command::Backup { dir } => {
-                let manifest =
-                    self.mesh()?.backup(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
+                let manifest = self.mesh()?.backup(&self.config.registry_path, &dir).await?;
                 let title = format!(
                     "backup in {}: messages {:?}, {} agent consumers, {} kill switch entries, registry {}",
                     dir.display(),
@@ -691,7 +738,7 @@ impl Engine {
                 Ok(Executed::reply(Reply::ok(title).with_data(&manifest)))
             }
             Command::Restore { dir } => {
-                let report = self.mesh()?.restore(&self.config.registry_path, &dir).await.map_err(|e| e.to_string())?;
+                let report = self.mesh()?.restore(&self.config.registry_path, &dir).await?;
                 let title = format!(
                     "restored messages {:?}; pending per agent {:?}; {} kill switch entries; registry {}",
                     report.streams,
@@ -703,7 +750,7 @@ impl Engine {
             }
             Command::AgentsList => {
                 let path = &self.config.registry_path;
-                let registry = mesh_runtime::registry_file::load(path).map_err(|e| e.to_string())?;
+                let registry = mesh_runtime::registry_file::load(path, &self.config.allowed_hosts)?;
                 let rows = crate::agents::rows(&registry);
                 let table = rows
                     .iter()
@@ -729,7 +776,7 @@ impl Engine {
                 ))
             }
             command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
-                let changed = crate::agents::change(&self.config.registry_path, &command).map_err(|e| e.to_string())?;
+                let changed = crate::agents::change(&self.config.registry_path, &self.config.allowed_hosts, &command)?;
                 let kept = match &changed.backup {
                     Some(backup) => format!("previous version kept as {}", backup.display()),
                     None => "a new file".to_owned(),
@@ -747,7 +794,7 @@ impl Engine {
                 if let Some(id) = retire {
                     let retired = match self.mesh() {
                         Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.to_string()),
                     };
                     let line = match retired {
                         Ok(done) => done,
@@ -773,15 +820,15 @@ impl Engine {
                 Ok(Executed::reply(reply))
             }
             Command::DeployRender { out, sync } => {
-                let report = crate::deploy::render_into(&self.config.registry_path, &out, &sync)
-                    .map_err(|e| format!("{e:#}"))?;
+                let report =
+                    crate::deploy::render_into(&self.config.registry_path, &self.config.allowed_hosts, &out, &sync)?;
                 Ok(Executed::reply(render_reply(
                     format!("rendered {} listener services into {}", report.listeners, out.display()),
                     &report,
                 )))
             }
             Command::DeployUp(up) => {
-                let report = crate::deploy::up(&self.config.registry_path, &up).await.map_err(|e| format!("{e:#}"))?;
+                let report = crate::deploy::up(&self.config.registry_path, &self.config.allowed_hosts, &up).await?;
                 let title = format!(
                     "mesh up as compose project {:?}: {} listeners; `mesh status` lists the containers",
                     up.project, report.listeners
@@ -793,21 +840,21 @@ impl Engine {
                 };
                 Ok(Executed::reply(render_reply(title, &report).with_lines(None, [line])))
             }
-            Command::Up { .. } => Err("mesh up runs in the terminal itself; it is only admitted here".to_owned()),
+            Command::Up { .. } => Err(CommandError::UpNotHere),
         }
     }
 
     /// Creates the streams, the bucket and these agents' consumers, when the mesh is reachable.
-    async fn provision(&self, agents: &[(AgentId, ConsumerTuning)]) -> Result<String, String> {
-        self.mesh()?.provision(agents).await.map_err(|e| e.to_string())
+    async fn provision(&self, agents: &[(AgentId, ConsumerTuning)]) -> Result<String, CommandError> {
+        Ok(self.mesh()?.provision(agents).await?)
     }
 
-    fn scope(&self, agent: Option<AgentId>) -> Result<Scope, String> {
+    fn scope(&self, agent: Option<AgentId>) -> Result<Scope, CommandError> {
         match agent {
             None => Ok(Scope::Global),
             Some(id) => {
                 let registry = self.registry()?;
-                publish::resolve_any(&registry, id.as_str()).map_err(|e| e.to_string())?;
+                publish::resolve_any(&registry, id.as_str())?;
                 Ok(Scope::Agent(id))
             }
         }
@@ -826,23 +873,25 @@ impl Engine {
         ))
     }
 
-    async fn ask(&self, from: &str, agent: &AgentId, text: &str, ttl: Option<Duration>) -> Result<Executed, String> {
+    async fn ask(
+        &self,
+        from: &str,
+        agent: &AgentId,
+        text: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Executed, CommandError> {
         let registry = self.registry()?;
-        let target = publish::resolve_target(&registry, agent.as_str()).map_err(|e| e.to_string())?;
+        let target = publish::resolve_target(&registry, agent.as_str())?;
         if target.delivery != DeliveryMode::Chat {
-            return Err(format!(
-                "ask needs an agent with \"delivery\": \"chat\"; {agent} answers nobody back (use send)"
-            ));
+            return Err(CommandError::NotChat { agent: agent.clone() });
         }
         let reply_subject = Subject::new_reply();
-        let mut envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
-            .map_err(|e| e.to_string())?
-            .with_reply_to(&reply_subject);
+        let mut envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)?.with_reply_to(&reply_subject);
         if let Some(ttl) = ttl {
-            envelope = envelope.with_ttl(ttl).map_err(|e| e.to_string())?;
+            envelope = envelope.with_ttl(ttl)?;
         }
         let tuning = target.consumer_tuning();
-        let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await.map_err(|e| e.to_string())?;
+        let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await?;
         let timeout = self.config.ask_timeout;
         let queued = self.queued_note(Some(agent)).await;
         let asked = agent.clone();
@@ -863,11 +912,11 @@ impl Engine {
         Ok(Executed { follow_up: Some(follow_up), ..Executed::with_ids(reply, vec![envelope.id.to_string()]) })
     }
 
-    async fn status(&self) -> Result<Executed, String> {
+    async fn status(&self) -> Result<Executed, CommandError> {
         let registry = self.registry()?;
         let mesh = self.mesh()?;
         let mut reply = Reply::info("mesh status");
-        let kills = mesh.kill_in_force().await.map_err(|e| e.to_string())?;
+        let kills = mesh.kill_in_force().await?;
         let kill_lines: Vec<String> = if kills.is_empty() {
             vec!["not pulled".to_owned()]
         } else {
@@ -887,7 +936,7 @@ impl Engine {
             Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
         };
         reply = reply.with_lines(Some("server-side pause"), pause_lines);
-        let report = mesh.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
+        let report = mesh.ping(&registry, self.config.ping_timeout).await?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();
         let dead = mesh.dead_letter_count().await;

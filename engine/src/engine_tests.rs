@@ -77,7 +77,7 @@ impl Mesh for FakeMesh {
         let mut state = self.state();
         state.published.push(envelope.clone());
         state.asked = Some(tx);
-        let wait: ReplyWait = Box::pin(async move { rx.await.map_err(|_| "no answer".to_owned()) });
+        let wait: ReplyWait = Box::pin(async move { rx.await.map_err(|_| crate::mesh::ReplyError::Closed) });
         ready(Ok(wait))
     }
 
@@ -275,7 +275,7 @@ fn setup_with(limits: LimitStore, two_person: bool) -> Setup {
         confirm: ConfirmConfig { two_person_nuclear: two_person, ..ConfirmConfig::default() },
         ask_timeout: Duration::from_secs(30),
         ping_timeout: Duration::from_millis(10),
-        broadcast_ttl: None,
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
     };
     let mesh = FakeMesh::default();
     let containers = Arc::new(FakeContainers::default());
@@ -464,7 +464,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
         confirm: ConfirmConfig::default(),
         ask_timeout: Duration::from_secs(1),
         ping_timeout: Duration::from_millis(10),
-        broadcast_ttl: None,
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
     };
     let engine = Engine::offline(config, "cannot reach NATS".into(), LimitStore::memory());
     let add = Command::AgentsAdd {
@@ -525,6 +525,31 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
 }
 
 #[tokio::test]
+async fn a_failed_command_keeps_its_typed_cause_and_its_one_line_message() {
+    use std::error::Error as _;
+    let s = setup();
+    let request = slack("UDIR", "send nvoa hi");
+    let send =
+        Command::Send { agent: id("nvoa"), text: "hi".into(), priority: mesh_protocol::Priority::Normal, ttl: None };
+    let Err(e) = s.engine.execute(&request, Some(crate::command::Role::Director), send).await else {
+        panic!("an unknown agent must fail")
+    };
+    assert!(matches!(e, CommandError::Send(publish::SendError::UnknownAgent { .. })), "{e:?}");
+    assert!(e.to_string().starts_with("unknown agent \"nvoa\""), "{e}");
+
+    // A registry that cannot be read: the I/O error stays reachable as the source.
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig::new(dir.path().to_owned(), permissions());
+    let engine = Engine::with_mesh(config, Ok(Arc::new(FakeMesh::default())), LimitStore::memory());
+    let Err(e) = engine.execute(&request, Some(crate::command::Role::Director), Command::Ping).await else {
+        panic!("a directory is no registry")
+    };
+    assert!(matches!(e, CommandError::Registry(_)), "{e:?}");
+    assert!(e.to_string().starts_with("cannot read registry"), "{e}");
+    assert!(e.source().is_some_and(|cause| cause.is::<std::io::Error>()), "the cause is kept: {e:?}");
+}
+
+#[tokio::test]
 async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
     let mut s = setup();
     s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await;
@@ -544,6 +569,7 @@ async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
         ask_timeout: Duration::from_secs(30),
         ping_timeout: Duration::from_millis(10),
         broadcast_ttl: Some(Duration::from_secs(300)),
+        ..EngineConfig::new(std::path::PathBuf::new(), Permissions::new())
     };
     s.mesh = FakeMesh::default();
     s.engine = Engine::with_mesh(config, Ok(Arc::new(s.mesh.clone())), LimitStore::memory());

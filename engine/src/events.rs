@@ -56,7 +56,13 @@ pub fn changes(before: &FleetView, after: &FleetView) -> Vec<Event> {
 }
 
 /// Pings the fleet every `every` and publishes what changed, until `stop`.
-pub async fn monitor(client: async_nats::Client, registry_path: PathBuf, every: Duration, stop: CancellationToken) {
+pub async fn monitor(
+    client: async_nats::Client,
+    registry_path: PathBuf,
+    allowed_hosts: mesh_protocol::registry::HostAllowList,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let js = jetstream::new(client.clone());
     let mut before: Option<FleetView> = None;
     let mut tick = tokio::time::interval(every);
@@ -65,7 +71,7 @@ pub async fn monitor(client: async_nats::Client, registry_path: PathBuf, every: 
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(registry) = mesh_runtime::registry_file::load(&registry_path) else { continue };
+        let Ok(registry) = mesh_runtime::registry_file::load(&registry_path, &allowed_hosts) else { continue };
         let Ok(report) = crate::ping::ping(&client, &registry, Duration::from_secs(2)).await else { continue };
         let up = report
             .rows

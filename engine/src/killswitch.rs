@@ -118,9 +118,17 @@ pub struct KillSwitch {
 pub const MAX_SOFT: Duration = Duration::from_secs(24 * 3600);
 
 impl KillSwitch {
-    /// Opens the bucket (creating it when missing).
+    /// Opens the bucket (creating it when missing) with the default replicas
+    /// setting (auto); the engine uses [`KillSwitch::open_with`] and the configured one.
     pub async fn open(js: &jetstream::Context) -> Result<Self, KillSwitchError> {
-        let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+        Self::open_with(js, mesh_protocol::layout::Replicas::Auto).await
+    }
+
+    /// Opens the bucket (creating it when missing, scaled up to `replicas`).
+    pub async fn open_with(
+        js: &jetstream::Context,
+        replicas: mesh_protocol::layout::Replicas,
+    ) -> Result<Self, KillSwitchError> {
         let store =
             mesh_runtime::kill_bucket::open(js, replicas).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
         Ok(Self { store, js: js.clone() })

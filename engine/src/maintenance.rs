@@ -60,32 +60,68 @@ pub fn announcements(window: &Window, answered: usize, active: usize) -> (String
     (start, end)
 }
 
+/// Why a maintenance window did not run, or did not end as planned.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    /// The streams could not be ensured.
+    #[error(transparent)]
+    Nats(#[from] mesh_runtime::nats::NatsError),
+    /// The kill switch could not be read or written.
+    #[error(transparent)]
+    KillSwitch(#[from] crate::killswitch::KillSwitchError),
+    /// An announcement was not sent.
+    #[error(transparent)]
+    Send(#[from] publish::SendError),
+    /// The health check after the window failed.
+    #[error(transparent)]
+    Ping(#[from] ping::PingError),
+    /// The role may not pull a soft kill.
+    #[error("\"maintenance\" needs the {needed} role; you have {}", have.map_or("no role", Role::as_str))]
+    Role {
+        /// The role needed.
+        needed: Role,
+        /// The role of whoever asked.
+        have: Option<Role>,
+    },
+    /// A hard or nuclear kill is in force.
+    #[error(
+        "{} is in force; a maintenance window would end it, so a director resumes it first (mesh resume)",
+        crate::killswitch::describe(&Scope::Global, state)
+    )]
+    Held {
+        /// The entry in force.
+        state: Box<mesh_protocol::killswitch::KillState>,
+    },
+    /// The pause was replaced during the window, so it was not lifted.
+    #[error("not resumed: {}", crate::killswitch::describe(&Scope::Global, held))]
+    NotResumed {
+        /// The entry that replaced the window's pause.
+        held: Box<mesh_protocol::killswitch::KillState>,
+    },
+}
+
 /// Runs the window; `progress` sees each step as it happens.
 pub async fn run(
     client: &async_nats::Client,
+    replicas: mesh_protocol::layout::Replicas,
     registry: &Registry,
     window: &Window,
     mut progress: impl FnMut(&str),
-) -> Result<Report, String> {
+) -> Result<Report, MaintenanceError> {
     let js = jetstream::new(client.clone());
-    let replicas = mesh_runtime::nats::replicas_from_env().map_err(|e| e.to_string())?;
-    mesh_runtime::nats::ensure_streams(&js, replicas).await.map_err(|e| e.to_string())?;
-    let switch = KillSwitch::open(&js).await.map_err(|e| e.to_string())?;
+    mesh_runtime::nats::ensure_streams(&js, replicas).await?;
+    let switch = KillSwitch::open_with(&js, replicas).await?;
     let needed = CommandKind::KillSoft.spec().access.required(None);
     if window.role < needed {
-        let have = window.role.map_or("no role", Role::as_str);
-        return Err(format!("\"maintenance\" needs the {} role; you have {have}", needed.unwrap_or(Role::Admin)));
+        return Err(MaintenanceError::Role { needed: needed.unwrap_or(Role::Admin), have: window.role });
     }
     // At most admin: a window may replace a soft pause, never a hard or nuclear kill.
     let actor = Actor::new(&window.by, window.role.min(Some(Role::Admin)));
-    if let Some(state) = switch.get(&Scope::Global).await.map_err(|e| e.to_string())?
+    if let Some(state) = switch.get(&Scope::Global).await?
         && state.in_force(time::OffsetDateTime::now_utc())
         && state.mode != Mode::Soft
     {
-        return Err(format!(
-            "{} is in force; a maintenance window would end it, so a director resumes it first (mesh resume)",
-            crate::killswitch::describe(&Scope::Global, &state)
-        ));
+        return Err(MaintenanceError::Held { state: Box::new(state) });
     }
     let mut report = Report::default();
     let mut step = |report: &mut Report, line: String| {
@@ -93,25 +129,22 @@ pub async fn run(
         report.steps.push(line);
     };
     let (start, _) = announcements(window, 0, 0);
-    let receipt =
-        publish::broadcast(&js, registry, &window.by, &start, Priority::High).await.map_err(|e| e.to_string())?;
+    let receipt = publish::broadcast(&js, registry, &window.by, &start, Priority::High).await?;
     report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, start.clone())).await;
     step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
     tokio::time::sleep(window.lead).await;
     let reason = Some(window.message.clone().unwrap_or_else(|| "maintenance".into()));
-    let (state, revision) = switch
-        .pull_revision(&Scope::Global, Mode::Soft, Some(window.duration), actor, reason)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (state, revision) =
+        switch.pull_revision(&Scope::Global, Mode::Soft, Some(window.duration), actor, reason).await?;
     step(&mut report, format!("paused: {}", crate::killswitch::describe(&Scope::Global, &state)));
     tokio::time::sleep(window.duration).await;
-    match switch.release_written(&Scope::Global, &window.by, revision).await.map_err(|e| e.to_string())? {
+    match switch.release_written(&Scope::Global, &window.by, revision).await? {
         None => step(&mut report, "resumed".to_owned()),
         Some(held) => {
-            let line = format!("not resumed: {}", crate::killswitch::describe(&Scope::Global, &held));
-            step(&mut report, format!("{line} (pulled during the window)"));
-            return Err(line);
+            let error = MaintenanceError::NotResumed { held: Box::new(held) };
+            step(&mut report, format!("{error} (pulled during the window)"));
+            return Err(error);
         }
     }
     let pinged = ping::ping(client, registry, ping::DEFAULT_TIMEOUT).await?;
@@ -119,8 +152,7 @@ pub async fn run(
     let answered = pinged.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
     report.missing = pinged.missing;
     let (_, end) = announcements(window, answered, active);
-    let receipt =
-        publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await.map_err(|e| e.to_string())?;
+    let receipt = publish::broadcast(&js, registry, &window.by, &end, Priority::Normal).await?;
     report.message_ids.push(receipt.id.to_string());
     events::publish(&js, &Event::now(EventKind::Maintenance, end.clone())).await;
     step(&mut report, format!("announced: {end}"));

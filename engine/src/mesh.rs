@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use mesh_protocol::killswitch::{KillState, Mode, Scope};
-use mesh_protocol::layout::ConsumerTuning;
+use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, Envelope, Registry};
 
@@ -36,13 +36,33 @@ pub enum MeshError {
     Backup(#[from] BackupError),
     #[error(transparent)]
     Nats(#[from] mesh_runtime::nats::NatsError),
-    /// A ping, an audit read or write, or a reply subscription failed.
-    #[error("{0}")]
-    Request(String),
+    #[error(transparent)]
+    Ping(#[from] crate::ping::PingError),
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
+    #[error(transparent)]
+    Maintenance(#[from] crate::maintenance::MaintenanceError),
+    /// No subscription for an `ask`'s reply.
+    #[error("cannot wait for the reply: {0}")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    /// Any other failure (a fake mesh's, in tests), with its cause.
+    #[error(transparent)]
+    Request(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Why an `ask`'s reply did not arrive as a message.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The subscription ended before a reply came.
+    #[error("the reply subscription closed")]
+    Closed,
+    /// The reply is not an envelope.
+    #[error("not a message: {0}")]
+    Decode(#[source] serde_json::Error),
 }
 
 /// The answer to an `ask`, once it arrives (the caller bounds the wait).
-pub type ReplyWait = BoxFuture<'static, Result<Envelope, String>>;
+pub type ReplyWait = BoxFuture<'static, Result<Envelope, ReplyError>>;
 
 /// The NATS server the engine talks to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,15 +160,16 @@ pub struct NatsMesh {
     client: async_nats::Client,
     js: jetstream::Context,
     kill: KillSwitch,
+    replicas: Replicas,
 }
 
 impl NatsMesh {
-    /// Creates the streams and the kill switch bucket when missing.
-    pub async fn open(client: async_nats::Client) -> Result<Self, MeshError> {
+    /// Creates the streams and the kill switch bucket when missing, with `replicas`.
+    pub async fn open(client: async_nats::Client, replicas: Replicas) -> Result<Self, MeshError> {
         let js = jetstream::new(client.clone());
-        mesh_runtime::nats::ensure_streams(&js, mesh_runtime::nats::replicas_from_env()?).await?;
-        let kill = KillSwitch::open(&js).await?;
-        Ok(Self { client, js, kill })
+        mesh_runtime::nats::ensure_streams(&js, replicas).await?;
+        let kill = KillSwitch::open_with(&js, replicas).await?;
+        Ok(Self { client, js, kill, replicas })
     }
 }
 
@@ -164,25 +185,21 @@ impl Mesh for NatsMesh {
         tuning: ConsumerTuning,
     ) -> BoxFuture<'a, Result<ReplyWait, MeshError>> {
         Box::pin(async move {
-            let mut replies = self
-                .client
-                .subscribe(reply.to_string())
-                .await
-                .map_err(|e| MeshError::Request(format!("cannot wait for the reply: {e}")))?;
+            let mut replies = self.client.subscribe(reply.to_string()).await.map_err(MeshError::Subscribe)?;
             if let mesh_protocol::Recipient::Agent(agent) = &envelope.to {
                 mesh_runtime::nats::ensure_consumer(&self.js, agent, tuning).await.map_err(SendError::from)?;
             }
             crate::publish::publish(&self.js, envelope).await?;
             let wait: ReplyWait = Box::pin(async move {
-                let message = replies.next().await.ok_or_else(|| "the reply subscription closed".to_owned())?;
-                serde_json::from_slice::<Envelope>(&message.payload).map_err(|e| format!("not a message: {e}"))
+                let message = replies.next().await.ok_or(ReplyError::Closed)?;
+                serde_json::from_slice::<Envelope>(&message.payload).map_err(ReplyError::Decode)
             });
             Ok(wait)
         })
     }
 
     fn ping<'a>(&'a self, registry: &'a Registry, timeout: Duration) -> BoxFuture<'a, Result<PingReport, MeshError>> {
-        Box::pin(async move { crate::ping::ping(&self.client, registry, timeout).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::ping::ping(&self.client, registry, timeout).await.map_err(MeshError::from) })
     }
 
     fn kill_get<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Result<Option<KillState>, MeshError>> {
@@ -239,11 +256,11 @@ impl Mesh for NatsMesh {
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move { crate::audit::append(&self.js, record).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::audit::append(&self.js, record).await.map_err(MeshError::from) })
     }
 
     fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>> {
-        Box::pin(async move { crate::audit::newest(&self.js, n).await.map_err(MeshError::Request) })
+        Box::pin(async move { crate::audit::newest(&self.js, n).await.map_err(MeshError::from) })
     }
 
     fn server(&self) -> ServerInfo {
@@ -267,12 +284,12 @@ impl Mesh for NatsMesh {
     }
 
     fn restore<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<RestoreReport, MeshError>> {
-        Box::pin(async move { Ok(crate::backup::restore(&self.js, registry, dir).await?) })
+        Box::pin(async move { Ok(crate::backup::restore(&self.js, self.replicas, registry, dir).await?) })
     }
 
     fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>> {
         Box::pin(async move {
-            crate::provision::ensure_mesh(&self.js, mesh_runtime::nats::replicas_from_env()?).await?;
+            crate::provision::ensure_mesh(&self.js, self.replicas).await?;
             for (id, tuning) in agents {
                 mesh_runtime::nats::ensure_consumer(&self.js, id, *tuning).await?;
             }
@@ -298,7 +315,9 @@ impl Mesh for NatsMesh {
         progress: Box<dyn FnMut(&str) + Send + 'a>,
     ) -> BoxFuture<'a, Result<Report, MeshError>> {
         Box::pin(async move {
-            crate::maintenance::run(&self.client, registry, window, progress).await.map_err(MeshError::Request)
+            crate::maintenance::run(&self.client, self.replicas, registry, window, progress)
+                .await
+                .map_err(MeshError::from)
         })
     }
 }

@@ -83,16 +83,34 @@ impl PingReport {
     }
 }
 
+/// Why the fleet could not be pinged.
+#[derive(Debug, thiserror::Error)]
+pub enum PingError {
+    /// No subscription for the pongs.
+    #[error("cannot subscribe for pongs: {0}")]
+    Subscribe(#[source] async_nats::SubscribeError),
+    /// The ping was not published.
+    #[error("cannot publish the ping: {0}")]
+    Publish(#[source] async_nats::PublishError),
+    /// The ping was not flushed to the server.
+    #[error("cannot publish the ping: {0}")]
+    Flush(#[source] async_nats::client::FlushError),
+}
+
 /// Pings the fleet and gathers pongs until every active agent answered or `timeout`.
-pub async fn ping(client: &async_nats::Client, registry: &Registry, timeout: Duration) -> Result<PingReport, String> {
+pub async fn ping(
+    client: &async_nats::Client,
+    registry: &Registry,
+    timeout: Duration,
+) -> Result<PingReport, PingError> {
     let inbox = client.new_inbox();
-    let mut replies = client.subscribe(inbox.clone()).await.map_err(|e| format!("cannot subscribe for pongs: {e}"))?;
+    let mut replies = client.subscribe(inbox.clone()).await.map_err(PingError::Subscribe)?;
     let started = Instant::now();
     client
         .publish_with_reply(Subject::HealthPing.to_string(), inbox, bytes::Bytes::new())
         .await
-        .map_err(|e| format!("cannot publish the ping: {e}"))?;
-    client.flush().await.map_err(|e| format!("cannot publish the ping: {e}"))?;
+        .map_err(PingError::Publish)?;
+    client.flush().await.map_err(PingError::Flush)?;
     let expected = registry.active().count();
     let mut pongs = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + timeout;

@@ -112,6 +112,8 @@ pub struct FollowConfig {
     pub poll: Duration,
     /// Stream replicas.
     pub replicas: Replicas,
+    /// The hosts the registry's URLs may point at (empty: any).
+    pub allowed_hosts: mesh_protocol::registry::HostAllowList,
     /// Consumer tuning for every agent (`None`: each agent's from the registry).
     pub tuning: Option<ConsumerTuning>,
 }
@@ -134,7 +136,8 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
     let (mut watch, mut watch_changes): (Option<kv::Store>, Option<kv::Watch>) = (None, None);
     loop {
         let outcome = async {
-            let registry = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
+            let registry = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
+                .map_err(|e| e.to_string())?;
             let fresh = done.as_ref().is_some_and(|(r, at)| *r == registry && at.elapsed() < RECHECK_EVERY);
             if fresh {
                 return Ok(None);
@@ -144,7 +147,8 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 let gone = retired(before, &registry);
                 // Read once more right before deleting: an agent added back
                 // meanwhile (`mesh agents add` recreates its consumer) keeps it.
-                let now = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
+                let now = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
+                    .map_err(|e| e.to_string())?;
                 let gone: Vec<_> = gone.into_iter().filter(|id| !now.get(id).is_some_and(Agent::is_active)).collect();
                 if !gone.is_empty() {
                     retire(&js, &gone).await.map_err(|e| e.to_string())?;
@@ -210,10 +214,15 @@ async fn next_change(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, 
 /// For the `mesh` commands that change what runs (`agents add`, `deploy up`):
 /// creates the streams, the bucket and the consumers of `agents` on the NATS
 /// at `nats_url` (each with its registry tuning); says what was created, or why nothing was.
-pub async fn after_change(nats_url: &str, agents: &[&Agent]) -> Result<String, NatsError> {
-    let client = nats::connect_now(nats_url, "mesh-cli").await?;
+pub async fn after_change(
+    nats_url: &str,
+    auth: &mesh_runtime::config::NatsAuth,
+    replicas: Replicas,
+    agents: &[&Agent],
+) -> Result<String, NatsError> {
+    let client = nats::connect_now(nats_url, "mesh-cli", auth).await?;
     let js = jetstream::new(client);
-    ensure_mesh(&js, nats::replicas_from_env()?).await?;
+    ensure_mesh(&js, replicas).await?;
     for agent in agents {
         ensure_agent(&js, &agent.id, agent.consumer_tuning()).await?;
     }

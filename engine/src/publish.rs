@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use async_nats::jetstream::context::PublishError;
 use futures::StreamExt;
 use mesh_protocol::layout::{ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
@@ -35,12 +36,19 @@ pub enum SendError {
     #[error(transparent)]
     Nats(#[from] NatsError),
     #[error("JetStream did not accept the message: {0}; nothing was sent, try again")]
-    NotAccepted(String),
+    NotAccepted(#[source] backoff::Failure<PublishError>),
+    #[error("JetStream did not accept the message: a human recipient has no inbox; nothing was sent")]
+    NoInbox,
     #[error(
         "JetStream did not confirm message {id} within {waited_s}s ({error}): it may have been stored and will then \
          be delivered; check the NATS servers before sending it again (a new send is a new message)"
     )]
-    Unconfirmed { id: Uuid, waited_s: u64, error: String },
+    Unconfirmed {
+        id: Uuid,
+        waited_s: u64,
+        #[source]
+        error: PublishError,
+    },
 }
 
 /// What JetStream confirmed.
@@ -100,8 +108,7 @@ pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
 /// been stored after all.
 pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -> Result<(u64, bool), SendError> {
     let payload = bytes::Bytes::from(envelope.encode()?);
-    let subject =
-        envelope.to.subject().ok_or_else(|| SendError::NotAccepted("a human recipient has no inbox".into()))?;
+    let subject = envelope.to.subject().ok_or(SendError::NoInbox)?;
     let subject = subject.to_string();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, envelope.id.to_string().as_str());
@@ -111,9 +118,9 @@ pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -
     match backoff::retry("publish", backoff::JETSTREAM, attempt).await {
         Ok(ack) => Ok((ack.sequence, ack.duplicate)),
         Err(backoff::Failure::GaveUp { last, waited, maybe_applied: true, .. }) => {
-            Err(SendError::Unconfirmed { id: envelope.id, waited_s: waited.as_secs(), error: last.to_string() })
+            Err(SendError::Unconfirmed { id: envelope.id, waited_s: waited.as_secs(), error: last })
         }
-        Err(failure) => Err(SendError::NotAccepted(failure.to_string())),
+        Err(failure) => Err(SendError::NotAccepted(failure)),
     }
 }
 

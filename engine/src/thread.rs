@@ -8,6 +8,26 @@ use uuid::Uuid;
 /// Metadata key naming the message an envelope answers (chat replies use it too).
 pub const IN_REPLY_TO: &str = "in_reply_to";
 
+/// Why an answer was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ThreadError {
+    /// Past the hop limit.
+    #[error(
+        "loop guard: message {in_reply_to} is already {depth} replies deep and the limit is {max_hops} (--max-hops); this conversation has to stop here, or start a new one without in_reply_to"
+    )]
+    LoopGuard {
+        /// The message answered.
+        in_reply_to: Uuid,
+        /// How many replies deep it already is.
+        depth: u8,
+        /// The limit.
+        max_hops: u8,
+    },
+    /// The marked envelope no longer encodes (too large).
+    #[error(transparent)]
+    Envelope(#[from] mesh_protocol::envelope::EnvelopeError),
+}
+
 /// The message a `send` answers, as the front end found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thread {
@@ -26,22 +46,20 @@ impl Thread {
     }
 
     /// Marks `envelope` as this answer, or refuses it past the hop limit.
-    pub fn stamp(&self, envelope: &mut Envelope) -> Result<(), String> {
+    pub fn stamp(&self, envelope: &mut Envelope) -> Result<(), ThreadError> {
         if self.hops > self.max_hops {
-            return Err(format!(
-                "loop guard: message {} is already {} replies deep and the limit is {} (--max-hops); this \
-                 conversation has to stop here, or start a new one without in_reply_to",
-                self.in_reply_to,
-                self.hops - 1,
-                self.max_hops
-            ));
+            return Err(ThreadError::LoopGuard {
+                in_reply_to: self.in_reply_to,
+                depth: self.hops - 1,
+                max_hops: self.max_hops,
+            });
         }
         if envelope.kind == Kind::Message {
             envelope.kind = Kind::Reply;
         }
         envelope.hops = self.hops;
         envelope.metadata.insert(IN_REPLY_TO.to_owned(), self.in_reply_to.to_string());
-        envelope.encode().map(|_| ()).map_err(|e| e.to_string())
+        envelope.encode().map(|_| ()).map_err(ThreadError::from)
     }
 }
 
@@ -59,7 +77,7 @@ mod tests {
         assert_eq!((answer.kind, answer.hops), (Kind::Reply, 4));
         assert_eq!(answer.metadata.get(IN_REPLY_TO), Some(&original.to_string()));
         let mut one_too_many = Envelope::new("nova", to, "ok").unwrap();
-        let err = Thread::answering(original, 4, 4).stamp(&mut one_too_many).unwrap_err();
+        let err = Thread::answering(original, 4, 4).stamp(&mut one_too_many).unwrap_err().to_string();
         assert!(err.starts_with("loop guard: message") && err.contains("limit is 4"), "{err}");
         assert_eq!(Thread::answering(original, u8::MAX, u8::MAX).hops, u8::MAX);
     }

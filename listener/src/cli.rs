@@ -100,6 +100,14 @@ async fn async_main(args: Args) -> ExitCode {
     config.max_hops = args.max_hops;
     config.replicas = args.replicas;
     config.http_addr = args.http;
+    config.allowed_hosts = mesh_runtime::config::allowed_hosts_from_env();
+    config.nats_auth = match mesh_runtime::config::NatsAuth::from_env() {
+        Ok(auth) => auth,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Set but empty (a compose default) means unset.
     if let Some(path) = args.permissions.filter(|p| !p.as_os_str().is_empty()) {
         let parsed = std::fs::read_to_string(&path)

@@ -52,6 +52,10 @@ pub struct ListenerConfig {
     pub permissions: mesh_engine::command::Permissions,
     /// Rate limits of those agents, per agent, in this process.
     pub agent_limits: mesh_engine::limits::RateLimits,
+    /// NATS credentials and inbox prefix (from the environment, read at start).
+    pub nats_auth: mesh_runtime::config::NatsAuth,
+    /// The hosts the registry's URLs may point at (`MESH_HOOKS_ALLOWED_HOSTS`; empty: any).
+    pub allowed_hosts: mesh_protocol::registry::HostAllowList,
 }
 
 /// Added to the request timeout for the default shutdown grace: time to ack
@@ -79,6 +83,8 @@ impl ListenerConfig {
             shutdown_grace: None,
             permissions: mesh_engine::command::Permissions::new(),
             agent_limits: mesh_engine::limits::RateLimits::default(),
+            nats_auth: mesh_runtime::config::NatsAuth::default(),
+            allowed_hosts: mesh_protocol::registry::HostAllowList::default(),
         }
     }
 

@@ -57,6 +57,8 @@ pub struct Deps<G> {
     /// The registry file, read again when a reply target is missing from the
     /// copy above (which is up to a poll interval old).
     pub registry_path: std::path::PathBuf,
+    /// The hosts the registry's URLs may point at (read once at start).
+    pub allowed_hosts: mesh_protocol::registry::HostAllowList,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -362,7 +364,7 @@ async fn dead_letter<G: Gateway>(
 async fn check_route<G>(deps: &Deps<G>, original: &Envelope) -> Result<Route, ReplyOutcome> {
     let registry = deps.registry.borrow().clone();
     let routed = match reply::route(original, &registry) {
-        Err(reason) => match crate::registry_file::load(&deps.registry_path) {
+        Err(reason) => match crate::registry_file::load(&deps.registry_path, &deps.allowed_hosts) {
             Ok(fresh) if fresh != *registry => reply::route(original, &fresh),
             Ok(_) => Err(reason),
             Err(e) => {

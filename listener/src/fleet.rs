@@ -65,14 +65,14 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()>,
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
-    let registry = registry_file::load(&config.registry_path)?;
+    let registry = registry_file::load(&config.registry_path, &config.allowed_hosts)?;
     let selected = select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path))?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
     {
         anyhow::bail!("agent {:?} has tokens that do not resolve; see the error above", id.as_str());
     }
-    let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener").await?;
+    let (client, connects) = crate::nats::connect_watched(&config.nats_url, "mesh-listener", &config.nats_auth).await?;
     let js = async_nats::jetstream::new(client.clone());
     tokio::pin!(shutdown);
     // The bot creates the streams, the bucket and the consumers; a listener
@@ -103,6 +103,7 @@ pub async fn run_with(
         connects,
         registry: registry_rx,
         registry_path: config.registry_path.clone(),
+        allowed_hosts: config.allowed_hosts.clone(),
     });
     let kill_keys = crate::killswitch::keys_of(selected.keys());
     let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
@@ -173,7 +174,7 @@ pub async fn run_with(
                 world.refresh_pauses();
             }
             _ = poll.tick() => {
-                match registry_file::load(&config.registry_path) {
+                match registry_file::load(&config.registry_path, &config.allowed_hosts) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
                         registry_tx.send_replace(Arc::new(registry.clone()));
@@ -255,6 +256,8 @@ async fn agent_api(
         confirm: mesh_engine::command::ConfirmConfig::default(),
         ask_timeout: Duration::from_secs(120),
         ping_timeout: Duration::from_secs(2),
+        replicas: config.replicas,
+        allowed_hosts: config.allowed_hosts.clone(),
         broadcast_ttl: None,
     };
     let limits = LimitsConfig { rates: config.agent_limits, ..LimitsConfig::default() };

@@ -166,6 +166,13 @@ impl<E: fmt::Display> fmt::Display for Failure<E> {
     }
 }
 
+/// The cause is the last attempt's error.
+impl<E: std::error::Error + 'static> std::error::Error for Failure<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.error())
+    }
+}
+
 /// Runs `attempt` until it succeeds, fails with a non-[`Transient`] error, or
 /// `backoff` says to give up; logs each retry with `what`.
 pub async fn retry<T, E, F, Fut>(what: &str, backoff: Backoff, mut attempt: F) -> Result<T, Failure<E>>

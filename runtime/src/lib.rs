@@ -6,6 +6,8 @@
 //!
 //! # Layout
 //!
+//! - [`config`]: the settings read from the environment, once, at start
+//!   (NATS credentials, replicas, the hooks host allow-list, the log format).
 //! - [`nats`]: connect, streams, consumers, replicas; [`backoff`]: retrying
 //!   JetStream calls that fail only for a moment.
 //! - [`kill_bucket`]: the kill switch bucket; [`server_pause`]: the kill
@@ -17,6 +19,7 @@
 //! - [`shutdown`] and [`logging`]: process plumbing.
 
 pub mod backoff;
+pub mod config;
 pub mod kill_bucket;
 pub mod layout_check;
 pub mod logging;

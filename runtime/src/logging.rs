@@ -13,7 +13,7 @@ pub const DEFAULT_FILTER: &str = "info,async_nats=warn,hyper=warn,reqwest=warn";
 /// Installs the global subscriber, writing to stderr. Safe to call twice.
 pub fn init() {
     let filter = EnvFilter::try_from_env(LOG_ENV).unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v == "json");
+    let json = crate::config::log_json_from_env();
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }

@@ -11,6 +11,7 @@ use mesh_protocol::layout::{self, ConsumerSpec, ConsumerTuning, Replicas, Stream
 use tracing::{info, warn};
 
 use crate::backoff;
+use crate::config::NatsAuth;
 
 /// Environment variable with the NATS URL.
 pub const NATS_URL_ENV: &str = "NATS_URL";
@@ -66,35 +67,22 @@ pub fn server_urls(url: &str) -> Vec<&str> {
     url.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
 }
 
-/// Options with the credentials and inbox prefix from the environment
-/// ([`NATS_USER_ENV`] with [`NATS_PASSWORD_ENV`] or [`NATS_PASSWORD_FILE_ENV`],
-/// [`INBOX_PREFIX_ENV`]).
-pub fn options_from_env(name: &str) -> Result<async_nats::ConnectOptions, NatsError> {
-    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+/// Options with the credentials and inbox prefix of `auth` (read once, at
+/// start: [`crate::config::NatsAuth::from_env`]).
+pub fn options(auth: &NatsAuth, name: &str) -> async_nats::ConnectOptions {
     let mut options = async_nats::ConnectOptions::new().name(name);
-    if let Some(user) = env(NATS_USER_ENV) {
-        let password = match (env(NATS_PASSWORD_ENV), env(NATS_PASSWORD_FILE_ENV)) {
-            (Some(p), _) => p,
-            (None, Some(path)) => std::fs::read_to_string(&path)
-                .map(|p| p.trim().to_owned())
-                .map_err(|e| NatsError::Credentials(format!("cannot read {NATS_PASSWORD_FILE_ENV} {path}: {e}")))?,
-            (None, None) => {
-                return Err(NatsError::Credentials(format!(
-                    "{NATS_USER_ENV} is set but neither {NATS_PASSWORD_ENV} nor {NATS_PASSWORD_FILE_ENV}"
-                )));
-            }
-        };
-        options = options.user_and_password(user, password);
+    if let Some((user, password)) = &auth.user {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
     }
-    if let Some(prefix) = env(INBOX_PREFIX_ENV) {
+    if let Some(prefix) = &auth.inbox_prefix {
         options = options.custom_inbox_prefix(prefix);
     }
-    Ok(options)
+    options
 }
 
 /// Connects once, failing within [`CONNECT_TIMEOUT`] (for commands).
-pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    let options = options_from_env(name)?.connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
+pub async fn connect_now(url: &str, name: &str, auth: &NatsAuth) -> Result<async_nats::Client, NatsError> {
+    let options = options(auth, name).connection_timeout(CONNECT_TIMEOUT).max_reconnects(Some(3));
     let attempt =
         tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(server_urls(url))).await;
     match attempt {
@@ -106,8 +94,8 @@ pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, Na
 
 /// Connects for a long-running service: returns at once and keeps
 /// (re)connecting in the background for as long as the process runs.
-pub async fn connect_service(url: &str, name: &str) -> Result<async_nats::Client, NatsError> {
-    connect_watched(url, name).await.map(|(client, _)| client)
+pub async fn connect_service(url: &str, name: &str, auth: &NatsAuth) -> Result<async_nats::Client, NatsError> {
+    connect_watched(url, name, auth).await.map(|(client, _)| client)
 }
 
 /// Like [`connect_service`], with a counter that goes up on every
@@ -116,9 +104,10 @@ pub async fn connect_service(url: &str, name: &str) -> Result<async_nats::Client
 pub async fn connect_watched(
     url: &str,
     name: &str,
+    auth: &NatsAuth,
 ) -> Result<(async_nats::Client, tokio::sync::watch::Receiver<u64>), NatsError> {
     let (connects_tx, connects) = tokio::sync::watch::channel(0u64);
-    let client = options_from_env(name)?
+    let client = options(auth, name)
         .connection_timeout(CONNECT_TIMEOUT)
         .retry_on_initial_connect()
         .max_reconnects(None)
@@ -149,15 +138,6 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
         duplicate_window: spec.duplicate_window,
         num_replicas: spec.replicas,
         ..Default::default()
-    }
-}
-
-/// The replicas setting of `MESH_REPLICAS` (auto when unset), for the `mesh`
-/// commands; the listener takes it as a flag as well.
-pub fn replicas_from_env() -> Result<Replicas, NatsError> {
-    match std::env::var(REPLICAS_ENV) {
-        Ok(raw) if !raw.trim().is_empty() => raw.parse().map_err(NatsError::Replicas),
-        _ => Ok(Replicas::Auto),
     }
 }
 

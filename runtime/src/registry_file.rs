@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use mesh_protocol::Registry;
-use mesh_protocol::registry::{HOOKS_ALLOWED_HOSTS_ENV, HostAllowList, RegistryErrors};
+use mesh_protocol::registry::{HostAllowList, RegistryErrors};
 
 /// Default registry path, relative to the working directory.
 pub const DEFAULT_REGISTRY: &str = "mesh/tokens.json";
@@ -23,14 +23,9 @@ pub enum RegistryFileError {
 }
 
 /// Loads and validates the registry at `path`, hosts checked against
-/// `MESH_HOOKS_ALLOWED_HOSTS` when it is set.
-pub fn load(path: &Path) -> Result<Registry, RegistryFileError> {
-    let allowed = HostAllowList::parse(&std::env::var(HOOKS_ALLOWED_HOSTS_ENV).unwrap_or_default());
-    load_with(path, &allowed)
-}
-
-/// Loads and validates the registry at `path` with an explicit host allow-list.
-pub fn load_with(path: &Path, allowed: &HostAllowList) -> Result<Registry, RegistryFileError> {
+/// `allowed` (`MESH_HOOKS_ALLOWED_HOSTS`, read once at start by
+/// [`crate::config::allowed_hosts_from_env`]; empty allows any host).
+pub fn load(path: &Path, allowed: &HostAllowList) -> Result<Registry, RegistryFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => RegistryFileError::Missing { path: path.to_owned() },
         _ => RegistryFileError::Unreadable { path: path.to_owned(), source },

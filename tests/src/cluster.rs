@@ -181,7 +181,8 @@ impl TestCluster {
     /// Starts the three nodes with the users `mesh deploy render` writes for
     /// the registry at `registry` (a listener user per active agent).
     pub async fn start_for(registry: &Path) -> Self {
-        let registry = mesh_listener::registry_file::load(registry).expect("the test's registry loads");
+        let registry =
+            mesh_listener::registry_file::load(registry, &Default::default()).expect("the test's registry loads");
         Self::start_with(&registry).await
     }
 

@@ -37,9 +37,14 @@ macro_rules! require_docker {
     };
 }
 
+/// `DOCKER_HOST`, when set.
+pub fn host() -> Option<String> {
+    std::env::var(HOST_ENV).ok().filter(|h| !h.is_empty())
+}
+
 /// The engine at `DOCKER_HOST` (or the local socket), after a ping of at most 3 s.
 pub async fn connect() -> Result<Docker, String> {
-    let host = std::env::var(HOST_ENV).ok().filter(|h| !h.is_empty()).unwrap_or_else(|| DEFAULT_HOST.to_owned());
+    let host = host().unwrap_or_else(|| DEFAULT_HOST.to_owned());
     let docker = Docker::connect_with_host(&host).map_err(|e| format!("{host}: {e}"))?;
     match tokio::time::timeout(Duration::from_secs(3), docker.ping()).await {
         Ok(Ok(_)) => Ok(docker),

@@ -173,16 +173,19 @@ pub async fn provision(config: &ListenerConfig) -> tokio::task::JoinHandle<()> {
         registry_path: config.registry_path.clone(),
         poll: config.registry_poll,
         replicas: config.replicas,
+        allowed_hosts: config.allowed_hosts.clone(),
         tuning: Some(config.tuning()),
     };
-    let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-test-provision")
+    let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-test-provision", &config.nats_auth)
         .await
         .expect("a client for the test's bot part");
     let js = async_nats::jetstream::new(client);
     let first = async {
         loop {
             // An unreadable registry is the listener's to report.
-            let Ok(registry) = mesh_listener::registry_file::load(&follow.registry_path) else { return };
+            let Ok(registry) = mesh_listener::registry_file::load(&follow.registry_path, &follow.allowed_hosts) else {
+                return;
+            };
             let done = async {
                 mesh_bot::provision::ensure_mesh(&js, follow.replicas).await?;
                 mesh_bot::provision::ensure_agents(&js, &registry, follow.tuning).await

@@ -15,10 +15,12 @@
 //! - [`discord_gateway`]: a fake Discord gateway (the WebSocket protocol serenity speaks).
 //! - [`ports`]: processes under test on a free port, started again on another when it was taken.
 //! - [`docker`]: a tiny local image and labelled test containers.
+//! - [`bot`]: the `mesh bot` process under test (start, wait, logs, stop).
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
 
 pub mod bench;
+pub mod bot;
 pub mod cluster;
 pub mod discord_gateway;
 pub mod docker;

@@ -25,7 +25,7 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
     let fixture = Fixture::registry(&[("nova", &nova_gw, true), ("kaan", &kaan_gw, true)]);
     let js = nats.jetstream().await;
-    let registry = || mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = || mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
     mesh_bot::provision::ensure_agents(&js, &registry(), None).await.unwrap();
 

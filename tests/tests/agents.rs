@@ -136,7 +136,7 @@ async fn a_rotated_token_is_used_at_once_and_the_old_one_no_more() {
     std::fs::write(&fixture.registry, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     let listener = ListenerHandle::one(&fixture, &nats, "nova");
     let js = nats.jetstream().await;
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     let send = |text: String| {
         let (js, registry) = (js.clone(), registry.clone());
         async move {

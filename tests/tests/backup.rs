@@ -23,7 +23,7 @@ async fn mesh(nats: &TestNats, registry: &std::path::Path, args: &[&str]) -> Str
 async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
     let fixture = Fixture::registry(&[("nova", &nova_gw, true), ("kaan", &kaan_gw, true), ("zed", &kaan_gw, true)]);
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     let before = std::fs::read_to_string(&fixture.registry).unwrap();
 
     // Server A: kaan's listener takes its message and a broadcast; nova has no listener.
@@ -115,7 +115,7 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
         texts[0].contains("nova one") && texts[1].contains("all hands") && texts[2].contains("nova two"),
         "{texts:?}"
     );
-    let registry_b = mesh_listener::registry_file::load(&restored.registry).unwrap();
+    let registry_b = mesh_listener::registry_file::load(&restored.registry, &Default::default()).unwrap();
     mesh_bot::publish::send(&js_b, &registry_b, "test", "kaan", "kaan fresh", mesh_protocol::Priority::Normal)
         .await
         .unwrap();

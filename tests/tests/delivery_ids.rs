@@ -20,7 +20,7 @@ use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn load(fixture: &Fixture) -> Registry {
-    mesh_listener::registry_file::load(&fixture.registry).unwrap()
+    mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap()
 }
 
 async fn mesh(nats: &TestNats, registry: &Path, args: &[&str]) -> String {

@@ -443,7 +443,7 @@ async fn a_listener_waits_for_what_the_bot_creates_and_creates_nothing() {
         .await;
     let stream = js.get_stream("MESH_AGENTS").await.unwrap();
     assert!(stream.consumer_info("agent-nova").await.is_err(), "the listener created its consumer");
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
     mesh_bot::publish::send(&js, &registry, "cli:t", "nova", "once the bot made the consumer", Default::default())
         .await
@@ -493,7 +493,7 @@ async fn a_listener_refuses_to_run_on_a_consumer_or_stream_set_up_otherwise() {
     let mut config = stream.cached_info().config.clone();
     config.max_age = Duration::from_secs(600);
     js.update_stream(config).await.unwrap();
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
     let mut listener = LoggedToFile::spawn(&fixture, &nats.url(), "kaan");
     assert!(!listener.exit().await, "the listener ran on a stream set up otherwise");
@@ -514,7 +514,7 @@ async fn a_subject_transform_on_a_stream_or_the_bucket_is_refused_by_listeners_a
     let fixture = Fixture::registry(&[("a1", &gw, true), ("a2", &gw, true)]);
     let js = nats.jetstream().await;
     mesh_bot::provision::ensure_mesh(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::provision::ensure_agents(&js, &registry, None).await.unwrap();
     mesh_bot::provision::verify(&js, &registry).await.unwrap();
 

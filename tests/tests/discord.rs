@@ -13,7 +13,8 @@ use ed25519_dalek::SigningKey;
 use mesh_bot::discord::api::DiscordApi;
 use mesh_bot::discord::messages::{self, Answered};
 use mesh_bot::discord::verify::{public_key_hex, sign};
-use mesh_tests::fixtures::{Logged, mesh_bin, wait_until_settled};
+use mesh_tests::bot::BotProcess;
+use mesh_tests::fixtures::wait_until_settled;
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 use serde_json::{Value, json};
 use serenity::model::channel::Message;
@@ -37,7 +38,7 @@ fn permissions_file(fixture: &Fixture) -> std::path::PathBuf {
 }
 
 struct Bot {
-    bot: Logged,
+    process: BotProcess,
     url: String,
     discord: RecordingGateway,
     key: SigningKey,
@@ -57,32 +58,18 @@ impl Bot {
         discord: RecordingGateway,
     ) -> Self {
         let key = signing_key();
-        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
-            let mut command = tokio::process::Command::new(mesh_bin());
-            command
-                .args(["bot", "--addr", addr])
-                .env("NATS_URL", nats.url())
-                .env("MESH_REGISTRY", &fixture.registry)
-                .env("MESH_PERMISSIONS", permissions_file(fixture))
-                .env("DISCORD_PUBLIC_KEY", public_key_hex(&key))
-                .env("DISCORD_BOT_TOKEN", BOT_TOKEN)
-                .env("DISCORD_APPLICATION_ID", APP)
-                .env("DISCORD_API_URL", format!("http://{}{API}", discord.addr))
-                .env("DISCORD_GATEWAY", "off")
-                .env("MESH_LOG", "trace")
-                .envs(extra_env.iter().copied());
-            command
-        })
-        .await;
-        mesh_listener::gateway::install_tls_provider();
-        let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http.get(format!("{url}/health/live")).send().await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { bot, url, discord, key, http }
+        let env = [
+            ("MESH_PERMISSIONS", permissions_file(fixture).display().to_string()),
+            ("DISCORD_PUBLIC_KEY", public_key_hex(&key)),
+            ("DISCORD_BOT_TOKEN", BOT_TOKEN.to_owned()),
+            ("DISCORD_APPLICATION_ID", APP.to_owned()),
+            ("DISCORD_API_URL", format!("http://{}{API}", discord.addr)),
+            ("DISCORD_GATEWAY", "off".to_owned()),
+        ];
+        let extra = extra_env.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let process = BotProcess::start(&nats.url(), &fixture.registry, env.into_iter().chain(extra)).await;
+        let url = process.url.clone();
+        Self { process, url, discord, key, http: reqwest::Client::new() }
     }
 
     /// An application command interaction for `/mesh <line>`.
@@ -126,7 +113,7 @@ impl Bot {
     }
 
     async fn logs(self) -> String {
-        self.bot.kill().await
+        self.process.stop().await.1
     }
 }
 

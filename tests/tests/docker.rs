@@ -23,7 +23,7 @@ async fn status_lists_the_projects_containers_with_role_agent_state_and_uptime()
     let bot = project.run("bot", None).await;
     let nats = project.run("nats", None).await;
     other.run("listener", Some("a")).await;
-    let docker = DockerControl::connect(&project.name).await.unwrap();
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
     assert_eq!(docker.project(), project.name);
 
     let rows = docker.containers().await.unwrap();
@@ -59,7 +59,7 @@ async fn hard_kill_stops_only_listeners_and_resume_starts_them_again() {
     let b = project.run("listener", Some("b")).await;
     let bot = project.run("bot", None).await;
     let nats = project.run("nats", None).await;
-    let docker = DockerControl::connect(&project.name).await.unwrap();
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
 
     assert_eq!(docker.stop_listeners().await.unwrap(), [a.clone(), b.clone()]);
     for (name, running) in [(&a, false), (&b, false), (&bot, true), (&nats, true)] {
@@ -82,7 +82,7 @@ async fn restart_hits_only_that_agents_listener() {
     let project = Project::new().await;
     let a = project.run("listener", Some("a")).await;
     let b = project.run("listener", Some("b")).await;
-    let docker = DockerControl::connect(&project.name).await.unwrap();
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
     let (a_before, b_before) = (project.started_at(&a).await, project.started_at(&b).await);
     assert!(a_before.is_some() && b_before.is_some());
 
@@ -112,7 +112,7 @@ async fn nuclear_removes_the_project_but_the_bots_own_container_and_other_projec
     let bot = project.run("bot", None).await;
     let other_volume = other.volume().await;
     let bystander = other.run_with("listener", Some("a"), Extras { volume: Some(&other_volume), network: None }).await;
-    let docker = DockerControl::connect(&project.name).await.unwrap();
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
 
     let bot_id = project.id(&bot).await;
     let report = docker.nuclear(true, Some(&bot_id)).await.unwrap();
@@ -142,7 +142,7 @@ async fn nuclear_without_purge_keeps_volumes_and_networks() {
     let volume = project.volume().await;
     let network = project.network().await;
     let a = project.run_with("listener", Some("a"), Extras { volume: Some(&volume), network: Some(&network) }).await;
-    let docker = DockerControl::connect(&project.name).await.unwrap();
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
 
     let report = docker.nuclear(false, None).await.unwrap();
     assert_eq!((report.removed, report.kept), (vec![a], vec![]));

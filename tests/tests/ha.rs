@@ -7,9 +7,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use mesh_listener::nats::{ensure_streams, replicas_from_env};
+use mesh_listener::nats::ensure_streams;
 use mesh_protocol::layout::{self, Replicas};
 use mesh_protocol::{AgentId, killswitch};
+use mesh_runtime::config::replicas_from_env;
 use mesh_tests::cluster::{self, ClusterSpec};
 use mesh_tests::steady::{SteadyPublisher, Tally};
 use mesh_tests::{Fixture, RecordingGateway, TestCluster, TestNats};
@@ -296,7 +297,7 @@ async fn a_hard_kill_holds_on_the_cluster_through_the_loss_of_the_consumers_lead
         assert!(tokio::time::Instant::now() < deadline, "agent-nova has no new leader 60 s after its leader died");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::publish::send(&js, &registry, "cli:t", "nova", "held by the cluster", mesh_protocol::Priority::Normal)
         .await
         .unwrap();

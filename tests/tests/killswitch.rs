@@ -37,7 +37,7 @@ async fn wait_paused(control: &Control, agent: &str, paused: bool) {
 }
 
 async fn send(js: &async_nats::jetstream::Context, fixture: &Fixture, to: &str, text: &str) {
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::publish::send(js, &registry, "cli:t", to, text, Priority::Normal).await.unwrap();
 }
 
@@ -157,7 +157,7 @@ async fn a_maintenance_window_announces_pauses_resumes_and_reports() {
     let fixture = Fixture::registry(&[("nova", &nova, true), ("kaan", &kaan, true)]);
     let js = nats.jetstream().await;
     let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     let window = mesh_bot::maintenance::Window {
         duration: Duration::from_secs(2),
         lead: Duration::from_secs(1),
@@ -168,7 +168,7 @@ async fn a_maintenance_window_announces_pauses_resumes_and_reports() {
     let (steps_tx, mut steps) = tokio::sync::mpsc::unbounded_channel::<String>();
     let client = nats.client().await;
     let run = tokio::spawn(async move {
-        mesh_bot::maintenance::run(&client, &registry, &window, |step| {
+        mesh_bot::maintenance::run(&client, mesh_protocol::layout::Replicas::Auto, &registry, &window, |step| {
             let _ = steps_tx.send(step.to_owned());
         })
         .await
@@ -285,7 +285,7 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let js = nats.jetstream().await;
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     let switch = KillSwitch::open(&js).await.unwrap();
     let client = nats.client().await;
     let window = |role| mesh_bot::maintenance::Window {
@@ -297,7 +297,16 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     };
     switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIR"), None).await.unwrap();
     for role in [mesh_bot::command::Role::Admin, mesh_bot::command::Role::Director] {
-        let err = mesh_bot::maintenance::run(&client, &registry, &window(role), |_| {}).await.unwrap_err();
+        let err = mesh_bot::maintenance::run(
+            &client,
+            mesh_protocol::layout::Replicas::Auto,
+            &registry,
+            &window(role),
+            |_| {},
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("the whole mesh: HARD by slack:UDIR until a director resumes is in force"), "{err}");
         assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
     }
@@ -309,7 +318,7 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     let run = {
         let (client, registry, window) = (client.clone(), registry.clone(), window(mesh_bot::command::Role::Admin));
         tokio::spawn(async move {
-            mesh_bot::maintenance::run(&client, &registry, &window, |s| {
+            mesh_bot::maintenance::run(&client, mesh_protocol::layout::Replicas::Auto, &registry, &window, |s| {
                 let _ = steps_tx.send(s.to_owned());
             })
             .await
@@ -319,7 +328,7 @@ async fn a_maintenance_window_never_replaces_or_ends_a_hard_kill() {
     let paused = steps.recv().await.unwrap();
     assert!(paused.starts_with("paused: the whole mesh: SOFT"), "{paused}");
     switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("slack:UDIR"), None).await.unwrap();
-    let err = run.await.unwrap().unwrap_err();
+    let err = run.await.unwrap().unwrap_err().to_string();
     assert!(err.starts_with("not resumed: the whole mesh: HARD by slack:UDIR"), "{err}");
     assert_eq!(switch.get(&Scope::Global).await.unwrap().unwrap().mode, Mode::Hard);
 }

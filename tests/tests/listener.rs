@@ -16,7 +16,7 @@ use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn load(fixture: &Fixture) -> Registry {
-    mesh_listener::registry_file::load(&fixture.registry).expect("registry")
+    mesh_listener::registry_file::load(&fixture.registry, &Default::default()).expect("registry")
 }
 
 async fn send(js: &jetstream::Context, fixture: &Fixture, from: &str, to: &str, text: &str) -> uuid::Uuid {

@@ -204,3 +204,34 @@ async fn completions_come_from_the_command_definitions() {
         }
     }
 }
+
+#[tokio::test]
+async fn errors_before_the_engine_are_the_json_error_object_under_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("tokens.json");
+    let broken = dir.path().join("permissions.json");
+    std::fs::write(&broken, "{not json").unwrap();
+    // Nothing listens on port 1: NATS is unreachable at once.
+    let unreachable = "nats://127.0.0.1:1";
+    let cases: [(&[&str], Option<&Path>, &str); 5] = [
+        (&["send", "--json"], None, "the following required arguments were not provided"),
+        (&["--json", "send", "nova", "hi", "--priority", "loud"], None, "invalid value 'loud'"),
+        (&["send", "Nova!", "hi", "--json"], None, "contains 'N' (U+004E)"),
+        (&["status", "--json"], Some(&broken), "permissions.json"),
+        (&["status", "--json"], None, "cannot reach NATS at nats://127.0.0.1:1"),
+    ];
+    for (args, permissions, says) in cases {
+        let out = mesh(unreachable, &registry, permissions, args).await;
+        assert!(!out.status.success(), "mesh {args:?} must fail: {}", said(&out));
+        let reply: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("mesh {args:?}: not one JSON object ({e}): {}", said(&out)));
+        assert_eq!(reply["tone"], "error", "mesh {args:?}: {reply}");
+        assert!(reply.to_string().contains(says), "mesh {args:?} should say {says:?}: {reply}");
+        assert!(out.stderr.is_empty(), "mesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // Without --json the same errors stay one plain line on stderr; text after `--` is no option.
+    let out = mesh(unreachable, &registry, None, &["send", "Nova!", "hi"]).await;
+    assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{}", said(&out));
+    let out = mesh(unreachable, &registry, None, &["send", "Nova!", "--", "--json"]).await;
+    assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{}", said(&out));
+}

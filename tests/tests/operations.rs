@@ -79,7 +79,7 @@ async fn health_and_metrics_endpoints_report_the_listener() {
     let js = nats.jetstream().await;
     mesh_bot::publish::send(
         &js,
-        &mesh_listener::registry_file::load(&fixture.registry).unwrap(),
+        &mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap(),
         "kaan",
         "nova",
         "hi",

@@ -33,7 +33,7 @@ fn wake_agent(gw: &RecordingGateway, name: &str) -> serde_json::Value {
 }
 
 fn load(fixture: &Fixture) -> Registry {
-    mesh_listener::registry_file::load(&fixture.registry).expect("registry")
+    mesh_listener::registry_file::load(&fixture.registry, &Default::default()).expect("registry")
 }
 
 async fn send(js: &jetstream::Context, fixture: &Fixture, from: &str, to: &str, text: &str) -> uuid::Uuid {

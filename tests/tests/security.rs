@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use mesh_bot::slack::verify::sign;
+use mesh_tests::bot::BotProcess;
 use mesh_tests::fixtures::{Logged, listener_bin, mesh_command, wait_until_settled};
 use mesh_tests::{Fixture, RecordingGateway, SecretScan, TestNats};
 
@@ -58,7 +59,7 @@ async fn wait_live(http: &reqwest::Client, url: &str, what: &str) {
 /// The `mesh bot` binary with Slack configured against a local recorder, and
 /// the `mesh-listener` binary for every agent, both logging at trace level.
 struct Stack {
-    bot: Logged,
+    bot: BotProcess,
     bot_url: String,
     listener: Logged,
     listener_url: String,
@@ -80,20 +81,16 @@ impl Stack {
         );
         let permissions = fixture.dir().join("permissions.json");
         std::fs::write(&permissions, serde_json::json!({"director": ["slack:UDIR"]}).to_string()).unwrap();
-        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
-            let mut bot = mesh_command(&nats.url(), &fixture.registry);
-            bot.args(["bot", "--addr", addr])
-                .env("MESH_PERMISSIONS", &permissions)
-                .env("SLACK_SIGNING_SECRET", SIGNING_SECRET)
-                .env("SLACK_BOT_TOKEN", BOT_TOKEN)
-                .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-                .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-                .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
-                .env("MESH_LOG", "trace");
-            bot
-        })
-        .await;
-        let bot_url = format!("http://127.0.0.1:{port}");
+        let env = [
+            ("MESH_PERMISSIONS", permissions.display().to_string()),
+            ("SLACK_SIGNING_SECRET", SIGNING_SECRET.to_owned()),
+            ("SLACK_BOT_TOKEN", BOT_TOKEN.to_owned()),
+            ("SLACK_API_URL", format!("http://{}/api", slack.addr)),
+            ("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr)),
+            ("SLACK_NOTIFY_CHANNEL", "CNOTIFY".to_owned()),
+        ];
+        let bot = BotProcess::start(&nats.url(), &fixture.registry, env).await;
+        let bot_url = bot.url.clone();
         let make_listener = |port: u16| {
             let mut listener = tokio::process::Command::new(listener_bin());
             listener
@@ -109,7 +106,6 @@ impl Stack {
         let (listener, listener_port) =
             mesh_tests::ports::spawn_listening(make_listener, mesh_tests::ports::LISTENER_LISTENING).await;
         let listener_url = format!("http://127.0.0.1:{listener_port}");
-        wait_live(&http, &bot_url, "mesh bot").await;
         wait_live(&http, &listener_url, "mesh-listener").await;
         Self { bot, bot_url, listener, listener_url, slack, http }
     }
@@ -145,7 +141,7 @@ impl Stack {
     }
 
     fn assert_running(&mut self) {
-        assert!(self.bot.child.try_wait().unwrap().is_none(), "mesh bot exited");
+        self.bot.assert_running();
         assert!(self.listener.child.try_wait().unwrap().is_none(), "mesh-listener exited");
     }
 
@@ -158,7 +154,7 @@ impl Stack {
     }
 
     async fn stop(self, scan: &mut SecretScan) {
-        let (_, bot) = self.bot.finish(true).await;
+        let (_, bot) = self.bot.stop().await;
         let (_, listener) = self.listener.finish(true).await;
         scan.capture("mesh bot output", bot);
         scan.capture("mesh-listener output", listener);

@@ -61,7 +61,7 @@ async fn server_pause(js: &async_nats::jetstream::Context, agent: &str) -> (bool
 }
 
 async fn send(js: &async_nats::jetstream::Context, fixture: &Fixture, to: &str, text: &str) {
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::publish::send(js, &registry, "cli:t", to, text, Priority::Normal).await.unwrap();
 }
 
@@ -167,9 +167,11 @@ async fn consumers_created_during_a_kill_start_paused() {
     assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)));
     assert_eq!(fetch(&js, "nova", Duration::from_secs(2)).await, Vec::<String>::new());
     // ... and `mesh agents add`'s provisioning.
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     let kaan = registry.get(&id("kaan")).unwrap();
-    mesh_bot::provision::after_change(&nats.url(), &[kaan]).await.unwrap();
+    mesh_bot::provision::after_change(&nats.url(), &Default::default(), mesh_protocol::layout::Replicas::Auto, &[kaan])
+        .await
+        .unwrap();
     assert_eq!(server_pause(&js, "kaan").await, (true, Some(PAUSED_UNTIL_RESUMED)));
     // Updating an existing consumer's tuning keeps its pause.
     provision_agent(&js, "ada", listener_tuning(4, Duration::from_secs(30))).await.unwrap();
@@ -198,6 +200,7 @@ async fn the_bots_provisioning_repairs_a_server_pause_that_was_lifted_behind_its
         registry_path: fixture.registry.clone(),
         poll: Duration::from_millis(100),
         replicas: mesh_protocol::layout::Replicas::Auto,
+        allowed_hosts: Default::default(),
         tuning: None,
     };
     let follow = tokio::spawn(mesh_bot::provision::follow(js.clone(), config, stop.clone().cancelled_owned()));

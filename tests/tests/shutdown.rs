@@ -23,7 +23,7 @@ async fn a_delivery_in_flight_at_stop_finishes_and_is_acked() {
     gw.set_delay(SLOW_ANSWER);
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let js = nats.jetstream().await;
-    let registry = mesh_listener::registry_file::load(&fixture.registry).unwrap();
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
     mesh_bot::publish::send(&js, &registry, "cli:test", "nova", "slow one", Priority::Normal).await.unwrap();
 
     let config = fixture.listener_config(&nats, mesh_listener::config::Selection::One("nova".parse().unwrap()));

@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use mesh_bot::slack::verify::sign;
-use mesh_tests::fixtures::{Logged, mesh_bin, wait_until_settled};
+use mesh_tests::bot::BotProcess;
+use mesh_tests::fixtures::wait_until_settled;
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -16,7 +17,7 @@ const BOT_TOKEN: &str = "xoxb-test-bot-token-0123456789";
 const POST_MESSAGE: &str = "/api/chat.postMessage";
 
 struct Bot {
-    bot: Logged,
+    process: BotProcess,
     url: String,
     slack: RecordingGateway,
     http: reqwest::Client,
@@ -40,31 +41,17 @@ impl Bot {
             serde_json::json!({"operator": ["slack:UOPS"], "admin": ["slack:UADMIN"]}).to_string(),
         )
         .unwrap();
-        let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
-            let mut command = tokio::process::Command::new(mesh_bin());
-            command
-                .args(["bot", "--addr", addr])
-                .env("NATS_URL", nats.url())
-                .env("MESH_REGISTRY", &fixture.registry)
-                .env("MESH_PERMISSIONS", &permissions)
-                .env("SLACK_SIGNING_SECRET", SECRET)
-                .env("SLACK_BOT_TOKEN", BOT_TOKEN)
-                .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-                .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-                .env("MESH_LOG", "trace")
-                .envs(extra_env.iter().copied());
-            command
-        })
-        .await;
-        mesh_listener::gateway::install_tls_provider();
-        let http = reqwest::Client::new();
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        while http.get(format!("{url}/health/live")).send().await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "mesh bot did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self { bot, url, slack, http }
+        let env = [
+            ("MESH_PERMISSIONS", permissions.display().to_string()),
+            ("SLACK_SIGNING_SECRET", SECRET.to_owned()),
+            ("SLACK_BOT_TOKEN", BOT_TOKEN.to_owned()),
+            ("SLACK_API_URL", format!("http://{}/api", slack.addr)),
+            ("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr)),
+        ];
+        let extra = extra_env.iter().map(|(k, v)| (*k, (*v).to_owned()));
+        let process = BotProcess::start(&nats.url(), &fixture.registry, env.into_iter().chain(extra)).await;
+        let url = process.url.clone();
+        Self { process, url, slack, http: reqwest::Client::new() }
     }
 
     fn form(&self, user: &str, text: &str, n: u32) -> String {
@@ -108,7 +95,7 @@ impl Bot {
     }
 
     async fn logs(self) -> String {
-        self.bot.kill().await
+        self.process.stop().await.1
     }
 }
 

@@ -18,7 +18,7 @@ use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 const WAIT: Duration = Duration::from_secs(20);
 
 fn load(fixture: &Fixture) -> Registry {
-    mesh_listener::registry_file::load(&fixture.registry).unwrap()
+    mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap()
 }
 
 async fn send(js: &async_nats::jetstream::Context, fixture: &Fixture, to: &str, text: &str) {

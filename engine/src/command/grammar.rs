@@ -151,6 +151,12 @@ pub struct DeployUp {
     pub profiles: Vec<String>,
     /// How often nats-server fsyncs JetStream writes.
     pub sync: SyncInterval,
+    /// The directory the containers mount as `/etc/mesh` (`MESH_CONFIG_DIR`);
+    /// `None`: the registry file's directory.
+    pub config_dir: Option<PathBuf>,
+    /// The rendered files' directory as the compose file sees it
+    /// (`MESH_GENERATED_DIR`); `None`: `out`, made absolute.
+    pub generated_dir: Option<PathBuf>,
 }
 
 /// A parsed chat command, or a terminal command built from flags.

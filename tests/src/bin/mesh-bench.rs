@@ -208,7 +208,7 @@ async fn run() -> anyhow::Result<()> {
             .with("last_delivery_ms", fanout_ms)
             .with("rss_mb", rss as f64 / 1024.0),
         );
-        let reg = mesh_listener::registry_file::load(&registry)?;
+        let reg = mesh_listener::registry_file::load(&registry, &Default::default())?;
         let client = nats.client().await;
         let report = mesh_bot::ping::ping(&client, &reg, Duration::from_secs(10)).await.map_err(anyhow::Error::msg)?;
         rows.push(
