@@ -17,10 +17,30 @@ pub enum SlackApiError {
     Respond(String),
     #[error("chat.postMessage failed: {0}")]
     Post(String),
+    #[error("chat.postMessage was rate limited (retry after {retry_after:?})")]
+    RateLimited {
+        /// Slack's `Retry-After`, when it sent one.
+        retry_after: Option<Duration>,
+    },
+    #[error("chat.postMessage did not answer within {0:?}")]
+    TimedOut(Duration),
     #[error("no bot token configured (SLACK_BOT_TOKEN); cannot post to channels")]
     NoBotToken,
     #[error("cannot build the HTTPS client: {0}")]
     Tls(String),
+}
+
+/// Longest wait for any call to Slack.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SlackApiError {
+    /// How long Slack asked us to wait before trying again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::RateLimited { retry_after } => *retry_after,
+            _ => None,
+        }
+    }
 }
 
 type Connector = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
@@ -66,7 +86,7 @@ impl SlackApi {
     pub fn new(api_url: &str, bot_token: Option<String>, response_url_prefix: String) -> Result<Self, SlackApiError> {
         mesh_listener::gateway::install_tls_provider();
         let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
+            .timeout(CALL_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SlackApiError::Tls(e.to_string()))?;
@@ -103,17 +123,40 @@ impl SlackApi {
 
     /// Posts a reply in a channel (in a thread when `thread_ts` is given); returns the message ts.
     pub async fn post(&self, channel: &str, reply: &Reply, thread_ts: Option<&str>) -> Result<String, SlackApiError> {
+        self.post_with_fallback(channel, reply, thread_ts, None).await
+    }
+
+    /// Like [`SlackApi::post`], with `fallback` (plain text, escaped here) as
+    /// the message's `text`, what notifications on phones show.
+    pub async fn post_with_fallback(
+        &self,
+        channel: &str,
+        reply: &Reply,
+        thread_ts: Option<&str>,
+        fallback: Option<&str>,
+    ) -> Result<String, SlackApiError> {
         let (client, token) = self.web.as_ref().ok_or(SlackApiError::NoBotToken)?;
         let rendered = render_slack::render(reply);
         let blocks: Vec<SlackBlock> = serde_json::from_value(rendered["blocks"].clone()).unwrap_or_default();
-        let text = rendered["text"].as_str().unwrap_or_default().to_owned();
+        let text = match fallback {
+            Some(fallback) => render_slack::escape(fallback),
+            None => rendered["text"].as_str().unwrap_or_default().to_owned(),
+        };
         let content = SlackMessageContent::new().with_text(text).with_blocks(blocks);
         let mut request = SlackApiChatPostMessageRequest::new(SlackChannelId(channel.to_owned()), content);
         if let Some(ts) = thread_ts {
             request = request.with_thread_ts(SlackTs(ts.to_owned()));
         }
         let session = client.open_session(token);
-        let response = session.chat_post_message(&request).await.map_err(|e| SlackApiError::Post(e.to_string()))?;
+        let response = tokio::time::timeout(CALL_TIMEOUT, session.chat_post_message(&request))
+            .await
+            .map_err(|_| SlackApiError::TimedOut(CALL_TIMEOUT))?
+            .map_err(|e| match e {
+                slack_morphism::errors::SlackClientError::RateLimitError(limited) => {
+                    SlackApiError::RateLimited { retry_after: limited.retry_after }
+                }
+                other => SlackApiError::Post(other.to_string()),
+            })?;
         Ok(response.ts.0)
     }
 
