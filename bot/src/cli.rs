@@ -73,6 +73,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
+        /// Seconds between two pings of the fleet for agent down/up notifications.
+        #[arg(long, env = "MESH_MONITOR_EVERY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        monitor_every_s: u64,
     },
     /// Show the kill switch, the listeners answering, and dead letters.
     Status,
@@ -350,7 +353,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let Args { nats_url, registry, json, command } = args;
     let args = Globals { nats_url, registry, json };
     let (command, options) = match command {
-        Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Bot { addr, monitor_every_s } => return bot(&args, addr, Duration::from_secs(monitor_every_s)).await,
         Command::Completions { shell } => {
             let mut definitions = <Args as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut definitions, "mesh", &mut std::io::stdout());
@@ -523,7 +526,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
 }
 
 /// `mesh bot`: refuses to start on a broken permissions file.
-async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration) -> anyhow::Result<ExitCode> {
     mesh_listener::logging::init();
     let permissions = crate::server::permissions_from_env()?;
     let config = crate::server::BotConfig {
@@ -533,7 +536,7 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitC
         slack: crate::server::slack_from_env()?,
         discord: crate::server::discord_from_env()?,
         redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),
-        monitor_every: Duration::from_secs(30),
+        monitor_every,
         docker: docker_host(),
     };
     crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, kv};
 use mesh_protocol::event::{Event, EventKind};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Publishes an event (best effort: a lost notification never blocks a command).
 pub async fn publish(js: &jetstream::Context, event: &Event) {
@@ -179,7 +179,10 @@ pub async fn monitor(client: async_nats::Client, registry_path: PathBuf, every: 
         let Some(fleet) = &fleet else { continue };
         let now = FleetView { up, dead_letters };
         match &before {
-            None => record_seen(fleet, &now).await,
+            None => {
+                record_seen(fleet, &now).await;
+                info!(agents = now.up.len(), "fleet monitor watching the agents");
+            }
             Some(before) => {
                 for (event, change) in changes(before, &now) {
                     debug!(text = %event.text, "fleet event");
