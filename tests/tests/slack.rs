@@ -500,3 +500,53 @@ async fn socket_mode_reconnects_after_a_disconnect_and_a_dropped_connection_and_
         assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
     }
 }
+
+/// Waits until the bot's notifications relay follows the events stream.
+async fn relay_following(bot: &Bot) {
+    bot.bot.wait_for_output("notifications relay following events", WAIT).await.unwrap();
+}
+
+async fn broadcast(nats: &TestNats, fixture: &Fixture, text: &str) {
+    let sent = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(["broadcast", text])
+        .output()
+        .await
+        .unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+}
+
+#[tokio::test]
+async fn a_rate_limited_notification_is_posted_after_retry_after() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let bot = Bot::start_with(&nats, &fixture, &[("SLACK_NOTIFY_CHANNEL", "CNOTIFY")]).await;
+    relay_following(&bot).await;
+    bot.slack.set_retry_after(2);
+    bot.slack.script([429]);
+    broadcast(&nats, &fixture, "maintenance tonight").await;
+    let posts = bot.slack.wait_for_path(POST_MESSAGE, 2, WAIT).await;
+    assert_eq!((posts[0].status, posts[1].status), (429, 200));
+    let waited = posts[1].at - posts[0].at;
+    assert!(waited >= Duration::from_secs(2), "Retry-After: 2 was waited out ({waited:?})");
+    assert_eq!(posts[0].body, posts[1].body, "the same notification, posted again");
+    let text = posts[1].body["text"].as_str().unwrap();
+    assert!(text.contains("maintenance tonight") && text.starts_with("broadcast from"), "fallback text: {text}");
+    drop(bot.logs().await);
+}
+
+#[tokio::test]
+async fn events_while_the_bot_is_down_are_posted_once_it_starts() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let env = [("SLACK_NOTIFY_CHANNEL", "CNOTIFY")];
+    let bot = Bot::start_with(&nats, &fixture, &env).await;
+    relay_following(&bot).await;
+    drop(bot.logs().await);
+    broadcast(&nats, &fixture, "while the bot restarts").await;
+    let bot = Bot::start_with(&nats, &fixture, &env).await;
+    let posts = bot.slack.wait_for_path(POST_MESSAGE, 1, WAIT).await;
+    assert!(posts[0].body["blocks"].to_string().contains("while the bot restarts"), "{}", posts[0].body);
+    drop(bot.logs().await);
+}
