@@ -565,3 +565,33 @@ async fn a_message_command_reaching_two_replicas_runs_once_without_redis() {
     listener.stop().await.unwrap();
     drop((a.logs().await, b.logs().await));
 }
+
+#[tokio::test]
+async fn long_output_continues_in_follow_up_messages() {
+    let discord = RecordingGateway::start().await;
+    let channel = format!("{API}/channels/22/messages");
+    discord.respond_with(&channel, json!({"id": "555", "channel_id": "22"}));
+    let api = DiscordApi::new(&format!("http://{}{API}", discord.addr), Some(mesh_protocol::Secret::new(BOT_TOKEN)), Some(APP.into()))
+        .unwrap();
+    let lines: Vec<String> = (0..200).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+    let reply = mesh_bot::command::Reply::info("ada replied").with_lines(None, lines);
+
+    // In a channel: each message answers the one before, so they read as one thread.
+    assert_eq!(api.post("22", &reply, Some("11")).await.unwrap(), "555");
+    let posts = discord.requests_to(&channel);
+    assert!(posts.len() >= 4, "{} messages", posts.len());
+    assert_eq!(posts[0].body["message_reference"]["message_id"], "11");
+    assert!(posts[1..].iter().all(|p| p.body["message_reference"]["message_id"] == "555"));
+    // An interaction: the original answer, then follow-ups.
+    api.edit_original(APP, "itok-long", &reply).await.unwrap();
+    let edits = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-long/messages/@original"));
+    let follow_ups = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-long"));
+    assert_eq!((edits.len(), follow_ups.len()), (1, posts.len() - 1));
+    for sent in [posts, [edits, follow_ups].concat()] {
+        let all: String = sent.iter().map(|p| p.body["embeds"].to_string()).collect();
+        for i in 0..200 {
+            assert_eq!(all.matches(&format!("line {i:05} ")).count(), 1, "line {i} sent once");
+        }
+        assert!(!all.contains("(truncated)"));
+    }
+}
