@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use crate::command::{Identity, PendingAction, parse};
 
 /// The bucket of pending confirmations.
-pub const BUCKET: &str = "mesh_confirm";
+pub const BUCKET: &str = mesh_protocol::layout::CONFIRM_BUCKET;
 
 /// A pending action as stored: the command in its canonical form (parsed
 /// back on the replica that confirms it) and who asked, by identity key.

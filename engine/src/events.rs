@@ -46,7 +46,7 @@ pub async fn publish_once(js: &jetstream::Context, event: &Event, id: &str) {
 
 /// The bucket holding, per agent, the state last announced (`up` or `down`),
 /// shared by the bot replicas.
-pub const FLEET_BUCKET: &str = "mesh_fleet";
+pub const FLEET_BUCKET: &str = mesh_protocol::layout::FLEET_BUCKET;
 
 /// Opens the fleet bucket, creating it when missing.
 pub async fn fleet_bucket(js: &jetstream::Context) -> Result<kv::Store, String> {

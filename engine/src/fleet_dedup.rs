@@ -9,7 +9,7 @@
 use async_nats::jetstream::{self, kv};
 
 /// The bucket of request keys seen by any replica.
-pub const BUCKET: &str = "mesh_dedup";
+pub const BUCKET: &str = mesh_protocol::layout::DEDUP_BUCKET;
 
 /// The shared dedup bucket.
 #[derive(Debug)]

@@ -147,6 +147,8 @@ pub fn bot() -> Access {
             .into_iter()
             .chain(layout::all_streams(1).into_iter().flat_map(|s| s.subjects))
             .chain([Subject::HealthPing.to_string()])
+            // The replicas' shared state: fleet events, confirmation codes, handled requests.
+            .chain(layout::BOT_BUCKETS.iter().map(|bucket| format!("$KV.{bucket}.>")))
             .collect(),
         publish_deny: vec![format!("{JS_API}.STREAM.DELETE.>"), format!("{JS_API}.STREAM.PURGE.>")],
         subscribe: vec![
@@ -213,6 +215,14 @@ mod tests {
         let creates: Vec<_> =
             chat.publish.iter().filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE.MESH_AGENTS")).collect();
         assert!(creates.iter().all(|s| s.contains(".agent-nova")), "{creates:?}");
+    }
+
+    #[test]
+    fn the_bot_writes_the_replicas_shared_buckets() {
+        let access = bot();
+        for bucket in ["mesh_fleet", "mesh_confirm", "mesh_dedup"] {
+            assert!(access.publish.contains(&format!("$KV.{bucket}.>")), "{bucket}: {:?}", access.publish);
+        }
     }
 
     #[test]
