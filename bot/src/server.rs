@@ -281,9 +281,10 @@ pub async fn run(
             let post = move |note: crate::notify::Notification| {
                 let (api, channel) = (api.clone(), channel.clone());
                 async move {
-                    api.post_with_fallback(&channel, &note.reply, None, Some(&note.text)).await.map(drop).map_err(|e| {
-                        crate::notify::PostFailure { retry_after: e.retry_after(), detail: e.to_string() }
-                    })
+                    api.post_with_fallback(&channel, &note.reply, None, Some(&note.text))
+                        .await
+                        .map(drop)
+                        .map_err(|e| crate::notify::PostFailure { retry_after: e.retry_after(), detail: e.to_string() })
                 }
             };
             // Slack allows about one post per second per channel.
@@ -383,7 +384,10 @@ fn discord_routes<S: Clone + Send + Sync + 'static>(
             let (api, channel) = (api.clone(), channel.clone());
             // The client waits out Discord's 429 `retry_after` itself.
             async move {
-                api.post(&channel, &note.reply, None).await.map(drop).map_err(|e| crate::notify::PostFailure::new(e.to_string()))
+                api.post(&channel, &note.reply, None)
+                    .await
+                    .map(drop)
+                    .map_err(|e| crate::notify::PostFailure::new(e.to_string()))
             }
         };
         // Well within Discord's five messages per five seconds in a channel.

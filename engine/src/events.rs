@@ -101,7 +101,9 @@ async fn announce_agent(js: &jetstream::Context, fleet: &kv::Store, agent: &str,
     let revision = entry.as_ref().map_or(0, |e| e.revision);
     publish_once(js, event, &format!("agent:{agent}:{state}:{revision}")).await;
     let swapped = match entry {
-        Some(_) => fleet.update(agent, state.as_bytes().to_vec().into(), revision).await.map(drop).map_err(|e| e.to_string()),
+        Some(_) => {
+            fleet.update(agent, state.as_bytes().to_vec().into(), revision).await.map(drop).map_err(|e| e.to_string())
+        }
         None => fleet.create(agent, state.as_bytes().to_vec().into()).await.map(drop).map_err(|e| e.to_string()),
     };
     if let Err(e) = swapped {
@@ -168,7 +170,9 @@ pub async fn monitor(client: async_nats::Client, registry_path: PathBuf, every: 
             .filter(|r| r.state != "inactive")
             .map(|r| (r.agent.clone(), matches!(r.state, "ok" | "paused" | "gateway unknown")))
             .collect();
-        let (dead_letters, last_dead_letter) = match js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await
+        let (dead_letters, last_dead_letter) = match js
+            .get_stream(mesh_protocol::layout::dead_letter_stream(1).name)
+            .await
         {
             Ok(mut stream) => stream.info().await.map(|i| (i.state.messages, i.state.last_sequence)).unwrap_or((0, 0)),
             Err(_) => (0, 0),

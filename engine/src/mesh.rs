@@ -145,10 +145,8 @@ impl Mesh for NatsMesh {
             if matches!(prepared.envelope.to, mesh_protocol::Recipient::Broadcast) && !receipt.duplicate {
                 // Announced in the chat channels too; the message id keeps a retried broadcast to one post.
                 let envelope = &prepared.envelope;
-                let text = format!(
-                    "broadcast from {} to {} agents: {}",
-                    envelope.from, receipt.recipients, envelope.text
-                );
+                let text =
+                    format!("broadcast from {} to {} agents: {}", envelope.from, receipt.recipients, envelope.text);
                 let event = mesh_protocol::event::Event::now(mesh_protocol::event::EventKind::Broadcast, text);
                 crate::events::publish_once(&self.js, &event, &format!("broadcast:{}", envelope.id)).await;
             }

@@ -571,8 +571,12 @@ async fn long_output_continues_in_follow_up_messages() {
     let discord = RecordingGateway::start().await;
     let channel = format!("{API}/channels/22/messages");
     discord.respond_with(&channel, json!({"id": "555", "channel_id": "22"}));
-    let api = DiscordApi::new(&format!("http://{}{API}", discord.addr), Some(mesh_protocol::Secret::new(BOT_TOKEN)), Some(APP.into()))
-        .unwrap();
+    let api = DiscordApi::new(
+        &format!("http://{}{API}", discord.addr),
+        Some(mesh_protocol::Secret::new(BOT_TOKEN)),
+        Some(APP.into()),
+    )
+    .unwrap();
     let lines: Vec<String> = (0..200).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
     let reply = mesh_bot::command::Reply::info("ada replied").with_lines(None, lines);
 

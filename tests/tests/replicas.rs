@@ -131,8 +131,11 @@ async fn two_replicas_post_each_event_once_and_share_confirmation_codes() {
     let fixture = Fixture::registry(&[("nova", &nova, true)]);
     let listener = ListenerHandle::one(&fixture, &nats, "nova");
     let slack = RecordingGateway::start().await;
-    slack.respond_with(POST_MESSAGE, serde_json::json!({"ok": true, "channel": "CNOTIFY", "ts": "1700000000.000100",
-                           "message": {"text": "posted", "ts": "1700000000.000100"}}));
+    slack.respond_with(
+        POST_MESSAGE,
+        serde_json::json!({"ok": true, "channel": "CNOTIFY", "ts": "1700000000.000100",
+                           "message": {"text": "posted", "ts": "1700000000.000100"}}),
+    );
     let a = replica(&nats, &fixture, &slack, &redis).await;
     let b = replica(&nats, &fixture, &slack, &redis).await;
     let js = nats.jetstream().await;

@@ -61,8 +61,11 @@ fn parts(reply: &Reply, split: bool) -> (String, Vec<String>) {
         match section {
             Section::Text { heading, lines } => {
                 let escaped = lines.iter().map(|l| escape(l));
-                let lines: Vec<String> =
-                    if split { escaped.flat_map(|l| split_line(&l, MAX_LINE_PIECE)).collect() } else { escaped.collect() };
+                let lines: Vec<String> = if split {
+                    escaped.flat_map(|l| split_line(&l, MAX_LINE_PIECE)).collect()
+                } else {
+                    escaped.collect()
+                };
                 descriptions.extend(chunks(heading.as_deref(), &lines, "", ""));
             }
             Section::Table { heading, columns, rows } => {

@@ -257,7 +257,11 @@ mod tests {
 
     #[test]
     fn backticks_in_cells_cannot_close_the_code_block() {
-        let reply = Reply::info("agents").with_table(None, ["agent", "note"], vec![vec!["nova".into(), "```*bold* <!here>".into()]]);
+        let reply = Reply::info("agents").with_table(
+            None,
+            ["agent", "note"],
+            vec![vec!["nova".into(), "```*bold* <!here>".into()]],
+        );
         let texts = block_texts(&render(&reply));
         let table = &texts[1];
         assert!(table.starts_with("```\n") && table.ends_with("\n```"), "{table}");
