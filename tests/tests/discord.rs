@@ -598,4 +598,9 @@ async fn long_output_continues_in_follow_up_messages() {
         }
         assert!(!all.contains("(truncated)"));
     }
+    // An answer only its asker sees stays so in its follow-ups.
+    api.edit_original(APP, "itok-private", &reply.clone().ephemeral()).await.unwrap();
+    let follow_ups = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-private"));
+    assert!(!follow_ups.is_empty());
+    assert!(follow_ups.iter().all(|p| p.body["flags"] == 64), "ephemeral follow-ups");
 }

@@ -124,12 +124,12 @@ impl DiscordApi {
             }
         }
         // What one message cannot hold continues in follow-ups.
-        self.follow_up_messages(application_id, token, messages).await
+        self.follow_up_messages(application_id, token, messages, reply.ephemeral).await
     }
 
     /// Sends a follow-up message to an interaction (an `ask` answer), in several when long.
     pub async fn follow_up(&self, application_id: &str, token: &str, reply: &Reply) -> Result<(), DiscordApiError> {
-        self.follow_up_messages(application_id, token, render_discord::render_messages(reply)).await
+        self.follow_up_messages(application_id, token, render_discord::render_messages(reply), reply.ephemeral).await
     }
 
     async fn follow_up_messages(
@@ -137,9 +137,14 @@ impl DiscordApi {
         application_id: &str,
         token: &str,
         messages: impl IntoIterator<Item = Value>,
+        ephemeral: bool,
     ) -> Result<(), DiscordApiError> {
         let path = format!("/webhooks/{application_id}/{token}");
-        for body in messages {
+        for mut body in messages {
+            // A follow-up is public unless flagged, whatever the deferred answer was.
+            if ephemeral {
+                body["flags"] = json!(render_discord::EPHEMERAL_FLAG);
+            }
             self.send("the interaction follow-up", reqwest::Method::POST, &path, body, false).await?;
         }
         Ok(())
