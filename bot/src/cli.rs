@@ -94,6 +94,9 @@ pub enum Command {
         /// Seconds to wait for the reply.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
+        /// Time to live (30s, 5m, 2h): not delivered by then, it is a dead letter (reason "expired").
+        #[arg(long)]
+        ttl: Option<String>,
     },
     /// Pull the kill switch: listeners stop pulling; messages wait in JetStream.
     Kill {
@@ -176,6 +179,10 @@ pub struct MessageArgs {
     /// Sender name (an agent id, so replies reach its inbox, or a label).
     #[arg(long, env = "MESH_FROM")]
     from: Option<String>,
+    /// Time to live (30s, 5m, 2h; at most 24h): not delivered by then, it is a dead letter (reason "expired").
+    /// A broadcast without it takes MESH_BROADCAST_TTL, if set.
+    #[arg(long)]
+    ttl: Option<String>,
 }
 
 /// What to do with dead letters.
@@ -372,6 +379,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
     };
     let mut config = crate::server::engine_config(args.registry.clone(), permissions);
+    config.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
     if let Some(timeout) = options.ping_timeout {
         config.ping_timeout = timeout;
     }
@@ -420,11 +428,20 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
     let command = match command {
         Command::Send { agent, message } => {
             options.from = message.from;
-            C::Send { agent: agent_id(&agent)?, text: message_text(message.text)?, priority: message.priority }
+            C::Send {
+                agent: agent_id(&agent)?,
+                text: message_text(message.text)?,
+                priority: message.priority,
+                ttl: message.ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Broadcast { message } => {
             options.from = message.from;
-            C::Broadcast { priority: message.priority, text: message_text(message.text)? }
+            C::Broadcast {
+                priority: message.priority,
+                text: message_text(message.text)?,
+                ttl: message.ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Ping { timeout_ms } => {
             options.ping_timeout = Some(Duration::from_millis(timeout_ms));
@@ -475,9 +492,13 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
         Command::Agents { action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, no_check }) } => {
             C::AgentsRotate { agent: id, hooks_token, gateway_token, check: !no_check }
         }
-        Command::Ask { agent, text, timeout_s } => {
+        Command::Ask { agent, text, timeout_s, ttl } => {
             options.ask_timeout = Some(Duration::from_secs(timeout_s));
-            C::Ask { agent: agent_id(&agent)?, text: message_text(text)? }
+            C::Ask {
+                agent: agent_id(&agent)?,
+                text: message_text(text)?,
+                ttl: ttl.as_deref().map(duration).transpose()?,
+            }
         }
         Command::Kill { grade: KillGrade::Soft { duration: d, agent, reason } } => C::KillSoft {
             duration: d.as_deref().map(duration).transpose()?.unwrap_or(crate::command::grammar::DEFAULT_SOFT_KILL),
@@ -529,10 +550,12 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
 async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration) -> anyhow::Result<ExitCode> {
     mesh_listener::logging::init();
     let permissions = crate::server::permissions_from_env()?;
+    let mut engine = crate::server::engine_config(args.registry.clone(), permissions);
+    engine.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
     let config = crate::server::BotConfig {
         nats_url: args.nats_url.clone(),
         addr,
-        engine: crate::server::engine_config(args.registry.clone(), permissions),
+        engine,
         slack: crate::server::slack_from_env()?,
         discord: crate::server::discord_from_env()?,
         redis_url: std::env::var(crate::server::env::REDIS_URL).ok().filter(|u| !u.is_empty()),

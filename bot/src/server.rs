@@ -122,6 +122,8 @@ pub mod env {
     pub const MESH_PERMISSIONS: &str = "MESH_PERMISSIONS";
     /// Two-person rule for nuclear.
     pub const MESH_TWO_PERSON_NUCLEAR: &str = "MESH_TWO_PERSON_NUCLEAR";
+    /// Time to live of a broadcast sent without `--ttl` (`30s`, `5m`, `2h`; unset: none).
+    pub const MESH_BROADCAST_TTL: &str = "MESH_BROADCAST_TTL";
     /// Redis URL.
     pub const REDIS_URL: &str = "REDIS_URL";
 }
@@ -238,6 +240,17 @@ pub fn engine_config(registry_path: PathBuf, permissions: Permissions) -> Engine
         confirm: ConfirmConfig { window: crate::command::confirm::CONFIRM_WINDOW, two_person_nuclear: two_person },
         ask_timeout: Duration::from_secs(120),
         ping_timeout: Duration::from_secs(2),
+        broadcast_ttl: None,
+    }
+}
+
+/// The default time to live of broadcasts ([`env::MESH_BROADCAST_TTL`]), read once at start.
+pub fn broadcast_ttl_from_env() -> anyhow::Result<Option<Duration>> {
+    match std::env::var(env::MESH_BROADCAST_TTL) {
+        Ok(raw) if !raw.trim().is_empty() => crate::command::grammar::parse_duration(raw.trim())
+            .map(Some)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; unset it or use 30s, 5m or 2h", env::MESH_BROADCAST_TTL)),
+        _ => Ok(None),
     }
 }
 
@@ -267,6 +280,10 @@ pub async fn run(
         && e.is_fatal()
     {
         anyhow::bail!("refusing to start: {e}");
+    }
+    // Connected by now (the engine created the streams).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
     }
     let stop = CancellationToken::new();
     let mut app = Router::new();

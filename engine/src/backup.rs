@@ -24,10 +24,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt;
 use mesh_protocol::AgentId;
 use mesh_protocol::killswitch::BUCKET;
-use mesh_protocol::layout::{self, ConsumerTuning};
+use mesh_protocol::layout::{self, ConsumerTuning, MSG_ID_HEADER};
 use mesh_runtime::nats::{NatsError, consumer_config};
 use serde::{Deserialize, Serialize};
 
+/// Header a restored message carries its original `Nats-Msg-Id` in.
+pub const RESTORED_MSG_ID_HEADER: &str = "Mesh-Restored-Msg-Id";
 /// Version of the backup format.
 pub const FORMAT_VERSION: u32 = 1;
 const MANIFEST: &str = "manifest.json";
@@ -246,7 +248,9 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
                 .map_err(|e| BackupError::Format { path: path.clone(), reason: format!("seq {}: {e}", stored.seq) })?;
             let mut headers = HeaderMap::new();
             for (name, value) in &stored.headers {
-                headers.append(name.as_str(), value.as_str());
+                let name =
+                    if name.eq_ignore_ascii_case(MSG_ID_HEADER) { RESTORED_MSG_ID_HEADER } else { name.as_str() };
+                headers.append(name, value.as_str());
             }
             let what = format!("republishing {} seq {}", spec.name, stored.seq);
             let ack = js
@@ -293,6 +297,10 @@ pub async fn restore(js: &jetstream::Context, registry: &Path, dir: &Path) -> Re
         }
     }
     report.killswitch = entries.len();
+    // The restored consumers take the restored kill switch's pause on the server.
+    if let Err(e) = mesh_runtime::server_pause::sync(js, None).await {
+        tracing::warn!(error = %e, "cannot pause the restored consumers on the server; the listeners' pause holds");
+    }
     let saved = dir.join(REGISTRY);
     if manifest.registry && saved.exists() {
         let text = std::fs::read_to_string(&saved).map_err(io(&saved))?;

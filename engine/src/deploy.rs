@@ -18,6 +18,22 @@ use mesh_protocol::{Registry, SecretRef};
 
 /// Where the registry directory is mounted in the containers.
 pub const CONFIG_DIR_IN_CONTAINER: &str = "/etc/mesh";
+/// Where its `secrets/` directory appears in the containers: masked by an
+/// empty tmpfs in every container, with only a listener's own agent's
+/// sub-directory (`secrets/<agent>/`) mounted on top, in that listener.
+pub const SECRETS_IN_CONTAINER: &str = "/etc/mesh/secrets";
+
+/// The one token directory `agent`'s listener container sees (`secrets/<agent>/`
+/// beside the registry on the host).
+pub fn agent_secrets_dir(agent: &mesh_protocol::AgentId) -> PathBuf {
+    Path::new(SECRETS_IN_CONTAINER).join(agent.as_str())
+}
+
+/// Whether `path` lies in `dir` without a `..` (which the mounts, not the
+/// path's spelling, would decide).
+fn plainly_inside(path: &Path, dir: &Path) -> bool {
+    path.starts_with(dir) && !path.components().any(|c| c == std::path::Component::ParentDir)
+}
 /// Port of each listener's `/health` and `/metrics`.
 pub const LISTENER_HTTP_PORT: u16 = 9100;
 /// Default output directory of `mesh deploy render`.
@@ -28,6 +44,9 @@ pub const DEFAULT_COMPOSE: &str = "deploy/docker-compose.yml";
 pub const COMPOSE_FILE: &str = "docker-compose.agents.yml";
 /// Name of the rendered NATS config.
 pub const NATS_CONF: &str = "nats.conf";
+/// Name of the rendered NATS users alone (the `authorization` block of
+/// [`NATS_CONF`]), which the cluster configs in `deploy/nats-cluster/` include.
+pub const NATS_AUTH_CONF: &str = "nats-auth.conf";
 /// Name of the rendered Prometheus targets of the listeners.
 pub const PROMETHEUS_TARGETS: &str = "prometheus-listeners.json";
 /// Name of the list of variables the deployment needs.
@@ -38,6 +57,8 @@ pub const ENV_EXAMPLE: &str = "env.example";
 pub struct Rendered {
     /// `nats.conf`.
     pub nats_conf: String,
+    /// `nats-auth.conf`: the same users, for a cluster node's config to include.
+    pub nats_auth: String,
     /// The listener services (and the nats service's password variables).
     pub compose: String,
     /// Prometheus file-based targets of the listeners.
@@ -89,18 +110,19 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
                     variables.insert(name.clone());
                     env.push((name.clone(), required(name)));
                 }
-                SecretRef::File(path)
-                    if !path.starts_with(format!("{CONFIG_DIR_IN_CONTAINER}/secrets"))
-                        && !path.starts_with(mesh_runtime::secrets::RUN_SECRETS) =>
-                {
-                    warnings.push(format!(
-                        "agent {}: token file {} is outside {CONFIG_DIR_IN_CONTAINER}/secrets (the secrets directory beside the registry, mounted into the listener) and {}: the listener will refuse it; move it there",
-                        agent.id,
-                        path.display(),
-                        mesh_runtime::secrets::RUN_SECRETS
-                    ))
+                SecretRef::File(path) => {
+                    let own = agent_secrets_dir(&agent.id);
+                    if !plainly_inside(path, &own)
+                        && !plainly_inside(path, Path::new(mesh_runtime::secrets::RUN_SECRETS))
+                    {
+                        warnings.push(format!(
+                            "agent {id}: token file {} is outside {} (secrets/{id}/ beside the registry), the only token directory its listener container mounts: the listener will not find it; move it there",
+                            path.display(),
+                            own.display(),
+                            id = agent.id,
+                        ));
+                    }
                 }
-                SecretRef::File(_) => {}
                 SecretRef::Literal(_) => warnings.push(format!(
                     "agent {}: a literal token in the registry; prefer env:NAME or file:{CONFIG_DIR_IN_CONTAINER}/...",
                     agent.id
@@ -128,8 +150,14 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
              \x20   labels:\n\
              \x20     mesh.role: listener\n\
              \x20     mesh.agent: {id}\n\
+             \x20   # The registry directory as a directory (an atomic rename by `mesh agents`\n\
+             \x20   # reaches it), its secrets/ masked by an empty tmpfs, and this agent's own\n\
+             \x20   # token directory on top: no other agent's token file is in this container.\n\
              \x20   volumes:\n\
              \x20     - \"${{MESH_CONFIG_DIR:-./config}}:{CONFIG_DIR_IN_CONTAINER}:ro\"\n\
+             \x20     - \"${{MESH_CONFIG_DIR:-./config}}/secrets/{id}:{SECRETS_IN_CONTAINER}/{id}:ro\"\n\
+             \x20   tmpfs:\n\
+             \x20     - \"{SECRETS_IN_CONTAINER}:mode=0555,size=64k\"\n\
              \x20   healthcheck:\n\
              \x20     test: [\"CMD\", \"mesh\", \"deploy\", \"probe\", \"http://127.0.0.1:{LISTENER_HTTP_PORT}/health/live\"]\n\
              \x20     interval: 10s\n\
@@ -148,7 +176,14 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
     }
     let mut prometheus_targets = serde_json::to_string_pretty(&targets).unwrap_or_default();
     prometheus_targets.push('\n');
-    Rendered { nats_conf: nats_conf(&users, sync), compose, prometheus_targets, variables, warnings }
+    Rendered {
+        nats_conf: nats_conf(&users, sync),
+        nats_auth: nats_auth(&users),
+        compose,
+        prometheus_targets,
+        variables,
+        warnings,
+    }
 }
 
 /// `${NAME:?...}`: docker-compose stops with this message when it is unset.
@@ -180,7 +215,27 @@ pub fn nats_conf(users: &[Access], sync: &SyncInterval) -> String {
          jetstream {\n",
     );
     let _ = writeln!(out, "{}", sync.conf_lines("  "));
-    out.push_str("}\nauthorization {\n  users: [\n");
+    out.push_str("}\n");
+    out.push_str(&authorization(users));
+    out
+}
+
+/// The users alone, for `include` in a cluster node's config
+/// (`deploy/nats-cluster/`): the same block as in [`nats_conf`].
+pub fn nats_auth(users: &[Access]) -> String {
+    let mut out = String::from(
+        "# Generated by `mesh deploy render` from the registry; do not edit: render again.\n\
+         # The NATS users of the mesh, included by each cluster node's config (deploy/nats-cluster/).\n\
+         # Passwords are $VARIABLE references resolved from nats-server's environment.\n",
+    );
+    out.push_str(&authorization(users));
+    out
+}
+
+/// The `authorization` block: one user per [`Access`] plus the unrestricted
+/// operator user; passwords are `$VARIABLE` references.
+fn authorization(users: &[Access]) -> String {
+    let mut out = String::from("authorization {\n  users: [\n");
     let admin = access::ADMIN_USER;
     let _ = writeln!(out, "    # The operator's `mesh` command line: no restrictions.");
     let _ = writeln!(out, "    {{ user: {}, password: ${} }}", quote(admin), access::password_env(admin));
@@ -213,6 +268,7 @@ pub fn write(rendered: &Rendered, out: &Path) -> std::io::Result<Vec<PathBuf>> {
         format!("# Variables the deployment reads; put the values in deploy/.env (never commit it).\n{env_example}");
     let files = [
         (NATS_CONF, &rendered.nats_conf),
+        (NATS_AUTH_CONF, &rendered.nats_auth),
         (COMPOSE_FILE, &rendered.compose),
         (PROMETHEUS_TARGETS, &rendered.prometheus_targets),
         (ENV_EXAMPLE, &env_example),
@@ -271,7 +327,18 @@ pub fn render_into(registry_path: &Path, out: &Path, sync: &SyncInterval) -> any
     let registry = mesh_runtime::registry_file::load(registry_path)?;
     let rendered = render(&registry, sync);
     let files = write(&rendered, out)?;
-    Ok(RenderReport { warnings: rendered.warnings, listeners: registry.active().count(), files, out: out.to_owned() })
+    // What the containers mount must exist: `secrets/` (masked in them) and
+    // each active agent's `secrets/<agent>/` (its listener's token directory).
+    let mut warnings = rendered.warnings;
+    let config_dir = registry_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let secrets = config_dir.join(mesh_runtime::secrets::SECRETS_DIR_NAME);
+    let dirs = std::iter::once(secrets.clone()).chain(registry.active().map(|a| secrets.join(a.id.as_str())));
+    for dir in dirs {
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            warnings.push(format!("cannot create {} ({e}): create it, the containers mount it", dir.display()));
+        }
+    }
+    Ok(RenderReport { warnings, listeners: registry.active().count(), files, out: out.to_owned() })
 }
 
 /// Renders, then starts the stack: docker-compose up -d with the base file and the rendered listeners.
@@ -310,7 +377,7 @@ mod tests {
 
     const REG: &str = r#"{
       "nova": {"hooks_token": "env:MESH_TOKEN_NOVA_HOOK", "hooks_url": "http://nova-gw:7002/hooks/wake"},
-      "ada": {"hooks_token": "file:/etc/mesh/secrets/ada", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m",
+      "ada": {"hooks_token": "file:/etc/mesh/secrets/ada/hook", "gateway_token": "env:MESH_TOKEN_ADA_GW", "model": "m",
               "delivery": "chat", "hooks_url": "http://ada-gw:7002/hooks/wake", "allow_plaintext": true},
       "old": {"hooks_token": "literal-old-secret", "hooks_url": "http://old:1/hooks/wake", "status": "inactive"},
       "lit": {"hooks_token": "literal-secret-value", "hooks_url": "http://lit:1/hooks/wake"}
@@ -340,10 +407,53 @@ mod tests {
     }
 
     #[test]
-    fn token_files_outside_the_mount_are_reported() {
-        let reg = r#"{"nova": {"hooks_token": "file:/home/op/nova", "hooks_url": "http://g/hooks/wake"}}"#;
-        let rendered = render(&Registry::parse(reg).unwrap(), &SyncInterval::Always);
-        assert!(rendered.warnings[0].contains("outside /etc/mesh"), "{:?}", rendered.warnings);
+    fn the_cluster_include_holds_the_users_of_nats_conf() {
+        let rendered = render(&Registry::parse(REG).unwrap(), &SyncInterval::Always);
+        let block = &rendered.nats_conf[rendered.nats_conf.find("authorization {").unwrap()..];
+        assert!(rendered.nats_auth.ends_with(block), "{}", rendered.nats_auth);
+        assert!(rendered.nats_auth.starts_with("# Generated by `mesh deploy render`"));
+        assert!(!rendered.nats_auth.contains("jetstream") && !rendered.nats_auth.contains("port"));
+    }
+
+    #[test]
+    fn token_files_outside_the_agents_own_directory_are_reported() {
+        for (token, warned) in [
+            ("file:/home/op/nova", true),
+            ("file:/etc/mesh/secrets/nova-hook", true),
+            ("file:/etc/mesh/secrets/ada/hook", true),
+            ("file:/etc/mesh/secrets/nova/../ada/hook", true),
+            ("file:/etc/mesh/secrets/nova/hook", false),
+            ("file:/run/secrets/nova-hook", false),
+        ] {
+            let reg = format!(r#"{{"nova": {{"hooks_token": "{token}", "hooks_url": "http://g/hooks/wake"}}}}"#);
+            let rendered = render(&Registry::parse(&reg).unwrap(), &SyncInterval::Always);
+            assert_eq!(rendered.warnings.len(), usize::from(warned), "{token}: {:?}", rendered.warnings);
+            if warned {
+                assert!(rendered.warnings[0].contains("outside /etc/mesh/secrets/nova"), "{:?}", rendered.warnings);
+            }
+        }
+    }
+
+    #[test]
+    fn a_listener_mounts_only_its_own_agents_secrets() {
+        let rendered = render(&Registry::parse(REG).unwrap(), &SyncInterval::Always);
+        for (agent, other) in [("nova", "ada"), ("ada", "nova")] {
+            let start = rendered.compose.find(&format!("\n  listener-{agent}:\n")).unwrap() + 1;
+            let end =
+                rendered.compose[start + 1..].find("\n  listener-").map_or(rendered.compose.len(), |e| start + 2 + e);
+            let service = &rendered.compose[start..end];
+            let mounts: Vec<&str> = service.lines().filter(|l| l.starts_with("      - ")).collect();
+            assert_eq!(
+                mounts,
+                [
+                    "      - \"${MESH_CONFIG_DIR:-./config}:/etc/mesh:ro\"".to_owned(),
+                    format!("      - \"${{MESH_CONFIG_DIR:-./config}}/secrets/{agent}:/etc/mesh/secrets/{agent}:ro\""),
+                    "      - \"/etc/mesh/secrets:mode=0555,size=64k\"".to_owned(),
+                ],
+                "{agent} mounts the registry directory, secrets/ masked, its own secrets on top, not {other}'s:\n{service}"
+            );
+            assert!(service.contains("    tmpfs:\n      - \"/etc/mesh/secrets:"), "{service}");
+        }
     }
 
     #[test]

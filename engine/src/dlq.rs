@@ -1,16 +1,24 @@
 //! Dead letters: list them (`mesh dlq [agent]`) and replay them
 //! (`mesh dlq replay <agent> [n]`): each is re-published as a new message
-//! with the original text and a note that it is a replay, and removed from
-//! the dead-letter stream only after the new publish was acked.
+//! with the original text, sender, kind, `reply_to` and hop count and a note
+//! that it is a replay, and removed from the dead-letter stream only after
+//! the new publish was acked. The replay's id (its `Nats-Msg-Id`) is derived
+//! from the original's id and the dead letter's sequence, so a replay run
+//! again after a crash between publish and removal, or two operators
+//! replaying at once, store it once (JetStream's 2-minute duplicate window),
+//! and its deliveries share one `Idempotency-Key` after that window too.
 
-use async_nats::jetstream::stream::{LastRawMessageErrorKind, Stream};
+use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::stream::{DeleteMessageErrorKind, LastRawMessageErrorKind, Stream};
 use mesh_protocol::dead_letter::DeadLetter;
 use mesh_protocol::envelope::Arrival;
 use mesh_protocol::layout;
 use mesh_protocol::subject::{self, Subject};
 use mesh_protocol::{AgentId, Envelope, Recipient, Registry};
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use crate::publish::{self, SendError};
 
@@ -35,6 +43,10 @@ pub struct DeadLetterEntry {
     pub at: OffsetDateTime,
     /// The text, when the payload decodes.
     pub text: Option<String>,
+    /// The message's id as the listener knew it (absent on dead letters
+    /// stored before the header existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<Uuid>,
     /// The original bytes.
     #[serde(skip)]
     pub payload: bytes::Bytes,
@@ -48,7 +60,7 @@ pub enum DlqError {
     #[error(transparent)]
     Send(#[from] SendError),
     #[error(
-        "dead letter {seq} was replayed as {id} but could not be removed: {reason}; remove it by hand to avoid a second replay"
+        "dead letter {seq} was replayed as {id} but could not be removed: {reason}; replaying it again within 2 minutes stores nothing new (same id), later it would be delivered again with the same Idempotency-Key: remove it by hand"
     )]
     NotRemoved { seq: u64, id: uuid::Uuid, reason: String },
 }
@@ -95,20 +107,46 @@ pub async fn list(
             attempts: record.attempts,
             at: message.time,
             text,
+            message_id: Some(record.message_id).filter(|id| !id.is_nil()),
             payload: message.payload,
         });
     }
     Ok(out)
 }
 
-/// The envelope a replay publishes: new id, original text and sender, and a
-/// note in its metadata.
+/// The id of the replay of dead letter `dlq_seq`, whose message had id
+/// `original`: the first 16 bytes of a SHA-256 over both, stamped as a
+/// version 8 (custom) UUID. The same dead letter always gives the same id;
+/// another dead letter of the same message (dead-lettered again after a
+/// replay, say) another one.
+pub fn replay_id(original: Uuid, dlq_seq: u64) -> Uuid {
+    let digest = Sha256::new()
+        .chain_update(b"mesh.replay.id/v1")
+        .chain_update(original.as_bytes())
+        .chain_update(dlq_seq.to_be_bytes())
+        .finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// The envelope a replay publishes: the id [`replay_id`] derives, the
+/// original's sender, text, kind, priority, `reply_to`, hop count and
+/// metadata, and a note in its metadata. It has no expiry: replaying is an
+/// operator's decision that the message is still wanted (an expired one
+/// included), so the original's `expires_at` is dropped rather than renewed.
 pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envelope> {
-    let arrival = Arrival { to: Recipient::Agent(agent.clone()), fallback_id: uuid::Uuid::nil(), stored_at: entry.at };
+    // A body without an id (legacy, plain text) has the one the listener derived, kept in the headers.
+    let fallback_id = entry.message_id.unwrap_or_default();
+    let arrival = Arrival { to: Recipient::Agent(agent.clone()), fallback_id, stored_at: entry.at };
     let (original, _) = Envelope::decode(&entry.payload, &arrival).ok()?;
     let mut replay =
         Envelope::new(original.from.clone(), Recipient::Agent(agent.clone()), original.text.clone()).ok()?;
+    replay.id = replay_id(original.id, entry.dlq_seq);
+    replay.kind = original.kind;
     replay.priority = original.priority;
+    replay.reply_to = original.reply_to.clone();
+    replay.hops = original.hops;
     replay.metadata = original.metadata.clone();
     replay.metadata.insert(REPLAY_OF.into(), original.id.to_string());
     replay.metadata.insert("dead_letter_reason".into(), entry.reason.clone());
@@ -143,12 +181,18 @@ pub async fn replay(
                 .push((entry.dlq_seq, "payload does not decode to a message; inspect it and fix the sender".into()));
             continue;
         };
+        // The same id on every attempt: a replay stored before (a crash
+        // before the removal, another operator) is answered `duplicate`.
         publish::publish(js, &envelope).await?;
-        stream.delete_message(entry.dlq_seq).await.map_err(|e| DlqError::NotRemoved {
-            seq: entry.dlq_seq,
-            id: envelope.id,
-            reason: e.to_string(),
-        })?;
+        match stream.delete_message(entry.dlq_seq).await {
+            Ok(_) => {}
+            // Another replay of the same dead letter removed it first.
+            Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(ref js) if js.error_code() == ErrorCode::NO_MESSAGE_FOUND) =>
+                {}
+            Err(e) => {
+                return Err(DlqError::NotRemoved { seq: entry.dlq_seq, id: envelope.id, reason: e.to_string() });
+            }
+        }
         report.replayed.push((entry.dlq_seq, envelope.id.to_string()));
     }
     Ok(report)
@@ -160,7 +204,11 @@ mod tests {
 
     #[test]
     fn a_replay_is_a_new_message_with_the_original_text_and_a_note() {
-        let original = Envelope::new("kaan", Recipient::Agent("nova".parse().unwrap()), "hello").unwrap();
+        let mut original = Envelope::new("kaan", Recipient::Agent("nova".parse().unwrap()), "hello")
+            .unwrap()
+            .with_reply_to(&Subject::new_reply());
+        original.kind = mesh_protocol::Kind::Ask;
+        original.hops = 2;
         let entry = DeadLetterEntry {
             dlq_seq: 7,
             agent: "nova".into(),
@@ -169,12 +217,29 @@ mod tests {
             attempts: 1,
             at: OffsetDateTime::UNIX_EPOCH,
             text: Some("hello".into()),
+            message_id: Some(original.id),
             payload: original.encode().unwrap().into(),
         };
         let replay = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
         assert_ne!(replay.id, original.id);
         assert_eq!((replay.from.as_str(), replay.text.as_str()), ("kaan", "hello"));
         assert_eq!(replay.metadata[REPLAY_OF], original.id.to_string());
+        assert_eq!((replay.kind, replay.hops, &replay.reply_to), (original.kind, 2, &original.reply_to));
+        // Derived, not random: a second replay of the same dead letter has the same id.
+        let again = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
+        assert_eq!((again.id, replay.id.get_version_num()), (replay.id, 8));
+        assert_eq!(replay.id, replay_id(original.id, 7));
+        assert_ne!(replay_id(original.id, 8), replay.id, "another dead letter of the message");
+        // An expired message replays without its expiry.
+        let expiring = original.clone().with_ttl(std::time::Duration::from_secs(2)).unwrap();
+        let expired = DeadLetterEntry {
+            reason: "expired: its time to live ended at 2026-11-30T15:00:00Z; not delivered".into(),
+            payload: expiring.encode().unwrap().into(),
+            ..entry.clone()
+        };
+        let replay = replay_envelope(&expired, &"nova".parse().unwrap()).unwrap();
+        assert_eq!((replay.expires_at, replay.text.as_str()), (None, "hello"));
+        assert!(replay.metadata["dead_letter_reason"].starts_with("expired"));
         let garbage = DeadLetterEntry { payload: bytes::Bytes::from_static(&[0xff]), ..entry };
         assert!(replay_envelope(&garbage, &"nova".parse().unwrap()).is_none());
     }

@@ -148,6 +148,8 @@ pub struct EngineConfig {
     pub ask_timeout: Duration,
     /// How long `ping` and `status` wait for pongs.
     pub ping_timeout: Duration,
+    /// The time to live of a broadcast sent without `--ttl` (`MESH_BROADCAST_TTL`); `None`: never expires.
+    pub broadcast_ttl: Option<Duration>,
 }
 
 /// Why the engine could not start.
@@ -334,7 +336,7 @@ impl Engine {
         };
         if command.needs_confirmation() {
             let parked = command.clone();
-            let challenge = self.lock_confirmations().request(&request.who, command, now, fastrand::u64(..));
+            let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
             if let Some(shared) = &self.shared_confirmations {
                 let action = crate::command::PendingAction {
                     command: parked,
@@ -450,9 +452,10 @@ impl Engine {
         let (from, by) = (request.sender(), request.who.key());
         let actor = killswitch::Actor::new(&by, role);
         match command {
-            Command::Send { agent, text, priority } => {
+            Command::Send { agent, text, priority, ttl } => {
                 let registry = self.registry()?;
                 let prepared = publish::prepare_send(&registry, &from, agent.as_str(), &text, priority)
+                    .and_then(|p| p.with_ttl(ttl))
                     .map_err(|e| e.to_string())?;
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
@@ -463,10 +466,11 @@ impl Engine {
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
-            Command::Broadcast { priority, text } => {
+            Command::Broadcast { priority, text, ttl } => {
                 let registry = self.registry()?;
-                let prepared =
-                    publish::prepare_broadcast(&registry, &from, &text, priority).map_err(|e| e.to_string())?;
+                let prepared = publish::prepare_broadcast(&registry, &from, &text, priority)
+                    .and_then(|p| p.with_ttl(ttl.or(self.config.broadcast_ttl)))
+                    .map_err(|e| e.to_string())?;
                 let receipt = self.mesh()?.deliver(&prepared).await.map_err(|e| e.to_string())?;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
@@ -476,7 +480,7 @@ impl Engine {
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
             }
-            Command::Ask { agent, text } => self.ask(&from, &agent, &text).await,
+            Command::Ask { agent, text, ttl } => self.ask(&from, &agent, &text, ttl).await,
             Command::Ping => {
                 let registry = self.registry()?;
                 let report = self.mesh()?.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
@@ -740,20 +744,39 @@ impl Engine {
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 let mut reply = Reply::ok(title).with_data(&changed);
-                if let Command::AgentsAdd { agent, .. } = &command
-                    && !agent.inactive
-                    && let Ok(id) = AgentId::parse(&agent.id)
-                {
-                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
-                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                // A new registration starts afresh: a consumer left over from an
+                // earlier agent of the same id (its backlog, old broadcasts) goes,
+                // and so does the consumer of a removed or inactive agent.
+                let (retire, create) = match &command {
+                    Command::AgentsAdd { agent, .. } => (AgentId::parse(&agent.id).ok(), !agent.inactive),
+                    Command::AgentsRemove { agent, .. } => (AgentId::parse(agent).ok(), false),
+                    _ => (None, false),
+                };
+                if let Some(id) = retire {
+                    let retired = match self.mesh() {
+                        Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    };
+                    let line = match retired {
                         Ok(done) => done,
                         Err(e) => format!(
-                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
-                             when it runs, and the listener waits for it until then"
+                            "warning: consumer agent-{id} not deleted ({e}); the bot (`mesh bot`) deletes it when it \
+                             sees the change, else a re-added {id} gets what it held"
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
+                    if create {
+                        // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                        let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                        let line = match self.provision(&[(id.clone(), tuning)]).await {
+                            Ok(done) => done,
+                            Err(e) => format!(
+                                "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                                 when it runs, and the listener waits for it until then"
+                            ),
+                        };
+                        reply = reply.with_lines(None, [line]);
+                    }
                 }
                 Ok(Executed::reply(reply))
             }
@@ -811,7 +834,7 @@ impl Engine {
         ))
     }
 
-    async fn ask(&self, from: &str, agent: &AgentId, text: &str) -> Result<Executed, String> {
+    async fn ask(&self, from: &str, agent: &AgentId, text: &str, ttl: Option<Duration>) -> Result<Executed, String> {
         let registry = self.registry()?;
         let target = publish::resolve_target(&registry, agent.as_str()).map_err(|e| e.to_string())?;
         if target.delivery != DeliveryMode::Chat {
@@ -820,9 +843,12 @@ impl Engine {
             ));
         }
         let reply_subject = Subject::new_reply();
-        let envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
+        let mut envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)
             .map_err(|e| e.to_string())?
             .with_reply_to(&reply_subject);
+        if let Some(ttl) = ttl {
+            envelope = envelope.with_ttl(ttl).map_err(|e| e.to_string())?;
+        }
         let tuning = target.consumer_tuning();
         let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await.map_err(|e| e.to_string())?;
         let timeout = self.config.ask_timeout;
@@ -859,6 +885,16 @@ impl Engine {
             reply.tone = crate::command::Tone::Warn;
         }
         reply = reply.with_lines(Some("kill switch"), kill_lines);
+        let pause_lines = match mesh.server_pauses().await {
+            Ok(crate::mesh::ServerPauses::TooOld(warning)) => {
+                reply.tone = crate::command::Tone::Warn;
+                vec![warning]
+            }
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) if rows.is_empty() => vec!["no agent consumers".to_owned()],
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) => rows.iter().map(|r| r.describe()).collect(),
+            Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
+        };
+        reply = reply.with_lines(Some("server-side pause"), pause_lines);
         let report = mesh.ping(&registry, self.config.ping_timeout).await.map_err(|e| e.to_string())?;
         let answered = report.rows.iter().filter(|r| r.rtt_ms.is_some()).count();
         let active = registry.active().count();
@@ -941,3 +977,11 @@ fn render_reply(title: String, report: &crate::deploy::RenderReport) -> Reply {
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+/// 64 bits from the operating system's generator (through `uuid`'s v4, which
+/// uses `getrandom`): confirmation codes must not be guessable from earlier ones.
+fn os_random_u64() -> u64 {
+    let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
+    // v4 fixes 4 version bits in `high` and 2 variant bits in `low`.
+    high.rotate_left(17) ^ low
+}

@@ -37,6 +37,8 @@ struct State {
     audit_fails: bool,
     /// The answer channel of the last `ask`, for the test to reply on.
     asked: Option<oneshot::Sender<Envelope>>,
+    /// What `server_pauses` answers (`None`: no agent consumers).
+    server_pauses: Option<crate::mesh::ServerPauses>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -157,6 +159,11 @@ impl Mesh for FakeMesh {
         ServerInfo { version: "fake".into(), name: "fake".into() }
     }
 
+    fn server_pauses(&self) -> BoxFuture<'_, Result<crate::mesh::ServerPauses, MeshError>> {
+        let pauses = self.state().server_pauses.clone().unwrap_or(crate::mesh::ServerPauses::Consumers(Vec::new()));
+        ready(Ok(pauses))
+    }
+
     fn backup<'a>(&'a self, _registry: &'a Path, _dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
         ready(Err(MeshError::Request("no backups in the fake".into())))
     }
@@ -170,6 +177,10 @@ impl Mesh for FakeMesh {
         agents: &'a [(AgentId, mesh_protocol::layout::ConsumerTuning)],
     ) -> BoxFuture<'a, Result<String, MeshError>> {
         ready(Ok(format!("consumers in place ({} agents)", agents.len())))
+    }
+
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        ready(Ok(format!("consumers deleted ({} agents)", agents.len())))
     }
 
     fn maintenance<'a>(
@@ -264,6 +275,7 @@ fn setup_with(limits: LimitStore, two_person: bool) -> Setup {
         confirm: ConfirmConfig { two_person_nuclear: two_person, ..ConfirmConfig::default() },
         ask_timeout: Duration::from_secs(30),
         ping_timeout: Duration::from_millis(10),
+        broadcast_ttl: None,
     };
     let mesh = FakeMesh::default();
     let containers = Arc::new(FakeContainers::default());
@@ -348,7 +360,7 @@ async fn terminal_only_commands_are_refused_in_chat_even_to_a_director() {
 async fn the_terminal_role_comes_from_the_permissions() {
     let mut s = setup();
     s.engine.config.permissions = permissions().with_terminal_role(Role::Viewer);
-    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default() };
+    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default(), ttl: None };
     let handled = s.engine.handle_command(Request::terminal(&send, "cli:ops"), send).await;
     assert_eq!(handled.reply.title, "\"send\" needs the operator role; you have viewer");
     assert_eq!(s.published(), 0);
@@ -452,6 +464,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
         confirm: ConfirmConfig::default(),
         ask_timeout: Duration::from_secs(1),
         ping_timeout: Duration::from_millis(10),
+        broadcast_ttl: None,
     };
     let engine = Engine::offline(config, "cannot reach NATS".into(), LimitStore::memory());
     let add = Command::AgentsAdd {
@@ -469,7 +482,7 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!((mode(registry_path.parent().unwrap()), mode(&registry_path)), (0o700, 0o600));
-    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default() };
+    let send = Command::Send { agent: id("nova"), text: "hi".into(), priority: Default::default(), ttl: None };
     let handled = engine.handle_command(Request::terminal(&send, "cli:ops"), send).await;
     assert_eq!(handled.reply.title, "cannot reach NATS");
 }
@@ -509,4 +522,57 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
     let resumed = s.engine.handle_command(Request::terminal(&resume, "cli:ops"), resume).await;
     assert_eq!(resumed.reply.title, "resumed the whole mesh");
     assert_eq!(*s.containers.calls.lock().unwrap(), ["stop", "start"]);
+}
+
+#[tokio::test]
+async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
+    let mut s = setup();
+    s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await;
+    s.engine.handle(slack("UOP", "ask --ttl 1m ada x")).await;
+    s.engine.handle(slack("UOP", "broadcast x")).await;
+    let ttls: Vec<_> = s.mesh.state().published.iter().map(|e| e.expires_at.map(|at| at - e.sent_at)).collect();
+    assert_eq!(ttls, [Some(time::Duration::seconds(2)), Some(time::Duration::minutes(1)), None]);
+
+    // With a default for broadcasts: a broadcast without --ttl takes it, --ttl overrides it, a send has none.
+    let dir = tempfile::tempdir().unwrap();
+    let registry_path = dir.path().join("tokens.json");
+    std::fs::write(&registry_path, REGISTRY).unwrap();
+    let config = EngineConfig {
+        registry_path,
+        permissions: permissions(),
+        confirm: ConfirmConfig::default(),
+        ask_timeout: Duration::from_secs(30),
+        ping_timeout: Duration::from_millis(10),
+        broadcast_ttl: Some(Duration::from_secs(300)),
+    };
+    s.mesh = FakeMesh::default();
+    s.engine = Engine::with_mesh(config, Ok(Arc::new(s.mesh.clone())), LimitStore::memory());
+    for line in ["broadcast maintenance in 5 minutes", "broadcast --ttl 10s x", "send nova x"] {
+        let handled = s.engine.handle(slack("UOP", line)).await;
+        assert_eq!(handled.reply.tone, Tone::Ok, "{line}: {:?}", handled.reply);
+    }
+    let ttls: Vec<_> = s.mesh.state().published.iter().map(|e| e.expires_at.map(|at| at - e.sent_at)).collect();
+    assert_eq!(ttls, [Some(time::Duration::minutes(5)), Some(time::Duration::seconds(10)), None]);
+    let audit = s.audit();
+    assert_eq!(audit[1].1, "broadcast --ttl 10s x", "the audit line carries the ttl");
+}
+
+#[tokio::test]
+async fn status_shows_each_consumers_server_side_pause_or_that_the_server_is_too_old() {
+    use mesh_runtime::server_pause::{ConsumerPause, Support};
+    let s = setup();
+    let paused = |agent: &str, until| ConsumerPause { agent: id(agent), until };
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::Consumers(vec![
+        paused("ada", Some(mesh_protocol::killswitch::PAUSED_UNTIL_RESUMED)),
+        paused("nova", None),
+    ]));
+    let text = crate::command::render_text::render(&s.engine.handle(slack("UOP", "status")).await.reply);
+    assert!(text.contains("server-side pause"), "{text}");
+    assert!(text.contains("agent-ada: paused until resumed") && text.contains("agent-nova: not paused"), "{text}");
+
+    let warning = Support::of_version("2.10.22").warning().unwrap();
+    s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::TooOld(warning.clone()));
+    let reply = s.engine.handle(slack("UOP", "status")).await.reply;
+    assert_eq!(reply.tone, Tone::Warn);
+    assert!(crate::command::render_text::render(&reply).contains(&warning));
 }

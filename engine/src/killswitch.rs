@@ -1,7 +1,9 @@
 //! Pulling and releasing the kill switch: entries in the JetStream bucket that
 //! every listener follows, plus an event for the chat channels. Listeners
-//! enforce it (they stop pulling), so no agent can ignore it, and a soft
-//! kill ends at its deadline even when nothing else runs.
+//! enforce it (they stop pulling), and so does nats-server 2.11 or later:
+//! every change pauses or resumes the agent consumers it covers on the
+//! server (`mesh_runtime::server_pause`), so no client can pull from them
+//! either; a soft kill ends at its deadline even when nothing else runs.
 //!
 //! The replacement rule: a pull or a release overwrites the entry of its scope,
 //! so it is allowed only to someone who may resume from the entry in force
@@ -197,6 +199,25 @@ impl KillSwitch {
         role: Option<Role>,
         only: Option<u64>,
     ) -> Result<u64, KillSwitchError> {
+        let mut applied = false;
+        let written = self.replace_entry(scope, state, role, only, &mut applied).await;
+        if applied {
+            // From what is written now, whatever the outcome.
+            self.enforce(scope, None).await;
+        }
+        written
+    }
+
+    /// The revision-checked write of [`KillSwitch::replace`]; sets `applied`
+    /// once the entry about to be written was applied to the server.
+    async fn replace_entry(
+        &self,
+        scope: &Scope,
+        state: &KillState,
+        role: Option<Role>,
+        only: Option<u64>,
+        applied: &mut bool,
+    ) -> Result<u64, KillSwitchError> {
         let key = scope.key();
         let give_up = tokio::time::Instant::now() + CONTENDED_FOR;
         for attempt in 0.. {
@@ -238,6 +259,9 @@ impl KillSwitch {
                     return Ok(revision);
                 }
             }
+            // Allowed: the server first, so listeners resuming on the entry find their consumers resumed.
+            self.enforce(scope, Some(state)).await;
+            *applied = true;
             match self.store.update(key.as_str(), state.encode().into(), revision).await {
                 Ok(written) => {
                     self.announce(scope, state).await;
@@ -248,6 +272,22 @@ impl KillSwitch {
             }
         }
         Err(KillSwitchError::Contended(scope.clone()))
+    }
+
+    /// Pauses or resumes the consumers `scope` covers on the server to match
+    /// the entries in force, with `planned` in place of the entry of `scope`
+    /// (`mesh_runtime::server_pause`). A failure is logged, not returned: the
+    /// entry is written and the listeners follow it; the bot's provisioning
+    /// applies the server-side pause again within [`crate::provision::RECHECK_EVERY`].
+    async fn enforce(&self, scope: &Scope, planned: Option<&KillState>) {
+        let only = match scope {
+            Scope::Global => None,
+            Scope::Agent(id) => Some(id),
+        };
+        let planned = planned.map(|state| (scope, state));
+        if let Err(e) = mesh_runtime::server_pause::sync_planned(&self.js, only, planned).await {
+            tracing::warn!(scope = %scope, error = %e, "cannot apply the kill switch on the server; the listeners' pause holds");
+        }
     }
 
     async fn announce(&self, scope: &Scope, state: &KillState) {

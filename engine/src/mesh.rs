@@ -53,6 +53,15 @@ pub struct ServerInfo {
     pub name: String,
 }
 
+/// The kill switch as nats-server enforces it, for `mesh status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerPauses {
+    /// The server cannot pause consumers: the warning to show.
+    TooOld(String),
+    /// Each agent consumer's pause on the server.
+    Consumers(Vec<mesh_runtime::server_pause::ConsumerPause>),
+}
+
 /// Everything the engine does to the mesh.
 pub trait Mesh: Send + Sync + std::fmt::Debug {
     /// Creates the recipients' consumers, publishes, waits for the ack.
@@ -104,6 +113,8 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     fn audit_newest(&self, n: usize) -> BoxFuture<'_, Result<Vec<AuditRecord>, MeshError>>;
     /// The server.
     fn server(&self) -> ServerInfo;
+    /// Each agent consumer's pause on the server (or why the server has none).
+    fn server_pauses(&self) -> BoxFuture<'_, Result<ServerPauses, MeshError>>;
     /// Backs up into `dir`.
     fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>>;
     /// Restores `dir`.
@@ -111,6 +122,9 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     /// Creates the streams, the kill switch bucket and the consumers of
     /// `agents` (listeners may not); says what is in place.
     fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>>;
+    /// Deletes the consumers of `agents` (removed, made inactive, or about to
+    /// be registered afresh); says what each still held.
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>>;
     /// Runs a maintenance window; `progress` sees each step.
     fn maintenance<'a>(
         &'a self,
@@ -248,6 +262,17 @@ impl Mesh for NatsMesh {
         ServerInfo { version: info.version.clone(), name: info.server_name.clone() }
     }
 
+    fn server_pauses(&self) -> BoxFuture<'_, Result<ServerPauses, MeshError>> {
+        Box::pin(async move {
+            use mesh_runtime::server_pause::{self, Support};
+            let support = Support::of(&self.client);
+            if let Some(warning) = support.warning() {
+                return Ok(ServerPauses::TooOld(warning));
+            }
+            Ok(ServerPauses::Consumers(server_pause::list(&self.js).await?))
+        })
+    }
+
     fn backup<'a>(&'a self, registry: &'a Path, dir: &'a Path) -> BoxFuture<'a, Result<Manifest, MeshError>> {
         Box::pin(async move { Ok(crate::backup::backup(&self.js, registry, dir).await?) })
     }
@@ -271,6 +296,10 @@ impl Mesh for NatsMesh {
                 ),
             })
         })
+    }
+
+    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+        Box::pin(async move { Ok(crate::provision::retire(&self.js, agents).await?) })
     }
 
     fn maintenance<'a>(

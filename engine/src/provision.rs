@@ -4,11 +4,19 @@
 //! it) from the moment it is registered. The bot does it at start and on every
 //! registry change; `mesh agents add` and `mesh deploy up` do it when NATS is
 //! reachable; senders create their target's consumer before publishing.
+//!
+//! An agent's consumer lives as long as the agent is registered and active:
+//! `mesh agents remove` (with `--keep` too) deletes it, `mesh agents add`
+//! deletes one left over from an earlier agent of the same id before creating
+//! it, and the bot deletes the consumer of an agent it sees removed or made
+//! inactive in the registry. So a re-activated or re-used id receives nothing
+//! sent before its (re)activation: no old broadcasts, no earlier backlog.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream;
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
 use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::registry::Agent;
 use mesh_protocol::{AgentId, Registry};
@@ -53,6 +61,31 @@ async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTun
     Ok(())
 }
 
+/// Deletes the consumers of `agents` (removed or made inactive), saying what
+/// each still held; an agent without one is skipped.
+pub async fn retire(js: &jetstream::Context, agents: &[AgentId]) -> Result<String, NatsError> {
+    let mut done = Vec::new();
+    for id in agents {
+        match nats::delete_consumer(js, id).await? {
+            Some(held) => {
+                if held > 0 {
+                    warn!(agent = %id, dropped = held, "consumer deleted with messages it had not delivered; they stay in the stream until they age out, undelivered");
+                } else {
+                    info!(agent = %id, "consumer deleted");
+                }
+                done.push(format!("agent-{id} ({held} undelivered messages dropped)"));
+            }
+            None => done.push(format!("agent-{id} (there was none)")),
+        }
+    }
+    Ok(format!("consumers deleted: {}; a re-added agent starts with messages sent after it", done.join(", ")))
+}
+
+/// The active agents of `before` that `after` no longer has active.
+fn retired(before: &Registry, after: &Registry) -> Vec<AgentId> {
+    before.active().filter(|a| !after.get(&a.id).is_some_and(Agent::is_active)).map(|a| a.id.clone()).collect()
+}
+
 /// Checks what exists against the layout, as every listener does: the
 /// streams, the kill switch bucket and the consumer of each active agent of
 /// `registry` (one not created yet is fine). The bot refuses to start on a
@@ -88,12 +121,17 @@ pub struct FollowConfig {
 pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Ensures the streams, the bucket and every active agent's consumer now and
-/// whenever the registry changes, until `stop` completes. Failures (NATS
-/// down, registry unreadable) are logged and retried at the next poll.
+/// whenever the registry changes, until `stop` completes; and keeps the
+/// server-side pause of the agent consumers in step with the kill switch
+/// bucket (watched: a hand edit is applied at once; checked again every
+/// [`RECHECK_EVERY`]). Failures (NATS down, registry unreadable) are logged
+/// and retried at the next poll.
 pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut done: Option<(Registry, tokio::time::Instant)> = None;
     let mut last_error = String::new();
+    // The kill switch bucket, watched so the server-side pause follows every change.
+    let (mut watch, mut watch_changes): (Option<kv::Store>, Option<kv::Watch>) = (None, None);
     loop {
         let outcome = async {
             let registry = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
@@ -102,7 +140,20 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 return Ok(None);
             }
             ensure_mesh(&js, config.replicas).await.map_err(|e| e.to_string())?;
+            if let Some((before, _)) = &done {
+                let gone = retired(before, &registry);
+                // Read once more right before deleting: an agent added back
+                // meanwhile (`mesh agents add` recreates its consumer) keeps it.
+                let now = mesh_runtime::registry_file::load(&config.registry_path).map_err(|e| e.to_string())?;
+                let gone: Vec<_> = gone.into_iter().filter(|id| !now.get(id).is_some_and(Agent::is_active)).collect();
+                if !gone.is_empty() {
+                    retire(&js, &gone).await.map_err(|e| e.to_string())?;
+                }
+            }
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;
+            // A kill switch change whose server-side pause failed (or a
+            // consumer created while it was applied) is corrected here.
+            mesh_runtime::server_pause::sync(&js, None).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(Some((registry, n)))
         };
         let outcome = tokio::select! {
@@ -125,10 +176,34 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
         }
+        if watch.is_none() && done.is_some() {
+            watch = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.ok();
+            watch_changes = match &watch {
+                Some(store) => store.watch_all().await.ok(),
+                None => None,
+            };
+        }
         tokio::select! {
             () = &mut stop => return,
             () = tokio::time::sleep(config.poll) => {}
+            change = next_change(&mut watch_changes) => match change {
+                // Any change of the bucket, a hand edit included: the server follows it.
+                Some(Ok(_)) => {
+                    if let Err(e) = mesh_runtime::server_pause::sync(&js, None).await {
+                        warn!(error = %e, "cannot apply the kill switch on the server yet; retrying");
+                    }
+                }
+                _ => (watch, watch_changes) = (None, None),
+            },
         }
+    }
+}
+
+/// The next change of the kill switch bucket, or never without a watch.
+async fn next_change(watch: &mut Option<kv::Watch>) -> Option<Result<kv::Entry, kv::WatcherError>> {
+    match watch {
+        Some(watch) => watch.next().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -147,4 +222,31 @@ pub async fn after_change(nats_url: &str, agents: &[&Agent]) -> Result<String, N
         [] => "streams and kill switch bucket in place".to_owned(),
         _ => format!("consumers in place ({}): messages sent from now on wait for the listener", names.join(", ")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(json: &str) -> Registry {
+        Registry::parse(json).unwrap()
+    }
+
+    #[test]
+    fn an_agent_removed_or_made_inactive_is_retired_and_no_other() {
+        let before = registry(
+            r#"{"nova": {"hooks_token": "a", "hooks_url": "http://h/"},
+                "kaan": {"hooks_token": "b", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/"},
+                "old": {"hooks_token": "d", "hooks_url": "http://h/", "status": "inactive"}}"#,
+        );
+        let after = registry(
+            r#"{"nova": {"hooks_token": "a2", "hooks_url": "http://h/"},
+                "zed": {"hooks_token": "c", "hooks_url": "http://h/", "status": "inactive"},
+                "new": {"hooks_token": "e", "hooks_url": "http://h/"}}"#,
+        );
+        let ids: Vec<String> = retired(&before, &after).iter().map(ToString::to_string).collect();
+        assert_eq!(ids, ["kaan", "zed"], "removed and made inactive; a rotated token or a new agent is no retirement");
+        assert!(retired(&after, &after).is_empty());
+    }
 }

@@ -5,6 +5,8 @@
 //! [`mesh_runtime::backoff`]); a retried publish keeps its id, so it is
 //! stored once.
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use mesh_protocol::layout::{ConsumerTuning, MSG_ID_HEADER};
 use mesh_protocol::{AgentId, AgentIdError, Envelope, EnvelopeError, Priority, Recipient, Registry};
@@ -123,6 +125,18 @@ pub struct Prepared {
     pub envelope: Envelope,
     /// The agents whose consumers must exist before it is published, with the tuning a missing one gets.
     pub recipients: Vec<(AgentId, ConsumerTuning)>,
+}
+
+impl Prepared {
+    /// Makes the message expire `ttl` after it is sent (`None`: never); see
+    /// [`mesh_protocol::envelope::EXPIRY_SKEW_TOLERANCE`].
+    pub fn with_ttl(mut self, ttl: Option<Duration>) -> Result<Self, SendError> {
+        if let Some(ttl) = ttl {
+            self.envelope = self.envelope.with_ttl(ttl)?;
+            self.envelope.encode()?;
+        }
+        Ok(self)
+    }
 }
 
 /// Validates a message to one agent.

@@ -54,6 +54,9 @@ pub struct Deps<G> {
     pub connects: tokio::sync::watch::Receiver<u64>,
     /// The registry as last read (chat replies go only to its active agents).
     pub registry: tokio::sync::watch::Receiver<Arc<Registry>>,
+    /// The registry file, read again when a reply target is missing from the
+    /// copy above (which is up to a poll interval old).
+    pub registry_path: std::path::PathBuf,
 }
 
 /// How one delivery ended, for the caller's bookkeeping.
@@ -87,26 +90,33 @@ pub async fn handle<G: Gateway>(
         Ok(Subject::Inbox(id)) => Recipient::Agent(id),
         _ => Recipient::Broadcast,
     };
-    let arrival = Arrival { to: arrival, fallback_id: legacy_id(stream_seq), stored_at };
+    let arrival = Arrival { to: arrival, fallback_id: legacy_id(stream_seq, stored_at), stored_at };
     let envelope = match Envelope::decode(&msg.payload, &arrival) {
         Ok((envelope, _format)) => envelope,
         Err(e) => {
             let reason = format!("undecodable payload: {e}");
-            return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, reason).await;
+            let stored = Stored { msg: &msg, id: arrival.fallback_id, stream_seq, stored_at };
+            return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
         }
     };
+    let stored = Stored { msg: &msg, id: envelope.id, stream_seq, stored_at };
     let msg_id = envelope.id.to_string();
+    // Past its time to live (checked on every delivery, a retry's included):
+    // never delivered; a dead letter an operator can replay as a new message.
+    if let Some(reason) = policy::expired(&envelope, time::OffsetDateTime::now_utc()) {
+        return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
+    }
     // Past the budget (a dead letter that could not be stored, so the message
     // came back): straight to the dead letter, without asking the agent again.
     if delivered > deps.retry.max_deliver {
         let reason =
             format!("gave up after {} deliveries; the dead letter could not be stored before", deps.retry.max_deliver);
-        return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, reason).await;
+        return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
     }
     let request = match hook::build(&entry.agent, &entry.tokens, &envelope) {
         Ok(request) => request,
         Err(e) => {
-            return dead_letter(deps, entry, state, &msg, stream_seq, delivered, None, e.to_string()).await;
+            return dead_letter(deps, entry, state, &stored, delivered, None, e.to_string()).await;
         }
     };
     // A chat agent's reply must have somewhere to go before the agent is asked:
@@ -115,7 +125,7 @@ pub async fn handle<G: Gateway>(
         match check_route(deps, &envelope).await {
             Ok(route) => Some(route),
             Err(outcome) => {
-                let attempt = Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: None };
+                let attempt = Attempt { stored: &stored, msg_id: &msg_id, delivered, status: None };
                 return settle_reply(deps, entry, state, &attempt, &outcome).await.unwrap_or(Handled::Unsettled);
             }
         }
@@ -131,7 +141,7 @@ pub async fn handle<G: Gateway>(
             if let Some(route) = &route {
                 let outcome = publish_reply(deps, entry, state, &envelope, route, &response).await;
                 let attempt =
-                    Attempt { msg: &msg, msg_id: &msg_id, stream_seq, delivered, status: response.outcome.status() };
+                    Attempt { stored: &stored, msg_id: &msg_id, delivered, status: response.outcome.status() };
                 if let Some(handled) = settle_reply(deps, entry, state, &attempt, &outcome).await {
                     return handled;
                 }
@@ -156,16 +166,24 @@ pub async fn handle<G: Gateway>(
             Handled::Retrying
         }
         Decision::DeadLetter(reason) => {
-            dead_letter(deps, entry, state, &msg, stream_seq, delivered, response.outcome.status(), reason).await
+            dead_letter(deps, entry, state, &stored, delivered, response.outcome.status(), reason).await
         }
     }
 }
 
+/// A pulled message as the agents stream stored it.
+struct Stored<'a> {
+    msg: &'a jetstream::Message,
+    /// Its envelope id (or the id derived for a body without one).
+    id: Uuid,
+    stream_seq: u64,
+    stored_at: time::OffsetDateTime,
+}
+
 /// The delivery a reply belongs to, for settling it.
 struct Attempt<'a> {
-    msg: &'a jetstream::Message,
+    stored: &'a Stored<'a>,
     msg_id: &'a str,
-    stream_seq: u64,
     delivered: u64,
     status: Option<u16>,
 }
@@ -181,7 +199,8 @@ async fn settle_reply<G: Gateway>(
     outcome: &ReplyOutcome,
 ) -> Option<Handled> {
     let agent = entry.agent.id.as_str();
-    let Attempt { msg, msg_id, stream_seq, delivered, status } = *attempt;
+    let Attempt { stored, msg_id, delivered, status } = *attempt;
+    let (msg, stream_seq) = (stored.msg, stored.stream_seq);
     match policy::decide_reply(outcome, delivered, &deps.retry, fastrand::f64()) {
         Decision::Ack => None,
         Decision::Retry(delay) => {
@@ -202,15 +221,17 @@ async fn settle_reply<G: Gateway>(
             );
             Some(nak(msg, delay).await)
         }
-        Decision::DeadLetter(reason) => {
-            Some(dead_letter(deps, entry, state, msg, stream_seq, delivered, status, reason).await)
-        }
+        Decision::DeadLetter(reason) => Some(dead_letter(deps, entry, state, stored, delivered, status, reason).await),
     }
 }
-/// A stable id for a body that carries none: the same stream sequence always
-/// gives the same id, so redeliveries share an `Idempotency-Key`.
-pub fn legacy_id(stream_seq: u64) -> Uuid {
-    Uuid::from_u64_pair(0x6d65_7368_0000_0000, stream_seq)
+/// A stable id for a body that carries none (legacy `{"from", "message"}`,
+/// plain text, undecodable bytes): its stream sequence and the time the
+/// stream stored it, so redeliveries share an `Idempotency-Key` and a dead
+/// letter id, while a message stored after `mesh restore` (sequences
+/// restart, the store time does not repeat) gets a new one.
+pub fn legacy_id(stream_seq: u64, stored_at: time::OffsetDateTime) -> Uuid {
+    // Nanoseconds since 1970 fit 64 bits until 2554; the low bits are the ones that differ.
+    Uuid::from_u64_pair(stored_at.unix_timestamp_nanos() as u64, stream_seq)
 }
 
 async fn call_keeping_alive<G: Gateway>(
@@ -266,17 +287,21 @@ async fn nak(msg: &jetstream::Message, delay: Duration) -> Handled {
     Handled::Retrying
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Stores `stored` as a dead letter, then terminates it; when the dead
+/// letter is not stored, NAKs it with the backoff. JetStream answering
+/// `duplicate` means this very dead letter is stored already (its
+/// `Nats-Msg-Id` names the agent and the stored message, see
+/// [`DeadLetter::msg_id`]): the message is terminated.
 async fn dead_letter<G: Gateway>(
     deps: &Deps<G>,
     entry: &AgentEntry,
     state: &AgentState,
-    msg: &jetstream::Message,
-    stream_seq: u64,
+    stored: &Stored<'_>,
     attempts: u64,
     status: Option<u16>,
     reason: String,
 ) -> Handled {
+    let (msg, stream_seq) = (stored.msg, stored.stream_seq);
     let record = DeadLetter {
         agent: entry.agent.id.clone(),
         reason,
@@ -284,6 +309,8 @@ async fn dead_letter<G: Gateway>(
         attempts,
         subject: msg.subject.to_string(),
         stream_seq,
+        message_id: stored.id,
+        stored_at: stored.stored_at,
     };
     let mut headers = async_nats::HeaderMap::new();
     for (name, value) in record.headers() {
@@ -291,16 +318,24 @@ async fn dead_letter<G: Gateway>(
     }
     headers.insert(MSG_ID_HEADER, record.msg_id().as_str());
     let subject = Subject::DeadLetter(entry.agent.id.clone()).to_string();
-    let stored = match deps.js.publish_with_headers(subject, headers, msg.payload.clone()).await {
-        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+    let published = match deps.js.publish_with_headers(subject, headers, msg.payload.clone()).await {
+        Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };
-    if let Err(e) = stored {
-        // Growing and capped: a JetStream refusing writes is asked again less
-        // and less often, and the gateway is not called again (see `handle`).
-        let delay = policy::backoff(None, attempts, &deps.retry, fastrand::f64());
-        error!(agent = %entry.agent.id, stream_seq, attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter could not be stored; the message stays in the stream and storing it is retried (without calling the gateway again)");
-        return nak(msg, delay).await;
+    let duplicate = match published {
+        Ok(duplicate) => duplicate,
+        Err(e) => {
+            // Growing and capped: a JetStream refusing writes is asked again less
+            // and less often, and the gateway is not called again (see `handle`).
+            let delay = policy::backoff(None, attempts, &deps.retry, fastrand::f64());
+            error!(agent = %entry.agent.id, stream_seq, attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter could not be stored; the message stays in the stream and storing it is retried (without calling the gateway again)");
+            return nak(msg, delay).await;
+        }
+    };
+    if duplicate {
+        // Its id names this agent and this stored message: an earlier
+        // delivery stored it and its TERM was lost (or the listener stopped).
+        warn!(agent = %entry.agent.id, stream_seq, msg_id = %record.msg_id(), "this message's dead letter was stored already; terminating it");
     }
     state.dead_lettered.fetch_add(1, Ordering::Relaxed);
     state.counters.dead_letter.increment(1);
@@ -312,10 +347,23 @@ async fn dead_letter<G: Gateway>(
 }
 
 /// Where a reply to `original` goes: the registry says whether the target is
-/// an active agent, JetStream whether its consumer exists.
+/// an active agent, JetStream whether its consumer exists. A target the
+/// listener's copy of the registry does not know (an agent added since its
+/// last poll) is looked up once more in the registry file before it is refused.
 async fn check_route<G>(deps: &Deps<G>, original: &Envelope) -> Result<Route, ReplyOutcome> {
     let registry = deps.registry.borrow().clone();
-    match reply::route(original, &registry) {
+    let routed = match reply::route(original, &registry) {
+        Err(reason) => match crate::registry_file::load(&deps.registry_path) {
+            Ok(fresh) if fresh != *registry => reply::route(original, &fresh),
+            Ok(_) => Err(reason),
+            Err(e) => {
+                debug!(error = %e, "reading the registry again failed; refusing the reply target on the last copy");
+                Err(reason)
+            }
+        },
+        routed => routed,
+    };
+    match routed {
         Err(reason) => Err(ReplyOutcome::Refused(reason)),
         Ok(Route::Agent(id)) => match reply::consumer_check(&id, consumer_lookup(&deps.js, &id).await) {
             ReplyOutcome::Done => Ok(Route::Agent(id)),
@@ -350,7 +398,15 @@ async fn publish_reply<G: Gateway>(
     response: &Response,
 ) -> ReplyOutcome {
     let agent = entry.agent.id.as_str();
+    // A 2xx that is no chat completion (a proxy's page, a wrong endpoint)
+    // does not say the agent got the message: not acked as delivered but
+    // dead-lettered with what came (asking again would cost a turn).
     let Some(target) = route.subject() else {
+        if response.body_error.is_none()
+            && let Err(junk) = hook::chat_reply(&response.body)
+        {
+            return ReplyOutcome::Refused(junk);
+        }
         debug!(agent, msg_id = %original.id, ?route, "no reply routed");
         return ReplyOutcome::Done;
     };
@@ -361,7 +417,11 @@ async fn publish_reply<G: Gateway>(
         Some(e @ BodyError::Read(_)) => return ReplyOutcome::Failed(e.to_string()),
         None => {}
     }
-    let Some(text) = hook::chat_reply_text(&response.body) else {
+    let text = match hook::chat_reply(&response.body) {
+        Ok(text) => text,
+        Err(junk) => return ReplyOutcome::Refused(junk),
+    };
+    let Some(text) = text else {
         warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
         return ReplyOutcome::Done;
     };
@@ -371,6 +431,14 @@ async fn publish_reply<G: Gateway>(
         metrics::loop_guard(agent);
         warn!(agent, msg_id = %original.id, hops, max_hops = deps.max_hops, "loop guard: reply not sent");
         return ReplyOutcome::Done;
+    }
+    // The gateway may have taken its time: the target is checked again (registry,
+    // consumer) right before the publish, so a reply to an agent removed meanwhile
+    // is dead-lettered, not published into an inbox nobody reads.
+    if let Route::Agent(_) = route
+        && let Err(outcome) = check_route(deps, original).await
+    {
+        return outcome;
     }
     let reply = match reply::build(&entry.agent.id, original, &target, &text, hops) {
         Ok(reply) => reply,

@@ -83,6 +83,10 @@ pub async fn run_with(
         None => return Ok(()),
         Some(result) => result?,
     }
+    // Connected by now (the lookups were answered).
+    if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
+        tracing::warn!("{warning}");
+    }
     let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
     let metrics = crate::metrics::install();
     let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));
@@ -96,6 +100,7 @@ pub async fn run_with(
         confirm_acks: config.concurrency <= 1,
         connects,
         registry: registry_rx,
+        registry_path: config.registry_path.clone(),
     });
     let kill_keys = crate::killswitch::keys_of(selected.keys());
     let (kill_states, kill_seen) = crate::killswitch::load(&client, &kill_keys).await?;
@@ -129,7 +134,7 @@ pub async fn run_with(
         kill_keys: kill_keys_tx,
     };
     world.apply(&selected);
-    info!(agents = world.running.len(), nats = %config.nats_url, "listener started");
+    info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
     on_start(Control { pause: pause_tx, fleet });
 
     let mut last_registry = registry;

@@ -13,7 +13,7 @@ pub struct HookRequest {
     pub url: Url,
     /// Sent as `Authorization: Bearer`.
     pub token: Secret,
-    /// Sent as `Idempotency-Key` (the envelope id).
+    /// Sent as `Idempotency-Key`: `<agent>:<envelope id>` ([`idempotency_key`]).
     pub idempotency_key: String,
     /// JSON body (cheap to clone for a retry).
     pub body: bytes::Bytes,
@@ -54,6 +54,13 @@ pub fn wake_mode(envelope: &Envelope) -> &'static str {
     if envelope.priority.wakes_now() { "now" } else { "next-heartbeat" }
 }
 
+/// The `Idempotency-Key` of `envelope`'s delivery to `agent`: `<agent>:<id>`.
+/// Per agent, so a broadcast's deliveries to several agents behind one
+/// gateway do not share a key; the same for every redelivery of the message.
+pub fn idempotency_key(agent: &Agent, envelope: &Envelope) -> String {
+    format!("{}:{}", agent.id, envelope.id)
+}
+
 /// Builds the gateway request for one envelope.
 pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result<HookRequest, HookError> {
     let (url, token, body) = match agent.delivery {
@@ -64,7 +71,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
             return Ok(HookRequest {
                 url: agent.hooks_url.clone(),
                 token: tokens.hooks.clone(),
-                idempotency_key: envelope.id.to_string(),
+                idempotency_key: idempotency_key(agent, envelope),
                 body: body.into(),
                 mode: agent.delivery,
             });
@@ -96,7 +103,7 @@ pub fn build(agent: &Agent, tokens: &AgentTokens, envelope: &Envelope) -> Result
     Ok(HookRequest {
         url,
         token,
-        idempotency_key: envelope.id.to_string(),
+        idempotency_key: idempotency_key(agent, envelope),
         body: serde_json::to_vec(&body).expect("a JSON value always serializes").into(),
         mode: agent.delivery,
     })
@@ -106,11 +113,27 @@ fn endpoint(agent: &Agent, path: &str) -> Url {
     agent.gateway_base().join(path).expect("a relative path always joins onto a base URL")
 }
 
-/// The reply text of an OpenAI-style chat completion response.
+/// The reply text of an OpenAI-style chat completion response: `Ok(None)`
+/// for a completion without text (no choice, empty or null content), `Err`
+/// for a body that is no chat completion at all (not JSON, no `choices`
+/// list: a proxy's page, another endpoint's answer), which says what came.
+pub fn chat_reply(body: &[u8]) -> Result<Option<String>, String> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        format!("the gateway answered 2xx but not with a chat completion ({} bytes, not JSON: {e})", body.len())
+    })?;
+    if !value.get("choices").is_some_and(serde_json::Value::is_array) {
+        return Err(format!(
+            "the gateway answered 2xx but not with a chat completion (JSON without a \"choices\" list, {} bytes)",
+            body.len()
+        ));
+    }
+    let text = value.pointer("/choices/0/message/content").and_then(serde_json::Value::as_str).unwrap_or("");
+    Ok((!text.trim().is_empty()).then(|| text.to_owned()))
+}
+
+/// The reply text of an OpenAI-style chat completion response, if any.
 pub fn chat_reply_text(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let text = value.pointer("/choices/0/message/content")?.as_str()?;
-    (!text.trim().is_empty()).then(|| text.to_owned())
+    chat_reply(body).ok().flatten()
 }
 
 #[cfg(test)]
@@ -145,7 +168,7 @@ mod tests {
         let (req, body) = request("nova", &env);
         assert_eq!(req.url.as_str(), "http://127.0.0.1:7002/hooks/wake");
         assert_eq!(req.token.expose(), "hook-n");
-        assert_eq!(req.idempotency_key, env.id.to_string());
+        assert_eq!(req.idempotency_key, format!("nova:{}", env.id));
         assert_eq!(body, json!({"text": "[mesh] Message from kaan: hi \"there\"", "mode": "next-heartbeat"}));
         let urgent = env.with_priority(Priority::Urgent);
         assert_eq!(request("nova", &urgent).1["mode"], "now");
@@ -156,6 +179,8 @@ mod tests {
         let env = Envelope::new("cli:alice", Recipient::Broadcast, "all hands").unwrap().with_priority(Priority::High);
         let (req, body) = request("kaan", &env);
         assert_eq!(req.url.as_str(), "http://127.0.0.1:7003/hooks/agent");
+        assert_eq!(req.idempotency_key, format!("kaan:{}", env.id), "per agent: a broadcast's keys differ");
+        assert_ne!(request("nova", &env).0.idempotency_key, req.idempotency_key);
         assert_eq!(
             body,
             json!({"message": "[mesh] Broadcast from cli:alice: all hands", "name": "mesh", "agentId": "kaan",
@@ -182,5 +207,23 @@ mod tests {
         assert_eq!(chat_reply_text(br#"{"choices":[]}"#), None);
         assert_eq!(chat_reply_text(b"not json"), None);
         assert_eq!(chat_reply_text(br#"{"choices":[{"message":{"content":"  "}}]}"#), None);
+    }
+
+    #[test]
+    fn a_body_that_is_no_chat_completion_is_told_apart_from_an_empty_one() {
+        let empty: [&[u8]; 4] = [
+            br#"{"choices":[]}"#,
+            br#"{"choices":[{"message":{"content":null,"tool_calls":[]}}]}"#,
+            br#"{"choices":[{"message":{"content":""}}]}"#,
+            br#"{"id":"x","choices":[{"finish_reason":"stop"}]}"#,
+        ];
+        for body in empty {
+            assert_eq!(chat_reply(body), Ok(None), "{}", String::from_utf8_lossy(body));
+        }
+        let junk: [&[u8]; 5] = [b"", b"<html>ok</html>", b"{}", br#"{"ok":true}"#, br#"{"choices":"4"}"#];
+        for body in junk {
+            let err = chat_reply(body).expect_err(&String::from_utf8_lossy(body));
+            assert!(err.starts_with("the gateway answered 2xx but not with a chat completion"), "{err}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! What a gateway outcome, and for a chat agent the fate of its reply, means
-//! for the message: ack it, retry it later, or give up and dead-letter it.
-//! Pure, table-tested.
+//! for the message: ack it, retry it later, or give up and dead-letter it;
+//! and whether a message is past its time to live. Pure, table-tested.
 
 use std::time::Duration;
 
@@ -155,12 +155,38 @@ fn describe(outcome: &Outcome) -> String {
     }
 }
 
+/// The dead-letter reason of a message past its expiry at `now`, if it is.
+pub fn expired(envelope: &mesh_protocol::Envelope, now: time::OffsetDateTime) -> Option<String> {
+    if !envelope.is_expired(now) {
+        return None;
+    }
+    let at = envelope.expires_at?;
+    let at = at.replace_nanosecond(0).unwrap_or(at);
+    let at = at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+    Some(format!("{EXPIRED}: its time to live ended at {at}; not delivered"))
+}
+
+/// The first word of an expired message's dead-letter reason.
+pub const EXPIRED: &str = "expired";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn status(code: u16) -> Outcome {
         Outcome::Status { code, retry_after: None }
+    }
+
+    #[test]
+    fn a_message_past_its_expiry_is_a_dead_letter_named_expired() {
+        use mesh_protocol::envelope::EXPIRY_SKEW_TOLERANCE;
+        let env = mesh_protocol::Envelope::new("cli:t", mesh_protocol::Recipient::Broadcast, "x").unwrap();
+        assert_eq!(expired(&env, env.sent_at + Duration::from_secs(86_400)), None, "no ttl, no expiry");
+        let env = env.with_ttl(Duration::from_secs(2)).unwrap();
+        let at = env.expires_at.unwrap();
+        assert_eq!(expired(&env, at + EXPIRY_SKEW_TOLERANCE), None);
+        let reason = expired(&env, at + EXPIRY_SKEW_TOLERANCE + Duration::from_millis(1)).unwrap();
+        assert!(reason.starts_with("expired: its time to live ended at "), "{reason}");
     }
 
     #[test]

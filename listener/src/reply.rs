@@ -255,7 +255,8 @@ mod tests {
         assert_eq!(first.envelope.id.get_version_num(), 8);
         let other = message("nova");
         assert_ne!(build(&id("ada"), &other, &target, "answer", 1).unwrap().envelope.id, first.envelope.id);
-        let legacy = [crate::delivery::legacy_id(1), crate::delivery::legacy_id(2)].map(reply_id);
+        let at = time::OffsetDateTime::UNIX_EPOCH;
+        let legacy = [crate::delivery::legacy_id(1, at), crate::delivery::legacy_id(2, at)].map(reply_id);
         assert_ne!(legacy[0], legacy[1]);
     }
 

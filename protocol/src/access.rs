@@ -186,6 +186,7 @@ mod tests {
             let changes = ["STREAM.CREATE", "STREAM.UPDATE", "CONSUMER.DURABLE"].iter().any(|bad| s.contains(bad));
             assert!(!changes, "{s}");
             assert!(!s.contains("CONSUMER.CREATE") && !s.contains("CONSUMER.DELETE") && !s.contains("$JS.FC"), "{s}");
+            assert!(!s.contains("CONSUMER.PAUSE"), "a listener may not lift the server-side pause: {s}");
             let kv_ok =
                 s.ends_with("STREAM.INFO.KV_mesh_killswitch") || s.ends_with(".global") || s.ends_with(".agent.nova");
             assert!(!s.contains("KV_mesh_killswitch") || kv_ok, "{s}");
@@ -223,6 +224,13 @@ mod tests {
         for bucket in ["mesh_fleet", "mesh_confirm", "mesh_dedup"] {
             assert!(access.publish.contains(&format!("$KV.{bucket}.>")), "{bucket}: {:?}", access.publish);
         }
+    }
+
+    #[test]
+    fn the_bot_may_pause_and_resume_agent_consumers() {
+        let bot = bot();
+        assert!(bot.publish.contains(&"$JS.API.>".to_owned()));
+        assert!(bot.publish_deny.iter().all(|s| !s.contains("CONSUMER")), "{:?}", bot.publish_deny);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -24,6 +25,16 @@ pub const MAX_ENVELOPE_BYTES: usize = 240 * 1024;
 pub const MAX_FROM_LEN: usize = 64;
 /// Sender recorded for a plain-text body.
 pub const UNKNOWN_SENDER: &str = "external";
+/// Shortest time to live a message may be given.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// Longest time to live (as long as the longest duration the command grammar reads).
+pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How far past `expires_at` a receiver still delivers: the clock-skew
+/// tolerance between the sender's clock (which set `expires_at`) and the
+/// listener's (which reads it). With clocks within this of each other a
+/// message lives at least its TTL; it is never delivered later than its TTL
+/// plus this plus the skew.
+pub const EXPIRY_SKEW_TOLERANCE: Duration = Duration::from_secs(1);
 
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -176,6 +187,11 @@ pub struct Envelope {
     /// How many agent replies led to this message (the loop guard counts them).
     #[serde(default)]
     pub hops: u8,
+    /// When it stops being worth delivering (RFC 3339, set from `--ttl` by the
+    /// sender's clock); absent: never. A listener dead-letters a message past
+    /// it (reason `expired`) instead of delivering it; see [`EXPIRY_SKEW_TOLERANCE`].
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
     /// Free-form string metadata.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
@@ -194,6 +210,8 @@ pub enum EnvelopeError {
     BadSender(String),
     #[error("reply_to is invalid: {0}")]
     BadReplyTo(SubjectError),
+    #[error("a time to live lasts between 1 second and 24 hours, not {0:?}")]
+    BadTtl(Duration),
 }
 
 /// Why received bytes are not a message.
@@ -263,6 +281,7 @@ impl Envelope {
             reply_to: None,
             sent_at: OffsetDateTime::now_utc(),
             hops: 0,
+            expires_at: None,
             metadata: BTreeMap::new(),
         };
         envelope.validate()?;
@@ -280,6 +299,19 @@ impl Envelope {
         self.reply_to = Some(reply_to.to_string());
         self.kind = Kind::Ask;
         self
+    }
+
+    /// Makes the message expire `ttl` after it was sent (`sent_at`).
+    pub fn with_ttl(mut self, ttl: Duration) -> Result<Self, EnvelopeError> {
+        check_ttl(ttl)?;
+        self.expires_at = Some(self.sent_at + ttl);
+        Ok(self)
+    }
+
+    /// True when the message must no longer be delivered at `now` (the
+    /// receiver's clock): past `expires_at` by more than [`EXPIRY_SKEW_TOLERANCE`].
+    pub fn is_expired(&self, now: OffsetDateTime) -> bool {
+        self.expires_at.is_some_and(|at| now > at + EXPIRY_SKEW_TOLERANCE)
     }
 
     /// Checks the limits and fields a receiver relies on.
@@ -379,9 +411,15 @@ impl Envelope {
             reply_to: None,
             sent_at: arrival.stored_at,
             hops: 0,
+            expires_at: None,
             metadata: BTreeMap::new(),
         }
     }
+}
+
+/// Checks a time to live against [`MIN_TTL`] and [`MAX_TTL`].
+pub fn check_ttl(ttl: Duration) -> Result<(), EnvelopeError> {
+    if (MIN_TTL..=MAX_TTL).contains(&ttl) { Ok(()) } else { Err(EnvelopeError::BadTtl(ttl)) }
 }
 
 /// The old mesh's body.
@@ -479,6 +517,33 @@ mod tests {
         let (back, _) = Envelope::decode(&env.encode().unwrap(), &arrival()).unwrap();
         assert_eq!(back.to, Recipient::Sender("slack:U123".into()));
         assert_eq!(Recipient::reply_to_sender("kaan"), Recipient::Agent(AgentId::parse("kaan").unwrap()));
+    }
+
+    #[test]
+    fn expiry_is_absolute_optional_and_tolerates_skew() {
+        let env = Envelope::new("cli:alice", Recipient::Broadcast, "maintenance in 5 minutes").unwrap();
+        let json = String::from_utf8(env.encode().unwrap()).unwrap();
+        assert!(!json.contains("expires_at"), "no ttl, no field: older listeners read it as before");
+        assert!(!env.is_expired(env.sent_at + Duration::from_secs(365 * 24 * 3600)));
+        let env = env.with_ttl(Duration::from_secs(2)).unwrap();
+        let at = env.expires_at.unwrap();
+        assert_eq!(at, env.sent_at + Duration::from_secs(2));
+        let (back, _) = Envelope::decode(&env.encode().unwrap(), &arrival()).unwrap();
+        assert_eq!(back.expires_at, Some(at), "round trips as an absolute time");
+        assert!(!back.is_expired(at), "delivered up to its expiry");
+        assert!(!back.is_expired(at + EXPIRY_SKEW_TOLERANCE), "and within the skew tolerance after it");
+        assert!(back.is_expired(at + EXPIRY_SKEW_TOLERANCE + Duration::from_millis(1)));
+        // An envelope written before expiry existed decodes with none.
+        let old = br#"{"v":1,"id":"0190b0a0-0000-7000-8000-000000000000","from":"kaan","to":"nova","text":"hi","sent_at":"2026-01-01T00:00:00Z"}"#;
+        assert_eq!(Envelope::decode(old, &arrival()).unwrap().0.expires_at, None);
+        let expiring = r#"{"v":1,"id":"0190b0a0-0000-7000-8000-000000000000","from":"kaan","to":"nova","text":"hi","sent_at":"2026-01-01T00:00:00Z","expires_at":"2026-01-01T00:00:02Z"}"#;
+        let (env, _) = Envelope::decode(expiring.as_bytes(), &arrival()).unwrap();
+        assert_eq!(env.expires_at, Some(time::macros::datetime!(2026-01-01 0:00:02 UTC)));
+        rejects(expiring.replace("2026-01-01T00:00:02Z", "soon").as_bytes(), "invalid envelope");
+        for bad in [Duration::ZERO, Duration::from_millis(999), MAX_TTL + Duration::from_secs(1)] {
+            let env = Envelope::new("a", Recipient::Broadcast, "x").unwrap();
+            assert!(matches!(env.with_ttl(bad), Err(EnvelopeError::BadTtl(_))), "{bad:?}");
+        }
     }
 
     #[test]

@@ -148,6 +148,29 @@ pub fn effective<'a>(
     }
 }
 
+/// The `pause_until` a hard or nuclear kill gives an agent's consumer on the
+/// server: far enough ahead to mean "until resumed" (only `mesh resume`
+/// lifts it), within what nats-server parses.
+pub const PAUSED_UNTIL_RESUMED: OffsetDateTime = time::macros::datetime!(2999-01-01 0:00 UTC);
+
+/// The `pause_until` an agent's consumer should have on the server while
+/// `effective` (see [`effective`]) is in force: a soft pause's deadline (the
+/// server lifts it by itself then), [`PAUSED_UNTIL_RESUMED`] for a hard or
+/// nuclear kill, `None` (not paused) otherwise.
+pub fn server_pause_until(effective: Option<&KillState>) -> Option<OffsetDateTime> {
+    let state = effective?;
+    match state.mode {
+        Mode::None => None,
+        Mode::Soft => state.until,
+        Mode::Hard | Mode::Nuclear => Some(PAUSED_UNTIL_RESUMED),
+    }
+}
+
+/// True when a consumer's `pause_until` means "until resumed" (a hard or nuclear kill).
+pub fn until_resumed(pause_until: OffsetDateTime) -> bool {
+    pause_until >= PAUSED_UNTIL_RESUMED - time::Duration::days(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +205,20 @@ mod tests {
         assert_eq!(mode(Some(&hard), Some(&soft200), 50), Some((Mode::Hard, None)));
         assert_eq!(mode(Some(&none), Some(&none), 50), None);
         assert_eq!(mode(None, Some(&soft100), 99), Some((Mode::Soft, soft100.until)));
+    }
+
+    #[test]
+    fn server_pause_follows_the_pause_in_force() {
+        let soft = state(Mode::Soft, Some(100));
+        assert_eq!(server_pause_until(None), None);
+        assert_eq!(server_pause_until(Some(&state(Mode::None, None))), None);
+        assert_eq!(server_pause_until(Some(&soft)), soft.until, "a soft pause lifts at its deadline");
+        for mode in [Mode::Hard, Mode::Nuclear] {
+            let until = server_pause_until(Some(&state(mode, None))).unwrap();
+            assert_eq!(until, PAUSED_UNTIL_RESUMED);
+            assert!(until_resumed(until), "{mode}");
+        }
+        assert!(!until_resumed(at(100)));
     }
 
     #[test]

@@ -176,6 +176,10 @@ pub enum RegistryError {
     Token { agent: String, field: &'static str, source: SecretError },
     #[error("agent {agent:?}: hooks_token and gateway_token are the same; give the hook its own token")]
     SameTokens { agent: String },
+    #[error(
+        "agents {first:?} and {second:?} would share the NATS user password variable {variable} (`-` and `_` map to the same name); rename one of them"
+    )]
+    SharedPassword { first: String, second: String, variable: String },
     #[error("agent {agent:?}: delivery \"chat\" needs {field}")]
     ChatNeeds { agent: String, field: &'static str },
 }
@@ -221,6 +225,19 @@ impl Registry {
                     agents.insert(agent.id.clone(), agent);
                 }
                 Err(mut errs) => errors.append(&mut errs),
+            }
+        }
+        // `mesh deploy render` names each listener's password variable after
+        // its id: two ids that map to one name would share a NATS user's password.
+        let mut variables: BTreeMap<String, &AgentId> = BTreeMap::new();
+        for id in agents.keys() {
+            let variable = crate::access::password_env(&crate::access::listener_user(id));
+            if let Some(first) = variables.insert(variable.clone(), id) {
+                errors.push(RegistryError::SharedPassword {
+                    first: first.to_string(),
+                    second: id.to_string(),
+                    variable,
+                });
             }
         }
         if errors.is_empty() { Ok(Self { agents }) } else { Err(RegistryErrors(errors)) }
@@ -578,6 +595,17 @@ mod tests {
         }
         // Wake delivery never sends the gateway token: the old format stays valid.
         assert!(Registry::parse(OLD).is_ok());
+    }
+
+    #[test]
+    fn ids_that_would_share_a_nats_password_variable_are_refused() {
+        let err = Registry::parse(
+            r#"{"nova-2": {"hooks_token": "a", "hooks_url": "http://n/h"},
+                "nova_2": {"hooks_token": "b", "hooks_url": "http://n/h"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("\"nova-2\" and \"nova_2\"") && err.contains("LISTENER_NOVA_2_NATS_PASSWORD"), "{err}");
     }
 
     #[test]

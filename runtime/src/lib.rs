@@ -8,7 +8,8 @@
 //!
 //! - [`nats`]: connect, streams, consumers, replicas; [`backoff`]: retrying
 //!   JetStream calls that fail only for a moment.
-//! - [`kill_bucket`]: the kill switch bucket.
+//! - [`kill_bucket`]: the kill switch bucket; [`server_pause`]: the kill
+//!   switch enforced by nats-server (consumer pause, NATS 2.11+).
 //! - [`lookup`] and [`layout_check`] (pure): the read-only look at the
 //!   streams, the bucket and a consumer, checked against `protocol::layout`
 //!   (the listener at start, the bot before it provisions).
@@ -23,4 +24,5 @@ pub mod lookup;
 pub mod nats;
 pub mod registry_file;
 pub mod secrets;
+pub mod server_pause;
 pub mod shutdown;

@@ -44,6 +44,22 @@ pub enum NatsError {
     Replicas(String),
 }
 
+/// The URL setting as it may be shown: user info (`user:password@`) becomes `***@`.
+pub fn redact_url(url: &str) -> String {
+    server_urls(url)
+        .iter()
+        .map(|u| {
+            let (scheme, rest) = u.split_once("://").map_or(("", *u), |(s, r)| (s, r));
+            let shown = match rest.rsplit_once('@') {
+                Some((_, host)) => format!("***@{host}"),
+                None => rest.to_owned(),
+            };
+            if scheme.is_empty() { shown } else { format!("{scheme}://{shown}") }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The servers of a URL setting: one URL, or several separated by commas
 /// (the nodes of a cluster; the client fails over between them).
 pub fn server_urls(url: &str) -> Vec<&str> {
@@ -83,8 +99,8 @@ pub async fn connect_now(url: &str, name: &str) -> Result<async_nats::Client, Na
         tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_secs(1), options.connect(server_urls(url))).await;
     match attempt {
         Ok(Ok(client)) => Ok(client),
-        Ok(Err(e)) => Err(NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() }),
-        Err(_) => Err(NatsError::Unreachable { url: url.to_owned(), reason: "timed out".into() }),
+        Ok(Err(e)) => Err(NatsError::Unreachable { url: redact_url(url), reason: e.to_string() }),
+        Err(_) => Err(NatsError::Unreachable { url: redact_url(url), reason: "timed out".into() }),
     }
 }
 
@@ -116,7 +132,7 @@ pub async fn connect_watched(
         })
         .connect(server_urls(url))
         .await
-        .map_err(|e| NatsError::Unreachable { url: url.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| NatsError::Unreachable { url: redact_url(url), reason: e.to_string() })?;
     Ok((client, connects))
 }
 
@@ -252,10 +268,16 @@ pub async fn ensure_consumer(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    if stream.consumer_info(&spec.durable).await.is_ok() {
+        return Ok(());
+    }
+    // A consumer created during a kill starts paused on the server.
+    let mut config = consumer_config(&spec);
+    config.pause_until = crate::server_pause::for_new_consumer(js, agent).await;
     // Idempotent (looked up first, created with the same config): safe to retry.
-    let (stream, spec) = (&stream, &spec);
+    let (stream, spec, config) = (&stream, &spec, &config);
     backoff::retry(&spec.durable, backoff::JETSTREAM, move || {
-        stream.get_or_create_consumer::<pull::Config>(&spec.durable, consumer_config(spec))
+        stream.get_or_create_consumer::<pull::Config>(&spec.durable, config.clone())
     })
     .await
     .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
@@ -278,6 +300,29 @@ pub async fn consumer_tuning(js: &jetstream::Context, agent: &AgentId) -> Result
     }
 }
 
+/// Deletes an agent's durable consumer, when it has one (an agent removed or
+/// made inactive: re-activated, the id starts afresh with a new consumer and
+/// receives nothing older). Returns how many messages it still held for the
+/// agent (pending and unacked), `None` when there was no consumer. Those
+/// messages stay in the stream until they age out; nobody will deliver them.
+pub async fn delete_consumer(js: &jetstream::Context, agent: &AgentId) -> Result<Option<u64>, NatsError> {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = js
+        .get_stream_no_info(spec.stream)
+        .await
+        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    let held = match stream.consumer_info(&spec.durable).await {
+        Ok(info) => info.num_pending + info.num_ack_pending as u64,
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+    };
+    match stream.delete_consumer(&spec.durable).await {
+        Ok(_) => Ok(Some(held)),
+        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) => Err(NatsError::JetStream(format!("deleting consumer {}: {e}", spec.durable))),
+    }
+}
+
 /// Creates or updates an agent's consumer with `tuning` (the admin side:
 /// restores, test harnesses; a listener never calls it). An existing consumer
 /// keeps its start position (a restored one starts at a sequence; the server
@@ -293,8 +338,13 @@ pub async fn bind_consumer(
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
     let mut config = consumer_config(&spec);
-    if let Ok(existing) = stream.consumer_info(&spec.durable).await {
-        config.deliver_policy = existing.config.deliver_policy;
+    match stream.consumer_info(&spec.durable).await {
+        Ok(existing) => {
+            config.deliver_policy = existing.config.deliver_policy;
+            // An update leaves the server-side pause as it is.
+            config.pause_until = existing.config.pause_until;
+        }
+        Err(_) => config.pause_until = crate::server_pause::for_new_consumer(js, agent).await,
     }
     stream
         .create_consumer(config)
@@ -305,6 +355,14 @@ pub async fn bind_consumer(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(redact_url("nats://admin:s3cret@a:4222"), "nats://***@a:4222");
+        assert_eq!(redact_url("nats://tok@a:1, nats://b:2"), "nats://***@a:1,nats://b:2");
+        assert_eq!(redact_url("u:p@host:4222"), "***@host:4222");
+        assert_eq!(redact_url("nats://a:4222"), "nats://a:4222");
+    }
 
     #[test]
     fn a_url_setting_names_one_or_several_servers() {

@@ -1,12 +1,20 @@
 //! A three-node JetStream cluster: each node's config, rendered by the same
 //! code that wrote `deploy/nats-cluster/` (a test keeps the two in step), and
 //! [`TestCluster`], three nats-server processes on loopback that a test can
-//! kill, restart, freeze (SIGSTOP) and thaw (SIGCONT).
+//! kill, restart, freeze (SIGSTOP) and thaw (SIGCONT). Like the deployment,
+//! they take the users `mesh deploy render` writes (`nats-auth.conf`, here
+//! for the test's registry) and authenticate their routes, so every client
+//! of a test cluster logs in: as `mesh-admin` ([`TestCluster::client`],
+//! [`TestCluster::admin_env`]) or as an agent's listener
+//! ([`TestCluster::listener_env`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use mesh_bot::deploy;
+use mesh_protocol::Registry;
+use mesh_protocol::access::{self, Access};
 use std::net::TcpListener;
 use tokio::process::{Child, Command};
 
@@ -15,6 +23,17 @@ use tokio::process::{Child, Command};
 pub const CLUSTER_NAME: &str = "mesh";
 /// How long a node may take to accept clients and report healthy.
 pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The user routes log in as (the `authorization` block inside `cluster {}`).
+pub const ROUTE_USER: &str = "mesh-route";
+/// Variable with the route user's password (what a node checks routes against).
+pub const ROUTE_PASSWORD_ENV: &str = "MESH_ROUTE_NATS_PASSWORD";
+/// Variable with the route URLs, each carrying the route password:
+/// nats-server expands no variable inside a URL and uses the cluster's own
+/// credentials only for routes it discovers, not for those it is given.
+pub const ROUTES_ENV: &str = "MESH_NATS_ROUTES";
+/// Where a node serves monitoring (`/healthz`, `/varz`, `/connz`, `/jsz`,
+/// none of which asks who is calling): only inside the node.
+pub const MONITOR_HOST: &str = "127.0.0.1";
 
 /// One node's addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,29 +96,53 @@ impl ClusterSpec {
         Ok(Self { listen_host: "127.0.0.1".into(), nodes })
     }
 
+    /// The value of [`ROUTES_ENV`]: every node's route URL with the route
+    /// user and `password` (a node skips its own).
+    pub fn routes(&self, password: &str) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|peer| format!("nats-route://{ROUTE_USER}:{password}@{}:{}", peer.host, peer.cluster_port))
+            .collect();
+        format!("[{}]", urls.join(", "))
+    }
+
     /// The config file of node `index` (0-based).
     pub fn render(&self, index: usize) -> String {
         let node = &self.nodes[index];
         let listen = &self.listen_host;
-        let routes: String =
-            self.nodes.iter().map(|peer| format!("    nats-route://{}:{}\n", peer.host, peer.cluster_port)).collect();
         format!(
             "# {name}: one of the {count} JetStream servers of the mesh cluster.\n\
              # Rendered by tests/src/cluster.rs (ClusterSpec); the HA tests run this same\n\
              # config on loopback, and a test checks this file matches it.\n\
              server_name: {name}\n\
              listen: {listen}:{client}\n\
-             http: {listen}:{monitor}\n\
+             # Monitoring asks no credentials and names every client: loopback only\n\
+             # (the health check and a metrics exporter run inside the node; README).\n\
+             http: {MONITOR_HOST}:{monitor}\n\
+             \n\
+             # Clients log in as the users `mesh deploy render` writes from the registry\n\
+             # ({auth}, mounted beside this file): the same users and permissions\n\
+             # as the single server's nats.conf.\n\
+             include \"{auth}\"\n\
              \n\
              jetstream {{\n  store_dir: \"{store}\"\n  # fsync every write before it is acknowledged (README, Delivery guarantees)\n  sync_interval: always\n}}\n\
              \n\
-             cluster {{\n  name: {CLUSTER_NAME}\n  listen: {listen}:{cluster}\n  routes: [\n{routes}  ]\n}}\n",
+             cluster {{\n  name: {CLUSTER_NAME}\n  listen: {listen}:{cluster}\n\
+             \x20 # A route must log in as {ROUTE_USER} with ${ROUTE_PASSWORD_ENV}.\n\
+             \x20 authorization {{\n    user: {ROUTE_USER}\n    password: ${ROUTE_PASSWORD_ENV}\n  }}\n\
+             \x20 # nats-server reads no variable inside a URL, so the route URLs come whole\n\
+             \x20 # from the environment, each with the route password:\n\
+             \x20 # {ROUTES_ENV}={example}\n\
+             \x20 routes: ${ROUTES_ENV}\n}}\n",
             name = node.name,
             count = self.nodes.len(),
             client = node.client_port,
             monitor = node.monitor_port,
             store = node.store_dir,
             cluster = node.cluster_port,
+            auth = deploy::NATS_AUTH_CONF,
+            example = self.routes("<password>"),
         )
     }
 }
@@ -121,14 +164,44 @@ pub struct TestCluster {
     nodes: Vec<Node>,
     http: reqwest::Client,
     dir: tempfile::TempDir,
+    /// The users of `nats-auth.conf` (listeners and the bot).
+    users: Vec<Access>,
+    /// What the nodes' configs read from the environment: every user's
+    /// password (random per cluster), the route password and the routes.
+    env: Vec<(String, String)>,
 }
 
 impl TestCluster {
+    /// Starts the three nodes with the users of an empty registry (the bot
+    /// and `mesh-admin`); see [`TestCluster::start_for`].
+    pub async fn start() -> Self {
+        Self::start_with(&Registry::parse("{}").expect("an empty registry")).await
+    }
+
+    /// Starts the three nodes with the users `mesh deploy render` writes for
+    /// the registry at `registry` (a listener user per active agent).
+    pub async fn start_for(registry: &Path) -> Self {
+        let registry = mesh_listener::registry_file::load(registry).expect("the test's registry loads");
+        Self::start_with(&registry).await
+    }
+
     /// Starts the three nodes and waits until every one reports healthy
     /// (`/healthz`: JetStream has a meta leader and this node is current).
-    pub async fn start() -> Self {
+    async fn start_with(registry: &Registry) -> Self {
         let dir = tempfile::tempdir().expect("creating a temp dir");
         let spec = ClusterSpec::loopback(dir.path()).expect("finding free ports");
+        let users = deploy::users(registry);
+        std::fs::write(dir.path().join(deploy::NATS_AUTH_CONF), deploy::nats_auth(&users)).expect("writing the users");
+        let secret = || uuid::Uuid::now_v7().simple().to_string();
+        let mut env: Vec<(String, String)> = users
+            .iter()
+            .map(|u| u.user.as_str())
+            .chain([access::ADMIN_USER])
+            .map(|user| (access::password_env(user), secret()))
+            .collect();
+        let route_password = secret();
+        env.push((ROUTES_ENV.to_owned(), spec.routes(&route_password)));
+        env.push((ROUTE_PASSWORD_ENV.to_owned(), route_password));
         let mut nodes = Vec::new();
         for (index, node) in spec.nodes.iter().enumerate() {
             let config = dir.path().join(format!("{}.conf", node.name));
@@ -137,7 +210,7 @@ impl TestCluster {
         }
         mesh_listener::gateway::install_tls_provider();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("http client");
-        let mut cluster = Self { spec, nodes, http, dir };
+        let mut cluster = Self { spec, nodes, http, dir, users, env };
         for index in 0..3 {
             cluster.spawn(index);
         }
@@ -153,6 +226,7 @@ impl TestCluster {
         let child = Command::new("nats-server")
             .arg("-c")
             .arg(&node.config)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -174,10 +248,46 @@ impl TestCluster {
         (0..self.spec.nodes.len()).map(|i| self.url(i)).collect::<Vec<_>>().join(",")
     }
 
-    /// A client that knows all three nodes and reconnects forever.
+    /// The password of NATS user `user` on this cluster.
+    pub fn password(&self, user: &str) -> &str {
+        let var = access::password_env(user);
+        self.env.iter().find(|(k, _)| *k == var).map_or_else(|| panic!("no NATS user {user}"), |(_, v)| v.as_str())
+    }
+
+    /// The route user's password on this cluster.
+    pub fn route_password(&self) -> &str {
+        self.env.iter().find(|(k, _)| k == ROUTE_PASSWORD_ENV).map(|(_, v)| v.as_str()).unwrap_or_default()
+    }
+
+    /// The environment of a process that logs in as `mesh-admin` (the
+    /// operator's `mesh` on the host).
+    pub fn admin_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NATS_USER".to_owned(), access::ADMIN_USER.to_owned()),
+            ("NATS_PASSWORD".to_owned(), self.password(access::ADMIN_USER).to_owned()),
+        ]
+    }
+
+    /// The environment of `agent`'s listener process, as the rendered
+    /// compose file gives it: its own user, password and inbox prefix.
+    pub fn listener_env(&self, agent: &str) -> Vec<(String, String)> {
+        let user = self
+            .users
+            .iter()
+            .find(|u| u.user == access::listener_user(&mesh_protocol::AgentId::parse(agent).expect("an agent id")))
+            .unwrap_or_else(|| panic!("{agent} is not an active agent of the registry the cluster started with"));
+        vec![
+            ("NATS_USER".to_owned(), user.user.clone()),
+            ("NATS_PASSWORD".to_owned(), self.password(&user.user).to_owned()),
+            ("MESH_INBOX_PREFIX".to_owned(), user.inbox_prefix.clone()),
+        ]
+    }
+
+    /// A client that knows all three nodes, logs in as `mesh-admin` and reconnects forever.
     pub async fn client(&self) -> async_nats::Client {
         let urls: Vec<async_nats::ServerAddr> = (0..3).map(|i| self.url(i).parse().expect("server address")).collect();
         async_nats::ConnectOptions::new()
+            .user_and_password(access::ADMIN_USER.to_owned(), self.password(access::ADMIN_USER).to_owned())
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connect(urls)

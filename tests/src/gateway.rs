@@ -206,8 +206,10 @@ async fn record(
         return (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), json, canned.to_string());
     }
     let body = match (is_chat, reply) {
-        (true, Some(reply)) => {
-            serde_json::json!({"choices": [{"message": {"role": "assistant", "content": reply}}]}).to_string()
+        (true, reply) => {
+            // Without a scripted reply: a completion with no text (nothing to route back).
+            let content = reply.unwrap_or_default();
+            serde_json::json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string()
         }
         _ => "{}".to_owned(),
     };

@@ -41,6 +41,8 @@ struct Listeners {
     fixture: Fixture,
     urls: String,
     agents: Vec<(AgentId, u16)>,
+    /// Each agent's NATS login (its listener user, as rendered).
+    logins: Vec<Vec<(String, String)>>,
     running: Vec<Option<Logged>>,
 }
 
@@ -52,6 +54,7 @@ impl Listeners {
             .args(["--agent", agent.as_str(), "--concurrency", &concurrency.to_string(), "--ack-wait", ACK_WAIT_S])
             .env("NATS_URL", &self.urls)
             .env("MESH_REGISTRY", &self.fixture.registry)
+            .envs(self.logins[index].clone())
             .env_remove("MESH_REPLICAS")
             .env("MESH_LOG", "info,async_nats=warn");
         self.running[index] = Some(Logged::spawn(command));
@@ -116,18 +119,19 @@ async fn acked_messages_survive_chaos_and_the_kill_switch_holds() {
     let seed = seed();
     println!("chaos seed {seed} (MESH_CHAOS_SEED={seed} replays this schedule)");
     let mut rng = Rng::new(seed);
-    let mut cluster = TestCluster::start().await;
+    let solo_gateway = RecordingGateway::start().await;
+    let wide_gateway = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("solo", &solo_gateway, true), ("wide", &wide_gateway, true)]);
+    let mut cluster = TestCluster::start_for(&fixture.registry).await;
     let client = cluster.client().await;
     let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
     ensure_streams(&js, Replicas::Auto).await.unwrap();
 
-    let solo_gateway = RecordingGateway::start().await;
-    let wide_gateway = RecordingGateway::start().await;
-    let fixture = Fixture::registry(&[("solo", &solo_gateway, true), ("wide", &wide_gateway, true)]);
     let agents: Vec<AgentId> = ["solo", "wide"].iter().map(|a| AgentId::parse(a).unwrap()).collect();
     let mut listeners = Listeners {
         fixture,
         urls: cluster.urls(),
+        logins: agents.iter().map(|a| cluster.listener_env(a.as_str())).collect(),
         agents: vec![(agents[0].clone(), 1), (agents[1].clone(), 32)],
         running: vec![None, None],
     };

@@ -16,6 +16,7 @@ use mesh_tests::fixtures::{listener_bin, mesh_bin, mesh_command};
 const WAIT: Duration = Duration::from_secs(90);
 const TAG: &str = "meshtest";
 const ADMIN_PASSWORD: &str = "admin-pw-compose";
+const DEMO_HOOK_TOKEN: &str = "demo-hook-token-compose";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
@@ -74,15 +75,22 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
     let config = work.path().join("config");
     std::fs::create_dir(&config).unwrap();
     let registry = config.join("tokens.json");
+    // demo's token is a file in its own secrets/demo/; peer's entry points at
+    // demo's file, which peer's listener container must not see.
     std::fs::write(
         &registry,
-        r#"{"demo": {"hooks_token": "env:MESH_TOKEN_DEMO_HOOKS", "hooks_url": "http://demo-gateway:7002/hooks/wake"}}"#,
+        r#"{"demo": {"hooks_token": "file:/etc/mesh/secrets/demo/hook", "hooks_url": "http://demo-gateway:7002/hooks/wake"},
+            "peer": {"hooks_token": "file:/etc/mesh/secrets/demo/hook", "hooks_url": "http://demo-gateway:7002/hooks/wake"}}"#,
     )
     .unwrap();
+    let demo_secrets = config.join("secrets/demo");
+    std::fs::create_dir_all(&demo_secrets).unwrap();
+    std::fs::write(demo_secrets.join("hook"), DEMO_HOOK_TOKEN).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    for dir in [work.path(), config.as_path()] {
+    for dir in [work.path(), config.as_path(), &config.join("secrets"), &demo_secrets] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    std::fs::set_permissions(demo_secrets.join("hook"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let generated = work.path().join("generated");
     let out = mesh_command("nats://127.0.0.1:1", &registry)
         .args(["deploy", "render", "--out", generated.to_str().unwrap()])
@@ -102,9 +110,10 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         ("MESH_NATS_MONITOR_PORT", free()),
         ("MESH_BOT_PORT", free()),
         ("LISTENER_DEMO_NATS_PASSWORD", "listener-pw-compose".to_owned()),
+        ("LISTENER_PEER_NATS_PASSWORD", "peer-pw-compose".to_owned()),
         ("MESH_BOT_NATS_PASSWORD", "bot-pw-compose".to_owned()),
         ("MESH_ADMIN_NATS_PASSWORD", ADMIN_PASSWORD.to_owned()),
-        ("MESH_TOKEN_DEMO_HOOKS", "demo-hook-token-compose".to_owned()),
+        ("MESH_TOKEN_DEMO_HOOKS", DEMO_HOOK_TOKEN.to_owned()),
     ];
     let compose = Compose {
         project: project.clone(),
@@ -157,6 +166,28 @@ async fn a_message_crosses_the_compose_stack_to_a_gateway_container() {
         assert!(tokio::time::Instant::now() < deadline, "the demo gateway never logged the message:\n{logs}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // Each listener container holds only its own agent's token directory
+    // (issue 19.7): peer's listener, pointed at demo's token file, cannot read it.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let logs = compose.run(&["logs", "--no-color", "listener-peer"]);
+        if logs.contains("cannot read secret file /etc/mesh/secrets/demo/hook") {
+            assert!(logs.contains("No such file"), "{logs}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "peer's listener never reported demo's token file missing:\n{logs}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The bot sees the registry but no token file: secrets/ is masked.
+    let bot = format!("{project}_bot_1");
+    let inspect =
+        Command::new("docker").args(["inspect", "--format", "{{json .HostConfig.Tmpfs}}", &bot]).output().unwrap();
+    let tmpfs = String::from_utf8_lossy(&inspect.stdout);
+    assert!(tmpfs.contains("\"/etc/mesh/secrets\""), "the bot's secrets/ is not masked: {tmpfs}");
 
     let (_, status) = mesh(vec!["status".into()]).await;
     for service in ["nats", "redis", "bot", "listener-demo", "demo-gateway"] {

@@ -198,6 +198,11 @@ async fn rendered_permissions_hold_on_a_real_server() {
         ("$JS.API.CONSUMER.DELETE.KV_mesh_killswitch.evil", serde_json::json!({})),
         ("$JS.API.STREAM.MSG.GET.KV_mesh_killswitch", serde_json::json!({"seq": 1})),
         ("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.kaan", serde_json::json!({})),
+        // Issue 18: the server-side pause of the kill switch. A listener may
+        // neither lift it (an empty request resumes) nor set one.
+        ("$JS.API.CONSUMER.PAUSE.MESH_AGENTS.agent-nova", serde_json::json!({})),
+        ("$JS.API.CONSUMER.PAUSE.MESH_AGENTS.agent-nova", serde_json::json!({"pause_until": "2999-01-01T00:00:00Z"})),
+        ("$JS.API.CONSUMER.PAUSE.MESH_AGENTS.agent-kaan", serde_json::json!({})),
         (
             "$JS.API.DIRECT.GET.KV_mesh_killswitch",
             serde_json::json!({"last_by_subj": "$KV.mesh_killswitch.agent.kaan"}),
@@ -292,11 +297,16 @@ async fn rendered_permissions_hold_on_a_real_server() {
     assert!(ok, "{said}");
     wait_state(&["paused"]).await;
     let paused_after = pulled.elapsed();
+    // The bot user may pause the consumer on the server, and read it back.
+    let (_, status) = bot(&["status"]).await;
+    assert!(status.contains("agent-nova: paused until resumed"), "{status}");
     let resumed = std::time::Instant::now();
     let (ok, said) = bot(&["resume", "--agent", "nova"]).await;
     assert!(ok, "{said}");
     wait_state(&["ok", "gateway unknown"]).await;
     let resumed_after = resumed.elapsed();
+    let (_, status) = bot(&["status"]).await;
+    assert!(status.contains("agent-nova: not paused"), "{status}");
     assert!(
         paused_after < mesh_listener::killswitch::RESYNC_EVERY
             && resumed_after < mesh_listener::killswitch::RESYNC_EVERY,

@@ -52,7 +52,7 @@ async fn send_reaches_the_gateway_exactly_once_with_token_and_text() {
     let req = &got[0];
     assert_eq!(req.path, "/hooks/wake");
     assert_eq!(req.authorization.as_deref(), Some("Bearer nova-hook-token"));
-    assert_eq!(req.idempotency_key.as_deref(), Some(id.as_str()));
+    assert_eq!(req.idempotency_key.as_deref(), Some(format!("nova:{id}").as_str()));
     assert_eq!(req.text(), format!("[mesh] Message from cli:tester: {text}"));
     assert_eq!(req.body["mode"], "next-heartbeat");
     listener.stop().await.expect("listener stops cleanly");
@@ -184,4 +184,35 @@ async fn bad_inputs_fail_clearly_and_publish_nothing() {
 
     assert_eq!(stream_messages(&nats).await, 0, "a rejected send published something");
     assert!(gw.requests().is_empty());
+}
+
+/// README: the listener follows no redirects. A hook answering 307 to another
+/// server is a failure of that delivery (a dead letter: 3xx is not retried);
+/// the other server never sees the token or the message.
+#[tokio::test]
+async fn a_redirecting_hook_is_not_followed_and_the_message_is_dead_lettered() {
+    let nats = TestNats::start().await;
+    let elsewhere = RecordingGateway::start().await;
+    let target = format!("{}/steal", elsewhere.hooks_url().trim_end_matches("/hooks/wake"));
+    let app = axum::Router::new().fallback(move || {
+        let target = target.clone();
+        async move { (axum::http::StatusCode::TEMPORARY_REDIRECT, [(axum::http::header::LOCATION, target)]) }
+    });
+    let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = server.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(server, app).await });
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"hooks_token": "nova-hook-token", "hooks_url": format!("http://{addr}/hooks/wake")},
+    }));
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+
+    let out = mesh(&nats.url(), &fixture, &["send", "nova", "follow me"]).await;
+    assert!(out.status.success(), "{}", stderr(&out));
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    let letters = mesh_tests::fixtures::dead_letters(&js).await;
+    assert_eq!(letters.len(), 1, "the redirected message is a dead letter");
+    assert!(letters[0].0.reason.contains("307"), "{:?}", letters[0].0);
+    assert!(elsewhere.requests().is_empty(), "the redirect was followed: {:?}", elsewhere.requests());
+    listener.stop().await.unwrap();
 }

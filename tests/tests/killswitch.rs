@@ -389,3 +389,29 @@ async fn many_writers_at_once_all_get_their_write_in() {
     assert_eq!(written, writers);
     switch.release(&Scope::Global, Actor::director("slack:UDIR0")).await.unwrap();
 }
+
+/// README: sending while paused is accepted, and the answer says the message
+/// is queued (send and broadcast, from the terminal, through the engine).
+#[tokio::test]
+async fn sends_during_a_pause_are_accepted_and_say_they_are_queued() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let run = |args: &'static [&'static str]| {
+        let mut command = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        command.args(args);
+        async move { command.output().await.unwrap() }
+    };
+    let text = |out: &std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+    let out = run(&["send", "nova", "before"]).await;
+    assert!(out.status.success() && !text(&out).contains("queued"), "{}", text(&out));
+    assert!(run(&["kill", "hard", "--yes", "--reason", "test"]).await.status.success());
+    for args in [&["send", "nova", "while paused"][..], &["broadcast", "all hands"]] {
+        let out = run(args).await;
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text(&out).contains("queued and delivered when the pause ends"), "{args:?}: {}", text(&out));
+    }
+    let js = nats.jetstream().await;
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 3, "all three were stored");
+}

@@ -309,7 +309,8 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
         "the old token is used no more"
     );
 
-    // Remove nova: its loop stops, its messages wait in JetStream.
+    // Remove nova: its loop stops, and the bot (the harness's part) deletes its
+    // consumer, so a nova added back later starts afresh (issue 20, item 11).
     write(serde_json::json!({"kaan": {"hooks_token": "kaan-new", "hooks_url": kaan_gw.hooks_url()}}));
     let deadline = tokio::time::Instant::now() + WAIT;
     while control.fleet.get(&"nova".parse().unwrap()).is_some() {
@@ -324,8 +325,11 @@ async fn all_mode_follows_registry_changes_and_token_rotation() {
     assert!(got.last().unwrap().text().ends_with("still here"));
     wait_until_settled(&js, "kaan", WAIT).await;
     assert_eq!(nova_gw.requests().len(), nova_before, "a removed agent gets nothing");
-    let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.unwrap();
-    assert_eq!(info.num_pending + info.num_ack_pending as u64, 1, "nova's message waits in JetStream");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "a removed agent's consumer was not deleted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     listener.stop().await.expect("listener stops cleanly");
 }
@@ -361,7 +365,7 @@ async fn kill_9_mid_delivery_then_restart_redelivers() {
     let mut second = spawn();
     let got = gw.wait_for(2, WAIT).await;
     wait_until_settled(&js, "nova", WAIT).await;
-    assert!(got.iter().all(|r| r.idempotency_key.as_deref() == Some(id.to_string().as_str())));
+    assert!(got.iter().all(|r| r.idempotency_key.as_deref() == Some(format!("nova:{id}").as_str())));
     assert_eq!(got.len(), 2, "one interrupted delivery, one redelivery: {got:?}");
     second.start_kill().unwrap();
 }

@@ -256,3 +256,92 @@ async fn a_reply_to_a_sender_that_is_no_registered_agent_is_dead_lettered() {
     assert!(last_in_inbox(&js, "ghost").await.is_none(), "nothing published into the void");
     nova.stop().await.expect("stop");
 }
+
+#[tokio::test]
+async fn a_chat_answer_that_is_no_completion_is_dead_lettered_not_acked() {
+    // A proxy's page or another endpoint's answer with a 2xx says nothing
+    // about the agent having read the message.
+    let nats = TestNats::start().await;
+    let ada_gw = RecordingGateway::start().await;
+    ada_gw.respond_with("/v1/chat/completions", serde_json::json!({"status": "queued"}));
+    let fixture = Fixture::from_json(&serde_json::json!({"ada": chat_agent(&ada_gw, "ada")}));
+    let js = nats.jetstream().await;
+    let listener = ListenerHandle::one(&fixture, &nats, "ada");
+    wait_pulling(&js, "ada").await;
+    let asked = Envelope::new("cli:alice", Recipient::Agent("ada".parse().unwrap()), "2+2?")
+        .unwrap()
+        .with_reply_to(&Subject::new_reply());
+    mesh_bot::publish::publish(&js, &asked).await.expect("publish");
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "ada", WAIT).await;
+    assert_eq!(original["id"], asked.id.to_string());
+    assert!(
+        record
+            .reason
+            .starts_with("the gateway answered 2xx but not with a chat completion (JSON without a \"choices\" list"),
+        "{}",
+        record.reason
+    );
+    assert_eq!((record.attempts, record.status), (1, Some(200)));
+    assert_eq!(ada_gw.requests().len(), 1, "not asked again");
+    listener.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_to_an_agent_added_since_the_last_registry_poll_is_routed() {
+    let nats = TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    nova_gw.set_chat_reply("hello kaan");
+    let fixture = Fixture::from_json(&serde_json::json!({"nova": chat_agent(&nova_gw, "nova")}));
+    let js = nats.jetstream().await;
+    // A poll far longer than the test: the listener's copy of the registry stays the first one.
+    let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().unwrap()));
+    config.registry_poll = Duration::from_secs(3600);
+    let nova = ListenerHandle::spawn(config);
+    wait_pulling(&js, "nova").await;
+
+    // kaan is added as `mesh agents add` does: registry entry, then its consumer.
+    let both = serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")});
+    std::fs::write(&fixture.registry, both.to_string()).unwrap();
+    ensure_consumer(&js, "kaan").await;
+    let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert!(dead_letters(&js).await.is_empty(), "{:?}", dead_letters(&js).await);
+    let (_, reply) = last_in_inbox(&js, "kaan").await.expect("the reply is in kaan's inbox");
+    assert_eq!((reply["kind"].as_str(), reply["text"].as_str()), (Some("reply"), Some("hello kaan")));
+    assert_eq!(reply["metadata"]["in_reply_to"], id.to_string());
+    nova.stop().await.expect("stop");
+}
+
+#[tokio::test]
+async fn a_reply_target_removed_while_the_agent_answers_is_dead_lettered() {
+    let nats = TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    nova_gw.set_chat_reply("hello kaan");
+    // A slow agent: the answer comes two seconds after the request.
+    nova_gw.set_delay(Duration::from_secs(2));
+    let fixture = Fixture::from_json(
+        &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
+    );
+    let js = nats.jetstream().await;
+    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    ensure_consumer(&js, "kaan").await;
+    let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+
+    // While nova answers, kaan is removed as `mesh agents remove` does: registry entry and consumer.
+    nova_gw.wait_for(1, WAIT).await;
+    std::fs::write(&fixture.registry, serde_json::json!({"nova": chat_agent(&nova_gw, "nova")}).to_string()).unwrap();
+    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+    stream.delete_consumer("agent-kaan").await.expect("deleting kaan's consumer");
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(original["id"], id.to_string());
+    assert!(record.reason.starts_with("reply target kaan "), "{}", record.reason);
+    assert_eq!(record.status, Some(200));
+    assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into the removed agent's inbox");
+    assert_eq!(nova_gw.requests().len(), 1);
+    nova.stop().await.expect("stop");
+}

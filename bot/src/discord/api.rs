@@ -206,10 +206,7 @@ impl DiscordApi {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-                let wait = serde_json::from_str::<Value>(&text)
-                    .ok()
-                    .and_then(|v| v["retry_after"].as_f64())
-                    .map_or(Duration::from_secs(1), Duration::from_secs_f64);
+                let wait = retry_wait(&text);
                 if wait > MAX_RETRY_WAIT {
                     break;
                 }
@@ -251,4 +248,26 @@ pub fn command_definition() -> Value {
             "required": false,
         }],
     })
+}
+/// How long a 429 answer asks to wait: its `retry_after` in seconds, or 1 s
+/// when it is missing, negative or not a finite number (never a panic).
+fn retry_wait(body: &str) -> Duration {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["retry_after"].as_f64())
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .unwrap_or(Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_without_ever_panicking() {
+        assert_eq!(retry_wait(r#"{"retry_after": 0.25}"#), Duration::from_millis(250));
+        for body in [r#"{"retry_after": -5}"#, r#"{"retry_after": 1e309}"#, r#"{"retry_after": "x"}"#, "junk", ""] {
+            assert_eq!(retry_wait(body), Duration::from_secs(1), "{body}");
+        }
+    }
 }

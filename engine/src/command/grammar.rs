@@ -162,6 +162,8 @@ pub enum Command {
         text: String,
         /// How urgent it is (normal unless `--priority` was given).
         priority: Priority,
+        /// Dropped (dead-lettered as expired) when not delivered within this (`--ttl`).
+        ttl: Option<Duration>,
     },
     /// Send `text` to every active agent.
     Broadcast {
@@ -169,6 +171,8 @@ pub enum Command {
         priority: Priority,
         /// The message, exactly as typed.
         text: String,
+        /// Dropped when not delivered within this (`--ttl`; else the broadcast default, if set).
+        ttl: Option<Duration>,
     },
     /// Send `text` to one agent and wait for its reply.
     Ask {
@@ -176,6 +180,8 @@ pub enum Command {
         agent: AgentId,
         /// The message, exactly as typed.
         text: String,
+        /// Dropped when not delivered within this (`--ttl`).
+        ttl: Option<Duration>,
     },
     /// Health-ping every listener.
     Ping,
@@ -361,10 +367,17 @@ impl fmt::Display for Command {
         let reason = |r: &Option<String>| r.as_ref().map(|r| format!(" -- {r}")).unwrap_or_default();
         let opt = |flag: &str, v: &Option<String>| v.as_ref().map(|v| format!(" --{flag} {v}")).unwrap_or_default();
         match self {
-            Self::Send { agent, text, priority: Priority::Normal } => write!(f, "{name} {agent} {text}"),
-            Self::Send { agent, text, priority } => write!(f, "{name} --priority {priority} {agent} {text}"),
-            Self::Ask { agent, text } => write!(f, "{name} {agent} {text}"),
-            Self::Broadcast { priority, text } => write!(f, "{name} --priority {priority} {text}"),
+            Self::Send { agent, text, priority, ttl } => {
+                write!(f, "{name}")?;
+                if *priority != Priority::Normal {
+                    write!(f, " --priority {priority}")?;
+                }
+                write!(f, "{} {agent} {text}", ttl_flag(ttl))
+            }
+            Self::Ask { agent, text, ttl } => write!(f, "{name}{} {agent} {text}", ttl_flag(ttl)),
+            Self::Broadcast { priority, text, ttl } => {
+                write!(f, "{name} --priority {priority}{} {text}", ttl_flag(ttl))
+            }
             Self::Ping
             | Self::Status
             | Self::Agents
@@ -546,18 +559,19 @@ pub fn parse(line: &str) -> Result<Command, ParseError> {
     let missing = |what| ParseError::Missing { what, usage: usage.to_owned() };
     let command = match kind {
         CommandKind::Send => {
-            let priority = priority(&mut c, usage)?;
+            let MessageOptions { priority, ttl } = message_options(&mut c, usage, true)?;
             let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
             let text = c.text().ok_or_else(|| missing("<text>"))?.to_owned();
-            Command::Send { agent, text, priority }
+            Command::Send { agent, text, priority, ttl }
         }
         CommandKind::Ask => {
+            let MessageOptions { ttl, .. } = message_options(&mut c, usage, false)?;
             let agent = agent(c.word().ok_or_else(|| missing("<agent>"))?, usage)?;
-            Command::Ask { agent, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned() }
+            Command::Ask { agent, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned(), ttl }
         }
         CommandKind::Broadcast => {
-            let priority = priority(&mut c, usage)?;
-            Command::Broadcast { priority, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned() }
+            let MessageOptions { priority, ttl } = message_options(&mut c, usage, true)?;
+            Command::Broadcast { priority, text: c.text().ok_or_else(|| missing("<text>"))?.to_owned(), ttl }
         }
         CommandKind::Ping => Command::Ping,
         CommandKind::Status => Command::Status,
@@ -661,26 +675,60 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
-/// An optional leading `--priority P` (or `--priority=P`); normal when absent.
-fn priority(c: &mut Cursor<'_>, usage: &'static str) -> Result<Priority, ParseError> {
-    let Some(word) = c.peek() else { return Ok(Priority::default()) };
-    let value = match word.strip_prefix("--priority") {
+/// The leading options of a message: `--priority P` and `--ttl D`.
+#[derive(Debug, Default)]
+struct MessageOptions {
+    priority: Priority,
+    ttl: Option<Duration>,
+}
+
+/// Leading `--priority P` (or `--priority=P`, where `with_priority`) and
+/// `--ttl D` (or `--ttl=D`), in either order, each once; the first other word
+/// (or a flag seen already) starts the agent, or the text.
+fn message_options(c: &mut Cursor<'_>, usage: &'static str, with_priority: bool) -> Result<MessageOptions, ParseError> {
+    let mut options = MessageOptions::default();
+    let (mut priority_seen, mut ttl_seen) = (!with_priority, false);
+    loop {
+        if !priority_seen && let Some(value) = flag_value(c, "--priority", "the priority after --priority", usage)? {
+            priority_seen = true;
+            options.priority =
+                value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage })?;
+        } else if !ttl_seen && let Some(value) = flag_value(c, "--ttl", "the time to live after --ttl", usage)? {
+            ttl_seen = true;
+            options.ttl = Some(
+                parse_duration(value)
+                    .map_err(|problem| ParseError::BadArgument { problem: format!("--ttl: {problem}"), usage })?,
+            );
+        } else {
+            return Ok(options);
+        }
+    }
+}
+
+/// The value of a leading `<flag> V` or `<flag>=V`, consumed; `None` when the
+/// next word is not that flag.
+fn flag_value<'a>(
+    c: &mut Cursor<'a>,
+    flag: &str,
+    what: &'static str,
+    usage: &'static str,
+) -> Result<Option<&'a str>, ParseError> {
+    let Some(word) = c.peek() else { return Ok(None) };
+    match word.strip_prefix(flag) {
         Some("") => {
             c.word();
-            Some(c.word().ok_or_else(|| ParseError::Missing {
-                what: "the priority after --priority",
-                usage: usage.to_owned(),
-            })?)
+            c.word().map(Some).ok_or_else(|| ParseError::Missing { what, usage: usage.to_owned() })
         }
-        Some(eq) => eq.strip_prefix('=').inspect(|_| {
+        Some(eq) => Ok(eq.strip_prefix('=').inspect(|_| {
             c.word();
-        }),
-        None => None,
-    };
-    match value {
-        Some(value) => value.to_lowercase().parse().map_err(|problem| ParseError::BadArgument { problem, usage }),
-        None => Ok(Priority::default()),
+        })),
+        None => Ok(None),
     }
+}
+
+/// ` --ttl D` when set.
+fn ttl_flag(ttl: &Option<Duration>) -> String {
+    ttl.map(|d| format!(" --ttl {}", format_duration(d))).unwrap_or_default()
 }
 
 fn unknown(typed: &str) -> ParseError {
@@ -815,7 +863,7 @@ mod tests {
     }
 
     fn send(agent: &str, text: &str) -> Command {
-        Command::Send { agent: id(agent), text: text.into(), priority: Priority::Normal }
+        Command::Send { agent: id(agent), text: text.into(), priority: Priority::Normal, ttl: None }
     }
 
     fn soft(secs: u64, agent: Option<&str>, reason: Option<&str>) -> Command {
@@ -859,10 +907,10 @@ mod tests {
         check("send agent=nova hi", Ok(send("nova", "hi")));
         check(
             "send --priority high nova deploy done",
-            Ok(Command::Send { agent: id("nova"), text: "deploy done".into(), priority: Priority::High }),
+            Ok(Command::Send { agent: id("nova"), text: "deploy done".into(), priority: Priority::High, ttl: None }),
         );
         check("send nova hi --priority high", Ok(send("nova", "hi --priority high")));
-        check("ask kaan what is 2+2?", Ok(Command::Ask { agent: id("kaan"), text: "what is 2+2?".into() }));
+        check("ask kaan what is 2+2?", Ok(Command::Ask { agent: id("kaan"), text: "what is 2+2?".into(), ttl: None }));
         check("send nova", Err("missing <text>; usage: send <agent> <text>"));
         check("send nova    ", Err("missing <text>; usage: send <agent> <text>"));
         check("send", Err("missing <agent>; usage: send <agent> <text>"));
@@ -882,7 +930,7 @@ mod tests {
 
     #[test]
     fn broadcast_priority() {
-        let b = |priority, text: &str| Command::Broadcast { priority, text: text.into() };
+        let b = |priority, text: &str| Command::Broadcast { priority, text: text.into(), ttl: None };
         check("broadcast maintenance in 5 minutes", Ok(b(Priority::Normal, "maintenance in 5 minutes")));
         check("broadcast --priority high back   up", Ok(b(Priority::High, "back   up")));
         check("broadcast --priority=URGENT stop", Ok(b(Priority::Urgent, "stop")));
@@ -903,6 +951,41 @@ mod tests {
             ),
         );
         check("broadcast", Err("missing <text>; usage: broadcast [--priority low|normal|high|urgent] <text>"));
+    }
+
+    #[test]
+    fn message_time_to_live() {
+        let ttl = |s| Some(Duration::from_secs(s));
+        let send = |priority, ttl, text: &str| Command::Send { agent: id("nova"), text: text.into(), priority, ttl };
+        check("send --ttl 2s nova x", Ok(send(Priority::Normal, ttl(2), "x")));
+        check("send --ttl=5M nova x", Ok(send(Priority::Normal, ttl(300), "x")));
+        check("send --priority high --ttl 1h nova x", Ok(send(Priority::High, ttl(3600), "x")));
+        check("send --ttl 1h --priority=high nova x", Ok(send(Priority::High, ttl(3600), "x")));
+        check("send nova x --ttl 2s", Ok(send(Priority::Normal, None, "x --ttl 2s")));
+        check(
+            "ask --ttl 30s kaan still there?",
+            Ok(Command::Ask { agent: id("kaan"), text: "still there?".into(), ttl: ttl(30) }),
+        );
+        let b = |priority, ttl, text: &str| Command::Broadcast { priority, text: text.into(), ttl };
+        check(
+            "broadcast --ttl 5m maintenance in 5 minutes",
+            Ok(b(Priority::Normal, ttl(300), "maintenance in 5 minutes")),
+        );
+        check("broadcast --ttl 5m --priority high back", Ok(b(Priority::High, ttl(300), "back")));
+        // A flag given once already starts the text, as a second --priority always did.
+        check("broadcast --ttl 5m --ttl 6m x", Ok(b(Priority::Normal, ttl(300), "--ttl 6m x")));
+        check("broadcast --ttlx 5m", Ok(b(Priority::Normal, None, "--ttlx 5m")));
+        let usage = "usage: send <agent> <text>";
+        check("send --ttl", Err(&format!("missing the time to live after --ttl; {usage}")));
+        check("send --ttl soon nova x", Err(&format!("--ttl: duration \"soon\" is not like 30s, 5m or 2h; {usage}")));
+        check("send --ttl 0s nova x", Err(&format!("--ttl: duration \"0s\" is zero; use at least 1s; {usage}")));
+        check(
+            "send --ttl 25h nova x",
+            Err(&format!("--ttl: duration \"25h\" is longer than the 24h maximum; {usage}")),
+        );
+        // The canonical form (audit records, confirmations) carries the ttl.
+        assert_eq!(send(Priority::Normal, ttl(120), "x").to_string(), "send --ttl 2m nova x");
+        assert_eq!(b(Priority::Normal, ttl(5), "x").to_string(), "broadcast --priority normal --ttl 5s x");
     }
 
     #[test]
@@ -1088,6 +1171,10 @@ mod props {
         )
     }
 
+    fn ttl() -> impl Strategy<Value = Option<Duration>> {
+        proptest::option::of((1..=MAX_SOFT_KILL.as_secs()).prop_map(Duration::from_secs))
+    }
+
     fn command() -> impl Strategy<Value = Command> {
         let agent = proptest::option::of(agent_id());
         let code =
@@ -1096,13 +1183,18 @@ mod props {
         let topic = proptest::sample::select(table::candidates().collect::<Vec<_>>());
         let priority = proptest::sample::select(Priority::ALL.to_vec());
         prop_oneof![
-            (agent_id(), text(), priority.clone()).prop_map(|(agent, text, priority)| Command::Send {
+            (agent_id(), text(), priority.clone(), ttl()).prop_map(|(agent, text, priority, ttl)| Command::Send {
                 agent,
                 text,
-                priority
+                priority,
+                ttl
             }),
-            (agent_id(), text()).prop_map(|(agent, text)| Command::Ask { agent, text }),
-            (priority.clone(), text()).prop_map(|(priority, text)| Command::Broadcast { priority, text }),
+            (agent_id(), text(), ttl()).prop_map(|(agent, text, ttl)| Command::Ask { agent, text, ttl }),
+            (priority.clone(), text(), ttl()).prop_map(|(priority, text, ttl)| Command::Broadcast {
+                priority,
+                text,
+                ttl
+            }),
             Just(Command::Ping),
             Just(Command::Status),
             Just(Command::Agents),
@@ -1140,7 +1232,7 @@ mod props {
         fn message_text_passes_through_intact(agent in agent_id(), text in text(), word in "(send|SEND|Send|ask)") {
             let parsed = parse(&format!("{word} {agent} {text}")).expect("a well-formed send parses");
             let (got_agent, got_text) = match parsed {
-                Command::Send { agent, text, .. } | Command::Ask { agent, text } => (agent, text),
+                Command::Send { agent, text, .. } | Command::Ask { agent, text, .. } => (agent, text),
                 other => panic!("parsed as {other:?}"),
             };
             prop_assert_eq!(got_agent, agent);

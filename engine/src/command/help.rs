@@ -79,6 +79,7 @@ mod tests {
              send <agent> <text>\n  \
                send a message to one agent\n  \
                the text is sent exactly as typed: quotes, mentions, emoji and spacing included\n  \
+               --ttl 5m (before the agent and text, 1s to 24h): not delivered by then, the message becomes a dead letter with reason expired\n  \
                who: operator\n",
         );
         check(

@@ -115,6 +115,9 @@ const AGENT_NOTE: &str = "an agent may be written bare (nova) or as agent=<id> (
 const REPLACE_NOTE: &str = "it replaces the entry in force for the same scope (the whole mesh, or the agent), so while a \
      hard or nuclear kill is in force there only a director may run it; a kill for another scope lifts nothing";
 
+const TTL_NOTE: &str = "--ttl 5m (before the agent and text, 1s to 24h): not delivered by then, the message becomes a \
+     dead letter with reason expired";
+
 /// Every command, in the order help lists them.
 pub const COMMANDS: [CommandSpec; 26] = [
     CommandSpec {
@@ -122,7 +125,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
         name: "send",
         usage: "send <agent> <text>",
         summary: "send a message to one agent",
-        notes: &["the text is sent exactly as typed: quotes, mentions, emoji and spacing included"],
+        notes: &["the text is sent exactly as typed: quotes, mentions, emoji and spacing included", TTL_NOTE],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
         front: Front::Any,
@@ -135,6 +138,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
         notes: &[
             "--priority (or --priority=P) must come first; the rest of the line is the text",
             "the priority defaults to normal; high and urgent wake agents at once",
+            TTL_NOTE,
         ],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
@@ -145,7 +149,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
         name: "ask",
         usage: "ask <agent> <text>",
         summary: "send a message to one agent and show its reply",
-        notes: &["the text is sent exactly as typed"],
+        notes: &["the text is sent exactly as typed", TTL_NOTE],
         access: Access::AtLeast(Role::Operator),
         confirm: false,
         front: Front::Any,

@@ -1,0 +1,99 @@
+//! Message expiry (issue 18, item 2): a message sent with `--ttl` that is
+//! still waiting when its time to live ends is never delivered; the listener
+//! dead-letters it with reason `expired`, `mesh dlq` shows it, and a replay
+//! delivers it as a new message without the expiry.
+
+#![allow(clippy::unwrap_used)] // test helpers fail loudly
+
+use std::time::Duration;
+
+use mesh_listener::config::Selection;
+use mesh_protocol::envelope::{Arrival, EXPIRY_SKEW_TOLERANCE};
+use mesh_protocol::{Envelope, Recipient};
+use mesh_tests::fixtures::wait_until_settled;
+use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
+use time::OffsetDateTime;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Runs `mesh` as the terminal with the director role.
+async fn mesh(nats: &TestNats, fixture: &Fixture, args: &[&str]) -> (bool, String) {
+    let permissions = fixture.dir().join("terminal-director.json");
+    std::fs::write(&permissions, serde_json::json!({ "terminal": "director" }).to_string()).unwrap();
+    let out = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(args)
+        .env("MESH_PERMISSIONS", &permissions)
+        .env("MESH_COMPOSE_PROJECT", "mesh-test-no-such-project")
+        .output()
+        .await
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// The envelope stored in `MESH_AGENTS` with stream sequence `seq`.
+async fn stored(js: &async_nats::jetstream::Context, seq: u64) -> Envelope {
+    let message = js.get_stream("MESH_AGENTS").await.unwrap().get_raw_message(seq).await.unwrap();
+    let arrival = Arrival { to: Recipient::Broadcast, fallback_id: uuid::Uuid::nil(), stored_at: message.time };
+    Envelope::decode(&message.payload, &arrival).unwrap().0
+}
+
+/// The stream sequence of a `mesh send --json` answer.
+fn stream_seq(said: &str) -> u64 {
+    let reply: serde_json::Value = serde_json::from_str(said.lines().next().unwrap()).unwrap();
+    reply["data"]["stream_seq"].as_u64().unwrap_or_else(|| panic!("no stream_seq in {said}"))
+}
+
+#[tokio::test]
+async fn a_message_whose_ttl_ends_while_its_agent_is_paused_is_dead_lettered_as_expired() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, _control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+    let (ok, said) = mesh(&nats, &fixture, &["kill", "hard", "--agent", "a1", "--yes", "--reason", "ttl test"]).await;
+    assert!(ok, "{said}");
+
+    let (ok, said) = mesh(&nats, &fixture, &["send", "--json", "--ttl", "2s", "a1", "x"]).await;
+    assert!(ok, "{said}");
+    let short = stored(&js, stream_seq(&said)).await;
+    let (ok, said) = mesh(&nats, &fixture, &["send", "--json", "--ttl", "1h", "a1", "still wanted"]).await;
+    assert!(ok, "{said}");
+    let expires_at = short.expires_at.expect("the envelope carries the expiry");
+    assert_eq!(expires_at - short.sent_at, time::Duration::seconds(2));
+
+    // Resume only once the short one's time to live (and the skew tolerance) has passed.
+    let past = expires_at + EXPIRY_SKEW_TOLERANCE + Duration::from_millis(100);
+    let wait = (past - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+    tokio::time::sleep(wait.try_into().unwrap()).await;
+    let (ok, said) = mesh(&nats, &fixture, &["resume", "--agent", "a1"]).await;
+    assert!(ok, "{said}");
+
+    // The message within its ttl is delivered; the expired one never reaches the gateway.
+    let got = gw.wait_for(1, WAIT).await;
+    wait_until_settled(&js, "a1", WAIT).await;
+    let texts: Vec<String> = gw.requests().iter().map(|r| r.text().to_owned()).collect();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(got[0].text().contains("still wanted"), "{texts:?}");
+    let dead = mesh_tests::fixtures::dead_letters(&js).await;
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].0.reason.starts_with("expired"), "{:?}", dead[0].0);
+
+    let (_, said) = mesh(&nats, &fixture, &["dlq", "a1", "--json"]).await;
+    let reply: serde_json::Value = serde_json::from_str(said.lines().next().unwrap()).unwrap();
+    let entries = reply["data"].as_array().unwrap_or_else(|| panic!("{said}"));
+    assert_eq!(entries.len(), 1, "{said}");
+    assert!(entries[0]["reason"].as_str().unwrap().starts_with("expired: its time to live ended at "), "{said}");
+    assert_eq!(entries[0]["text"], "x");
+    let (_, table) = mesh(&nats, &fixture, &["dlq", "a1"]).await;
+    assert!(table.contains("expired"), "{table}");
+
+    // Replayed, it is a new message without the expiry, and it is delivered.
+    let (ok, said) = mesh(&nats, &fixture, &["dlq", "replay", "a1"]).await;
+    assert!(ok, "{said}");
+    let got = gw.wait_for(2, WAIT).await;
+    assert!(got[1].text().contains('x'), "{:?}", got[1].text());
+    let last = js.get_stream("MESH_AGENTS").await.unwrap().get_info().await.unwrap().state.last_sequence;
+    assert_eq!(stored(&js, last).await.expires_at, None);
+    listener.stop().await.unwrap();
+}
