@@ -73,6 +73,9 @@ pub enum Command {
         /// Address to listen on.
         #[arg(long, env = "MESH_BOT_ADDR", default_value = "127.0.0.1:8080")]
         addr: std::net::SocketAddr,
+        /// Seconds between two pings of the fleet for agent down/up notifications.
+        #[arg(long, env = "MESH_MONITOR_EVERY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        monitor_every_s: u64,
     },
     /// The mesh's MCP tools over stdio for an agent's MCP host: bridges to a listener's /mcp with the agent's MESH_TOKEN.
     Mcp {
@@ -400,7 +403,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let Args { nats_url, registry, json, command } = args;
     let args = Globals { nats_url, registry, json };
     let (command, options) = match command {
-        Command::Bot { addr } => return bot(&args, addr).await,
+        Command::Bot { addr, monitor_every_s } => return bot(&args, addr, Duration::from_secs(monitor_every_s)).await,
         Command::Mcp { url } => {
             crate::mcp_stdio::bridge(&url, &crate::mcp_stdio::token_from_env()?).await?;
             return Ok(ExitCode::SUCCESS);
@@ -595,7 +598,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
 }
 
 /// `mesh bot`: refuses to start on a broken permissions file.
-async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitCode> {
+async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration) -> anyhow::Result<ExitCode> {
     mesh_listener::logging::init();
     let settings = Settings::from_env()?;
     let permissions = crate::config::permissions_from_env()?;
@@ -606,7 +609,7 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr) -> anyhow::Result<ExitC
         slack: crate::config::slack_from_env()?,
         discord: crate::config::discord_from_env()?,
         redis_url: settings.redis_url,
-        monitor_every: Duration::from_secs(30),
+        monitor_every,
         docker: settings.docker,
         nats: settings.nats,
     };

@@ -138,9 +138,14 @@ pub async fn run(
         )?;
         if let Some(channel) = &slack.notify_channel {
             let (api, channel) = (api.clone(), channel.clone());
-            let post = move |reply| {
+            let post = move |note: crate::notify::Notification| {
                 let (api, channel) = (api.clone(), channel.clone());
-                async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
+                async move {
+                    api.post_with_fallback(&channel, &note.reply, None, Some(&note.text))
+                        .await
+                        .map(drop)
+                        .map_err(|e| crate::notify::PostFailure { retry_after: e.retry_after(), detail: e.to_string() })
+                }
             };
             // Slack allows about one post per second per channel.
             let relay = crate::notify::relay(js.clone(), "slack", NOTIFY_INTERVAL, stop.clone(), post);
@@ -181,6 +186,7 @@ pub async fn run(
         client.clone(),
         config.engine.registry_path.clone(),
         config.engine.allowed_hosts.clone(),
+        config.engine.replicas,
         config.monitor_every,
         stop.clone(),
     ));
@@ -237,9 +243,15 @@ fn discord_routes<S: Clone + Send + Sync + 'static>(
     }
     if let Some(channel) = &discord.notify_channel {
         let (api, channel) = (api.clone(), channel.clone());
-        let post = move |reply| {
+        let post = move |note: crate::notify::Notification| {
             let (api, channel) = (api.clone(), channel.clone());
-            async move { api.post(&channel, &reply, None).await.map(|_| ()).map_err(|e| e.to_string()) }
+            // The client waits out Discord's 429 `retry_after` itself.
+            async move {
+                api.post(&channel, &note.reply, None)
+                    .await
+                    .map(drop)
+                    .map_err(|e| crate::notify::PostFailure::new(e.to_string()))
+            }
         };
         // Well within Discord's five messages per five seconds in a channel.
         let relay = crate::notify::relay(js.clone(), "discord", NOTIFY_INTERVAL, stop.clone(), post);

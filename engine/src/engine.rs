@@ -267,6 +267,10 @@ pub struct Engine {
     mesh: Result<Arc<dyn Mesh>, String>,
     containers: Arc<dyn Containers>,
     confirmations: Mutex<Confirmations>,
+    /// Codes shared with the other bot replicas (none without NATS, or in tests).
+    shared_confirmations: Option<crate::confirm_store::SharedConfirmations>,
+    /// Requests already handled by any replica (none without NATS, or in tests).
+    fleet_dedup: Option<crate::fleet_dedup::FleetDedup>,
     limits: crate::limits::LimitStore,
     clock: Clock,
 }
@@ -307,8 +311,21 @@ impl Engine {
         client: async_nats::Client,
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
-        let mesh = NatsMesh::open(client, config.replicas).await?;
-        Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
+        let mesh = NatsMesh::open(client.clone(), config.replicas).await?;
+        let window = std::time::Duration::try_from(config.confirm.window).unwrap_or(std::time::Duration::from_secs(60));
+        let js = async_nats::jetstream::new(client);
+        let shared = crate::confirm_store::SharedConfirmations::open(&js, window, config.replicas)
+            .await
+            .inspect_err(|e| warn!(error = %e, "confirmation codes stay on this replica"))
+            .ok();
+        let dedup = crate::fleet_dedup::FleetDedup::open(&js, limits.config().dedup_ttl, config.replicas)
+            .await
+            .inspect_err(|e| warn!(error = %e, "request dedup stays on this replica (and Redis when set)"))
+            .ok();
+        let mut engine = Self::with_mesh(config, Ok(Arc::new(mesh)), limits);
+        engine.shared_confirmations = shared;
+        engine.fleet_dedup = dedup;
+        Ok(engine)
     }
 
     /// An engine on any [`Mesh`] (a fake in tests), or with none: `Err`
@@ -322,7 +339,8 @@ impl Engine {
     ) -> Self {
         let confirmations = Mutex::new(Confirmations::new(config.confirm));
         let clock: Clock = Arc::new(OffsetDateTime::now_utc);
-        Self { config, mesh, containers: Arc::new(NoContainers), confirmations, limits, clock }
+        let containers = Arc::new(NoContainers);
+        Self { config, mesh, containers, confirmations, shared_confirmations: None, fleet_dedup: None, limits, clock }
     }
 
     /// An engine with no mesh (NATS cannot be reached, or does not exist yet).
@@ -345,6 +363,20 @@ impl Engine {
     /// Rate limits and retry dedup.
     pub fn limits(&self) -> &crate::limits::LimitStore {
         &self.limits
+    }
+
+    /// True the first time any bot replica sees `key` (a platform's id of a
+    /// request) within the dedup TTL: this process's memory, then Redis when
+    /// set, then the NATS dedup bucket, so a request handed to every replica
+    /// runs once with or without Redis.
+    pub async fn first_in_fleet(&self, key: &str) -> bool {
+        if !self.limits.seen_once(key).await {
+            return false;
+        }
+        match &self.fleet_dedup {
+            Some(dedup) => dedup.first(key).await,
+            None => true,
+        }
     }
 
     fn mesh(&self) -> Result<&dyn Mesh, CommandError> {
@@ -400,7 +432,17 @@ impl Engine {
             Err(refused) => return refused,
         };
         if command.needs_confirmation() {
+            let parked = command.clone();
             let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
+            if let Some(shared) = &self.shared_confirmations {
+                let action = crate::command::PendingAction {
+                    command: parked,
+                    requested_by: request.who.clone(),
+                    requested_at: now,
+                    expires_at: challenge.expires_at,
+                };
+                shared.share(&challenge.code, &action).await;
+            }
             let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
             return Handled {
@@ -409,7 +451,7 @@ impl Engine {
             };
         }
         let command = match command {
-            Command::Confirm { code } => match self.confirm(&request.who, role, &code, now) {
+            Command::Confirm { code } => match self.confirm(&request.who, role, &code, now).await {
                 Ok(action) => action.command,
                 Err(e) => {
                     let reply = Reply::error(e.to_string()).ephemeral();
@@ -435,15 +477,35 @@ impl Engine {
         }
     }
 
-    /// Takes a pending action (the lock is released before anything awaits).
-    fn confirm(
+    /// Takes a pending action (the lock is released before anything awaits):
+    /// one this replica issued, or one another replica shared; a shared one
+    /// runs on the replica whose delete from the bucket lands, nowhere else.
+    /// Without the bucket (NATS trouble) a code works on its own replica only.
+    async fn confirm(
         &self,
         who: &Identity,
         role: Option<crate::command::Role>,
         code: &str,
         now: OffsetDateTime,
     ) -> Result<crate::command::PendingAction, crate::command::ConfirmError> {
-        self.lock_confirmations().confirm(who, role, code, now)
+        let (Some(shared), Some(code)) = (&self.shared_confirmations, crate::command::confirm::normalize_code(code))
+        else {
+            return self.lock_confirmations().confirm(who, role, code, now);
+        };
+        let found = shared.fetch(&code).await;
+        match &found {
+            Ok(Some((action, _))) => self.lock_confirmations().adopt(&code, action.clone()),
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "shared confirmation codes unreadable; this replica's codes only"),
+        }
+        let action = self.lock_confirmations().confirm(who, role, &code, now)?;
+        let taken_here = match found {
+            Ok(Some((_, revision))) => shared.take(&code, revision).await,
+            // Shared by this replica and gone from the bucket: another replica ran it.
+            Ok(None) => !shared.wrote(&code),
+            Err(_) => true,
+        };
+        if taken_here { Ok(action) } else { Err(crate::command::ConfirmError::Unknown(code)) }
     }
 
     fn lock_confirmations(&self) -> std::sync::MutexGuard<'_, Confirmations> {

@@ -175,7 +175,18 @@ impl NatsMesh {
 
 impl Mesh for NatsMesh {
     fn deliver<'a>(&'a self, prepared: &'a Prepared) -> BoxFuture<'a, Result<Receipt, MeshError>> {
-        Box::pin(async move { Ok(crate::publish::deliver(&self.js, prepared).await?) })
+        Box::pin(async move {
+            let receipt = crate::publish::deliver(&self.js, prepared).await?;
+            if matches!(prepared.envelope.to, mesh_protocol::Recipient::Broadcast) && !receipt.duplicate {
+                // Announced in the chat channels too; the message id keeps a retried broadcast to one post.
+                let envelope = &prepared.envelope;
+                let text =
+                    format!("broadcast from {} to {} agents: {}", envelope.from, receipt.recipients, envelope.text);
+                let event = mesh_protocol::event::Event::now(mesh_protocol::event::EventKind::Broadcast, text);
+                crate::events::publish_once(&self.js, &event, &format!("broadcast:{}", envelope.id)).await;
+            }
+            Ok(receipt)
+        })
     }
 
     fn ask<'a>(

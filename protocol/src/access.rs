@@ -174,6 +174,8 @@ pub fn bot() -> Access {
             .into_iter()
             .chain(layout::all_streams(1).into_iter().flat_map(|s| s.subjects))
             .chain([Subject::HealthPing.to_string()])
+            // The replicas' shared state: fleet events, confirmation codes, handled requests.
+            .chain(layout::BOT_BUCKETS.iter().map(|bucket| format!("$KV.{bucket}.>")))
             .collect(),
         publish_deny: vec![format!("{JS_API}.STREAM.DELETE.>"), format!("{JS_API}.STREAM.PURGE.>")],
         subscribe: vec![
@@ -262,6 +264,14 @@ mod tests {
         );
         assert_eq!(with.subscribe, without.subscribe, "no new subscription");
         assert!(with.publish.iter().all(|s| !s.contains("CREATE") && !s.contains("UPDATE") && !s.contains("DELETE")));
+    }
+
+    #[test]
+    fn the_bot_writes_the_replicas_shared_buckets() {
+        let access = bot();
+        for bucket in ["mesh_fleet", "mesh_confirm", "mesh_dedup"] {
+            assert!(access.publish.contains(&format!("$KV.{bucket}.>")), "{bucket}: {:?}", access.publish);
+        }
     }
 
     #[test]

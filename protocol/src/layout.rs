@@ -153,6 +153,15 @@ pub fn events_stream(replicas: usize) -> StreamSpec {
     }
 }
 
+/// The bot replicas' bucket of the state last announced per agent (fleet monitor).
+pub const FLEET_BUCKET: &str = "mesh_fleet";
+/// The bot replicas' bucket of pending confirmation codes.
+pub const CONFIRM_BUCKET: &str = "mesh_confirm";
+/// The bot replicas' bucket of chat requests already handled.
+pub const DEDUP_BUCKET: &str = "mesh_dedup";
+/// The buckets the bot replicas share state in (besides the kill switch).
+pub const BOT_BUCKETS: [&str; 3] = [FLEET_BUCKET, CONFIRM_BUCKET, DEDUP_BUCKET];
+
 /// Every stream of the mesh.
 pub fn all_streams(replicas: usize) -> Vec<StreamSpec> {
     vec![

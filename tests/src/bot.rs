@@ -62,6 +62,11 @@ impl BotProcess {
         bot
     }
 
+    /// Waits until the bot has printed `needle` (see [`Logged::wait_for_output`]).
+    pub async fn wait_for_output(&self, needle: &str, timeout: Duration) -> Result<(), String> {
+        self.process.wait_for_output(needle, timeout).await
+    }
+
     /// Panics when the process has exited.
     pub fn assert_running(&mut self) {
         assert!(self.process.child.try_wait().expect("process state").is_none(), "mesh bot exited");

@@ -45,6 +45,7 @@ struct Inner {
     failure_rate: f64,
     rng_state: u64,
     bodies: std::collections::BTreeMap<String, serde_json::Value>,
+    retry_after: Option<u64>,
 }
 
 /// A recording gateway; serves until the test's runtime ends.
@@ -97,6 +98,11 @@ impl RecordingGateway {
     /// Answers requests to `path` with this JSON body (a Slack API recorder, say).
     pub fn respond_with(&self, path: &str, body: serde_json::Value) {
         self.lock().bodies.insert(path.to_owned(), body);
+    }
+
+    /// Sends `Retry-After: secs` with every 429 it answers (Slack's rate limit).
+    pub fn set_retry_after(&self, secs: u64) {
+        self.lock().retry_after = Some(secs);
     }
 
     /// Requests to one path.
@@ -152,7 +158,7 @@ impl RecordingGateway {
     }
 }
 
-type Answer = (StatusCode, [(axum::http::header::HeaderName, &'static str); 1], String);
+type Answer = (StatusCode, HeaderMap, String);
 
 async fn record(
     State(gw): State<RecordingGateway>,
@@ -161,7 +167,8 @@ async fn record(
     headers: HeaderMap,
     body: Bytes,
 ) -> Answer {
-    let json = [(axum::http::header::CONTENT_TYPE, "application/json")];
+    let mut json = HeaderMap::new();
+    json.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
     // Health checks are answered but not recorded: tests count deliveries.
     if method == Method::GET && uri.path() == "/health" {
         return (StatusCode::OK, json, "{}".to_owned());
@@ -184,6 +191,9 @@ async fn record(
             None if inner.failure_rate > 0.0 && next_unit(&mut inner.rng_state) < inner.failure_rate => 500,
             None => 200,
         };
+        if let (429, Some(secs)) = (status, inner.retry_after) {
+            json.insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(secs));
+        }
         recorded.status = status;
         inner.requests.push(recorded);
         (status, inner.delay, inner.chat_reply.clone())

@@ -513,3 +513,81 @@ async fn the_gateway_client_runs_message_commands_once_across_resumes_and_a_new_
     assert!(logs.contains("discord gateway ready"), "the handler saw READY");
     assert!(!logs.contains(BOT_TOKEN), "the bot token leaked into the bot's logs");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_command_reaching_two_replicas_runs_once_without_redis() {
+    use mesh_tests::discord_gateway::FakeDiscordGateway;
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let gateway = FakeDiscordGateway::start().await;
+    let rest = RecordingGateway::start().await;
+    gateway.announce_on(&rest);
+    let replies = format!("{API}/channels/22/messages");
+    rest.respond_with(&replies, json!({"id": "555", "channel_id": "22"}));
+    // Two replicas with one bot token: Discord hands every message to each replica's session.
+    let a = Bot::start_with(&nats, &fixture, &[("DISCORD_GATEWAY", "on")], rest.clone()).await;
+    let first = gateway.accept().await;
+    first.ready("session-a", APP);
+    let b = Bot::start_with(&nats, &fixture, &[("DISCORD_GATEWAY", "on")], rest.clone()).await;
+    let second = gateway.accept().await;
+    second.ready("session-b", APP);
+    for session in [&first, &second] {
+        let message = serde_json::to_value(gateway_message(11, 5, &[100], "!mesh send nova hello")).unwrap();
+        session.dispatch("MESSAGE_CREATE", message);
+    }
+    assert_eq!(nova.wait_for(1, WAIT).await[0].text(), "[mesh] Message from discord:5: hello");
+    // One replica runs it and the other says it was a duplicate, or (the fault) both run it.
+    const DUPLICATE: &str = "duplicate discord message ignored";
+    tokio::select! {
+        _ = nova.wait_for(2, WAIT) => {}
+        _ = a.process.wait_for_output(DUPLICATE, WAIT) => {}
+        _ = b.process.wait_for_output(DUPLICATE, WAIT) => {}
+    }
+    let js = nats.jetstream().await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(nova.requests().len(), 1, "the command ran on one replica only");
+    assert_eq!(rest.wait_for_path(&replies, 1, WAIT).await.len(), 1, "one answer in the channel");
+    listener.stop().await.unwrap();
+    drop((a.logs().await, b.logs().await));
+}
+
+#[tokio::test]
+async fn long_output_continues_in_follow_up_messages() {
+    let discord = RecordingGateway::start().await;
+    let channel = format!("{API}/channels/22/messages");
+    discord.respond_with(&channel, json!({"id": "555", "channel_id": "22"}));
+    let api = DiscordApi::new(
+        &format!("http://{}{API}", discord.addr),
+        Some(mesh_protocol::Secret::new(BOT_TOKEN)),
+        Some(APP.into()),
+    )
+    .unwrap();
+    let lines: Vec<String> = (0..200).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+    let reply = mesh_bot::command::Reply::info("ada replied").with_lines(None, lines);
+
+    // In a channel: each message answers the one before, so they read as one thread.
+    assert_eq!(api.post("22", &reply, Some("11")).await.unwrap(), "555");
+    let posts = discord.requests_to(&channel);
+    assert!(posts.len() >= 4, "{} messages", posts.len());
+    assert_eq!(posts[0].body["message_reference"]["message_id"], "11");
+    assert!(posts[1..].iter().all(|p| p.body["message_reference"]["message_id"] == "555"));
+    // An interaction: the original answer, then follow-ups.
+    api.edit_original(APP, "itok-long", &reply).await.unwrap();
+    let edits = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-long/messages/@original"));
+    let follow_ups = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-long"));
+    assert_eq!((edits.len(), follow_ups.len()), (1, posts.len() - 1));
+    for sent in [posts, [edits, follow_ups].concat()] {
+        let all: String = sent.iter().map(|p| p.body["embeds"].to_string()).collect();
+        for i in 0..200 {
+            assert_eq!(all.matches(&format!("line {i:05} ")).count(), 1, "line {i} sent once");
+        }
+        assert!(!all.contains("(truncated)"));
+    }
+    // An answer only its asker sees stays so in its follow-ups.
+    api.edit_original(APP, "itok-private", &reply.clone().ephemeral()).await.unwrap();
+    let follow_ups = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-private"));
+    assert!(!follow_ups.is_empty());
+    assert!(follow_ups.iter().all(|p| p.body["flags"] == 64), "ephemeral follow-ups");
+}

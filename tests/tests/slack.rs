@@ -487,3 +487,107 @@ async fn socket_mode_reconnects_after_a_disconnect_and_a_dropped_connection_and_
         assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
     }
 }
+
+/// Waits until the bot's notifications relay follows the events stream.
+async fn relay_following(bot: &Bot) {
+    bot.process.wait_for_output("notifications relay following events", WAIT).await.unwrap();
+}
+
+async fn broadcast(nats: &TestNats, fixture: &Fixture, text: &str) {
+    let sent = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(["broadcast", text])
+        .output()
+        .await
+        .unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+}
+
+#[tokio::test]
+async fn a_rate_limited_notification_is_posted_after_retry_after() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let bot = Bot::start_with(&nats, &fixture, &[("SLACK_NOTIFY_CHANNEL", "CNOTIFY")]).await;
+    relay_following(&bot).await;
+    bot.slack.set_retry_after(2);
+    bot.slack.script([429]);
+    broadcast(&nats, &fixture, "maintenance tonight").await;
+    let posts = bot.slack.wait_for_path(POST_MESSAGE, 2, WAIT).await;
+    assert_eq!((posts[0].status, posts[1].status), (429, 200));
+    let waited = posts[1].at - posts[0].at;
+    assert!(waited >= Duration::from_secs(2), "Retry-After: 2 was waited out ({waited:?})");
+    assert_eq!(posts[0].body, posts[1].body, "the same notification, posted again");
+    let text = posts[1].body["text"].as_str().unwrap();
+    assert!(text.contains("maintenance tonight") && text.starts_with("broadcast from"), "fallback text: {text}");
+    drop(bot.logs().await);
+}
+
+#[tokio::test]
+async fn events_while_the_bot_is_down_are_posted_once_it_starts() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let env = [("SLACK_NOTIFY_CHANNEL", "CNOTIFY")];
+    let bot = Bot::start_with(&nats, &fixture, &env).await;
+    relay_following(&bot).await;
+    drop(bot.logs().await);
+    broadcast(&nats, &fixture, "while the bot restarts").await;
+    let bot = Bot::start_with(&nats, &fixture, &env).await;
+    let posts = bot.slack.wait_for_path(POST_MESSAGE, 1, WAIT).await;
+    assert!(posts[0].body["blocks"].to_string().contains("while the bot restarts"), "{}", posts[0].body);
+    drop(bot.logs().await);
+}
+
+#[tokio::test]
+async fn a_long_ask_answer_is_split_over_thread_posts() {
+    let nats = TestNats::start().await;
+    let ada = RecordingGateway::start().await;
+    let lines: Vec<String> = (0..250).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+    ada.set_chat_reply(&lines.join("\n"));
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "ada": {"gateway": ada.addr.to_string(), "gateway_token": "ada-gateway-token", "hooks_token": "ada-hook-token",
+                "hooks_url": ada.hooks_url(), "delivery": "chat", "model": "m"},
+    }));
+    let listener = ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
+    let bot = Bot::start(&nats, &fixture).await;
+    let (status, _) = bot.command("UOPS", "ask ada tell me everything", 1).await;
+    assert_eq!(status, 200);
+    // The "asked" post, then the answer in its thread over three posts at least.
+    let posts = bot.slack.wait_for_path(POST_MESSAGE, 4, WAIT).await;
+    let answer = &posts[1..];
+    let mut all = String::new();
+    for post in answer {
+        assert_eq!(post.body["thread_ts"], "1700000000.000100", "every part goes in the ask's thread");
+        let blocks = post.body["blocks"].as_array().unwrap();
+        assert!(blocks.len() <= 50, "{} blocks", blocks.len());
+        assert!(post.body.to_string().chars().count() < 40_000);
+        all.push_str(&post.body["blocks"].to_string());
+    }
+    for i in 0..250 {
+        assert_eq!(all.matches(&format!("line {i:05} ")).count(), 1, "line {i} posted once: {answer:?}");
+    }
+    assert!(!all.contains("(truncated)"));
+    listener.stop().await.unwrap();
+    drop(bot.logs().await);
+}
+
+#[tokio::test]
+async fn a_failed_follow_up_is_retried_then_sent_as_plain_text() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let listener = ListenerHandle::one(&fixture, &nats, "nova");
+    let bot = Bot::start(&nats, &fixture).await;
+    // Slack refuses the follow-up twice (blocks it will not take, say).
+    bot.slack.script([500, 500]);
+    let (status, _) = bot.command("UOPS", "send nova <hi>", 1).await;
+    assert_eq!(status, 200);
+    let follow = bot.slack.wait_for_path("/commands/T1/1/abc", 3, WAIT).await;
+    assert_eq!(follow.iter().map(|r| r.status).collect::<Vec<_>>(), [500, 500, 200]);
+    assert_eq!(follow[0].body, follow[1].body, "tried again as it was");
+    assert!(follow[2].body["blocks"].is_null(), "then in plain text: {}", follow[2].body);
+    let text = follow[2].body["text"].as_str().unwrap();
+    assert!(text.starts_with("sent to nova") && text.contains("message id"), "{text}");
+    listener.stop().await.unwrap();
+    drop(bot.logs().await);
+}

@@ -107,7 +107,8 @@ impl DiscordApi {
     /// (the edit then meets 404 Unknown Message): that is tried again shortly.
     pub async fn edit_original(&self, application_id: &str, token: &str, reply: &Reply) -> Result<(), DiscordApiError> {
         let path = format!("/webhooks/{application_id}/{token}/messages/@original");
-        let body = render_discord::render(reply);
+        let mut messages = render_discord::render_messages(reply).into_iter();
+        let body = messages.next().unwrap_or_else(|| render_discord::render(reply));
         let mut attempt = 1;
         loop {
             let sent = self.send("editing the interaction answer", reqwest::Method::PATCH, &path, body.clone(), false);
@@ -116,29 +117,58 @@ impl DiscordApi {
                     tokio::time::sleep(EDIT_RETRY_AFTER * attempt).await;
                     attempt += 1;
                 }
-                result => return result.map(drop),
+                result => {
+                    result?;
+                    break;
+                }
             }
         }
+        // What one message cannot hold continues in follow-ups.
+        self.follow_up_messages(application_id, token, messages, reply.ephemeral).await
     }
 
-    /// Sends a follow-up message to an interaction (an `ask` answer).
+    /// Sends a follow-up message to an interaction (an `ask` answer), in several when long.
     pub async fn follow_up(&self, application_id: &str, token: &str, reply: &Reply) -> Result<(), DiscordApiError> {
+        self.follow_up_messages(application_id, token, render_discord::render_messages(reply), reply.ephemeral).await
+    }
+
+    async fn follow_up_messages(
+        &self,
+        application_id: &str,
+        token: &str,
+        messages: impl IntoIterator<Item = Value>,
+        ephemeral: bool,
+    ) -> Result<(), DiscordApiError> {
         let path = format!("/webhooks/{application_id}/{token}");
-        self.send("the interaction follow-up", reqwest::Method::POST, &path, render_discord::render(reply), false)
-            .await
-            .map(drop)
+        for mut body in messages {
+            // A follow-up is public unless flagged, whatever the deferred answer was.
+            if ephemeral {
+                body["flags"] = json!(render_discord::EPHEMERAL_FLAG);
+            }
+            self.send("the interaction follow-up", reqwest::Method::POST, &path, body, false).await?;
+        }
+        Ok(())
     }
 
     /// Posts `reply` in a channel (or thread), as an answer to `reply_to` when
     /// given; returns the new message's id.
+    /// A long reply is several messages, each after the one before.
     pub async fn post(&self, channel: &str, reply: &Reply, reply_to: Option<&str>) -> Result<String, DiscordApiError> {
-        let mut body = render_discord::render(reply);
-        if let Some(message) = reply_to {
-            body["message_reference"] = json!({"message_id": message, "fail_if_not_exists": false});
-        }
         let path = format!("/channels/{channel}/messages");
-        let answer = self.send("posting to the channel", reqwest::Method::POST, &path, body, true).await?;
-        Ok(answer["id"].as_str().unwrap_or_default().to_owned())
+        let mut first = None;
+        let mut reply_to = reply_to.map(str::to_owned);
+        for mut body in render_discord::render_messages(reply) {
+            if let Some(message) = &reply_to {
+                body["message_reference"] = json!({"message_id": message, "fail_if_not_exists": false});
+            }
+            let answer = self.send("posting to the channel", reqwest::Method::POST, &path, body, true).await?;
+            let id = answer["id"].as_str().unwrap_or_default().to_owned();
+            if !id.is_empty() {
+                reply_to = Some(id.clone());
+            }
+            first.get_or_insert(id);
+        }
+        Ok(first.unwrap_or_default())
     }
 
     /// Creates or updates the global `/mesh` command. Discord treats a create

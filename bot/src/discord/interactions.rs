@@ -207,7 +207,7 @@ pub async fn handle(
     // The id comes from the signed body and is unique per interaction, so a
     // replay runs once however its signature header is spelled (upper-case
     // hex, a leading `+`) and whatever timestamp it was re-signed with.
-    if !state.engine.limits().seen_once(&format!("discord:interaction:{interaction_id}")).await {
+    if !state.engine.first_in_fleet(&format!("discord:interaction:{interaction_id}")).await {
         info!(user = %request.who.key(), "duplicate discord interaction ignored");
         let data = json!({"content": "duplicate request ignored (already handled)",
                           "flags": render_discord::EPHEMERAL_FLAG, "allowed_mentions": {"parse": []}});

@@ -51,7 +51,7 @@ pub async fn answer(engine: &Engine, api: &DiscordApi, message: &Message) -> Res
     let Some(request) = message_request(message) else {
         return Ok(Answered::Ignored);
     };
-    if !engine.limits().seen_once(&format!("discord-message:{}", message.id)).await {
+    if !engine.first_in_fleet(&format!("discord-message:{}", message.id)).await {
         info!(user = %request.who.key(), "duplicate discord message ignored");
         return Ok(Answered::Duplicate);
     }

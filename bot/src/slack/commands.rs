@@ -95,7 +95,7 @@ pub(super) async fn start(state: &SlackState, command: SlashCommand, dedup_key: 
         warn!("slash command with a response_url outside the allowed prefix");
         return Err(Refused::ForeignResponseUrl);
     }
-    if !state.engine.limits().seen_once(dedup_key).await {
+    if !state.engine.first_in_fleet(dedup_key).await {
         info!(user = %command.user_id, "duplicate slack request ignored");
         return Ok("duplicate request ignored (already handled)".to_owned());
     }

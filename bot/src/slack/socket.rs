@@ -28,7 +28,10 @@ pub async fn serve(
     let callbacks = SlackSocketModeListenerCallbacks::new().with_command_events(on_command);
     let listener = SlackClientSocketModeListener::new(&SlackClientSocketModeConfig::new(), environment, callbacks);
     let token = SlackApiToken::new(SlackApiTokenValue(app_token.expose().to_owned()));
-    listener.listen_for(&token).await.map_err(|e| SlackApiError::Post(format!("socket mode: {e}")))?;
+    tokio::time::timeout(super::api::CALL_TIMEOUT, listener.listen_for(&token))
+        .await
+        .map_err(|_| SlackApiError::TimedOut(super::api::CALL_TIMEOUT))?
+        .map_err(|e| SlackApiError::Post(format!("socket mode: {e}")))?;
     listener.start().await;
     info!("slack socket mode connected");
     stop.cancelled().await;

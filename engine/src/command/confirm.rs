@@ -234,6 +234,16 @@ impl Confirmations {
         Ok(code)
     }
 
+    /// Holds `action` under `code` unless that code is pending here already:
+    /// a code another bot replica issued, so [`Confirmations::confirm`]
+    /// applies the same rules to it. A malformed code is ignored.
+    pub fn adopt(&mut self, code: &str, action: PendingAction) {
+        let Some(code) = normalize_code(code) else { return };
+        if !self.pending.contains_key(&code) && self.pending.len() < MAX_PENDING {
+            self.pending.insert(code, action);
+        }
+    }
+
     /// Drops every action whose code has expired; returns how many.
     pub fn collect_garbage(&mut self, now: OffsetDateTime) -> usize {
         let before = self.pending.len();

@@ -38,6 +38,16 @@ pub fn colour(tone: Tone) -> u32 {
 /// A message body for a channel post or a webhook edit: `embeds` and empty
 /// `allowed_mentions` (and no `content`, so nothing in it can mention anyone).
 pub fn render(reply: &Reply) -> Value {
+    let (title, descriptions) = parts(reply, false);
+    json!({
+        "embeds": embeds(reply.tone, title, descriptions),
+        "allowed_mentions": {"parse": []},
+    })
+}
+
+/// The title and the description parts of a reply; with `split`, a line too
+/// long for one part is split over several instead of cut.
+fn parts(reply: &Reply, split: bool) -> (String, Vec<String>) {
     let title_text = escape(&reply.title);
     let mut descriptions = Vec::new();
     let title = if chars(&title_text) > MAX_TITLE_CHARS {
@@ -50,7 +60,12 @@ pub fn render(reply: &Reply) -> Value {
     for section in &reply.sections {
         match section {
             Section::Text { heading, lines } => {
-                let lines: Vec<String> = lines.iter().map(|l| escape(l)).collect();
+                let escaped = lines.iter().map(|l| escape(l));
+                let lines: Vec<String> = if split {
+                    escaped.flat_map(|l| split_line(&l, MAX_LINE_PIECE)).collect()
+                } else {
+                    escaped.collect()
+                };
                 descriptions.extend(chunks(heading.as_deref(), &lines, "", ""));
             }
             Section::Table { heading, columns, rows } => {
@@ -58,10 +73,70 @@ pub fn render(reply: &Reply) -> Value {
             }
         }
     }
-    json!({
-        "embeds": embeds(reply.tone, title, descriptions),
-        "allowed_mentions": {"parse": []},
-    })
+    (title, descriptions)
+}
+
+/// Longest piece of a split line, in characters.
+const MAX_LINE_PIECE: usize = 2000;
+/// Most description characters packed into one message of a split reply
+/// (under [`MAX_MESSAGE_CHARS`] with the title and the part note).
+const MESSAGE_ROOM: usize = MAX_MESSAGE_CHARS - MAX_TITLE_CHARS - 2 * NOTE_ROOM;
+
+/// The reply as one or more messages: what [`render`] would cut continues
+/// in the next message (titled "(part 2 of 3)"), so a long answer arrives
+/// whole. One message is [`render`]'s body.
+pub fn render_messages(reply: &Reply) -> Vec<Value> {
+    let whole = render(reply);
+    if !whole.to_string().contains(TRUNCATED) {
+        return vec![whole];
+    }
+    let (title, descriptions) = parts(reply, true);
+    let mut groups: Vec<Vec<String>> = vec![Vec::new()];
+    let mut size = 0;
+    for part in descriptions {
+        let current = groups.last().map_or(0, Vec::len);
+        if current > 0 && (current == MAX_EMBEDS || size + 2 + chars(&part) > MESSAGE_ROOM) {
+            groups.push(Vec::new());
+            size = 0;
+        }
+        size += 2 + chars(&part);
+        if let Some(group) = groups.last_mut() {
+            group.push(part);
+        }
+    }
+    let count = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, group)| {
+            let note = format!(" (part {} of {count})", i + 1);
+            let title = format!("{}{note}", fit(&title, MAX_TITLE_CHARS - chars(&note)));
+            json!({"embeds": embeds(reply.tone, title, group), "allowed_mentions": {"parse": []}})
+        })
+        .collect()
+}
+
+/// Splits an escaped line into pieces of at most `max` characters, at a
+/// space when one is near the end, never right after an escaping backslash.
+fn split_line(line: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while chars(rest) > max {
+        let end = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
+        let mut cut = &rest[..end];
+        if let Some(space) = cut.rfind(' ')
+            && space > cut.len() * 4 / 5
+        {
+            cut = &cut[..space + 1];
+        }
+        while cut.len() > 1 && cut.ends_with('\\') {
+            cut = &cut[..cut.len() - 1];
+        }
+        out.push(cut.to_owned());
+        rest = &rest[cut.len()..];
+    }
+    out.push(rest.to_owned());
+    out
 }
 
 /// The `data` of an interaction answer: the message body, with the ephemeral
@@ -306,6 +381,37 @@ mod tests {
         let text: String = embeds.iter().map(|e| e["description"].as_str().unwrap()).collect::<Vec<_>>().join("\n");
         assert_eq!(text.lines().filter(|l| l.starts_with("line ")).count(), 250, "nothing lost when it fits");
         assert!(!text.contains(TRUNCATED));
+    }
+
+    #[test]
+    fn long_output_continues_in_more_messages() {
+        let mut lines: Vec<String> = (0..300).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+        lines.push(format!("{} *end*", "y".repeat(5000)));
+        let reply = Reply::info("ada replied").with_lines(None, lines);
+        let messages = render_messages(&reply);
+        assert!(messages.len() >= 6, "{} messages", messages.len());
+        let mut all = String::new();
+        for (i, message) in messages.iter().enumerate() {
+            let embeds = message["embeds"].as_array().unwrap();
+            assert!(embeds.len() <= MAX_EMBEDS);
+            let size: usize = embeds
+                .iter()
+                .map(|e| chars(e["title"].as_str().unwrap_or("")) + chars(e["description"].as_str().unwrap_or("")))
+                .sum();
+            assert!(size <= MAX_MESSAGE_CHARS, "message {i}: {size} characters");
+            assert!(embeds.iter().all(|e| chars(e["description"].as_str().unwrap_or("")) <= MAX_DESCRIPTION_CHARS));
+            assert!(!message.to_string().contains(TRUNCATED), "message {i} was cut");
+            assert_eq!(message["allowed_mentions"], json!({"parse": []}));
+            all.push_str(&message.to_string());
+        }
+        for i in 0..300 {
+            assert_eq!(all.matches(&format!("line {i:05} ")).count(), 1, "line {i}");
+        }
+        assert_eq!(all.matches('y').count(), 5000, "the long line whole");
+        assert!(all.contains(r"\\*end\\*"), "escapes are never split");
+        assert_eq!(messages[1]["embeds"][0]["title"], format!("ada replied (part 2 of {})", messages.len()));
+        let short = Reply::info("ok").with_lines(None, ["short"]);
+        assert_eq!(render_messages(&short), vec![render(&short)]);
     }
 
     #[test]

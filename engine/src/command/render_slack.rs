@@ -16,6 +16,12 @@ pub const MAX_BLOCKS: usize = 50;
 pub const MAX_CELL_CHARS: usize = 80;
 /// What marks a cut.
 pub const TRUNCATED: &str = "… (truncated)";
+/// Most characters of block text in one post of a message split by
+/// [`render_posts`]: well inside what `chat.postMessage` accepts (its `text`
+/// is cut past 40,000 characters, and large block payloads are refused).
+pub const MAX_POST_CHARS: usize = 12_000;
+/// Most blocks in one post of a split message (Slack allows 50).
+pub const MAX_POST_BLOCKS: usize = 20;
 
 /// The message payload: `response_type`, a fallback `text` and `blocks`.
 pub fn render(reply: &Reply) -> Value {
@@ -27,17 +33,7 @@ pub fn render(reply: &Reply) -> Value {
     };
     let title = fit(&escape(&reply.title), MAX_SECTION_CHARS - emoji.len() - 2);
     let mut texts = vec![format!("{emoji}*{title}*")];
-    for section in &reply.sections {
-        match section {
-            Section::Text { heading, lines } => {
-                let lines: Vec<String> = lines.iter().map(|l| escape(l)).collect();
-                texts.extend(chunks(heading.as_deref(), &lines, "", ""));
-            }
-            Section::Table { heading, columns, rows } => {
-                texts.extend(chunks(heading.as_deref(), &table(columns, rows), "```\n", "\n```"));
-            }
-        }
-    }
+    texts.extend(section_texts(reply, false));
     let mut blocks: Vec<Value> = texts.into_iter().map(section).collect();
     if blocks.len() > MAX_BLOCKS {
         blocks.truncate(MAX_BLOCKS - 1);
@@ -48,6 +44,103 @@ pub fn render(reply: &Reply) -> Value {
         "text": title,
         "blocks": blocks,
     })
+}
+
+/// The section texts of the reply's body; with `split`, a line too long for
+/// one section is split over several instead of cut.
+fn section_texts(reply: &Reply, split: bool) -> Vec<String> {
+    let mut texts = Vec::new();
+    for section in &reply.sections {
+        match section {
+            Section::Text { heading, lines } => {
+                let escaped = lines.iter().map(|l| escape(l));
+                let lines: Vec<String> = if split {
+                    escaped.flat_map(|l| split_line(&l, MAX_SECTION_CHARS / 2)).collect()
+                } else {
+                    escaped.collect()
+                };
+                texts.extend(chunks(heading.as_deref(), &lines, "", ""));
+            }
+            Section::Table { heading, columns, rows } => {
+                texts.extend(chunks(heading.as_deref(), &table(columns, rows), "```\n", "\n```"));
+            }
+        }
+    }
+    texts
+}
+
+/// The reply as one or more messages for `chat.postMessage`, each within
+/// [`MAX_POST_BLOCKS`] blocks and [`MAX_POST_CHARS`] characters: nothing is
+/// cut but table cells; long lines are split and what does not fit in one
+/// post continues in the next, marked "(part 2 of 3)". One message is
+/// [`render`]'s payload.
+pub fn render_posts(reply: &Reply) -> Vec<Value> {
+    let first = render(reply);
+    let texts = section_texts(reply, true);
+    let fits = texts.len() < MAX_POST_BLOCKS && texts.iter().map(|t| chars(t)).sum::<usize>() <= MAX_POST_CHARS;
+    if fits && !first.to_string().contains(TRUNCATED) {
+        return vec![first];
+    }
+    let mut posts: Vec<Vec<String>> = vec![Vec::new()];
+    let mut size = 0;
+    for text in texts {
+        let current = posts.last().map_or(0, Vec::len);
+        if current > 0 && (current + 2 > MAX_POST_BLOCKS || size + chars(&text) > MAX_POST_CHARS) {
+            posts.push(Vec::new());
+            size = 0;
+        }
+        size += chars(&text);
+        if let Some(post) = posts.last_mut() {
+            post.push(text);
+        }
+    }
+    let count = posts.len();
+    let title = first["text"].as_str().unwrap_or_default().to_owned();
+    posts
+        .into_iter()
+        .enumerate()
+        .map(|(i, texts)| {
+            let mut blocks = Vec::with_capacity(texts.len() + 1);
+            if i == 0 {
+                blocks.push(first["blocks"][0].clone());
+            } else {
+                let part = format!("(part {} of {count})", i + 1);
+                blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": part}]}));
+            }
+            blocks.extend(texts.into_iter().map(section));
+            json!({
+                "response_type": first["response_type"],
+                "text": format!("{title} (part {} of {count})", i + 1),
+                "blocks": blocks,
+            })
+        })
+        .collect()
+}
+
+/// Splits an escaped line into pieces of at most `max` characters, at a
+/// space when one is near the end, never inside an entity (`&amp;`).
+fn split_line(line: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while chars(rest) > max {
+        let end = rest.char_indices().nth(max).map_or(rest.len(), |(i, _)| i);
+        let mut cut = &rest[..end];
+        if let Some(amp) = cut.rfind('&')
+            && !cut[amp..].contains(';')
+            && amp > 0
+        {
+            cut = &cut[..amp];
+        }
+        if let Some(space) = cut.rfind(' ')
+            && space > cut.len() * 4 / 5
+        {
+            cut = &cut[..space + 1];
+        }
+        out.push(cut.to_owned());
+        rest = &rest[cut.len()..];
+    }
+    out.push(rest.to_owned());
+    out
 }
 
 /// Escapes the three characters Slack treats as markup.
@@ -78,7 +171,15 @@ fn chunks(heading: Option<&str>, lines: &[String], open: &str, close: &str) -> V
 /// The table as escaped, space-aligned lines for a code block.
 fn table(columns: &[String], rows: &[Vec<String>]) -> Vec<String> {
     let cell = |c: &String| -> String {
-        let flat: String = c.chars().map(|ch| if ch.is_control() { ' ' } else { ch }).collect();
+        // A backtick could close the code block the table sits in: shown as a look-alike (ˋ).
+        let flat: String = c
+            .chars()
+            .map(|ch| match ch {
+                '`' => '\u{2cb}',
+                ch if ch.is_control() => ' ',
+                ch => ch,
+            })
+            .collect();
         let mut shown: String = flat.chars().take(MAX_CELL_CHARS).collect();
         if chars(&flat) > MAX_CELL_CHARS {
             shown.pop();
@@ -152,6 +253,46 @@ mod tests {
                 ]
             })
         );
+    }
+
+    #[test]
+    fn backticks_in_cells_cannot_close_the_code_block() {
+        let reply = Reply::info("agents").with_table(
+            None,
+            ["agent", "note"],
+            vec![vec!["nova".into(), "```*bold* <!here>".into()]],
+        );
+        let texts = block_texts(&render(&reply));
+        let table = &texts[1];
+        assert!(table.starts_with("```\n") && table.ends_with("\n```"), "{table}");
+        assert_eq!(table.matches('`').count(), 6, "only the block's own fences: {table}");
+        assert!(table.contains("\u{2cb}\u{2cb}\u{2cb}*bold* &lt;!here&gt;"), "{table}");
+    }
+
+    #[test]
+    fn long_answers_are_split_over_posts_within_the_limits() {
+        let mut lines: Vec<String> = (0..250).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+        lines.push(format!("{} & end", "y".repeat(5000)));
+        let reply = Reply::info("ada replied").with_lines(None, lines);
+        let posts = render_posts(&reply);
+        assert!(posts.len() >= 3, "{} posts", posts.len());
+        let mut all = String::new();
+        for (i, post) in posts.iter().enumerate() {
+            let texts = block_texts(post);
+            assert!(texts.len() <= MAX_POST_BLOCKS, "post {i}: {} blocks", texts.len());
+            assert!(texts.iter().all(|t| chars(t) <= MAX_SECTION_CHARS));
+            assert!(texts.iter().map(|t| chars(t)).sum::<usize>() <= MAX_POST_CHARS + 100, "post {i}");
+            assert!(!post.to_string().contains(TRUNCATED), "post {i} was cut");
+            all.push_str(&texts.join("\n"));
+        }
+        for i in 0..250 {
+            assert_eq!(all.matches(&format!("line {i:05} ")).count(), 1, "line {i}");
+        }
+        assert_eq!(all.matches('y').count(), 5000);
+        assert!(all.contains("&amp; end"), "entities are never split");
+        assert_eq!(posts[1]["text"], format!("ada replied (part 2 of {})", posts.len()));
+        let short = Reply::info("ok").with_lines(None, ["short"]);
+        assert_eq!(render_posts(&short), vec![render(&short)]);
     }
 
     #[test]
