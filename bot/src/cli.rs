@@ -405,7 +405,7 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
     let (command, options) = match command {
         Command::Bot { addr, monitor_every_s } => return bot(&args, addr, Duration::from_secs(monitor_every_s)).await,
         Command::Mcp { url } => {
-            crate::mcp_stdio::bridge(&url, &crate::mcp_stdio::token_from_env()?).await?;
+            crate::mcp_stdio::bridge(&url, &crate::config::token_from_env()?).await?;
             return Ok(ExitCode::SUCCESS);
         }
         Command::Completions { shell } => {

@@ -223,9 +223,11 @@ pub enum PermissionsFileError {
 /// Reads the permissions file named by `MESH_PERMISSIONS`. None set: chat
 /// users may only run `help`, and the terminal is director.
 pub fn permissions_from_env() -> Result<Permissions, PermissionsFileError> {
-    match std::env::var(env::MESH_PERMISSIONS) {
+    // `var_os`: a path that is not UTF-8 is still a file to read (failing closed
+    // if it is unusable), never "no file" (which would make the terminal director).
+    match std::env::var_os(env::MESH_PERMISSIONS) {
         // Set but empty (a compose default) means unset.
-        Ok(path) if !path.trim().is_empty() => permissions_from_file(Path::new(&path)),
+        Some(path) if !path.to_string_lossy().trim().is_empty() => permissions_from_file(Path::new(&path)),
         _ => Ok(Permissions::new()),
     }
 }
@@ -235,4 +237,22 @@ pub fn permissions_from_file(path: &Path) -> Result<Permissions, PermissionsFile
     let text = std::fs::read_to_string(path)
         .map_err(|source| PermissionsFileError::Unreadable { path: path.to_owned(), source })?;
     serde_json::from_str(&text).map_err(|source| PermissionsFileError::Invalid { path: path.to_owned(), source })
+}
+
+/// The variable holding the agent's mesh token (never a flag: it would land in shell history).
+pub const MESH_TOKEN_ENV: &str = "MESH_TOKEN";
+
+/// `mesh mcp`: the agent's mesh token from `MESH_TOKEN` (or the file named by `MESH_TOKEN_FILE`).
+pub fn token_from_env() -> anyhow::Result<String> {
+    if let Ok(token) = std::env::var(MESH_TOKEN_ENV)
+        && !token.trim().is_empty()
+    {
+        return Ok(token.trim().to_owned());
+    }
+    if let Ok(path) = std::env::var("MESH_TOKEN_FILE") {
+        let token =
+            std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read MESH_TOKEN_FILE {path}: {e}"))?;
+        return Ok(token.trim().to_owned());
+    }
+    anyhow::bail!("set {MESH_TOKEN_ENV} to the agent's mesh_token (the registry's reference for it)")
 }

@@ -9,24 +9,6 @@ use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, Transport};
 
-/// The variable holding the agent's mesh token (never a flag: it would land in shell history).
-pub const MESH_TOKEN_ENV: &str = "MESH_TOKEN";
-
-/// The agent's mesh token from `MESH_TOKEN` (or the file named by `MESH_TOKEN_FILE`).
-pub fn token_from_env() -> anyhow::Result<String> {
-    if let Ok(token) = std::env::var(MESH_TOKEN_ENV)
-        && !token.trim().is_empty()
-    {
-        return Ok(token.trim().to_owned());
-    }
-    if let Ok(path) = std::env::var("MESH_TOKEN_FILE") {
-        let token =
-            std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read MESH_TOKEN_FILE {path}: {e}"))?;
-        return Ok(token.trim().to_owned());
-    }
-    anyhow::bail!("set {MESH_TOKEN_ENV} to the agent's mesh_token (the registry's reference for it)")
-}
-
 /// One message moved, or an end.
 enum Relayed {
     FromHost(Option<rmcp::model::ClientJsonRpcMessage>),

@@ -114,7 +114,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let client = mesh_listener::nats::connect_service(&config.nats_url, "mesh-bot", &config.nats).await?;
     let limits = crate::limits::LimitStore::from_url(config.redis_url.as_deref()).await;
-    let engine = Engine::new(config.engine.clone(), client.clone(), limits).await?;
+    let engine =
+        Engine::new(config.engine.clone(), client.clone(), limits).await?.shared_with_replicas(client.clone()).await;
     let engine = Arc::new(engine.with_containers(Arc::new(config.docker.clone())));
     let js = async_nats::jetstream::new(client.clone());
     // What listeners refuse to run on, the bot refuses to feed.

@@ -305,27 +305,34 @@ impl Executed {
 }
 
 impl Engine {
-    /// Connects the engine to the mesh.
+    /// Connects the engine to the mesh (for one process: the terminal, a
+    /// listener's agent API). The bot adds [`Engine::shared_with_replicas`].
     pub async fn new(
         config: EngineConfig,
         client: async_nats::Client,
         limits: crate::limits::LimitStore,
     ) -> Result<Self, EngineError> {
-        let mesh = NatsMesh::open(client.clone(), config.replicas).await?;
-        let window = std::time::Duration::try_from(config.confirm.window).unwrap_or(std::time::Duration::from_secs(60));
+        let mesh = NatsMesh::open(client, config.replicas).await?;
+        Ok(Self::with_mesh(config, Ok(Arc::new(mesh)), limits))
+    }
+
+    /// Shares confirmation codes and request dedup with the other bot
+    /// replicas (the buckets `mesh_confirm` and `mesh_dedup`, created when
+    /// missing); without them (NATS trouble) both stay in this process.
+    pub async fn shared_with_replicas(mut self, client: async_nats::Client) -> Self {
+        let window =
+            std::time::Duration::try_from(self.config.confirm.window).unwrap_or(std::time::Duration::from_secs(60));
         let js = async_nats::jetstream::new(client);
-        let shared = crate::confirm_store::SharedConfirmations::open(&js, window, config.replicas)
+        self.shared_confirmations = crate::confirm_store::SharedConfirmations::open(&js, window, self.config.replicas)
             .await
             .inspect_err(|e| warn!(error = %e, "confirmation codes stay on this replica"))
             .ok();
-        let dedup = crate::fleet_dedup::FleetDedup::open(&js, limits.config().dedup_ttl, config.replicas)
-            .await
-            .inspect_err(|e| warn!(error = %e, "request dedup stays on this replica (and Redis when set)"))
-            .ok();
-        let mut engine = Self::with_mesh(config, Ok(Arc::new(mesh)), limits);
-        engine.shared_confirmations = shared;
-        engine.fleet_dedup = dedup;
-        Ok(engine)
+        self.fleet_dedup =
+            crate::fleet_dedup::FleetDedup::open(&js, self.limits.config().dedup_ttl, self.config.replicas)
+                .await
+                .inspect_err(|e| warn!(error = %e, "request dedup stays on this replica (and Redis when set)"))
+                .ok();
+        self
     }
 
     /// An engine on any [`Mesh`] (a fake in tests), or with none: `Err`
