@@ -465,18 +465,20 @@ impl Engine {
             }
             Command::KillSoft { duration, agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self
+                let (state, server) = self
                     .mesh()?
                     .kill_pull(&scope, Mode::Soft, Some(duration), actor, reason)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                Ok(Executed::reply(with_server_warning(reply, server)))
             }
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state =
+                let (state, server) =
                     self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await.map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                let reply = with_server_warning(reply, server);
                 let docker = match scope {
                     Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
                     Scope::Agent(_) => {
@@ -486,12 +488,13 @@ impl Engine {
                 Ok(Executed::reply(reply.with_lines(None, [docker])))
             }
             Command::KillNuclear { purge } => {
-                let state = self
+                let (state, server) = self
                     .mesh()?
                     .kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None)
                     .await
                     .map_err(|e| e.to_string())?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
+                let reply = with_server_warning(reply, server);
                 let lines = match self.containers.nuclear(purge).await {
                     Ok(report) => {
                         let mut lines = vec![
@@ -513,8 +516,15 @@ impl Engine {
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
                 let mesh = self.mesh()?;
-                mesh.kill_release(&scope, actor).await.map_err(|e| e.to_string())?;
-                let mut reply = Reply::ok(format!("resumed {scope}"));
+                let server = mesh.kill_release(&scope, actor).await.map_err(|e| e.to_string())?;
+                let mut reply = match server {
+                    None => Reply::ok(format!("resumed {scope}")),
+                    // Written, but the server may still hold the messages.
+                    Some(_) => {
+                        Reply::warn(format!("resumed {scope} in the kill switch; the server may still pause it"))
+                    }
+                };
+                reply = with_server_warning(reply, server);
                 if scope == Scope::Global {
                     let line = docker_line("started listener containers", self.containers.start_listeners().await);
                     reply = reply.with_lines(None, [line]);
@@ -829,7 +839,13 @@ impl Engine {
                 vec![warning]
             }
             Ok(crate::mesh::ServerPauses::Consumers(rows)) if rows.is_empty() => vec!["no agent consumers".to_owned()],
-            Ok(crate::mesh::ServerPauses::Consumers(rows)) => rows.iter().map(|r| r.describe()).collect(),
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) => {
+                let mismatches = killswitch::pause_mismatches(&kills, &rows, (self.clock)());
+                if !mismatches.is_empty() {
+                    reply.tone = crate::command::Tone::Warn;
+                }
+                rows.iter().map(|r| r.describe()).chain(mismatches).collect()
+            }
             Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
         };
         reply = reply.with_lines(Some("server-side pause"), pause_lines);
@@ -901,6 +917,15 @@ fn receipt_data(receipt: &publish::Receipt, to: &str) -> serde_json::Value {
         "duplicate": receipt.duplicate,
         "recipients": receipt.recipients,
     })
+}
+
+/// `reply` with the server-side pause's failure (if any) as a warning line.
+fn with_server_warning(mut reply: Reply, server: Option<String>) -> Reply {
+    if let Some(warning) = server {
+        reply.tone = crate::command::Tone::Warn;
+        reply = reply.with_lines(Some("warning"), [warning]);
+    }
+    reply
 }
 
 /// The reply of `deploy render` and `deploy up`: the warnings and the files written.

@@ -39,6 +39,8 @@ struct State {
     asked: Option<oneshot::Sender<Envelope>>,
     /// What `server_pauses` answers (`None`: no agent consumers).
     server_pauses: Option<crate::mesh::ServerPauses>,
+    /// What a kill or resume reports about the server-side pause (`None`: applied).
+    server_pause_failure: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -96,16 +98,20 @@ impl Mesh for FakeMesh {
         duration: Option<Duration>,
         actor: Actor<'a>,
         reason: Option<String>,
-    ) -> BoxFuture<'a, Result<KillState, MeshError>> {
+    ) -> BoxFuture<'a, Result<(KillState, Option<String>), MeshError>> {
         let at = OffsetDateTime::now_utc();
         let state = KillState { mode, until: duration.map(|d| at + d), by: actor.by.to_owned(), reason, at };
         self.state().kill.insert(scope.key(), state.clone());
-        ready(Ok(state))
+        ready(Ok((state, self.state().server_pause_failure.clone())))
     }
 
-    fn kill_release<'a>(&'a self, scope: &'a Scope, _actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
+    fn kill_release<'a>(
+        &'a self,
+        scope: &'a Scope,
+        _actor: Actor<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, MeshError>> {
         self.state().kill.remove(&scope.key());
-        ready(Ok(()))
+        ready(Ok(self.state().server_pause_failure.clone()))
     }
 
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>> {
@@ -525,6 +531,19 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
 }
 
 #[tokio::test]
+async fn a_kill_or_resume_the_server_did_not_apply_says_so_in_a_warning() {
+    let s = setup();
+    s.mesh.state().server_pause_failure = Some("pausing consumer agent-nova on the server: timed out".to_owned());
+    let kill = s.engine.handle(slack("UADMIN", "kill soft 5m nova")).await.reply;
+    assert_eq!(kill.tone, Tone::Warn);
+    assert!(crate::command::render_text::render(&kill).contains("timed out"), "{kill:?}");
+    let resume = s.engine.handle(slack("UADMIN", "resume nova")).await.reply;
+    assert_eq!(resume.tone, Tone::Warn, "{resume:?}");
+    assert_eq!(resume.title, "resumed agent nova in the kill switch; the server may still pause it");
+    assert!(crate::command::render_text::render(&resume).contains("timed out"), "{resume:?}");
+}
+
+#[tokio::test]
 async fn a_ttl_from_chat_or_the_broadcast_default_sets_the_expiry() {
     let mut s = setup();
     s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await;
@@ -569,6 +588,10 @@ async fn status_shows_each_consumers_server_side_pause_or_that_the_server_is_too
     let text = crate::command::render_text::render(&s.engine.handle(slack("UOP", "status")).await.reply);
     assert!(text.contains("server-side pause"), "{text}");
     assert!(text.contains("agent-ada: paused until resumed") && text.contains("agent-nova: not paused"), "{text}");
+    // ada is paused on the server with no entry in force: flagged, in a warning tone.
+    let reply = s.engine.handle(slack("UOP", "status")).await.reply;
+    assert_eq!(reply.tone, Tone::Warn);
+    assert!(text.contains("mismatch: agent-ada is paused on the server but no kill switch entry"), "{text}");
 
     let warning = Support::of_version("2.10.22").warning().unwrap();
     s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::TooOld(warning.clone()));
