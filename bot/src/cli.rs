@@ -376,7 +376,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
     };
     let mut config = crate::server::engine_config(args.registry.clone(), permissions);
-    config.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
+    // Only a broadcast reads the default ttl: a typo in it must not block `mesh kill` or `mesh resume`.
+    if matches!(command, crate::command::Command::Broadcast { .. }) {
+        config.broadcast_ttl = crate::server::broadcast_ttl_from_env()?;
+    }
     if let Some(timeout) = options.ping_timeout {
         config.ping_timeout = timeout;
     }

@@ -230,7 +230,14 @@ pub async fn sync_planned(
     if Support::of(&js.client()) != Support::Enforced {
         return Ok(synced);
     }
-    let store = bucket(js).await?;
+    // No bucket (never created, deleted, or a not-found answered while the
+    // bucket's stream elects a leader): the consumers are left as they are.
+    // Reading "no entries" from it would resume every consumer, hard kills
+    // included; the next sync (a change, the bot's 30 s check) finds it again.
+    let Some(store) = bucket(js).await? else {
+        warn!("the kill switch bucket was not found; the consumers' server-side pause is left as it is");
+        return Ok(synced);
+    };
     let read = |scope: Scope| {
         let store = store.clone();
         async move {
@@ -239,10 +246,7 @@ pub async fn sync_planned(
             {
                 return Ok(Some(state.clone()));
             }
-            match &store {
-                Some(store) => entry(store, &scope).await,
-                None => Ok(None),
-            }
+            entry(&store, &scope).await
         }
     };
     let global = read(Scope::Global).await?;

@@ -126,3 +126,35 @@ async fn an_expiry_in_year_9999_is_dead_lettered_and_the_agent_keeps_receiving()
     assert_eq!(gw.requests().len(), 1, "the hostile message never reaches the gateway");
     listener.stop().await.unwrap();
 }
+
+/// Review of #18, item 5: a typo in `MESH_BROADCAST_TTL` once made every
+/// `mesh` command fail, `mesh kill` and `mesh resume` included. Only a
+/// broadcast reads it now (and refuses to run on the typo).
+#[tokio::test]
+async fn a_bad_broadcast_ttl_setting_blocks_only_broadcasts() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true)]);
+    let permissions = fixture.dir().join("terminal-director.json");
+    std::fs::write(&permissions, serde_json::json!({ "terminal": "director" }).to_string()).unwrap();
+    let run = |args: &'static [&'static str]| {
+        let mut command = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(args)
+            .env("MESH_PERMISSIONS", &permissions)
+            .env("MESH_COMPOSE_PROJECT", "mesh-test-no-such-project")
+            .env("MESH_BROADCAST_TTL", "5 minutes");
+        async move {
+            let out = command.output().await.unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            (out.status.success(), text)
+        }
+    };
+    let (ok, said) = run(&["kill", "hard", "--agent", "a1", "--yes", "--reason", "typo test"]).await;
+    assert!(ok, "a kill runs whatever the broadcast default says: {said}");
+    let (ok, said) = run(&["resume", "--agent", "a1"]).await;
+    assert!(ok, "{said}");
+    let (ok, said) = run(&["broadcast", "hello"]).await;
+    assert!(!ok, "a broadcast refuses to guess its ttl: {said}");
+    assert!(said.contains("MESH_BROADCAST_TTL"), "{said}");
+}

@@ -242,3 +242,47 @@ async fn a_running_listener_delivers_right_after_resume() {
     }
     listener.stop().await.unwrap();
 }
+
+/// Review of #18, item 7: a sync that finds no kill switch bucket (deleted,
+/// or a not-found answered during a leader election) once read "no entries"
+/// and resumed every consumer, hard kills included. It leaves them as they
+/// are now.
+#[tokio::test]
+async fn a_sync_that_finds_no_bucket_leaves_the_consumers_paused() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+    assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)));
+    js.delete_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+
+    let synced = mesh_runtime::server_pause::sync(&js, None).await.unwrap();
+    assert_eq!(synced, mesh_runtime::server_pause::Synced::default());
+    assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)), "still held by the server");
+}
+
+/// Review of #18, item 2: a consumer paused on the server with no kill switch
+/// entry behind it (a crash between the two, a hand-made pause) is flagged by
+/// `mesh status`, with what to do.
+#[tokio::test]
+async fn mesh_status_flags_a_consumer_paused_with_no_entry_in_force() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    stream.pause_consumer("agent-nova", PAUSED_UNTIL_RESUMED).await.unwrap();
+
+    let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
+    assert!(status.contains("agent-nova: paused until resumed"), "{status}");
+    assert!(
+        status.contains("mismatch: agent-nova is paused on the server but no kill switch entry is in force for it"),
+        "{status}"
+    );
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--agent", "nova"]).await;
+    assert!(ok, "{said}");
+    let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
+    assert!(!status.contains("mismatch"), "{status}");
+}
