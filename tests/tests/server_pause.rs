@@ -286,3 +286,44 @@ async fn mesh_status_flags_a_consumer_paused_with_no_entry_in_force() {
     let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
     assert!(!status.contains("mismatch"), "{status}");
 }
+
+/// Review of #18, item 4: the bot's provisioning once applied the server-side
+/// pause only after the registry, the streams and every agent consumer were
+/// in place, so a broken registry disabled the repair. It runs on its own.
+#[tokio::test]
+async fn the_bots_provisioning_repairs_a_server_pause_even_with_a_broken_registry() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+    js.get_stream("MESH_AGENTS").await.unwrap().resume_consumer("agent-nova").await.unwrap();
+    assert!(!server_pause(&js, "nova").await.0);
+    std::fs::write(&fixture.registry, "{ not a registry").unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = mesh_bot::provision::FollowConfig {
+        registry_path: fixture.registry.clone(),
+        poll: Duration::from_millis(100),
+        replicas: mesh_protocol::layout::Replicas::Auto,
+        tuning: None,
+    };
+    let follow = tokio::spawn(mesh_bot::provision::follow(js.clone(), config, stop.clone().cancelled_owned()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server_pause(&js, "nova").await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the bot never paused nova again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server_pause(&js, "nova").await.1, Some(PAUSED_UNTIL_RESUMED));
+    // And the bucket is watched: a hand-made resume of the entry reaches the server at once.
+    let store = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    store.delete(Scope::Global.key()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server_pause(&js, "nova").await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the bot never followed the bucket");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    follow.await.unwrap();
+}
