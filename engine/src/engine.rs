@@ -399,7 +399,7 @@ impl Engine {
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, agent.as_str()));
-                if let Some(note) = self.queued_note(Some(&agent)).await {
+                if let Some(note) = self.queued_note(Some(&agent), prepared.envelope.expires_at).await {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
@@ -413,7 +413,7 @@ impl Engine {
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, "*"));
-                if let Some(note) = self.queued_note(None).await {
+                if let Some(note) = self.queued_note(None, prepared.envelope.expires_at).await {
                     reply = reply.with_lines(None, [note]);
                 }
                 Ok(Executed::with_ids(reply, vec![receipt.id.to_string()]))
@@ -770,12 +770,23 @@ impl Engine {
     }
 
     /// "queued until ..." when a pause holds messages for `agent` (or everyone).
-    async fn queued_note(&self, agent: Option<&AgentId>) -> Option<String> {
+    async fn queued_note(&self, agent: Option<&AgentId>, expires_at: Option<time::OffsetDateTime>) -> Option<String> {
         let state = self.mesh().ok()?.kill_effective(agent).await.ok()??;
         let until = match (state.mode, state.until) {
             (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
             _ => "until a director resumes".to_owned(),
         };
+        // A time to live that ends before the pause can: it expires undelivered.
+        if let Some(at) = expires_at
+            && state.until.is_none_or(|until| until > at)
+        {
+            return Some(format!(
+                "the mesh is paused ({}, {until}): the message is queued, but its time to live ends at {} and it \
+                 expires undelivered unless the pause ends before (then `mesh dlq` lists it as expired)",
+                state.mode,
+                killswitch::rfc3339(at)
+            ));
+        }
         Some(format!(
             "the mesh is paused ({}): the message is queued and delivered when the pause ends, {until}",
             state.mode
@@ -800,7 +811,7 @@ impl Engine {
         let tuning = target.consumer_tuning();
         let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await.map_err(|e| e.to_string())?;
         let timeout = self.config.ask_timeout;
-        let queued = self.queued_note(Some(agent)).await;
+        let queued = self.queued_note(Some(agent), envelope.expires_at).await;
         let asked = agent.clone();
         let follow_up: FollowUp = Box::pin(async move {
             match tokio::time::timeout(timeout, answer).await {

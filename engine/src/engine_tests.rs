@@ -531,6 +531,16 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
 }
 
 #[tokio::test]
+async fn a_send_whose_ttl_ends_before_the_pause_says_it_will_expire() {
+    let s = setup();
+    s.engine.handle(slack("UADMIN", "kill soft 10m")).await;
+    let short = crate::command::render_text::render(&s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await.reply);
+    assert!(short.contains("expires undelivered unless the pause ends before"), "{short}");
+    let long = crate::command::render_text::render(&s.engine.handle(slack("UOP", "send --ttl 1h nova x")).await.reply);
+    assert!(long.contains("queued and delivered when the pause ends"), "{long}");
+}
+
+#[tokio::test]
 async fn a_kill_or_resume_the_server_did_not_apply_says_so_in_a_warning() {
     let s = setup();
     s.mesh.state().server_pause_failure = Some("pausing consumer agent-nova on the server: timed out".to_owned());
