@@ -327,3 +327,29 @@ async fn the_bots_provisioning_repairs_a_server_pause_even_with_a_broken_registr
     stop.cancel();
     follow.await.unwrap();
 }
+
+/// Review of #18, item 3: two writers at once (a global hard kill and an
+/// agent's soft one, then both released) must leave each consumer's pause on
+/// the server as the entries say, whichever set lands last.
+#[tokio::test]
+async fn two_writers_at_once_leave_the_server_pause_as_the_entries_say() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let director = Actor::director("cli:t");
+    let nova = Scope::Agent(id("nova"));
+    for round in 0..10 {
+        let (global, own) = tokio::join!(
+            switch.pull(&Scope::Global, Mode::Hard, None, director, None),
+            switch.pull(&nova, Mode::Soft, Some(Duration::from_secs(600)), director, None),
+        );
+        global.unwrap();
+        own.unwrap();
+        assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)), "round {round}");
+        let (global, own) = tokio::join!(switch.release(&Scope::Global, director), switch.release(&nova, director));
+        global.unwrap();
+        own.unwrap();
+        assert!(!server_pause(&js, "nova").await.0, "round {round}");
+    }
+}
