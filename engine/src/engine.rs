@@ -819,7 +819,21 @@ impl Engine {
                     Reply::info(format!("{asked} replied")).with_lines(None, answer.text.lines().map(str::to_owned))
                 }
                 Ok(Err(e)) => Reply::error(format!("{asked} sent a reply that is not a message: {e}")),
-                Err(_) => Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs())),
+                Err(_) => {
+                    let reply = Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs()));
+                    // A question with a time to live may have expired undelivered: say where to look.
+                    match ttl {
+                        Some(ttl) => reply.with_lines(
+                            None,
+                            [format!(
+                                "the question had a time to live of {}s: if it expired before reaching {asked}, \
+                             `mesh dlq {asked}` lists it as expired",
+                                ttl.as_secs()
+                            )],
+                        ),
+                        None => reply,
+                    }
+                }
             }
         });
         let mut reply = Reply::ok(format!("asked {agent}; the reply will follow"))

@@ -512,6 +512,10 @@ async fn the_answer_to_ask_follows_later_or_times_out() {
     let handled = s.engine.handle(slack("UOP", "ask ada anyone there?")).await;
     let reply = handled.follow_up.unwrap().await;
     assert_eq!((reply.tone, reply.title.as_str()), (Tone::Warn, "ada did not reply within 30s"));
+    // With a time to live, the silence may be an expiry: the reply says where to look.
+    let handled = s.engine.handle(slack("UOP", "ask --ttl 5s ada anyone there?")).await;
+    let reply = crate::command::render_text::render(&handled.follow_up.unwrap().await);
+    assert!(reply.contains("time to live of 5s") && reply.contains("`mesh dlq ada` lists it as expired"), "{reply}");
     let refused = s.engine.handle(slack("UOP", "ask nova hi")).await;
     assert!(refused.reply.title.starts_with("ask needs an agent with \"delivery\": \"chat\""));
 }
