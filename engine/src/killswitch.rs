@@ -239,8 +239,11 @@ impl KillSwitch {
         if !applied {
             return written.map(|revision| (revision, None));
         }
-        // From what is written now, whatever the outcome.
-        let server = self.enforce(scope, None).await.err();
+        // Written: from the entry written (a read right after the write may be
+        // answered by a replica that has not got it yet, on a cluster);
+        // otherwise from what the bucket holds now.
+        let planned = written.is_ok().then_some(state);
+        let server = self.enforce(scope, planned).await.err();
         written.map(|revision| (revision, server))
     }
 
