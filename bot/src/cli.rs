@@ -427,6 +427,10 @@ async fn execute(args: Args) -> anyhow::Result<ExitCode> {
         Err(_) => crate::command::Permissions::new().with_terminal_role(crate::command::Role::Viewer),
     };
     let mut config = settings.engine_config(args.registry.clone(), permissions);
+    // Only a broadcast reads the default ttl: a typo in it must not block `mesh kill` or `mesh resume`.
+    if matches!(command, crate::command::Command::Broadcast { .. }) {
+        config.broadcast_ttl = settings.broadcast_ttl.clone().map_err(|e| anyhow::anyhow!(e))?;
+    }
     if let Some(timeout) = options.ping_timeout {
         config.ping_timeout = timeout;
     }
@@ -605,7 +609,11 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration
     let config = crate::server::BotConfig {
         nats_url: args.nats_url.clone(),
         addr,
-        engine: settings.engine_config(args.registry.clone(), permissions),
+        engine: {
+            // The bot refuses to start on a malformed default ttl (it would apply it to every broadcast).
+            settings.broadcast_ttl.clone().map_err(|e| anyhow::anyhow!(e))?;
+            settings.engine_config(args.registry.clone(), permissions)
+        },
         slack: crate::config::slack_from_env()?,
         discord: crate::config::discord_from_env()?,
         redis_url: settings.redis_url,

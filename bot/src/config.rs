@@ -37,8 +37,10 @@ pub struct Settings {
     pub docker: DockerHost,
     /// `USER`: the terminal's default sender is `cli:<user>`.
     pub user: Option<String>,
-    /// `MESH_BROADCAST_TTL`: the time to live of a broadcast sent without `--ttl`.
-    pub broadcast_ttl: Option<std::time::Duration>,
+    /// `MESH_BROADCAST_TTL`: the time to live of a broadcast sent without
+    /// `--ttl`, or why it is malformed (which stops only a broadcast and the
+    /// bot's start, never `mesh kill` or `mesh resume`).
+    pub broadcast_ttl: Result<Option<std::time::Duration>, String>,
 }
 
 impl Settings {
@@ -56,7 +58,7 @@ impl Settings {
                 project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
             },
             user: var("USER"),
-            broadcast_ttl: broadcast_ttl_from_env()?,
+            broadcast_ttl: broadcast_ttl_from_env().map_err(|e| e.to_string()),
         })
     }
 
@@ -69,7 +71,7 @@ impl Settings {
             },
             replicas: self.replicas,
             allowed_hosts: self.allowed_hosts.clone(),
-            broadcast_ttl: self.broadcast_ttl,
+            broadcast_ttl: self.broadcast_ttl.clone().unwrap_or_default(),
             ..EngineConfig::new(registry_path, permissions)
         }
     }

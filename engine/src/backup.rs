@@ -270,6 +270,19 @@ pub async fn restore(
         }
         report.streams.insert(spec.name.to_owned(), count);
     }
+    // The kill switch first: the consumers below are created with its pause
+    // in force on the server, never unpaused for a moment.
+    let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
+    if !entries.is_empty() {
+        let store = mesh_runtime::kill_bucket::open(js, replicas).await?;
+        for (key, value) in &entries {
+            store
+                .put(key, value.clone().into_bytes().into())
+                .await
+                .map_err(|e| js_err(format!("writing {BUCKET} {key}"))(e.to_string()))?;
+        }
+    }
+    report.killswitch = entries.len();
     let stream =
         js.get_stream(agents_stream).await.map_err(|e| js_err("opening the agents stream".into())(e.to_string()))?;
     let next_seq = stream.cached_info().state.last_sequence + 1;
@@ -283,6 +296,7 @@ pub async fn restore(
         let start = mapping.iter().find(|(old, _)| *old > position.ack_floor).map_or(next_seq, |(_, new)| *new);
         let mut config = consumer_config(&spec);
         config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: start };
+        config.pause_until = mesh_runtime::server_pause::for_new_consumer(js, &agent).await;
         let mut consumer = stream
             .create_consumer(config)
             .await
@@ -290,18 +304,7 @@ pub async fn restore(
         let pending = consumer.info().await.map(|i| i.num_pending).unwrap_or_default();
         report.consumers.insert(position.agent.clone(), pending);
     }
-    let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
-    if !entries.is_empty() {
-        let store = mesh_runtime::kill_bucket::open(js, replicas).await?;
-        for (key, value) in &entries {
-            store
-                .put(key, value.clone().into_bytes().into())
-                .await
-                .map_err(|e| js_err(format!("writing {BUCKET} {key}"))(e.to_string()))?;
-        }
-    }
-    report.killswitch = entries.len();
-    // The restored consumers take the restored kill switch's pause on the server.
+    // Once more from the whole bucket (a consumer created while it could not be read).
     if let Err(e) = mesh_runtime::server_pause::sync(js, None).await {
         tracing::warn!(error = %e, "cannot pause the restored consumers on the server; the listeners' pause holds");
     }

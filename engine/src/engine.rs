@@ -574,7 +574,7 @@ impl Engine {
                     thread.stamp(&mut prepared.envelope)?;
                 }
                 let receipt = self.mesh()?.deliver(&prepared).await?;
-                let queued = self.queued_note(Some(&agent)).await;
+                let queued = self.queued_note(Some(&agent), prepared.envelope.expires_at).await;
                 let mut reply = Reply::ok(format!("sent to {agent}"))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, agent.as_str(), queued.as_deref()));
@@ -591,7 +591,7 @@ impl Engine {
                     thread.stamp(&mut prepared.envelope)?;
                 }
                 let receipt = self.mesh()?.deliver(&prepared).await?;
-                let queued = self.queued_note(None).await;
+                let queued = self.queued_note(None, prepared.envelope.expires_at).await;
                 let mut reply = Reply::ok(format!("broadcast to {} active agents", receipt.recipients))
                     .with_lines(None, [format!("message id {} (stream seq {})", receipt.id, receipt.stream_seq)])
                     .with_data(receipt_data(&receipt, "*", queued.as_deref()));
@@ -647,13 +647,15 @@ impl Engine {
             }
             Command::KillSoft { duration, agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self.mesh()?.kill_pull(&scope, Mode::Soft, Some(duration), actor, reason).await?;
-                Ok(Executed::reply(Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)))))
+                let (state, server) = self.mesh()?.kill_pull(&scope, Mode::Soft, Some(duration), actor, reason).await?;
+                let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                Ok(Executed::reply(with_server_warning(reply, server)))
             }
             Command::KillHard { agent, reason } => {
                 let scope = self.scope(agent)?;
-                let state = self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await?;
+                let (state, server) = self.mesh()?.kill_pull(&scope, Mode::Hard, None, actor, reason).await?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
+                let reply = with_server_warning(reply, server);
                 let docker = match scope {
                     Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
                     Scope::Agent(_) => {
@@ -663,8 +665,9 @@ impl Engine {
                 Ok(Executed::reply(reply.with_lines(None, [docker])))
             }
             Command::KillNuclear { purge } => {
-                let state = self.mesh()?.kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None).await?;
+                let (state, server) = self.mesh()?.kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None).await?;
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&Scope::Global, &state)));
+                let reply = with_server_warning(reply, server);
                 let lines = match self.containers.nuclear(purge).await {
                     Ok(report) => {
                         let mut lines = vec![
@@ -686,8 +689,15 @@ impl Engine {
             Command::Resume { agent } => {
                 let scope = self.scope(agent)?;
                 let mesh = self.mesh()?;
-                mesh.kill_release(&scope, actor).await?;
-                let mut reply = Reply::ok(format!("resumed {scope}"));
+                let server = mesh.kill_release(&scope, actor).await?;
+                let mut reply = match server {
+                    None => Reply::ok(format!("resumed {scope}")),
+                    // Written, but the server may still hold the messages.
+                    Some(_) => {
+                        Reply::warn(format!("resumed {scope} in the kill switch; the server may still pause it"))
+                    }
+                };
+                reply = with_server_warning(reply, server);
                 if scope == Scope::Global {
                     let line = docker_line("started listener containers", self.containers.start_listeners().await);
                     reply = reply.with_lines(None, [line]);
@@ -930,12 +940,23 @@ impl Engine {
     }
 
     /// "queued until ..." when a pause holds messages for `agent` (or everyone).
-    async fn queued_note(&self, agent: Option<&AgentId>) -> Option<String> {
+    async fn queued_note(&self, agent: Option<&AgentId>, expires_at: Option<time::OffsetDateTime>) -> Option<String> {
         let state = self.mesh().ok()?.kill_effective(agent).await.ok()??;
         let until = match (state.mode, state.until) {
             (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
             _ => "until a director resumes".to_owned(),
         };
+        // A time to live that ends before the pause can: it expires undelivered.
+        if let Some(at) = expires_at
+            && state.until.is_none_or(|until| until > at)
+        {
+            return Some(format!(
+                "the mesh is paused ({}, {until}): the message is queued, but its time to live ends at {} and it \
+                 expires undelivered unless the pause ends before (then `mesh dlq` lists it as expired)",
+                state.mode,
+                killswitch::rfc3339(at)
+            ));
+        }
         Some(format!(
             "the mesh is paused ({}): the message is queued and delivered when the pause ends, {until}",
             state.mode
@@ -962,7 +983,7 @@ impl Engine {
         let tuning = target.consumer_tuning();
         let answer = self.mesh()?.ask(&envelope, &reply_subject, tuning).await?;
         let timeout = self.config.ask_timeout;
-        let queued = self.queued_note(Some(agent)).await;
+        let queued = self.queued_note(Some(agent), envelope.expires_at).await;
         let asked = agent.clone();
         let follow_up: FollowUp = Box::pin(async move {
             match tokio::time::timeout(timeout, answer).await {
@@ -970,7 +991,21 @@ impl Engine {
                     Reply::info(format!("{asked} replied")).with_lines(None, answer.text.lines().map(str::to_owned))
                 }
                 Ok(Err(e)) => Reply::error(format!("{asked} sent a reply that is not a message: {e}")),
-                Err(_) => Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs())),
+                Err(_) => {
+                    let reply = Reply::warn(format!("{asked} did not reply within {}s", timeout.as_secs()));
+                    // A question with a time to live may have expired undelivered: say where to look.
+                    match ttl {
+                        Some(ttl) => reply.with_lines(
+                            None,
+                            [format!(
+                                "the question had a time to live of {}s: if it expired before reaching {asked}, \
+                             `mesh dlq {asked}` lists it as expired",
+                                ttl.as_secs()
+                            )],
+                        ),
+                        None => reply,
+                    }
+                }
             }
         });
         let mut reply = Reply::ok(format!("asked {agent}; the reply will follow"))
@@ -1001,7 +1036,13 @@ impl Engine {
                 vec![warning]
             }
             Ok(crate::mesh::ServerPauses::Consumers(rows)) if rows.is_empty() => vec!["no agent consumers".to_owned()],
-            Ok(crate::mesh::ServerPauses::Consumers(rows)) => rows.iter().map(|r| r.describe()).collect(),
+            Ok(crate::mesh::ServerPauses::Consumers(rows)) => {
+                let mismatches = killswitch::pause_mismatches(&kills, &rows, (self.clock)());
+                if !mismatches.is_empty() {
+                    reply.tone = crate::command::Tone::Warn;
+                }
+                rows.iter().map(|r| r.describe()).chain(mismatches).collect()
+            }
             Err(e) => vec![format!("cannot read the consumers' pause: {e}")],
         };
         reply = reply.with_lines(Some("server-side pause"), pause_lines);
@@ -1076,6 +1117,15 @@ fn receipt_data(receipt: &publish::Receipt, to: &str, queued: Option<&str>) -> s
         "queued": queued.is_some(),
         "queued_note": queued,
     })
+}
+
+/// `reply` with the server-side pause's failure (if any) as a warning line.
+fn with_server_warning(mut reply: Reply, server: Option<String>) -> Reply {
+    if let Some(warning) = server {
+        reply.tone = crate::command::Tone::Warn;
+        reply = reply.with_lines(Some("warning"), [warning]);
+    }
+    reply
 }
 
 /// The reply of `deploy render` and `deploy up`: the warnings and the files written.

@@ -39,6 +39,8 @@ struct State {
     asked: Option<oneshot::Sender<Envelope>>,
     /// What `server_pauses` answers (`None`: no agent consumers).
     server_pauses: Option<crate::mesh::ServerPauses>,
+    /// What a kill or resume reports about the server-side pause (`None`: applied).
+    server_pause_failure: Option<String>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -96,16 +98,20 @@ impl Mesh for FakeMesh {
         duration: Option<Duration>,
         actor: Actor<'a>,
         reason: Option<String>,
-    ) -> BoxFuture<'a, Result<KillState, MeshError>> {
+    ) -> BoxFuture<'a, Result<(KillState, Option<String>), MeshError>> {
         let at = OffsetDateTime::now_utc();
         let state = KillState { mode, until: duration.map(|d| at + d), by: actor.by.to_owned(), reason, at };
         self.state().kill.insert(scope.key(), state.clone());
-        ready(Ok(state))
+        ready(Ok((state, self.state().server_pause_failure.clone())))
     }
 
-    fn kill_release<'a>(&'a self, scope: &'a Scope, _actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
+    fn kill_release<'a>(
+        &'a self,
+        scope: &'a Scope,
+        _actor: Actor<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, MeshError>> {
         self.state().kill.remove(&scope.key());
-        ready(Ok(()))
+        ready(Ok(self.state().server_pause_failure.clone()))
     }
 
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>> {
@@ -506,6 +512,10 @@ async fn the_answer_to_ask_follows_later_or_times_out() {
     let handled = s.engine.handle(slack("UOP", "ask ada anyone there?")).await;
     let reply = handled.follow_up.unwrap().await;
     assert_eq!((reply.tone, reply.title.as_str()), (Tone::Warn, "ada did not reply within 30s"));
+    // With a time to live, the silence may be an expiry: the reply says where to look.
+    let handled = s.engine.handle(slack("UOP", "ask --ttl 5s ada anyone there?")).await;
+    let reply = crate::command::render_text::render(&handled.follow_up.unwrap().await);
+    assert!(reply.contains("time to live of 5s") && reply.contains("`mesh dlq ada` lists it as expired"), "{reply}");
     let refused = s.engine.handle(slack("UOP", "ask nova hi")).await;
     assert!(refused.reply.title.starts_with("ask needs an agent with \"delivery\": \"chat\""));
 }
@@ -547,6 +557,29 @@ async fn a_failed_command_keeps_its_typed_cause_and_its_one_line_message() {
     assert!(matches!(e, CommandError::Registry(_)), "{e:?}");
     assert!(e.to_string().starts_with("cannot read registry"), "{e}");
     assert!(e.source().is_some_and(|cause| cause.is::<std::io::Error>()), "the cause is kept: {e:?}");
+}
+
+#[tokio::test]
+async fn a_send_whose_ttl_ends_before_the_pause_says_it_will_expire() {
+    let s = setup();
+    s.engine.handle(slack("UADMIN", "kill soft 10m")).await;
+    let short = crate::command::render_text::render(&s.engine.handle(slack("UOP", "send --ttl 2s nova x")).await.reply);
+    assert!(short.contains("expires undelivered unless the pause ends before"), "{short}");
+    let long = crate::command::render_text::render(&s.engine.handle(slack("UOP", "send --ttl 1h nova x")).await.reply);
+    assert!(long.contains("queued and delivered when the pause ends"), "{long}");
+}
+
+#[tokio::test]
+async fn a_kill_or_resume_the_server_did_not_apply_says_so_in_a_warning() {
+    let s = setup();
+    s.mesh.state().server_pause_failure = Some("pausing consumer agent-nova on the server: timed out".to_owned());
+    let kill = s.engine.handle(slack("UADMIN", "kill soft 5m nova")).await.reply;
+    assert_eq!(kill.tone, Tone::Warn);
+    assert!(crate::command::render_text::render(&kill).contains("timed out"), "{kill:?}");
+    let resume = s.engine.handle(slack("UADMIN", "resume nova")).await.reply;
+    assert_eq!(resume.tone, Tone::Warn, "{resume:?}");
+    assert_eq!(resume.title, "resumed agent nova in the kill switch; the server may still pause it");
+    assert!(crate::command::render_text::render(&resume).contains("timed out"), "{resume:?}");
 }
 
 #[tokio::test]
@@ -595,6 +628,10 @@ async fn status_shows_each_consumers_server_side_pause_or_that_the_server_is_too
     let text = crate::command::render_text::render(&s.engine.handle(slack("UOP", "status")).await.reply);
     assert!(text.contains("server-side pause"), "{text}");
     assert!(text.contains("agent-ada: paused until resumed") && text.contains("agent-nova: not paused"), "{text}");
+    // ada is paused on the server with no entry in force: flagged, in a warning tone.
+    let reply = s.engine.handle(slack("UOP", "status")).await.reply;
+    assert_eq!(reply.tone, Tone::Warn);
+    assert!(text.contains("mismatch: agent-ada is paused on the server but no kill switch entry"), "{text}");
 
     let warning = Support::of_version("2.10.22").warning().unwrap();
     s.mesh.state().server_pauses = Some(crate::mesh::ServerPauses::TooOld(warning.clone()));

@@ -107,6 +107,25 @@ fn retry_delay(attempt: u32, jitter: f64) -> Duration {
     ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
+/// Longest the server-side resume before a release's write may take: the
+/// release is written after it whatever happened (and applied again after
+/// the write), so a cluster in turbulence delays a `mesh resume` by at most
+/// this much before the entry changes.
+pub const BEFORE_WRITE_BOUND: Duration = Duration::from_secs(5);
+
+/// An entry written, and how the server-side pause fared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// The entry written.
+    pub state: KillState,
+    /// Its revision in the bucket.
+    pub revision: u64,
+    /// Why the consumers' server-side pause may not match the entry (the
+    /// entry is written and the listeners follow it), for the reply; `None`
+    /// when the server applied it, or cannot pause consumers (older than 2.11).
+    pub server: Option<String>,
+}
+
 /// The kill switch of one mesh.
 #[derive(Debug, Clone)]
 pub struct KillSwitch {
@@ -144,10 +163,11 @@ impl KillSwitch {
         actor: Actor<'_>,
         reason: Option<String>,
     ) -> Result<KillState, KillSwitchError> {
-        self.pull_revision(scope, mode, duration, actor, reason).await.map(|(state, _)| state)
+        self.pull_revision(scope, mode, duration, actor, reason).await.map(|written| written.state)
     }
 
-    /// Like [`KillSwitch::pull`], also returning the revision written.
+    /// Like [`KillSwitch::pull`], also returning the revision written and any
+    /// server-side failure.
     pub async fn pull_revision(
         &self,
         scope: &Scope,
@@ -155,7 +175,7 @@ impl KillSwitch {
         duration: Option<Duration>,
         actor: Actor<'_>,
         reason: Option<String>,
-    ) -> Result<(KillState, u64), KillSwitchError> {
+    ) -> Result<Written, KillSwitchError> {
         let now = OffsetDateTime::now_utc();
         let until = match mode {
             Mode::Soft => {
@@ -168,15 +188,21 @@ impl KillSwitch {
             _ => None,
         };
         let state = KillState { mode, until, by: actor.by.to_owned(), reason, at: now };
-        let revision = self.replace(scope, &state, actor.role, None).await?;
-        Ok((state, revision))
+        let (revision, server) = self.replace(scope, &state, actor.role, None).await?;
+        Ok(Written { state, revision, server })
     }
 
     /// Releases the switch for `scope` (records who released it), if `actor`
     /// may resume from the entry in force there.
     pub async fn release(&self, scope: &Scope, actor: Actor<'_>) -> Result<(), KillSwitchError> {
+        self.release_reporting(scope, actor).await.map(|_| ())
+    }
+
+    /// Like [`KillSwitch::release`], returning why the consumers may still be
+    /// paused on the server (see [`Written::server`]).
+    pub async fn release_reporting(&self, scope: &Scope, actor: Actor<'_>) -> Result<Option<String>, KillSwitchError> {
         let state = released(actor.by);
-        self.replace(scope, &state, actor.role, None).await.map(|_| ())
+        self.replace(scope, &state, actor.role, None).await.map(|(_, server)| server)
     }
 
     /// Releases the entry written at `revision`, and only that one: when the
@@ -199,21 +225,34 @@ impl KillSwitch {
     /// Writes `state` at `scope` with a revision-checked update: the entry
     /// read is the entry replaced. With `only` set, only that revision may be
     /// replaced; otherwise an entry in force only by someone holding the role
-    /// that may resume from it.
+    /// that may resume from it. Returns the revision written and why the
+    /// server-side pause may not match it.
+    ///
+    /// Order: a kill is written first and then applied to the server, so it
+    /// holds (the listeners stop) however long the server takes, and a crash
+    /// in between leaves an entry that the bot's provisioning applies, never a
+    /// paused consumer without an entry. A release resumes the server first
+    /// (bounded by [`BEFORE_WRITE_BOUND`]), so a listener resuming on the new
+    /// entry does not pull from a still-paused consumer (nats-server leaves such
+    /// a pull waiting until it expires), then writes, then applies again.
     async fn replace(
         &self,
         scope: &Scope,
         state: &KillState,
         role: Option<Role>,
         only: Option<u64>,
-    ) -> Result<u64, KillSwitchError> {
+    ) -> Result<(u64, Option<String>), KillSwitchError> {
         let mut applied = false;
         let written = self.replace_entry(scope, state, role, only, &mut applied).await;
-        if applied {
-            // From what is written now, whatever the outcome.
-            self.enforce(scope, None).await;
+        if !applied {
+            return written.map(|revision| (revision, None));
         }
-        written
+        // Written: from the entry written (a read right after the write may be
+        // answered by a replica that has not got it yet, on a cluster);
+        // otherwise from what the bucket holds now.
+        let planned = written.is_ok().then_some(state);
+        let server = self.enforce(scope, planned).await.err();
+        written.map(|revision| (revision, server))
     }
 
     /// The revision-checked write of [`KillSwitch::replace`]; sets `applied`
@@ -267,8 +306,15 @@ impl KillSwitch {
                     return Ok(revision);
                 }
             }
-            // Allowed: the server first, so listeners resuming on the entry find their consumers resumed.
-            self.enforce(scope, Some(state)).await;
+            // Allowed. A release resumes the server first (bounded), so listeners
+            // resuming on the entry find their consumers resumed; a kill is
+            // written first (see `replace`).
+            if state.mode == Mode::None {
+                let resumed = tokio::time::timeout(BEFORE_WRITE_BOUND, self.enforce(scope, Some(state))).await;
+                if resumed.is_err() {
+                    tracing::warn!(scope = %scope, bound_s = BEFORE_WRITE_BOUND.as_secs(), "resuming the consumers on the server takes long; writing the release first");
+                }
+            }
             *applied = true;
             match self.store.update(key.as_str(), state.encode().into(), revision).await {
                 Ok(written) => {
@@ -284,18 +330,23 @@ impl KillSwitch {
 
     /// Pauses or resumes the consumers `scope` covers on the server to match
     /// the entries in force, with `planned` in place of the entry of `scope`
-    /// (`mesh_runtime::server_pause`). A failure is logged, not returned: the
-    /// entry is written and the listeners follow it; the bot's provisioning
-    /// applies the server-side pause again within [`crate::provision::RECHECK_EVERY`].
-    async fn enforce(&self, scope: &Scope, planned: Option<&KillState>) {
+    /// (`mesh_runtime::server_pause`). A failure is logged and returned as
+    /// the warning for the reply: the entry is written and the listeners
+    /// follow it; the bot's provisioning applies the server-side pause again
+    /// within [`crate::provision::RECHECK_EVERY`].
+    async fn enforce(&self, scope: &Scope, planned: Option<&KillState>) -> Result<(), String> {
         let only = match scope {
             Scope::Global => None,
             Scope::Agent(id) => Some(id),
         };
         let planned = planned.map(|state| (scope, state));
-        if let Err(e) = mesh_runtime::server_pause::sync_planned(&self.js, only, planned).await {
+        mesh_runtime::server_pause::sync_planned(&self.js, only, planned).await.map(|_| ()).map_err(|e| {
             tracing::warn!(scope = %scope, error = %e, "cannot apply the kill switch on the server; the listeners' pause holds");
-        }
+            format!(
+                "the server-side pause of {scope} was not applied ({e}); the listeners follow the kill switch, and \
+                 the bot (`mesh bot`) applies it again within 30 s; `mesh status` shows each consumer's pause"
+            )
+        })
     }
 
     async fn announce(&self, scope: &Scope, state: &KillState) {
@@ -341,6 +392,43 @@ impl KillSwitch {
         };
         Ok(killswitch::effective(global.as_ref(), own.as_ref(), OffsetDateTime::now_utc()).cloned())
     }
+}
+
+/// The agent consumers whose server-side pause does not match the kill switch
+/// entries in force (`kills`), one line each saying what to do: a consumer
+/// paused with no entry behind it (a crash between the two, a hand-made
+/// pause), or an entry the server does not hold (a failed pause, a consumer
+/// created unpaused). Deadlines compare to the second.
+pub fn pause_mismatches(
+    kills: &[(Scope, KillState)],
+    consumers: &[mesh_runtime::server_pause::ConsumerPause],
+    now: OffsetDateTime,
+) -> Vec<String> {
+    let find = |scope: &Scope| kills.iter().find(|(s, _)| s == scope).map(|(_, state)| state);
+    let global = find(&Scope::Global);
+    let seconds = |t: Option<OffsetDateTime>| t.map(OffsetDateTime::unix_timestamp);
+    consumers
+        .iter()
+        .filter_map(|consumer| {
+            let own = find(&Scope::Agent(consumer.agent.clone()));
+            let want = killswitch::server_pause_until(killswitch::effective(global, own, now));
+            if seconds(want) == seconds(consumer.until) {
+                return None;
+            }
+            let id = &consumer.agent;
+            Some(match want {
+                None => format!(
+                    "mismatch: agent-{id} is paused on the server but no kill switch entry is in force for it; \
+                     `mesh resume --agent {id}` lifts it (the bot also does within 30 s)"
+                ),
+                Some(_) => format!(
+                    "mismatch: the kill switch pauses {id} but its consumer is {} on the server; \
+                     the bot (`mesh bot`) applies it within 30 s, or pull the kill again",
+                    consumer.describe().trim_start_matches(&format!("agent-{id}: "))
+                ),
+            })
+        })
+        .collect()
 }
 
 /// The entry a release writes.
@@ -394,5 +482,39 @@ mod tests {
         assert_eq!(retry_delay(30, 7.0), Duration::from_millis(400), "jitter is clamped");
         let total: Duration = (0..20).map(|a| retry_delay(a, 1.0)).sum();
         assert!(total > CONTENDED_FOR, "the deadline, not the attempt count, ends the retries");
+    }
+
+    #[test]
+    fn consumers_paused_otherwise_than_the_entries_are_flagged() {
+        use mesh_runtime::server_pause::ConsumerPause;
+        let now = OffsetDateTime::now_utc();
+        let id = |s: &str| AgentId::parse(s).unwrap();
+        let pause = |agent: &str, until| ConsumerPause { agent: id(agent), until };
+        let kill = |mode, until| KillState { mode, until, by: "t".into(), reason: None, at: now };
+        let soft_until = (now + Duration::from_secs(300)).replace_nanosecond(0).unwrap();
+        let kills = vec![
+            (Scope::Agent(id("hard")), kill(Mode::Hard, None)),
+            (Scope::Agent(id("soft")), kill(Mode::Soft, Some(soft_until))),
+        ];
+        let consumers = vec![
+            pause("hard", Some(killswitch::PAUSED_UNTIL_RESUMED)),
+            pause("soft", Some(soft_until + Duration::from_millis(1))),
+            pause("free", None),
+            pause("orphan", Some(killswitch::PAUSED_UNTIL_RESUMED)),
+        ];
+        let lines = pause_mismatches(&kills, &consumers, now);
+        assert_eq!(
+            lines,
+            [
+                "mismatch: agent-orphan is paused on the server but no kill switch entry is in force for it; `mesh resume --agent orphan` lifts it (the bot also does within 30 s)"
+            ]
+        );
+        let unpaused = vec![pause("hard", None)];
+        let lines = pause_mismatches(&kills, &unpaused, now);
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].contains("pauses hard but its consumer is not paused on the server"), "{lines:?}");
+        // A global hard kill covers every consumer.
+        let global = vec![(Scope::Global, kill(Mode::Hard, None))];
+        assert_eq!(pause_mismatches(&global, &consumers[2..], now).len(), 1, "free is not paused");
     }
 }

@@ -135,9 +135,12 @@ pub async fn run(
     step(&mut report, format!("announced to {} agents: {start}", receipt.recipients));
     tokio::time::sleep(window.lead).await;
     let reason = Some(window.message.clone().unwrap_or_else(|| "maintenance".into()));
-    let (state, revision) =
-        switch.pull_revision(&Scope::Global, Mode::Soft, Some(window.duration), actor, reason).await?;
-    step(&mut report, format!("paused: {}", crate::killswitch::describe(&Scope::Global, &state)));
+    let written = switch.pull_revision(&Scope::Global, Mode::Soft, Some(window.duration), actor, reason).await?;
+    let (state, revision) = (&written.state, written.revision);
+    step(&mut report, format!("paused: {}", crate::killswitch::describe(&Scope::Global, state)));
+    if let Some(warning) = written.server {
+        step(&mut report, format!("warning: {warning}"));
+    }
     tokio::time::sleep(window.duration).await;
     match switch.release_written(&Scope::Global, &window.by, revision).await? {
         None => step(&mut report, "resumed".to_owned()),

@@ -97,7 +97,8 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     fn ping<'a>(&'a self, registry: &'a Registry, timeout: Duration) -> BoxFuture<'a, Result<PingReport, MeshError>>;
     /// The kill switch entry of one scope.
     fn kill_get<'a>(&'a self, scope: &'a Scope) -> BoxFuture<'a, Result<Option<KillState>, MeshError>>;
-    /// Pulls the kill switch.
+    /// Pulls the kill switch; with why the server-side pause may not match
+    /// (see [`crate::killswitch::Written::server`]).
     fn kill_pull<'a>(
         &'a self,
         scope: &'a Scope,
@@ -105,9 +106,13 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
         duration: Option<Duration>,
         actor: Actor<'a>,
         reason: Option<String>,
-    ) -> BoxFuture<'a, Result<KillState, MeshError>>;
-    /// Releases the kill switch.
-    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>>;
+    ) -> BoxFuture<'a, Result<(KillState, Option<String>), MeshError>>;
+    /// Releases the kill switch; returns why the consumers may still be paused on the server.
+    fn kill_release<'a>(
+        &'a self,
+        scope: &'a Scope,
+        actor: Actor<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, MeshError>>;
     /// Every pause in force.
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>>;
     /// The pause in force for one agent (or the global one).
@@ -224,12 +229,19 @@ impl Mesh for NatsMesh {
         duration: Option<Duration>,
         actor: Actor<'a>,
         reason: Option<String>,
-    ) -> BoxFuture<'a, Result<KillState, MeshError>> {
-        Box::pin(async move { Ok(self.kill.pull(scope, mode, duration, actor, reason).await?) })
+    ) -> BoxFuture<'a, Result<(KillState, Option<String>), MeshError>> {
+        Box::pin(async move {
+            let written = self.kill.pull_revision(scope, mode, duration, actor, reason).await?;
+            Ok((written.state, written.server))
+        })
     }
 
-    fn kill_release<'a>(&'a self, scope: &'a Scope, actor: Actor<'a>) -> BoxFuture<'a, Result<(), MeshError>> {
-        Box::pin(async move { Ok(self.kill.release(scope, actor).await?) })
+    fn kill_release<'a>(
+        &'a self,
+        scope: &'a Scope,
+        actor: Actor<'a>,
+    ) -> BoxFuture<'a, Result<Option<String>, MeshError>> {
+        Box::pin(async move { Ok(self.kill.release_reporting(scope, actor).await?) })
     }
 
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>> {

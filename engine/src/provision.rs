@@ -127,13 +127,16 @@ pub const RECHECK_EVERY: Duration = Duration::from_secs(30);
 /// server-side pause of the agent consumers in step with the kill switch
 /// bucket (watched: a hand edit is applied at once; checked again every
 /// [`RECHECK_EVERY`]). Failures (NATS down, registry unreadable) are logged
-/// and retried at the next poll.
+/// and retried at the next poll. The pause is kept in step on its own path:
+/// a broken registry or one agent whose consumer cannot be ensured does not
+/// stop it.
 pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std::future::Future<Output = ()>) {
     tokio::pin!(stop);
     let mut done: Option<(Registry, tokio::time::Instant)> = None;
     let mut last_error = String::new();
     // The kill switch bucket, watched so the server-side pause follows every change.
     let (mut watch, mut watch_changes): (Option<kv::Store>, Option<kv::Watch>) = (None, None);
+    let mut paused_at: Option<tokio::time::Instant> = None;
     loop {
         let outcome = async {
             let registry = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
@@ -155,15 +158,26 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;
-            // A kill switch change whose server-side pause failed (or a
-            // consumer created while it was applied) is corrected here.
-            mesh_runtime::server_pause::sync(&js, None).await.map_err(|e| e.to_string())?;
             Ok::<_, String>(Some((registry, n)))
         };
         let outcome = tokio::select! {
             () = &mut stop => return,
             outcome = outcome => outcome,
         };
+        // A kill switch change whose server-side pause failed (or a consumer
+        // created while it was applied) is corrected here: after consumers
+        // were ensured, and every RECHECK_EVERY whatever else failed.
+        let ensured = matches!(outcome, Ok(Some(_)));
+        if ensured || paused_at.is_none_or(|at| at.elapsed() >= RECHECK_EVERY) {
+            let synced = tokio::select! {
+                () = &mut stop => return,
+                synced = mesh_runtime::server_pause::sync(&js, None) => synced,
+            };
+            match synced {
+                Ok(_) => paused_at = Some(tokio::time::Instant::now()),
+                Err(e) => warn!(error = %e, "cannot apply the kill switch on the server yet; retrying"),
+            }
+        }
         match outcome {
             Ok(Some((registry, n))) => {
                 if done.as_ref().is_none_or(|(r, _)| *r != registry) {
@@ -180,7 +194,7 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
         }
-        if watch.is_none() && done.is_some() {
+        if watch.is_none() {
             watch = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.ok();
             watch_changes = match &watch {
                 Some(store) => store.watch_all().await.ok(),

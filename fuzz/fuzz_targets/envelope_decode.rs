@@ -1,5 +1,5 @@
 //! Fuzzes the listener's decoder on raw inbox bytes: never panics, whatever it
-//! accepts is valid, and a re-encoded v1 envelope decodes to itself.
+//! accepts is valid, its expiry can be checked, and a re-encoded v1 envelope decodes to itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -16,6 +16,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok((envelope, format)) = Envelope::decode(data, &arrival) {
         envelope.validate().expect("a decoded envelope is valid");
         let _ = envelope.reply_subject();
+        // Every listener asks this of every message (an expiry at the end of the calendar once panicked here).
+        let _ = envelope.is_expired(time::OffsetDateTime::now_utc());
+        let _ = envelope.is_expired(envelope.sent_at);
         if let Ok(bytes) = envelope.encode() {
             let (back, again) = Envelope::decode(&bytes, &arrival).expect("an encoded envelope decodes");
             assert_eq!(again, Format::V1);

@@ -368,10 +368,17 @@ impl<G: Gateway + Clone> World<G> {
             let (paused_tx, paused_rx) = watch::channel(self.should_pause(id));
             let stop = self.root.child_token();
             let state = self.fleet.add(id);
-            let run =
-                consumer::run_agent(self.deps.clone(), state, entry_rx, paused_rx, self.loop_config, stop.clone());
-            let agent = id.clone();
-            self.tasks.spawn(async move { (agent, run.await) });
+            let (deps, config, agent) = (self.deps.clone(), self.loop_config, id.clone());
+            let stopping = stop.clone();
+            // A loop that panics is started again (see `supervise`), not left dead.
+            self.tasks.spawn(async move {
+                let start = || {
+                    let (entry, paused) = (entry_rx.clone(), paused_rx.clone());
+                    consumer::run_agent(deps.clone(), state.clone(), entry, paused, config, stopping.clone())
+                };
+                let result = crate::supervise::run(&state, &stopping, Ok(()), start).await;
+                (agent, result)
+            });
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }

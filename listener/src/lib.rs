@@ -14,6 +14,7 @@
 //! - [`delivery`]: one message, start to finish.
 //! - [`consumer`]: one agent's pull loop.
 //! - [`fleet`]: the agents of one process, registry reload, pause control.
+//! - [`supervise`]: an agent loop that panics is reported and started again.
 //! - [`killswitch`]: reading and following the kill switch bucket.
 //! - [`state`]: live per-agent counters; [`ping`]: health pongs;
 //!   [`http`]: `/health` and `/metrics`; [`metrics`]: metric names.
@@ -40,6 +41,7 @@ pub mod ping;
 pub mod policy;
 pub mod reply;
 pub mod state;
+pub mod supervise;
 
 pub use mesh_runtime::{backoff, layout_check, logging, lookup, nats, registry_file, secrets, shutdown};
 

@@ -117,6 +117,11 @@ impl AgentState {
         *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
     }
 
+    /// Lifts [`Self::set_refused`] (a crashed loop that runs again).
+    pub fn clear_refused(&self) {
+        *self.refused.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// Why this agent's loop stopped for good, if it did.
     pub fn refused(&self) -> Option<String> {
         self.refused.lock().unwrap_or_else(|p| p.into_inner()).clone()

@@ -35,6 +35,13 @@ pub const MAX_TTL: Duration = Duration::from_secs(24 * 3600);
 /// message lives at least its TTL; it is never delivered later than its TTL
 /// plus this plus the skew.
 pub const EXPIRY_SKEW_TOLERANCE: Duration = Duration::from_secs(1);
+/// [`EXPIRY_SKEW_TOLERANCE`] as the `time` crate's duration, for checked arithmetic.
+const SKEW: time::Duration = time::Duration::seconds(EXPIRY_SKEW_TOLERANCE.as_secs() as i64);
+/// The latest `expires_at` accepted, counted from `sent_at`: the longest time
+/// to live plus the skew tolerance. A later one is refused by
+/// [`Envelope::validate`] (a hostile or broken sender, not our CLI).
+const MAX_EXPIRY_AFTER_SENT: time::Duration =
+    time::Duration::seconds((MAX_TTL.as_secs() + EXPIRY_SKEW_TOLERANCE.as_secs()) as i64);
 
 /// Who a message is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -212,6 +219,8 @@ pub enum EnvelopeError {
     BadReplyTo(SubjectError),
     #[error("a time to live lasts between 1 second and 24 hours, not {0:?}")]
     BadTtl(Duration),
+    #[error("expires_at is more than 24 hours after sent_at; a time to live lasts at most 24 hours")]
+    BadExpiry,
 }
 
 /// Why received bytes are not a message.
@@ -304,14 +313,20 @@ impl Envelope {
     /// Makes the message expire `ttl` after it was sent (`sent_at`).
     pub fn with_ttl(mut self, ttl: Duration) -> Result<Self, EnvelopeError> {
         check_ttl(ttl)?;
-        self.expires_at = Some(self.sent_at + ttl);
+        self.expires_at = Some(
+            self.sent_at
+                .checked_add(ttl.try_into().map_err(|_| EnvelopeError::BadTtl(ttl))?)
+                .ok_or(EnvelopeError::BadTtl(ttl))?,
+        );
         Ok(self)
     }
 
     /// True when the message must no longer be delivered at `now` (the
     /// receiver's clock): past `expires_at` by more than [`EXPIRY_SKEW_TOLERANCE`].
+    /// An expiry so late that adding the tolerance leaves the calendar
+    /// (year 9999) is never reached: not expired, and no panic.
     pub fn is_expired(&self, now: OffsetDateTime) -> bool {
-        self.expires_at.is_some_and(|at| now > at + EXPIRY_SKEW_TOLERANCE)
+        self.expires_at.is_some_and(|at| at.checked_add(SKEW).is_some_and(|last| now > last))
     }
 
     /// Checks the limits and fields a receiver relies on.
@@ -325,6 +340,13 @@ impl Envelope {
         validate_sender(&self.from)?;
         if let Some(reply_to) = &self.reply_to {
             Subject::parse_reply_target(reply_to).map_err(EnvelopeError::BadReplyTo)?;
+        }
+        if let Some(at) = self.expires_at {
+            // Overflow (a `sent_at` near year 9999) means no limit is reachable past it.
+            let latest = self.sent_at.checked_add(MAX_EXPIRY_AFTER_SENT);
+            if latest.is_some_and(|latest| at > latest) {
+                return Err(EnvelopeError::BadExpiry);
+            }
         }
         Ok(())
     }
@@ -544,6 +566,32 @@ mod tests {
             let env = Envelope::new("a", Recipient::Broadcast, "x").unwrap();
             assert!(matches!(env.with_ttl(bad), Err(EnvelopeError::BadTtl(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn an_expiry_at_the_end_of_the_calendar_neither_panics_nor_passes() {
+        let hostile = r#"{"v":1,"id":"0190b0a0-0000-7000-8000-000000000000","from":"kaan","to":"nova","text":"hi","sent_at":"2026-01-01T00:00:00Z","expires_at":"9999-12-31T23:59:59Z"}"#;
+        rejects(hostile.as_bytes(), "expires_at is more than 24 hours after sent_at");
+        // Built by hand (no decode): reading it must not panic, and it is not expired.
+        let mut env = Envelope::new("kaan", Recipient::Broadcast, "hi").unwrap();
+        let end = time::macros::datetime!(9999-12-31 23:59:59.999_999_999 UTC);
+        env.expires_at = Some(end);
+        assert!(!env.is_expired(OffsetDateTime::now_utc()));
+        assert!(!env.is_expired(end));
+        assert_eq!(env.validate(), Err(EnvelopeError::BadExpiry));
+        // A sender at the end of the calendar: no limit to add, no panic.
+        env.sent_at = end;
+        assert_eq!(env.validate(), Ok(()));
+        // The last accepted expiry is the longest ttl plus the skew tolerance.
+        let mut env = Envelope::new("kaan", Recipient::Broadcast, "hi").unwrap();
+        env.expires_at = Some(env.sent_at + MAX_TTL + EXPIRY_SKEW_TOLERANCE);
+        assert_eq!(env.validate(), Ok(()));
+        env.expires_at = Some(env.sent_at + MAX_TTL + EXPIRY_SKEW_TOLERANCE + Duration::from_nanos(1));
+        assert_eq!(env.validate(), Err(EnvelopeError::BadExpiry));
+        // An expiry before sending is merely expired.
+        env.expires_at = Some(env.sent_at - Duration::from_secs(60));
+        assert_eq!(env.validate(), Ok(()));
+        assert!(env.is_expired(OffsetDateTime::now_utc()));
     }
 
     #[test]

@@ -221,6 +221,12 @@ pub async fn sync(js: &jetstream::Context, only: Option<&AgentId>) -> Result<Syn
 /// from a consumer already resumed (nats-server does not serve a pull that
 /// waited on a paused consumer when it is resumed; it would wait out its
 /// expiry), and then [`sync`]s again from what was written.
+///
+/// Two writers at once: a slow set could land after the other writer's sync
+/// (an agent soft on the server while a global hard kill is in force). So the
+/// bucket's last revision is read before the entries and again after the
+/// sets; when anything was written in between, the sync is done again (up to
+/// [`SYNC_ROUNDS`] times, then the bot's next check puts it right).
 pub async fn sync_planned(
     js: &jetstream::Context,
     only: Option<&AgentId>,
@@ -230,7 +236,52 @@ pub async fn sync_planned(
     if Support::of(&js.client()) != Support::Enforced {
         return Ok(synced);
     }
-    let store = bucket(js).await?;
+    for _ in 0..SYNC_ROUNDS {
+        let before = bucket_revision(js).await?;
+        let round = sync_round(js, only, planned).await?;
+        synced.paused.extend(round.paused);
+        synced.resumed.extend(round.resumed);
+        if bucket_revision(js).await? == before {
+            break;
+        }
+        info!("the kill switch changed while it was applied on the server; applying it again");
+    }
+    Ok(synced)
+}
+
+/// How many times [`sync_planned`] applies the bucket while it keeps changing.
+pub const SYNC_ROUNDS: usize = 5;
+
+/// The last revision written to the kill switch bucket (0: no bucket).
+async fn bucket_revision(js: &jetstream::Context) -> Result<u64, NatsError> {
+    let name = mesh_protocol::access::killswitch_stream();
+    match js.get_stream(&name).await {
+        Ok(stream) => Ok(stream.cached_info().state.last_sequence),
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            Ok(0)
+        }
+        Err(e) => Err(NatsError::JetStream(format!("reading stream {name}: {e}"))),
+    }
+}
+
+/// One pass of [`sync_planned`].
+async fn sync_round(
+    js: &jetstream::Context,
+    only: Option<&AgentId>,
+    planned: Option<(&Scope, &KillState)>,
+) -> Result<Synced, NatsError> {
+    let mut synced = Synced::default();
+    // No bucket (never created, deleted, or a not-found answered while the
+    // bucket's stream elects a leader): the consumers are left as they are.
+    // Reading "no entries" from it would resume every consumer, hard kills
+    // included; the next sync (a change, the bot's 30 s check) finds it again.
+    let Some(store) = bucket(js).await? else {
+        warn!("the kill switch bucket was not found; the consumers' server-side pause is left as it is");
+        return Ok(synced);
+    };
     let read = |scope: Scope| {
         let store = store.clone();
         async move {
@@ -239,10 +290,7 @@ pub async fn sync_planned(
             {
                 return Ok(Some(state.clone()));
             }
-            match &store {
-                Some(store) => entry(store, &scope).await,
-                None => Ok(None),
-            }
+            entry(&store, &scope).await
         }
     };
     let global = read(Scope::Global).await?;

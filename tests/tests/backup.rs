@@ -89,7 +89,19 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     assert!(looked.status.success(), "{}", String::from_utf8_lossy(&looked.stderr));
     let audited = b.jetstream().await.get_stream("MESH_AUDIT").await.unwrap().info().await.unwrap().state.messages;
     assert!(audited > 0, "mesh status left an audit record");
+    // Watch the consumer creations of the restore (a plain subscriber sees the API requests).
+    let watcher = b.client().await;
+    let mut creations = watcher.subscribe("$JS.API.CONSUMER.*.MESH_AGENTS.>").await.unwrap();
+    watcher.flush().await.unwrap();
     let printed = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
+    // zed's hard kill came back before its consumer: created paused, never unpaused for a moment.
+    let zed_created = loop {
+        let request = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut creations)).await.unwrap().unwrap();
+        if request.subject.as_str().ends_with("agent-zed") {
+            break String::from_utf8_lossy(&request.payload).into_owned();
+        }
+    };
+    assert!(zed_created.contains("\"pause_until\":\"2999-01-01T00:00:00Z\""), "{zed_created}");
     let reply: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
     let report = &reply["data"];
     assert_eq!(report["streams"]["MESH_AGENTS"], 4, "{report}");

@@ -97,3 +97,64 @@ async fn a_message_whose_ttl_ends_while_its_agent_is_paused_is_dead_lettered_as_
     assert_eq!(stored(&js, last).await.expires_at, None);
     listener.stop().await.unwrap();
 }
+
+/// Review of #18, item 1: an expiry at the end of the calendar once made the
+/// listener's expiry check panic, killing the agent's loop for good (and the
+/// redelivered message killed it again after each restart). Now the message is
+/// refused as undecodable and dead-lettered, and the next one is delivered.
+#[tokio::test]
+async fn an_expiry_in_year_9999_is_dead_lettered_and_the_agent_keeps_receiving() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, _control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+
+    // A hostile publisher with the right to write to a1's inbox.
+    let hostile = r#"{"v":1,"id":"0190b0a0-0000-7000-8000-000000000001","from":"kaan","to":"a1","text":"never","sent_at":"2026-01-01T00:00:00Z","expires_at":"9999-12-31T23:59:59Z"}"#;
+    let inbox = mesh_protocol::subject::Subject::Inbox(mesh_protocol::AgentId::parse("a1").unwrap());
+    js.publish(inbox.to_string(), hostile.into()).await.unwrap().await.unwrap();
+    let (ok, said) = mesh(&nats, &fixture, &["send", "a1", "after the hostile one"]).await;
+    assert!(ok, "{said}");
+
+    let got = gw.wait_for(1, WAIT).await;
+    assert!(got[0].text().contains("after the hostile one"), "{:?}", got[0].text());
+    wait_until_settled(&js, "a1", WAIT).await;
+    let dead = mesh_tests::fixtures::dead_letters(&js).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].0.reason.contains("expires_at is more than 24 hours after sent_at"), "{:?}", dead[0].0);
+    assert_eq!(gw.requests().len(), 1, "the hostile message never reaches the gateway");
+    listener.stop().await.unwrap();
+}
+
+/// Review of #18, item 5: a typo in `MESH_BROADCAST_TTL` once made every
+/// `mesh` command fail, `mesh kill` and `mesh resume` included. Only a
+/// broadcast reads it now (and refuses to run on the typo).
+#[tokio::test]
+async fn a_bad_broadcast_ttl_setting_blocks_only_broadcasts() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("a1", &gw, true)]);
+    let permissions = fixture.dir().join("terminal-director.json");
+    std::fs::write(&permissions, serde_json::json!({ "terminal": "director" }).to_string()).unwrap();
+    let run = |args: &'static [&'static str]| {
+        let mut command = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(args)
+            .env("MESH_PERMISSIONS", &permissions)
+            .env("MESH_COMPOSE_PROJECT", "mesh-test-no-such-project")
+            .env("MESH_BROADCAST_TTL", "5 minutes");
+        async move {
+            let out = command.output().await.unwrap();
+            let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            (out.status.success(), text)
+        }
+    };
+    let (ok, said) = run(&["kill", "hard", "--agent", "a1", "--yes", "--reason", "typo test"]).await;
+    assert!(ok, "a kill runs whatever the broadcast default says: {said}");
+    let (ok, said) = run(&["resume", "--agent", "a1"]).await;
+    assert!(ok, "{said}");
+    let (ok, said) = run(&["broadcast", "hello"]).await;
+    assert!(!ok, "a broadcast refuses to guess its ttl: {said}");
+    assert!(said.contains("MESH_BROADCAST_TTL"), "{said}");
+}

@@ -275,7 +275,15 @@ async fn a_hard_kill_holds_on_the_cluster_through_the_loss_of_the_consumers_lead
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let consumer_info = || async { js.get_stream("MESH_AGENTS").await.ok()?.consumer_info("agent-nova").await.ok() };
-    let info = consumer_info().await.unwrap();
+    // The kill is written first, then applied; the consumer's replicas take the pause a moment later.
+    let info = loop {
+        let info = consumer_info().await.unwrap();
+        if info.paused {
+            break info;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agent-nova not paused 60 s after the kill");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!((info.paused, info.config.pause_until), (true, Some(PAUSED_UNTIL_RESUMED)));
     assert_eq!(info.cluster.as_ref().map(|c| c.replicas.len()), Some(2), "a 3-replica consumer");
     let leader = info.cluster.and_then(|c| c.leader).and_then(|l| cluster.index_of(&l)).unwrap();

@@ -245,3 +245,115 @@ async fn a_running_listener_delivers_right_after_resume() {
     }
     listener.stop().await.unwrap();
 }
+
+/// Review of #18, item 7: a sync that finds no kill switch bucket (deleted,
+/// or a not-found answered during a leader election) once read "no entries"
+/// and resumed every consumer, hard kills included. It leaves them as they
+/// are now.
+#[tokio::test]
+async fn a_sync_that_finds_no_bucket_leaves_the_consumers_paused() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+    assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)));
+    js.delete_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+
+    let synced = mesh_runtime::server_pause::sync(&js, None).await.unwrap();
+    assert_eq!(synced, mesh_runtime::server_pause::Synced::default());
+    assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)), "still held by the server");
+}
+
+/// Review of #18, item 2: a consumer paused on the server with no kill switch
+/// entry behind it (a crash between the two, a hand-made pause) is flagged by
+/// `mesh status`, with what to do.
+#[tokio::test]
+async fn mesh_status_flags_a_consumer_paused_with_no_entry_in_force() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    stream.pause_consumer("agent-nova", PAUSED_UNTIL_RESUMED).await.unwrap();
+
+    let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
+    assert!(status.contains("agent-nova: paused until resumed"), "{status}");
+    assert!(
+        status.contains("mismatch: agent-nova is paused on the server but no kill switch entry is in force for it"),
+        "{status}"
+    );
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--agent", "nova"]).await;
+    assert!(ok, "{said}");
+    let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
+    assert!(!status.contains("mismatch"), "{status}");
+}
+
+/// Review of #18, item 4: the bot's provisioning once applied the server-side
+/// pause only after the registry, the streams and every agent consumer were
+/// in place, so a broken registry disabled the repair. It runs on its own.
+#[tokio::test]
+async fn the_bots_provisioning_repairs_a_server_pause_even_with_a_broken_registry() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), None).await.unwrap();
+    js.get_stream("MESH_AGENTS").await.unwrap().resume_consumer("agent-nova").await.unwrap();
+    assert!(!server_pause(&js, "nova").await.0);
+    std::fs::write(&fixture.registry, "{ not a registry").unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = mesh_bot::provision::FollowConfig {
+        registry_path: fixture.registry.clone(),
+        poll: Duration::from_millis(100),
+        replicas: mesh_protocol::layout::Replicas::Auto,
+        allowed_hosts: Default::default(),
+        tuning: None,
+    };
+    let follow = tokio::spawn(mesh_bot::provision::follow(js.clone(), config, stop.clone().cancelled_owned()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !server_pause(&js, "nova").await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the bot never paused nova again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(server_pause(&js, "nova").await.1, Some(PAUSED_UNTIL_RESUMED));
+    // And the bucket is watched: a hand-made resume of the entry reaches the server at once.
+    let store = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    store.delete(Scope::Global.key()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while server_pause(&js, "nova").await.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the bot never followed the bucket");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    follow.await.unwrap();
+}
+
+/// Review of #18, item 3: two writers at once (a global hard kill and an
+/// agent's soft one, then both released) must leave each consumer's pause on
+/// the server as the entries say, whichever set lands last.
+#[tokio::test]
+async fn two_writers_at_once_leave_the_server_pause_as_the_entries_say() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    provision_agent(&js, "nova", listener_tuning(1, Duration::from_secs(30))).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let director = Actor::director("cli:t");
+    let nova = Scope::Agent(id("nova"));
+    for round in 0..10 {
+        let (global, own) = tokio::join!(
+            switch.pull(&Scope::Global, Mode::Hard, None, director, None),
+            switch.pull(&nova, Mode::Soft, Some(Duration::from_secs(600)), director, None),
+        );
+        global.unwrap();
+        own.unwrap();
+        assert_eq!(server_pause(&js, "nova").await, (true, Some(PAUSED_UNTIL_RESUMED)), "round {round}");
+        let (global, own) = tokio::join!(switch.release(&Scope::Global, director), switch.release(&nova, director));
+        global.unwrap();
+        own.unwrap();
+        assert!(!server_pause(&js, "nova").await.0, "round {round}");
+    }
+}
