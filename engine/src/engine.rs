@@ -560,18 +560,18 @@ impl Engine {
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
                 let report = self.mesh()?.replay(&registry, &agent, count as usize).await.map_err(|e| e.to_string())?;
-                let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
-                if report.replayed.is_empty() && report.skipped.is_empty() {
+                let ids: Vec<String> =
+                    report.replayed.iter().chain(&report.already_removed).map(|(_, id)| id.clone()).collect();
+                if report.is_empty() {
                     return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
                 }
-                let lines = report
-                    .replayed
-                    .iter()
-                    .map(|(seq, id)| format!("dead letter {seq} replayed as {id}"))
-                    .chain(report.skipped.iter().map(|(seq, why)| format!("dead letter {seq} skipped: {why}")));
-                let reply = Reply::ok(format!("replayed {} dead letters of {agent}", ids.len()))
-                    .with_lines(None, lines)
-                    .with_data(&report);
+                let head = format!("replayed {} dead letters of {agent}", ids.len());
+                let reply = if report.failed.is_empty() {
+                    Reply::ok(head)
+                } else {
+                    Reply::warn(format!("{head}, {} failed (kept; see below)", report.failed.len()))
+                };
+                let reply = reply.with_lines(None, report.lines()).with_data(&report);
                 Ok(Executed::with_ids(reply, ids))
             }
             Command::Audit { count } => {
