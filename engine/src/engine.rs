@@ -675,46 +675,98 @@ impl Engine {
                 ))
             }
             command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
-                let changed = crate::agents::change(&self.config.registry_path, &command).map_err(|e| e.to_string())?;
+                let path = &self.config.registry_path;
+                // Held from reading the registry to renaming the new one in.
+                let _lock = crate::agents::lock(path).map_err(|e| e.to_string())?;
+                let planned = crate::agents::plan(path, &command).map_err(|e| e.to_string())?;
+                let mut lines = Vec::new();
+                let mut create = None;
+                match &command {
+                    // A new registration starts afresh: a consumer left over from an
+                    // earlier agent of the same id (its backlog, old broadcasts) goes
+                    // first, before the registry lets anyone send to the new agent.
+                    Command::AgentsAdd { agent, .. } => {
+                        let id = AgentId::parse(&agent.id).map_err(|e| e.to_string())?;
+                        let retired = match self.mesh() {
+                            Ok(mesh) => mesh.retire(std::slice::from_ref(&id), true).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        let retired = retired.map_err(|e| {
+                            format!(
+                                "{id} not added: cannot check for a consumer left over from an earlier agent {id} \
+                                 ({e}); its messages would reach the new agent: retry when NATS is reachable"
+                            )
+                        })?;
+                        lines.push(retired);
+                        create = (!agent.inactive).then_some(id);
+                    }
+                    // Nothing not delivered is dropped unless asked for.
+                    Command::AgentsRemove { agent, drop_backlog: false, .. } => {
+                        let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
+                        let backlog = match self.mesh() {
+                            Ok(mesh) => mesh.backlog(&id).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        match backlog {
+                            Ok(Some((held, after))) if held > 0 => {
+                                return Err(format!(
+                                    "{agent} not removed: its consumer agent-{id} holds {held} messages not delivered \
+                                     yet (stream sequences after {after}); let its listener deliver them, or run \
+                                     `mesh agents remove {agent} --drop-backlog` to drop them"
+                                ));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                return Err(format!(
+                                    "{agent} not removed: cannot check what its consumer still holds ({e}); retry \
+                                     when NATS is reachable, or pass --drop-backlog"
+                                ));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let changed = crate::agents::commit(path, planned).map_err(|e| e.to_string())?;
+                drop(_lock);
                 let kept = match &changed.backup {
                     Some(backup) => format!("previous version kept as {}", backup.display()),
                     None => "a new file".to_owned(),
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 let mut reply = Reply::ok(title).with_data(&changed);
-                // A new registration starts afresh: a consumer left over from an
-                // earlier agent of the same id (its backlog, old broadcasts) goes,
-                // and so does the consumer of a removed or inactive agent.
-                let (retire, create) = match &command {
-                    Command::AgentsAdd { agent, .. } => (AgentId::parse(&agent.id).ok(), !agent.inactive),
-                    Command::AgentsRemove { agent, .. } => (AgentId::parse(agent).ok(), false),
-                    _ => (None, false),
-                };
-                if let Some(id) = retire {
+                if !lines.is_empty() {
+                    reply = reply.with_lines(None, lines);
+                }
+                // The consumer of a removed or inactive agent goes (with its
+                // backlog only when --drop-backlog said so).
+                if let Command::AgentsRemove { agent, drop_backlog, .. } = &command {
+                    let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
                     let retired = match self.mesh() {
-                        Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
+                        Ok(mesh) => {
+                            mesh.retire(std::slice::from_ref(&id), *drop_backlog).await.map_err(|e| e.to_string())
+                        }
                         Err(e) => Err(e),
                     };
                     let line = match retired {
                         Ok(done) => done,
                         Err(e) => format!(
                             "warning: consumer agent-{id} not deleted ({e}); the bot (`mesh bot`) deletes it when it \
-                             sees the change, else a re-added {id} gets what it held"
+                             sees the change, once it holds nothing not delivered"
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
-                    if create {
-                        // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                        let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
-                        let line = match self.provision(&[(id.clone(), tuning)]).await {
-                            Ok(done) => done,
-                            Err(e) => format!(
-                                "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
-                                 when it runs, and the listener waits for it until then"
-                            ),
-                        };
-                        reply = reply.with_lines(None, [line]);
-                    }
+                }
+                if let Some(id) = create {
+                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                        Ok(done) => done,
+                        Err(e) => format!(
+                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                             when it runs, and the listener waits for it until then"
+                        ),
+                    };
+                    reply = reply.with_lines(None, [line]);
                 }
                 Ok(Executed::reply(reply))
             }

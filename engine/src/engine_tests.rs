@@ -179,8 +179,12 @@ impl Mesh for FakeMesh {
         ready(Ok(format!("consumers in place ({} agents)", agents.len())))
     }
 
-    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+    fn retire<'a>(&'a self, agents: &'a [AgentId], _drop_backlog: bool) -> BoxFuture<'a, Result<String, MeshError>> {
         ready(Ok(format!("consumers deleted ({} agents)", agents.len())))
+    }
+
+    fn backlog<'a>(&'a self, _agent: &'a AgentId) -> BoxFuture<'a, Result<Option<(u64, u64)>, MeshError>> {
+        ready(Ok(None))
     }
 
     fn maintenance<'a>(
