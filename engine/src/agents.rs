@@ -524,4 +524,29 @@ mod tests {
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 2, "only the registry and its backup: {leftovers:?}");
     }
+
+    #[test]
+    fn a_change_keeps_the_owner_and_mode_and_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        std::fs::write(&path, REG).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        // Owned by another user (a listener's), when this runs as root.
+        let owner = if std::fs::metadata(&path).unwrap().uid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+            (65534, 65534)
+        } else {
+            let meta = std::fs::metadata(&path).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        let held = lock(&path).unwrap();
+        let other = std::fs::File::open(lock_path(&path)).unwrap();
+        assert!(other.try_lock().is_err(), "a second change waits for the first");
+        drop(held);
+        let command = crate::command::Command::AgentsRemove { agent: "nova".into(), keep: true, drop_backlog: false };
+        change(&path, &command).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (owner.0, owner.1, 0o640));
+        assert!(other.try_lock().is_ok(), "the lock is released after the change");
+    }
 }

@@ -6,11 +6,14 @@
 //! reachable; senders create their target's consumer before publishing.
 //!
 //! An agent's consumer lives as long as the agent is registered and active:
-//! `mesh agents remove` (with `--keep` too) deletes it, `mesh agents add`
-//! deletes one left over from an earlier agent of the same id before creating
-//! it, and the bot deletes the consumer of an agent it sees removed or made
-//! inactive in the registry. So a re-activated or re-used id receives nothing
-//! sent before its (re)activation: no old broadcasts, no earlier backlog.
+//! `mesh agents remove` (with `--keep` too) deletes it (one holding a backlog
+//! only with `--drop-backlog`), `mesh agents add` deletes one left over from an
+//! earlier agent of the same id before writing the registry, and the bot
+//! deletes the consumer of an agent it sees removed or made inactive in the
+//! registry when it holds nothing and predates the removal (it never drops a
+//! backlog, nor retires every agent in one pass). So a re-activated or re-used
+//! id receives nothing sent before its (re)activation: no old broadcasts, no
+//! earlier backlog (except one the bot kept).
 
 use std::path::PathBuf;
 use std::time::Duration;
