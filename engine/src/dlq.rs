@@ -3,7 +3,7 @@
 //! with the original text, sender, kind, `reply_to` and hop count and a note
 //! that it is a replay, and removed from the dead-letter stream only after
 //! the new publish was acked. The replay's id (its `Nats-Msg-Id`) is derived
-//! from the original's id and the dead letter's sequence, so a replay run
+//! from the dead letter's identity (agent, message id, store time), so a replay run
 //! again after a crash between publish and removal, or two operators
 //! replaying at once, store it once (JetStream's 2-minute duplicate window),
 //! and its deliveries share one `Idempotency-Key` after that window too.
@@ -52,6 +52,11 @@ pub struct DeadLetterEntry {
     /// The original bytes.
     #[serde(skip)]
     pub payload: bytes::Bytes,
+    /// What names this dead letter across restores: its dedup id
+    /// ([`DeadLetter::msg_id`]: agent, message id, store time), absent on
+    /// dead letters stored before those headers existed.
+    #[serde(skip)]
+    pub identity: Option<String>,
 }
 
 /// Errors reading or replaying dead letters.
@@ -101,6 +106,8 @@ pub async fn list(
             stored_at: message.time,
         };
         let text = Envelope::decode(&message.payload, &arrival).ok().map(|(e, _)| e.text);
+        let identity =
+            (!record.message_id.is_nil() && record.stored_at != OffsetDateTime::UNIX_EPOCH).then(|| record.msg_id());
         out.push(DeadLetterEntry {
             dlq_seq: message.sequence,
             agent: record.agent.to_string(),
@@ -110,26 +117,33 @@ pub async fn list(
             at: message.time,
             text,
             message_id: Some(record.message_id).filter(|id| !id.is_nil()),
+            identity,
             payload: message.payload,
         });
     }
     Ok(out)
 }
 
-/// The id of the replay of dead letter `dlq_seq`, whose message had id
-/// `original`: the first 16 bytes of a SHA-256 over both, stamped as a
-/// version 8 (custom) UUID. The same dead letter always gives the same id;
-/// another dead letter of the same message (dead-lettered again after a
-/// replay, say) another one.
-pub fn replay_id(original: Uuid, dlq_seq: u64) -> Uuid {
-    let digest = Sha256::new()
-        .chain_update(b"mesh.replay.id/v1")
-        .chain_update(original.as_bytes())
-        .chain_update(dlq_seq.to_be_bytes())
-        .finalize();
+/// The id of the replay of a dead letter named by `key`: the first 16 bytes
+/// of a SHA-256 over it, stamped as a version 8 (custom) UUID. The key is the
+/// dead letter's identity ([`DeadLetterEntry::identity`]: agent, message id
+/// and store time, the same after `mesh restore` renumbers `MESH_DLQ`, and
+/// the same for two dead letters of one stored message); for a dead letter
+/// stored before those headers existed, the original's id and the dead
+/// letter's sequence ([`replay_key`]).
+pub fn replay_id(key: &str) -> Uuid {
+    let digest = Sha256::new().chain_update(b"mesh.replay.id/v2").chain_update(key.as_bytes()).finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// The key [`replay_id`] hashes for `entry`, whose message had id `original`.
+pub fn replay_key(entry: &DeadLetterEntry, original: Uuid) -> String {
+    match &entry.identity {
+        Some(identity) => identity.clone(),
+        None => format!("legacy-{}-{original}-{}", entry.agent, entry.dlq_seq),
+    }
 }
 
 /// The envelope a replay publishes: the id [`replay_id`] derives, the
@@ -144,7 +158,7 @@ pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envel
     let (original, _) = Envelope::decode(&entry.payload, &arrival).ok()?;
     let mut replay =
         Envelope::new(original.from.clone(), Recipient::Agent(agent.clone()), original.text.clone()).ok()?;
-    replay.id = replay_id(original.id, entry.dlq_seq);
+    replay.id = replay_id(&replay_key(entry, original.id));
     replay.kind = original.kind;
     replay.priority = original.priority;
     replay.reply_to = original.reply_to.clone();
@@ -321,6 +335,7 @@ mod tests {
             text: Some("hello".into()),
             message_id: Some(original.id),
             payload: original.encode().unwrap().into(),
+            identity: None,
         };
         let replay = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
         assert_ne!(replay.id, original.id);
@@ -330,8 +345,12 @@ mod tests {
         // Derived, not random: a second replay of the same dead letter has the same id.
         let again = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
         assert_eq!((again.id, replay.id.get_version_num()), (replay.id, 8));
-        assert_eq!(replay.id, replay_id(original.id, 7));
-        assert_ne!(replay_id(original.id, 8), replay.id, "another dead letter of the message");
+        assert_eq!(replay.id, replay_id(&format!("legacy-nova-{}-7", original.id)), "no identity: the sequence");
+        let named = DeadLetterEntry { identity: Some("dlq-nova-x-1".into()), ..entry.clone() };
+        let renumbered = DeadLetterEntry { dlq_seq: 1, ..named.clone() };
+        let nova = "nova".parse().unwrap();
+        let (a, b) = (replay_envelope(&named, &nova).unwrap(), replay_envelope(&renumbered, &nova).unwrap());
+        assert_eq!(a.id, b.id, "named by its identity, not its sequence");
         // An expired message replays without its expiry.
         let expiring = original.clone().with_ttl(std::time::Duration::from_secs(2)).unwrap();
         let expired = DeadLetterEntry {

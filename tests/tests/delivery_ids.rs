@@ -297,3 +297,29 @@ async fn a_replay_id_taken_by_another_message_keeps_the_dead_letter() {
     gw.wait_for(6, WAIT).await;
     listener.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_dead_letter_keeps_its_replay_id_when_a_restore_renumbers_it() {
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let a = TestNats::start().await;
+    let js_a = a.jetstream().await;
+    let listener = ListenerHandle::one(&fixture, &a, "nova");
+    gw.script([404, 404]);
+    for text in ["first", "second"] {
+        mesh_bot::publish::send(&js_a, &load(&fixture), "test", "nova", text, Priority::Normal).await.unwrap();
+    }
+    wait_dead_letters(&js_a, 2).await;
+    listener.stop().await.unwrap();
+    let nova = "nova".parse().unwrap();
+    let first = mesh_bot::dlq::list(&js_a, Some(&nova), 10).await.unwrap()[0].dlq_seq;
+    js_a.get_stream("MESH_DLQ").await.unwrap().delete_message(first).await.unwrap();
+    let before = mesh_bot::dlq::list(&js_a, Some(&nova), 10).await.unwrap();
+    let id_before = mesh_bot::dlq::replay_envelope(&before[0], &nova).unwrap().id;
+
+    let b = TestNats::start().await;
+    age_out_back_up_and_restore(&a, &b, &fixture).await;
+    let after = mesh_bot::dlq::list(&b.jetstream().await, Some(&nova), 10).await.unwrap();
+    assert_ne!(after[0].dlq_seq, before[0].dlq_seq, "the restore renumbers MESH_DLQ");
+    assert_eq!(mesh_bot::dlq::replay_envelope(&after[0], &nova).unwrap().id, id_before);
+}
