@@ -419,7 +419,8 @@ async fn publish_reply<G: Gateway>(
         Err(junk) => return ReplyOutcome::Refused(junk),
     };
     let Some(text) = text else {
-        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
+        let tool_calls = hook::asks_for_tools(&response.body);
+        warn!(agent, msg_id = %original.id, tool_calls, "chat response had no reply text (tool calls are not run by the mesh); acked, nothing routed back");
         return ReplyOutcome::Done;
     };
     let hops = original.hops.saturating_add(1);
