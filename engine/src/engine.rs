@@ -36,6 +36,9 @@ pub enum Platform {
     Discord,
 }
 
+/// How many dead letters of a removed agent `agents remove` counts at most.
+const DEAD_LETTERS_REPORTED: usize = 1000;
+
 impl Platform {
     /// The name used in the audit trail.
     pub fn as_str(self) -> &'static str {
@@ -755,6 +758,21 @@ impl Engine {
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
+                    // Its dead letters stay (30 days): say so, a re-used id could replay them.
+                    if let Ok(mesh) = self.mesh()
+                        && let Ok(left) = mesh.dead_letters(Some(&id), DEAD_LETTERS_REPORTED).await
+                        && !left.is_empty()
+                    {
+                        let n = if left.len() >= DEAD_LETTERS_REPORTED {
+                            format!("{}+", left.len())
+                        } else {
+                            left.len().to_string()
+                        };
+                        reply = reply.with_lines(None, [format!(
+                            "warning: {n} dead letters of {id} stay in the dead-letter stream (30 days); `mesh dlq {id}` \
+                             lists them, and `mesh dlq replay {id}` would deliver them to any agent registered as {id} later"
+                        )]);
+                    }
                 }
                 if let Some(id) = create {
                     // Its consumer exists from now on, so nothing sent before its listener runs is lost.

@@ -203,10 +203,27 @@ async fn a_removal_that_would_drop_a_backlog_is_refused_without_drop_backlog() {
     }
     let stream = js.get_stream("MESH_AGENTS").await.unwrap();
     assert_eq!(stream.consumer_info("agent-nova").await.unwrap().num_pending, 2, "the backlog is kept");
+    // An earlier dead letter of nova's, as a listener stores it.
+    let record = mesh_protocol::dead_letter::DeadLetter {
+        agent: "nova".parse().unwrap(),
+        reason: "gateway answered HTTP 404; not retried".into(),
+        status: Some(404),
+        attempts: 1,
+        subject: "agents.nova.inbox".into(),
+        stream_seq: 1,
+        message_id: uuid::Uuid::new_v4(),
+        stored_at: time::OffsetDateTime::now_utc(),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in record.headers() {
+        headers.insert(name, value.as_str());
+    }
+    js.publish_with_headers("mesh.dlq.nova", headers, "old".into()).await.unwrap().await.unwrap();
 
     let out = mesh_at(&nats.url(), &fixture, &["agents", "remove", "nova", "--drop-backlog"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("2 undelivered messages dropped"), "{}", text(&out));
+    assert!(text(&out).contains("1 dead letters of nova stay"), "{}", text(&out));
     assert!(stream.consumer_info("agent-nova").await.is_err(), "the consumer is gone");
     assert!(!registry_text(&fixture).contains("nova"));
 }
