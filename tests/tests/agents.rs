@@ -249,14 +249,11 @@ async fn the_bot_never_drops_a_backlog_nor_retires_every_agent_at_once() {
         let js = js.clone();
         async move { js.get_stream("MESH_AGENTS").await.unwrap().consumer_info(format!("agent-{id}")).await.is_ok() }
     };
-    let wait = |id: &'static str, want: bool| {
-        let exists = exists.clone();
-        async move {
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while exists(id).await != want {
-                assert!(tokio::time::Instant::now() < deadline, "agent-{id} exists: {} within {WAIT:?}", !want);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+    let wait = |id: &'static str, want: bool| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while exists(id).await != want {
+            assert!(tokio::time::Instant::now() < deadline, "agent-{id} exists: {} within {WAIT:?}", !want);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     for id in ["nova", "kaan", "rex", "zed"] {
