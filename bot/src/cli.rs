@@ -257,6 +257,10 @@ pub enum AgentsAction {
         /// Keep the entry, marked inactive.
         #[arg(long)]
         keep: bool,
+        /// Delete its consumer even when it still holds messages not delivered
+        /// (they are dropped; without it the removal is refused).
+        #[arg(long)]
+        drop_backlog: bool,
     },
     /// Point an agent at a new token; listeners use it from their next registry poll on.
     Rotate {
@@ -541,7 +545,9 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             };
             C::AgentsAdd { agent, check: !no_check }
         }
-        Command::Agents { action: Some(AgentsAction::Remove { id, keep }) } => C::AgentsRemove { agent: id, keep },
+        Command::Agents { action: Some(AgentsAction::Remove { id, keep, drop_backlog }) } => {
+            C::AgentsRemove { agent: id, keep, drop_backlog }
+        }
         Command::Agents {
             action: Some(AgentsAction::Rotate { id, hooks_token, gateway_token, mesh_token, no_check }),
         } => C::AgentsRotate { agent: id, hooks_token, gateway_token, mesh_token, check: !no_check },

@@ -6,6 +6,7 @@
 //! the change up on its next poll.
 
 use std::io::Write as _;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use mesh_protocol::registry::RegistryErrors;
@@ -237,20 +238,20 @@ pub fn backup_path(registry: &Path) -> PathBuf {
 }
 
 /// Writes `registry` to `path` atomically, keeping the previous file as
-/// [`backup_path`] and its permissions. Returns the backup's path (none when
+/// [`backup_path`] and its permissions and owner. Returns the backup's path (none when
 /// the file is new: it is then created mode 0600, in a directory created mode 0700).
 pub fn write_atomic(path: &Path, registry: &Registry) -> Result<Option<PathBuf>, AgentsError> {
     let err = |source| AgentsError::Write { path: path.to_owned(), source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let (permissions, backup) = match std::fs::metadata(path) {
+    let (permissions, owner, backup) = match std::fs::metadata(path) {
         Ok(meta) => {
             let backup = backup_path(path);
             std::fs::copy(path, &backup).map_err(err)?;
-            (meta.permissions(), Some(backup))
+            (meta.permissions(), Some((meta.uid(), meta.gid())), Some(backup))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             create_private_dir(dir).map_err(err)?;
-            (private_file_permissions(), None)
+            (private_file_permissions(), None, None)
         }
         Err(e) => return Err(err(e)),
     };
@@ -258,6 +259,13 @@ pub fn write_atomic(path: &Path, registry: &Registry) -> Result<Option<PathBuf>,
     temp.write_all(registry.to_json().as_bytes()).map_err(err)?;
     temp.as_file().sync_all().map_err(err)?;
     std::fs::set_permissions(temp.path(), permissions).map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        // The registry is read by listeners running as another user: keep its owner.
+        let mine = std::fs::metadata(temp.path()).map_err(err)?;
+        if (mine.uid(), mine.gid()) != (uid, gid) {
+            std::os::unix::fs::chown(temp.path(), Some(uid), Some(gid)).map_err(err)?;
+        }
+    }
     temp.persist(path).map_err(|e| err(e.error))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
@@ -291,13 +299,63 @@ pub struct Changed {
     pub backup: Option<PathBuf>,
 }
 
-/// Applies one registry change (`agents add|remove|rotate`) to the file at `path`.
-/// `agents add` creates the file when it does not exist yet.
+/// The lock file next to the registry (`<registry>.lock`).
+pub fn lock_path(registry: &Path) -> PathBuf {
+    let mut name = registry.file_name().unwrap_or_default().to_owned();
+    name.push(".lock");
+    registry.with_file_name(name)
+}
+
+/// An exclusive lock on the registry for `mesh agents` changes: held from
+/// reading the file to renaming the new one in, so two changes at once
+/// cannot lose one another. Released when dropped.
+#[derive(Debug)]
+pub struct RegistryLock {
+    _file: std::fs::File,
+}
+
+/// Takes the [`RegistryLock`] (waits for another change to finish).
+pub fn lock(path: &Path) -> Result<RegistryLock, AgentsError> {
+    let lock = lock_path(path);
+    let err = |source| AgentsError::Write { path: lock.clone(), source };
+    let dir = lock.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    create_private_dir(dir).map_err(err)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock).map_err(err)?;
+    file.lock().map_err(err)?;
+    Ok(RegistryLock { _file: file })
+}
+
+/// A registry change planned, not written yet.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    next: Registry,
+    done: String,
+}
+
+/// Applies one registry change (`agents add|remove|rotate`) to the file at
+/// `path`, under the [`RegistryLock`]. `agents add` creates the file when it
+/// does not exist yet.
 pub fn change(
     path: &Path,
     allowed: &mesh_protocol::registry::HostAllowList,
     command: &crate::command::Command,
 ) -> Result<Changed, AgentsError> {
+    let _lock = lock(path)?;
+    commit(path, plan(path, allowed, command)?)
+}
+
+/// Writes a planned change (hold the [`RegistryLock`] since [`plan`]).
+pub fn commit(path: &Path, planned: Planned) -> Result<Changed, AgentsError> {
+    let backup = write_atomic(path, &planned.next)?;
+    Ok(Changed { done: planned.done, registry: path.to_owned(), backup })
+}
+
+/// Reads the registry at `path` and plans one change, validated, without writing it.
+pub fn plan(
+    path: &Path,
+    allowed: &mesh_protocol::registry::HostAllowList,
+    command: &crate::command::Command,
+) -> Result<Planned, AgentsError> {
     use crate::command::Command;
     let registry = match mesh_runtime::registry_file::load(path, allowed) {
         Ok(registry) => registry,
@@ -316,7 +374,7 @@ pub fn change(
             let done = format!("added {}; `mesh deploy up` starts its listener and NATS user", agent.id);
             (plan_add(&registry, agent, resolver(*check))?, done)
         }
-        Command::AgentsRemove { agent, keep } => {
+        Command::AgentsRemove { agent, keep, .. } => {
             let done = if *keep { format!("marked {agent} inactive") } else { format!("removed {agent}") };
             let done = format!("{done}; its listener stops pulling now, `mesh deploy up` removes its container");
             (plan_remove(&registry, agent, *keep)?, done)
@@ -339,8 +397,7 @@ pub fn change(
         }
         other => return Err(AgentsError::NotAChange(other.spec().name)),
     };
-    let backup = write_atomic(path, &next)?;
-    Ok(Changed { done, registry: path.to_owned(), backup })
+    Ok(Planned { next, done })
 }
 
 /// Resolves references as the containers will: a file under the directory
@@ -516,5 +573,30 @@ mod tests {
         assert_eq!(Registry::parse(&std::fs::read_to_string(&path).unwrap()).unwrap(), next);
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 2, "only the registry and its backup: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_change_keeps_the_owner_and_mode_and_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        std::fs::write(&path, REG).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+        // Owned by another user (a listener's), when this runs as root.
+        let owner = if std::fs::metadata(&path).unwrap().uid() == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+            (65534, 65534)
+        } else {
+            let meta = std::fs::metadata(&path).unwrap();
+            (meta.uid(), meta.gid())
+        };
+        let held = lock(&path).unwrap();
+        let other = std::fs::File::open(lock_path(&path)).unwrap();
+        assert!(other.try_lock().is_err(), "a second change waits for the first");
+        drop(held);
+        let command = crate::command::Command::AgentsRemove { agent: "nova".into(), keep: true, drop_backlog: false };
+        change(&path, &Default::default(), &command).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid(), meta.mode() & 0o777), (owner.0, owner.1, 0o640));
+        assert!(other.try_lock().is_ok(), "the lock is released after the change");
     }
 }

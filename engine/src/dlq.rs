@@ -3,10 +3,12 @@
 //! with the original text, sender, kind, `reply_to` and hop count and a note
 //! that it is a replay, and removed from the dead-letter stream only after
 //! the new publish was acked. The replay's id (its `Nats-Msg-Id`) is derived
-//! from the original's id and the dead letter's sequence, so a replay run
+//! from the dead letter's identity (agent, message id, store time), so a replay run
 //! again after a crash between publish and removal, or two operators
 //! replaying at once, store it once (JetStream's 2-minute duplicate window),
 //! and its deliveries share one `Idempotency-Key` after that window too.
+//! Each dead letter of a batch is reported on its own; a `duplicate` ack is
+//! trusted only after reading back the stored message.
 
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::stream::{DeleteMessageErrorKind, LastRawMessageErrorKind, Stream};
@@ -50,6 +52,11 @@ pub struct DeadLetterEntry {
     /// The original bytes.
     #[serde(skip)]
     pub payload: bytes::Bytes,
+    /// What names this dead letter across restores: its dedup id
+    /// ([`DeadLetter::msg_id`]: agent, message id, store time), absent on
+    /// dead letters stored before those headers existed.
+    #[serde(skip)]
+    pub identity: Option<String>,
 }
 
 /// Errors reading or replaying dead letters.
@@ -98,6 +105,8 @@ pub async fn list(
             stored_at: message.time,
         };
         let text = Envelope::decode(&message.payload, &arrival).ok().map(|(e, _)| e.text);
+        let identity =
+            (!record.message_id.is_nil() && record.stored_at != OffsetDateTime::UNIX_EPOCH).then(|| record.msg_id());
         out.push(DeadLetterEntry {
             dlq_seq: message.sequence,
             agent: record.agent.to_string(),
@@ -107,26 +116,33 @@ pub async fn list(
             at: message.time,
             text,
             message_id: Some(record.message_id).filter(|id| !id.is_nil()),
+            identity,
             payload: message.payload,
         });
     }
     Ok(out)
 }
 
-/// The id of the replay of dead letter `dlq_seq`, whose message had id
-/// `original`: the first 16 bytes of a SHA-256 over both, stamped as a
-/// version 8 (custom) UUID. The same dead letter always gives the same id;
-/// another dead letter of the same message (dead-lettered again after a
-/// replay, say) another one.
-pub fn replay_id(original: Uuid, dlq_seq: u64) -> Uuid {
-    let digest = Sha256::new()
-        .chain_update(b"mesh.replay.id/v1")
-        .chain_update(original.as_bytes())
-        .chain_update(dlq_seq.to_be_bytes())
-        .finalize();
+/// The id of the replay of a dead letter named by `key`: the first 16 bytes
+/// of a SHA-256 over it, stamped as a version 8 (custom) UUID. The key is the
+/// dead letter's identity ([`DeadLetterEntry::identity`]: agent, message id
+/// and store time, the same after `mesh restore` renumbers `MESH_DLQ`, and
+/// the same for two dead letters of one stored message); for a dead letter
+/// stored before those headers existed, the original's id and the dead
+/// letter's sequence ([`replay_key`]).
+pub fn replay_id(key: &str) -> Uuid {
+    let digest = Sha256::new().chain_update(b"mesh.replay.id/v2").chain_update(key.as_bytes()).finalize();
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// The key [`replay_id`] hashes for `entry`, whose message had id `original`.
+pub fn replay_key(entry: &DeadLetterEntry, original: Uuid) -> String {
+    match &entry.identity {
+        Some(identity) => identity.clone(),
+        None => format!("legacy-{}-{original}-{}", entry.agent, entry.dlq_seq),
+    }
 }
 
 /// The envelope a replay publishes: the id [`replay_id`] derives, the
@@ -141,7 +157,7 @@ pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envel
     let (original, _) = Envelope::decode(&entry.payload, &arrival).ok()?;
     let mut replay =
         Envelope::new(original.from.clone(), Recipient::Agent(agent.clone()), original.text.clone()).ok()?;
-    replay.id = replay_id(original.id, entry.dlq_seq);
+    replay.id = replay_id(&replay_key(entry, original.id));
     replay.kind = original.kind;
     replay.priority = original.priority;
     replay.reply_to = original.reply_to.clone();
@@ -152,13 +168,37 @@ pub fn replay_envelope(entry: &DeadLetterEntry, agent: &AgentId) -> Option<Envel
     Some(replay)
 }
 
-/// What a replay did.
+/// What a replay did, per dead letter.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReplayReport {
     /// New message ids, by dead-letter sequence.
     pub replayed: Vec<(u64, String)>,
+    /// Dead letters whose replay was stored (by this run or an earlier
+    /// one) but which another replay removed first, with the replay's id.
+    pub already_removed: Vec<(u64, String)>,
     /// Dead letters left alone, with why.
     pub skipped: Vec<(u64, String)>,
+    /// Dead letters that failed, with what to do: kept (or replayed but
+    /// not removed) as the reason says.
+    pub failed: Vec<(u64, String)>,
+}
+
+impl ReplayReport {
+    /// One line per dead letter, in the order above.
+    pub fn lines(&self) -> Vec<String> {
+        let replayed = self.replayed.iter().map(|(seq, id)| format!("dead letter {seq} replayed as {id}"));
+        let removed = self.already_removed.iter().map(|(seq, id)| {
+            format!("dead letter {seq} replayed as {id} (another replay had already removed it: delivered once)")
+        });
+        let skipped = self.skipped.iter().map(|(seq, why)| format!("dead letter {seq} skipped: {why}"));
+        let failed = self.failed.iter().map(|(seq, why)| format!("dead letter {seq} failed: {why}"));
+        replayed.chain(removed).chain(skipped).chain(failed).collect()
+    }
+
+    /// Whether nothing was there to replay.
+    pub fn is_empty(&self) -> bool {
+        self.replayed.is_empty() && self.already_removed.is_empty() && self.skipped.is_empty() && self.failed.is_empty()
+    }
 }
 
 /// Replays up to `n` dead letters of `agent`, oldest first.
@@ -170,11 +210,38 @@ pub async fn replay(
 ) -> Result<ReplayReport, DlqError> {
     let target = publish::resolve_target(registry, agent)?;
     let entries = list(js, Some(&target.id), n).await?;
-    let stream = dlq_stream(js).await?;
     mesh_runtime::nats::ensure_consumer(js, &target.id, target.consumer_tuning()).await.map_err(SendError::from)?;
+    replay_entries(js, &target.id, entries).await
+}
+
+/// Whether deleting a dead letter failed because it is no longer there:
+/// nats-server answers 10043 (sequence not found) or 10057 ("no message
+/// found") for a message another replay removed.
+fn already_removed(kind: &DeleteMessageErrorKind) -> bool {
+    match kind {
+        DeleteMessageErrorKind::JetStream(e) => {
+            e.error_code() == ErrorCode::SEQUENCE_NOT_FOUND
+                || (e.error_code() == ErrorCode::STREAM_MESSAGE_DELETE_FAILED
+                    && e.to_string().contains("no message found"))
+        }
+        _ => false,
+    }
+}
+
+/// Replays `entries` (listed before) for `agent`, each on its own: one
+/// that fails is reported and the batch goes on, except after a failed
+/// publish (NATS is likely unreachable), which reports the rest as not
+/// attempted.
+pub async fn replay_entries(
+    js: &async_nats::jetstream::Context,
+    agent: &AgentId,
+    entries: Vec<DeadLetterEntry>,
+) -> Result<ReplayReport, DlqError> {
+    let stream = dlq_stream(js).await?;
     let mut report = ReplayReport::default();
-    for entry in entries {
-        let Some(envelope) = replay_envelope(&entry, &target.id) else {
+    let mut entries = entries.into_iter();
+    while let Some(entry) = entries.next() {
+        let Some(envelope) = replay_envelope(&entry, agent) else {
             report
                 .skipped
                 .push((entry.dlq_seq, "payload does not decode to a message; inspect it and fix the sender".into()));
@@ -182,19 +249,68 @@ pub async fn replay(
         };
         // The same id on every attempt: a replay stored before (a crash
         // before the removal, another operator) is answered `duplicate`.
-        publish::publish(js, &envelope).await?;
-        match stream.delete_message(entry.dlq_seq).await {
-            Ok(_) => {}
-            // Another replay of the same dead letter removed it first.
-            Err(e) if matches!(e.kind(), DeleteMessageErrorKind::JetStream(ref js) if js.error_code() == ErrorCode::NO_MESSAGE_FOUND) =>
-                {}
+        let (seq, duplicate) = match publish::publish(js, &envelope).await {
+            Ok(ack) => ack,
             Err(e) => {
-                return Err(DlqError::NotRemoved { seq: entry.dlq_seq, id: envelope.id, reason: e.to_string() });
+                report.failed.push((entry.dlq_seq, format!("{e}; the dead letter is kept: replay it again")));
+                for rest in entries.by_ref() {
+                    let why = "not attempted after the failed publish above; the dead letter is kept: replay it again";
+                    report.failed.push((rest.dlq_seq, why.into()));
+                }
+                break;
             }
+        };
+        if duplicate && let Err(why) = stored_replay_matches(js, seq, &envelope).await {
+            report.failed.push((entry.dlq_seq, why));
+            continue;
         }
-        report.replayed.push((entry.dlq_seq, envelope.id.to_string()));
+        match stream.delete_message(entry.dlq_seq).await {
+            Ok(_) => report.replayed.push((entry.dlq_seq, envelope.id.to_string())),
+            Err(e) if already_removed(&e.kind()) => {
+                report.already_removed.push((entry.dlq_seq, envelope.id.to_string()));
+            }
+            Err(e) => report.failed.push((
+                entry.dlq_seq,
+                DlqError::NotRemoved { seq: entry.dlq_seq, id: envelope.id, reason: e.to_string() }.to_string(),
+            )),
+        }
     }
     Ok(report)
+}
+
+/// Checks that the message a `duplicate` ack points at (agents stream
+/// sequence `seq`) is this replay: same id, subject, sender, text, kind,
+/// `reply_to`, hop count and origin. Anything else (a message someone
+/// stored under the predictable replay id) keeps the dead letter.
+async fn stored_replay_matches(js: &async_nats::jetstream::Context, seq: u64, replay: &Envelope) -> Result<(), String> {
+    let keep = "the dead letter is kept; inspect the agents stream message and remove the dead letter by hand once it is handled";
+    let stream = js
+        .get_stream(layout::agents_stream(1).name)
+        .await
+        .map_err(|e| format!("cannot check the stored replay {}: {e}; {keep}", replay.id))?;
+    let stored = stream
+        .get_raw_message(seq)
+        .await
+        .map_err(|e| format!("cannot read the stored replay {} (sequence {seq}): {e}; {keep}", replay.id))?;
+    let arrival = Arrival { to: replay.to.clone(), fallback_id: Uuid::nil(), stored_at: stored.time };
+    let same = replay.to.subject().is_some_and(|s| s.to_string() == stored.subject.as_str())
+        && Envelope::decode(&stored.payload, &arrival).is_ok_and(|(e, _)| {
+            e.id == replay.id
+                && e.from == replay.from
+                && e.text == replay.text
+                && e.kind == replay.kind
+                && e.reply_to == replay.reply_to
+                && e.hops == replay.hops
+                && e.metadata.get(REPLAY_OF) == replay.metadata.get(REPLAY_OF)
+        });
+    if same {
+        Ok(())
+    } else {
+        Err(format!(
+            "replay id {} is already taken by another message (agents stream sequence {seq}), not this replay; {keep}",
+            replay.id
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -218,6 +334,7 @@ mod tests {
             text: Some("hello".into()),
             message_id: Some(original.id),
             payload: original.encode().unwrap().into(),
+            identity: None,
         };
         let replay = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
         assert_ne!(replay.id, original.id);
@@ -227,8 +344,12 @@ mod tests {
         // Derived, not random: a second replay of the same dead letter has the same id.
         let again = replay_envelope(&entry, &"nova".parse().unwrap()).unwrap();
         assert_eq!((again.id, replay.id.get_version_num()), (replay.id, 8));
-        assert_eq!(replay.id, replay_id(original.id, 7));
-        assert_ne!(replay_id(original.id, 8), replay.id, "another dead letter of the message");
+        assert_eq!(replay.id, replay_id(&format!("legacy-nova-{}-7", original.id)), "no identity: the sequence");
+        let named = DeadLetterEntry { identity: Some("dlq-nova-x-1".into()), ..entry.clone() };
+        let renumbered = DeadLetterEntry { dlq_seq: 1, ..named.clone() };
+        let nova = "nova".parse().unwrap();
+        let (a, b) = (replay_envelope(&named, &nova).unwrap(), replay_envelope(&renumbered, &nova).unwrap());
+        assert_eq!(a.id, b.id, "named by its identity, not its sequence");
         // An expired message replays without its expiry.
         let expiring = original.clone().with_ttl(std::time::Duration::from_secs(2)).unwrap();
         let expired = DeadLetterEntry {

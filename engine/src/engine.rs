@@ -41,6 +41,9 @@ pub enum Platform {
     Mcp,
 }
 
+/// How many dead letters of a removed agent `agents remove` counts at most.
+const DEAD_LETTERS_REPORTED: usize = 1000;
+
 impl Platform {
     /// The name used in the audit trail.
     pub fn as_str(self) -> &'static str {
@@ -251,9 +254,19 @@ pub enum CommandError {
     /// `confirm` reached execution without a pending action.
     #[error("nothing to confirm")]
     NothingToConfirm,
+    /// A refusal of the registry lifecycle (`agents add|remove`) whose one
+    /// line says what to do; its causes are named in the text.
+    #[error("{0}")]
+    Refused(String),
     /// `mesh up` is only admitted by the engine; the terminal runs it.
     #[error("mesh up runs in the terminal itself; it is only admitted here")]
     UpNotHere,
+}
+
+impl From<String> for CommandError {
+    fn from(message: String) -> Self {
+        Self::Refused(message)
+    }
 }
 
 /// The clock the engine reads (confirmation windows, audit times).
@@ -742,18 +755,18 @@ impl Engine {
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
                 let report = self.mesh()?.replay(&registry, &agent, count as usize).await?;
-                let ids: Vec<String> = report.replayed.iter().map(|(_, id)| id.clone()).collect();
-                if report.replayed.is_empty() && report.skipped.is_empty() {
+                let ids: Vec<String> =
+                    report.replayed.iter().chain(&report.already_removed).map(|(_, id)| id.clone()).collect();
+                if report.is_empty() {
                     return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
                 }
-                let lines = report
-                    .replayed
-                    .iter()
-                    .map(|(seq, id)| format!("dead letter {seq} replayed as {id}"))
-                    .chain(report.skipped.iter().map(|(seq, why)| format!("dead letter {seq} skipped: {why}")));
-                let reply = Reply::ok(format!("replayed {} dead letters of {agent}", ids.len()))
-                    .with_lines(None, lines)
-                    .with_data(&report);
+                let head = format!("replayed {} dead letters of {agent}", ids.len());
+                let reply = if report.failed.is_empty() {
+                    Reply::ok(head)
+                } else {
+                    Reply::warn(format!("{head}, {} failed (kept; see below)", report.failed.len()))
+                };
+                let reply = reply.with_lines(None, report.lines()).with_data(&report);
                 Ok(Executed::with_ids(reply, ids))
             }
             Command::Audit { count } => {
@@ -855,46 +868,114 @@ impl Engine {
                 ))
             }
             command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
-                let changed = crate::agents::change(&self.config.registry_path, &self.config.allowed_hosts, &command)?;
+                let path = &self.config.registry_path;
+                // Held from reading the registry to renaming the new one in.
+                let _lock = crate::agents::lock(path).map_err(|e| e.to_string())?;
+                let planned =
+                    crate::agents::plan(path, &self.config.allowed_hosts, &command).map_err(|e| e.to_string())?;
+                let mut lines = Vec::new();
+                let mut create = None;
+                match &command {
+                    // A new registration starts afresh: a consumer left over from an
+                    // earlier agent of the same id (its backlog, old broadcasts) goes
+                    // first, before the registry lets anyone send to the new agent.
+                    Command::AgentsAdd { agent, .. } => {
+                        let id = AgentId::parse(&agent.id).map_err(|e| e.to_string())?;
+                        let retired = match self.mesh() {
+                            Ok(mesh) => mesh.retire(std::slice::from_ref(&id), true).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let retired = retired.map_err(|e| {
+                            format!(
+                                "{id} not added: cannot check for a consumer left over from an earlier agent {id} \
+                                 ({e}); its messages would reach the new agent: retry when NATS is reachable"
+                            )
+                        })?;
+                        lines.push(retired);
+                        create = (!agent.inactive).then_some(id);
+                    }
+                    // Nothing not delivered is dropped unless asked for.
+                    Command::AgentsRemove { agent, drop_backlog: false, .. } => {
+                        let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
+                        let backlog = match self.mesh() {
+                            Ok(mesh) => mesh.backlog(&id).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match backlog {
+                            Ok(Some((held, after))) if held > 0 => {
+                                return Err(CommandError::Refused(format!(
+                                    "{agent} not removed: its consumer agent-{id} holds {held} messages not delivered \
+                                     yet (stream sequences after {after}); let its listener deliver them, or run \
+                                     `mesh agents remove {agent} --drop-backlog` to drop them"
+                                )));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                return Err(CommandError::Refused(format!(
+                                    "{agent} not removed: cannot check what its consumer still holds ({e}); retry \
+                                     when NATS is reachable, or pass --drop-backlog"
+                                )));
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+                let changed = crate::agents::commit(path, planned).map_err(|e| e.to_string())?;
+                drop(_lock);
                 let kept = match &changed.backup {
                     Some(backup) => format!("previous version kept as {}", backup.display()),
                     None => "a new file".to_owned(),
                 };
                 let title = format!("{} in {} ({kept})", changed.done, changed.registry.display());
                 let mut reply = Reply::ok(title).with_data(&changed);
-                // A new registration starts afresh: a consumer left over from an
-                // earlier agent of the same id (its backlog, old broadcasts) goes,
-                // and so does the consumer of a removed or inactive agent.
-                let (retire, create) = match &command {
-                    Command::AgentsAdd { agent, .. } => (AgentId::parse(&agent.id).ok(), !agent.inactive),
-                    Command::AgentsRemove { agent, .. } => (AgentId::parse(agent).ok(), false),
-                    _ => (None, false),
-                };
-                if let Some(id) = retire {
+                if !lines.is_empty() {
+                    reply = reply.with_lines(None, lines);
+                }
+                // The consumer of a removed or inactive agent goes (with its
+                // backlog only when --drop-backlog said so).
+                if let Command::AgentsRemove { agent, drop_backlog, .. } = &command {
+                    let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
                     let retired = match self.mesh() {
-                        Ok(mesh) => mesh.retire(std::slice::from_ref(&id)).await.map_err(|e| e.to_string()),
+                        Ok(mesh) => {
+                            mesh.retire(std::slice::from_ref(&id), *drop_backlog).await.map_err(|e| e.to_string())
+                        }
                         Err(e) => Err(e.to_string()),
                     };
                     let line = match retired {
                         Ok(done) => done,
                         Err(e) => format!(
                             "warning: consumer agent-{id} not deleted ({e}); the bot (`mesh bot`) deletes it when it \
-                             sees the change, else a re-added {id} gets what it held"
+                             sees the change, once it holds nothing not delivered"
                         ),
                     };
                     reply = reply.with_lines(None, [line]);
-                    if create {
-                        // Its consumer exists from now on, so nothing sent before its listener runs is lost.
-                        let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
-                        let line = match self.provision(&[(id.clone(), tuning)]).await {
-                            Ok(done) => done,
-                            Err(e) => format!(
-                                "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
-                                 when it runs, and the listener waits for it until then"
-                            ),
+                    // Its dead letters stay (30 days): say so, a re-used id could replay them.
+                    if let Ok(mesh) = self.mesh()
+                        && let Ok(left) = mesh.dead_letters(Some(&id), DEAD_LETTERS_REPORTED).await
+                        && !left.is_empty()
+                    {
+                        let n = if left.len() >= DEAD_LETTERS_REPORTED {
+                            format!("{}+", left.len())
+                        } else {
+                            left.len().to_string()
                         };
-                        reply = reply.with_lines(None, [line]);
+                        reply = reply.with_lines(None, [format!(
+                            "warning: {n} dead letters of {id} stay in the dead-letter stream (30 days); `mesh dlq {id}` \
+                             lists them, and `mesh dlq replay {id}` would deliver them to any agent registered as {id} later"
+                        )]);
                     }
+                }
+                if let Some(id) = create {
+                    // Its consumer exists from now on, so nothing sent before its listener runs is lost.
+                    let tuning = self.registry()?.get(&id).map(|a| a.consumer_tuning()).unwrap_or_default();
+                    let line = match self.provision(&[(id.clone(), tuning)]).await {
+                        Ok(done) => done,
+                        Err(e) => format!(
+                            "warning: consumer agent-{id} not created yet ({e}); the bot (`mesh bot`) creates it \
+                             when it runs, and the listener waits for it until then"
+                        ),
+                    };
+                    reply = reply.with_lines(None, [line]);
                 }
                 Ok(Executed::reply(reply))
             }

@@ -185,8 +185,12 @@ impl Mesh for FakeMesh {
         ready(Ok(format!("consumers in place ({} agents)", agents.len())))
     }
 
-    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
+    fn retire<'a>(&'a self, agents: &'a [AgentId], _drop_backlog: bool) -> BoxFuture<'a, Result<String, MeshError>> {
         ready(Ok(format!("consumers deleted ({} agents)", agents.len())))
+    }
+
+    fn backlog<'a>(&'a self, _agent: &'a AgentId) -> BoxFuture<'a, Result<Option<(u64, u64)>, MeshError>> {
+        ready(Ok(None))
     }
 
     fn maintenance<'a>(
@@ -482,7 +486,19 @@ async fn without_a_mesh_local_commands_run_and_say_the_audit_was_not_stored() {
         },
         check: false,
     };
-    let handled = engine.handle_command(Request::terminal(&add, "cli:ops"), add).await;
+    // Adding needs NATS (a consumer left over from an earlier nova goes first): refused, nothing written.
+    let handled = engine.handle_command(Request::terminal(&add, "cli:ops"), add.clone()).await;
+    assert!(handled.reply.title.starts_with("nova not added"), "{}", handled.reply.title);
+    assert!(!registry_path.exists());
+    crate::agents::change(&registry_path, &Default::default(), &add).unwrap();
+    let rotate = Command::AgentsRotate {
+        agent: "nova".into(),
+        hooks_token: Some("env:MESH_TOKEN_NOVA_HOOK_2".into()),
+        gateway_token: None,
+        mesh_token: None,
+        check: false,
+    };
+    let handled = engine.handle_command(Request::terminal(&rotate, "cli:ops"), rotate).await;
     assert_eq!(handled.reply.tone, Tone::Ok, "{}", handled.reply.title);
     assert_eq!(handled.audit_error.as_deref(), Some("cannot reach NATS"));
     use std::os::unix::fs::PermissionsExt;

@@ -148,8 +148,12 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     /// `agents` (listeners may not); says what is in place.
     fn provision<'a>(&'a self, agents: &'a [(AgentId, ConsumerTuning)]) -> BoxFuture<'a, Result<String, MeshError>>;
     /// Deletes the consumers of `agents` (removed, made inactive, or about to
-    /// be registered afresh); says what each still held.
-    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>>;
+    /// be registered afresh); says what each still held. One holding messages
+    /// not delivered is kept unless `drop_backlog`.
+    fn retire<'a>(&'a self, agents: &'a [AgentId], drop_backlog: bool) -> BoxFuture<'a, Result<String, MeshError>>;
+    /// How many messages `agent`'s consumer holds not delivered and its ack
+    /// floor (stream sequence); `None` without a consumer.
+    fn backlog<'a>(&'a self, agent: &'a AgentId) -> BoxFuture<'a, Result<Option<(u64, u64)>, MeshError>>;
     /// Runs a maintenance window; `progress` sees each step.
     fn maintenance<'a>(
         &'a self,
@@ -327,8 +331,12 @@ impl Mesh for NatsMesh {
         })
     }
 
-    fn retire<'a>(&'a self, agents: &'a [AgentId]) -> BoxFuture<'a, Result<String, MeshError>> {
-        Box::pin(async move { Ok(crate::provision::retire(&self.js, agents).await?) })
+    fn retire<'a>(&'a self, agents: &'a [AgentId], drop_backlog: bool) -> BoxFuture<'a, Result<String, MeshError>> {
+        Box::pin(async move { Ok(crate::provision::retire(&self.js, agents, drop_backlog, None).await?) })
+    }
+
+    fn backlog<'a>(&'a self, agent: &'a AgentId) -> BoxFuture<'a, Result<Option<(u64, u64)>, MeshError>> {
+        Box::pin(async move { Ok(mesh_runtime::nats::consumer_backlog(&self.js, agent).await?) })
     }
 
     fn maintenance<'a>(

@@ -6,11 +6,14 @@
 //! reachable; senders create their target's consumer before publishing.
 //!
 //! An agent's consumer lives as long as the agent is registered and active:
-//! `mesh agents remove` (with `--keep` too) deletes it, `mesh agents add`
-//! deletes one left over from an earlier agent of the same id before creating
-//! it, and the bot deletes the consumer of an agent it sees removed or made
-//! inactive in the registry. So a re-activated or re-used id receives nothing
-//! sent before its (re)activation: no old broadcasts, no earlier backlog.
+//! `mesh agents remove` (with `--keep` too) deletes it (one holding a backlog
+//! only with `--drop-backlog`), `mesh agents add` deletes one left over from an
+//! earlier agent of the same id before writing the registry, and the bot
+//! deletes the consumer of an agent it sees removed or made inactive in the
+//! registry when it holds nothing and predates the removal (it never drops a
+//! backlog, nor retires every agent in one pass). So a re-activated or re-used
+//! id receives nothing sent before its (re)activation: no old broadcasts, no
+//! earlier backlog (except one the bot kept).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -62,23 +65,41 @@ async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTun
 }
 
 /// Deletes the consumers of `agents` (removed or made inactive), saying what
-/// each still held; an agent without one is skipped.
-pub async fn retire(js: &jetstream::Context, agents: &[AgentId]) -> Result<String, NatsError> {
+/// each still held; an agent without one is skipped. One still holding
+/// messages not delivered is deleted only when `drop_backlog` says so, and
+/// kept (with a warning naming them) otherwise.
+///
+/// `seen`: when the bot saw the removal; a consumer created since (the
+/// agent added back) is kept.
+pub async fn retire(
+    js: &jetstream::Context,
+    agents: &[AgentId],
+    drop_backlog: bool,
+    seen: Option<time::OffsetDateTime>,
+) -> Result<String, NatsError> {
     let mut done = Vec::new();
     for id in agents {
-        match nats::delete_consumer(js, id).await? {
-            Some(held) => {
+        match nats::delete_consumer(js, id, drop_backlog, seen).await? {
+            nats::Retired::Deleted { held } => {
                 if held > 0 {
                     warn!(agent = %id, dropped = held, "consumer deleted with messages it had not delivered; they stay in the stream until they age out, undelivered");
                 } else {
                     info!(agent = %id, "consumer deleted");
                 }
-                done.push(format!("agent-{id} ({held} undelivered messages dropped)"));
+                done.push(format!("agent-{id} deleted ({held} undelivered messages dropped)"));
             }
-            None => done.push(format!("agent-{id} (there was none)")),
+            nats::Retired::Kept { held, after } => {
+                warn!(agent = %id, held, after_stream_seq = after, "consumer of a removed or inactive agent kept: it holds messages not delivered; re-add the agent to deliver them, or delete the consumer by hand to drop them");
+                done.push(format!(
+                    "agent-{id} kept: it holds {held} messages not delivered (stream sequences after {after}); \
+                     re-add {id} to deliver them, or `nats consumer rm MESH_AGENTS agent-{id}` drops them"
+                ));
+            }
+            nats::Retired::Newer => done.push(format!("agent-{id} kept (created after the removal was seen)")),
+            nats::Retired::None => done.push(format!("agent-{id} (there was none)")),
         }
     }
-    Ok(format!("consumers deleted: {}; a re-added agent starts with messages sent after it", done.join(", ")))
+    Ok(format!("consumers: {}; a re-added agent starts with messages sent after it", done.join(", ")))
 }
 
 /// The active agents of `before` that `after` no longer has active.
@@ -139,6 +160,8 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
     let mut paused_at: Option<tokio::time::Instant> = None;
     loop {
         let outcome = async {
+            // Consumers created from now on (an agent added back) are never retired by this pass.
+            let seen = time::OffsetDateTime::now_utc();
             let registry = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
                 .map_err(|e| e.to_string())?;
             let fresh = done.as_ref().is_some_and(|(r, at)| *r == registry && at.elapsed() < RECHECK_EVERY);
@@ -148,13 +171,23 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
             ensure_mesh(&js, config.replicas).await.map_err(|e| e.to_string())?;
             if let Some((before, _)) = &done {
                 let gone = retired(before, &registry);
+                let active = before.active().count();
+                // A `{}` written by a script, a stale copy: never retire every agent in one pass.
+                let bulk = gone.len() > 1 && gone.len() == active;
+                if bulk {
+                    warn!(
+                        agents = active,
+                        "the registry no longer lists any of the active agents; their consumers are kept: remove agents with `mesh agents remove`, or delete a consumer by hand"
+                    );
+                }
                 // Read once more right before deleting: an agent added back
                 // meanwhile (`mesh agents add` recreates its consumer) keeps it.
                 let now = mesh_runtime::registry_file::load(&config.registry_path, &config.allowed_hosts)
                     .map_err(|e| e.to_string())?;
-                let gone: Vec<_> = gone.into_iter().filter(|id| !now.get(id).is_some_and(Agent::is_active)).collect();
+                let gone: Vec<_> =
+                    gone.into_iter().filter(|id| !bulk && !now.get(id).is_some_and(Agent::is_active)).collect();
                 if !gone.is_empty() {
-                    retire(&js, &gone).await.map_err(|e| e.to_string())?;
+                    retire(&js, &gone, false, Some(seen)).await.map_err(|e| e.to_string())?;
                 }
             }
             let n = ensure_agents(&js, &registry, config.tuning).await.map_err(|e| e.to_string())?;

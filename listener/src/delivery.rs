@@ -358,21 +358,18 @@ async fn dead_letter<G: Gateway>(
 }
 
 /// Where a reply to `original` goes: the registry says whether the target is
-/// an active agent, JetStream whether its consumer exists. A target the
-/// listener's copy of the registry does not know (an agent added since its
-/// last poll) is looked up once more in the registry file before it is refused.
+/// an active agent, JetStream whether its consumer exists. The registry file
+/// is read again for every reply (the listener's copy is up to a poll old: a
+/// target removed or made inactive by hand meanwhile would still look
+/// active); only when it cannot be read is the last copy used.
 async fn check_route<G>(deps: &Deps<G>, original: &Envelope) -> Result<Route, ReplyOutcome> {
-    let registry = deps.registry.borrow().clone();
-    let routed = match reply::route(original, &registry) {
-        Err(reason) => match crate::registry_file::load(&deps.registry_path, &deps.allowed_hosts) {
-            Ok(fresh) if fresh != *registry => reply::route(original, &fresh),
-            Ok(_) => Err(reason),
-            Err(e) => {
-                debug!(error = %e, "reading the registry again failed; refusing the reply target on the last copy");
-                Err(reason)
-            }
-        },
-        routed => routed,
+    let routed = match crate::registry_file::load(&deps.registry_path, &deps.allowed_hosts) {
+        Ok(fresh) => reply::route(original, &fresh),
+        Err(e) => {
+            debug!(error = %e, "reading the registry again failed; routing the reply on the last copy");
+            let registry = deps.registry.borrow().clone();
+            reply::route(original, &registry)
+        }
     };
     match routed {
         Err(reason) => Err(ReplyOutcome::Refused(reason)),
@@ -433,7 +430,8 @@ async fn publish_reply<G: Gateway>(
         Err(junk) => return ReplyOutcome::Refused(junk),
     };
     let Some(text) = text else {
-        warn!(agent, msg_id = %original.id, "chat response had no reply text; nothing to route back");
+        let tool_calls = hook::asks_for_tools(&response.body);
+        warn!(agent, msg_id = %original.id, tool_calls, "chat response had no reply text (tool calls are not run by the mesh); acked, nothing routed back");
         return ReplyOutcome::Done;
     };
     let hops = original.hops.saturating_add(1);

@@ -136,8 +136,12 @@ fn endpoint(agent: &Agent, path: &str) -> Url {
     agent.gateway_base().join(path).expect("a relative path always joins onto a base URL")
 }
 
-/// The reply text of an OpenAI-style chat completion response: `Ok(None)`
-/// for a completion without text (no choice, empty or null content), `Err`
+/// The reply text of an OpenAI-style chat completion response: the first
+/// choice's `message.content`, a string or an array of parts whose
+/// `{"type": "text", "text": ...}` parts are joined (other parts skipped).
+/// `Ok(None)` for a completion without text (no choice, empty or null
+/// content, an answer of tool calls only: the mesh runs no tools, the
+/// message is acked and the listener logs it), `Err`
 /// for a body that is no chat completion at all (not JSON, no `choices`
 /// list: a proxy's page, another endpoint's answer), which says what came.
 pub fn chat_reply(body: &[u8]) -> Result<Option<String>, String> {
@@ -150,8 +154,27 @@ pub fn chat_reply(body: &[u8]) -> Result<Option<String>, String> {
             body.len()
         ));
     }
-    let text = value.pointer("/choices/0/message/content").and_then(serde_json::Value::as_str).unwrap_or("");
-    Ok((!text.trim().is_empty()).then(|| text.to_owned()))
+    let text = match value.pointer("/choices/0/message/content") {
+        Some(serde_json::Value::String(text)) => text.clone(),
+        Some(serde_json::Value::Array(parts)) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(serde_json::Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(serde_json::Value::as_str))
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    };
+    Ok((!text.trim().is_empty()).then_some(text))
+}
+
+/// Whether the first choice of a chat completion asks for tool calls.
+pub fn asks_for_tools(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/choices/0/message/tool_calls").and_then(serde_json::Value::as_array).map(|a| !a.is_empty())
+        })
+        .unwrap_or(false)
 }
 
 /// The reply text of an OpenAI-style chat completion response, if any.
@@ -267,5 +290,18 @@ mod tests {
             let err = chat_reply(body).expect_err(&String::from_utf8_lossy(body));
             assert!(err.starts_with("the gateway answered 2xx but not with a chat completion"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_chat_reply_may_be_an_array_of_text_parts_or_tool_calls_only() {
+        let parts = json!({"choices": [{"message": {"content": [
+            {"type": "text", "text": "hello "}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "kaan"}
+        ]}}]});
+        assert_eq!(chat_reply(parts.to_string().as_bytes()).unwrap().as_deref(), Some("hello kaan"));
+        let tools =
+            json!({"choices": [{"message": {"content": null, "tool_calls": [{"id": "1", "type": "function"}]}}]});
+        assert_eq!(chat_reply(tools.to_string().as_bytes()).unwrap(), None);
+        assert!(asks_for_tools(tools.to_string().as_bytes()));
+        assert!(!asks_for_tools(parts.to_string().as_bytes()));
     }
 }

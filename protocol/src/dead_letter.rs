@@ -51,7 +51,8 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The dedup id of the dead-letter publish: `dlq-<agent>-<message id>-<stored at, ns>`.
     /// It names one stored message for one agent, so a crash between storing
-    /// the dead letter and terminating the original cannot store it twice,
+    /// the dead letter and terminating the original cannot store it twice
+    /// (within the stream's 2-minute duplicate window),
     /// and JetStream answering `duplicate` means this very dead letter is
     /// stored already. It does not use the stream sequence: sequences
     /// restart after `mesh restore`, and a new dead letter must not be taken

@@ -280,25 +280,72 @@ pub async fn consumer_tuning(js: &jetstream::Context, agent: &AgentId) -> Result
     }
 }
 
-/// Deletes an agent's durable consumer, when it has one (an agent removed or
-/// made inactive: re-activated, the id starts afresh with a new consumer and
-/// receives nothing older). Returns how many messages it still held for the
-/// agent (pending and unacked), `None` when there was no consumer. Those
-/// messages stay in the stream until they age out; nobody will deliver them.
-pub async fn delete_consumer(js: &jetstream::Context, agent: &AgentId) -> Result<Option<u64>, NatsError> {
+/// What [`delete_consumer`] found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// There was no consumer.
+    None,
+    /// Deleted; it held this many messages not delivered (pending and unacked).
+    Deleted { held: u64 },
+    /// Kept: it holds `held` messages not delivered, those after stream
+    /// sequence `after` (its ack floor), and dropping them was not allowed.
+    Kept { held: u64, after: u64 },
+    /// Kept: it was created after the removal was seen (the agent was added
+    /// back meanwhile).
+    Newer,
+}
+
+/// How many messages an agent's consumer holds not delivered (pending and
+/// unacked) and its ack floor (stream sequence), `None` without a consumer.
+pub async fn consumer_backlog(js: &jetstream::Context, agent: &AgentId) -> Result<Option<(u64, u64)>, NatsError> {
     let spec = layout::agent_consumer(agent, ConsumerTuning::default());
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
-    let held = match stream.consumer_info(&spec.durable).await {
-        Ok(info) => info.num_pending + info.num_ack_pending as u64,
-        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => return Ok(None),
+    match stream.consumer_info(&spec.durable).await {
+        Ok(info) => Ok(Some((info.num_pending + info.num_ack_pending as u64, info.ack_floor.stream_sequence))),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
+        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+    }
+}
+
+/// Deletes an agent's durable consumer, when it has one (an agent removed or
+/// made inactive: re-activated, the id starts afresh with a new consumer and
+/// receives nothing older). A consumer still holding messages not delivered
+/// is deleted only when `drop_backlog` allows it (the messages stay in the
+/// stream until they age out; nobody will deliver them); otherwise it is
+/// kept. A message arriving between the look-up and the deletion is dropped
+/// with it.
+///
+/// `created_before`: delete only a consumer created before that time (the
+/// moment a removal was seen), never one an `agents add` created since.
+pub async fn delete_consumer(
+    js: &jetstream::Context,
+    agent: &AgentId,
+    drop_backlog: bool,
+    created_before: Option<time::OffsetDateTime>,
+) -> Result<Retired, NatsError> {
+    let spec = layout::agent_consumer(agent, ConsumerTuning::default());
+    let stream = js
+        .get_stream_no_info(spec.stream)
+        .await
+        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+    let info = match stream.consumer_info(&spec.durable).await {
+        Ok(info) => info.clone(),
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => return Ok(Retired::None),
         Err(e) => return Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
     };
+    let (held, after) = (info.num_pending + info.num_ack_pending as u64, info.ack_floor.stream_sequence);
+    if created_before.is_some_and(|seen| info.created >= seen) {
+        return Ok(Retired::Newer);
+    }
+    if held > 0 && !drop_backlog {
+        return Ok(Retired::Kept { held, after });
+    }
     match stream.delete_consumer(&spec.durable).await {
-        Ok(_) => Ok(Some(held)),
-        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Ok(_) => Ok(Retired::Deleted { held }),
+        Err(e) if e.to_string().contains("not found") => Ok(Retired::None),
         Err(e) => Err(NatsError::JetStream(format!("deleting consumer {}: {e}", spec.durable))),
     }
 }

@@ -54,6 +54,8 @@ pub struct RecordingGateway {
     inner: Arc<Mutex<Inner>>,
     count: watch::Receiver<usize>,
     count_tx: Arc<watch::Sender<usize>>,
+    /// While true, requests are recorded but not answered.
+    latch: Arc<watch::Sender<bool>>,
     /// Address it listens on.
     pub addr: std::net::SocketAddr,
 }
@@ -64,7 +66,8 @@ impl RecordingGateway {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("binding the gateway");
         let addr = listener.local_addr().expect("local addr");
         let (count_tx, count) = watch::channel(0);
-        let gateway = Self { inner: Arc::default(), count, count_tx: Arc::new(count_tx), addr };
+        let latch = Arc::new(watch::channel(false).0);
+        let gateway = Self { inner: Arc::default(), count, count_tx: Arc::new(count_tx), latch, addr };
         let app = Router::new().fallback(any(record)).with_state(gateway.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -80,6 +83,16 @@ impl RecordingGateway {
     /// Answers the next requests with these statuses, in order, then 200 again.
     pub fn script(&self, statuses: impl IntoIterator<Item = u16>) {
         self.lock().script.extend(statuses);
+    }
+
+    /// Holds every answer (requests are still recorded) until [`Self::release`].
+    pub fn hold(&self) {
+        self.latch.send_replace(true);
+    }
+
+    /// Answers the held requests and those after them.
+    pub fn release(&self) {
+        self.latch.send_replace(false);
     }
 
     /// Waits this long before answering each request.
@@ -199,6 +212,7 @@ async fn record(
         (status, inner.delay, inner.chat_reply.clone())
     };
     gw.count_tx.send_modify(|c| *c += 1);
+    let _ = gw.latch.subscribe().wait_for(|held| !held).await;
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }

@@ -33,7 +33,8 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     mesh_bot::publish::send(&js, &registry(), "test", "nova", "backlog of the first nova", Priority::Normal)
         .await
         .unwrap();
-    let removed = mesh(&nats, &fixture, &["agents", "remove", "nova"]).await;
+    // Dropping it is asked for: without --drop-backlog the removal is refused (agents.rs).
+    let removed = mesh(&nats, &fixture, &["agents", "remove", "nova", "--drop-backlog"]).await;
     mesh_bot::publish::broadcast(&js, &registry(), "test", "while nova was away", Priority::Normal).await.unwrap();
 
     // The id is used again.
@@ -49,7 +50,7 @@ async fn a_re_added_agent_gets_neither_old_broadcasts_nor_the_previous_backlog()
     assert_eq!(texts, ["[mesh] Message from test: welcome back"], "only what was sent after the re-add");
     assert_eq!(got[0].authorization.as_deref(), Some("Bearer nova-hook-token"));
     assert!(
-        removed.contains("agent-nova (1 undelivered messages dropped)"),
+        removed.contains("agent-nova deleted (1 undelivered messages dropped)"),
         "the removal says what it dropped: {removed}"
     );
     nova.stop().await.unwrap();

@@ -12,7 +12,11 @@ use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn mesh(fixture: &Fixture, args: &[&str]) -> Output {
-    mesh_command("nats://127.0.0.1:1", &fixture.registry).args(args).output().await.unwrap()
+    mesh_at("nats://127.0.0.1:1", fixture, args).await
+}
+
+async fn mesh_at(url: &str, fixture: &Fixture, args: &[&str]) -> Output {
+    mesh_command(url, &fixture.registry).args(args).output().await.unwrap()
 }
 
 fn text(out: &Output) -> String {
@@ -25,6 +29,7 @@ fn registry_text(fixture: &Fixture) -> String {
 
 #[tokio::test]
 async fn add_list_remove_validate_and_keep_a_backup() {
+    let nats = TestNats::start().await;
     let gw = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gw, true)]);
     let secret = fixture.secret_file("kaan-hook", "kaan-secret-1\n");
@@ -59,26 +64,27 @@ async fn add_list_remove_validate_and_keep_a_backup() {
         ),
         (vec!["agents", "remove", "nvoa"], "unknown agent \"nvoa\""),
     ] {
-        let out = mesh(&fixture, &args).await;
+        let out = mesh_at(&nats.url(), &fixture, &args).await;
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(text(&out).contains(want), "{args:?}: {}", text(&out));
         assert!(!text(&out).contains("s3cret-lit") && !text(&out).contains("kaan-secret-1"));
         assert_eq!(registry_text(&fixture), before, "{args:?} changed the registry");
     }
 
-    let out = mesh(
-        &fixture,
-        &["agents", "add", "kaan", "--hooks-url", "http://kaan:7002/hooks/wake", "--hooks-token", &token_ref],
-    )
-    .await;
+    let add = ["agents", "add", "kaan", "--hooks-url", "http://kaan:7002/hooks/wake", "--hooks-token", &token_ref];
+    // NATS not reachable: a consumer left over from an earlier kaan cannot be
+    // deleted first, so nothing is written (its backlog would reach the new kaan).
+    let out = mesh(&fixture, &add).await;
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("kaan not added"), "{}", text(&out));
+    assert_eq!(registry_text(&fixture), before);
+    let out = mesh_at(&nats.url(), &fixture, &add).await;
     assert!(out.status.success(), "{}", text(&out));
-    // NATS is not reachable here: the registry is written all the same, and it says who creates the consumer.
-    assert!(text(&out).contains("warning: consumer agent-kaan not created yet"), "{}", text(&out));
-    assert!(text(&out).contains("the bot (`mesh bot`) creates it when it runs"), "{}", text(&out));
+    assert!(text(&out).contains("consumers in place (agent-kaan)"), "{}", text(&out));
     let backup = fixture.dir().join("tokens.json.bak");
     assert_eq!(std::fs::read_to_string(&backup).unwrap(), before);
 
-    let out = mesh(&fixture, &["agents", "list", "--json"]).await;
+    let out = mesh_at(&nats.url(), &fixture, &["agents", "list", "--json"]).await;
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = &reply["data"];
     assert_eq!(rows[0]["id"], "kaan");
@@ -86,10 +92,10 @@ async fn add_list_remove_validate_and_keep_a_backup() {
     assert_eq!(rows[1]["id"], "nova");
     assert_eq!(rows[1]["hooks_token"], "literal(***)", "a literal token is never listed");
 
-    let out = mesh(&fixture, &["agents", "remove", "kaan", "--keep"]).await;
+    let out = mesh_at(&nats.url(), &fixture, &["agents", "remove", "kaan", "--keep"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(registry_text(&fixture).contains("\"inactive\""));
-    let out = mesh(&fixture, &["agents", "remove", "kaan"]).await;
+    let out = mesh_at(&nats.url(), &fixture, &["agents", "remove", "kaan"]).await;
     assert!(out.status.success(), "{}", text(&out));
     assert!(!registry_text(&fixture).contains("kaan"));
     assert!(std::fs::read_to_string(&backup).unwrap().contains("kaan"), "backup holds the previous version");
@@ -173,4 +179,105 @@ async fn a_rotated_token_is_used_at_once_and_the_old_one_no_more() {
         assert_eq!(r.authorization.as_deref(), Some("Bearer new-token-2"), "{}", r.text());
     }
     listener.stop().await.unwrap();
+}
+
+/// Review of issue 20: `agents remove` drops nothing not delivered unless
+/// `--drop-backlog` says so, and says how much and where.
+#[tokio::test]
+async fn a_removal_that_would_drop_a_backlog_is_refused_without_drop_backlog() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
+    for text in ["one", "two"] {
+        mesh_bot::publish::send(&js, &registry, "test", "nova", text, mesh_protocol::Priority::Normal).await.unwrap();
+    }
+    let before = registry_text(&fixture);
+    for args in [vec!["agents", "remove", "nova"], vec!["agents", "remove", "nova", "--keep"]] {
+        let out = mesh_at(&nats.url(), &fixture, &args).await;
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("holds 2 messages not delivered"), "{}", text(&out));
+        assert!(text(&out).contains("--drop-backlog"), "{}", text(&out));
+        assert_eq!(registry_text(&fixture), before, "the registry is left alone");
+    }
+    let stream = js.get_stream("MESH_AGENTS").await.unwrap();
+    assert_eq!(stream.consumer_info("agent-nova").await.unwrap().num_pending, 2, "the backlog is kept");
+    // An earlier dead letter of nova's, as a listener stores it.
+    let record = mesh_protocol::dead_letter::DeadLetter {
+        agent: "nova".parse().unwrap(),
+        reason: "gateway answered HTTP 404; not retried".into(),
+        status: Some(404),
+        attempts: 1,
+        subject: "agents.nova.inbox".into(),
+        stream_seq: 1,
+        message_id: uuid::Uuid::new_v4(),
+        stored_at: time::OffsetDateTime::now_utc(),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in record.headers() {
+        headers.insert(name, value.as_str());
+    }
+    js.publish_with_headers("mesh.dlq.nova", headers, "old".into()).await.unwrap().await.unwrap();
+
+    let out = mesh_at(&nats.url(), &fixture, &["agents", "remove", "nova", "--drop-backlog"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("2 undelivered messages dropped"), "{}", text(&out));
+    assert!(text(&out).contains("1 dead letters of nova stay"), "{}", text(&out));
+    assert!(stream.consumer_info("agent-nova").await.is_err(), "the consumer is gone");
+    assert!(!registry_text(&fixture).contains("nova"));
+}
+
+/// Review of issue 20: the bot deletes only empty consumers of removed agents
+/// and never retires every agent in one pass (a `{}` written by a script).
+#[tokio::test]
+async fn the_bot_never_drops_a_backlog_nor_retires_every_agent_at_once() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture =
+        Fixture::registry(&[("nova", &gw, true), ("kaan", &gw, true), ("rex", &gw, true), ("zed", &gw, true)]);
+    let js = nats.jetstream().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let config = mesh_bot::provision::FollowConfig {
+        registry_path: fixture.registry.clone(),
+        poll: Duration::from_millis(50),
+        replicas: mesh_protocol::layout::Replicas::Auto,
+        allowed_hosts: Default::default(),
+        tuning: None,
+    };
+    let follow = tokio::spawn(mesh_bot::provision::follow(js.clone(), config, stop.clone().cancelled_owned()));
+    let exists = |id: &'static str| {
+        let js = js.clone();
+        async move { js.get_stream("MESH_AGENTS").await.unwrap().consumer_info(format!("agent-{id}")).await.is_ok() }
+    };
+    let wait = |id: &'static str, want: bool| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while exists(id).await != want {
+            assert!(tokio::time::Instant::now() < deadline, "agent-{id} exists: {} within {WAIT:?}", !want);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    for id in ["nova", "kaan", "rex", "zed"] {
+        wait(id, true).await;
+    }
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
+    mesh_bot::publish::send(&js, &registry, "test", "nova", "pending", mesh_protocol::Priority::Normal).await.unwrap();
+    let entry = |id: &str| serde_json::json!({"hooks_token": format!("{id}-token"), "hooks_url": gw.hooks_url()});
+    let write = |agents: serde_json::Value| std::fs::write(&fixture.registry, agents.to_string()).unwrap();
+
+    // nova (one message pending) and rex (nothing) removed by hand in one edit.
+    write(serde_json::json!({"kaan": entry("kaan"), "zed": entry("zed")}));
+    wait("rex", false).await;
+    let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-nova").await.unwrap().clone();
+    assert_eq!(info.num_pending, 1, "nova's consumer and its backlog are kept");
+
+    // Every remaining agent gone at once, then a new one: nobody is retired.
+    write(serde_json::json!({}));
+    write(serde_json::json!({"amy": entry("amy")}));
+    wait("amy", true).await;
+    for id in ["kaan", "zed", "nova"] {
+        assert!(exists(id).await, "agent-{id} kept");
+    }
+    stop.cancel();
+    follow.await.unwrap();
 }

@@ -226,3 +226,100 @@ async fn a_body_without_an_id_gets_a_key_that_does_not_repeat_after_a_restore() 
     assert_ne!(before, after, "another message, another key");
     listener.stop().await.unwrap();
 }
+
+/// Three dead letters of nova, listed; the gateway then answers 200.
+async fn three_dead_letters(
+    nats: &TestNats,
+    gw: &RecordingGateway,
+    fixture: &Fixture,
+) -> (ListenerHandle, Vec<mesh_bot::dlq::DeadLetterEntry>) {
+    let js = nats.jetstream().await;
+    let listener = ListenerHandle::one(fixture, nats, "nova");
+    gw.script([404, 404, 404]);
+    for text in ["one", "two", "three"] {
+        mesh_bot::publish::send(&js, &load(fixture), "test", "nova", text, Priority::Normal).await.unwrap();
+    }
+    wait_dead_letters(&js, 3).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    let entries = mesh_bot::dlq::list(&js, Some(&"nova".parse().unwrap()), 10).await.unwrap();
+    assert_eq!(entries.len(), 3);
+    (listener, entries)
+}
+
+#[tokio::test]
+async fn a_dead_letter_removed_by_another_replay_does_not_stop_the_batch() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, entries) = three_dead_letters(&nats, &gw, &fixture).await;
+    let nova = "nova".parse().unwrap();
+    // Another operator replays the second one between our list and our replay.
+    let theirs = mesh_bot::dlq::replay_envelope(&entries[1], &nova).unwrap();
+    mesh_bot::publish::publish(&js, &theirs).await.unwrap();
+    js.get_stream("MESH_DLQ").await.unwrap().delete_message(entries[1].dlq_seq).await.unwrap();
+
+    let report = mesh_bot::dlq::replay_entries(&js, &nova, entries.clone()).await.unwrap();
+    let seqs = |list: &[(u64, String)]| list.iter().map(|(seq, _)| *seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&report.replayed), [entries[0].dlq_seq, entries[2].dlq_seq], "{report:?}");
+    assert_eq!(report.already_removed, [(entries[1].dlq_seq, theirs.id.to_string())], "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(report.lines().iter().any(|l| l.contains("another replay had already removed it")), "{report:?}");
+    // Three 404s, then each message once more: the second replay was stored once.
+    gw.wait_for(6, WAIT).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(gw.requests().len(), 6, "{:?}", gw.requests());
+    assert!(dead_letters(&js).await.is_empty());
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replay_id_taken_by_another_message_keeps_the_dead_letter() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, entries) = three_dead_letters(&nats, &gw, &fixture).await;
+    // Someone who may publish to nova's inbox stores a message under the
+    // (predictable) id the first dead letter's replay will have.
+    let nova = "nova".parse().unwrap();
+    let mut squatter = mesh_bot::dlq::replay_envelope(&entries[0], &nova).unwrap();
+    squatter.text = "something else".into();
+    mesh_bot::publish::publish(&js, &squatter).await.unwrap();
+
+    let out = mesh_command(&nats.url(), &fixture.registry).args(["dlq", "replay", "nova", "3"]).output().await.unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains(&format!("dead letter {} failed", entries[0].dlq_seq)), "{said}");
+    assert!(said.contains("already taken by another message"), "{said}");
+    let left = dead_letters(&js).await;
+    assert_eq!(left.len(), 1, "only the squatted dead letter is kept: {said}");
+    // The other two were replayed: three 404s, the squatter, two replays.
+    gw.wait_for(6, WAIT).await;
+    listener.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_letter_keeps_its_replay_id_when_a_restore_renumbers_it() {
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let a = TestNats::start().await;
+    let js_a = a.jetstream().await;
+    let listener = ListenerHandle::one(&fixture, &a, "nova");
+    gw.script([404, 404]);
+    for text in ["first", "second"] {
+        mesh_bot::publish::send(&js_a, &load(&fixture), "test", "nova", text, Priority::Normal).await.unwrap();
+    }
+    wait_dead_letters(&js_a, 2).await;
+    listener.stop().await.unwrap();
+    let nova = "nova".parse().unwrap();
+    let first = mesh_bot::dlq::list(&js_a, Some(&nova), 10).await.unwrap()[0].dlq_seq;
+    js_a.get_stream("MESH_DLQ").await.unwrap().delete_message(first).await.unwrap();
+    let before = mesh_bot::dlq::list(&js_a, Some(&nova), 10).await.unwrap();
+    let id_before = mesh_bot::dlq::replay_envelope(&before[0], &nova).unwrap().id;
+
+    let b = TestNats::start().await;
+    age_out_back_up_and_restore(&a, &b, &fixture).await;
+    let after = mesh_bot::dlq::list(&b.jetstream().await, Some(&nova), 10).await.unwrap();
+    assert_ne!(after[0].dlq_seq, before[0].dlq_seq, "the restore renumbers MESH_DLQ");
+    assert_eq!(mesh_bot::dlq::replay_envelope(&after[0], &nova).unwrap().id, id_before);
+}

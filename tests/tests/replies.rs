@@ -320,8 +320,8 @@ async fn a_reply_target_removed_while_the_agent_answers_is_dead_lettered() {
     let nats = TestNats::start().await;
     let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
     nova_gw.set_chat_reply("hello kaan");
-    // A slow agent: the answer comes two seconds after the request.
-    nova_gw.set_delay(Duration::from_secs(2));
+    // A slow agent: the answer comes when the test releases it.
+    nova_gw.hold();
     let fixture = Fixture::from_json(
         &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
     );
@@ -335,6 +335,7 @@ async fn a_reply_target_removed_while_the_agent_answers_is_dead_lettered() {
     std::fs::write(&fixture.registry, serde_json::json!({"nova": chat_agent(&nova_gw, "nova")}).to_string()).unwrap();
     let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
     stream.delete_consumer("agent-kaan").await.expect("deleting kaan's consumer");
+    nova_gw.release();
 
     let (record, original) = wait_for_dead_letter(&js).await;
     wait_until_settled(&js, "nova", WAIT).await;
@@ -343,5 +344,40 @@ async fn a_reply_target_removed_while_the_agent_answers_is_dead_lettered() {
     assert_eq!(record.status, Some(200));
     assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into the removed agent's inbox");
     assert_eq!(nova_gw.requests().len(), 1);
+    nova.stop().await.expect("stop");
+}
+
+/// Review of issue 20: the check before publishing a reply reads the
+/// registry file, not the listener's copy (up to a poll old): a target made
+/// inactive by hand while the agent answers is refused at once.
+#[tokio::test]
+async fn a_reply_target_made_inactive_by_hand_is_refused_before_the_next_poll() {
+    let nats = TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    nova_gw.set_chat_reply("hello kaan");
+    nova_gw.hold();
+    let fixture = Fixture::from_json(
+        &serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": wake_agent(&kaan_gw, "kaan")}),
+    );
+    let js = nats.jetstream().await;
+    let nova = ListenerHandle::one(&fixture, &nats, "nova");
+    ensure_consumer(&js, "kaan").await;
+    let id = send(&js, &fixture, "kaan", "nova", "hello").await;
+    nova_gw.wait_for(1, WAIT).await;
+    // kaan made inactive by hand; its consumer is still there (the bot deletes it later).
+    let mut kaan = wake_agent(&kaan_gw, "kaan");
+    kaan["status"] = serde_json::json!("inactive");
+    std::fs::write(
+        &fixture.registry,
+        serde_json::json!({"nova": chat_agent(&nova_gw, "nova"), "kaan": kaan}).to_string(),
+    )
+    .unwrap();
+    nova_gw.release();
+
+    let (record, original) = wait_for_dead_letter(&js).await;
+    wait_until_settled(&js, "nova", WAIT).await;
+    assert_eq!(original["id"], id.to_string());
+    assert!(record.reason.starts_with("reply target kaan "), "{}", record.reason);
+    assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into the inactive agent's inbox");
     nova.stop().await.expect("stop");
 }

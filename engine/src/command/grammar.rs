@@ -291,6 +291,8 @@ pub enum Command {
         agent: String,
         /// Keep the entry, marked inactive.
         keep: bool,
+        /// Delete the consumer even when it holds messages not delivered yet.
+        drop_backlog: bool,
     },
     /// Point an agent at new tokens (terminal only).
     AgentsRotate {
@@ -420,7 +422,12 @@ impl fmt::Display for Command {
                 write!(f, "{}{}{}", opt("delivery", &a.delivery), opt("model", &a.model), opt("name", &a.name))?;
                 write!(f, "{}{}", if a.inactive { " --inactive" } else { "" }, if *check { "" } else { " --no-check" })
             }
-            Self::AgentsRemove { agent, keep } => write!(f, "{name} {agent}{}", if *keep { " --keep" } else { "" }),
+            Self::AgentsRemove { agent, keep, drop_backlog } => write!(
+                f,
+                "{name} {agent}{}{}",
+                if *keep { " --keep" } else { "" },
+                if *drop_backlog { " --drop-backlog" } else { "" }
+            ),
             Self::AgentsRotate { agent, hooks_token, gateway_token, mesh_token, check } => write!(
                 f,
                 "{name} {agent}{}{}{}{}",

@@ -351,7 +351,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
     CommandSpec {
         kind: CommandKind::AgentsRemove,
         name: "agents remove",
-        usage: "agents remove <agent> [--keep]",
+        usage: "agents remove <agent> [--keep] [--drop-backlog]",
         summary: "remove an agent from the registry (or mark it inactive)",
         notes: &[],
         access: Access::AtLeast(Role::Director),
@@ -505,7 +505,7 @@ mod tests {
         assert_eq!(topic("ki"), None);
         assert_eq!(
             usage_of("agents"),
-            "agents | agents list | agents add <agent> --hooks-url <url> --hooks-token <ref> [...] | agents remove <agent> [--keep] | agents rotate <agent> --hooks-token <ref> | --gateway-token <ref>"
+            "agents | agents list | agents add <agent> --hooks-url <url> --hooks-token <ref> [...] | agents remove <agent> [--keep] [--drop-backlog] | agents rotate <agent> --hooks-token <ref> | --gateway-token <ref>"
         );
     }
 
