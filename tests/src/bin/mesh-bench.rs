@@ -15,8 +15,7 @@ use mesh_tests::bench::{self, ListenerProcess, Row, Sink};
 use mesh_tests::soak::{self, SoakConfig};
 
 const BACKLOG: usize = 20_000;
-const USAGE: &str =
-    "usage: mesh-bench [--quick] [--forward-only] [--sync-always] [--json PATH] (build with --release; needs nats-server on PATH)";
+const USAGE: &str = "usage: mesh-bench [--quick] [--forward-only] [--sync-always] [--json PATH] (build with --release; needs nats-server on PATH)";
 const KNOWN: [&str; 4] = ["--quick", "--forward-only", "--sync-always", "--json"];
 /// Soak defaults: messages, rate, messages between RSS samples.
 const SOAK: SoakConfig = SoakConfig { messages: 1_000_000, rate: 2_500.0, sample_every: 50_000 };
