@@ -96,12 +96,17 @@ async fn announce_agent(js: &jetstream::Context, fleet: &kv::Store, agent: &str,
             None
         }
     };
-    if entry.as_ref().is_some_and(|e| e.value.as_ref() == state.as_bytes()) {
+    let current = entry.as_ref().map(|e| e.value.as_ref());
+    if current == Some(state.as_bytes()) || current == Some(format!("seen-{state}").as_bytes()) {
         debug!(agent, state, "already announced by another replica");
         return;
     }
     let revision = entry.as_ref().map_or(0, |e| e.revision);
-    publish_once(js, event, &format!("agent:{agent}:{state}:{revision}")).await;
+    // Up again before its going down was ever announced (a listener still
+    // starting when the first round looked): nothing to say, only record it.
+    if !(up && current == Some(b"seen-down".as_slice())) {
+        publish_once(js, event, &format!("agent:{agent}:{state}:{revision}")).await;
+    }
     let swapped = match entry {
         Some(_) => {
             fleet.update(agent, state.as_bytes().to_vec().into(), revision).await.map(drop).map_err(|e| e.to_string())
@@ -115,12 +120,13 @@ async fn announce_agent(js: &jetstream::Context, fleet: &kv::Store, agent: &str,
 
 /// Records what this replica sees on its first round, without announcing:
 /// a change that happened while no bot watched is not news, and the next one is.
+/// It is kept as `seen-up`/`seen-down` (not announced), and only for agents
+/// the bucket knows nothing of: a state another replica announced stays.
 async fn record_seen(fleet: &kv::Store, view: &FleetView) {
     for (agent, up) in &view.up {
-        let state: &[u8] = if *up { b"up" } else { b"down" };
-        let current = fleet.get(agent.as_str()).await.ok().flatten();
-        if current.as_deref() != Some(state) {
-            let _ = fleet.put(agent.as_str(), state.to_vec().into()).await;
+        let state: &[u8] = if *up { b"seen-up" } else { b"seen-down" };
+        if matches!(fleet.get(agent.as_str()).await, Ok(None)) {
+            let _ = fleet.create(agent.as_str(), state.to_vec().into()).await;
         }
     }
 }
