@@ -45,12 +45,26 @@ fi
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v strip >/dev/null || missing+=(binutils)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ "${#missing[@]}" -eq 0 ]; then
   say "docker-compose present ($(docker-compose version --short 2>/dev/null || echo unknown))"
 else
   say "installing ${missing[*]} (Debian packages)"
   apt_install "${missing[@]}"
   command -v docker-compose >/dev/null || die "docker-compose did not install; install Debian's docker-compose package by hand"
+fi
+
+# chromium and chromium-driver (Debian packages): the web console's browser tests
+# (tests/tests/web.rs) drive a headless Chromium through chromedriver.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+if [ "${#missing[@]}" -eq 0 ]; then
+  say "chromium and chromedriver present ($(/usr/bin/chromedriver --version 2>/dev/null | cut -d' ' -f2))"
+else
+  say "installing ${missing[*]} (Debian packages, for the web console's browser tests)"
+  apt_install "${missing[@]}"
+  [ -x /usr/bin/chromedriver ] || die "chromedriver did not install; install Debian's chromium-driver package by hand"
 fi
 
 # cargo-nextest: the test runner of scripts/test.sh (a time limit per test).

@@ -1,6 +1,7 @@
 //! The `mesh` command line: global options, subcommands, and exit codes.
 //! Errors are one line on stderr and a non-zero exit.
 
+use mesh_runtime::error_text::one_line;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -109,11 +110,15 @@ pub enum Command {
         #[command(subcommand)]
         grade: KillGrade,
     },
-    /// Release the kill switch (the whole mesh, or one agent).
+    /// Release the kill switch (the whole mesh, or one agent); ending a hard
+    /// or nuclear kill asks for a confirmation code, as the kill did.
     Resume {
         /// Only this agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Confirm without the prompt (ending a hard or nuclear kill).
+        #[arg(long)]
+        yes: bool,
     },
     /// Maintenance window: announce, wait, soft-pause, resume, ping, announce again.
     Maintenance {
@@ -357,11 +362,11 @@ async fn run(args: Args) -> ExitCode {
     match execute(args).await {
         Ok(code) => code,
         Err(e) if json => {
-            print_json_error(&crate::command::Reply::error(format!("{e:#}")));
+            print_json_error(&crate::command::Reply::error(one_line(e.chain())));
             ExitCode::FAILURE
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(e.chain()));
             ExitCode::FAILURE
         }
     }
@@ -572,7 +577,10 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
             options.yes = yes;
             C::KillNuclear { purge }
         }
-        Command::Resume { agent } => C::Resume { agent: agent.as_deref().map(agent_id).transpose()? },
+        Command::Resume { agent, yes } => {
+            options.yes = yes;
+            C::Resume { agent: agent.as_deref().map(agent_id).transpose()? }
+        }
         Command::Maintenance { duration: d, message, lead, from } => {
             options.from = from;
             C::Maintenance {
@@ -626,6 +634,8 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration
         monitor_every,
         docker: settings.docker,
         nats: settings.nats,
+        web: crate::config::web_from_env()?,
+        backlog_warn_after: settings.backlog_warn_after,
     };
     crate::server::run(config, mesh_listener::shutdown::shutdown_signal(), |_| {}).await?;
     Ok(ExitCode::SUCCESS)
@@ -633,7 +643,8 @@ async fn bot(args: &Globals, addr: std::net::SocketAddr, monitor_every: Duration
 
 /// Commands that touch only local files or Docker: they run (and say their
 /// audit record was not stored) when NATS cannot be reached, since that is
-/// when an operator may need them most.
+/// when an operator may need them most. `status` reports what it can then
+/// (containers, registry) and says NATS is unreachable.
 fn works_offline(command: &crate::command::Command) -> bool {
     use crate::command::CommandKind as K;
     matches!(
@@ -645,6 +656,7 @@ fn works_offline(command: &crate::command::Command) -> bool {
             | K::DeployRender
             | K::DeployUp
             | K::Restart
+            | K::Status
             | K::Help
     )
 }
@@ -662,7 +674,7 @@ async fn connect_engine(
     };
     let engine = match connected {
         Ok(engine) => engine,
-        Err(e) if works_offline(command) => Engine::offline(config, format!("{e:#}"), LimitStore::memory()),
+        Err(e) if works_offline(command) => Engine::offline(config, one_line(e.chain()), LimitStore::memory()),
         Err(e) => return Err(e),
     };
     Ok(engine.with_containers(std::sync::Arc::new(settings.docker.clone())))
@@ -722,7 +734,7 @@ fn print_reply(reply: &crate::command::Reply, json: bool) -> anyhow::Result<()> 
 fn prompt_confirmation(instruction: &str, code: &str) -> anyhow::Result<bool> {
     use std::io::{BufRead, IsTerminal, Write};
     if !std::io::stdin().is_terminal() {
-        anyhow::bail!("{instruction}; stdin is not a terminal, so rerun with --yes to confirm");
+        anyhow::bail!("this command needs confirmation and stdin is not a terminal: rerun it with --yes to confirm");
     }
     eprint!("{instruction}\ntype {code} to confirm: ");
     std::io::stderr().flush()?;

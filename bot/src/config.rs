@@ -31,6 +31,9 @@ pub struct Settings {
     pub allowed_hosts: HostAllowList,
     /// `MESH_TWO_PERSON_NUCLEAR`: a second director confirms a nuclear kill.
     pub two_person_nuclear: bool,
+    /// `MESH_CONFIRM_WINDOW`: how long a confirmation code and its buttons
+    /// work (`60s` by default, at most 15m: a Discord interaction token lives 15 minutes).
+    pub confirm_window: std::time::Duration,
     /// `REDIS_URL`, for shared rate limits and dedup (`mesh bot`).
     pub redis_url: Option<String>,
     /// `DOCKER_HOST` and `MESH_COMPOSE_PROJECT`.
@@ -41,6 +44,9 @@ pub struct Settings {
     /// `--ttl`, or why it is malformed (which stops only a broadcast and the
     /// bot's start, never `mesh kill` or `mesh resume`).
     pub broadcast_ttl: Result<Option<std::time::Duration>, String>,
+    /// `MESH_BACKLOG_WARN_AFTER_S`: how long a message may wait undelivered
+    /// before the bot warns that it is about to age out (default 6 days).
+    pub backlog_warn_after: std::time::Duration,
 }
 
 impl Settings {
@@ -51,14 +57,24 @@ impl Settings {
             nats: NatsAuth::from_env()?,
             replicas: mesh_runtime::config::replicas_from_env()?,
             allowed_hosts: mesh_runtime::config::allowed_hosts_from_env(),
-            two_person_nuclear: var(env::MESH_TWO_PERSON_NUCLEAR).is_some_and(|v| v == "1" || v == "true"),
+            two_person_nuclear: two_person_nuclear(var(env::MESH_TWO_PERSON_NUCLEAR).as_deref())?,
+            confirm_window: confirm_window_from_env()?,
             redis_url: var(env::REDIS_URL),
             docker: DockerHost {
                 host: var(crate::docker::HOST_ENV),
-                project: var(crate::docker::PROJECT_ENV).unwrap_or_else(|| crate::docker::DEFAULT_PROJECT.to_owned()),
+                project: crate::docker::Project::from_env(
+                    var(crate::docker::PROJECT_ENV),
+                    crate::docker::own_container_id(),
+                ),
             },
             user: var("USER"),
             broadcast_ttl: broadcast_ttl_from_env().map_err(|e| e.to_string()),
+            backlog_warn_after: match var(env::MESH_BACKLOG_WARN_AFTER_S) {
+                None => crate::backlog::DEFAULT_WARN_AFTER,
+                Some(raw) => raw.trim().parse().map(std::time::Duration::from_secs).map_err(|_| {
+                    anyhow::anyhow!("{}={raw:?} is not a number of seconds", env::MESH_BACKLOG_WARN_AFTER_S)
+                })?,
+            },
         })
     }
 
@@ -66,7 +82,8 @@ impl Settings {
     pub fn engine_config(&self, registry_path: PathBuf, permissions: Permissions) -> EngineConfig {
         EngineConfig {
             confirm: ConfirmConfig {
-                window: crate::command::confirm::CONFIRM_WINDOW,
+                window: time::Duration::try_from(self.confirm_window)
+                    .unwrap_or(crate::command::confirm::CONFIRM_WINDOW),
                 two_person_nuclear: self.two_person_nuclear,
             },
             replicas: self.replicas,
@@ -74,6 +91,36 @@ impl Settings {
             broadcast_ttl: self.broadcast_ttl.clone().unwrap_or_default(),
             ..EngineConfig::new(registry_path, permissions)
         }
+    }
+}
+
+/// [`env::MESH_TWO_PERSON_NUCLEAR`]: `1`, `true`, `on`, `yes` turn the rule on;
+/// unset, empty, `0`, `false`, `off`, `no` leave it off; anything else is an
+/// error (a typo must not switch a security rule off unseen).
+pub fn two_person_nuclear(raw: Option<&str>) -> anyhow::Result<bool> {
+    match raw.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("" | "0" | "false" | "off" | "no") => Ok(false),
+        Some("1" | "true" | "on" | "yes") => Ok(true),
+        Some(other) => anyhow::bail!(
+            "{}={other:?} is not understood; use 1 or true (on), 0 or false (off)",
+            env::MESH_TWO_PERSON_NUCLEAR
+        ),
+    }
+}
+
+/// The confirmation window ([`env::MESH_CONFIRM_WINDOW`]), read once at start.
+pub fn confirm_window_from_env() -> anyhow::Result<std::time::Duration> {
+    let default = std::time::Duration::from_secs(crate::command::confirm::CONFIRM_WINDOW.whole_seconds() as u64);
+    match std::env::var(env::MESH_CONFIRM_WINDOW) {
+        Ok(raw) if !raw.trim().is_empty() => match crate::command::grammar::parse_duration(raw.trim()) {
+            Ok(window) if window <= std::time::Duration::from_secs(15 * 60) => Ok(window),
+            Ok(_) => anyhow::bail!(
+                "{}: at most 15m (a Discord interaction token lives 15 minutes)",
+                env::MESH_CONFIRM_WINDOW
+            ),
+            Err(e) => anyhow::bail!("{}: {e}; unset it (60s) or use 30s, 2m", env::MESH_CONFIRM_WINDOW),
+        },
+        _ => Ok(default),
     }
 }
 
@@ -130,10 +177,18 @@ pub mod env {
     pub const MESH_PERMISSIONS: &str = "MESH_PERMISSIONS";
     /// Two-person rule for nuclear.
     pub const MESH_TWO_PERSON_NUCLEAR: &str = "MESH_TWO_PERSON_NUCLEAR";
+    /// How long a confirmation code and its buttons work (`30s`, `2m`; default 60s).
+    pub const MESH_CONFIRM_WINDOW: &str = "MESH_CONFIRM_WINDOW";
     /// Time to live of a broadcast sent without `--ttl` (`30s`, `5m`, `2h`; unset: none).
     pub const MESH_BROADCAST_TTL: &str = "MESH_BROADCAST_TTL";
     /// Redis URL.
     pub const REDIS_URL: &str = "REDIS_URL";
+    /// The web console's users file (name -> `env:`/`file:` token reference).
+    pub const MESH_WEB_USERS: &str = "MESH_WEB_USERS";
+    /// Proxies (IP addresses, comma separated) whose `X-Forwarded-Proto: https` is believed.
+    pub const MESH_WEB_TRUSTED_PROXIES: &str = "MESH_WEB_TRUSTED_PROXIES";
+    /// Seconds a message may wait undelivered before the bot warns it is about to age out.
+    pub const MESH_BACKLOG_WARN_AFTER_S: &str = "MESH_BACKLOG_WARN_AFTER_S";
 }
 
 fn secret_from_env(var: &str, file_var: Option<&str>) -> anyhow::Result<Option<Secret>> {
@@ -257,4 +312,141 @@ pub fn token_from_env() -> anyhow::Result<String> {
         return Ok(token.trim().to_owned());
     }
     anyhow::bail!("set {MESH_TOKEN_ENV} to the agent's mesh_token (the registry's reference for it)")
+}
+
+/// Why the web console's settings cannot be used (`mesh bot` does not start: fail closed).
+#[derive(Debug, thiserror::Error)]
+pub enum WebConfigError {
+    /// The users file cannot be read.
+    #[error("cannot read the web users file {path} ({}); fix the path or unset it", env::MESH_WEB_USERS)]
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The users file is not a JSON object of names to token references.
+    #[error(
+        "the web users file {path} ({}) is invalid; write {{\"alice\": \"env:MESH_TOKEN_ALICE\"}}",
+        env::MESH_WEB_USERS
+    )]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The fault.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A token reference that is not `env:` or `file:`, or does not resolve.
+    #[error("web user {user}: {problem}")]
+    Token {
+        /// The user.
+        user: String,
+        /// What is wrong, and what to do.
+        problem: String,
+    },
+    /// The users are unusable (name, length, shared token).
+    #[error(transparent)]
+    Users(#[from] crate::web::auth::WebUsersError),
+    /// A proxy address that is not an IP address.
+    #[error(
+        "{} has {value:?}, which is not an IP address; list the proxies' addresses, comma separated",
+        env::MESH_WEB_TRUSTED_PROXIES
+    )]
+    Proxy {
+        /// The entry as written.
+        value: String,
+    },
+}
+
+/// The web console's settings: none when `MESH_WEB_USERS` is unset. Tokens
+/// are `env:NAME` or `file:PATH` references (a `file:` only inside
+/// `secrets/` beside the users file or `/run/secrets`), resolved once, here.
+pub fn web_from_env() -> Result<Option<crate::web::WebConfig>, WebConfigError> {
+    let Some(path) = std::env::var_os(env::MESH_WEB_USERS).filter(|p| !p.to_string_lossy().trim().is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(path);
+    let proxies = std::env::var(env::MESH_WEB_TRUSTED_PROXIES).unwrap_or_default();
+    web_from_file(&path, &proxies).map(Some)
+}
+
+/// Reads a web users file and a proxies list (see [`web_from_env`]).
+pub fn web_from_file(path: &Path, proxies: &str) -> Result<crate::web::WebConfig, WebConfigError> {
+    use mesh_protocol::secret::SecretRef;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| WebConfigError::Unreadable { path: path.to_owned(), source })?;
+    let raw: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&text).map_err(|source| WebConfigError::Invalid { path: path.to_owned(), source })?;
+    let resolver = mesh_runtime::secrets::OsSecrets::for_registry(path);
+    let mut users = Vec::new();
+    for (user, reference) in raw {
+        let token_error = |problem: String| WebConfigError::Token { user: user.clone(), problem };
+        let parsed = SecretRef::parse(&reference).map_err(|e| token_error(e.to_string()))?;
+        if matches!(parsed, SecretRef::Literal(_)) {
+            return Err(token_error("write the token as env:NAME or file:PATH, never the token itself".into()));
+        }
+        let token = parsed.resolve(&resolver).map_err(|e| token_error(e.to_string()))?;
+        users.push((user, token));
+    }
+    let trusted_proxies = proxies
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse().map_err(|_| WebConfigError::Proxy { value: p.to_owned() }))
+        .collect::<Result<_, _>>()?;
+    Ok(crate::web::WebConfig { users: crate::web::auth::WebUsers::new(users)?, trusted_proxies })
+}
+
+#[cfg(test)]
+mod web_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn web_users_resolve_from_the_secrets_directory_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(dir.path().join("secrets/alice"), "alice-token-0123456789\n").unwrap();
+        std::fs::write(dir.path().join("outside"), "outside-token-0123456789").unwrap();
+        let users = dir.path().join("web-users.json");
+        let write = |json: serde_json::Value| std::fs::write(&users, json.to_string()).unwrap();
+        let alice = dir.path().join("secrets/alice").display().to_string();
+        write(serde_json::json!({"alice": format!("file:{alice}")}));
+        let config = web_from_file(&users, "127.0.0.1, ::1").unwrap();
+        assert_eq!(config.users.by_token("alice-token-0123456789"), Some("alice"));
+        assert_eq!(config.trusted_proxies.len(), 2);
+        let outside = dir.path().join("outside").display().to_string();
+        write(serde_json::json!({"bob": format!("file:{outside}")}));
+        let e = web_from_file(&users, "").unwrap_err().to_string();
+        assert!(e.contains("web user bob") && e.contains("outside the secrets directories"), "{e}");
+        write(serde_json::json!({"bob": "bob-token-0123456789"}));
+        let e = web_from_file(&users, "").unwrap_err().to_string();
+        assert!(e.contains("env:NAME or file:PATH"), "{e}");
+        write(serde_json::json!({"bob": "env:MESH_TOKEN_NOT_SET_ANYWHERE_42"}));
+        let e = web_from_file(&users, "").unwrap_err().to_string();
+        assert!(e.contains("MESH_TOKEN_NOT_SET_ANYWHERE_42"), "{e}");
+        write(serde_json::json!({"alice": format!("file:{alice}")}));
+        assert!(web_from_file(&users, "proxy.local").unwrap_err().to_string().contains("not an IP address"));
+        std::fs::write(&users, "[]").unwrap();
+        assert!(web_from_file(&users, "").unwrap_err().to_string().contains("is invalid"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    #[test]
+    fn the_two_person_rule_takes_plain_words_and_refuses_a_typo() {
+        for (raw, on) in [(None, false), (Some(""), false), (Some("0"), false), (Some("off"), false)] {
+            assert_eq!(super::two_person_nuclear(raw).unwrap(), on, "{raw:?}");
+        }
+        for raw in ["1", "true", "TRUE", "on", "yes"] {
+            assert!(super::two_person_nuclear(Some(raw)).unwrap(), "{raw}");
+        }
+        let err = super::two_person_nuclear(Some("ture")).unwrap_err().to_string();
+        assert!(err.contains("MESH_TWO_PERSON_NUCLEAR=\"ture\" is not understood") && !err.contains('\n'), "{err}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `mesh up --demo`: the whole mesh on one machine from one command: a local
 //! nats-server, three demo agents (one per delivery mode) behind demo gateways,
-//! and their listeners, until ctrl-c.
+//! their listeners, and the bot's web console (signed in as `demo`, director,
+//! with a token made for this run), until ctrl-c.
 
 use std::path::PathBuf;
 
@@ -19,6 +20,11 @@ pub struct DemoConfig {
     /// NATS client port.
     pub nats_port: u16,
 }
+
+/// Where the demo's web console listens (another free port when it is taken).
+pub const WEB_ADDR: &str = "127.0.0.1:8080";
+/// The demo's web user (director).
+pub const WEB_USER: &str = "demo";
 
 /// The demo agents: id, delivery mode.
 const AGENTS: [(&str, &str); 3] = [("nova", "wake"), ("kaan", "agent"), ("ada", "chat")];
@@ -56,6 +62,8 @@ pub async fn run(config: DemoConfig, shutdown: impl std::future::Future<Output =
     let mut listener = ListenerConfig::new(nats.url(), &registry_path, Selection::All);
     listener.registry_poll = std::time::Duration::from_secs(1);
     print_banner(&nats, &registry_path);
+    let stop_console = tokio_util::sync::CancellationToken::new();
+    let console = console(&nats.url(), &registry_path, stop_console.clone()).await?;
     // The bot's part: streams, bucket and consumers, which listeners may not create.
     let client = mesh_listener::nats::connect_service(&nats.url(), "mesh-demo", &Default::default()).await?;
     let js = async_nats::jetstream::new(client);
@@ -72,10 +80,58 @@ pub async fn run(config: DemoConfig, shutdown: impl std::future::Future<Output =
     };
     let provisioner = tokio::spawn(crate::provision::follow(js, follow, std::future::pending()));
     let result = mesh_listener::run(listener, shutdown).await;
+    stop_console.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), console).await;
     provisioner.abort();
     nats.stop().await;
     println!("mesh stopped; data kept in {}", data_dir.display());
     result
+}
+
+/// Starts `mesh bot`'s server in this process with the web console, the
+/// user `demo` (director) and a token made for this run, and prints how to sign in.
+async fn console(
+    nats_url: &str,
+    registry: &std::path::Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use crate::command::{Permissions, Principal, Role};
+    let token = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let users = crate::web::auth::WebUsers::new(vec![(WEB_USER.to_owned(), mesh_protocol::Secret::new(&token))])?;
+    let permissions = Permissions::new().grant(Principal::Web(WEB_USER.to_owned()), Role::Director);
+    // 8080 when free, any free port otherwise.
+    let addr = match std::net::TcpListener::bind(WEB_ADDR) {
+        Ok(probe) => probe.local_addr()?,
+        Err(_) => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let config = crate::server::BotConfig {
+        nats_url: nats_url.to_owned(),
+        addr,
+        engine: crate::server::engine_config(registry.to_owned(), permissions),
+        slack: None,
+        discord: None,
+        redis_url: None,
+        monitor_every: std::time::Duration::from_secs(30),
+        docker: crate::docker::DockerHost {
+            host: None,
+            project: crate::docker::Project::Named(crate::docker::DEFAULT_PROJECT.to_owned()),
+        },
+        nats: Default::default(),
+        web: Some(crate::web::WebConfig { users, trusted_proxies: Vec::new() }),
+        backlog_warn_after: crate::backlog::DEFAULT_WARN_AFTER,
+    };
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let on_bound = move |addr| {
+            let _ = bound_tx.send(addr);
+        };
+        if let Err(e) = crate::server::run(config, stop.cancelled_owned(), on_bound).await {
+            eprintln!("the demo's web console stopped: {e:#}");
+        }
+    });
+    let addr = bound_rx.await.context("the demo's web console did not start; see the error above")?;
+    println!("  console:  http://{addr}/  (sign in as {WEB_USER} with token {token})\n");
+    Ok(task)
 }
 
 fn print_banner(nats: &LocalNats, registry: &std::path::Path) {

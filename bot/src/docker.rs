@@ -95,6 +95,32 @@ impl DockerControl {
         }
     }
 
+    /// Connects like [`DockerControl::connect_to`] and manages the compose
+    /// project of the container `own` (this process's own container, by id):
+    /// its [`PROJECT_LABEL`]. A container that cannot be inspected or has no
+    /// such label is [`DockerError::ProjectUnknown`].
+    pub async fn for_container(host: Option<&str>, own: &str) -> Result<Self, DockerError> {
+        let mut control = Self::connect_to(host, "").await?;
+        let inspect = within(control.docker.inspect_container(own, None::<InspectContainerOptions>)).await?;
+        let labels = match inspect {
+            Ok(inspect) => inspect.config.and_then(|c| c.labels).unwrap_or_default(),
+            Err(e) => {
+                return Err(DockerError::ProjectUnknown(format!(
+                    "this process's container {own} cannot be inspected on the engine: {e}"
+                )));
+            }
+        };
+        match labels.get(PROJECT_LABEL).filter(|p| !p.is_empty()) {
+            Some(project) => {
+                control.project = project.clone();
+                Ok(control)
+            }
+            None => Err(DockerError::ProjectUnknown(format!(
+                "this process's container {own} has no {PROJECT_LABEL} label: it was not started by compose"
+            ))),
+        }
+    }
+
     /// The compose project this control manages.
     pub fn project(&self) -> &str {
         &self.project
@@ -172,19 +198,21 @@ impl DockerControl {
         }
     }
 
-    /// Stops every listener container (all at once, each with a grace of
-    /// [`STOP_GRACE_SECS`]); returns their names. Already stopped ones count
-    /// as stopped.
+    /// Stops every running listener container (all at once, each with a
+    /// grace of [`STOP_GRACE_SECS`]); returns the names of those it stopped.
+    /// Already stopped ones are left out: `resume` starts only what the kill
+    /// stopped, never a listener an operator stopped on purpose.
     pub async fn stop_listeners(&self) -> Result<Vec<String>, DockerError> {
-        let listeners = self.listeners().await?;
+        let listeners: Vec<Found> = self.listeners().await?.into_iter().filter(|c| c.running).collect();
         let results = join_all(listeners.iter().map(|c| self.stop(&c.id))).await;
         settle("stopped", listeners, results)
     }
 
-    /// Starts every listener container; returns their names. Already running
-    /// ones count as started.
-    pub async fn start_listeners(&self) -> Result<Vec<String>, DockerError> {
-        let listeners = self.listeners().await?;
+    /// Starts the listener containers named in `names` (those a kill
+    /// stopped); returns their names. Already running ones count as started;
+    /// names no longer found (removed since) are skipped.
+    pub async fn start_listeners(&self, names: &[String]) -> Result<Vec<String>, DockerError> {
+        let listeners: Vec<Found> = self.listeners().await?.into_iter().filter(|c| names.contains(&c.name)).collect();
         let results = join_all(listeners.iter().map(|c| async {
             match within(self.docker.start_container(&c.id, None::<StartContainerOptions>)).await? {
                 Err(e) if !unchanged(&e) => Err(call_err(e)),
@@ -423,6 +451,16 @@ mod tests {
     }
 
     #[test]
+    fn the_project_is_configured_or_the_own_containers_or_the_default_outside_one() {
+        let named = |s: &str| Project::Named(s.to_owned());
+        assert_eq!(Project::from_env(Some("staging".into()), Some(ID.into())), named("staging"));
+        assert_eq!(Project::from_env(None, Some(ID.into())), Project::OwnContainer(ID.into()));
+        assert_eq!(Project::from_env(None, None), named(DEFAULT_PROJECT));
+        let e = DockerError::ProjectUnknown("container x has no label".into());
+        assert!(e.to_string().contains("set MESH_COMPOSE_PROJECT"), "{e}");
+    }
+
+    #[test]
     fn hostname_counts_only_as_a_short_id() {
         assert_eq!(short_id("3c1f0e5b9a7d").as_deref(), Some("3c1f0e5b9a7d"));
         assert_eq!(short_id("mesh-bot"), None);
@@ -441,6 +479,29 @@ mod tests {
     }
 }
 
+/// Which compose project the mesh's containers belong to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Project {
+    /// Named by [`PROJECT_ENV`] (or, outside a container, [`DEFAULT_PROJECT`]).
+    Named(String),
+    /// The project of the container this process runs in (its id): a bot in
+    /// a `mesh-staging` stack acts on `mesh-staging`, never on `mesh`.
+    OwnContainer(String),
+}
+
+impl Project {
+    /// [`PROJECT_ENV`] when set; otherwise the own container's project when
+    /// this process runs in one; otherwise [`DEFAULT_PROJECT`] (the `mesh`
+    /// command on the host, as `mesh deploy up` names the project).
+    pub fn from_env(configured: Option<String>, own_container: Option<String>) -> Self {
+        match (configured, own_container) {
+            (Some(name), _) => Self::Named(name),
+            (None, Some(id)) => Self::OwnContainer(id),
+            (None, None) => Self::Named(DEFAULT_PROJECT.to_owned()),
+        }
+    }
+}
+
 /// The [`Containers`] the engine reaches: the Docker engine at `host` (the
 /// local socket when `None`), connected for each call so an engine that comes
 /// and goes is reported per command.
@@ -449,12 +510,15 @@ pub struct DockerHost {
     /// `DOCKER_HOST`, if set.
     pub host: Option<String>,
     /// The compose project.
-    pub project: String,
+    pub project: Project,
 }
 
 impl DockerHost {
     async fn control(&self) -> Result<DockerControl, DockerError> {
-        DockerControl::connect_to(self.host.as_deref(), &self.project).await
+        match &self.project {
+            Project::Named(name) => DockerControl::connect_to(self.host.as_deref(), name).await,
+            Project::OwnContainer(id) => DockerControl::for_container(self.host.as_deref(), id).await,
+        }
     }
 }
 
@@ -471,8 +535,8 @@ impl Containers for DockerHost {
         Box::pin(async move { self.control().await?.stop_listeners().await })
     }
 
-    fn start_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
-        Box::pin(async move { self.control().await?.start_listeners().await })
+    fn start_listeners<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, DockerError>> {
+        Box::pin(async move { self.control().await?.start_listeners(names).await })
     }
 
     fn nuclear(&self, purge: bool) -> BoxFuture<'_, Result<NuclearReport, DockerError>> {

@@ -10,9 +10,12 @@
 //! - [`cli`]: the `mesh` command line (flags to typed commands; `--json`).
 //! - [`config`]: what `mesh` reads from the environment, once, at start.
 //! - [`server`]: `mesh bot`, the chat bot server.
+//! - [`web`]: the web console `mesh bot` serves (`MESH_WEB_USERS`).
 //! - [`slack`]: the Slack front end. [`discord`]: the Discord front end.
 //! - [`docker`]: `docker::DockerHost`, the engine's containers through bollard.
+//! - [`expiry`]: confirmation prompts edited to "expired" when their window passes.
 //! - [`helpers`]: `mesh deploy probe` and `mesh deploy demo-gateway`.
+//! - [`kill_gauge`]: the kill switch in force as gauges on the bot's `/metrics`.
 //! - [`local_nats`]: a `nats-server` child process (the demo, and the test harness).
 //! - [`demo`]: `mesh up --demo`; [`demo_gateway`]: a gateway that prints what it receives.
 //! - Re-exported from `mesh-engine` under their old paths: [`command`],
@@ -26,14 +29,17 @@ pub mod demo;
 pub mod demo_gateway;
 pub mod discord;
 pub mod docker;
+pub mod expiry;
 pub mod helpers;
+pub mod kill_gauge;
 pub mod local_nats;
 pub mod mcp_stdio;
 pub mod server;
 pub mod slack;
+pub mod web;
 
 // The engine crate's modules, under their old paths (`mesh_bot::engine`, `crate::command`, ...).
 pub use mesh_engine::{
-    agents, audit, backup, command, containers, deploy, dlq, engine, events, killswitch, limits, maintenance, mesh,
-    notify, ping, provision, publish,
+    agents, audit, backlog, backup, command, containers, deploy, dlq, engine, events, killswitch, limits, maintenance,
+    mesh, notify, ping, provision, publish,
 };

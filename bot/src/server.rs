@@ -84,6 +84,11 @@ pub struct BotConfig {
     pub docker: crate::docker::DockerHost,
     /// NATS credentials and inbox prefix.
     pub nats: mesh_runtime::config::NatsAuth,
+    /// The web console, when `MESH_WEB_USERS` names its users.
+    pub web: Option<crate::web::WebConfig>,
+    /// How long a message may wait undelivered before the bot warns that it
+    /// is about to age out of `MESH_AGENTS` ([`crate::backlog`]).
+    pub backlog_warn_after: Duration,
 }
 
 pub use crate::config::{
@@ -167,12 +172,24 @@ pub async fn run(
             info!("slack socket mode enabled");
         }
         if slack.signing_secret.is_some() {
-            app = app.route("/slack/commands", post(slack::commands::handle).with_state(state));
-            info!("slack slash commands on /slack/commands");
+            app = app
+                .route("/slack/commands", post(slack::commands::handle).with_state(state.clone()))
+                .route("/slack/interactions", post(slack::interactions::handle).with_state(state));
+            info!("slack slash commands on /slack/commands, button clicks on /slack/interactions");
         }
     }
     if let Some(discord) = &config.discord {
         app = app.merge(discord_routes(discord, &engine, &js, &config.engine.permissions, &stop)?);
+    }
+    if let Some(web) = &config.web {
+        let sources = crate::web::live::Sources {
+            client: client.clone(),
+            registry_path: config.engine.registry_path.clone(),
+            allowed_hosts: config.engine.allowed_hosts.clone(),
+        };
+        let permissions = config.engine.permissions.clone();
+        app = app.merge(crate::web::routes(web, engine.clone(), client.clone(), sources, permissions, stop.clone()));
+        info!(users = web.users.names().count(), "web console on /");
     }
     // Listeners may not create their consumers: the bot sees to every active agent's, now and on registry changes.
     let provision = crate::provision::FollowConfig {
@@ -192,6 +209,14 @@ pub async fn run(
         stop.clone(),
     ));
     let metrics = mesh_listener::metrics::install();
+    let backlog = crate::backlog::WatchConfig {
+        registry_path: config.engine.registry_path.clone(),
+        allowed_hosts: config.engine.allowed_hosts.clone(),
+        every: config.monitor_every,
+        warn_after: config.backlog_warn_after,
+    };
+    tokio::spawn(crate::backlog::watch(client.clone(), backlog, stop.clone(), mesh_listener::metrics::backlog_age));
+    tokio::spawn(crate::kill_gauge::export(js.clone(), config.engine.replicas, stop.clone()));
     tokio::spawn(mesh_listener::metrics::upkeep(metrics.clone(), mesh_listener::metrics::UPKEEP_EVERY, stop.clone()));
     let health = HealthState { client: client.clone(), metrics };
     let app = app
@@ -210,7 +235,8 @@ pub async fn run(
     info!(addr = %bound, "mesh bot listening");
     on_bound(bound);
     let stop_serving = stop.clone();
-    axum::serve(listener, app)
+    // The peer's address tells whether a trusted proxy forwarded a request (the console's cookie).
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(async move {
             shutdown.await;
             stop_serving.cancel();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use mesh_protocol::registry::RegistryErrors;
 use mesh_protocol::secret::SecretError;
-use mesh_protocol::{Agent, AgentId, Registry, SecretRef, SecretResolver};
+use mesh_protocol::{Agent, AgentId, Registry, RegistryError, SecretRef, SecretResolver};
 
 /// What `mesh agents add` is given (the command core's [`NewAgent`]).
 pub use crate::command::grammar::NewAgent as AddSpec;
@@ -47,6 +47,24 @@ pub enum AgentsError {
     NothingToRotate,
     #[error("{0} is not a registry change")]
     NotAChange(&'static str),
+    /// A consumer left over from an earlier agent of the same id could not be checked.
+    #[error(
+        "{id} not added: cannot check for a consumer left over from an earlier agent {id} ({source}); its messages \
+         would reach the new agent: retry when NATS is reachable"
+    )]
+    LeftoverUnknown { id: AgentId, source: mesh_runtime::nats::Cause },
+    /// The agent's consumer still holds messages not delivered.
+    #[error(
+        "{id} not removed: its consumer agent-{id} holds {held} messages not delivered yet (stream sequences after \
+         {after}); let its listener deliver them, or run `mesh agents remove {id} --drop-backlog` to drop them"
+    )]
+    Backlog { id: AgentId, held: u64, after: u64 },
+    /// What the agent's consumer holds could not be read.
+    #[error(
+        "{id} not removed: cannot check what its consumer still holds ({source}); retry when NATS is reachable, or \
+         pass --drop-backlog"
+    )]
+    BacklogUnknown { id: AgentId, source: mesh_runtime::nats::Cause },
 }
 
 /// A reference given on the command line: `env:` or `file:` only.
@@ -112,10 +130,27 @@ pub fn plan_add(
             check_resolves("--mesh-token", m, resolver)?;
         }
         agent.resolve_tokens(resolver)?;
+        mesh_token_unique(registry, &agent, resolver)?;
     }
     let mut next = registry.clone();
     next.insert(agent);
+    // The whole registry again: a mesh token reference another agent has is refused.
+    Registry::parse(&next.to_json())?;
     Ok(next)
+}
+
+/// Refuses a mesh token whose value another agent's resolves to (different
+/// references, one secret), naming both agents, never the token.
+fn mesh_token_unique(registry: &Registry, agent: &Agent, resolver: &dyn SecretResolver) -> Result<(), AgentsError> {
+    let Some(mine) = agent.mesh_token.as_ref().and_then(|m| m.resolve(resolver).ok()) else { return Ok(()) };
+    for other in registry.agents().filter(|other| other.id != agent.id) {
+        if other.mesh_token.as_ref().and_then(|m| m.resolve(resolver).ok()).is_some_and(|theirs| theirs == mine) {
+            return Err(
+                RegistryError::SharedMeshToken { first: other.id.to_string(), second: agent.id.to_string() }.into()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The registry without `id` (or with it marked inactive).
@@ -181,6 +216,7 @@ pub fn plan_rotate(
             return Err(AgentsError::SameToken { field: flag });
         }
         agent.resolve_tokens(resolver)?;
+        mesh_token_unique(registry, &agent, resolver)?;
     }
     // Re-validate the whole entry through the parser.
     let mut next = registry.clone();
@@ -397,6 +433,8 @@ pub fn plan(
         }
         other => return Err(AgentsError::NotAChange(other.spec().name)),
     };
+    // What every loader will refuse is not written: the new entry's hosts against MESH_HOOKS_ALLOWED_HOSTS.
+    next.check_hosts(allowed)?;
     Ok(Planned { next, done })
 }
 
@@ -541,6 +579,37 @@ mod tests {
         let err =
             plan_rotate(&next, "kaan", TokenField::Mesh, "env:MESH_TOKEN_KAAN_MESH", Some(&r)).unwrap_err().to_string();
         assert!(err.contains("--mesh-token") && err.contains("is the current one"), "{err}");
+    }
+
+    #[test]
+    fn a_mesh_token_is_one_agents_by_reference_and_by_value() {
+        let mut r = resolver();
+        for (var, value) in
+            [("MESH_TOKEN_KAAN_MESH", "km1"), ("MESH_TOKEN_ZED_HOOK", "zh"), ("MESH_TOKEN_ZED_MESH", "km1")]
+        {
+            r.env.insert(var.into(), value.into());
+        }
+        let add =
+            AddSpec { mesh_token: Some("env:MESH_TOKEN_KAAN_MESH".into()), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        let reg = plan_add(&Registry::parse(REG).unwrap(), &add, Some(&r)).unwrap();
+        // The same reference (checked with or without resolving), or another reference to the same value.
+        let same_reference = "env:MESH_TOKEN_KAAN_MESH";
+        let cases: [(&str, Option<&dyn SecretResolver>); 3] =
+            [(same_reference, Some(&r)), (same_reference, None), ("env:MESH_TOKEN_ZED_MESH", Some(&r))];
+        for (zed_mesh, resolver) in cases {
+            let add = AddSpec { mesh_token: Some(zed_mesh.into()), ..spec("zed", "env:MESH_TOKEN_ZED_HOOK") };
+            {
+                let err = plan_add(&reg, &add, resolver).unwrap_err().to_string();
+                assert!(
+                    err.contains("have the same mesh_token") && err.contains("\"kaan\"") && err.contains("\"zed\""),
+                    "{zed_mesh}: {err}"
+                );
+                assert!(!err.contains("km1"), "the token is never shown: {err}");
+            }
+        }
+        let err =
+            plan_rotate(&reg, "nova", TokenField::Mesh, "env:MESH_TOKEN_ZED_MESH", Some(&r)).unwrap_err().to_string();
+        assert!(err.contains("\"kaan\" and \"nova\" have the same mesh_token"), "{err}");
     }
 
     #[test]

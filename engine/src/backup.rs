@@ -2,11 +2,12 @@
 //! stream's messages (subject, headers with `Nats-Msg-Id`, payload), each
 //! agent consumer's ack floor, and the kill switch bucket.
 //!
-//! Restore republishes the messages in order into a fresh server, then
-//! creates each agent's consumer at the first restored message it had not
+//! Restore writes the kill switch first, republishes the messages in order
+//! into a fresh server, then creates each agent's consumer at the first restored message it had not
 //! acked, so what was pending before the backup is delivered after the
 //! restore and what was acked is not delivered again (a message acked out of
-//! order above the ack floor is delivered once more: at least once).
+//! order above the ack floor is delivered once more: at least once). A
+//! restore that failed part way resumes when run again (see [`restore`]).
 //!
 //! Layout of a backup directory (mode 0700; it holds the registry, so treat
 //! it like the registry): `manifest.json`, `tokens.json`, `killswitch.json`,
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
-use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use async_nats::jetstream::{self, consumer::DeliverPolicy, kv};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::StreamExt;
@@ -30,6 +31,10 @@ use serde::{Deserialize, Serialize};
 
 /// Header a restored message carries its original `Nats-Msg-Id` in.
 pub const RESTORED_MSG_ID_HEADER: &str = "Mesh-Restored-Msg-Id";
+/// Header naming the backup a restored message came from (its creation time).
+pub const RESTORED_FROM_HEADER: &str = "Mesh-Restored-From";
+/// Header carrying a restored message's sequence in the backed-up stream.
+pub const RESTORED_SEQ_HEADER: &str = "Mesh-Restored-Seq";
 /// Version of the backup format.
 pub const FORMAT_VERSION: u32 = 1;
 const MANIFEST: &str = "manifest.json";
@@ -61,7 +66,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
 }
 
 fn js_err(what: String) -> impl FnOnce(String) -> BackupError {
-    move |e| BackupError::Nats(NatsError::JetStream(format!("{what}: {e}")))
+    move |e| BackupError::Nats(NatsError::jetstream(what, e))
 }
 
 /// One stored message.
@@ -200,9 +205,25 @@ pub struct RestoreReport {
     pub killswitch: usize,
     /// Where the registry was written, if the backup had one.
     pub registry: Option<PathBuf>,
+    /// Messages a failed run of this restore had already republished, per
+    /// stream (kept, not written again); empty on a first run.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub resumed: BTreeMap<String, u64>,
 }
 
 /// Restores `dir` into the (fresh) server at `js` and the registry to `registry`.
+///
+/// Order: the kill switch first (an entry missing on the server is created,
+/// one there is left alone), so a listener or bot started meanwhile never
+/// delivers through a backed-up kill; then the messages; then the consumers
+/// (created paused when a kill is in force); then the registry.
+///
+/// A restore that failed part way can be run again with the same backup: it
+/// resumes. Every republished message carries the backup's creation time
+/// ([`RESTORED_FROM_HEADER`]) and its old sequence ([`RESTORED_SEQ_HEADER`]);
+/// a stream whose newest message came from this backup continues after it,
+/// and a consumer the failed run created is kept. A stream holding anything
+/// else is refused, as on the first run.
 pub async fn restore(
     js: &jetstream::Context,
     replicas: mesh_protocol::layout::Replicas,
@@ -216,37 +237,82 @@ pub async fn restore(
             reason: format!("format version {} (this mesh reads {FORMAT_VERSION})", manifest.version),
         });
     }
+    let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
     mesh_runtime::nats::ensure_streams(js, replicas).await?;
-    let mut report =
-        RestoreReport { streams: BTreeMap::new(), consumers: BTreeMap::new(), killswitch: 0, registry: None };
+    let mut report = RestoreReport {
+        streams: BTreeMap::new(),
+        consumers: BTreeMap::new(),
+        killswitch: 0,
+        registry: None,
+        resumed: BTreeMap::new(),
+    };
     let agents_stream = layout::agents_stream(1).name;
-    // Old agents-stream sequence -> new one, in order.
-    let mut mapping: Vec<(u64, u64)> = Vec::new();
-    // Check every stream first, so a refusal writes nothing.
+    // Check every stream first, so a refusal writes nothing; note how far a
+    // failed run of this restore got in each.
+    let mut done: BTreeMap<&str, u64> = BTreeMap::new();
+    // Consumers a failed run of this restore created (kept, not created again).
+    let mut kept_consumers = false;
     for spec in layout::all_streams(1) {
         let mut stream =
             js.get_stream(spec.name).await.map_err(|e| js_err(format!("opening {}", spec.name))(e.to_string()))?;
         let state =
             stream.info().await.map_err(|e| js_err(format!("reading {}", spec.name))(e.to_string()))?.state.clone();
         // The audit trail is append-only and every command (this restore too) adds to it.
-        if state.messages > 0 && spec.name != layout::audit_stream(1).name {
+        let audit = spec.name == layout::audit_stream(1).name;
+        let restored = restored_upto(&stream, &manifest.created_at, audit).await?;
+        if let Some(seq) = restored {
+            done.insert(spec.name, seq);
+        } else if state.messages > 0 && !audit {
             return Err(BackupError::NotFresh { stream: spec.name.to_owned(), messages: state.messages });
         }
         if spec.name == agents_stream && state.consumer_count > 0 {
-            return Err(BackupError::HasConsumers { stream: spec.name.to_owned(), consumers: state.consumer_count });
+            if restored_consumers(&stream).await? < state.consumer_count {
+                return Err(BackupError::HasConsumers {
+                    stream: spec.name.to_owned(),
+                    consumers: state.consumer_count,
+                });
+            }
+            kept_consumers = true;
         }
+    }
+    // The kill switch first: what was in force at the backup holds from now on.
+    if !entries.is_empty() {
+        let store = mesh_runtime::kill_bucket::open(js, replicas).await?;
+        for (key, value) in &entries {
+            match store.create(key, value.clone().into_bytes().into()).await {
+                Ok(_) => {}
+                // Written by a failed run of this restore, or since by someone: left alone.
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+                Err(e) => return Err(js_err(format!("writing {BUCKET} {key}"))(e.to_string())),
+            }
+        }
+    }
+    report.killswitch = entries.len();
+    // Old agents-stream sequence -> new one, in order.
+    let mut mapping: Vec<(u64, u64)> = Vec::new();
+    if done.contains_key(agents_stream) {
+        let stream = js
+            .get_stream(agents_stream)
+            .await
+            .map_err(|e| js_err("opening the agents stream".into())(e.to_string()))?;
+        mapping = restored_mapping(&stream).await?;
     }
     for spec in layout::all_streams(1) {
         let path = dir.join(STREAMS).join(format!("{}.jsonl", spec.name));
         if !path.exists() {
             continue;
         }
+        let skip_upto = done.get(spec.name).copied().unwrap_or(0);
         let file = std::fs::File::open(&path).map_err(io(&path))?;
-        let mut count = 0;
+        let (mut count, mut skipped) = (0, 0);
         for line in std::io::BufReader::new(file).lines() {
             let line = line.map_err(io(&path))?;
             let stored: StoredMessage = serde_json::from_str(&line)
                 .map_err(|e| BackupError::Format { path: path.clone(), reason: e.to_string() })?;
+            if stored.seq <= skip_upto {
+                skipped += 1;
+                continue;
+            }
             let payload = B64
                 .decode(&stored.data)
                 .map_err(|e| BackupError::Format { path: path.clone(), reason: format!("seq {}: {e}", stored.seq) })?;
@@ -256,6 +322,8 @@ pub async fn restore(
                     if name.eq_ignore_ascii_case(MSG_ID_HEADER) { RESTORED_MSG_ID_HEADER } else { name.as_str() };
                 headers.append(name, value.as_str());
             }
+            headers.insert(RESTORED_FROM_HEADER, manifest.created_at.as_str());
+            headers.insert(RESTORED_SEQ_HEADER, stored.seq.to_string().as_str());
             let what = format!("republishing {} seq {}", spec.name, stored.seq);
             let ack = js
                 .publish_with_headers(stored.subject.clone(), headers, payload.into())
@@ -268,21 +336,11 @@ pub async fn restore(
             }
             count += 1;
         }
-        report.streams.insert(spec.name.to_owned(), count);
-    }
-    // The kill switch first: the consumers below are created with its pause
-    // in force on the server, never unpaused for a moment.
-    let entries: BTreeMap<String, String> = read_json(&dir.join(KILLSWITCH))?;
-    if !entries.is_empty() {
-        let store = mesh_runtime::kill_bucket::open(js, replicas).await?;
-        for (key, value) in &entries {
-            store
-                .put(key, value.clone().into_bytes().into())
-                .await
-                .map_err(|e| js_err(format!("writing {BUCKET} {key}"))(e.to_string()))?;
+        report.streams.insert(spec.name.to_owned(), count + skipped);
+        if skipped > 0 {
+            report.resumed.insert(spec.name.to_owned(), skipped);
         }
     }
-    report.killswitch = entries.len();
     let stream =
         js.get_stream(agents_stream).await.map_err(|e| js_err("opening the agents stream".into())(e.to_string()))?;
     let next_seq = stream.cached_info().state.last_sequence + 1;
@@ -293,6 +351,14 @@ pub async fn restore(
             max_ack_pending: position.max_ack_pending.max(1),
         };
         let spec = layout::agent_consumer(&agent, tuning);
+        if kept_consumers
+            && let Ok(mut existing) = stream.get_consumer::<jetstream::consumer::pull::Config>(&spec.durable).await
+        {
+            // Created by a failed run of this restore.
+            let pending = existing.info().await.map(|i| i.num_pending).unwrap_or_default();
+            report.consumers.insert(position.agent.clone(), pending);
+            continue;
+        }
         let start = mapping.iter().find(|(old, _)| *old > position.ack_floor).map_or(next_seq, |(_, new)| *new);
         let mut config = consumer_config(&spec);
         config.deliver_policy = DeliverPolicy::ByStartSequence { start_sequence: start };
@@ -327,6 +393,90 @@ pub async fn restore(
         report.registry = Some(registry.to_owned());
     }
     Ok(report)
+}
+
+/// Messages of the audit stream read back, newest first, looking for the
+/// last one a failed restore wrote (commands run meanwhile add records).
+const AUDIT_SCAN_BACK: u64 = 1000;
+
+/// The highest old sequence a run of the restore of the backup created at
+/// `from` republished into `stream`: from its newest message (for the audit
+/// stream, the newest of the last [`AUDIT_SCAN_BACK`] that has one). `None`
+/// when the stream holds no message of that backup.
+async fn restored_upto(
+    stream: &jetstream::stream::Stream,
+    from: &str,
+    audit: bool,
+) -> Result<Option<u64>, BackupError> {
+    let state = &stream.cached_info().state;
+    if state.messages == 0 {
+        return Ok(None);
+    }
+    let lowest = if audit {
+        state.last_sequence.saturating_sub(AUDIT_SCAN_BACK).max(state.first_sequence)
+    } else {
+        state.last_sequence
+    };
+    let mut seq = state.last_sequence;
+    while seq >= lowest && seq > 0 {
+        match stream.get_raw_message(seq).await {
+            Ok(message) => {
+                if let Some(old) = restored_seq(&message.headers, from) {
+                    return Ok(Some(old));
+                }
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {}
+            Err(e) => return Err(js_err(format!("reading {} seq {seq}", state_name(stream)))(e.to_string())),
+        }
+        seq -= 1;
+    }
+    Ok(None)
+}
+
+fn state_name(stream: &jetstream::stream::Stream) -> String {
+    stream.cached_info().config.name.clone()
+}
+
+/// The old sequence of a message a restore of the backup created at `from` wrote.
+fn restored_seq(headers: &HeaderMap, from: &str) -> Option<u64> {
+    (headers.get(RESTORED_FROM_HEADER)?.as_str() == from)
+        .then(|| headers.get(RESTORED_SEQ_HEADER)?.as_str().parse().ok())
+        .flatten()
+}
+
+/// Old sequence -> new one of every restored message of the agents stream (a resumed restore).
+async fn restored_mapping(stream: &jetstream::stream::Stream) -> Result<Vec<(u64, u64)>, BackupError> {
+    let state = &stream.cached_info().state;
+    let mut mapping = Vec::new();
+    if state.messages == 0 {
+        return Ok(mapping);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        match stream.get_raw_message(seq).await {
+            Ok(message) => {
+                if let Some(old) = message.headers.get(RESTORED_SEQ_HEADER).and_then(|v| v.as_str().parse().ok()) {
+                    mapping.push((old, seq));
+                }
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {}
+            Err(e) => return Err(js_err(format!("reading the agents stream seq {seq}"))(e.to_string())),
+        }
+    }
+    Ok(mapping)
+}
+
+/// How many consumers of the agents stream a restore created (they start at a
+/// given sequence; the bot creates its consumers otherwise).
+async fn restored_consumers(stream: &jetstream::stream::Stream) -> Result<usize, BackupError> {
+    let mut consumers = stream.consumers();
+    let mut ours = 0;
+    while let Some(info) = consumers.next().await {
+        let info = info.map_err(|e| js_err("listing consumers".into())(e.to_string()))?;
+        if matches!(info.config.deliver_policy, DeliverPolicy::ByStartSequence { .. }) {
+            ours += 1;
+        }
+    }
+    Ok(ours)
 }
 
 fn headers_of(headers: &HeaderMap) -> Vec<(String, String)> {

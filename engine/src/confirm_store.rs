@@ -44,24 +44,16 @@ impl SharedConfirmations {
         js: &jetstream::Context,
         window: std::time::Duration,
         setting: mesh_protocol::layout::Replicas,
-    ) -> Result<Self, String> {
-        let kv = match js.get_key_value(BUCKET).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                let replicas = mesh_runtime::nats::resolve_replicas(js, setting).await.map_err(|e| e.to_string())?;
-                js.create_key_value(kv::Config {
-                    bucket: BUCKET.to_owned(),
-                    description: "mesh confirmation codes shared by the bot replicas".to_owned(),
-                    history: 1,
-                    max_age: window * 2,
-                    storage: jetstream::stream::StorageType::File,
-                    num_replicas: replicas,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| format!("cannot create the {BUCKET} bucket: {e}"))?
-            }
+    ) -> Result<Self, mesh_runtime::nats::NatsError> {
+        let config = kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "mesh confirmation codes shared by the bot replicas".to_owned(),
+            history: 1,
+            max_age: window * 2,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
         };
+        let kv = mesh_runtime::nats::open_or_create_bucket(js, config, setting).await?;
         Ok(Self { kv, written: Mutex::new(BTreeSet::new()) })
     }
 

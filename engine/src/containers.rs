@@ -16,10 +16,12 @@ pub trait Containers: Send + Sync + std::fmt::Debug {
     fn list(&self) -> BoxFuture<'_, Result<Vec<ContainerRow>, DockerError>>;
     /// Restarts one agent's listener container; returns its name.
     fn restart_listener<'a>(&'a self, agent: &'a str) -> BoxFuture<'a, Result<String, DockerError>>;
-    /// Stops every listener container (a mesh-wide hard kill); returns their names.
+    /// Stops every running listener container (a mesh-wide hard kill);
+    /// returns the names of those it stopped (already stopped ones are not).
     fn stop_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>>;
-    /// Starts every listener container (resume); returns their names.
-    fn start_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>>;
+    /// Starts the listener containers named (resume: those the kill
+    /// stopped); returns their names. Names no longer found are skipped.
+    fn start_listeners<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, DockerError>>;
     /// Stops and removes the project's containers but this process's own
     /// (and with `purge` its volumes and networks).
     fn nuclear(&self, purge: bool) -> BoxFuture<'_, Result<NuclearReport, DockerError>>;
@@ -42,7 +44,7 @@ impl Containers for NoContainers {
         Box::pin(async { Err(DockerError::NotInUse) })
     }
 
-    fn start_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+    fn start_listeners<'a>(&'a self, _names: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, DockerError>> {
         Box::pin(async { Err(DockerError::NotInUse) })
     }
 
@@ -78,6 +80,13 @@ pub enum DockerError {
         /// The project searched.
         project: String,
     },
+    /// The bot runs in a container whose compose project cannot be read, and
+    /// no project is configured: acting on a guessed one could touch another
+    /// stack's containers.
+    #[error(
+        "the compose project is unknown ({0}); Docker actions are refused so no other project's containers are touched: set {PROJECT_ENV}"
+    )]
+    ProjectUnknown(String),
     /// No container engine is configured for this mesh.
     #[error("docker is not in use for this mesh")]
     NotInUse,

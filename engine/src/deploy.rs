@@ -104,6 +104,12 @@ pub fn render(registry: &Registry, sync: &SyncInterval) -> Rendered {
             ("MESH_REGISTRY".to_owned(), quote(&format!("{CONFIG_DIR_IN_CONTAINER}/tokens.json"))),
             ("MESH_HTTP".to_owned(), quote(&format!("0.0.0.0:{LISTENER_HTTP_PORT}"))),
             ("MESH_LOG_FORMAT".to_owned(), quote("json")),
+            ("MESH_HOOKS_ALLOWED_HOSTS".to_owned(), quote("${MESH_HOOKS_ALLOWED_HOSTS:-}")),
+            ("MESH_GATEWAY_CA_FILE".to_owned(), quote("${MESH_GATEWAY_CA_FILE:-}")),
+            // The bot's permissions file, at the same path: it lies in the registry directory, which
+            // this container mounts read-only as a directory (so an edit saved by rename is seen and
+            // re-read). Blank: agents are operators, as the bot has it.
+            ("MESH_PERMISSIONS".to_owned(), quote("${MESH_PERMISSIONS:-}")),
         ];
         let tokens = [Some(&agent.hooks_token), agent.gateway_token.as_ref(), agent.mesh_token.as_ref()];
         for token in tokens.into_iter().flatten() {
@@ -262,12 +268,53 @@ fn authorization(users: &[Access]) -> String {
     out
 }
 
+/// The base compose file, as built into this binary: its `${NAME}` references
+/// belong in `env.example` too.
+pub const BASE_COMPOSE: &str = include_str!("../../deploy/docker-compose.yml");
+
+/// Every `${NAME...}` reference of a compose file, with its default (`${NAME:-default}`),
+/// or `None` when it has none (`${NAME}`, `${NAME:?message}`).
+pub fn compose_variables(text: &str) -> std::collections::BTreeMap<String, Option<String>> {
+    let mut out = std::collections::BTreeMap::new();
+    for reference in text.split("${").skip(1) {
+        let Some(body) = reference.split('}').next() else { continue };
+        let name: String = body.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        let default = body[name.len()..].strip_prefix(":-").map(str::to_owned);
+        if !name.is_empty() {
+            out.entry(name).or_insert(default);
+        }
+    }
+    out
+}
+
+/// `env.example`: every variable the stack reads, the base compose file's and
+/// the rendered listeners' (required ones as `NAME=`, optional ones commented
+/// out with their default).
+pub fn env_example(rendered: &Rendered) -> String {
+    let mut all = compose_variables(BASE_COMPOSE);
+    for (name, default) in compose_variables(&rendered.compose) {
+        all.entry(name).or_insert(default);
+    }
+    let mut required: BTreeSet<&str> = rendered.variables.iter().map(String::as_str).collect();
+    required.extend(all.iter().filter(|(_, d)| d.is_none()).map(|(n, _)| n.as_str()));
+    let mut out = String::from(
+        "# Variables the deployment reads; put the values in deploy/.env (never commit it).\n\
+         # Required:\n",
+    );
+    for name in &required {
+        let _ = writeln!(out, "{name}=");
+    }
+    out.push_str("# Optional (empty or unset: the default shown; see README, Configuration and Deployment):\n");
+    for (name, default) in all.iter().filter(|(n, _)| !required.contains(n.as_str())) {
+        let _ = writeln!(out, "# {name}={}", default.as_deref().unwrap_or_default());
+    }
+    out
+}
+
 /// Writes a rendered deployment into `out`; returns the files written.
 pub fn write(rendered: &Rendered, out: &Path) -> std::io::Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out)?;
-    let env_example: String = rendered.variables.iter().map(|v| format!("{v}=\n")).collect();
-    let env_example =
-        format!("# Variables the deployment reads; put the values in deploy/.env (never commit it).\n{env_example}");
+    let env_example = env_example(rendered);
     let files = [
         (NATS_CONF, &rendered.nats_conf),
         (NATS_AUTH_CONF, &rendered.nats_auth),
@@ -481,6 +528,20 @@ mod tests {
                 "{agent} mounts the registry directory, secrets/ masked, its own secrets on top, not {other}'s:\n{service}"
             );
             assert!(service.contains("    tmpfs:\n      - \"/etc/mesh/secrets:"), "{service}");
+        }
+    }
+
+    #[test]
+    fn every_listener_gets_the_bots_permissions_file() {
+        let rendered = render(&Registry::parse(REG).unwrap(), &SyncInterval::Always);
+        for agent in ["nova", "ada"] {
+            let service = rendered.compose.split(&format!("  listener-{agent}:\n")).nth(1).unwrap();
+            let service = service.split("\n  listener-").next().unwrap();
+            assert!(service.contains("      MESH_PERMISSIONS: \"${MESH_PERMISSIONS:-}\"\n"), "{service}");
+            assert!(
+                service.contains(&format!("      - \"${{MESH_CONFIG_DIR:-./config}}:{CONFIG_DIR_IN_CONTAINER}:ro\"")),
+                "{service}"
+            );
         }
     }
 

@@ -63,7 +63,7 @@ pub struct DeadLetterEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
     #[error("cannot read the dead-letter stream: {0}")]
-    Read(String),
+    Read(#[source] mesh_runtime::nats::Cause),
     #[error(transparent)]
     Send(#[from] SendError),
     #[error(
@@ -74,7 +74,7 @@ pub enum DlqError {
 
 async fn dlq_stream(js: &async_nats::jetstream::Context) -> Result<Stream, DlqError> {
     // The streams exist: the engine's mesh created them at start (`NatsMesh::open`), with the configured replicas.
-    js.get_stream(layout::dead_letter_stream(1).name).await.map_err(|e| DlqError::Read(e.to_string()))
+    js.get_stream(layout::dead_letter_stream(1).name).await.map_err(|e| DlqError::Read(e.into()))
 }
 
 /// Lists up to `limit` dead letters, oldest first, for one agent or all.
@@ -94,33 +94,37 @@ pub async fn list(
         let message = match stream.raw_message_builder().sequence(seq).next_by_subject(filter.clone()).send().await {
             Ok(message) => message,
             Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => break,
-            Err(e) => return Err(DlqError::Read(e.to_string())),
+            Err(e) => return Err(DlqError::Read(e.into())),
         };
         seq = message.sequence + 1;
-        let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
-        let Some(record) = DeadLetter::from_headers(header) else { continue };
-        let arrival = Arrival {
-            to: Recipient::Agent(record.agent.clone()),
-            fallback_id: uuid::Uuid::nil(),
-            stored_at: message.time,
-        };
-        let text = Envelope::decode(&message.payload, &arrival).ok().map(|(e, _)| e.text);
-        let identity =
-            (!record.message_id.is_nil() && record.stored_at != OffsetDateTime::UNIX_EPOCH).then(|| record.msg_id());
-        out.push(DeadLetterEntry {
-            dlq_seq: message.sequence,
-            agent: record.agent.to_string(),
-            reason: record.reason,
-            status: record.status,
-            attempts: record.attempts,
-            at: message.time,
-            text,
-            message_id: Some(record.message_id).filter(|id| !id.is_nil()),
-            identity,
-            payload: message.payload,
-        });
+        if let Some(entry) = entry_of(message) {
+            out.push(entry);
+        }
     }
     Ok(out)
+}
+
+/// The dead letter a stream message holds; `None` for a message without the dead-letter headers.
+fn entry_of(message: async_nats::jetstream::message::StreamMessage) -> Option<DeadLetterEntry> {
+    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+    let record = DeadLetter::from_headers(header)?;
+    let arrival =
+        Arrival { to: Recipient::Agent(record.agent.clone()), fallback_id: uuid::Uuid::nil(), stored_at: message.time };
+    let text = Envelope::decode(&message.payload, &arrival).ok().map(|(e, _)| e.text);
+    let identity =
+        (!record.message_id.is_nil() && record.stored_at != OffsetDateTime::UNIX_EPOCH).then(|| record.msg_id());
+    Some(DeadLetterEntry {
+        dlq_seq: message.sequence,
+        agent: record.agent.to_string(),
+        reason: record.reason,
+        status: record.status,
+        attempts: record.attempts,
+        at: message.time,
+        text,
+        message_id: Some(record.message_id).filter(|id| !id.is_nil()),
+        identity,
+        payload: message.payload,
+    })
 }
 
 /// The id of the replay of a dead letter named by `key`: the first 16 bytes
@@ -214,6 +218,31 @@ pub async fn replay(
     replay_entries(js, &target.id, entries).await
 }
 
+/// Replays the one dead letter of `agent` stored at `seq` in the
+/// dead-letter stream (what a notification's Replay button names). The
+/// sequence is checked: a dead letter no longer stored (replayed already,
+/// removed) or not `agent`'s gives an empty report and replays nothing.
+pub async fn replay_one(
+    js: &async_nats::jetstream::Context,
+    registry: &Registry,
+    agent: &str,
+    seq: u64,
+) -> Result<ReplayReport, DlqError> {
+    let target = publish::resolve_target(registry, agent)?;
+    let stream = dlq_stream(js).await?;
+    let message = match stream.get_raw_message(seq).await {
+        Ok(message) => message,
+        Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => return Ok(ReplayReport::default()),
+        Err(e) => return Err(DlqError::Read(e.into())),
+    };
+    let theirs = message.subject.as_str() == Subject::DeadLetter(target.id.clone()).to_string();
+    let Some(entry) = entry_of(message).filter(|e| theirs && e.dlq_seq == seq) else {
+        return Ok(ReplayReport::default());
+    };
+    mesh_runtime::nats::ensure_consumer(js, &target.id, target.consumer_tuning()).await.map_err(SendError::from)?;
+    replay_entries(js, &target.id, vec![entry]).await
+}
+
 /// Whether deleting a dead letter failed because it is no longer there:
 /// nats-server answers 10043 (sequence not found) or 10057 ("no message
 /// found") for a message another replay removed.
@@ -293,7 +322,7 @@ async fn stored_replay_matches(js: &async_nats::jetstream::Context, seq: u64, re
         .await
         .map_err(|e| format!("cannot read the stored replay {} (sequence {seq}): {e}; {keep}", replay.id))?;
     let arrival = Arrival { to: replay.to.clone(), fallback_id: Uuid::nil(), stored_at: stored.time };
-    let same = replay.to.subject().is_some_and(|s| s.to_string() == stored.subject.as_str())
+    let same = replay.publish_subject().is_some_and(|s| s.to_string() == stored.subject.as_str())
         && Envelope::decode(&stored.payload, &arrival).is_ok_and(|(e, _)| {
             e.id == replay.id
                 && e.from == replay.from

@@ -15,12 +15,17 @@ use mesh_protocol::layout::{ConsumerTuning, Replicas};
 use mesh_protocol::registry::HostAllowList;
 use mesh_protocol::subject::Subject;
 use mesh_protocol::{AgentId, DeliveryMode, Envelope, Recipient, Registry};
+use mesh_runtime::nats::Cause;
 use time::OffsetDateTime;
 use tracing::warn;
 
+use crate::agents::AgentsError;
 use crate::audit::{self, AuditRecord};
 use crate::command::table::Front;
-use crate::command::{Command, ConfirmConfig, Confirmations, Identity, KillGrade, Permissions, Reply, parse};
+use crate::command::{
+    ActionStyle, ButtonId, Command, ConfirmConfig, Confirmations, Decision, Identity, KillGrade, Permissions, Reply,
+    parse,
+};
 use crate::containers::{Containers, DockerError, NoContainers};
 use crate::killswitch;
 use crate::mesh::{Mesh, NatsMesh};
@@ -39,6 +44,25 @@ pub enum Platform {
     Http,
     /// An agent through the MCP tools.
     Mcp,
+    /// The web console `mesh bot` serves.
+    Web,
+}
+
+/// The refusal of a paused agent's own message: the kill (mode, who, since,
+/// until, why) and what lifts it.
+fn paused_refusal(id: &AgentId, state: &mesh_protocol::killswitch::KillState) -> String {
+    let until = match (state.mode, state.until) {
+        (Mode::Soft, Some(until)) => format!("until {}", killswitch::rfc3339(until)),
+        _ => "until a director resumes it".to_owned(),
+    };
+    let reason = state.reason.as_deref().map(|r| format!(", reason: {r:?}")).unwrap_or_default();
+    format!(
+        "{id} is paused by a kill switch ({} kill of agent {id} by {} at {}, {until}{reason}): its messages are \
+         refused while it is in force; `mesh resume {id}` lifts it",
+        state.mode,
+        state.by,
+        killswitch::rfc3339(state.at)
+    )
 }
 
 /// How many dead letters of a removed agent `agents remove` counts at most.
@@ -53,6 +77,7 @@ impl Platform {
             Self::Discord => "discord",
             Self::Http => "http",
             Self::Mcp => "mcp",
+            Self::Web => "web",
         }
     }
 }
@@ -149,7 +174,8 @@ pub struct Handled {
     pub failed: bool,
     /// Why the audit record could not be stored, if it could not.
     pub audit_error: Option<String>,
-    /// The audit trail's decision: `allowed`, `denied`, `limited`, `invalid`,
+    /// The audit trail's decision: `allowed`, `denied`, `paused` (an agent's
+    /// own message while a kill for it is in force), `limited`, `invalid`,
     /// `confirmation required` (an HTTP front end maps it to a status).
     pub decision: &'static str,
 }
@@ -173,6 +199,53 @@ impl std::fmt::Debug for Handled {
             .field("failed", &self.failed)
             .finish()
     }
+}
+
+/// What a click on a button did.
+#[derive(Debug)]
+pub struct Clicked {
+    /// What the clicked message becomes (buttons removed): who confirmed or
+    /// cancelled and when, with the result, or that it expired. `None`: the
+    /// message stays as it is (a refusal, or a notification button).
+    pub update: Option<Reply>,
+    /// What to show besides: a refusal (ephemeral, to the clicker only), or
+    /// a notification button's result.
+    pub answer: Option<Reply>,
+    /// The audit trail's decision: `allowed`, `cancelled`, `denied`, `limited`, `invalid`.
+    pub decision: &'static str,
+    /// Why the audit record could not be stored, if it could not.
+    pub audit_error: Option<String>,
+}
+
+impl Clicked {
+    fn answer(decision: &'static str, reply: Reply, audit_error: Option<String>) -> Self {
+        Self { update: None, answer: Some(reply), decision, audit_error }
+    }
+}
+
+/// The answer to a command that needs confirmation: the typed code, and
+/// Confirm and Cancel buttons carrying only that code. Shown to the channel,
+/// so that under the two-person rule another director can click.
+fn confirmation_prompt(challenge: &crate::command::Challenge, window: time::Duration) -> Reply {
+    let who = match challenge.confirmer {
+        crate::command::Confirmer::SameUser => "only the person who asked may decide",
+        crate::command::Confirmer::OtherDirector => "another director must confirm; the person who asked may cancel",
+    };
+    Reply::warn(challenge.instruction(window))
+        .with_lines(
+            None,
+            [format!(
+                "or click Confirm or Cancel below ({who}); expires at {}",
+                killswitch::rfc3339(challenge.expires_at)
+            )],
+        )
+        .with_action("Confirm", ButtonId::Confirm(challenge.code.clone()).to_string(), ActionStyle::Danger)
+        .with_action("Cancel", ButtonId::Cancel(challenge.code.clone()).to_string(), ActionStyle::Plain)
+}
+
+/// What a confirmation prompt becomes once its window passed undecided.
+fn expired_update(command: &str) -> Reply {
+    Reply::warn(format!("{command:?} expired unconfirmed: nothing was run; run {command:?} again for a new code"))
 }
 
 /// Settings of the engine.
@@ -254,19 +327,9 @@ pub enum CommandError {
     /// `confirm` reached execution without a pending action.
     #[error("nothing to confirm")]
     NothingToConfirm,
-    /// A refusal of the registry lifecycle (`agents add|remove`) whose one
-    /// line says what to do; its causes are named in the text.
-    #[error("{0}")]
-    Refused(String),
     /// `mesh up` is only admitted by the engine; the terminal runs it.
     #[error("mesh up runs in the terminal itself; it is only admitted here")]
     UpNotHere,
-}
-
-impl From<String> for CommandError {
-    fn from(message: String) -> Self {
-        Self::Refused(message)
-    }
 }
 
 /// The clock the engine reads (confirmation windows, audit times).
@@ -286,7 +349,15 @@ pub struct Engine {
     fleet_dedup: Option<crate::fleet_dedup::FleetDedup>,
     limits: crate::limits::LimitStore,
     clock: Clock,
+    /// Permissions that change while the engine runs (a listener re-reads its
+    /// file); `None`: `config.permissions`, fixed.
+    live_permissions: Option<LivePermissions>,
 }
+
+/// Permissions kept current by whoever reads the file: the last valid ones,
+/// or why the file is unusable now (then every command is refused with that
+/// reason: fail closed, never a fallback to the defaults).
+pub type LivePermissions = tokio::sync::watch::Receiver<Result<Arc<Permissions>, String>>;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -360,7 +431,24 @@ impl Engine {
         let confirmations = Mutex::new(Confirmations::new(config.confirm));
         let clock: Clock = Arc::new(OffsetDateTime::now_utc);
         let containers = Arc::new(NoContainers);
-        Self { config, mesh, containers, confirmations, shared_confirmations: None, fleet_dedup: None, limits, clock }
+        Self {
+            config,
+            mesh,
+            containers,
+            confirmations,
+            shared_confirmations: None,
+            fleet_dedup: None,
+            limits,
+            clock,
+            live_permissions: None,
+        }
+    }
+
+    /// Takes each command's permissions from `live` instead of the config's
+    /// (a listener that follows its permissions file).
+    pub fn with_live_permissions(mut self, live: LivePermissions) -> Self {
+        self.live_permissions = Some(live);
+        self
     }
 
     /// An engine with no mesh (NATS cannot be reached, or does not exist yet).
@@ -427,14 +515,24 @@ impl Engine {
             return Err(Handled::refused("denied", reply, audit_error));
         }
         let pause = self.pause_grade(command).await;
-        let role = match self.config.permissions.check(&request.who, command, pause) {
+        let live = self.live_permissions.as_ref().map(|live| live.borrow().clone());
+        let checked = match &live {
+            Some(Err(unusable)) => Err(unusable.clone()),
+            Some(Ok(permissions)) => permissions.check(&request.who, command, pause).map_err(|d| d.to_string()),
+            None => self.config.permissions.check(&request.who, command, pause).map_err(|d| d.to_string()),
+        };
+        let role = match checked {
             Ok(role) => role,
             Err(denied) => {
-                let reply = Reply::error(denied.to_string()).ephemeral();
+                let reply = Reply::error(denied).ephemeral();
                 let audit_error = self.audit(request, "denied", &reply, &[]).await;
                 return Err(Handled::refused("denied", reply, audit_error));
             }
         };
+        if let Some(reply) = self.own_pause(request, command).await {
+            let audit_error = self.audit(request, "paused", &reply, &[]).await;
+            return Err(Handled::refused("paused", reply, audit_error));
+        }
         if let crate::limits::Decision::Limited { message } = self.limits.check(&request.who.key(), command).await {
             let reply = Reply::error(message).ephemeral();
             let audit_error = self.audit(request, "limited", &reply, &[]).await;
@@ -451,7 +549,7 @@ impl Engine {
             Ok(role) => role,
             Err(refused) => return refused,
         };
-        if command.needs_confirmation() {
+        if command.needs_confirmation() || self.resume_from_a_kill(&command).await {
             let parked = command.clone();
             let challenge = self.lock_confirmations().request(&request.who, command, now, os_random_u64());
             if let Some(shared) = &self.shared_confirmations {
@@ -463,7 +561,7 @@ impl Engine {
                 };
                 shared.share(&challenge.code, &action).await;
             }
-            let reply = Reply::warn(challenge.instruction(self.config.confirm.window)).ephemeral();
+            let reply = confirmation_prompt(&challenge, self.config.confirm.window);
             let audit_error = self.audit(&request, "confirmation required", &reply, &[]).await;
             return Handled {
                 confirmation_code: Some(challenge.code),
@@ -471,8 +569,15 @@ impl Engine {
             };
         }
         let command = match command {
-            Command::Confirm { code } => match self.confirm(&request.who, role, &code, now).await {
-                Ok(action) => action.command,
+            Command::Confirm { code } => match self.take(&request.who, role, &code, now, Decision::Confirm).await {
+                Ok(action) => match self.kill_changed_since(&action).await {
+                    None => action.command,
+                    Some(why) => {
+                        let reply = Reply::error(why).ephemeral();
+                        let audit_error = self.audit(&request, "denied", &reply, &[]).await;
+                        return Handled::refused("denied", reply, audit_error);
+                    }
+                },
                 Err(e) => {
                     let reply = Reply::error(e.to_string()).ephemeral();
                     let audit_error = self.audit(&request, "denied", &reply, &[]).await;
@@ -481,11 +586,20 @@ impl Engine {
             },
             other => other,
         };
+        // A command that can take the audit trail down with it (a nuclear
+        // kill removes NATS, with --purge its data) is recorded before it runs.
+        let before = match &command {
+            Command::KillNuclear { .. } => {
+                let starting = Reply::warn(format!("starting: {}", command_line(&command)));
+                self.audit(&request, "allowed", &starting, &[]).await
+            }
+            _ => None,
+        };
         let executed = match self.execute(&request, role, command).await {
             Ok(executed) => executed,
             Err(e) => Executed::reply(Reply::error(e.to_string())),
         };
-        let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
+        let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await.or(before);
         let failed = executed.failed || executed.reply.tone == crate::command::Tone::Error;
         Handled {
             reply: executed.reply,
@@ -497,20 +611,162 @@ impl Engine {
         }
     }
 
+    /// Handles a click on one of the engine's buttons, by `request.who` on
+    /// `request.platform`, the way the typed command would be: the same
+    /// permission, rate limit, confirmation rules and audit record. A
+    /// Confirm or Cancel decides the action pending under the button's code
+    /// (Cancel takes the permission of `confirm`); a notification button runs
+    /// its fixed command. `request.line` is replaced by the click's audit line.
+    pub async fn click(&self, mut request: Request, button: &str) -> Clicked {
+        let button = match ButtonId::parse(button) {
+            Ok(button) => button,
+            Err(e) => {
+                request.line = format!("{} (button)", button.chars().take(100).collect::<String>());
+                let reply = Reply::from_error(&e);
+                let audit_error = self.audit(&request, "invalid", &reply, &[]).await;
+                return Clicked::answer("invalid", reply, audit_error);
+            }
+        };
+        request.line = button.audit_line();
+        let (code, decision) = match &button {
+            ButtonId::Confirm(code) => (code.clone(), Decision::Confirm),
+            ButtonId::Cancel(code) => (code.clone(), Decision::Cancel),
+            ButtonId::Replay { agent, dead_letter } => {
+                let command = button.command().expect("a replay button takes the permission of dlq replay");
+                if let Err(refused) = self.admit(&request, &command).await {
+                    return Clicked::answer(refused.decision, refused.reply, refused.audit_error);
+                }
+                let executed = match self.replay_one(agent, *dead_letter).await {
+                    Ok(executed) => executed,
+                    Err(e) => Executed::reply(Reply::error(e.to_string())),
+                };
+                let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
+                return Clicked::answer("allowed", executed.reply, audit_error);
+            }
+            other => {
+                let command = other.command().expect("notification buttons name a command");
+                let handled = self.handle_command(request, command).await;
+                return Clicked {
+                    update: None,
+                    decision: handled.decision,
+                    audit_error: handled.audit_error,
+                    answer: Some(handled.reply),
+                };
+            }
+        };
+        let now = (self.clock)();
+        let role = match self.admit(&request, &Command::Confirm { code: code.clone() }).await {
+            Ok(role) => role,
+            Err(refused) => return Clicked::answer(refused.decision, refused.reply, refused.audit_error),
+        };
+        let action = match self.take(&request.who, role, &code, now, decision).await {
+            Ok(action) => action,
+            Err(e) => {
+                let reply = Reply::from_error(&e);
+                let audit_error = self.audit(&request, "denied", &reply, &[]).await;
+                let update = match &e {
+                    crate::command::ConfirmError::Expired { command, .. } => Some(expired_update(command)),
+                    _ => None,
+                };
+                return Clicked { update, ..Clicked::answer("denied", reply, audit_error) };
+            }
+        };
+        let at = killswitch::rfc3339(now);
+        let name = action.command.spec().name;
+        if decision == Decision::Cancel {
+            let reply = Reply::info(format!("{name:?} cancelled by {} at {at}: nothing was run", request.who.key()));
+            let audit_error = self.audit(&request, "cancelled", &reply, &[]).await;
+            return Clicked { update: Some(reply), answer: None, decision: "cancelled", audit_error };
+        }
+        if let Some(why) = self.kill_changed_since(&action).await {
+            let reply = Reply::error(why).ephemeral();
+            let audit_error = self.audit(&request, "denied", &reply, &[]).await;
+            let spent = Reply::warn(format!("{name:?} not run: the kill switch changed since it was asked for"));
+            return Clicked { update: Some(spent), ..Clicked::answer("denied", reply, audit_error) };
+        }
+        let executed = match self.execute(&request, role, action.command).await {
+            Ok(executed) => executed,
+            Err(e) => Executed::reply(Reply::error(e.to_string())),
+        };
+        let audit_error = self.audit(&request, "allowed", &executed.reply, &executed.message_ids).await;
+        let mut update = executed.reply;
+        update.ephemeral = false;
+        update.actions.clear();
+        update.sections.insert(
+            0,
+            crate::command::Section::Text {
+                heading: None,
+                lines: vec![format!(
+                    "{name:?} confirmed by {} at {at} (asked by {})",
+                    request.who.key(),
+                    action.requested_by.key()
+                )],
+            },
+        );
+        Clicked { update: Some(update), answer: None, decision: "allowed", audit_error }
+    }
+
+    /// How long a confirmation code stays open.
+    pub fn confirm_window(&self) -> Duration {
+        Duration::try_from(self.config.confirm.window).unwrap_or(Duration::ZERO)
+    }
+
+    /// What the prompt of `code` becomes once its window has passed without
+    /// a decision ("expired", no buttons), for the front end that posted the
+    /// prompt to edit it in place; `None` when it was confirmed or cancelled
+    /// (here, or on another replica: the shared code is gone), or is still open.
+    pub async fn expire(&self, code: &str) -> Option<Reply> {
+        let now = (self.clock)();
+        let command = self.lock_confirmations().lapse(code, now)?;
+        if let (Some(shared), Some(code)) = (&self.shared_confirmations, crate::command::confirm::normalize_code(code))
+            && shared.wrote(&code)
+        {
+            match shared.fetch(&code).await {
+                // Still shared: this replica ends it for the fleet, unless another replica takes it first.
+                Ok(Some((_, revision))) => {
+                    if !shared.take(&code, revision).await {
+                        return None;
+                    }
+                }
+                // Taken by another replica: decided (or already said to be expired) there.
+                Ok(None) => return None,
+                Err(e) => warn!(error = %e, "shared confirmation codes unreadable; expiring this replica's code"),
+            }
+        }
+        Some(expired_update(command))
+    }
+
+    /// Replays the one dead letter a notification's Replay button names, if
+    /// it is still stored and `agent`'s; says so, and does nothing, if not.
+    async fn replay_one(&self, agent: &AgentId, dead_letter: u64) -> Result<Executed, CommandError> {
+        let registry = self.registry()?;
+        let report = self.mesh()?.replay_one(&registry, agent, dead_letter).await?;
+        if report.is_empty() {
+            return Ok(Executed::reply(
+                Reply::warn(format!(
+                    "dead letter {dead_letter} of {agent} is no longer stored (replayed already or removed): nothing was replayed"
+                ))
+                .with_data(&report),
+            ));
+        }
+        Ok(replayed(agent, &report))
+    }
+
     /// Takes a pending action (the lock is released before anything awaits):
     /// one this replica issued, or one another replica shared; a shared one
     /// runs on the replica whose delete from the bucket lands, nowhere else.
     /// Without the bucket (NATS trouble) a code works on its own replica only.
-    async fn confirm(
+    async fn take(
         &self,
         who: &Identity,
         role: Option<crate::command::Role>,
         code: &str,
         now: OffsetDateTime,
+        decision: Decision,
     ) -> Result<crate::command::PendingAction, crate::command::ConfirmError> {
         let (Some(shared), Some(code)) = (&self.shared_confirmations, crate::command::confirm::normalize_code(code))
         else {
-            return self.lock_confirmations().confirm(who, role, code, now);
+            return self.lock_confirmations().decide(who, role, code, now, decision);
         };
         let found = shared.fetch(&code).await;
         match &found {
@@ -518,7 +774,17 @@ impl Engine {
             Ok(None) => {}
             Err(e) => warn!(error = %e, "shared confirmation codes unreadable; this replica's codes only"),
         }
-        let action = self.lock_confirmations().confirm(who, role, &code, now)?;
+        let decided = self.lock_confirmations().decide(who, role, &code, now, decision);
+        let action = match decided {
+            Ok(action) => action,
+            Err(e) => {
+                // An expired code is gone for every replica, not only here.
+                if let (crate::command::ConfirmError::Expired { .. }, Ok(Some((_, revision)))) = (&e, &found) {
+                    shared.take(&code, *revision).await;
+                }
+                return Err(e);
+            }
+        };
         let taken_here = match found {
             Ok(Some((_, revision))) => shared.take(&code, revision).await,
             // Shared by this replica and gone from the bucket: another replica ran it.
@@ -543,6 +809,70 @@ impl Engine {
             Ok(Some(state)) if state.in_force((self.clock)()) => killswitch::grade(state.mode),
             _ => None,
         }
+    }
+
+    /// True for a `resume` that would end a hard or nuclear kill: it asks for
+    /// a confirmation code first (a soft pause ends by itself anyway). An
+    /// entry that cannot be read counts as a hard kill (fail closed, as the
+    /// listeners do).
+    async fn resume_from_a_kill(&self, command: &Command) -> bool {
+        let Command::Resume { agent } = command else { return false };
+        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        let Ok(mesh) = self.mesh() else { return true };
+        match mesh.kill_get(&scope).await {
+            Ok(Some(state)) => {
+                state.in_force((self.clock)())
+                    && matches!(killswitch::grade(state.mode), Some(KillGrade::Hard | KillGrade::Nuclear))
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// For a confirmed `resume`: why it must not run when the kill it would
+    /// lift was pulled after the resume was asked for (the confirmation was
+    /// given for another kill); `None` otherwise.
+    async fn kill_changed_since(&self, action: &crate::command::PendingAction) -> Option<String> {
+        let Command::Resume { agent } = &action.command else { return None };
+        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        match self.mesh().ok()?.kill_get(&scope).await {
+            Ok(Some(state)) if state.at > action.requested_at => Some(format!(
+                "not resumed: the kill switch changed since the resume was asked for ({}); run resume again to \
+                 lift the kill in force now",
+                killswitch::describe(&scope, &state)
+            )),
+            _ => None,
+        }
+    }
+
+    /// Why an agent's own message is refused: a kill switch entry for the
+    /// agent's own scope is in force (operators paused it; its sends would
+    /// reach agents that are not paused). `None` for people, for commands
+    /// that send nothing, and under a mesh-wide pause only (those sends are
+    /// queued as for anyone). A kill switch that cannot be read refuses too:
+    /// an agent that may be paused does not get through on a read error.
+    async fn own_pause(&self, request: &Request, command: &Command) -> Option<Reply> {
+        let Identity::Agent { id } = &request.who else { return None };
+        if !matches!(command, Command::Send { .. } | Command::Broadcast { .. } | Command::Ask { .. }) {
+            return None;
+        }
+        let id = AgentId::parse(id).ok()?;
+        // No mesh: the command fails on its own, saying so.
+        let mesh = self.mesh().ok()?;
+        let state = match mesh.kill_get(&Scope::Agent(id.clone())).await {
+            Ok(Some(state)) if state.in_force((self.clock)()) => state,
+            Ok(_) => return None,
+            Err(e) => {
+                return Some(
+                    Reply::error(format!(
+                        "the kill switch could not be read ({e}): {id}'s messages are refused until it can be; try \
+                         again in a moment"
+                    ))
+                    .ephemeral(),
+                );
+            }
+        };
+        Some(Reply::error(paused_refusal(&id, &state)).ephemeral())
     }
 
     /// Appends the audit record; returns why it was not stored, if it was not.
@@ -670,12 +1000,15 @@ impl Engine {
                 let reply = Reply::warn(format!("kill switch: {}", killswitch::describe(&scope, &state)));
                 let reply = with_server_warning(reply, server);
                 let docker = match scope {
-                    Scope::Global => docker_line("stopped listener containers", self.containers.stop_listeners().await),
+                    Scope::Global => self.stop_listener_containers().await,
                     Scope::Agent(_) => {
-                        "docker: containers left running (a per-agent pause is enforced by the listeners)".to_owned()
+                        vec![
+                            "docker: containers left running (a per-agent pause is enforced by the listeners)"
+                                .to_owned(),
+                        ]
                     }
                 };
-                Ok(Executed::reply(reply.with_lines(None, [docker])))
+                Ok(Executed::reply(reply.with_lines(None, docker)))
             }
             Command::KillNuclear { purge } => {
                 let (state, server) = self.mesh()?.kill_pull(&Scope::Global, Mode::Nuclear, None, actor, None).await?;
@@ -712,8 +1045,7 @@ impl Engine {
                 };
                 reply = with_server_warning(reply, server);
                 if scope == Scope::Global {
-                    let line = docker_line("started listener containers", self.containers.start_listeners().await);
-                    reply = reply.with_lines(None, [line]);
+                    reply = reply.with_lines(None, [self.start_stopped_containers(mesh).await]);
                 }
                 if let Ok(others) = mesh.kill_in_force().await
                     && !others.is_empty()
@@ -755,19 +1087,10 @@ impl Engine {
             Command::DlqReplay { agent, count } => {
                 let registry = self.registry()?;
                 let report = self.mesh()?.replay(&registry, &agent, count as usize).await?;
-                let ids: Vec<String> =
-                    report.replayed.iter().chain(&report.already_removed).map(|(_, id)| id.clone()).collect();
                 if report.is_empty() {
                     return Ok(Executed::reply(Reply::ok(format!("no dead letters for {agent}")).with_data(&report)));
                 }
-                let head = format!("replayed {} dead letters of {agent}", ids.len());
-                let reply = if report.failed.is_empty() {
-                    Reply::ok(head)
-                } else {
-                    Reply::warn(format!("{head}, {} failed (kept; see below)", report.failed.len()))
-                };
-                let reply = reply.with_lines(None, report.lines()).with_data(&report);
-                Ok(Executed::with_ids(reply, ids))
+                Ok(replayed(&agent, &report))
             }
             Command::Audit { count } => {
                 let records = self.mesh()?.audit_newest(count as usize).await?;
@@ -870,9 +1193,8 @@ impl Engine {
             command @ (Command::AgentsAdd { .. } | Command::AgentsRemove { .. } | Command::AgentsRotate { .. }) => {
                 let path = &self.config.registry_path;
                 // Held from reading the registry to renaming the new one in.
-                let _lock = crate::agents::lock(path).map_err(|e| e.to_string())?;
-                let planned =
-                    crate::agents::plan(path, &self.config.allowed_hosts, &command).map_err(|e| e.to_string())?;
+                let _lock = crate::agents::lock(path)?;
+                let planned = crate::agents::plan(path, &self.config.allowed_hosts, &command)?;
                 let mut lines = Vec::new();
                 let mut create = None;
                 match &command {
@@ -880,47 +1202,32 @@ impl Engine {
                     // earlier agent of the same id (its backlog, old broadcasts) goes
                     // first, before the registry lets anyone send to the new agent.
                     Command::AgentsAdd { agent, .. } => {
-                        let id = AgentId::parse(&agent.id).map_err(|e| e.to_string())?;
+                        let id = AgentId::parse(&agent.id).map_err(AgentsError::from)?;
                         let retired = match self.mesh() {
-                            Ok(mesh) => mesh.retire(std::slice::from_ref(&id), true).await.map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
+                            Ok(mesh) => mesh.retire(std::slice::from_ref(&id), true).await.map_err(Cause::from),
+                            Err(e) => Err(Cause::from(e)),
                         };
-                        let retired = retired.map_err(|e| {
-                            format!(
-                                "{id} not added: cannot check for a consumer left over from an earlier agent {id} \
-                                 ({e}); its messages would reach the new agent: retry when NATS is reachable"
-                            )
-                        })?;
-                        lines.push(retired);
+                        lines.push(retired.map_err(|source| AgentsError::LeftoverUnknown { id: id.clone(), source })?);
                         create = (!agent.inactive).then_some(id);
                     }
                     // Nothing not delivered is dropped unless asked for.
                     Command::AgentsRemove { agent, drop_backlog: false, .. } => {
-                        let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
+                        let id = AgentId::parse(agent).map_err(AgentsError::from)?;
                         let backlog = match self.mesh() {
-                            Ok(mesh) => mesh.backlog(&id).await.map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
+                            Ok(mesh) => mesh.backlog(&id).await.map_err(Cause::from),
+                            Err(e) => Err(Cause::from(e)),
                         };
                         match backlog {
                             Ok(Some((held, after))) if held > 0 => {
-                                return Err(CommandError::Refused(format!(
-                                    "{agent} not removed: its consumer agent-{id} holds {held} messages not delivered \
-                                     yet (stream sequences after {after}); let its listener deliver them, or run \
-                                     `mesh agents remove {agent} --drop-backlog` to drop them"
-                                )));
+                                return Err(AgentsError::Backlog { id, held, after }.into());
                             }
                             Ok(_) => {}
-                            Err(e) => {
-                                return Err(CommandError::Refused(format!(
-                                    "{agent} not removed: cannot check what its consumer still holds ({e}); retry \
-                                     when NATS is reachable, or pass --drop-backlog"
-                                )));
-                            }
+                            Err(source) => return Err(AgentsError::BacklogUnknown { id, source }.into()),
                         }
                     }
                     _ => {}
                 }
-                let changed = crate::agents::commit(path, planned).map_err(|e| e.to_string())?;
+                let changed = crate::agents::commit(path, planned)?;
                 drop(_lock);
                 let kept = match &changed.backup {
                     Some(backup) => format!("previous version kept as {}", backup.display()),
@@ -934,7 +1241,7 @@ impl Engine {
                 // The consumer of a removed or inactive agent goes (with its
                 // backlog only when --drop-backlog said so).
                 if let Command::AgentsRemove { agent, drop_backlog, .. } = &command {
-                    let id = AgentId::parse(agent).map_err(|e| e.to_string())?;
+                    let id = AgentId::parse(agent).map_err(AgentsError::from)?;
                     let retired = match self.mesh() {
                         Ok(mesh) => {
                             mesh.retire(std::slice::from_ref(&id), *drop_backlog).await.map_err(|e| e.to_string())
@@ -1056,7 +1363,7 @@ impl Engine {
         if target.delivery != DeliveryMode::Chat {
             return Err(CommandError::NotChat { agent: agent.clone() });
         }
-        let reply_subject = Subject::new_reply();
+        let reply_subject = Subject::new_reply_for(from);
         let mut envelope = Envelope::new(from, Recipient::Agent(agent.clone()), text)?.with_reply_to(&reply_subject);
         if let Some(ttl) = ttl {
             envelope = envelope.with_ttl(ttl)?;
@@ -1099,7 +1406,10 @@ impl Engine {
 
     async fn status(&self) -> Result<Executed, CommandError> {
         let registry = self.registry()?;
-        let mesh = self.mesh()?;
+        let mesh = match self.mesh() {
+            Ok(mesh) => mesh,
+            Err(e) => return Ok(self.status_offline(&registry, &e.to_string()).await),
+        };
         let mut reply = Reply::info("mesh status");
         let kills = mesh.kill_in_force().await?;
         let kill_lines: Vec<String> = if kills.is_empty() {
@@ -1132,9 +1442,96 @@ impl Engine {
         let active = registry.active().count();
         let dead = mesh.dead_letter_count().await;
         let server = mesh.server();
+        reply = self.containers_section(reply).await;
+        reply = reply.with_lines(
+            Some("mesh"),
+            [
+                format!("nats {} ({})", server.version, server.name),
+                format!("agents: {} registered, {active} active, {answered} listeners answering", registry.len()),
+                format!("dead letters: {dead}"),
+            ],
+        );
+        Ok(Executed::reply(reply))
+    }
+
+    /// A mesh-wide hard kill's Docker part: stops the running listener
+    /// containers and records which (so `resume` starts those and no other).
+    async fn stop_listener_containers(&self) -> Vec<String> {
+        let stopped = self.containers.stop_listeners().await;
+        let names = match &stopped {
+            Ok(names) => names.clone(),
+            Err(DockerError::Partial { done, .. }) => done.clone(),
+            Err(_) => Vec::new(),
+        };
+        let mut lines = vec![match stopped {
+            Ok(names) if names.is_empty() => "docker: no running listener container to stop".to_owned(),
+            other => docker_line("stopped listener containers", other),
+        }];
+        if names.is_empty() {
+            return lines;
+        }
+        let recorded = match self.mesh() {
+            Ok(mesh) => mesh.stopped_record(&names).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = recorded {
+            lines.push(format!(
+                "docker: the stopped containers were not recorded ({e}); `mesh resume` will not start them: `docker start {}`",
+                names.join(" ")
+            ));
+        }
+        lines
+    }
+
+    /// A mesh-wide resume's Docker part: starts the listener containers a
+    /// kill stopped (as recorded), and only those.
+    async fn start_stopped_containers(&self, mesh: &dyn Mesh) -> String {
+        let names = match mesh.stopped_list().await {
+            Ok(names) => names,
+            Err(e) => return format!("docker: cannot read which containers the kill stopped ({e}); none started"),
+        };
+        if names.is_empty() {
+            return match self.containers.start_listeners(&[]).await {
+                Err(DockerError::NotInUse) => "docker: not in use for this mesh".to_owned(),
+                _ => "docker: no listener container was stopped by a kill; none started".to_owned(),
+            };
+        }
+        let started = self.containers.start_listeners(&names).await;
+        if started.is_ok()
+            && let Err(e) = mesh.stopped_clear().await
+        {
+            warn!(error = %e, "cannot clear the record of the containers the kill stopped");
+        }
+        docker_line("started listener containers", started)
+    }
+
+    /// `status` when NATS cannot be reached (the runbook's first step then):
+    /// what can be known without it, the containers and the registry, and
+    /// why the rest is missing. Reported as failed, so scripts notice.
+    async fn status_offline(&self, registry: &Registry, why: &str) -> Executed {
+        let mut reply = Reply::warn("mesh status: NATS unreachable").with_lines(
+            Some("nats"),
+            [
+                format!("NATS unreachable: {why}"),
+                "kill switch, server-side pause, listeners answering and dead letters are unknown until it is back"
+                    .to_owned(),
+            ],
+        );
+        reply = self.containers_section(reply).await;
+        let active = registry.active().count();
+        let agents = registry.agents().map(|a| a.id.to_string()).collect::<Vec<_>>().join(", ");
+        reply = reply.with_lines(
+            Some("registry"),
+            [format!("agents: {} registered, {active} active ({agents})", registry.len())],
+        );
+        Executed { failed: true, ..Executed::reply(reply) }
+    }
+
+    /// The containers of the mesh as a section of `reply`.
+    async fn containers_section(&self, reply: Reply) -> Reply {
         match self.containers.list().await {
             Ok(rows) if rows.is_empty() => {
-                reply = reply.with_lines(Some("containers"), ["none: Docker is not in use for this mesh"]);
+                reply.with_lines(Some("containers"), ["none: Docker is not in use for this mesh"])
             }
             Ok(rows) => {
                 let rows = rows
@@ -1150,23 +1547,30 @@ impl Engine {
                         ]
                     })
                     .collect();
-                reply = reply.with_table(
-                    Some("containers"),
-                    ["name", "role", "state", "health", "restarts", "uptime"],
-                    rows,
-                );
+                reply.with_table(Some("containers"), ["name", "role", "state", "health", "restarts", "uptime"], rows)
             }
-            Err(e) => reply = reply.with_lines(Some("containers"), [e.to_string()]),
+            Err(e) => reply.with_lines(Some("containers"), [e.to_string()]),
         }
-        reply = reply.with_lines(
-            Some("mesh"),
-            [
-                format!("nats {} ({})", server.version, server.name),
-                format!("agents: {} registered, {active} active, {answered} listeners answering", registry.len()),
-                format!("dead letters: {dead}"),
-            ],
-        );
-        Ok(Executed::reply(reply))
+    }
+}
+
+/// The command as a line for the audit trail's "starting" record.
+/// The answer to a replay that found dead letters: one line each, the new message ids.
+fn replayed(agent: &AgentId, report: &crate::dlq::ReplayReport) -> Executed {
+    let ids: Vec<String> = report.replayed.iter().chain(&report.already_removed).map(|(_, id)| id.clone()).collect();
+    let head = format!("replayed {} dead letters of {agent}", ids.len());
+    let reply = if report.failed.is_empty() {
+        Reply::ok(head)
+    } else {
+        Reply::warn(format!("{head}, {} failed (kept; see below)", report.failed.len()))
+    };
+    Executed::with_ids(reply.with_lines(None, report.lines()).with_data(report), ids)
+}
+
+fn command_line(command: &Command) -> String {
+    match command {
+        Command::KillNuclear { purge: true } => "kill nuclear --purge".to_owned(),
+        other => other.kind().spec().name.to_owned(),
     }
 }
 

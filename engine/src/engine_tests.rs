@@ -41,6 +41,12 @@ struct State {
     server_pauses: Option<crate::mesh::ServerPauses>,
     /// What a kill or resume reports about the server-side pause (`None`: applied).
     server_pause_failure: Option<String>,
+    /// The audit records stored when each kill was written.
+    audited_before_kill: Vec<Vec<String>>,
+    /// Listener containers recorded as stopped by a kill.
+    stopped: Vec<String>,
+    /// The engine's clock (kill entries are written at its time).
+    now: Option<OffsetDateTime>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -99,8 +105,10 @@ impl Mesh for FakeMesh {
         actor: Actor<'a>,
         reason: Option<String>,
     ) -> BoxFuture<'a, Result<(KillState, Option<String>), MeshError>> {
-        let at = OffsetDateTime::now_utc();
+        let at = self.state().now.unwrap_or_else(OffsetDateTime::now_utc);
         let state = KillState { mode, until: duration.map(|d| at + d), by: actor.by.to_owned(), reason, at };
+        let outcomes = self.state().audit.iter().map(|r| r.outcome.clone()).collect();
+        self.state().audited_before_kill.push(outcomes);
         self.state().kill.insert(scope.key(), state.clone());
         ready(Ok((state, self.state().server_pause_failure.clone())))
     }
@@ -127,6 +135,20 @@ impl Mesh for FakeMesh {
         ready(Ok(self.state().kill.get(&Scope::Global.key()).cloned()))
     }
 
+    fn stopped_record<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<(), MeshError>> {
+        self.state().stopped.extend(names.iter().cloned());
+        ready(Ok(()))
+    }
+
+    fn stopped_list(&self) -> BoxFuture<'_, Result<Vec<String>, MeshError>> {
+        ready(Ok(self.state().stopped.clone()))
+    }
+
+    fn stopped_clear(&self) -> BoxFuture<'_, Result<(), MeshError>> {
+        self.state().stopped.clear();
+        ready(Ok(()))
+    }
+
     fn dead_letters<'a>(
         &'a self,
         _agent: Option<&'a AgentId>,
@@ -144,6 +166,15 @@ impl Mesh for FakeMesh {
         _registry: &'a Registry,
         _agent: &'a AgentId,
         _n: usize,
+    ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
+        ready(Ok(ReplayReport::default()))
+    }
+
+    fn replay_one<'a>(
+        &'a self,
+        _registry: &'a Registry,
+        _agent: &'a AgentId,
+        _seq: u64,
     ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
         ready(Ok(ReplayReport::default()))
     }
@@ -236,10 +267,10 @@ impl Containers for FakeContainers {
         })
     }
 
-    fn start_listeners(&self) -> BoxFuture<'_, Result<Vec<String>, DockerError>> {
+    fn start_listeners<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<Vec<String>, DockerError>> {
         Box::pin(async move {
             self.called("start").await;
-            Ok(vec!["listener-nova".into()])
+            Ok(names.to_vec())
         })
     }
 
@@ -290,6 +321,7 @@ fn setup_with(limits: LimitStore, two_person: bool) -> Setup {
     let mesh = FakeMesh::default();
     let containers = Arc::new(FakeContainers::default());
     let now = Arc::new(Mutex::new(OffsetDateTime::now_utc()));
+    mesh.state().now = Some(*now.lock().unwrap());
     let clock = now.clone();
     let engine = Engine::with_mesh(config, Ok(Arc::new(mesh.clone())), limits)
         .with_containers(containers.clone())
@@ -320,6 +352,7 @@ impl Setup {
 
     fn advance(&self, by: time::Duration) {
         *self.now.lock().unwrap() += by;
+        self.mesh.state().now = Some(*self.now.lock().unwrap());
     }
 }
 
@@ -449,6 +482,22 @@ async fn the_two_person_rule_needs_a_second_director() {
     assert_eq!(*s.containers.calls.lock().unwrap(), ["nuclear"]);
 }
 
+/// Issue 21.5: a nuclear kill takes NATS (and with --purge its data) away, so
+/// its audit record is stored before the kill is written or anything removed.
+#[tokio::test]
+async fn a_nuclear_kill_is_audited_before_its_side_effects() {
+    let s = setup();
+    let asked = s.engine.handle(slack("UDIR", "kill nuclear --purge")).await;
+    let code = asked.confirmation_code.unwrap();
+    let done = s.engine.handle(slack("UDIR", &format!("confirm {code}"))).await;
+    assert!(done.reply.title.contains("NUCLEAR by slack:UDIR"), "{}", done.reply.title);
+    let before = s.mesh.state().audited_before_kill.clone();
+    assert_eq!(before.len(), 1);
+    assert_eq!(before[0].last().map(String::as_str), Some("starting: kill nuclear --purge"), "{before:?}");
+    let outcomes: Vec<String> = s.mesh.state().audit.iter().map(|r| r.outcome.clone()).collect();
+    assert_eq!(outcomes.len(), 3, "asked, starting, done: {outcomes:?}");
+}
+
 #[tokio::test]
 async fn an_error_is_audited_and_a_lost_audit_record_is_reported() {
     let s = setup();
@@ -545,9 +594,63 @@ async fn a_mesh_wide_hard_kill_stops_the_listeners_and_resume_starts_them() {
     let done = s.engine.handle_command(Request::terminal(&confirm, "cli:ops"), confirm).await;
     assert!(done.reply.title.contains("HARD by terminal"), "{}", done.reply.title);
     let resume = Command::Resume { agent: None };
-    let resumed = s.engine.handle_command(Request::terminal(&resume, "cli:ops"), resume).await;
+    let asked = s.engine.handle_command(Request::terminal(&resume, "cli:ops"), resume).await;
+    assert_eq!(*s.containers.calls.lock().unwrap(), ["stop"], "asking runs nothing");
+    let confirm = Command::Confirm { code: asked.confirmation_code.expect("ending a hard kill asks for a code") };
+    let resumed = s.engine.handle_command(Request::terminal(&confirm, "cli:ops"), confirm).await;
     assert_eq!(resumed.reply.title, "resumed the whole mesh");
     assert_eq!(*s.containers.calls.lock().unwrap(), ["stop", "start"]);
+}
+
+/// Issue 15: `resume` from a hard kill asks for a confirmation as the kill
+/// did (same code, same rules: only the asker confirms); from a soft pause,
+/// which ends by itself anyway, it runs at once.
+#[tokio::test]
+async fn resume_from_a_hard_kill_asks_for_a_code_and_from_a_soft_one_does_not() {
+    let s = setup();
+    s.engine.handle(slack("UADMIN", "kill soft 10m nova")).await;
+    let soft = s.engine.handle(slack("UADMIN", "resume nova")).await;
+    assert!(soft.confirmation_code.is_none(), "{:?}", soft.reply);
+    assert_eq!(soft.reply.title, "resumed agent nova");
+
+    let hard = s.engine.handle(slack("UDIR", "kill hard nova")).await;
+    let confirm = format!("confirm {}", hard.confirmation_code.unwrap());
+    s.engine.handle(slack("UDIR", &confirm)).await;
+    let asked = s.engine.handle(slack("UDIR", "resume nova")).await;
+    let code = asked.confirmation_code.expect("ending a hard kill asks for a code");
+    assert_eq!(asked.decision, "confirmation required");
+    assert!(s.mesh.state().kill.contains_key(&Scope::Agent(id("nova")).key()), "nothing resumed yet");
+    let stranger = s.engine.handle(slack("UDIR2", &format!("confirm {code}"))).await;
+    assert_eq!(stranger.decision, "denied", "{:?}", stranger.reply);
+    let resumed = s.engine.handle(slack("UDIR", &format!("confirm {code}"))).await;
+    assert_eq!(resumed.reply.title, "resumed agent nova", "{:?}", resumed.reply);
+    assert!(!s.mesh.state().kill.contains_key(&Scope::Agent(id("nova")).key()));
+}
+
+/// Review of issue 15: a resume confirmed (typed or by button) after the
+/// kill was pulled again is refused: the code was given for another kill.
+#[tokio::test]
+async fn a_resume_confirmed_after_a_newer_kill_is_refused_typed_or_clicked() {
+    // Six control commands by one director: above the default rate limit.
+    let roomy = Limit { max: 100, window: Duration::from_secs(60) };
+    let config =
+        LimitsConfig { rates: RateLimits { control: roomy, ..RateLimits::default() }, ..LimitsConfig::default() };
+    let s = setup_with(LimitStore::new(config, None, Arc::new(ManualClock::new())), false);
+    let pull = async |who: &str| {
+        let asked = s.engine.handle(slack(who, "kill hard")).await;
+        s.engine.handle(slack(who, &format!("confirm {}", asked.confirmation_code.unwrap()))).await;
+    };
+    pull("UDIR").await;
+    let typed = s.engine.handle(slack("UDIR", "resume")).await.confirmation_code.unwrap();
+    let clicked = s.engine.handle(slack("UDIR", "resume")).await.confirmation_code.unwrap();
+    s.advance(time::Duration::seconds(1));
+    pull("UDIR2").await;
+    let refused = s.engine.handle(slack("UDIR", &format!("confirm {typed}"))).await;
+    assert!(refused.reply.title.contains("kill switch changed since the resume was asked for"), "{:?}", refused.reply);
+    let click = s.engine.click(slack("UDIR", "(button)"), &format!("mesh:confirm:{clicked}")).await;
+    let answer = click.answer.expect("a refusal is answered");
+    assert!(answer.title.contains("kill switch changed since the resume was asked for"), "{answer:?}");
+    assert_eq!(s.mesh.state().kill.get(&Scope::Global.key()).map(|k| k.by.clone()).as_deref(), Some("slack:UDIR2"));
 }
 
 #[tokio::test]

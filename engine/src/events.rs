@@ -15,6 +15,9 @@ use mesh_protocol::event::{Event, EventKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+/// What the event of an agent going down says of it (its notification gets a Ping button).
+pub const DOWN_EVENT: &str = "is down";
+
 /// Publishes an event (best effort: a lost notification never blocks a command).
 pub async fn publish(js: &jetstream::Context, event: &Event) {
     let subject = event.kind.subject().to_string();
@@ -52,21 +55,15 @@ pub const FLEET_BUCKET: &str = mesh_protocol::layout::FLEET_BUCKET;
 pub async fn fleet_bucket(
     js: &jetstream::Context,
     setting: mesh_protocol::layout::Replicas,
-) -> Result<kv::Store, String> {
-    if let Ok(store) = js.get_key_value(FLEET_BUCKET).await {
-        return Ok(store);
-    }
-    let replicas = mesh_runtime::nats::resolve_replicas(js, setting).await.map_err(|e| e.to_string())?;
-    js.create_key_value(kv::Config {
+) -> Result<kv::Store, mesh_runtime::nats::NatsError> {
+    let config = kv::Config {
         bucket: FLEET_BUCKET.to_owned(),
         description: "mesh fleet monitor: the state last announced per agent".to_owned(),
         history: 1,
         storage: jetstream::stream::StorageType::File,
-        num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| format!("cannot create the {FLEET_BUCKET} bucket: {e}"))
+    };
+    mesh_runtime::nats::open_or_create_bucket(js, config, setting).await
 }
 
 /// What an event of the fleet monitor is about.
@@ -145,11 +142,14 @@ pub fn changes(before: &FleetView, after: &FleetView) -> Vec<(Event, Change)> {
     let mut out = Vec::new();
     for (agent, up) in &after.up {
         let text = match (before.up.get(agent), up) {
-            (Some(true), false) => format!("agent {agent} is down (no pong or gateway failing)"),
+            (Some(true), false) => format!("agent {agent} {DOWN_EVENT} (no pong or gateway failing)"),
             (Some(false), true) => format!("agent {agent} is back"),
             _ => continue,
         };
-        out.push((Event::now(EventKind::Agent, text), Change::Agent { agent: agent.clone(), up: *up }));
+        out.push((
+            Event::now(EventKind::Agent, text).about(agent.clone()),
+            Change::Agent { agent: agent.clone(), up: *up },
+        ));
     }
     if after.dead_letters > before.dead_letters {
         let new = after.dead_letters - before.dead_letters;
@@ -209,13 +209,29 @@ pub async fn monitor(
                     match change {
                         Change::Agent { agent, up } => announce_agent(&js, fleet, &agent, up, &event).await,
                         // The newest dead letter's sequence names this pile-up for every replica.
-                        Change::DeadLetters => publish_once(&js, &event, &format!("dlq:{last_dead_letter}")).await,
+                        Change::DeadLetters => {
+                            let event = match newest_dead_letter_agent(&js, last_dead_letter).await {
+                                Some(agent) => event.about(agent).dead_letter(last_dead_letter),
+                                None => event,
+                            };
+                            publish_once(&js, &event, &format!("dlq:{last_dead_letter}")).await
+                        }
                     }
                 }
             }
         }
         before = Some(now);
     }
+}
+
+/// The agent of the dead letter stored at `seq` (the newest), for the
+/// notification's Replay button (which names that dead letter by `seq`);
+/// `None` when it cannot be read.
+async fn newest_dead_letter_agent(js: &jetstream::Context, seq: u64) -> Option<String> {
+    let stream = js.get_stream(mesh_protocol::layout::dead_letter_stream(1).name).await.ok()?;
+    let message = stream.get_raw_message(seq).await.ok()?;
+    let header = |name: &str| message.headers.get(name).map(|v| v.as_str().to_owned());
+    mesh_protocol::dead_letter::DeadLetter::from_headers(header).map(|d| d.agent.to_string())
 }
 
 #[cfg(test)]

@@ -23,23 +23,16 @@ impl FleetDedup {
         js: &jetstream::Context,
         ttl: std::time::Duration,
         setting: mesh_protocol::layout::Replicas,
-    ) -> Result<Self, String> {
-        if let Ok(kv) = js.get_key_value(BUCKET).await {
-            return Ok(Self { kv });
-        }
-        let replicas = mesh_runtime::nats::resolve_replicas(js, setting).await.map_err(|e| e.to_string())?;
-        let kv = js
-            .create_key_value(kv::Config {
-                bucket: BUCKET.to_owned(),
-                description: "chat requests already handled by a mesh bot replica".to_owned(),
-                history: 1,
-                max_age: ttl,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| format!("cannot create the {BUCKET} bucket: {e}"))?;
+    ) -> Result<Self, mesh_runtime::nats::NatsError> {
+        let config = kv::Config {
+            bucket: BUCKET.to_owned(),
+            description: "chat requests already handled by a mesh bot replica".to_owned(),
+            history: 1,
+            max_age: ttl,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let kv = mesh_runtime::nats::open_or_create_bucket(js, config, setting).await?;
         Ok(Self { kv })
     }
 

@@ -29,9 +29,9 @@ use crate::command::{CommandKind, KillGrade, Role};
 #[derive(Debug, thiserror::Error)]
 pub enum KillSwitchError {
     #[error("cannot reach the kill switch bucket: {0}; check that nats-server runs with JetStream enabled (-js)")]
-    Bucket(String),
+    Bucket(#[source] mesh_runtime::nats::Cause),
     #[error("cannot write the kill switch: {0}")]
-    Write(String),
+    Write(#[source] mesh_runtime::nats::Cause),
     #[error("a soft kill lasts between 1 second and 24 hours, not {0:?}")]
     BadDuration(Duration),
     /// The entry in force may only be replaced or lifted by a higher role.
@@ -149,7 +149,7 @@ impl KillSwitch {
         replicas: mesh_protocol::layout::Replicas,
     ) -> Result<Self, KillSwitchError> {
         let store =
-            mesh_runtime::kill_bucket::open(js, replicas).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+            mesh_runtime::kill_bucket::open(js, replicas).await.map_err(|e| KillSwitchError::Bucket(e.into()))?;
         Ok(Self { store, js: js.clone() })
     }
 
@@ -275,7 +275,7 @@ impl KillSwitch {
                 }
                 tokio::time::sleep(delay).await;
             }
-            let entry = self.store.entry(key.as_str()).await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+            let entry = self.store.entry(key.as_str()).await.map_err(|e| KillSwitchError::Bucket(e.into()))?;
             let (revision, current) = match entry {
                 Some(entry) if entry.operation == kv::Operation::Put => {
                     // An entry nobody can read is treated as a hard kill: fail closed.
@@ -322,7 +322,7 @@ impl KillSwitch {
                     return Ok(written);
                 }
                 Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
-                Err(e) => return Err(KillSwitchError::Write(e.to_string())),
+                Err(e) => return Err(KillSwitchError::Write(e.into())),
             }
         }
         Err(KillSwitchError::Contended(scope.clone()))
@@ -352,27 +352,70 @@ impl KillSwitch {
     async fn announce(&self, scope: &Scope, state: &KillState) {
         let text = match state.mode {
             Mode::None => format!("kill switch released for {scope} by {}", state.by),
-            _ => format!("kill switch pulled: {}", describe(scope, state)),
+            _ => format!("{PULLED_EVENT}: {}", describe(scope, state)),
         };
-        crate::events::publish(&self.js, &Event::now(EventKind::Killswitch, text)).await;
+        let event = match scope {
+            Scope::Agent(id) => Event::now(EventKind::Killswitch, text).about(id.to_string()),
+            Scope::Global => Event::now(EventKind::Killswitch, text),
+        };
+        crate::events::publish(&self.js, &event).await;
     }
 
-    /// The entry of one scope, if any.
+    /// Adds `names` to the listener containers a kill stopped (see
+    /// [`killswitch::DOCKER_STOPPED_KEY`]); a second kill that found them
+    /// stopped already keeps the first one's record.
+    pub async fn record_stopped(&self, names: &[String]) -> Result<(), KillSwitchError> {
+        let mut all = self.stopped().await?;
+        all.extend(names.iter().cloned());
+        all.sort();
+        all.dedup();
+        let value = serde_json::to_vec(&all).map_err(|e| KillSwitchError::Write(e.into()))?;
+        self.store
+            .put(killswitch::DOCKER_STOPPED_KEY, value.into())
+            .await
+            .map_err(|e| KillSwitchError::Write(e.into()))?;
+        Ok(())
+    }
+
+    /// The listener containers recorded as stopped by a kill (none when no record).
+    pub async fn stopped(&self) -> Result<Vec<String>, KillSwitchError> {
+        match self.store.get(killswitch::DOCKER_STOPPED_KEY).await {
+            Ok(Some(bytes)) => Ok(serde_json::from_slice(&bytes).unwrap_or_default()),
+            Ok(None) => Ok(Vec::new()),
+            Err(e) => Err(KillSwitchError::Bucket(e.into())),
+        }
+    }
+
+    /// Forgets the record of stopped containers (they were started again).
+    pub async fn clear_stopped(&self) -> Result<(), KillSwitchError> {
+        self.store.purge(killswitch::DOCKER_STOPPED_KEY).await.map_err(|e| KillSwitchError::Write(e.into()))
+    }
+
+    /// The entry of one scope, if any. An entry that cannot be decoded is a
+    /// hard kill, as the listeners read it (fail closed): resuming from it
+    /// needs a director and a confirmation, and an agent under it cannot send.
     pub async fn get(&self, scope: &Scope) -> Result<Option<KillState>, KillSwitchError> {
         match self.store.get(scope.key()).await {
-            Ok(Some(bytes)) => Ok(KillState::decode(&bytes).ok()),
+            Ok(Some(bytes)) if bytes.is_empty() => Ok(None),
+            Ok(Some(bytes)) => Ok(Some(KillState::decode(&bytes).unwrap_or_else(|e| KillState {
+                mode: Mode::Hard,
+                until: None,
+                by: "unreadable entry".to_owned(),
+                reason: Some(format!("unreadable kill switch entry ({e}); listeners pause until it is overwritten")),
+                at: OffsetDateTime::UNIX_EPOCH,
+            }))),
             Ok(None) => Ok(None),
-            Err(e) => Err(KillSwitchError::Bucket(e.to_string())),
+            Err(e) => Err(KillSwitchError::Bucket(e.into())),
         }
     }
 
     /// Every entry in force now.
     pub async fn in_force(&self) -> Result<Vec<(Scope, KillState)>, KillSwitchError> {
         let now = OffsetDateTime::now_utc();
-        let mut keys = self.store.keys().await.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+        let mut keys = self.store.keys().await.map_err(|e| KillSwitchError::Bucket(e.into()))?;
         let mut out = Vec::new();
         while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| KillSwitchError::Bucket(e.to_string()))?;
+            let key = key.map_err(|e| KillSwitchError::Bucket(e.into()))?;
             let Some(scope) = Scope::from_key(&key) else { continue };
             if let Some(state) = self.get(&scope).await?
                 && state.in_force(now)
@@ -457,6 +500,9 @@ pub fn describe(scope: &Scope, state: &KillState) -> String {
         }
     }
 }
+
+/// How the event of a pulled kill switch starts (its notification gets a Resume button).
+pub const PULLED_EVENT: &str = "kill switch pulled";
 
 /// A timestamp as RFC 3339 (seconds).
 pub fn rfc3339(at: OffsetDateTime) -> String {

@@ -14,7 +14,8 @@
 //! - [`engine`]: the pipeline. [`mesh`]: the mesh trait and its NATS
 //!   implementation. [`containers`]: the containers trait.
 //! - Mesh operations: [`publish`] (send, broadcast), [`ping`], [`killswitch`],
-//!   [`dlq`], [`audit`], [`events`] (and the fleet monitor), [`notify`] (the
+//!   [`dlq`], [`audit`], [`events`] (and the fleet monitor), [`backlog`]
+//!   (messages about to age out undelivered), [`notify`] (the
 //!   events relay chat front ends post through), [`maintenance`], [`backup`],
 //!   [`provision`] (streams, the kill switch bucket and every active agent's
 //!   consumer, which listeners may not create).
@@ -25,6 +26,7 @@
 
 pub mod agents;
 pub mod audit;
+pub mod backlog;
 pub mod backup;
 pub mod command;
 pub mod confirm_store;
@@ -67,6 +69,7 @@ mod layout {
             include_str!("command/help.rs"),
             include_str!("command/permission.rs"),
             include_str!("command/confirm.rs"),
+            include_str!("command/button.rs"),
             include_str!("command/reply.rs"),
             include_str!("command/pack.rs"),
             include_str!("command/render_text.rs"),

@@ -117,6 +117,12 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
     fn kill_in_force(&self) -> BoxFuture<'_, Result<Vec<(Scope, KillState)>, MeshError>>;
     /// The pause in force for one agent (or the global one).
     fn kill_effective<'a>(&'a self, agent: Option<&'a AgentId>) -> BoxFuture<'a, Result<Option<KillState>, MeshError>>;
+    /// Records listener containers a hard kill stopped (added to the record).
+    fn stopped_record<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<(), MeshError>>;
+    /// The listener containers recorded as stopped by a kill.
+    fn stopped_list(&self) -> BoxFuture<'_, Result<Vec<String>, MeshError>>;
+    /// Forgets the record (the containers were started again).
+    fn stopped_clear(&self) -> BoxFuture<'_, Result<(), MeshError>>;
     /// Dead letters, oldest first.
     fn dead_letters<'a>(
         &'a self,
@@ -131,6 +137,14 @@ pub trait Mesh: Send + Sync + std::fmt::Debug {
         registry: &'a Registry,
         agent: &'a AgentId,
         n: usize,
+    ) -> BoxFuture<'a, Result<ReplayReport, MeshError>>;
+    /// Replays the one dead letter of `agent` stored at `seq` in the
+    /// dead-letter stream; an empty report when it is no longer there or not `agent`'s.
+    fn replay_one<'a>(
+        &'a self,
+        registry: &'a Registry,
+        agent: &'a AgentId,
+        seq: u64,
     ) -> BoxFuture<'a, Result<ReplayReport, MeshError>>;
     /// Appends an audit record.
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>>;
@@ -205,14 +219,28 @@ impl Mesh for NatsMesh {
         tuning: ConsumerTuning,
     ) -> BoxFuture<'a, Result<ReplyWait, MeshError>> {
         Box::pin(async move {
-            let mut replies = self.client.subscribe(reply.to_string()).await.map_err(MeshError::Subscribe)?;
-            if let mesh_protocol::Recipient::Agent(agent) = &envelope.to {
-                mesh_runtime::nats::ensure_consumer(&self.js, agent, tuning).await.map_err(SendError::from)?;
-            }
+            let mesh_protocol::Recipient::Agent(asked) = &envelope.to else {
+                return Err(SendError::NoInbox.into());
+            };
+            // Only the asked agent's listener may publish on the answer subject
+            // naming it (`mesh.reply.<asker>.<token>.<asked>`); the answer's
+            // `from` and `in_reply_to` are checked too.
+            let answers = reply.sent_by(asked).ok_or(SendError::NoInbox)?;
+            let mut replies = self.client.subscribe(answers.to_string()).await.map_err(MeshError::Subscribe)?;
+            mesh_runtime::nats::ensure_consumer(&self.js, asked, tuning).await.map_err(SendError::from)?;
             crate::publish::publish(&self.js, envelope).await?;
+            let (asked, question) = (asked.to_string(), envelope.id);
             let wait: ReplyWait = Box::pin(async move {
-                let message = replies.next().await.ok_or(ReplyError::Closed)?;
-                serde_json::from_slice::<Envelope>(&message.payload).map_err(ReplyError::Decode)
+                loop {
+                    let message = replies.next().await.ok_or(ReplyError::Closed)?;
+                    let answer = serde_json::from_slice::<Envelope>(&message.payload).map_err(ReplyError::Decode)?;
+                    match crate::thread::check_answer(&answer, &asked, question) {
+                        Ok(()) => return Ok(answer),
+                        Err(why) => {
+                            tracing::warn!(agent = %asked, msg_id = %question, subject = %message.subject, "ask answer refused, still waiting: {why}")
+                        }
+                    }
+                }
             });
             Ok(wait)
         })
@@ -256,6 +284,18 @@ impl Mesh for NatsMesh {
         Box::pin(async move { Ok(self.kill.effective(agent).await?) })
     }
 
+    fn stopped_record<'a>(&'a self, names: &'a [String]) -> BoxFuture<'a, Result<(), MeshError>> {
+        Box::pin(async move { Ok(self.kill.record_stopped(names).await?) })
+    }
+
+    fn stopped_list(&self) -> BoxFuture<'_, Result<Vec<String>, MeshError>> {
+        Box::pin(async move { Ok(self.kill.stopped().await?) })
+    }
+
+    fn stopped_clear(&self) -> BoxFuture<'_, Result<(), MeshError>> {
+        Box::pin(async move { Ok(self.kill.clear_stopped().await?) })
+    }
+
     fn dead_letters<'a>(
         &'a self,
         agent: Option<&'a AgentId>,
@@ -280,6 +320,15 @@ impl Mesh for NatsMesh {
         n: usize,
     ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
         Box::pin(async move { Ok(crate::dlq::replay(&self.js, registry, agent.as_str(), n).await?) })
+    }
+
+    fn replay_one<'a>(
+        &'a self,
+        registry: &'a Registry,
+        agent: &'a AgentId,
+        seq: u64,
+    ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
+        Box::pin(async move { Ok(crate::dlq::replay_one(&self.js, registry, agent.as_str(), seq).await?) })
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>> {

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
 use futures::StreamExt;
-use mesh_protocol::event::Event;
+use mesh_protocol::event::{Event, EventKind};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::command::Reply;
+use crate::command::{ActionStyle, ButtonId, Reply};
 
 /// Longest batch of events in one post.
 const MAX_BATCH: usize = 40;
@@ -218,17 +218,59 @@ pub fn events_notification(batch: &[Event]) -> Notification {
     Notification { reply: events_reply(batch), text }
 }
 
-/// One post for a batch of events.
+/// One post for a batch of events, with the buttons its events call for.
 pub fn events_reply(batch: &[Event]) -> Reply {
     let title = if batch.len() == 1 { "mesh event".to_owned() } else { format!("{} mesh events", batch.len()) };
     let lines = batch.iter().map(|e| format!("{} {}", crate::killswitch::rfc3339(e.at), e.text));
-    Reply::info(title).with_lines(None, lines)
+    let mut reply = Reply::info(title).with_lines(None, lines);
+    for (label, id, style) in batch.iter().flat_map(event_buttons) {
+        let id = id.to_string();
+        if reply.actions.len() < MAX_BUTTONS && !reply.actions.iter().any(|a| a.id == id) {
+            reply = reply.with_action(label, id, style);
+        }
+    }
+    reply
+}
+
+/// Most buttons on one notification (one Discord action row).
+const MAX_BUTTONS: usize = 5;
+
+/// The buttons of one event: a kill switch pulled -> Resume; an agent down
+/// -> Ping; dead letters -> Replay (of the newest dead letter, that one
+/// only, named by its sequence) and Show. A click runs that command through the engine as the clicker, with
+/// the clicker's role (`resume` of a hard pause still needs a director).
+fn event_buttons(event: &Event) -> Vec<(String, ButtonId, ActionStyle)> {
+    let agent = event.agent.as_deref().and_then(|a| mesh_protocol::AgentId::parse(a).ok());
+    let named = |verb: &str| match &agent {
+        Some(agent) => format!("{verb} {agent}"),
+        None => verb.to_owned(),
+    };
+    match event.kind {
+        EventKind::Killswitch if event.text.starts_with(crate::killswitch::PULLED_EVENT) => {
+            vec![(named("Resume"), ButtonId::Resume(agent), ActionStyle::Primary)]
+        }
+        EventKind::Agent if agent.is_some() && event.text.contains(crate::events::DOWN_EVENT) => {
+            vec![("Ping".to_owned(), ButtonId::Ping, ActionStyle::Plain)]
+        }
+        EventKind::Dlq => match (agent, event.dead_letter) {
+            (Some(agent), Some(dead_letter)) => vec![
+                (
+                    format!("Replay {agent}"),
+                    ButtonId::Replay { agent: agent.clone(), dead_letter },
+                    ActionStyle::Primary,
+                ),
+                (format!("Show {agent}"), ButtonId::Show(Some(agent)), ActionStyle::Plain),
+            ],
+            (Some(agent), None) => vec![(format!("Show {agent}"), ButtonId::Show(Some(agent)), ActionStyle::Plain)],
+            (None, _) => vec![("Show".to_owned(), ButtonId::Show(None), ActionStyle::Plain)],
+        },
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use mesh_protocol::event::EventKind;
 
     #[test]
     fn the_fallback_text_carries_the_events() {
@@ -241,6 +283,24 @@ mod tests {
         assert_eq!(two.text, "2 mesh events: SOFT pause; agent nova is back");
         let long = events_notification(&[Event::now(EventKind::Broadcast, "x".repeat(1000))]);
         assert_eq!(long.text.chars().count(), MAX_FALLBACK_CHARS);
+    }
+
+    #[test]
+    fn notifications_carry_the_buttons_their_events_call_for() {
+        let ids = |batch: &[Event]| events_reply(batch).actions.into_iter().map(|a| a.id).collect::<Vec<_>>();
+        let pulled = format!("{} HARD pause of agent nova", crate::killswitch::PULLED_EVENT);
+        assert_eq!(ids(&[Event::now(EventKind::Killswitch, pulled.clone()).about("nova")]), ["mesh:resume:nova"]);
+        assert_eq!(ids(&[Event::now(EventKind::Killswitch, pulled)]), ["mesh:resume"]);
+        assert!(ids(&[Event::now(EventKind::Killswitch, "kill switch released for the mesh by x")]).is_empty());
+        let down = format!("agent nova {} (no pong)", crate::events::DOWN_EVENT);
+        assert_eq!(ids(&[Event::now(EventKind::Agent, down).about("nova")]), ["mesh:ping"]);
+        assert!(ids(&[Event::now(EventKind::Agent, "agent nova is back").about("nova")]).is_empty());
+        let dead = Event::now(EventKind::Dlq, "1 new dead letters (1 stored); see `dlq`");
+        assert_eq!(ids(&[dead.clone().about("nova").dead_letter(42)]), ["mesh:replay:nova:42", "mesh:dlq:nova"]);
+        assert_eq!(ids(&[dead.clone().about("nova")]), ["mesh:dlq:nova"], "no dead letter named: nothing to replay");
+        assert_eq!(ids(&[dead.clone(), dead.clone()]), ["mesh:dlq"], "one button per id");
+        assert_eq!(ids(&[dead.about("../x")]), ["mesh:dlq"], "an invalid agent names none");
+        assert!(ids(&[Event::now(EventKind::Broadcast, "hello")]).is_empty());
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub async fn ensure_agents(
 /// differs (its filters and start position stay; a listener notices the new
 /// window when it next looks its consumer up).
 async fn ensure_agent(js: &jetstream::Context, id: &AgentId, tuning: ConsumerTuning) -> Result<(), NatsError> {
-    if nats::consumer_tuning(js, id).await? == Some(tuning) {
+    if nats::consumer_current(js, id, tuning).await? {
         return Ok(());
     }
     nats::bind_consumer(js, id, tuning).await?;

@@ -108,7 +108,9 @@ pub fn nearest(registry: &Registry, raw: &str) -> Option<String> {
 /// been stored after all.
 pub async fn publish(js: &async_nats::jetstream::Context, envelope: &Envelope) -> Result<(u64, bool), SendError> {
     let payload = bytes::Bytes::from(envelope.encode()?);
-    let subject = envelope.to.subject().ok_or(SendError::NoInbox)?;
+    // An agent's message goes on the subject naming it as the sender (all its
+    // listener's NATS user may publish on); a human's on the plain one.
+    let subject = envelope.publish_subject().ok_or(SendError::NoInbox)?;
     let subject = subject.to_string();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, envelope.id.to_string().as_str());

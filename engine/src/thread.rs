@@ -28,6 +28,21 @@ pub enum ThreadError {
     Envelope(#[from] mesh_protocol::envelope::EnvelopeError),
 }
 
+/// Whether `answer`, arrived on an ask's answer subject, is `asked`'s answer
+/// to `question`: its `from` must be the asked agent and its `in_reply_to`
+/// the question's id. Anything else (a confused or forging publisher) is not
+/// shown to the asker; `Err` says why, for the log.
+pub fn check_answer(answer: &Envelope, asked: &str, question: Uuid) -> Result<(), String> {
+    if answer.from != asked {
+        return Err(format!("answer claims to be from {:?}, but {asked} was asked", answer.from));
+    }
+    let answered = answer.metadata.get(IN_REPLY_TO).map(String::as_str);
+    if answered != Some(question.to_string().as_str()) {
+        return Err(format!("answer is in reply to {answered:?}, not to the question {question}"));
+    }
+    Ok(())
+}
+
 /// The message a `send` answers, as the front end found it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Thread {
@@ -80,5 +95,24 @@ mod tests {
         let err = Thread::answering(original, 4, 4).stamp(&mut one_too_many).unwrap_err().to_string();
         assert!(err.starts_with("loop guard: message") && err.contains("limit is 4"), "{err}");
         assert_eq!(Thread::answering(original, u8::MAX, u8::MAX).hops, u8::MAX);
+    }
+
+    #[test]
+    fn only_the_asked_agents_answer_to_the_question_is_shown() {
+        let question = Uuid::now_v7();
+        let answer = |from: &str, to: Option<Uuid>| {
+            let mut e = Envelope::new(from, Recipient::Sender("slack:U1".into()), "yes").unwrap();
+            if let Some(id) = to {
+                e.metadata.insert(IN_REPLY_TO.to_owned(), id.to_string());
+            }
+            e
+        };
+        assert!(check_answer(&answer("ada", Some(question)), "ada", question).is_ok());
+        let forged = check_answer(&answer("slack:U1", Some(question)), "ada", question).unwrap_err();
+        assert!(forged.contains("but ada was asked"), "{forged}");
+        assert!(check_answer(&answer("nova", Some(question)), "ada", question).is_err());
+        let other = check_answer(&answer("ada", Some(Uuid::now_v7())), "ada", question).unwrap_err();
+        assert!(other.contains("not to the question"), "{other}");
+        assert!(check_answer(&answer("ada", None), "ada", question).is_err());
     }
 }

@@ -214,6 +214,8 @@ pub fn outcome(handled: &Handled) -> Result<Sent, (StatusCode, String)> {
     let reply = &handled.reply;
     let status = match handled.decision {
         "denied" => StatusCode::FORBIDDEN,
+        // The caller's own kill is in force: refused until `mesh resume <id>`.
+        "paused" => StatusCode::LOCKED,
         "limited" => StatusCode::TOO_MANY_REQUESTS,
         _ if !handled.failed => StatusCode::OK,
         _ if reply.title.contains("JetStream") || reply.title.contains("NATS") => StatusCode::SERVICE_UNAVAILABLE,

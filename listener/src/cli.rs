@@ -51,12 +51,18 @@ struct Args {
     /// stream (the bot and `mesh` do, reading `MESH_REPLICAS`).
     #[arg(long, env = "MESH_REPLICAS", default_value = "auto")]
     replicas: mesh_protocol::layout::Replicas,
+    /// CA certificates (a PEM file) trusted for `https://` gateways besides the system's roots:
+    /// a private CA or a self-signed gateway certificate.
+    /// (A string, not a path: compose passes an unset one as empty, which means none.)
+    #[arg(long, env = crate::gateway::CA_FILE_ENV)]
+    gateway_ca_file: Option<std::ffi::OsString>,
     /// Serve /health, /metrics and the agent API (/v1/messages) on this address.
     #[arg(long, env = "MESH_HTTP")]
     http: Option<SocketAddr>,
-    /// Permissions file (JSON) giving agents their role on /v1/messages; without one, agents are operators.
+    /// Permissions file (JSON) giving agents their role on /v1/messages and /mcp, re-read while running;
+    /// without one, agents are operators. Unusable at start: the listener does not start.
     #[arg(long, env = "MESH_PERMISSIONS")]
-    permissions: Option<std::path::PathBuf>,
+    permissions: Option<std::ffi::OsString>,
     /// Async runtime threads (two measured best on a 2-core machine, see BENCHMARKS.md).
     #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     worker_threads: u16,
@@ -100,6 +106,8 @@ async fn async_main(args: Args) -> ExitCode {
     config.max_hops = args.max_hops;
     config.replicas = args.replicas;
     config.http_addr = args.http;
+    // Set but empty (a compose default) means unset.
+    config.gateway_ca_file = args.gateway_ca_file.filter(|p| !p.is_empty()).map(PathBuf::from);
     config.allowed_hosts = mesh_runtime::config::allowed_hosts_from_env();
     config.nats_auth = match mesh_runtime::config::NatsAuth::from_env() {
         Ok(auth) => auth,
@@ -108,24 +116,29 @@ async fn async_main(args: Args) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // Set but empty (a compose default) means unset.
-    if let Some(path) = args.permissions.filter(|p| !p.as_os_str().is_empty()) {
-        let parsed = std::fs::read_to_string(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|text| serde_json::from_str(&text).map_err(|e| e.to_string()));
-        match parsed {
-            Ok(permissions) => config.permissions = permissions,
-            Err(e) => {
-                eprintln!("error: the permissions file {} (MESH_PERMISSIONS) is unusable: {e}; fix it", path.display());
-                return ExitCode::from(2);
-            }
-        }
-    }
+    // Set but blank (a compose default) means unset, as for `mesh bot`; the file is read at start.
+    config.permissions_file = crate::permissions::configured(args.permissions.as_deref());
     match crate::run(config, crate::shutdown::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", mesh_runtime::error_text::one_line(e.chain()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Compose renders `MESH_GATEWAY_CA_FILE: "${MESH_GATEWAY_CA_FILE:-}"` and
+    /// the same for `MESH_PERMISSIONS`: unset there, they arrive empty, and the
+    /// listener must start (none meant), not stop on "a value is required".
+    #[test]
+    fn empty_path_settings_as_compose_passes_them_are_accepted() {
+        let args = Args::try_parse_from(["mesh-listener", "--all", "--gateway-ca-file", "", "--permissions", ""])
+            .expect("empty values parse");
+        assert_eq!(args.gateway_ca_file.as_deref(), Some(std::ffi::OsStr::new("")));
+        assert_eq!(crate::permissions::configured(args.permissions.as_deref()), None);
     }
 }

@@ -29,6 +29,9 @@ pub struct ListenerConfig {
     pub selection: Selection,
     /// Deliveries in flight per agent; 1 keeps order.
     pub concurrency: usize,
+    /// The prefetch window at concurrency 1 that [`ListenerConfig::tuning`]
+    /// asks for (the registry's `prefetch`; the listener runs with its consumer's).
+    pub prefetch: u16,
     /// Per-request gateway timeout.
     pub request_timeout: Duration,
     /// Ack wait of the consumers.
@@ -41,6 +44,9 @@ pub struct ListenerConfig {
     pub replicas: Replicas,
     /// How often the registry file is checked for changes.
     pub registry_poll: Duration,
+    /// A PEM file of CA certificates trusted for `https://` gateways besides
+    /// the system's roots (`MESH_GATEWAY_CA_FILE`: a private CA, a self-signed gateway).
+    pub gateway_ca_file: Option<PathBuf>,
     /// Where `/health` and `/metrics` are served, if anywhere.
     pub http_addr: Option<SocketAddr>,
     /// Longest wait for in-flight deliveries at shutdown; `None`: the request
@@ -50,6 +56,10 @@ pub struct ListenerConfig {
     /// Roles of the agents that send through `/v1/messages` (`MESH_PERMISSIONS`;
     /// agents with no grant get the file's `"agent"` role, operator by default).
     pub permissions: mesh_engine::command::Permissions,
+    /// The permissions file (`MESH_PERMISSIONS`): when set, it replaces
+    /// `permissions`, is read at start (unusable: the listener does not start)
+    /// and re-read on every registry poll (unusable: agents' commands are refused).
+    pub permissions_file: Option<PathBuf>,
     /// Rate limits of those agents, per agent, in this process.
     pub agent_limits: mesh_engine::limits::RateLimits,
     /// NATS credentials and inbox prefix (from the environment, read at start).
@@ -73,15 +83,18 @@ impl ListenerConfig {
             registry_path: registry_path.into(),
             selection,
             concurrency: 1,
+            prefetch: mesh_protocol::layout::DEFAULT_PREFETCH,
             request_timeout: Duration::from_secs(30),
             ack_wait: ConsumerTuning::default().ack_wait,
             retry: RetryPolicy::default(),
             max_hops: DEFAULT_MAX_HOPS,
             replicas: Replicas::Auto,
             registry_poll: Duration::from_secs(2),
+            gateway_ca_file: None,
             http_addr: None,
             shutdown_grace: None,
             permissions: mesh_engine::command::Permissions::new(),
+            permissions_file: None,
             agent_limits: mesh_engine::limits::RateLimits::default(),
             nats_auth: mesh_runtime::config::NatsAuth::default(),
             allowed_hosts: mesh_protocol::registry::HostAllowList::default(),
@@ -94,10 +107,10 @@ impl ListenerConfig {
     }
 
     /// The consumer tuning these settings ask for (what a test harness playing
-    /// the bot creates the consumer with; see [`ConsumerTuning::for_concurrency`]).
+    /// the bot creates the consumer with; see [`ConsumerTuning::for_agent`]).
     /// The listener itself runs within its consumer's tuning.
     pub fn tuning(&self) -> ConsumerTuning {
         let concurrency = u16::try_from(self.concurrency).unwrap_or(mesh_protocol::layout::MAX_CONCURRENCY);
-        ConsumerTuning { ack_wait: self.ack_wait, ..ConsumerTuning::for_concurrency(concurrency) }
+        ConsumerTuning { ack_wait: self.ack_wait, ..ConsumerTuning::for_agent(concurrency, self.prefetch) }
     }
 }

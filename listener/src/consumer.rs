@@ -50,7 +50,7 @@ pub async fn run_agent<G: Gateway + Clone>(
     let agent = entry.borrow().agent.id.clone();
     while !stop.is_cancelled() {
         let is_paused = *paused.borrow();
-        state.paused.store(is_paused, std::sync::atomic::Ordering::Relaxed);
+        state.set_paused(is_paused);
         if is_paused {
             tokio::select! {
                 _ = stop.cancelled() => break,
@@ -71,9 +71,17 @@ pub async fn run_agent<G: Gateway + Clone>(
         if let Some(note) = note {
             warn!(agent = %agent, "{note}");
         }
-        let deps =
-            Arc::new(Deps { ack_wait: run.ack_wait, confirm_acks: run.concurrency <= 1, ..Deps::clone(&shared) });
-        let failure = if run.concurrency <= 1 {
+        let window = usize::try_from(consumer.cached_info().config.max_ack_pending).unwrap_or(1).max(1);
+        let in_order = run.concurrency <= 1 && window > 1;
+        let deps = Arc::new(Deps {
+            ack_wait: run.ack_wait,
+            confirm_acks: run.concurrency <= 1,
+            in_order,
+            ..Deps::clone(&shared)
+        });
+        let failure = if in_order {
+            crate::ordered::run_window(&deps, &state, &entry, &mut paused, &stop, &consumer, window).await
+        } else if run.concurrency <= 1 {
             info!(agent = %agent, concurrency = 1, "pulling one message at a time");
             pull_one_at_a_time(&deps, &state, &entry, &mut paused, &stop, &consumer).await
         } else {

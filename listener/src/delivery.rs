@@ -50,6 +50,12 @@ pub struct Deps<G> {
     pub ack_wait: Duration,
     /// Wait for the server to confirm each ack (ordered mode).
     pub confirm_acks: bool,
+    /// Ordered with a prefetch window ([`crate::ordered`]): a retry is
+    /// returned to the caller, which retries the message in place while those
+    /// behind it wait (a NAK would let them overtake it), and a delivered
+    /// message is left to the caller to ack (confirmed, without holding up
+    /// the next delivery).
+    pub in_order: bool,
     /// Goes up on every NATS (re)connection.
     pub connects: tokio::sync::watch::Receiver<u64>,
     /// The registry as last read (chat replies go only to its active agents).
@@ -66,8 +72,9 @@ pub struct Deps<G> {
 pub enum Handled {
     /// Delivered and acked.
     Delivered,
-    /// Scheduled for redelivery.
-    Retrying,
+    /// Not delivered; to be tried again after this delay (scheduled with
+    /// JetStream, or in ordered-window mode left to the caller).
+    Retrying(Duration),
     /// Stored as a dead letter and acked.
     DeadLettered,
     /// Could not even be settled (NATS trouble); JetStream redelivers it.
@@ -81,15 +88,30 @@ pub async fn handle<G: Gateway>(
     state: &AgentState,
     msg: jetstream::Message,
 ) -> Handled {
+    handle_attempt(deps, entry, state, &msg, 0).await
+}
+
+/// Handles one pulled message for `entry`, which the listener itself tried
+/// `earlier` times before in this delivery (ordered-window retries in
+/// place): they count against the delivery budget like JetStream's own.
+pub async fn handle_attempt<G: Gateway>(
+    deps: &Deps<G>,
+    entry: &AgentEntry,
+    state: &AgentState,
+    msg: &jetstream::Message,
+    earlier: u64,
+) -> Handled {
     let agent = entry.agent.id.as_str();
     let Ok(info) = msg.info() else {
         warn!(agent, subject = %msg.subject, "message without JetStream metadata; ignoring it");
         return Handled::Unsettled;
     };
-    let (stream_seq, delivered, stored_at) = (info.stream_sequence, info.delivered.max(1) as u64, info.published);
+    let (stream_seq, stored_at) = (info.stream_sequence, info.published);
+    let delivered = (info.delivered.max(1) as u64).saturating_add(earlier);
     state.pending.store(info.pending, Ordering::Relaxed);
-    let arrival = match Subject::parse(msg.subject.as_str()) {
-        Ok(Subject::Inbox(id)) => Recipient::Agent(id),
+    let subject = Subject::parse(msg.subject.as_str());
+    let arrival = match &subject {
+        Ok(Subject::Inbox(id) | Subject::InboxFrom(id, _)) => Recipient::Agent(id.clone()),
         _ => Recipient::Broadcast,
     };
     let arrival = Arrival { to: arrival, fallback_id: legacy_id(stream_seq, stored_at), stored_at };
@@ -97,11 +119,17 @@ pub async fn handle<G: Gateway>(
         Ok((envelope, _format)) => envelope,
         Err(e) => {
             let reason = format!("undecodable payload: {e}");
-            let stored = Stored { msg: &msg, id: arrival.fallback_id, stream_seq, stored_at };
+            let stored = Stored { msg, id: arrival.fallback_id, stream_seq, stored_at };
             return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
         }
     };
-    let stored = Stored { msg: &msg, id: envelope.id, stream_seq, stored_at };
+    // An agent's listener may publish only on subjects naming its agent as
+    // the sender (NATS permissions): a `from` that is not that agent is forged.
+    if let Err(reason) = subject.as_ref().map_or(Ok(()), |subject| subject.check_sender(&envelope.from)) {
+        let stored = Stored { msg, id: envelope.id, stream_seq, stored_at };
+        return dead_letter(deps, entry, state, &stored, delivered, None, reason).await;
+    }
+    let stored = Stored { msg, id: envelope.id, stream_seq, stored_at };
     let msg_id = envelope.id.to_string();
     // Past its time to live (checked on every delivery, a retry's included):
     // never delivered; a dead letter an operator can replay as a new message.
@@ -143,7 +171,7 @@ pub async fn handle<G: Gateway>(
         stream_seq,
         sent_at: envelope.sent_at,
     });
-    let response = call_keeping_alive(deps, &msg, &request).await;
+    let response = call_keeping_alive(deps, msg, &request).await;
     state.record_call(response.outcome.label() == "ok");
     metrics::gateway_duration(response.elapsed);
     let decision = policy::decide(&response.outcome, delivered, &deps.retry, fastrand::f64());
@@ -157,13 +185,16 @@ pub async fn handle<G: Gateway>(
                     return handled;
                 }
             }
-            if let Err(e) = ack(&msg, deps).await {
+            if deps.in_order {
+                // The caller acks it (confirmed) while the next delivery starts.
+            } else if let Err(e) = ack(msg, deps).await {
                 warn!(agent, msg_id, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
                 return Handled::Unsettled;
             }
             state.delivered.fetch_add(1, Ordering::Relaxed);
             state.counters.delivered.increment(1);
-            if let Ok(age) = (time::OffsetDateTime::now_utc() - envelope.sent_at).try_into() {
+            let now = time::OffsetDateTime::now_utc();
+            if let Some(age) = metrics::latency_since(envelope.sent_at, state.resumed_at(), now) {
                 metrics::latency(age);
             }
             info!(%agent, msg_id, stream_seq, from = %envelope.from, status = response.outcome.status(), elapsed_ms = response.elapsed.as_millis() as u64, "delivered");
@@ -173,8 +204,7 @@ pub async fn handle<G: Gateway>(
             state.retried.fetch_add(1, Ordering::Relaxed);
             state.counters.retry.increment(1);
             warn!(%agent, msg_id, stream_seq, delivered, outcome = response.outcome.label(), status = response.outcome.status(), retry_in_ms = delay.as_millis() as u64, "delivery failed; will retry");
-            nak(&msg, delay).await;
-            Handled::Retrying
+            retry(deps, msg, delay).await
         }
         Decision::DeadLetter(reason) => {
             dead_letter(deps, entry, state, &stored, delivered, response.outcome.status(), reason).await
@@ -230,7 +260,7 @@ async fn settle_reply<G: Gateway>(
                 retry_in_ms = delay.as_millis() as u64,
                 "chat reply not published; will retry"
             );
-            Some(nak(msg, delay).await)
+            Some(retry(deps, msg, delay).await)
         }
         Decision::DeadLetter(reason) => Some(dead_letter(deps, entry, state, stored, delivered, status, reason).await),
     }
@@ -276,7 +306,7 @@ async fn ack<G>(msg: &jetstream::Message, deps: &Deps<G>) -> Result<(), async_na
 
 /// Acks and waits for the server to confirm, retrying across a reconnect
 /// (a lost ack would stall the agent for a whole ack wait and cause a duplicate).
-async fn confirmed_ack(msg: &jetstream::Message, ack_wait: Duration) -> Result<(), async_nats::Error> {
+pub(crate) async fn confirmed_ack(msg: &jetstream::Message, ack_wait: Duration) -> Result<(), async_nats::Error> {
     let deadline = tokio::time::Instant::now() + ack_wait;
     loop {
         match msg.double_ack().await {
@@ -290,12 +320,17 @@ async fn confirmed_ack(msg: &jetstream::Message, ack_wait: Duration) -> Result<(
     }
 }
 
-async fn nak(msg: &jetstream::Message, delay: Duration) -> Handled {
+/// Has `msg` tried again after `delay`: by JetStream (a NAK with the delay),
+/// or in ordered-window mode by the caller, in place.
+async fn retry<G>(deps: &Deps<G>, msg: &jetstream::Message, delay: Duration) -> Handled {
+    if deps.in_order {
+        return Handled::Retrying(delay);
+    }
     if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
         // Without the nak JetStream still redelivers after the ack wait.
         debug!(error = %e, "nak failed");
     }
-    Handled::Retrying
+    Handled::Retrying(delay)
 }
 
 /// Stores `stored` as a dead letter, then terminates it; when the dead
@@ -340,7 +375,7 @@ async fn dead_letter<G: Gateway>(
             // and less often, and the gateway is not called again (see `handle`).
             let delay = policy::backoff(None, attempts, &deps.retry, fastrand::f64());
             error!(agent = %entry.agent.id, stream_seq, attempts, error = %e, retry_in_ms = delay.as_millis() as u64, "dead letter could not be stored; the message stays in the stream and storing it is retried (without calling the gateway again)");
-            return nak(msg, delay).await;
+            return retry(deps, msg, delay).await;
         }
     };
     if duplicate {
@@ -458,7 +493,10 @@ async fn publish_reply<G: Gateway>(
     }
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(MSG_ID_HEADER, format!("reply-{}", original.id).as_str());
-    let published = match deps.js.publish_with_headers(target.to_string(), headers, reply.payload.into()).await {
+    // Published as this agent: on the subject naming it as the sender, the
+    // only one its NATS user may write (`agents.<to>.inbox.<id>`, `mesh.reply.<asker>.<token>.<id>`).
+    let on = target.sent_by(&entry.agent.id).unwrap_or_else(|| target.clone());
+    let published = match deps.js.publish_with_headers(on.to_string(), headers, reply.payload.into()).await {
         Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     };

@@ -66,6 +66,12 @@ pub async fn run_with(
     on_start: impl FnOnce(Control),
 ) -> anyhow::Result<()> {
     let registry = registry_file::load(&config.registry_path, &config.allowed_hosts)?;
+    // Fail closed, as `mesh bot` does: a permissions file that cannot be used stops the listener here.
+    let permissions = match &config.permissions_file {
+        Some(path) => Some(crate::permissions::Followed::start(path.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let (permissions, live_permissions) = permissions.unzip();
     let selected = select(&registry, &config.selection, &OsSecrets::for_registry(&config.registry_path))?;
     if let Selection::One(id) = &config.selection
         && !selected.contains_key(id)
@@ -89,7 +95,11 @@ pub async fn run_with(
     if let Some(warning) = mesh_runtime::server_pause::Support::of(&client).warning() {
         tracing::warn!("{warning}");
     }
-    let gateway = HttpGateway::new(config.request_timeout).context("building the HTTP client")?;
+    let extra_roots = match &config.gateway_ca_file {
+        Some(path) => crate::gateway::load_ca_file(path)?,
+        None => Vec::new(),
+    };
+    let gateway = HttpGateway::new(config.request_timeout, extra_roots)?;
     let metrics = crate::metrics::install();
     let (registry_tx, registry_rx) = watch::channel(Arc::new(registry.clone()));
     let deps = Arc::new(Deps {
@@ -100,6 +110,7 @@ pub async fn run_with(
         // Each agent loop sets both from its consumer.
         ack_wait: config.ack_wait,
         confirm_acks: config.concurrency <= 1,
+        in_order: false,
         connects,
         registry: registry_rx,
         registry_path: config.registry_path.clone(),
@@ -113,7 +124,7 @@ pub async fn run_with(
     tokio::spawn(crate::metrics::upkeep(metrics, crate::metrics::UPKEEP_EVERY, root.clone()));
     let (mesh_tokens, mesh_tokens_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let api = match config.http_addr {
-        Some(_) => agent_api(&config, &client, &fleet, mesh_tokens_rx).await,
+        Some(_) => agent_api(&config, &client, &fleet, mesh_tokens_rx, live_permissions).await,
         None => None,
     };
     let mut http = None;
@@ -143,6 +154,7 @@ pub async fn run_with(
         kill: kill_states,
         kill_keys: kill_keys_tx,
         mesh_tokens,
+        unresolved: BTreeSet::new(),
     };
     world.apply(&selected);
     info!(agents = world.running.len(), nats = %crate::nats::redact_url(&config.nats_url), "listener started");
@@ -174,6 +186,9 @@ pub async fn run_with(
                 world.refresh_pauses();
             }
             _ = poll.tick() => {
+                if let Some(permissions) = &permissions {
+                    permissions.reload();
+                }
                 match registry_file::load(&config.registry_path, &config.allowed_hosts) {
                     Ok(registry) if registry != last_registry => {
                         info!("registry changed; applying");
@@ -189,7 +204,8 @@ pub async fn run_with(
                         }
                         last_registry = registry;
                     }
-                    Ok(_) => {}
+                    // Same registry: token files may have been rewritten in place (a rotation).
+                    Ok(_) => world.refresh_tokens(&OsSecrets::for_registry(&config.registry_path)),
                     Err(e) => warn!(error = %e, "registry unreadable; keeping the last good one"),
                 }
             }
@@ -248,6 +264,7 @@ async fn agent_api(
     client: &async_nats::Client,
     fleet: &Arc<FleetState>,
     tokens: crate::agent_api::MeshTokens,
+    live_permissions: Option<mesh_engine::engine::LivePermissions>,
 ) -> Option<crate::agent_api::AgentApi> {
     use mesh_engine::limits::{LimitStore, LimitsConfig, SystemClock};
     let engine_config = mesh_engine::engine::EngineConfig {
@@ -264,7 +281,10 @@ async fn agent_api(
     let limits = LimitStore::new(limits, None, Arc::new(SystemClock::new()));
     match mesh_engine::engine::Engine::new(engine_config, client.clone(), limits).await {
         Ok(engine) => Some(crate::agent_api::AgentApi {
-            engine: Arc::new(engine),
+            engine: Arc::new(match live_permissions {
+                Some(live) => engine.with_live_permissions(live),
+                None => engine,
+            }),
             tokens,
             fleet: fleet.clone(),
             max_hops: config.max_hops,
@@ -337,6 +357,8 @@ struct World<G> {
     kill_keys: watch::Sender<BTreeSet<String>>,
     /// The mesh tokens of the running agents (who may call `/v1/messages`).
     mesh_tokens: watch::Sender<Arc<BTreeMap<AgentId, mesh_protocol::Secret>>>,
+    /// Running agents whose tokens did not resolve at the last refresh (said once).
+    unresolved: BTreeSet<AgentId>,
 }
 
 impl<G: Gateway + Clone> World<G> {
@@ -382,8 +404,17 @@ impl<G: Gateway + Clone> World<G> {
             info!(agent = %id, "listener started for agent");
             self.running.insert(id.clone(), Running { entry: entry_tx, paused: paused_tx, stop });
         }
-        let tokens: BTreeMap<_, _> =
+        let mut tokens: BTreeMap<_, _> =
             selected.iter().filter_map(|(id, e)| e.tokens.mesh.clone().map(|t| (id.clone(), t))).collect();
+        // Two agents with one mesh token (different references, same value): neither is authenticated by it.
+        for (first, second) in mesh_protocol::registry::shared_mesh_tokens(&tokens) {
+            error!(
+                first = %first, second = %second,
+                "agents {first} and {second} have the same mesh_token; both are refused until each has its own"
+            );
+            tokens.remove(&first);
+            tokens.remove(&second);
+        }
         self.mesh_tokens.send_if_modified(|known| {
             let changed = **known != tokens;
             *known = Arc::new(tokens);
@@ -395,6 +426,40 @@ impl<G: Gateway + Clone> World<G> {
             *known = keys;
             changed
         });
+    }
+
+    /// Resolves the running agents' tokens again (a `file:` token rewritten
+    /// in place, an `env:` one cannot change) and applies those that changed,
+    /// so a rotated token is used, and the old one refused, from this poll on.
+    /// A hooks or gateway token that does not resolve now (a file being
+    /// rewritten) keeps the last good one, said once; a mesh token does not:
+    /// an agent's credential that no longer resolves (its file deleted or
+    /// emptied to revoke it) is refused from this poll on.
+    fn refresh_tokens(&mut self, secrets: &OsSecrets) {
+        let mut selected = BTreeMap::new();
+        let mut changed = false;
+        for (id, run) in &self.running {
+            let current = run.entry.borrow().clone();
+            match current.agent.resolve_tokens(secrets) {
+                Ok(tokens) => {
+                    self.unresolved.remove(id);
+                    changed |= tokens != current.tokens;
+                    selected.insert(id.clone(), AgentEntry { agent: current.agent.clone(), tokens });
+                }
+                Err(e) => {
+                    if self.unresolved.insert(id.clone()) {
+                        warn!(agent = %id, error = %e, "a token no longer resolves; keeping the last good hooks and gateway tokens, refusing the agent's mesh token");
+                    }
+                    let mut kept = (*current).clone();
+                    changed |= kept.tokens.mesh.take().is_some();
+                    selected.insert(id.clone(), kept);
+                }
+            }
+        }
+        if changed {
+            info!("a token file changed; applying");
+            self.apply(&selected);
+        }
     }
 
     fn pause(&mut self, command: PauseCommand) {

@@ -2,6 +2,7 @@
 //! can be exercised without sockets.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,19 +52,55 @@ pub struct HttpGateway {
     client: reqwest::Client,
 }
 
+/// Why the gateway client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the gateway CA file {path} ({CA_FILE_ENV}) cannot be read: {source}; fix the path or unset it")]
+    CaUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the gateway CA file {path} ({CA_FILE_ENV}) holds no usable PEM certificate{detail}; give it the CA that signed the gateways' certificates"
+    )]
+    CaInvalid { path: PathBuf, detail: String },
+    #[error("the HTTP client cannot be built: {0}")]
+    Build(#[source] reqwest::Error),
+}
+
+/// The variable naming extra CA certificates (PEM) trusted for `https://` gateways.
+pub const CA_FILE_ENV: &str = "MESH_GATEWAY_CA_FILE";
+
+/// The CA certificates of a PEM file (one or several), for
+/// [`HttpGateway::new`]: trusted besides the system's roots.
+pub fn load_ca_file(path: &Path) -> Result<Vec<reqwest::Certificate>, ClientError> {
+    let pem = std::fs::read(path).map_err(|source| ClientError::CaUnreadable { path: path.to_owned(), source })?;
+    let invalid = |detail: String| ClientError::CaInvalid { path: path.to_owned(), detail };
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(format!(" ({e})")))?;
+    if certs.is_empty() {
+        return Err(invalid(String::new()));
+    }
+    Ok(certs)
+}
+
 impl HttpGateway {
-    /// A client with a per-request timeout; redirects are not followed (a hook
-    /// URL that redirects is a misconfiguration, and following it could leak the token).
-    pub fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+    /// A client with a per-request timeout that trusts the system's roots and
+    /// `extra_roots` (a private CA of `https://` gateways, [`CA_FILE_ENV`]);
+    /// redirects are not followed (a hook URL that redirects is a
+    /// misconfiguration, and following it could leak the token).
+    pub fn new(timeout: Duration, extra_roots: Vec<reqwest::Certificate>) -> Result<Self, ClientError> {
         install_tls_provider();
         let client = reqwest::Client::builder()
+            .tls_certs_merge(extra_roots)
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .user_agent(concat!("mesh-listener/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .build()
+            .map_err(ClientError::Build)?;
         Ok(Self { client })
     }
 }
@@ -149,4 +186,23 @@ fn describe_error(e: &reqwest::Error) -> String {
         source = inner.source();
     }
     kind
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_that_cannot_serve_says_which_file_and_setting_to_fix() {
+        let dir = std::env::temp_dir().join(format!("mesh-ca-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let missing = dir.join("missing.pem");
+        let err = load_ca_file(&missing).expect_err("a missing file").to_string();
+        assert!(err.contains("missing.pem") && err.contains(CA_FILE_ENV) && err.contains("fix the path"), "{err}");
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").expect("writing");
+        let err = load_ca_file(&empty).expect_err("no certificate").to_string();
+        assert!(err.contains("empty.pem") && err.contains("no usable PEM certificate"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, warn};
 
+use crate::backoff::{self, Transient};
 use crate::nats::NatsError;
+use async_nats::RequestErrorKind;
 
 /// Entries by scope.
 pub type KillStates = BTreeMap<String, KillState>;
@@ -51,8 +53,38 @@ pub const RESYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// How long one direct get may take.
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the follower has passed on, per key: the revision and the entry.
-pub type Seen = BTreeMap<String, (u64, Option<KillState>)>;
+/// What the follower has passed on, per key: the version and the entry.
+pub type Seen = BTreeMap<String, (Version, Option<KillState>)>;
+
+/// Where an entry stands in its bucket: its revision (the stream sequence;
+/// 0 when never written) and when the server stored it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Version {
+    /// The revision.
+    pub revision: u64,
+    /// The server's time of the write (`Nats-Time-Stamp`), when known.
+    pub stored: Option<time::OffsetDateTime>,
+}
+
+impl Version {
+    /// A version at `revision`, stored at `stored`.
+    pub fn new(revision: u64, stored: Option<time::OffsetDateTime>) -> Self {
+        Self { revision, stored }
+    }
+
+    /// True when `self` is a later write than `known`: a higher revision,
+    /// or a revision not higher but stored later (the bucket was deleted and
+    /// created again, so its revisions restarted at one). A lagging replica's
+    /// answer is both lower and older, so it never counts as newer. A key
+    /// missing from a recreated bucket (revision 0, no time) changes nothing:
+    /// the last entry seen holds until someone writes the key again.
+    pub fn is_newer_than(&self, known: &Version) -> bool {
+        if self.revision > known.revision {
+            return true;
+        }
+        matches!((self.stored, known.stored), (Some(new), Some(old)) if new > old)
+    }
+}
 
 /// The keys a listener follows: the mesh-wide one and each served agent's.
 pub fn keys_of<'a>(agents: impl IntoIterator<Item = &'a AgentId>) -> BTreeSet<String> {
@@ -61,27 +93,66 @@ pub fn keys_of<'a>(agents: impl IntoIterator<Item = &'a AgentId>) -> BTreeSet<St
 }
 
 /// One key as stored now, read with a direct get (the only read a
-/// listener's NATS user may do on the bucket): its revision (0 when never
-/// written) and its entry (`None` when deleted, purged or never written; an
+/// listener's NATS user may do on the bucket): its version (revision 0 when
+/// never written) and its entry (`None` when deleted, purged or never written; an
 /// unreadable entry is a hard pause, see [`decode_fail_closed`]).
-pub async fn read(client: &async_nats::Client, key: &str) -> Result<(u64, Option<KillState>), NatsError> {
+pub async fn read(client: &async_nats::Client, key: &str) -> Result<(Version, Option<KillState>), NatsError> {
+    read_once(client, key).await.map_err(|e| e.error)
+}
+
+/// A failed direct get, and whether asking again shortly may succeed: no
+/// answer in time, no responder (a bucket just created, or a cluster
+/// electing the stream's leader), or a 503 "not now".
+#[derive(Debug)]
+struct ReadError {
+    error: NatsError,
+    transient: bool,
+}
+
+impl ReadError {
+    fn new(key: &str, cause: impl Into<crate::nats::Cause>, transient: bool) -> Self {
+        Self { error: NatsError::jetstream(format!("reading kill switch key {key}"), cause), transient }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl Transient for ReadError {
+    fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+async fn read_once(client: &async_nats::Client, key: &str) -> Result<(Version, Option<KillState>), ReadError> {
     let request = client.request(access::killswitch_direct_get(key), bytes::Bytes::new());
     let answer = tokio::time::timeout(READ_TIMEOUT, request)
         .await
-        .map_err(|_| NatsError::JetStream(format!("reading kill switch key {key}: no answer in {READ_TIMEOUT:?}")))?
-        .map_err(|e| NatsError::JetStream(format!("reading kill switch key {key}: {e}")))?;
+        .map_err(|_| ReadError::new(key, format!("no answer in {READ_TIMEOUT:?}"), true))?
+        .map_err(|e| {
+            let transient = matches!(e.kind(), RequestErrorKind::TimedOut | RequestErrorKind::NoResponders);
+            ReadError::new(key, e, transient)
+        })?;
     if answer.status == Some(async_nats::StatusCode::NOT_FOUND) {
-        return Ok((0, None));
+        return Ok((Version::default(), None));
     }
     if let Some(status) = answer.status.filter(|s| !s.is_success()) {
         let why = answer.description.unwrap_or_default();
-        return Err(NatsError::JetStream(format!("reading kill switch key {key}: {status} {why}")));
+        let transient = matches!(status, async_nats::StatusCode::NO_RESPONDERS | async_nats::StatusCode::TIMEOUT);
+        return Err(ReadError::new(key, format!("{status} {why}"), transient));
     }
     let headers = answer.headers.unwrap_or_default();
     let revision = headers
         .get(SEQUENCE_HEADER)
         .and_then(|v| v.as_str().parse::<u64>().ok())
-        .ok_or_else(|| NatsError::JetStream(format!("reading kill switch key {key}: answer without a revision")))?;
+        .ok_or_else(|| ReadError::new(key, "answer without a revision", false))?;
+    let stored = headers
+        .get(TIMESTAMP_HEADER)
+        .and_then(|v| time::OffsetDateTime::parse(v.as_str(), &time::format_description::well_known::Rfc3339).ok());
+    let revision = Version::new(revision, stored);
     let removed = headers.get(OPERATION_HEADER).is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
     if removed || answer.payload.is_empty() {
         return Ok((revision, None));
@@ -91,6 +162,8 @@ pub async fn read(client: &async_nats::Client, key: &str) -> Result<(u64, Option
 
 /// Header of a direct get answer carrying the entry's stream sequence (its revision).
 const SEQUENCE_HEADER: &str = "Nats-Sequence";
+/// Header of a direct get answer carrying when the server stored the entry.
+const TIMESTAMP_HEADER: &str = "Nats-Time-Stamp";
 /// Header marking a key-value delete or purge.
 const OPERATION_HEADER: &str = "KV-Operation";
 
@@ -98,7 +171,17 @@ const OPERATION_HEADER: &str = "KV-Operation";
 pub async fn load(client: &async_nats::Client, keys: &BTreeSet<String>) -> Result<(KillStates, Seen), NatsError> {
     let (mut states, mut seen) = (KillStates::new(), Seen::new());
     for key in keys {
-        let (revision, state) = read(client, key).await?;
+        // Before any agent pulls, a moment without an answer (a bucket just
+        // created, a cluster electing leaders) is waited out, not fatal.
+        let (revision, state) = backoff::retry(key, backoff::JETSTREAM, || read_once(client, key)).await.map_err(
+            |failure| match failure {
+                backoff::Failure::Permanent(e) => e.error,
+                gave_up => NatsError::jetstream(
+                    "reading the kill switch at start",
+                    format!("{gave_up}; or check that this listener's NATS user may read the kill switch bucket"),
+                ),
+            },
+        )?;
         if let Some(state) = &state {
             states.insert(key.clone(), state.clone());
         }
@@ -112,7 +195,9 @@ pub async fn load(client: &async_nats::Client, keys: &BTreeSet<String>) -> Resul
 /// delete is a publish there); a notification, a change of `keys` and a
 /// re-read every [`RESYNC_EVERY`] all lead to a direct get, and only an
 /// entry newer than the one passed on for its key is passed on (a lagging
-/// replica's answer, or a rejected write's notification, changes nothing).
+/// replica's answer, or a rejected write's notification, changes nothing;
+/// a bucket deleted and created again is noticed by the server's write
+/// times: [`Version::is_newer_than`]).
 pub async fn follow(
     client: async_nats::Client,
     mut seen: Seen,
@@ -187,13 +272,15 @@ async fn read_change(
     seen: &mut Seen,
     changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
 ) -> bool {
-    let known = seen.get(key).map_or(0, |(revision, _)| *revision);
+    let known = seen.get(key).map_or_else(Version::default, |(version, _)| *version);
     for attempt in 0..NOTIFIED_READS {
         if attempt > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
         match read(client, key).await {
-            Ok((revision, state)) if revision > known => return pass_on(seen, key, revision, state, changes),
+            Ok((version, state)) if version.is_newer_than(&known) => {
+                return pass_on(seen, key, version, state, changes);
+            }
             Ok(_) => {}
             Err(e) => warn!(key, error = %e, "cannot read a changed kill switch key; the next re-read retries"),
         }
@@ -229,15 +316,15 @@ async fn subscribe(
 fn pass_on(
     seen: &mut Seen,
     key: &str,
-    revision: u64,
+    version: Version,
     state: Option<KillState>,
     changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
 ) -> bool {
-    if seen.get(key).is_some_and(|(known, _)| *known >= revision) {
+    if seen.get(key).is_some_and(|(known, _)| !version.is_newer_than(known)) {
         return true;
     }
     let changed = seen.get(key).is_none_or(|(_, known)| *known != state);
-    seen.insert(key.to_owned(), (revision, state.clone()));
+    seen.insert(key.to_owned(), (version, state.clone()));
     !changed || changes.send((key.to_owned(), state)).is_ok()
 }
 
@@ -250,8 +337,8 @@ async fn reread(
     changes: &mpsc::UnboundedSender<(String, Option<KillState>)>,
 ) -> bool {
     for key in keys {
-        if let Ok((revision, state)) = read(client, key).await
-            && !pass_on(seen, key, revision, state, changes)
+        if let Ok((version, state)) = read(client, key).await
+            && !pass_on(seen, key, version, state, changes)
         {
             return false;
         }
@@ -270,25 +357,50 @@ mod tests {
     use mesh_protocol::killswitch::Mode;
     use time::OffsetDateTime;
 
+    /// A version stored `revision` seconds after the epoch (later revisions, later writes).
+    fn v(revision: u64) -> Version {
+        Version::new(revision, Some(OffsetDateTime::UNIX_EPOCH + std::time::Duration::from_secs(revision)))
+    }
+
+    #[test]
+    fn a_recreated_bucket_is_noticed_by_the_write_time() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hard =
+            KillState { mode: Mode::Hard, until: None, by: "d".into(), reason: None, at: OffsetDateTime::UNIX_EPOCH };
+        let mut seen = Seen::new();
+        assert!(pass_on(&mut seen, "global", v(40), None, &tx));
+        assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
+        // The bucket was deleted and created again: revision 1, written later.
+        let later = Version::new(1, Some(OffsetDateTime::UNIX_EPOCH + std::time::Duration::from_secs(100)));
+        assert!(pass_on(&mut seen, "global", later, Some(hard.clone()), &tx));
+        assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), Some(hard.clone())));
+        // A key missing from the new bucket leaves the last entry in force.
+        assert!(pass_on(&mut seen, "global", Version::default(), None, &tx));
+        assert!(rx.try_recv().is_err());
+        // An answer without a write time counts by revision alone.
+        assert!(!Version::new(1, None).is_newer_than(&v(40)));
+        assert!(Version::new(41, None).is_newer_than(&v(40)));
+    }
+
     #[test]
     fn only_newer_changes_are_passed_on() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let hard =
             KillState { mode: Mode::Hard, until: None, by: "d".into(), reason: None, at: OffsetDateTime::UNIX_EPOCH };
         let mut seen = Seen::new();
-        assert!(pass_on(&mut seen, "global", 2, Some(hard.clone()), &tx));
+        assert!(pass_on(&mut seen, "global", v(2), Some(hard.clone()), &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), Some(hard.clone())));
         // A notification and a re-read both saw revision 2: passed on once.
-        assert!(pass_on(&mut seen, "global", 2, Some(hard.clone()), &tx));
+        assert!(pass_on(&mut seen, "global", v(2), Some(hard.clone()), &tx));
         assert!(rx.try_recv().is_err());
         // A lagging replica's older answer does not undo the kill.
-        assert!(pass_on(&mut seen, "global", 1, None, &tx));
+        assert!(pass_on(&mut seen, "global", v(1), None, &tx));
         assert!(rx.try_recv().is_err());
         // A newer delete (a resume) is passed on.
-        assert!(pass_on(&mut seen, "global", 3, None, &tx));
+        assert!(pass_on(&mut seen, "global", v(3), None, &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
         drop(rx);
-        assert!(!pass_on(&mut seen, "global", 4, Some(hard), &tx), "the receiver is gone");
+        assert!(!pass_on(&mut seen, "global", v(4), Some(hard), &tx), "the receiver is gone");
     }
 
     #[test]
@@ -303,7 +415,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut seen = Seen::new();
         let garbage = decode_fail_closed("global", b"{not a kill state", OffsetDateTime::now_utc());
-        assert!(pass_on(&mut seen, "global", 5, Some(garbage), &tx));
+        assert!(pass_on(&mut seen, "global", v(5), Some(garbage), &tx));
         let (key, state) = rx.try_recv().unwrap();
         let state = state.expect("an unreadable entry is a pause, not a deletion");
         assert_eq!(
@@ -313,7 +425,7 @@ mod tests {
         assert!(state.reason.as_deref().unwrap().contains("unreadable kill switch entry \"global\""));
         assert!(state.in_force(OffsetDateTime::now_utc()));
         // Deleting it resumes.
-        assert!(pass_on(&mut seen, "global", 6, None, &tx));
+        assert!(pass_on(&mut seen, "global", v(6), None, &tx));
         assert_eq!(rx.try_recv().unwrap(), ("global".to_owned(), None));
     }
 }

@@ -12,7 +12,7 @@
 //! - [`reply`] (pure): where a chat reply may go, and its envelope cut to fit.
 //! - [`gateway`]: the HTTP call, behind the [`gateway::Gateway`] trait.
 //! - [`delivery`]: one message, start to finish.
-//! - [`consumer`]: one agent's pull loop.
+//! - [`consumer`]: one agent's pull loop; [`ordered`]: the in-order loop with a prefetch window.
 //! - [`fleet`]: the agents of one process, registry reload, pause control.
 //! - [`supervise`]: an agent loop that panics is reported and started again.
 //! - [`killswitch`]: reading and following the kill switch bucket.
@@ -21,6 +21,7 @@
 //! - [`agent_api`]: `POST /v1/messages`, agents sending through the engine
 //!   with their `mesh_token`.
 //! - [`mcp`]: the same as MCP tools (`/mcp`, Streamable HTTP, `rmcp`).
+//! - [`permissions`]: the agents' permissions file, followed while running (fail closed).
 //! - [`cli`]: the `mesh-listener` command line.
 //! - [`nats`], [`lookup`], [`layout_check`], [`registry_file`], [`secrets`], [`shutdown`], [`logging`]:
 //!   re-exported from `mesh-runtime`, the plumbing shared with the `mesh` binary.
@@ -37,6 +38,8 @@ pub mod http;
 pub mod killswitch;
 pub mod mcp;
 pub mod metrics;
+pub mod ordered;
+pub mod permissions;
 pub mod ping;
 pub mod policy;
 pub mod reply;

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Deliveries by agent and outcome (`delivered`, `retry`, `dead_letter`).
 pub const DELIVERIES: &str = "mesh_deliveries_total";
-/// Seconds from the envelope's `sent_at` to the gateway's 2xx.
+/// Seconds from the envelope's `sent_at` (or the agent's last resume by the
+/// kill switch, when later) to the gateway's 2xx: time paused is not counted.
 pub const LATENCY: &str = "mesh_publish_to_gateway_seconds";
 /// Seconds a gateway request took.
 pub const GATEWAY_DURATION: &str = "mesh_gateway_request_seconds";
@@ -22,6 +23,9 @@ pub const PAUSED: &str = "mesh_paused";
 pub const REPLIES: &str = "mesh_replies_total";
 /// Chat replies stopped by the loop guard, by agent.
 pub const LOOP_GUARD: &str = "mesh_loop_guard_total";
+/// Seconds the agent's oldest undelivered message has waited in `MESH_AGENTS`
+/// (0: nothing waits); recorded by the bot, which warns a day before 7 days.
+pub const BACKLOG_OLDEST_AGE: &str = "mesh_backlog_oldest_age_seconds";
 
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
@@ -103,6 +107,19 @@ pub fn latency(elapsed: Duration) {
     HISTOGRAM.get_or_init(|| registered(|| metrics::histogram!(LATENCY))).record(elapsed.as_secs_f64());
 }
 
+/// The latency of a delivery at `now`: from `sent_at`, or from the agent's
+/// last resume when that is later, so a message held by a pause (a
+/// maintenance window, a kill) does not count the pause. `None` when the
+/// clocks disagree (a start in the future).
+pub fn latency_since(
+    sent_at: time::OffsetDateTime,
+    resumed_at: Option<time::OffsetDateTime>,
+    now: time::OffsetDateTime,
+) -> Option<Duration> {
+    let start = resumed_at.map_or(sent_at, |resumed| resumed.max(sent_at));
+    (now - start).try_into().ok()
+}
+
 /// Records a gateway request's duration.
 pub fn gateway_duration(elapsed: Duration) {
     static HISTOGRAM: OnceLock<metrics::Histogram> = OnceLock::new();
@@ -117,6 +134,11 @@ fn registered<T>(register: impl FnOnce() -> T) -> T {
 /// Sets an agent's pending count.
 pub fn pending(agent: &str, pending: u64) {
     metrics::gauge!(PENDING, "agent" => agent.to_owned()).set(pending as f64);
+}
+
+/// Sets the age of an agent's oldest undelivered message (the bot's backlog watch).
+pub fn backlog_age(agent: &str, seconds: f64) {
+    metrics::gauge!(BACKLOG_OLDEST_AGE, "agent" => agent.to_owned()).set(seconds);
 }
 
 /// Sets an agent's paused flag.
@@ -146,6 +168,34 @@ mod tests {
         fn run_upkeep(&self) {
             let _ = self.0.send(());
         }
+    }
+
+    #[test]
+    fn latency_does_not_count_time_paused() {
+        use time::macros::datetime;
+        let sent = datetime!(2026-11-30 10:00:00 UTC);
+        let resumed = datetime!(2026-11-30 10:05:00 UTC);
+        let now = datetime!(2026-11-30 10:05:02 UTC);
+        let secs = |d: Option<Duration>| d.map(|d| d.as_secs());
+        // Held by a five-minute pause: two seconds, not 302.
+        assert_eq!(secs(latency_since(sent, Some(resumed), now)), Some(2));
+        // Sent after the last resume, or never paused: from the send.
+        assert_eq!(secs(latency_since(resumed, Some(sent), now)), Some(2));
+        assert_eq!(secs(latency_since(sent, None, now)), Some(302));
+        // A sender's clock ahead of ours: nothing recorded.
+        assert_eq!(latency_since(now, None, sent), None);
+    }
+
+    #[test]
+    fn a_resume_is_recorded_when_a_pause_ends() {
+        let state = crate::state::AgentState::new("nova".parse().unwrap());
+        state.set_paused(false);
+        assert_eq!(state.resumed_at(), None, "never paused");
+        state.set_paused(true);
+        assert_eq!(state.resumed_at(), None, "still paused");
+        let before = time::OffsetDateTime::now_utc() - Duration::from_millis(1);
+        state.set_paused(false);
+        assert!(state.resumed_at().is_some_and(|at| at >= before), "{:?}", state.resumed_at());
     }
 
     #[tokio::test]

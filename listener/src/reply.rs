@@ -54,7 +54,7 @@ pub fn route(original: &Envelope, registry: &Registry) -> Result<Route, String> 
     }
     match original.reply_subject() {
         None => Ok(Route::Nowhere("the sender has no inbox and no reply_to")),
-        Some(subject @ Subject::Reply(_)) => Ok(Route::Ask(subject)),
+        Some(subject @ Subject::Reply(..)) => Ok(Route::Ask(subject)),
         Some(Subject::Inbox(id)) => match registry.get(&id) {
             None => {
                 Err(format!("reply target {id} is not a registered agent; add it to the registry or send without it"))
@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn routes() {
         let reg = registry();
-        let ask = Subject::parse_reply_target("mesh.reply.abc123").unwrap();
+        let ask = Subject::parse_reply_target("mesh.reply.bot.abc123").unwrap();
         let cases: Vec<(Envelope, Result<Route, &str>)> = vec![
             (message("nova"), Ok(Route::Agent(id("nova")))),
             (message("cli:alice"), Ok(Route::Nowhere("the sender has no inbox and no reply_to"))),

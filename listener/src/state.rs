@@ -2,7 +2,7 @@
 //! by the delivery loops, the ping responder and the health endpoints.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,8 @@ pub struct AgentState {
     pub replies: AtomicU64,
     /// Chat replies stopped by the loop guard.
     pub loop_guard: AtomicU64,
+    /// When the kill switch last resumed the agent (unix ms; 0: never).
+    resumed_at_ms: AtomicI64,
     /// The agent's Prometheus delivery counters.
     pub counters: crate::metrics::DeliveryCounters,
     gateway: AtomicU8,
@@ -82,11 +84,28 @@ impl AgentState {
             dead_lettered: AtomicU64::new(0),
             replies: AtomicU64::new(0),
             loop_guard: AtomicU64::new(0),
+            resumed_at_ms: AtomicI64::new(0),
             gateway: AtomicU8::new(0),
             gateway_checked: Mutex::new(None),
             refused: Mutex::new(None),
             recent: Mutex::new(VecDeque::with_capacity(RECENT_DELIVERIES)),
         }
+    }
+
+    /// Sets the paused flag; a pause ending records the time of the resume
+    /// (latency is counted from it: [`crate::metrics::latency_since`]).
+    pub fn set_paused(&self, paused: bool) {
+        let was = self.paused.swap(paused, Ordering::Relaxed);
+        if was && !paused {
+            let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            self.resumed_at_ms.store(i64::try_from(now_ms).unwrap_or(i64::MAX), Ordering::Relaxed);
+        }
+    }
+
+    /// When the kill switch last resumed the agent, if it ever did.
+    pub fn resumed_at(&self) -> Option<time::OffsetDateTime> {
+        let ms = self.resumed_at_ms.load(Ordering::Relaxed);
+        (ms > 0).then(|| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()).flatten()
     }
 
     /// Remembers a message handed to the gateway (a redelivery once).

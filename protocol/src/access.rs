@@ -81,8 +81,11 @@ pub const ADMIN_USER: &str = "mesh-admin";
 
 /// The listener of one agent: reads only its own consumer (its inbox and the
 /// broadcast) and its two kill switch keys, writes its dead letters and
-/// pongs, and, in chat mode only, replies to other agents' inboxes and
-/// `mesh.reply.*` (looking up, never creating, the target agent's consumer first).
+/// pongs, and, in chat mode only, replies to other agents' inboxes and to
+/// asks (looking up, never creating, the target agent's consumer first).
+/// Every subject it may write a message on names its agent as the sender
+/// (`agents.<to>.inbox.<id>`, `mesh.reply.<asker>.<token>.<id>`): it cannot
+/// publish a message as a human or as another agent.
 ///
 /// It creates and changes nothing in JetStream: no stream, no consumer, not
 /// the kill switch bucket. Its own consumer's create-or-update right would let
@@ -115,33 +118,46 @@ pub fn listener(agent: &Agent) -> Access {
     publish.push(Subject::DeadLetter(id.clone()).to_string());
     publish.push(Subject::HealthPong.to_string());
     if agent.delivery == DeliveryMode::Chat {
-        publish.push(subject::ALL_INBOXES.to_owned());
-        publish.push(subject::ALL_REPLIES.to_owned());
+        // Replies only as itself: the sender-bound inbox and answer subjects
+        // carrying its own id (the receiver checks `from` against it).
+        publish.push(sent_inboxes(id));
+        publish.push(sent_answers(id));
         // Before replying to an agent, look its consumer up (read-only): a
         // reply into an inbox nobody consumes is refused, not lost. NATS
         // wildcards are whole tokens, so `agent-*` cannot be written; the
         // stream holds only agent consumers.
         publish.push(format!("{JS_API}.CONSUMER.INFO.{stream}.*"));
     }
+    let mut subscribe: Vec<String> = [Subject::HealthPing.to_string(), format!("_INBOX_{id}.>")]
+        .into_iter()
+        .chain(keys.iter().map(|key| killswitch_key_subject(key)))
+        .collect();
     if agent.mesh_token.is_some() {
-        for right in agent_api_rights(stream, &kv) {
+        for right in agent_api_rights(id, stream, &kv) {
             if !publish.contains(&right) {
                 publish.push(right);
             }
         }
+        // `ask`: the answers to its own asks only (`mesh.reply.<id>.<token>.<sender>`).
+        subscribe.push(own_answers(id));
     }
     let inbox_prefix = format!("_INBOX_{id}");
-    Access {
-        user: listener_user(id),
-        subscribe: [Subject::HealthPing.to_string(), format!("{inbox_prefix}.>")]
-            .into_iter()
-            .chain(keys.iter().map(|key| killswitch_key_subject(key)))
-            .collect(),
-        inbox_prefix,
-        publish,
-        publish_deny: Vec::new(),
-        responses: 16,
-    }
+    Access { user: listener_user(id), subscribe, inbox_prefix, publish, publish_deny: Vec::new(), responses: 16 }
+}
+
+/// Every agent's inbox, written by `id`: `agents.*.inbox.<id>`.
+fn sent_inboxes(id: &AgentId) -> String {
+    format!("agents.*.inbox.{id}")
+}
+
+/// Answers to any ask, written by `id`: `mesh.reply.*.*.<id>`.
+fn sent_answers(id: &AgentId) -> String {
+    format!("mesh.reply.*.*.{id}")
+}
+
+/// Answers to the asks of `id`, from any agent: `mesh.reply.<id>.*.*`.
+fn own_answers(id: &AgentId) -> String {
+    format!("mesh.reply.{id}.*.*")
 }
 
 /// Front ends an agent reaches the engine through (their audit subjects).
@@ -149,14 +165,17 @@ pub const AGENT_FRONT_ENDS: [&str; 2] = ["http", "mcp"];
 
 /// What a listener serving an agent with a `mesh_token` adds, so the agent
 /// can send through it (the engine's road, `POST /v1/messages`): publish into
-/// any agent's inbox and the broadcast, look up (never create) the target's
+/// any agent's inbox and the broadcast as itself only (the sender-bound
+/// subjects carrying its id, `agents.*.inbox.<id>` and
+/// `agents.broadcast.from.<id>`), subscribe to the answers to its own asks
+/// (`mesh.reply.<id>.*.*`), look up (never create) the target's
 /// consumer, read any agent's kill switch entry (to say a message is queued),
 /// and append its audit records. Nothing that creates or changes anything in
 /// JetStream, no subscription to another agent's subjects.
-fn agent_api_rights(stream: &str, kv: &str) -> Vec<String> {
+fn agent_api_rights(id: &AgentId, stream: &str, kv: &str) -> Vec<String> {
     let mut rights = vec![
-        subject::ALL_INBOXES.to_owned(),
-        Subject::Broadcast.to_string(),
+        sent_inboxes(id),
+        Subject::BroadcastFrom(id.clone()).to_string(),
         format!("{JS_API}.CONSUMER.INFO.{stream}.*"),
         format!("{JS_API}.DIRECT.GET.{kv}.{}", killswitch_keys()),
     ];
@@ -226,7 +245,22 @@ mod tests {
             ["mesh.health.ping", "_INBOX_nova.>", "$KV.mesh_killswitch.global", "$KV.mesh_killswitch.agent.nova"]
         );
         let chat = listener(&agent("chat"));
-        assert!(chat.publish.contains(&"agents.*.inbox".to_owned()));
+        assert!(chat.publish.contains(&"agents.*.inbox.nova".to_owned()));
+        assert!(chat.publish.contains(&"mesh.reply.*.*.nova".to_owned()));
+    }
+
+    #[test]
+    fn a_listener_writes_messages_only_on_subjects_naming_its_agent() {
+        let json = r#"{"nova": {"hooks_token": "env:MESH_TOKEN_A", "gateway_token": "env:MESH_TOKEN_B", "mesh_token": "env:MESH_TOKEN_M", "model": "m", "hooks_url": "http://g/hooks/wake", "delivery": "chat", "allow_plaintext": true}}"#;
+        let access = listener(Registry::parse(json).unwrap().agents().next().unwrap());
+        for s in access.publish.iter().filter(|s| s.starts_with("agents.") || s.starts_with("mesh.reply")) {
+            assert!(s.ends_with(".nova"), "{s} lets the listener write as someone else");
+        }
+        assert!(
+            !access.publish.iter().any(|s| s == "agents.*.inbox" || s == "agents.broadcast" || s == "mesh.reply.*")
+        );
+        assert!(access.subscribe.contains(&"mesh.reply.nova.*.*".to_owned()), "{:?}", access.subscribe);
+        assert!(!access.subscribe.iter().any(|s| s.starts_with("mesh.reply.*")));
     }
 
     #[test]
@@ -254,15 +288,16 @@ mod tests {
         assert_eq!(
             added,
             [
-                "agents.*.inbox",
-                "agents.broadcast",
+                "agents.*.inbox.nova",
+                "agents.broadcast.from.nova",
                 "$JS.API.CONSUMER.INFO.MESH_AGENTS.*",
                 "$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.>",
                 "mesh.audit.http",
                 "mesh.audit.mcp",
             ]
         );
-        assert_eq!(with.subscribe, without.subscribe, "no new subscription");
+        let subscribed: Vec<_> = with.subscribe.iter().filter(|s| !without.subscribe.contains(s)).collect();
+        assert_eq!(subscribed, ["mesh.reply.nova.*.*"], "only the answers to its own asks");
         assert!(with.publish.iter().all(|s| !s.contains("CREATE") && !s.contains("UPDATE") && !s.contains("DELETE")));
     }
 

@@ -19,6 +19,12 @@ pub const AGENT_ID_RULE: &str =
 /// traffic, so no agent may be named one.
 pub const RESERVED_VERBS: [&str; 4] = ["prompt", "hb", "status", "attachments"];
 
+/// Ids the mesh keeps for itself: `bot` is the bot's NATS inbox prefix
+/// (`_INBOX_bot`, a listener's being `_INBOX_<id>`) and the asker tag of the
+/// humans' `ask` reply subjects (`mesh.reply.bot.<token>`), so an agent named
+/// `bot` could read the bot's request replies and the answers to humans' asks.
+pub const RESERVED_IDS: [&str; 1] = ["bot"];
+
 /// A validated agent id, safe to embed in a NATS subject or consumer name.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct AgentId(String);
@@ -41,6 +47,11 @@ pub enum AgentIdError {
          reserved verbs: prompt, hb, status, attachments); pick another name"
     )]
     Reserved { shown: String, id: &'static str },
+    #[error(
+        "agent id {shown} is reserved for the mesh itself: `bot` is the bot's NATS inbox prefix and the tag of \
+         humans' ask replies, so an agent of that name could read them; pick another name"
+    )]
+    ReservedByMesh { shown: String },
 }
 
 impl AgentId {
@@ -66,6 +77,9 @@ impl AgentId {
         }
         if let Some(verb) = RESERVED_VERBS.iter().find(|v| **v == raw) {
             return Err(AgentIdError::Reserved { shown, id: verb });
+        }
+        if RESERVED_IDS.contains(&raw) {
+            return Err(AgentIdError::ReservedByMesh { shown });
         }
         Ok(Self(raw.to_owned()))
     }
@@ -197,6 +211,15 @@ mod tests {
         check("_nova", Err("starts with '_'"));
         check("növa", Err("'ö'"));
         check("Nö", Err("'N'"));
+    }
+
+    #[test]
+    fn bot_is_reserved_for_the_bots_inbox_prefix_and_ask_replies() {
+        let err = AgentId::parse("bot").unwrap_err().to_string();
+        assert!(err.contains("reserved for the mesh") && err.contains("inbox prefix"), "{err}");
+        for ok in ["bots", "robot", "bot-1"] {
+            assert!(AgentId::parse(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -351,6 +351,19 @@ impl Envelope {
         Ok(())
     }
 
+    /// The subject this envelope is published to: its recipient's, bound to
+    /// the sender when the sender is an agent (`agents.<to>.inbox.<from>`,
+    /// `agents.broadcast.from.<from>`), so the receiver can check `from`
+    /// against what NATS let the publisher write. A human or legacy sender's
+    /// message goes to the plain subject (the bot's and the operator's users only).
+    pub fn publish_subject(&self) -> Option<Subject> {
+        let plain = self.to.subject()?;
+        match AgentId::parse(&self.from) {
+            Ok(sender) => plain.sent_by(&sender),
+            Err(_) => Some(plain),
+        }
+    }
+
     /// The subject a reply to this envelope goes to: `reply_to`, else the
     /// sender's inbox when the sender is an agent.
     pub fn reply_subject(&self) -> Option<Subject> {
@@ -529,8 +542,10 @@ mod tests {
     fn reply_subject_defaults_to_the_sender_inbox() {
         let env = Envelope::new("kaan", Recipient::Broadcast, "x").unwrap();
         assert_eq!(env.reply_subject().unwrap().to_string(), "agents.kaan.inbox");
+        assert_eq!(env.publish_subject().unwrap().to_string(), "agents.broadcast.from.kaan");
         let env = Envelope::new("cli:alice", Recipient::Broadcast, "x").unwrap();
         assert_eq!(env.reply_subject(), None);
+        assert_eq!(env.publish_subject().unwrap().to_string(), "agents.broadcast");
     }
 
     #[test]

@@ -51,12 +51,34 @@ pub struct Event {
     /// When it happened.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// The agent it is about, when one is (an agent down, an agent's dead
+    /// letters, a kill switch pulled for one agent): a notification's
+    /// buttons name it. Absent in events from older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The dead-letter stream sequence of the dead letter a `dlq` event
+    /// announces (the newest of the pile-up): its Replay button replays
+    /// that one only. Absent in other events and in older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<u64>,
 }
 
 impl Event {
     /// An event happening now.
     pub fn now(kind: EventKind, text: impl Into<String>) -> Self {
-        Self { kind, text: text.into(), at: OffsetDateTime::now_utc() }
+        Self { kind, text: text.into(), at: OffsetDateTime::now_utc(), agent: None, dead_letter: None }
+    }
+
+    /// The event, about `agent`.
+    pub fn about(mut self, agent: impl Into<String>) -> Self {
+        self.agent = Some(agent.into());
+        self
+    }
+
+    /// The event, announcing the dead letter stored at `seq` in the dead-letter stream.
+    pub fn dead_letter(mut self, seq: u64) -> Self {
+        self.dead_letter = Some(seq);
+        self
     }
 
     /// JSON bytes.
@@ -79,5 +101,12 @@ mod tests {
         let event = Event::now(EventKind::Killswitch, "SOFT pause");
         assert_eq!(Event::decode(&event.encode()).unwrap(), event);
         assert_eq!(EventKind::Dlq.subject().to_string(), "mesh.events.dlq");
+        let about = Event::now(EventKind::Agent, "agent nova is down").about("nova");
+        assert_eq!(Event::decode(&about.encode()).unwrap(), about);
+        let old = br#"{"kind":"agent","text":"agent nova is down","at":"2026-03-01T12:00:00Z"}"#;
+        assert_eq!(Event::decode(old).unwrap().agent, None, "events of older versions still read");
+        let dead = Event::now(EventKind::Dlq, "1 new dead letters").about("nova").dead_letter(42);
+        assert_eq!(Event::decode(&dead.encode()).unwrap().dead_letter, Some(42));
+        assert_eq!(Event::decode(old).unwrap().dead_letter, None);
     }
 }

@@ -15,6 +15,10 @@ use crate::agent_id::AgentId;
 pub const BUCKET: &str = "mesh_killswitch";
 /// Key of the mesh-wide entry.
 pub const GLOBAL_KEY: &str = "global";
+/// Key (not a scope: listeners never read it) recording the listener
+/// containers a mesh-wide hard kill stopped, as a JSON array of names, so
+/// `resume` starts those and no container an operator stopped on purpose.
+pub const DOCKER_STOPPED_KEY: &str = "docker.stopped";
 /// Default length of a soft kill.
 pub const DEFAULT_SOFT: Duration = Duration::from_secs(5 * 60);
 

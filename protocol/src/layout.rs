@@ -93,7 +93,12 @@ pub fn agents_stream(replicas: usize) -> StreamSpec {
     StreamSpec {
         name: "MESH_AGENTS",
         description: "agent inboxes and broadcasts",
-        subjects: vec![subject::ALL_INBOXES.into(), subject::BROADCAST.into()],
+        subjects: vec![
+            subject::ALL_INBOXES.into(),
+            subject::ALL_SENT_INBOXES.into(),
+            subject::BROADCAST.into(),
+            subject::ALL_SENT_BROADCASTS.into(),
+        ],
         max_age: 7 * DAY,
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
@@ -194,15 +199,34 @@ impl Default for ConsumerTuning {
 /// Most deliveries in flight an agent's consumer may be set up for.
 pub const MAX_CONCURRENCY: u16 = 1024;
 
+/// Messages an ordered agent's consumer hands its listener at once by
+/// default (its prefetch window: the one in flight and those behind it).
+pub const DEFAULT_PREFETCH: u16 = 4;
+
+/// The largest prefetch window of an ordered agent (larger ones would read
+/// as a concurrency above 1, see [`ConsumerTuning::concurrency`]).
+pub const MAX_PREFETCH: u16 = 4;
+
 impl ConsumerTuning {
     /// The tuning of an agent run with `concurrency` deliveries in flight
-    /// (the registry's `concurrency`, default 1): one message at a time keeps
-    /// order; above it four times the concurrency, so the next messages wait
-    /// in the listener (kept alive with in-progress acks) rather than behind
-    /// an ack round trip to the server.
+    /// (the registry's `concurrency`, default 1) and the default prefetch
+    /// window; see [`ConsumerTuning::for_agent`].
     pub fn for_concurrency(concurrency: u16) -> Self {
+        Self::for_agent(concurrency, DEFAULT_PREFETCH)
+    }
+
+    /// The tuning of an agent run with `concurrency` deliveries in flight and,
+    /// at concurrency 1 (in order), a prefetch window of `prefetch` messages
+    /// (1 to [`MAX_PREFETCH`]): the listener delivers them strictly one after
+    /// another while the next ones are already at hand, kept alive with
+    /// in-progress acks. A window of 1 has the server enforce the order
+    /// alone, also across listener replicas. Above concurrency 1 four times
+    /// the concurrency, so the next messages wait in the listener rather than
+    /// behind an ack round trip to the server.
+    pub fn for_agent(concurrency: u16, prefetch: u16) -> Self {
         let concurrency = i64::from(concurrency.max(1));
-        let max_ack_pending = if concurrency == 1 { 1 } else { 4 * concurrency };
+        let max_ack_pending =
+            if concurrency == 1 { i64::from(prefetch.clamp(1, MAX_PREFETCH)) } else { 4 * concurrency };
         Self { max_ack_pending, ..Self::default() }
     }
 
@@ -235,7 +259,14 @@ pub fn agent_consumer(agent: &AgentId, tuning: ConsumerTuning) -> ConsumerSpec {
     ConsumerSpec {
         stream: agents_stream(1).name,
         durable: format!("agent-{agent}"),
-        filter_subjects: vec![Subject::Inbox(agent.clone()).to_string(), Subject::Broadcast.to_string()],
+        // The inbox and the broadcast, each as written by the bot (plain) and by
+        // agents (the sender bound into the subject).
+        filter_subjects: vec![
+            Subject::Inbox(agent.clone()).to_string(),
+            format!("{}.*", Subject::Inbox(agent.clone())),
+            Subject::Broadcast.to_string(),
+            subject::ALL_SENT_BROADCASTS.to_owned(),
+        ],
         tuning,
     }
 }
@@ -248,19 +279,28 @@ mod tests {
     fn consumer_reads_inbox_and_broadcast() {
         let spec = agent_consumer(&AgentId::parse("nova").unwrap(), ConsumerTuning::default());
         assert_eq!(spec.durable, "agent-nova");
-        assert_eq!(spec.filter_subjects, ["agents.nova.inbox", "agents.broadcast"]);
+        assert_eq!(
+            spec.filter_subjects,
+            ["agents.nova.inbox", "agents.nova.inbox.*", "agents.broadcast", "agents.broadcast.from.*"]
+        );
         assert_eq!(spec.stream, "MESH_AGENTS");
     }
 
     #[test]
     fn tuning_follows_the_concurrency() {
-        for (concurrency, pending) in [(0, 1), (1, 1), (2, 8), (32, 128), (1024, 4096)] {
+        for (concurrency, pending) in [(0, 4), (1, 4), (2, 8), (32, 128), (1024, 4096)] {
             let tuning = ConsumerTuning::for_concurrency(concurrency);
             assert_eq!(tuning.max_ack_pending, pending, "{concurrency}");
             assert_eq!(tuning.concurrency(), usize::from(concurrency.max(1)));
             assert_eq!(tuning.ack_wait, ConsumerTuning::default().ack_wait);
         }
         assert_eq!(ConsumerTuning { max_ack_pending: 3, ..Default::default() }.concurrency(), 1);
+        for prefetch in 0..=MAX_PREFETCH + 3 {
+            let tuning = ConsumerTuning::for_agent(1, prefetch);
+            assert_eq!(tuning.max_ack_pending, i64::from(prefetch.clamp(1, MAX_PREFETCH)), "{prefetch}");
+            assert_eq!(tuning.concurrency(), 1, "a prefetch window of {prefetch} stays in order");
+        }
+        assert_eq!(ConsumerTuning::for_agent(8, 1).max_ack_pending, 32, "the window is for ordered agents only");
         assert_eq!(ConsumerTuning { max_ack_pending: -1, ..Default::default() }.concurrency(), 1);
     }
 

@@ -83,6 +83,12 @@ pub struct Agent {
     /// [`crate::layout::MAX_CONCURRENCY`], default 1: per-agent order).
     #[serde(skip_serializing_if = "is_one")]
     pub concurrency: u16,
+    /// In order (concurrency 1): messages its consumer hands the listener at
+    /// once (1 to [`crate::layout::MAX_PREFETCH`], default
+    /// [`crate::layout::DEFAULT_PREFETCH`]); 1 for listener replicas that
+    /// must keep the order between them.
+    #[serde(skip_serializing_if = "is_default_prefetch")]
+    pub prefetch: u16,
     /// The operator's opt-in to sending `gateway_token` over plain HTTP to a
     /// host that is not loopback (a private network they trust).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -91,6 +97,10 @@ pub struct Agent {
 
 fn is_one(n: &u16) -> bool {
     *n == 1
+}
+
+fn is_default_prefetch(n: &u16) -> bool {
+    *n == crate::layout::DEFAULT_PREFETCH
 }
 
 fn is_default_mode(mode: &DeliveryMode) -> bool {
@@ -110,6 +120,7 @@ impl fmt::Debug for Agent {
             .field("delivery", &self.delivery)
             .field("model", &self.model)
             .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
             .field("allow_plaintext", &self.allow_plaintext)
             .finish()
     }
@@ -135,7 +146,7 @@ impl Agent {
     /// The tuning its consumer is created and kept with (by the bot, `mesh
     /// agents add` and senders); a listener runs within it.
     pub fn consumer_tuning(&self) -> crate::layout::ConsumerTuning {
-        crate::layout::ConsumerTuning::for_concurrency(self.concurrency)
+        crate::layout::ConsumerTuning::for_agent(self.concurrency, self.prefetch)
     }
 
     /// The gateway's base URL: `http://host:port/` or `https://host:port/`
@@ -202,13 +213,34 @@ pub enum RegistryError {
         "agents {first:?} and {second:?} would share the NATS user password variable {variable} (`-` and `_` map to the same name); rename one of them"
     )]
     SharedPassword { first: String, second: String, variable: String },
+    #[error(
+        "agents {first:?} and {second:?} have the same mesh_token; give each agent its own (whoever holds it could \
+         send as either)"
+    )]
+    SharedMeshToken { first: String, second: String },
     #[error("agent {agent:?}: delivery \"chat\" needs {field}")]
     ChatNeeds { agent: String, field: &'static str },
 }
 
-/// Several registry problems at once, one per line.
+/// Pairs of agents whose resolved mesh tokens are the same value (different
+/// references, same secret): neither may be authenticated by it.
+pub fn shared_mesh_tokens<'a>(
+    tokens: impl IntoIterator<Item = (&'a AgentId, &'a crate::Secret)>,
+) -> Vec<(AgentId, AgentId)> {
+    let mut seen: Vec<(&AgentId, &crate::Secret)> = Vec::new();
+    let mut shared = Vec::new();
+    for (id, token) in tokens {
+        if let Some((first, _)) = seen.iter().find(|(_, known)| known.expose() == token.expose()) {
+            shared.push(((*first).clone(), id.clone()));
+        }
+        seen.push((id, token));
+    }
+    shared
+}
+
+/// Several registry problems at once, on one line separated by `; ` (errors are one line).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
 pub struct RegistryErrors(pub Vec<RegistryError>);
 
 /// The raw shape of one entry, before validation.
@@ -225,6 +257,7 @@ struct RawAgent {
     model: Option<String>,
     name: Option<String>,
     concurrency: Option<i64>,
+    prefetch: Option<i64>,
     #[serde(default)]
     allow_plaintext: bool,
 }
@@ -262,6 +295,15 @@ impl Registry {
                     variable,
                 });
             }
+        }
+        // A mesh token names its agent: the same reference for two agents would let either send as the other.
+        let mut mesh_tokens: Vec<(&SecretRef, &AgentId)> = Vec::new();
+        for agent in agents.values() {
+            let Some(token) = &agent.mesh_token else { continue };
+            if let Some((_, first)) = mesh_tokens.iter().find(|(known, _)| *known == token) {
+                errors.push(RegistryError::SharedMeshToken { first: first.to_string(), second: agent.id.to_string() });
+            }
+            mesh_tokens.push((token, &agent.id));
         }
         if errors.is_empty() { Ok(Self { agents }) } else { Err(RegistryErrors(errors)) }
     }
@@ -368,6 +410,14 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             1
         }),
     };
+    let most = crate::layout::MAX_PREFETCH;
+    let prefetch = match raw.prefetch {
+        None => crate::layout::DEFAULT_PREFETCH,
+        Some(n) => u16::try_from(n).ok().filter(|n| (1..=most).contains(n)).unwrap_or_else(|| {
+            errors.push(bad("prefetch", format!("{n} is out of range; use 1 (replicas keep the order) to {most}")));
+            crate::layout::DEFAULT_PREFETCH
+        }),
+    };
     let hooks_url = match check_hooks_url(&raw.hooks_url) {
         Ok(url) => Some(url),
         Err(reason) => {
@@ -446,6 +496,7 @@ fn parse_agent(key: &str, value: serde_json::Value) -> Result<Agent, Vec<Registr
             model: raw.model,
             name: raw.name,
             concurrency,
+            prefetch,
             allow_plaintext: raw.allow_plaintext,
         }),
         _ => Err(errors),
@@ -706,6 +757,14 @@ mod tests {
             &format!(r#"{{{h}, "hooks_url": "http://g/", "concurrency": 1025}}"#),
             &["concurrency", "1025 is out of range"],
         );
+        rejects(
+            &format!(r#"{{{h}, "hooks_url": "http://g/", "prefetch": 0}}"#),
+            &["prefetch", "1 (replicas keep the order) to 4"],
+        );
+        rejects(&format!(r#"{{{h}, "hooks_url": "http://g/", "prefetch": 5}}"#), &["prefetch", "5 is out of range"]);
+        let replica =
+            Registry::parse(&format!(r#"{{"nova": {{{h}, "hooks_url": "http://g/", "prefetch": 1}}}}"#)).unwrap();
+        assert_eq!(replica.agents().next().unwrap().consumer_tuning().max_ack_pending, 1);
         let busy =
             Registry::parse(&format!(r#"{{"nova": {{{h}, "hooks_url": "http://g/", "concurrency": 32}}}}"#)).unwrap();
         let nova = busy.agents().next().unwrap();
@@ -725,6 +784,32 @@ mod tests {
             Registry::parse(r#"{"No.va": {"hooks_token": "t", "hooks_url": "http://g/"}}"#).unwrap_err().to_string();
         assert!(err.contains("registry key \"No.va\""), "{err}");
         assert!(Registry::parse("[1]").unwrap_err().to_string().contains("not a JSON object"));
+    }
+
+    #[test]
+    fn a_mesh_token_belongs_to_one_agent() {
+        let err = Registry::parse(
+            r#"{"nova": {"hooks_token": "h1", "mesh_token": "env:MESH_TOKEN_SHARED", "hooks_url": "http://g/"},
+                "kaan": {"hooks_token": "h2", "mesh_token": "env:MESH_TOKEN_SHARED", "hooks_url": "http://g/"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            err,
+            "agents \"kaan\" and \"nova\" have the same mesh_token; give each agent its own (whoever holds it could send \
+             as either)"
+        );
+        let literal = Registry::parse(
+            r#"{"nova": {"hooks_token": "h1", "mesh_token": "the-secret", "hooks_url": "http://g/"},
+                "kaan": {"hooks_token": "h2", "mesh_token": "the-secret", "hooks_url": "http://g/"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(literal.contains("have the same mesh_token") && !literal.contains("the-secret"), "{literal}");
+        // Different references to one value: found when resolved.
+        let ids: Vec<AgentId> = ["ada", "kaan", "nova"].iter().map(|i| i.parse().unwrap()).collect();
+        let secrets = [crate::Secret::new("x"), crate::Secret::new("y"), crate::Secret::new("x")];
+        assert_eq!(shared_mesh_tokens(ids.iter().zip(&secrets)), vec![(ids[0].clone(), ids[2].clone())]);
     }
 
     #[test]

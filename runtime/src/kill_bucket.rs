@@ -27,5 +27,8 @@ pub async fn open(js: &jetstream::Context, setting: Replicas) -> Result<kv::Stor
         ..Default::default()
     })
     .await
-    .map_err(|e| NatsError::JetStream(crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string())))
+    .map_err(|e| NatsError::Stream {
+        explained: crate::nats::creation_error(&format!("KV_{BUCKET}"), replicas, &e.to_string()),
+        source: Box::new(e),
+    })
 }

@@ -276,13 +276,27 @@ mod tests {
     #[test]
     fn a_consumer_reading_other_inboxes_is_refused() {
         let spec = agent_consumer(&"nova".parse().unwrap(), ConsumerTuning::default());
-        assert_eq!(check_consumer(&spec, &consumer_info(&["agents.broadcast", "agents.nova.inbox"])), Ok(()));
+        assert_eq!(
+            check_consumer(
+                &spec,
+                &consumer_info(&[
+                    "agents.broadcast",
+                    "agents.broadcast.from.*",
+                    "agents.nova.inbox",
+                    "agents.nova.inbox.*"
+                ])
+            ),
+            Ok(())
+        );
+        // One made before the sender-bound subjects is refused too (the bot rebinds it).
+        assert!(check_consumer(&spec, &consumer_info(&["agents.broadcast", "agents.nova.inbox"])).is_err());
         let err = check_consumer(&spec, &consumer_info(&["agents.*.inbox", "agents.broadcast"])).unwrap_err();
         assert!(err.is_fatal());
         assert!(
             err.to_string().starts_with(
                 "consumer agent-nova is not set up as this listener expects (filters [\"agents.*.inbox\", \
-                 \"agents.broadcast\"], expected [\"agents.broadcast\", \"agents.nova.inbox\"]); refusing to run"
+                 \"agents.broadcast\"], expected [\"agents.broadcast\", \"agents.broadcast.from.*\", \"agents.nova.inbox\", \
+                 \"agents.nova.inbox.*\"]); refusing to run"
             ),
             "{err}"
         );
@@ -291,7 +305,8 @@ mod tests {
     #[test]
     fn consumer_settings_that_change_what_is_delivered_are_refused() {
         let spec = agent_consumer(&"nova".parse().unwrap(), ConsumerTuning::default());
-        let good = consumer_info(&["agents.nova.inbox", "agents.broadcast"]);
+        let good =
+            consumer_info(&["agents.broadcast", "agents.broadcast.from.*", "agents.nova.inbox", "agents.nova.inbox.*"]);
         type Change = fn(&mut consumer::Config);
         let changes: [(&str, Change); 6] = [
             ("headers_only", |c| c.headers_only = true),

@@ -20,6 +20,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod error_text;
 pub mod kill_bucket;
 pub mod layout_check;
 pub mod logging;

@@ -38,11 +38,37 @@ pub enum NatsError {
     #[error("NATS credentials: {0}")]
     Credentials(String),
     #[error(
-        "JetStream request failed: {0}; check that nats-server runs with JetStream enabled (-js) and has disk space"
+        "JetStream request failed: {what}: {source}; check that nats-server runs with JetStream enabled (-js) and has \
+         disk space"
     )]
-    JetStream(String),
+    JetStream {
+        /// What was being done (`opening stream MESH_AGENTS`).
+        what: String,
+        /// The client's error.
+        #[source]
+        source: Cause,
+    },
+    /// A stream could not be created; the text says why and what to do.
+    #[error("JetStream request failed: {explained}")]
+    Stream {
+        /// The explanation ([`creation_error`] or a leader election's wait).
+        explained: String,
+        /// The client's error.
+        #[source]
+        source: Cause,
+    },
     #[error("{REPLICAS_ENV}: {0}")]
     Replicas(String),
+}
+
+/// The error a [`NatsError`] keeps as its source.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+impl NatsError {
+    /// A failed JetStream request: `what` was being done, `source` is why.
+    pub fn jetstream(what: impl Into<String>, source: impl Into<Cause>) -> Self {
+        Self::JetStream { what: what.into(), source: source.into() }
+    }
 }
 
 /// The URL setting as it may be shown: user info (`user:password@`) becomes `***@`.
@@ -147,9 +173,26 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
 /// auto first makes one JetStream request, which waits for the connection.
 pub async fn resolve_replicas(js: &jetstream::Context, setting: Replicas) -> Result<usize, NatsError> {
     if setting == Replicas::Auto && js.client().server_info().server_id.is_empty() {
-        js.query_account().await.map_err(|e| NatsError::JetStream(format!("reading the JetStream account: {e}")))?;
+        js.query_account().await.map_err(|e| NatsError::jetstream("reading the JetStream account", e))?;
     }
     Ok(setting.resolve(js.client().server_info().cluster.as_deref()))
+}
+
+/// Opens the key-value bucket `config` names, creating it with the replicas
+/// `setting` resolves to when it does not exist yet.
+pub async fn open_or_create_bucket(
+    js: &jetstream::Context,
+    config: jetstream::kv::Config,
+    setting: Replicas,
+) -> Result<jetstream::kv::Store, NatsError> {
+    if let Ok(store) = js.get_key_value(&config.bucket).await {
+        return Ok(store);
+    }
+    let num_replicas = resolve_replicas(js, setting).await?;
+    let what = format!("creating the {} bucket", config.bucket);
+    js.create_key_value(jetstream::kv::Config { num_replicas, ..config })
+        .await
+        .map_err(|e| NatsError::jetstream(what, e))
 }
 
 /// Creates every mesh stream that does not exist yet, with the replicas
@@ -161,9 +204,34 @@ pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Resul
         let config = &stream_config(&spec);
         let stream = backoff::retry(spec.name, backoff::JETSTREAM, move || js.get_or_create_stream(config.clone()))
             .await
-            .map_err(|e| NatsError::JetStream(stream_error(spec.name, replicas, &e)))?;
+            .map_err(|e| NatsError::Stream { explained: stream_error(spec.name, replicas, &e), source: Box::new(e) })?;
+        widen_subjects(js, &spec, stream.cached_info()).await?;
         scale_up(js, stream.cached_info(), replicas).await;
     }
+    Ok(())
+}
+
+/// Adds the subjects a stream made by an earlier version lacks (the
+/// sender-bound `agents.<to>.inbox.<sender>`, `mesh.reply.<asker>.<token>.<sender>`):
+/// without them an agent's messages would find no stream. Only ever adds:
+/// a stream holding subjects the layout does not name is left for the
+/// layout check to refuse.
+async fn widen_subjects(
+    js: &jetstream::Context,
+    spec: &layout::StreamSpec,
+    info: &stream::Info,
+) -> Result<(), NatsError> {
+    let have = &info.config.subjects;
+    let missing: Vec<&String> = spec.subjects.iter().filter(|s| !have.contains(s)).collect();
+    if missing.is_empty() || have.iter().any(|s| !spec.subjects.contains(s)) {
+        return Ok(());
+    }
+    let mut config = info.config.clone();
+    config.subjects = spec.subjects.clone();
+    js.update_stream(config)
+        .await
+        .map_err(|e| NatsError::jetstream(format!("adding subjects {missing:?} to stream {}", spec.name), e))?;
+    info!(stream = spec.name, added = ?missing, "stream subjects updated to the current layout");
     Ok(())
 }
 
@@ -247,7 +315,7 @@ pub async fn ensure_consumer(
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     if stream.consumer_info(&spec.durable).await.is_ok() {
         return Ok(());
     }
@@ -260,24 +328,40 @@ pub async fn ensure_consumer(
         stream.get_or_create_consumer::<pull::Config>(&spec.durable, config.clone())
     })
     .await
-    .map_err(|e| NatsError::JetStream(format!("creating consumer {}: {e}", spec.durable)))?;
+    .map_err(|e| NatsError::jetstream(format!("creating consumer {}", spec.durable), e))?;
     Ok(())
 }
 
-/// The tuning of an agent's consumer, or `None` when it does not exist.
-pub async fn consumer_tuning(js: &jetstream::Context, agent: &AgentId) -> Result<Option<ConsumerTuning>, NatsError> {
+/// Whether an agent's consumer exists with `tuning` and the layout's filters.
+/// One made by an earlier version (without the sender-bound filters) does
+/// not, so the caller binds it to the current layout.
+pub async fn consumer_current(
+    js: &jetstream::Context,
+    agent: &AgentId,
+    tuning: ConsumerTuning,
+) -> Result<bool, NatsError> {
     let spec = layout::agent_consumer(agent, ConsumerTuning::default());
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     match stream.consumer_info(&spec.durable).await {
         Ok(info) => {
-            Ok(Some(ConsumerTuning { ack_wait: info.config.ack_wait, max_ack_pending: info.config.max_ack_pending }))
+            let have = ConsumerTuning { ack_wait: info.config.ack_wait, max_ack_pending: info.config.max_ack_pending };
+            Ok(have == tuning && same_filters(&spec.filter_subjects, &info.config.filter_subjects))
         }
-        Err(e) if e.to_string().contains("not found") || e.to_string().contains("10014") => Ok(None),
-        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+        Err(e) if e.to_string().contains("not found") || e.to_string().contains("10014") => Ok(false),
+        Err(e) => Err(NatsError::jetstream(format!("looking up consumer {}", spec.durable), e)),
     }
+}
+
+/// Whether a consumer's filters are the layout's (in any order), or are not
+/// ours to change: only a consumer whose filters are a part of the layout's
+/// (one made before the sender-bound subjects) is brought up to date; one
+/// reading anything else is left for the layout check to refuse.
+fn same_filters(want: &[String], have: &[String]) -> bool {
+    let upgrade = have.iter().all(|s| want.contains(s)) && have.len() < want.len();
+    !upgrade
 }
 
 /// What [`delete_consumer`] found and did.
@@ -302,11 +386,11 @@ pub async fn consumer_backlog(js: &jetstream::Context, agent: &AgentId) -> Resul
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     match stream.consumer_info(&spec.durable).await {
         Ok(info) => Ok(Some((info.num_pending + info.num_ack_pending as u64, info.ack_floor.stream_sequence))),
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
-        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+        Err(e) => Err(NatsError::jetstream(format!("looking up consumer {}", spec.durable), e)),
     }
 }
 
@@ -330,11 +414,11 @@ pub async fn delete_consumer(
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     let info = match stream.consumer_info(&spec.durable).await {
         Ok(info) => info.clone(),
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => return Ok(Retired::None),
-        Err(e) => return Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+        Err(e) => return Err(NatsError::jetstream(format!("looking up consumer {}", spec.durable), e)),
     };
     let (held, after) = (info.num_pending + info.num_ack_pending as u64, info.ack_floor.stream_sequence);
     if created_before.is_some_and(|seen| info.created >= seen) {
@@ -346,7 +430,7 @@ pub async fn delete_consumer(
     match stream.delete_consumer(&spec.durable).await {
         Ok(_) => Ok(Retired::Deleted { held }),
         Err(e) if e.to_string().contains("not found") => Ok(Retired::None),
-        Err(e) => Err(NatsError::JetStream(format!("deleting consumer {}: {e}", spec.durable))),
+        Err(e) => Err(NatsError::jetstream(format!("deleting consumer {}", spec.durable), e)),
     }
 }
 
@@ -363,7 +447,7 @@ pub async fn bind_consumer(
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     let mut config = consumer_config(&spec);
     match stream.consumer_info(&spec.durable).await {
         Ok(existing) => {
@@ -376,7 +460,7 @@ pub async fn bind_consumer(
     stream
         .create_consumer(config)
         .await
-        .map_err(|e| NatsError::JetStream(format!("binding consumer {}: {e}", spec.durable)))
+        .map_err(|e| NatsError::jetstream(format!("binding consumer {}", spec.durable), e))
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub enum RegistryFileError {
     Missing { path: PathBuf },
     #[error("cannot read registry {path}: {source}")]
     Unreadable { path: PathBuf, source: std::io::Error },
-    #[error("registry {path} is invalid:\n{errors}")]
+    #[error("registry {path} is invalid: {errors}")]
     Invalid { path: PathBuf, errors: RegistryErrors },
 }
 

@@ -77,7 +77,7 @@ async fn bucket(js: &jetstream::Context) -> Result<Option<kv::Store>, NatsError>
         {
             Ok(None)
         }
-        Err(e) => Err(NatsError::JetStream(format!("opening the kill switch bucket: {e}"))),
+        Err(e) => Err(NatsError::jetstream("opening the kill switch bucket", e)),
     }
 }
 
@@ -85,7 +85,7 @@ async fn entry(store: &kv::Store, scope: &Scope) -> Result<Option<KillState>, Na
     match store.entry(scope.key()).await {
         Ok(Some(entry)) if entry.operation == kv::Operation::Put => Ok(Some(decode(&entry.value))),
         Ok(_) => Ok(None),
-        Err(e) => Err(NatsError::JetStream(format!("reading kill switch entry {}: {e}", scope.key()))),
+        Err(e) => Err(NatsError::jetstream(format!("reading kill switch entry {}", scope.key()), e)),
     }
 }
 
@@ -121,7 +121,7 @@ pub async fn set(js: &jetstream::Context, agent: &AgentId, until: Option<OffsetD
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     let (stream, durable) = (&stream, spec.durable.as_str());
     // Idempotent (the same pause_until again): safe to retry.
     let done = backoff::retry(durable, backoff::JETSTREAM, move || async move {
@@ -132,7 +132,7 @@ pub async fn set(js: &jetstream::Context, agent: &AgentId, until: Option<OffsetD
     })
     .await;
     let what = if until.is_some() { "pausing" } else { "resuming" };
-    done.map(|_| ()).map_err(|e| NatsError::JetStream(format!("{what} consumer {durable} on the server: {e}")))
+    done.map(|_| ()).map_err(|e| NatsError::jetstream(format!("{what} consumer {durable} on the server"), e))
 }
 
 /// One agent consumer's pause on the server.
@@ -164,12 +164,12 @@ impl ConsumerPause {
 pub async fn list(js: &jetstream::Context) -> Result<Vec<ConsumerPause>, NatsError> {
     let name = layout::agents_stream(1).name;
     let stream =
-        js.get_stream_no_info(name).await.map_err(|e| NatsError::JetStream(format!("opening stream {name}: {e}")))?;
+        js.get_stream_no_info(name).await.map_err(|e| NatsError::jetstream(format!("opening stream {name}"), e))?;
     let infos: Vec<_> = match stream.consumers().try_collect().await {
         Ok(infos) => infos,
         // No agents stream yet: no agent consumers either.
         Err(e) if e.to_string().contains("not found") => Vec::new(),
-        Err(e) => return Err(NatsError::JetStream(format!("listing the consumers of {name}: {e}"))),
+        Err(e) => return Err(NatsError::jetstream(format!("listing the consumers of {name}"), e)),
     };
     let mut out: Vec<ConsumerPause> = infos.iter().filter_map(pause_of).collect();
     out.sort_by(|a, b| a.agent.cmp(&b.agent));
@@ -182,11 +182,11 @@ async fn one(js: &jetstream::Context, agent: &AgentId) -> Result<Option<Consumer
     let stream = js
         .get_stream_no_info(spec.stream)
         .await
-        .map_err(|e| NatsError::JetStream(format!("opening stream {}: {e}", spec.stream)))?;
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
     match stream.consumer_info(&spec.durable).await {
         Ok(info) => Ok(pause_of(&info)),
         Err(e) if e.to_string().contains("not found") => Ok(None),
-        Err(e) => Err(NatsError::JetStream(format!("looking up consumer {}: {e}", spec.durable))),
+        Err(e) => Err(NatsError::jetstream(format!("looking up consumer {}", spec.durable), e)),
     }
 }
 
@@ -263,7 +263,7 @@ async fn bucket_revision(js: &jetstream::Context) -> Result<u64, NatsError> {
         {
             Ok(0)
         }
-        Err(e) => Err(NatsError::JetStream(format!("reading stream {name}: {e}"))),
+        Err(e) => Err(NatsError::jetstream(format!("reading stream {name}"), e)),
     }
 }
 

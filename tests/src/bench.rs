@@ -155,22 +155,12 @@ impl ListenerProcess {
 
     /// CPU seconds used so far (user + system), from /proc.
     pub fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the comm field.
-        (ticks(11) + ticks(12)) / 100.0
+        cpu_seconds(self.pid())
     }
 
     /// Resident set size in KiB, from `VmRSS` in /proc/<pid>/status.
     pub fn rss_kib(&self) -> u64 {
-        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        rss_kib(self.pid())
     }
 
     /// RSS and PSS in KiB, from /proc/<pid>/smaps_rollup.
@@ -193,6 +183,73 @@ impl ListenerProcess {
             let _ = self.child.kill().await;
         }
     }
+}
+
+/// CPU seconds process `pid` used so far (user + system), from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the comm field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident set size of process `pid` in KiB, from `VmRSS` in /proc/<pid>/status.
+pub fn rss_kib(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Publishes `n` messages to `agent` at full speed (JetStream, acked, 256
+/// in flight); returns each index's publish instant.
+pub async fn publish_burst(js: &jetstream::Context, agent: &str, n: usize) -> anyhow::Result<Vec<Instant>> {
+    let to = Recipient::Agent(agent.parse()?);
+    let mut sent = Vec::with_capacity(n);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..n {
+        let envelope = Envelope::new("bench", to.clone(), format!("bench {i}"))?;
+        sent.push(Instant::now());
+        pending.push(publish(js, envelope).await?.into_future());
+        if pending.len() >= 256 {
+            pending.next().await.transpose()?;
+        }
+    }
+    while pending.next().await.transpose()?.is_some() {}
+    Ok(sent)
+}
+
+/// What a live burst measured at the sink for one agent.
+#[derive(Debug, Clone, Copy)]
+pub struct BurstFigures {
+    /// Messages per second from the first publish to the last arrival.
+    pub rate: f64,
+    /// Latency percentiles (publish instant to arrival), ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Arrivals counted.
+    pub delivered: usize,
+}
+
+/// The figures of a burst published at `sent` instants, from `arrivals`.
+pub fn burst_figures(sent: &[Instant], arrivals: &[Arrival]) -> BurstFigures {
+    let first = sent.first().copied();
+    let last = arrivals.iter().map(|a| a.at).max();
+    let rate = match (first, last) {
+        (Some(first), Some(last)) if last > first => arrivals.len() as f64 / (last - first).as_secs_f64(),
+        _ => f64::NAN,
+    };
+    let samples: Vec<Duration> = arrivals
+        .iter()
+        .filter_map(|a| sent.get(a.index as usize).map(|s| a.at.saturating_duration_since(*s)))
+        .collect();
+    let (p50_ms, p99_ms, _) = percentiles(samples);
+    BurstFigures { rate, p50_ms, p99_ms, delivered: arrivals.len() }
 }
 
 /// Publishes `n` messages to `agent` as fast as acks allow (256 in flight).

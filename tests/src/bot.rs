@@ -86,3 +86,31 @@ impl BotProcess {
         }
     }
 }
+
+/// Posts a `/mesh` slash command to `bot_url` exactly as Slack sends it (a
+/// form body signed with `secret`, v0), from `user` in channel `C1`; its
+/// answer is to go to `http://<answers>/commands/<n>`. Panics unless the bot
+/// answers 200.
+pub async fn slack_command(bot_url: &str, secret: &str, answers: SocketAddr, user: &str, text: &str, n: u32) {
+    let body = serde_urlencoded::to_string([
+        ("team_id", "T1"),
+        ("channel_id", "C1"),
+        ("user_id", user),
+        ("command", "/mesh"),
+        ("text", text),
+        ("response_url", &format!("http://{answers}/commands/{n}")),
+        ("trigger_id", &format!("trigger.{n}")),
+    ])
+    .expect("a form body");
+    let ts = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
+    let response = reqwest::Client::new()
+        .post(format!("{bot_url}/slack/commands"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", &ts)
+        .header("x-slack-signature", mesh_bot::slack::verify::sign(secret, &ts, body.as_bytes()))
+        .body(body)
+        .send()
+        .await
+        .expect("the bot answers");
+    assert_eq!(response.status().as_u16(), 200);
+}

@@ -23,6 +23,10 @@ use tokio::process::{Child, Command};
 pub const CLUSTER_NAME: &str = "mesh";
 /// How long a node may take to accept clients and report healthy.
 pub const NODE_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fresh cluster may take to form before it is started again.
+pub const FORMATION_TIMEOUT: Duration = Duration::from_secs(30);
+/// How many fresh clusters [`TestCluster::start`] tries.
+pub const FORMATION_ATTEMPTS: usize = 3;
 /// The user routes log in as (the `authorization` block inside `cluster {}`).
 pub const ROUTE_USER: &str = "mesh-route";
 /// Variable with the route user's password (what a node checks routes against).
@@ -186,9 +190,67 @@ impl TestCluster {
         Self::start_with(&registry).await
     }
 
-    /// Starts the three nodes and waits until every one reports healthy
-    /// (`/healthz`: JetStream has a meta leader and this node is current).
+    /// Starts the three nodes and waits until the cluster has formed: every
+    /// node healthy (`/healthz`: JetStream has a meta leader and this node is
+    /// current) and the meta leader sees both peers current. A fresh cluster
+    /// that has not formed within [`FORMATION_TIMEOUT`] (seen on a loaded
+    /// 2-core machine: routes up, no meta leader elected for over a minute)
+    /// is torn down and started again on new ports, up to
+    /// [`FORMATION_ATTEMPTS`] times; what the tests check begins after that.
     async fn start_with(registry: &Registry) -> Self {
+        let mut failures = Vec::new();
+        for attempt in 1..=FORMATION_ATTEMPTS {
+            let mut cluster = Self::spawn_fresh(registry);
+            match cluster.formed_within(FORMATION_TIMEOUT).await {
+                Ok(()) => return cluster,
+                Err(why) => {
+                    println!("test cluster attempt {attempt} did not form: {why}; starting a new one");
+                    failures.push(why);
+                }
+            }
+        }
+        panic!("the test cluster did not form in {FORMATION_ATTEMPTS} attempts:\n{}", failures.join("\n---\n"));
+    }
+
+    /// Waits until every node is healthy and the meta leader sees both
+    /// peers current; on failure, why (with the log tail of the node concerned).
+    async fn formed_within(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        for index in 0..3 {
+            self.healthy_by(index, deadline).await?;
+        }
+        loop {
+            let why = match self.meta_peers_current().await {
+                Ok(()) => return Ok(()),
+                Err(why) => why,
+            };
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("meta group not complete within {timeout:?}: {why}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ok when some node's `/jsz` names a meta leader whose own `/jsz` lists
+    /// the two other nodes as current replicas; otherwise what it shows.
+    async fn meta_peers_current(&self) -> Result<(), String> {
+        let jsz = |index: usize| {
+            let url = format!("http://127.0.0.1:{}/jsz", self.spec.nodes[index].monitor_port);
+            async move { self.http.get(&url).send().await.ok()?.json::<serde_json::Value>().await.ok() }
+        };
+        let first = jsz(0).await.ok_or("no /jsz answer from nats-1")?;
+        let leader = first["meta_cluster"]["leader"]
+            .as_str()
+            .and_then(|name| self.index_of(name))
+            .ok_or_else(|| format!("no meta leader: {}", first["meta_cluster"]))?;
+        let seen = jsz(leader).await.ok_or("no /jsz answer from the meta leader")?;
+        let replicas = seen["meta_cluster"]["replicas"].as_array().cloned().unwrap_or_default();
+        let current = replicas.iter().filter(|r| r["current"].as_bool() == Some(true)).count();
+        if current == 2 { Ok(()) } else { Err(format!("meta leader sees {}", seen["meta_cluster"])) }
+    }
+
+    /// Writes the configs of three nodes on new ports and starts them.
+    fn spawn_fresh(registry: &Registry) -> Self {
         let dir = tempfile::tempdir().expect("creating a temp dir");
         let spec = ClusterSpec::loopback(dir.path()).expect("finding free ports");
         let users = deploy::users(registry);
@@ -214,9 +276,6 @@ impl TestCluster {
         let mut cluster = Self { spec, nodes, http, dir, users, env };
         for index in 0..3 {
             cluster.spawn(index);
-        }
-        for index in 0..3 {
-            cluster.wait_healthy(index).await;
         }
         cluster
     }
@@ -340,23 +399,33 @@ impl TestCluster {
     /// Waits until node `index` answers `/healthz` with 200 (it has a meta
     /// leader and its streams are current); panics with its log otherwise.
     pub async fn wait_healthy(&mut self, index: usize) {
-        let url = format!("http://127.0.0.1:{}/healthz", self.spec.nodes[index].monitor_port);
         let deadline = tokio::time::Instant::now() + NODE_READY_TIMEOUT;
+        if let Err(why) = self.healthy_by(index, deadline).await {
+            panic!("{why}");
+        }
+    }
+
+    /// Waits until node `index` answers `/healthz` with 200, or says why not
+    /// by `deadline` (its exit, its last health answer and its log tail).
+    async fn healthy_by(&mut self, index: usize, deadline: tokio::time::Instant) -> Result<(), String> {
+        let url = format!("http://127.0.0.1:{}/healthz", self.spec.nodes[index].monitor_port);
+        let started = tokio::time::Instant::now();
         loop {
-            if let Ok(response) = self.http.get(&url).send().await
-                && response.status().is_success()
-            {
-                return;
-            }
+            let answer = match self.http.get(&url).send().await {
+                Ok(response) if response.status().is_success() => return Ok(()),
+                Ok(response) => response.text().await.unwrap_or_default(),
+                Err(e) => e.to_string(),
+            };
             let exited = self.nodes[index].child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if exited.is_some() || tokio::time::Instant::now() > deadline {
                 let log = std::fs::read_to_string(&self.nodes[index].log).unwrap_or_default();
                 let lines: Vec<&str> = log.lines().filter(|l| !l.contains("Healthcheck failed")).collect();
                 let tail = lines[lines.len().saturating_sub(40)..].join("\n");
-                panic!(
-                    "{} not healthy within {NODE_READY_TIMEOUT:?} (exit: {exited:?}); log tail:\n{tail}",
-                    self.spec.nodes[index].name
-                );
+                return Err(format!(
+                    "{} not healthy within {:?} (exit: {exited:?}; last /healthz: {answer}); log tail:\n{tail}",
+                    self.spec.nodes[index].name,
+                    started.elapsed()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -218,7 +218,7 @@ pub async fn provision_agent(
     tuning: mesh_protocol::layout::ConsumerTuning,
 ) -> Result<(), mesh_listener::nats::NatsError> {
     mesh_bot::provision::ensure_mesh(js, mesh_protocol::layout::Replicas::Auto).await?;
-    let id = AgentId::parse(agent).map_err(|e| mesh_listener::nats::NatsError::JetStream(e.to_string()))?;
+    let id = AgentId::parse(agent).map_err(|e| mesh_listener::nats::NatsError::jetstream("naming the agent", e))?;
     mesh_listener::nats::bind_consumer(js, &id, tuning).await.map(|_| ())
 }
 

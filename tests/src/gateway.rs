@@ -64,15 +64,32 @@ impl RecordingGateway {
     /// Starts a gateway that answers 200 to everything.
     pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("binding the gateway");
-        let addr = listener.local_addr().expect("local addr");
-        let (count_tx, count) = watch::channel(0);
-        let latch = Arc::new(watch::channel(false).0);
-        let gateway = Self { inner: Arc::default(), count, count_tx: Arc::new(count_tx), latch, addr };
+        let gateway = Self::recording(listener.local_addr().expect("local addr"));
         let app = Router::new().fallback(any(record)).with_state(gateway.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         gateway
+    }
+
+    /// Starts a gateway that answers 200 to everything over HTTPS only, with
+    /// `tls`'s certificate; connections whose handshake fails are dropped
+    /// (and recorded nowhere).
+    pub async fn start_tls(tls: &crate::tls::TestTls) -> Self {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.expect("binding the gateway");
+        let gateway = Self::recording(listener.local_addr().expect("local addr"));
+        let app = Router::new().fallback(any(record)).with_state(gateway.clone());
+        let listener = crate::tls::TlsListener::new(listener, tls.server_config());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        gateway
+    }
+
+    fn recording(addr: std::net::SocketAddr) -> Self {
+        let (count_tx, count) = watch::channel(0);
+        let latch = Arc::new(watch::channel(false).0);
+        Self { inner: Arc::default(), count, count_tx: Arc::new(count_tx), latch, addr }
     }
 
     /// The wake hook URL.
@@ -160,10 +177,20 @@ impl RecordingGateway {
 
     /// Waits until at least `n` requests arrived (answered or not); panics after `timeout`.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        match self.try_wait_for(n, timeout).await {
+            Ok(requests) => requests,
+            Err(got) => panic!("gateway got {got} of {n} expected requests within {timeout:?}"),
+        }
+    }
+
+    /// Waits until at least `n` requests arrived (answered or not); after
+    /// `timeout`, how many did (so a test can show its processes' output).
+    pub async fn try_wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<Recorded>, usize> {
         let mut count = self.count.clone();
-        let reached = tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await;
-        assert!(reached.is_ok(), "gateway got {} of {n} expected requests within {timeout:?}", self.requests().len());
-        self.requests()
+        match tokio::time::timeout(timeout, count.wait_for(|c| *c >= n)).await {
+            Ok(_) => Ok(self.requests()),
+            Err(_) => Err(self.requests().len()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

@@ -16,22 +16,27 @@
 //! - [`ports`]: processes under test on a free port, started again on another when it was taken.
 //! - [`docker`]: a tiny local image and labelled test containers.
 //! - [`bot`]: the `mesh bot` process under test (start, wait, logs, stop).
+//! - [`browser`]: headless Chromium over WebDriver (chromedriver), with screenshots.
 //! - [`fixtures`]: registries, in-process listeners, the binaries under test.
 //! - [`secrets`]: the secret scan over everything the processes under test printed.
+//! - [`tls`]: a throwaway CA and a server certificate for `localhost` (the `openssl` command), and a TLS listener.
 
 pub mod bench;
 pub mod bot;
+pub mod browser;
 pub mod cluster;
 pub mod discord_gateway;
 pub mod docker;
 pub mod fixtures;
 pub mod gateway;
+pub mod oldstyle;
 pub mod ports;
 pub mod redis;
 pub mod secrets;
 pub mod server;
 pub mod soak;
 pub mod steady;
+pub mod tls;
 
 pub use cluster::TestCluster;
 pub use fixtures::{Fixture, ListenerHandle};

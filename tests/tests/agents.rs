@@ -126,8 +126,42 @@ async fn an_added_agent_has_its_consumer_at_once() {
     assert!(text(&out).contains("consumers in place (agent-kaan)"), "{}", text(&out));
     let js = async_nats::jetstream::new(nats.client().await);
     let info = js.get_stream("MESH_AGENTS").await.unwrap().consumer_info("agent-kaan").await.unwrap();
-    assert_eq!(info.config.filter_subjects, ["agents.kaan.inbox", "agents.broadcast"]);
+    assert_eq!(
+        info.config.filter_subjects,
+        ["agents.kaan.inbox", "agents.kaan.inbox.*", "agents.broadcast", "agents.broadcast.from.*"]
+    );
     assert!(js.get_key_value("mesh_killswitch").await.is_ok(), "the kill switch bucket a listener waits for");
+}
+
+/// Issue 22: `agents add` checks `MESH_HOOKS_ALLOWED_HOSTS` like every
+/// loader, so it never writes a registry that the listeners and the bot refuse.
+#[tokio::test]
+async fn add_refuses_a_host_outside_the_allow_list_and_writes_nothing() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let before = registry_text(&fixture);
+    let add = |url: &str| {
+        let mut command = mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(["agents", "add", "kaan", "--hooks-url", url, "--hooks-token", "env:MESH_TOKEN_KAAN_HOOK"])
+            .args(["--no-check"])
+            .env("MESH_HOOKS_ALLOWED_HOSTS", "127.0.0.1");
+        command
+    };
+    let out = add("http://kaan-gateway:7002/hooks/wake").output().await.unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out)
+            .contains("agent \"kaan\": field hooks_url: host \"kaan-gateway\" is not in MESH_HOOKS_ALLOWED_HOSTS"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(registry_text(&fixture), before, "a refused add wrote the registry");
+    // A host in the list is added.
+    let out = add(&gw.hooks_url()).output().await.unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(registry_text(&fixture).contains("kaan"));
 }
 
 #[tokio::test]
@@ -280,4 +314,32 @@ async fn the_bot_never_drops_a_backlog_nor_retires_every_agent_at_once() {
     }
     stop.cancel();
     follow.await.unwrap();
+}
+
+/// Issue 21.6: several `mesh agents add` processes at once each hold the
+/// registry's lock for their read-modify-write: every agent is in the file.
+#[tokio::test]
+async fn concurrent_agents_add_processes_lose_no_agent() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let secret = fixture.secret_file("shared-hook", "hook-secret\n");
+    let token_ref = format!("file:{}", secret.display());
+    let names: Vec<String> = (0..6).map(|i| format!("agent{i}")).collect();
+    let adds = names.iter().map(|name| {
+        let url = format!("http://{name}:7002/hooks/wake");
+        let args: Vec<String> = ["agents", "add", name, "--hooks-url", &url, "--hooks-token", &token_ref]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        mesh_command(&nats.url(), &fixture.registry).args(args).output()
+    });
+    for out in futures::future::join_all(adds).await {
+        let out = out.unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let registry: serde_json::Value = serde_json::from_str(&registry_text(&fixture)).unwrap();
+    for name in names.iter().map(String::as_str).chain(["nova"]) {
+        assert!(registry.get(name).is_some(), "{name} was lost: {registry}");
+    }
 }

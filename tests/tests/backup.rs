@@ -113,9 +113,11 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
     let zed = KillState::decode(&kv_b.get("agent.zed").await.unwrap().unwrap()).unwrap();
     assert_eq!((zed.mode, zed.reason.as_deref()), (Mode::Hard, Some("held")));
 
-    // A restore into a server that already holds messages is refused.
-    let out = mesh_command(&b.url(), &restored_registry).args(["restore", dir_s]).output().await.unwrap();
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fresh server"));
+    // Run again, the restore finds everything of this backup in place: nothing written twice.
+    let again = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
+    let again: serde_json::Value = serde_json::from_str(again.trim()).unwrap();
+    assert_eq!(again["data"]["resumed"]["MESH_AGENTS"], 4, "{again}");
+    assert_eq!(js_b.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().state.messages, 4);
 
     // Listeners on B: nova gets exactly its three pending messages, in order; kaan nothing old.
     let restored = Fixture::from_json(&serde_json::from_str(&before).unwrap());
@@ -133,8 +135,65 @@ async fn pending_messages_kill_switch_and_registry_survive_a_round_trip() {
         .unwrap();
     let got = kaan_gw.wait_for(3, WAIT).await;
     assert!(got[2].text().contains("kaan fresh"), "kaan got an old message again: {:?}", got[2].text());
+    // A restore into a server that holds other messages is refused.
+    let out = mesh_command(&b.url(), &restored_registry).args(["restore", dir_s]).output().await.unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("fresh server"));
     wait_until_settled(&js_b, "nova", WAIT).await;
     assert_eq!(nova_gw.requests().len(), 3, "nova got a duplicate");
     nova.stop().await.unwrap();
     kaan.stop().await.unwrap();
+}
+
+/// Issue 21.5: a restore writes the kill switch before anything else, and one
+/// that failed part way (here a damaged line in a stream file) resumes when
+/// run again: nothing written twice, the consumers at the right place.
+#[tokio::test]
+async fn a_restore_writes_the_kill_switch_first_and_resumes_after_a_failure() {
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
+    let a = TestNats::start().await;
+    let js = a.jetstream().await;
+    mesh_listener::nats::ensure_consumer(&js, &"nova".parse().unwrap(), Default::default()).await.unwrap();
+    for text in ["one", "two", "three"] {
+        mesh_bot::publish::send(&js, &registry, "test", "nova", text, mesh_protocol::Priority::Normal).await.unwrap();
+    }
+    let hard = KillState {
+        mode: Mode::Hard,
+        until: None,
+        by: "test".into(),
+        reason: None,
+        at: time::OffsetDateTime::now_utc(),
+    };
+    let kv = mesh_listener::killswitch::open(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    kv.put("agent.nova", hard.encode().into()).await.unwrap();
+    let backup_dir = tempfile::tempdir().unwrap();
+    let dir = backup_dir.path().join("b");
+    let dir_s = dir.to_str().unwrap();
+    mesh(&a, &fixture.registry, &["backup", dir_s]).await;
+    drop(a);
+
+    // The second message's line is damaged: the restore stops there.
+    let file = dir.join("streams/MESH_AGENTS.jsonl");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    assert_eq!(lines.len(), 3);
+    std::fs::write(&file, format!("{}\n{{damaged\n{}\n", lines[0], lines[2])).unwrap();
+    let b = TestNats::start().await;
+    let js_b = b.jetstream().await;
+    let restored_registry = fixture.dir().join("restored.json");
+    let out = mesh_command(&b.url(), &restored_registry).args(["restore", dir_s]).output().await.unwrap();
+    assert!(!out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let kv_b = js_b.get_key_value(BUCKET).await.expect("the kill switch is written before the messages");
+    let nova = KillState::decode(&kv_b.get("agent.nova").await.unwrap().unwrap()).unwrap();
+    assert_eq!(nova.mode, Mode::Hard);
+    assert_eq!(js_b.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().state.messages, 1);
+
+    // Repaired, the same restore resumes after what the failed run wrote.
+    std::fs::write(&file, &good).unwrap();
+    let printed = mesh(&b, &restored_registry, &["restore", dir_s, "--json"]).await;
+    let reply: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert_eq!(reply["data"]["resumed"]["MESH_AGENTS"], 1, "{reply}");
+    assert_eq!(reply["data"]["consumers"]["nova"], 3, "{reply}");
+    assert_eq!(js_b.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().state.messages, 3);
 }

@@ -33,6 +33,8 @@ const PREFIX: &str = "chaos";
 const ACK_WAIT_S: &str = "2";
 /// How long the kill switch stays pulled once every listener is paused.
 const PAUSE_HOLD: Duration = Duration::from_secs(6);
+/// Sends accepted while paused before the switch is released.
+const QUEUED_IN_WINDOW: usize = 10;
 /// Bound of every wait for a condition.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -312,6 +314,10 @@ async fn kill_switch_window(
     wait_paused(client, listeners, true).await;
     let left = PAUSE_HOLD.saturating_sub(paused_at.elapsed());
     tokio::time::sleep(left).await;
+    // The window checks something only if sends were accepted inside it: a
+    // node crash can hold the publisher up for the whole hold on a loaded
+    // machine, so the window stays open until some are (CI, 2026-11-30).
+    publisher.wait_acked(acked_before + QUEUED_IN_WINDOW, WAIT).await;
 
     let queued = *publisher.acked.borrow() - acked_before;
     let resumed_at = Instant::now();

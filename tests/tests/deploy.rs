@@ -5,7 +5,8 @@
 //! pulls the kill switch, and the listener user creates or changes nothing in
 //! JetStream (no consumer, stream or bucket): it waits for what the bot creates
 //! and refuses to run on what is set up otherwise. Also: the compose and
-//! Prometheus files are well formed.
+//! Prometheus files are well formed, and every metric the alert rules use is
+//! on a live scrape of a listener's and the bot's `/metrics`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -218,8 +219,8 @@ async fn rendered_permissions_hold_on_a_real_server() {
         "listener-ada",
         "pw-ada-1",
         &[
-            publish("agents.nova.inbox"),
-            publish("mesh.reply.abc"),
+            publish("agents.nova.inbox.ada"),
+            publish("mesh.reply.bot.abc.ada"),
             publish("$JS.API.CONSUMER.INFO.MESH_AGENTS.agent-nova"),
         ],
     )
@@ -287,7 +288,7 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let (ok, said) = bot(&["kill", "soft", "--for", "1m", "--reason", "permission test"]).await;
     assert!(ok, "{said}");
     wait_state(&["paused"]).await;
-    let (ok, said) = bot(&["resume"]).await;
+    let (ok, said) = bot(&["resume", "--yes"]).await;
     assert!(ok, "{said}");
     wait_state(&["ok", "gateway unknown"]).await;
     // Without a consumer on the bucket, a hard kill and the resume still reach
@@ -301,7 +302,7 @@ async fn rendered_permissions_hold_on_a_real_server() {
     let (_, status) = bot(&["status"]).await;
     assert!(status.contains("agent-nova: paused until resumed"), "{status}");
     let resumed = std::time::Instant::now();
-    let (ok, said) = bot(&["resume", "--agent", "nova"]).await;
+    let (ok, said) = bot(&["resume", "--agent", "nova", "--yes"]).await;
     assert!(ok, "{said}");
     wait_state(&["ok", "gateway unknown"]).await;
     let resumed_after = resumed.elapsed();
@@ -332,28 +333,197 @@ async fn rendered_permissions_hold_on_a_real_server() {
     assert!(!log.contains("pw-nova-1"), "the password reached a log");
 }
 
+/// A compose volume line as (source, target, read-only); the source may hold
+/// a `${VAR:-default}` with a colon of its own.
+fn mount(line: &str) -> (String, String, bool) {
+    let parts: Vec<&str> = line.rsplitn(3, ':').collect();
+    match parts.as_slice() {
+        ["ro", target, source] => ((*source).to_owned(), (*target).to_owned(), true),
+        [mode, target, source] if mode.len() <= 2 => ((*source).to_owned(), (*target).to_owned(), false),
+        [target, source, head] => (format!("{head}:{source}"), (*target).to_owned(), false),
+        [target, source] => ((*source).to_owned(), (*target).to_owned(), false),
+        _ => (String::new(), line.to_owned(), false),
+    }
+}
+
+/// Where prometheus.yml reads the listener targets.
+fn prometheus_targets_path(deploy: &Path) -> String {
+    let prometheus = yaml(&deploy.join("prometheus/prometheus.yml"));
+    let jobs = prometheus["scrape_configs"].as_array().unwrap();
+    let listener = jobs.iter().find(|j| j["job_name"] == "listener").unwrap();
+    listener["file_sd_configs"][0]["files"][0].as_str().unwrap().to_owned()
+}
+
 fn yaml(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{} is not well-formed YAML: {e}", path.display()))
 }
 
+/// The metric names the alert rules' expressions use (histogram suffixes
+/// dropped), by rule.
+fn alert_metrics(deploy: &Path) -> Vec<(String, String)> {
+    let alerts = yaml(&deploy.join("prometheus/alerts.yml"));
+    let mut used = Vec::new();
+    for rule in alerts["groups"][0]["rules"].as_array().unwrap() {
+        let expr = rule["expr"].as_str().unwrap();
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("mesh_")) {
+            let metric = word.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+            used.push((rule["alert"].as_str().unwrap().to_owned(), metric.to_owned()));
+        }
+    }
+    used
+}
+
+/// The value of the sample `series` (name and labels, as rendered) in a
+/// Prometheus text scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `GET path` on a local port: the body of a 200, else `None`.
+async fn get(http: &reqwest::Client, port: u16, path: &str) -> Option<String> {
+    let response = http.get(format!("http://127.0.0.1:{port}{path}")).send().await.ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    response.text().await.ok()
+}
+
+/// Scrapes until `ready` holds on the scrape (the gauges are set on timers), panicking after [`WAIT`].
+async fn scrape_until(http: &reqwest::Client, port: u16, what: &str, ready: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let scrape = get(http, port, "/metrics").await.unwrap_or_default();
+        if ready(&scrape) {
+            return scrape;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}'s /metrics never showed it:\n{scrape}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 21.7 live: the `mesh-listener` binary with `--http` after a delivery,
+/// and `mesh bot` with a kill in force and a message waiting, serve every
+/// metric the alert rules use, with values that reflect what happened.
+#[tokio::test]
+async fn a_live_scrape_of_a_listener_and_the_bot_shows_every_metric_the_alerts_use() {
+    use mesh_listener::config::Selection;
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
+    let nats = mesh_tests::TestNats::start().await;
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::registry(&[("nova", &nova_gw, true), ("kaan", &kaan_gw, true)]);
+    let provisioner = mesh_tests::fixtures::provision(&fixture.listener_config(&nats, Selection::All)).await;
+    // kaan is hard-killed (no listener either): its message waits.
+    let out = mesh_command(&nats.url(), &fixture.registry)
+        .args(["kill", "hard", "--agent", "kaan", "--yes"])
+        .env_remove("MESH_PERMISSIONS")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let js = nats.jetstream().await;
+    let registry = mesh_listener::registry_file::load(&fixture.registry, &Default::default()).unwrap();
+    for (to, text) in [("kaan", "waits"), ("nova", "arrives")] {
+        mesh_bot::publish::send(&js, &registry, "cli:test", to, text, Default::default()).await.unwrap();
+    }
+
+    let listener_port = mesh_bot::local_nats::free_port().unwrap();
+    let listener = Logged::spawn({
+        let mut command = tokio::process::Command::new(listener_bin());
+        command
+            .args(["--agent", "nova", "--http", &format!("127.0.0.1:{listener_port}")])
+            .env("NATS_URL", nats.url())
+            .env("MESH_REGISTRY", &fixture.registry);
+        command
+    });
+    nova_gw.wait_for(1, WAIT).await;
+    mesh_tests::fixtures::wait_until_settled(&js, "nova", WAIT).await;
+    let bot = mesh_tests::bot::BotProcess::start(&nats.url(), &fixture.registry, [("MESH_MONITOR_EVERY_S", "1")]).await;
+    let bot_port = bot.addr.port();
+
+    mesh_listener::gateway::install_tls_provider();
+    let http = reqwest::Client::new();
+    let pending = r#"mesh_pending_messages{agent="nova"}"#;
+    let listener_scrape = scrape_until(&http, listener_port, "the listener", |s| sample(s, pending) == Some(0.0)).await;
+    let value = |series: &str| sample(&listener_scrape, series);
+    assert_eq!(value(r#"mesh_deliveries_total{agent="nova",outcome="delivered"}"#), Some(1.0), "{listener_scrape}");
+    assert_eq!(value(r#"mesh_deliveries_total{agent="nova",outcome="retry"}"#), Some(0.0), "{listener_scrape}");
+    assert_eq!(value(r#"mesh_deliveries_total{agent="nova",outcome="dead_letter"}"#), Some(0.0), "{listener_scrape}");
+    assert_eq!(value("mesh_publish_to_gateway_seconds_count"), Some(1.0), "{listener_scrape}");
+    assert_eq!(value("mesh_gateway_request_seconds_count"), Some(1.0), "{listener_scrape}");
+    assert_eq!(value(r#"mesh_paused{agent="nova"}"#), Some(0.0), "{listener_scrape}");
+
+    let kill = r#"mesh_kill_in_force{agent="kaan",mode="hard"}"#;
+    let waiting = r#"mesh_backlog_oldest_age_seconds{agent="kaan"}"#;
+    let bot_scrape = scrape_until(&http, bot_port, "the bot", |s| {
+        sample(s, kill) == Some(1.0) && sample(s, waiting).is_some_and(|age| age > 0.0)
+    })
+    .await;
+    assert_eq!(sample(&bot_scrape, r#"mesh_backlog_oldest_age_seconds{agent="nova"}"#), Some(0.0), "{bot_scrape}");
+
+    for (alert, metric) in alert_metrics(&deploy) {
+        let scraped = |scrape: &str| scrape.lines().any(|l| l.starts_with(&metric) && !l.starts_with('#'));
+        assert!(
+            scraped(&listener_scrape) || scraped(&bot_scrape),
+            "{alert} uses {metric}, which no live scrape shows:\n{listener_scrape}\n{bot_scrape}"
+        );
+    }
+    let _ = bot.stop().await;
+    let _ = listener.finish(true).await;
+    provisioner.abort();
+}
+
 #[test]
 fn compose_and_monitoring_files_are_well_formed() {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join("deploy");
-    // Alert rules: the five alerts, each with an expression over metrics the code exports.
+    // Alert rules: each with an expression over metrics the code exports
+    // (the listener's, and the bot's kill switch gauge).
     let alerts = yaml(&deploy.join("prometheus/alerts.yml"));
     let rules = alerts["groups"][0]["rules"].as_array().unwrap();
     let names: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
-    assert_eq!(names, ["NatsDown", "ListenerDown", "GatewayUnreachable", "DeliveryLatencyHigh", "DeadLettersGrowing"]);
-    let exported = [mesh_listener::metrics::DELIVERIES, mesh_listener::metrics::LATENCY];
+    assert_eq!(
+        names,
+        [
+            "NatsDown",
+            "ListenerDown",
+            "GatewayUnreachable",
+            "DeliveryLatencyHigh",
+            "BacklogAboutToExpire",
+            "DeadLettersGrowing",
+            "PendingBacklog",
+            "PauseLongerThanPlanned"
+        ]
+    );
+    use mesh_listener::metrics as m;
+    let exported = [
+        m::DELIVERIES,
+        m::LATENCY,
+        m::GATEWAY_DURATION,
+        m::PENDING,
+        m::PAUSED,
+        m::REPLIES,
+        m::LOOP_GUARD,
+        m::BACKLOG_OLDEST_AGE,
+        mesh_bot::kill_gauge::KILL_IN_FORCE,
+    ];
+    let expr_of = |name: &str| rules[names.iter().position(|n| *n == name).unwrap()]["expr"].as_str().unwrap();
+    for (name, metric) in alert_metrics(&deploy) {
+        assert!(
+            exported.contains(&metric.as_str()),
+            "{name} uses {metric}, which neither the listener nor the bot exports"
+        );
+    }
     for rule in rules {
-        let expr = rule["expr"].as_str().unwrap();
-        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("mesh_")) {
-            let metric = word.trim_end_matches("_bucket");
-            assert!(exported.contains(&metric), "{} uses {word}, which the listener does not export", names[0]);
-        }
         assert!(rule["annotations"]["summary"].is_string());
     }
+    // Issue 21.7: a hard kill stops every listener on purpose: no ListenerDown then.
+    let listener_down = expr_of("ListenerDown");
+    assert!(
+        listener_down.contains("unless") && listener_down.contains(mesh_bot::kill_gauge::KILL_IN_FORCE),
+        "{listener_down}"
+    );
+    assert!(expr_of("PendingBacklog").contains(m::PENDING));
+    assert!(expr_of("PauseLongerThanPlanned").contains(m::PAUSED));
     let prometheus = yaml(&deploy.join("prometheus/prometheus.yml"));
     let jobs: Vec<&str> =
         prometheus["scrape_configs"].as_array().unwrap().iter().map(|j| j["job_name"].as_str().unwrap()).collect();
@@ -372,6 +542,47 @@ fn compose_and_monitoring_files_are_well_formed() {
     for name in ["bot", "nats-exporter", "prometheus"] {
         assert_eq!(services[name]["depends_on"]["nats"]["condition"], "service_healthy", "{name}");
     }
+    // Issue 21.4: every service rotates its logs; the bot runs every front end
+    // and takes its project from its own container's label, not from a variable.
+    for (name, service) in services {
+        assert_eq!(service["logging"]["driver"], "json-file", "{name}");
+        assert!(service["logging"]["options"]["max-size"].is_string(), "{name} does not rotate its logs");
+    }
+    let bot_env = services["bot"]["environment"].as_object().unwrap();
+    for key in
+        ["SLACK_APP_TOKEN", "SLACK_BOT_TOKEN", "DISCORD_BOT_TOKEN", "DISCORD_APPLICATION_ID", "DISCORD_PUBLIC_KEY"]
+    {
+        assert!(bot_env.contains_key(key), "the bot gets no {key}");
+    }
+    assert!(!bot_env.contains_key("MESH_COMPOSE_PROJECT"), "a fixed project would act on another stack");
+    // The monitoring profile starts on a fresh checkout: no mount point inside
+    // a read-only bind (Docker cannot create it there), no log file on
+    // Grafana's read-only root, and Prometheus reads the targets where they are mounted.
+    for name in ["prometheus", "grafana"] {
+        let mounts: Vec<(String, bool)> = services[name]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                let (source, target, ro) = mount(v.as_str().unwrap());
+                let bind = source.starts_with('.') || source.starts_with('/') || source.starts_with("${");
+                (target, ro && bind)
+            })
+            .collect();
+        for (inner, _) in &mounts {
+            for (outer, read_only_bind) in &mounts {
+                let nested = inner != outer && inner.starts_with(&format!("{outer}/"));
+                assert!(!(nested && *read_only_bind), "{name}: {inner} is mounted inside the read-only bind {outer}");
+            }
+        }
+    }
+    assert_eq!(services["grafana"]["environment"]["GF_LOG_MODE"], "console");
+    let targets = prometheus_targets_path(&deploy);
+    let mounted = services["prometheus"]["volumes"].as_array().unwrap().iter().any(|v| {
+        let (source, target, _) = mount(v.as_str().unwrap());
+        source.contains("generated") && targets.starts_with(&format!("{target}/"))
+    });
+    assert!(mounted, "prometheus.yml reads {targets}, which no volume provides");
     for name in ["prometheus", "grafana", "nats-exporter"] {
         assert_eq!(services[name]["profiles"][0], "monitoring", "{name}");
     }
@@ -482,7 +693,8 @@ async fn a_listener_refuses_to_run_on_a_consumer_or_stream_set_up_otherwise() {
     assert!(
         log.contains(
             "error: consumer agent-nova is not set up as this listener expects (filters [\"agents.*.inbox\", \
-             \"agents.broadcast\"], expected [\"agents.broadcast\", \"agents.nova.inbox\"]); refusing to run"
+             \"agents.broadcast\"], expected [\"agents.broadcast\", \"agents.broadcast.from.*\", \"agents.nova.inbox\", \
+             \"agents.nova.inbox.*\"]); refusing to run"
         ),
         "{log}"
     );
@@ -581,7 +793,8 @@ async fn a_mesh_token_gives_the_listener_exactly_the_rights_to_send_for_its_agen
     let port = nats.port;
     let nova = |lines: Vec<String>| async move { raw(port, "listener-nova", "pw-nova-1", &lines).await };
     let ok = nova(vec![
-        publish("agents.zed.inbox"),
+        publish("agents.zed.inbox.nova"),
+        publish("agents.broadcast.from.nova"),
         publish("agents.broadcast.x"),
         publish("mesh.audit.http"),
         publish("mesh.audit.mcp"),
@@ -589,14 +802,15 @@ async fn a_mesh_token_gives_the_listener_exactly_the_rights_to_send_for_its_agen
         request("$JS.API.DIRECT.GET.KV_mesh_killswitch.$KV.mesh_killswitch.agent.kaan", &serde_json::json!({})),
     ])
     .await;
-    // agents.broadcast.x is no subject of ours: only the broadcast itself is allowed.
+    // agents.broadcast.x is no subject of ours: only nova's own broadcast subject is allowed.
     assert!(ok.contains("Permissions Violation") && ok.contains("agents.broadcast.x"), "{ok}");
     assert_eq!(ok.matches("Permissions Violation").count(), 1, "{ok}");
     for (line, what) in [
         (publish("$JS.API.CONSUMER.CREATE.MESH_AGENTS.agent-kaan"), "CONSUMER.CREATE"),
         (publish("$JS.API.STREAM.MSG.GET.MESH_AGENTS"), "STREAM.MSG.GET"),
         (publish("mesh.audit.slack"), "mesh.audit.slack"),
-        (publish("mesh.reply.abc"), "mesh.reply.abc"),
+        (publish("mesh.reply.bot.abc.nova"), "mesh.reply.bot.abc.nova"),
+        (publish("agents.zed.inbox"), "Publish to \"agents.zed.inbox\""),
         (publish("$KV.mesh_killswitch.global"), "$KV.mesh_killswitch.global"),
         (sub("agents.kaan.inbox", 1), "Subscription to \"agents.kaan.inbox\""),
         (sub("mesh.audit.>", 1), "Subscription to \"mesh.audit.>\""),
@@ -676,4 +890,341 @@ async fn a_mesh_token_gives_the_listener_exactly_the_rights_to_send_for_its_agen
         assert!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "{log}");
         assert!(!log.contains("nova-mesh-token"), "the mesh token reached a log");
     }
+}
+
+/// Connects with the async client as a rendered user (its own inbox prefix).
+async fn client_as(nats: &ConfiguredNats, user: &str, password: &str, prefix: &str) -> async_nats::Client {
+    async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(prefix)
+        .connect(nats.url())
+        .await
+        .unwrap()
+}
+
+/// Issue 19.4 and issue 14: under the rendered permissions an agent sends and
+/// answers only as itself. Its listener's user may publish only on subjects
+/// naming its agent as the sender; a forged `from` on them is dead-lettered
+/// by the receiving listener; correct messages, chat replies and an MCP `ask`
+/// (whose answer the asking listener may now subscribe to) still flow; an
+/// ask answer with a wrong `from` or `in_reply_to` is not shown to the asker.
+#[tokio::test]
+async fn an_agent_sends_and_answers_only_as_itself_under_the_rendered_permissions() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (nova_gw, ada_gw, kaan_gw) =
+        (RecordingGateway::start().await, RecordingGateway::start().await, RecordingGateway::start().await);
+    ada_gw.set_chat_reply("42, said ada");
+    let chat = |gw: &RecordingGateway, id: &str| {
+        serde_json::json!({"gateway": gw.addr.to_string(), "hooks_token": format!("{id}-hook-token"),
+            "gateway_token": format!("{id}-gw-token"), "hooks_url": gw.hooks_url(), "delivery": "chat", "model": "m"})
+    };
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"hooks_token": "nova-hook-token", "mesh_token": "nova-mesh-token", "hooks_url": nova_gw.hooks_url()},
+        "ada": chat(&ada_gw, "ada"),
+        "kaan": chat(&kaan_gw, "kaan"),
+    }));
+    let out_dir = fixture.dir().join("generated");
+    let out = mesh_command("nats://127.0.0.1:1", &fixture.registry)
+        .args(["deploy", "render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nats = ConfiguredNats::start(&out_dir.join("nats.conf")).await;
+    let port = nats.port;
+
+    // NATS itself: a listener writes messages only on subjects naming its agent.
+    let nova = |lines: Vec<String>| async move { raw(port, "listener-nova", "pw-nova-1", &lines).await };
+    let ok = nova(vec![
+        publish("agents.ada.inbox.nova"),
+        publish("agents.broadcast.from.nova"),
+        sub("mesh.reply.nova.*.*", 1),
+    ])
+    .await;
+    assert!(!ok.contains("-ERR"), "{ok}");
+    for (line, what) in [
+        (publish("agents.ada.inbox"), "Publish to \"agents.ada.inbox\""),
+        (publish("agents.ada.inbox.kaan"), "Publish to \"agents.ada.inbox.kaan\""),
+        (publish("agents.broadcast"), "Publish to \"agents.broadcast\""),
+        (publish("agents.broadcast.from.ada"), "Publish to \"agents.broadcast.from.ada\""),
+        (publish("mesh.reply.bot.t1.ada"), "Publish to \"mesh.reply.bot.t1.ada\""),
+        (sub("mesh.reply.bot.*.*", 1), "Subscription to \"mesh.reply.bot.*.*\""),
+        (sub("mesh.reply.ada.*.*", 1), "Subscription to \"mesh.reply.ada.*.*\""),
+        (sub("mesh.reply.>", 1), "Subscription to \"mesh.reply.>\""),
+    ] {
+        let said = nova(vec![line.clone()]).await;
+        assert!(said.contains("Permissions Violation") && said.contains(what), "{line}: {said}");
+    }
+    let said =
+        raw(port, "listener-ada", "pw-ada-1", &[publish("mesh.reply.bot.t1.ada"), publish("agents.nova.inbox.ada")])
+            .await;
+    assert!(!said.contains("-ERR"), "a chat agent answers as itself: {said}");
+    for line in [publish("mesh.reply.bot.t1.kaan"), publish("mesh.reply.bot.t1"), publish("agents.nova.inbox")] {
+        let said = raw(port, "listener-ada", "pw-ada-1", std::slice::from_ref(&line)).await;
+        assert!(said.contains("Permissions Violation"), "{line}: {said}");
+    }
+
+    // The bot creates streams and consumers; nova's and ada's listeners run as their users.
+    let bot = |args: Vec<&'static str>| {
+        let mut command = mesh_command(&nats.url(), &fixture.registry);
+        command
+            .args(args)
+            .env("NATS_USER", "mesh-bot")
+            .env("NATS_PASSWORD", "pw-bot-1")
+            .env("MESH_INBOX_PREFIX", "_INBOX_bot");
+        command
+    };
+    let run = |args: Vec<&'static str>| {
+        let mut command = bot(args);
+        async move {
+            let out = command.output().await.unwrap();
+            (
+                out.status.success(),
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            )
+        }
+    };
+    for agent in ["nova", "ada", "kaan"] {
+        let (ok, said) = run(vec!["send", agent, "first"]).await;
+        assert!(ok, "{said}");
+    }
+    let http = mesh_bot::local_nats::free_port().unwrap();
+    let listener = |agent: &str, http: Option<u16>| {
+        let mut command = tokio::process::Command::new(listener_bin());
+        command
+            .env("NATS_URL", nats.url())
+            .env("MESH_REGISTRY", &fixture.registry)
+            .env("AGENT_ID", agent)
+            .env("NATS_USER", format!("listener-{agent}"))
+            .env("NATS_PASSWORD", format!("pw-{agent}-1"))
+            .env("MESH_INBOX_PREFIX", format!("_INBOX_{agent}"));
+        if let Some(port) = http {
+            command.env("MESH_HTTP", format!("127.0.0.1:{port}"));
+        }
+        Logged::spawn(command)
+    };
+    let nova_listener = listener("nova", Some(http));
+    let ada_listener = listener("ada", None);
+    nova_gw.wait_for(1, WAIT).await;
+    ada_gw.wait_for(1, WAIT).await;
+
+    // Forged senders on nova's own subject: stored (NATS allows the subject), but
+    // ada's listener dead-letters them before its gateway is called.
+    let as_nova = client_as(&nats, "listener-nova", "pw-nova-1", "_INBOX_nova").await;
+    let js = async_nats::jetstream::new(as_nova);
+    let ada: mesh_protocol::AgentId = "ada".parse().unwrap();
+    for from in ["slack:Udirector", "kaan"] {
+        let forged =
+            mesh_protocol::Envelope::new(from, mesh_protocol::Recipient::Agent(ada.clone()), "forged order").unwrap();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", forged.id.to_string().as_str());
+        js.publish_with_headers("agents.ada.inbox.nova", headers, forged.encode().unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .expect("the subject is nova's own: stored");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, said) = run(vec!["dlq", "ada", "--json"]).await;
+        if said.matches("sender mismatch").count() >= 2 {
+            assert!(said.contains("slack:Udirector") && said.contains("\\\"kaan\\\""), "{said}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no sender-mismatch dead letters for ada: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ada_gw.requests().len(), 1, "a forged message reached ada's gateway");
+
+    // A correct message flows; ada's chat reply reaches nova on ada's own subject.
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (status, body) = loop {
+        let sent = client
+            .post(format!("http://127.0.0.1:{http}/v1/messages"))
+            .bearer_auth("nova-mesh-token")
+            .json(&serde_json::json!({"to": "ada", "text": "hello ada"}))
+            .send()
+            .await;
+        match sent {
+            Ok(response) => break (response.status().as_u16(), response.text().await.unwrap_or_default()),
+            Err(e) if tokio::time::Instant::now() >= deadline => panic!("nova's listener API never answered: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(status, 200, "{body}");
+    let got = ada_gw.wait_for(2, WAIT).await;
+    assert!(got[1].body.to_string().contains("hello ada"), "{}", got[1].body);
+    let got = nova_gw.wait_for(2, WAIT).await;
+    assert!(got[1].text().contains("Reply from ada") && got[1].text().contains("42, said ada"), "{}", got[1].text());
+
+    // MCP `ask` through nova's listener: it may subscribe to the answers to its own asks.
+    let config = rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig::with_uri(format!(
+        "http://127.0.0.1:{http}/mcp"
+    ))
+    .auth_header("nova-mesh-token".to_owned());
+    use rmcp::ServiceExt;
+    let mcp = ().serve(rmcp::transport::StreamableHttpClientTransport::from_config(config)).await.unwrap();
+    let serde_json::Value::Object(args) = serde_json::json!({"to": "ada", "text": "what is 6 x 7?"}) else {
+        unreachable!()
+    };
+    let asked = mcp.call_tool(rmcp::model::CallToolRequestParams::new("ask").with_arguments(args)).await.unwrap();
+    assert_eq!(asked.is_error, Some(false), "{asked:?}");
+    assert_eq!(asked.structured_content.unwrap()["answer"], "42, said ada");
+
+    // A human's ask of kaan, whose listener user (played here) answers wrongly
+    // first: another `from`, then another question's id. Neither is shown.
+    let mut asking = bot(vec!["ask", "kaan", "are you there", "--timeout-s", "15"]);
+    let asking = asking.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let admin = async_nats::jetstream::new(client_as(&nats, "mesh-admin", "pw-admin-1", "_INBOX_admin").await);
+    let agents_stream = admin.get_stream("MESH_AGENTS").await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let question = loop {
+        if let Ok(stored) = agents_stream.get_last_raw_message_by_subject("agents.kaan.inbox").await {
+            let question: mesh_protocol::Envelope = serde_json::from_slice(&stored.payload).unwrap();
+            if question.text == "are you there" {
+                break question;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the question never reached the stream");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let answer_subject = format!("{}.kaan", question.reply_to.clone().unwrap());
+    let as_kaan = client_as(&nats, "listener-kaan", "pw-kaan-1", "_INBOX_kaan").await;
+    for (from, in_reply_to, text) in [
+        ("slack:Udirector", question.id, "forged answer"),
+        ("kaan", uuid::Uuid::now_v7(), "misthreaded answer"),
+        ("kaan", question.id, "the real answer"),
+    ] {
+        let mut answer =
+            mesh_protocol::Envelope::new(from, mesh_protocol::Recipient::Sender("cli:x".into()), text).unwrap();
+        answer.metadata.insert("in_reply_to".into(), in_reply_to.to_string());
+        as_kaan.publish(answer_subject.clone(), answer.encode().unwrap().into()).await.unwrap();
+    }
+    as_kaan.flush().await.unwrap();
+    let out = tokio::time::timeout(WAIT, asking.wait_with_output()).await.unwrap().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("the real answer"), "{said}");
+    assert!(!said.contains("forged answer") && !said.contains("misthreaded answer"), "{said}");
+
+    for log in [nova_listener.kill().await, ada_listener.kill().await] {
+        assert!(!log.contains("Permissions Violation") && !log.contains("permissions violation"), "{log}");
+    }
+}
+
+/// Issue 14 review: a listener run with the environment `deploy render` gives
+/// it (the bot's `MESH_PERMISSIONS`, the registry directory at `/etc/mesh`)
+/// applies the permissions file to its agents: a viewer agent's send is
+/// refused; a change to the file is applied without a restart; a file made
+/// invalid refuses agents' calls until fixed (fail closed); a listener does
+/// not start on an invalid file.
+#[tokio::test]
+async fn a_rendered_listener_applies_the_permissions_file_and_follows_its_changes() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (nova_gw, kaan_gw) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::from_json(&serde_json::json!({
+        "nova": {"hooks_token": "nova-hook-token", "mesh_token": "nova-mesh-token", "hooks_url": nova_gw.hooks_url()},
+        "kaan": {"hooks_token": "kaan-hook-token", "hooks_url": kaan_gw.hooks_url()},
+    }));
+    let permissions = fixture.dir().join("permissions.json");
+    std::fs::write(&permissions, r#"{"viewer": ["agent:nova"]}"#).unwrap();
+    let out_dir = fixture.dir().join("generated");
+    let out = mesh_command("nats://127.0.0.1:1", &fixture.registry)
+        .args(["deploy", "render", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let nats = ConfiguredNats::start(&out_dir.join("nats.conf")).await;
+    let mut provision = mesh_command(&nats.url(), &fixture.registry);
+    provision
+        .args(["send", "kaan", "first"])
+        .env("NATS_USER", "mesh-bot")
+        .env("NATS_PASSWORD", "pw-bot-1")
+        .env("MESH_INBOX_PREFIX", "_INBOX_bot");
+    let sent = provision.output().await.unwrap();
+    assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+
+    // listener-nova's environment as rendered, resolved the way docker-compose
+    // would with the bot's MESH_PERMISSIONS set, and the container's paths
+    // and addresses mapped to this test's.
+    let compose = yaml(&out_dir.join("docker-compose.agents.yml"));
+    let environment = compose["services"]["listener-nova"]["environment"].as_object().unwrap().clone();
+    assert_eq!(environment["MESH_PERMISSIONS"], "${MESH_PERMISSIONS:-}", "the listener gets the bot's file");
+    let http = mesh_bot::local_nats::free_port().unwrap();
+    let deployment = |name: &str| match name {
+        "MESH_PERMISSIONS" => "/etc/mesh/permissions.json".to_owned(),
+        "LISTENER_NOVA_NATS_PASSWORD" => "pw-nova-1".to_owned(),
+        _ => String::new(),
+    };
+    let resolved: Vec<(String, String)> = environment
+        .iter()
+        .map(|(key, value)| {
+            let value = value.as_str().unwrap();
+            let value = match value.strip_prefix("${") {
+                Some(reference) => deployment(reference.split([':', '}']).next().unwrap()),
+                None => value.to_owned(),
+            };
+            let value = match value.strip_prefix("/etc/mesh/") {
+                Some(file) => fixture.dir().join(file).to_string_lossy().into_owned(),
+                None => {
+                    value.replace("nats://nats:4222", &nats.url()).replace("0.0.0.0:9100", &format!("127.0.0.1:{http}"))
+                }
+            };
+            (key.clone(), value)
+        })
+        .collect();
+    let listener = || {
+        let mut command = tokio::process::Command::new(listener_bin());
+        command.env_clear().envs(resolved.clone());
+        Logged::spawn(command)
+    };
+    let nova_listener = listener();
+    let client = reqwest::Client::new();
+    let send = |text: &'static str| {
+        let request = client
+            .post(format!("http://127.0.0.1:{http}/v1/messages"))
+            .bearer_auth("nova-mesh-token")
+            .json(&serde_json::json!({"to": "kaan", "text": text}));
+        async move {
+            let response = request.send().await.ok()?;
+            let status = response.status().as_u16();
+            Some((status, response.json::<serde_json::Value>().await.unwrap_or_default()))
+        }
+    };
+    // Polls until the answer is `status` (the file is re-read on the registry poll, 2 s).
+    let until = |status: u16, text: &'static str| {
+        let send = &send;
+        async move {
+            let deadline = tokio::time::Instant::now() + WAIT;
+            loop {
+                match send(text).await {
+                    Some((got, body)) if got == status => break body,
+                    answer => assert!(tokio::time::Instant::now() < deadline, "still {answer:?}, not {status}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let body = until(403, "as a viewer").await;
+    assert_eq!(body["error"], "\"send\" needs the operator role; you have viewer", "{body}");
+
+    std::fs::write(&permissions, r#"{"operator": ["agent:nova"]}"#).unwrap();
+    let body = until(200, "now an operator").await;
+    assert!(body["stream_seq"].as_u64().unwrap_or_default() > 1, "{body}");
+
+    std::fs::write(&permissions, r#"{"operator": ["agent:nova"], "oops"#).unwrap();
+    let body = until(403, "with a broken file").await;
+    let error = body["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("permissions.json (MESH_PERMISSIONS) is invalid") && error.contains("refused until"),
+        "{body}"
+    );
+    let log = nova_listener.kill().await;
+    assert!(log.contains("permissions file unusable"), "the listener says so loudly:\n{log}");
+
+    // Started on the broken file, the listener does not start (as `mesh bot`).
+    let (status, output) =
+        tokio::time::timeout(WAIT, listener().finish(false)).await.expect("the listener stops on a broken file");
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("permissions.json (MESH_PERMISSIONS) is invalid"), "{output}");
 }

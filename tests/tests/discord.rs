@@ -514,6 +514,135 @@ async fn the_gateway_client_runs_message_commands_once_across_resumes_and_a_new_
     assert!(!logs.contains(BOT_TOKEN), "the bot token leaked into the bot's logs");
 }
 
+/// A click on the button `custom_id` of the bot's message 555 in channel 22,
+/// by `user` with `roles`, as the gateway delivers it (INTERACTION_CREATE).
+fn gateway_click(id: &str, token: &str, user: &str, roles: &[&str], custom_id: &str) -> Value {
+    let mut message = serde_json::to_value(gateway_message(555, 4000, &[], "")).unwrap();
+    message["author"]["bot"] = json!(true);
+    message["member"] = Value::Null;
+    let click = json!({
+        "id": id, "application_id": APP, "type": 3, "token": token, "version": 1,
+        "guild_id": "1", "channel_id": "22", "channel": {"id": "22", "type": 0},
+        "member": {"user": {"id": user, "username": "someone", "discriminator": "0", "global_name": null,
+                            "avatar": null},
+                   "roles": roles, "joined_at": "2026-01-01T00:00:00Z", "deaf": false, "mute": false, "flags": 0},
+        "message": message,
+        "data": {"custom_id": custom_id, "component_type": 2},
+        "locale": "en-US", "app_permissions": "0", "entitlements": [], "authorizing_integration_owners": {},
+        "context": 0, "attachment_size_limit": 8388608,
+    });
+    serde_json::from_value::<serenity::model::application::Interaction>(click.clone())
+        .expect("an INTERACTION_CREATE serenity reads");
+    click
+}
+
+#[tokio::test]
+async fn buttons_on_gateway_answers_are_clicked_over_the_gateway() {
+    use mesh_tests::discord_gateway::FakeDiscordGateway;
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let gateway = FakeDiscordGateway::start().await;
+    let rest = RecordingGateway::start().await;
+    gateway.announce_on(&rest);
+    let replies = format!("{API}/channels/22/messages");
+    rest.respond_with(&replies, json!({"id": "555", "channel_id": "22"}));
+    let permissions = fixture.dir().join("directors.json");
+    std::fs::write(&permissions, json!({"operator": ["discord-role:100"], "director": ["discord:8"]}).to_string())
+        .unwrap();
+    let env = [
+        ("DISCORD_GATEWAY", "on"),
+        ("MESH_PERMISSIONS", &permissions.display().to_string()),
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+    ];
+    let bot = Bot::start_with(&nats, &fixture, &env, rest).await;
+    let session = gateway.accept().await;
+    session.ready("session-1", APP);
+    let callback = |id: &str, token: &str| format!("{API}/interactions/{id}/{token}/callback");
+
+    // A director's `!mesh kill hard` is answered in the channel with Confirm and Cancel.
+    let command = serde_json::to_value(gateway_message(11, 8, &[], "!mesh kill hard agent=nova")).unwrap();
+    session.dispatch("MESSAGE_CREATE", command);
+    let prompt = bot.discord.wait_for_path(&replies, 1, WAIT).await[0].body.clone();
+    let buttons: Vec<Value> = prompt["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|row| row["components"].as_array().cloned().unwrap_or_default())
+        .collect();
+    let confirm = buttons.iter().find(|b| b["label"] == "Confirm").unwrap_or_else(|| panic!("no Confirm: {prompt}"));
+    let confirm = confirm["custom_id"].as_str().unwrap().to_owned();
+
+    // An operator's click over the gateway: refused on the callback, only to them; nothing runs.
+    session.dispatch("INTERACTION_CREATE", gateway_click("7001", "gtok-ops", "5", &["100"], &confirm));
+    let refused = bot.discord.wait_for_path(&callback("7001", "gtok-ops"), 1, WAIT).await[0].body.clone();
+    assert_eq!(refused["type"], 4, "{refused}");
+    assert_eq!(refused["data"]["flags"], 64, "{refused}");
+    assert!(refused.to_string().contains("admin role"), "{refused}");
+
+    // The director's click: the message becomes who confirmed, its buttons gone (type 7).
+    session.dispatch("INTERACTION_CREATE", gateway_click("7002", "gtok-dir", "8", &[], &confirm));
+    let update = bot.discord.wait_for_path(&callback("7002", "gtok-dir"), 1, WAIT).await[0].body.clone();
+    assert_eq!(update["type"], 7, "{update}");
+    assert_eq!(update["data"]["components"], json!([]), "{update}");
+    assert_eq!(update["data"]["allowed_mentions"], json!({"parse": []}), "{update}");
+    assert!(update.to_string().contains("confirmed by discord:8"), "{update}");
+    let js = nats.jetstream().await;
+    let bucket = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    let key = mesh_protocol::killswitch::Scope::Agent(mesh_protocol::AgentId::parse("nova").unwrap()).key();
+    let state = mesh_protocol::killswitch::KillState::decode(&bucket.get(key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(state.mode, mesh_protocol::killswitch::Mode::Hard);
+
+    // The gateway delivers the click again (a resume): it runs once.
+    session.dispatch("INTERACTION_CREATE", gateway_click("7002", "gtok-dir", "8", &[], &confirm));
+    let answers = bot.discord.wait_for_path(&callback("7002", "gtok-dir"), 2, WAIT).await;
+    assert!(answers[1].body.to_string().contains("duplicate"), "{}", answers[1].body);
+    let logs = bot.logs().await;
+    // (At MESH_LOG=trace, which the harness sets, tungstenite logs every frame it receives, the
+    // interaction token included; only the bot's own lines are checked here.)
+    let own = logs.lines().filter(|l| !l.contains("tungstenite::protocol"));
+    for secret in [BOT_TOKEN, "gtok-dir"] {
+        let leaked: Vec<&str> = own.clone().filter(|l| l.contains(secret)).map(|l| &l[..l.len().min(300)]).collect();
+        assert!(leaked.is_empty(), "a secret leaked into the bot's logs: {leaked:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_prompt_left_undecided_is_edited_to_expired() {
+    use mesh_tests::discord_gateway::FakeDiscordGateway;
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let gateway = FakeDiscordGateway::start().await;
+    let rest = RecordingGateway::start().await;
+    gateway.announce_on(&rest);
+    let replies = format!("{API}/channels/22/messages");
+    rest.respond_with(&replies, json!({"id": "555", "channel_id": "22"}));
+    let permissions = fixture.dir().join("directors.json");
+    std::fs::write(&permissions, json!({"director": ["discord:8"]}).to_string()).unwrap();
+    let env = [
+        ("DISCORD_GATEWAY", "on"),
+        ("MESH_PERMISSIONS", &permissions.display().to_string()),
+        ("MESH_CONFIRM_WINDOW", "2s"),
+    ];
+    let bot = Bot::start_with(&nats, &fixture, &env, rest).await;
+    let session = gateway.accept().await;
+    session.ready("session-1", APP);
+
+    let command = serde_json::to_value(gateway_message(11, 8, &[], "!mesh kill hard -- left alone")).unwrap();
+    session.dispatch("MESSAGE_CREATE", command);
+    let prompt = bot.discord.wait_for_path(&replies, 1, WAIT).await[0].body.clone();
+    assert!(prompt.to_string().contains("mesh:confirm:"), "{prompt}");
+    // When the window passes, the bot's message (555) is edited: expired, components emptied.
+    let edited = bot.discord.wait_for_path(&format!("{replies}/555"), 1, WAIT).await;
+    assert_eq!(edited[0].authorization.as_deref(), Some(format!("Bot {BOT_TOKEN}").as_str()));
+    let expired = &edited[0].body;
+    assert!(expired.to_string().contains("kill hard\\\" expired unconfirmed"), "{expired}");
+    assert_eq!(expired["components"], json!([]), "{expired}");
+    assert_eq!(expired["allowed_mentions"], json!({"parse": []}), "{expired}");
+    drop(bot.logs().await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_command_reaching_two_replicas_runs_once_without_redis() {
     use mesh_tests::discord_gateway::FakeDiscordGateway;
@@ -590,4 +719,95 @@ async fn long_output_continues_in_follow_up_messages() {
     let follow_ups = discord.requests_to(&format!("{API}/webhooks/{APP}/itok-private"));
     assert!(!follow_ups.is_empty());
     assert!(follow_ups.iter().all(|p| p.body["flags"] == 64), "ephemeral follow-ups");
+}
+
+/// `/mesh <line>` by `user` with `roles`; the message that replaced the deferred answer.
+async fn run(bot: &Bot, user: &str, roles: &[&str], line: &str, token: &str) -> String {
+    let (status, deferred) = bot.post(&Bot::interaction(user, roles, line, token)).await;
+    assert_eq!((status, deferred["type"].as_u64()), (200, Some(5)), "{deferred}");
+    bot.discord.wait_for_path(&Bot::original(token), 1, WAIT).await[0].body.to_string()
+}
+
+/// The confirmation code in an answer that asks for one.
+fn code_in(answer: &str) -> String {
+    let at = answer.find("confirm ").unwrap_or_else(|| panic!("no code in {answer}")) + "confirm ".len();
+    answer[at..at + 6].to_owned()
+}
+
+async fn global_kill(nats: &TestNats) -> Option<mesh_protocol::killswitch::Mode> {
+    let js = nats.jetstream().await;
+    let bucket = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.ok()?;
+    let bytes = bucket.get(mesh_protocol::killswitch::Scope::Global.key()).await.ok()??;
+    let mode = mesh_protocol::killswitch::KillState::decode(&bytes).ok()?.mode;
+    Some(mode).filter(|m| *m != mesh_protocol::killswitch::Mode::None)
+}
+
+/// README (Discord, Slack): a typed `confirm <code>` from Discord goes through
+/// the engine with Slack's rules: only whoever asked may confirm (another
+/// director's `confirm` is refused and changes nothing, the code still works
+/// for the asker), and a code past `MESH_CONFIRM_WINDOW` is refused.
+#[tokio::test]
+async fn typed_confirm_codes_work_only_for_the_asker_and_only_within_the_window() {
+    const WINDOW: Duration = Duration::from_secs(4);
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let permissions = fixture.dir().join("directors.json");
+    std::fs::write(&permissions, json!({"director": ["discord:8", "discord:9"]}).to_string()).unwrap();
+    let env = [
+        ("MESH_PERMISSIONS", permissions.to_str().unwrap()),
+        ("MESH_CONFIRM_WINDOW", "4s"),
+        ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+        ("MESH_COMPOSE_PROJECT", "mesh-test-no-such-project"),
+    ];
+    let bot = Bot::start(&nats, &fixture, &env).await;
+
+    let asked = run(&bot, "8", &[], "kill hard -- drill", "itok-ask-1").await;
+    let code = code_in(&asked);
+    let other = run(&bot, "9", &[], &format!("confirm {code}"), "itok-other-2").await;
+    assert!(other.contains("was asked for by someone else; only they can confirm it"), "{other}");
+    assert_eq!(global_kill(&nats).await, None, "another director's confirm pulled the switch");
+    let own = run(&bot, "8", &[], &format!("confirm {code}"), "itok-own-3").await;
+    assert!(own.contains("HARD"), "{own}");
+    assert_eq!(global_kill(&nats).await, Some(mesh_protocol::killswitch::Mode::Hard));
+    // Ending the hard kill asks for a code too (another director, for the rate limit of control commands).
+    let resume_code = code_in(&run(&bot, "9", &[], "resume", "itok-resume-4").await);
+    let resumed = run(&bot, "9", &[], &format!("confirm {resume_code}"), "itok-resume-4b").await;
+    assert_eq!(global_kill(&nats).await, None, "{resumed}");
+
+    // A code left past its window: the asker's own confirm is refused, nothing runs.
+    let asked = run(&bot, "8", &[], "kill hard -- late", "itok-ask-5").await;
+    let expires_by = tokio::time::Instant::now() + WINDOW + Duration::from_secs(1);
+    let code = code_in(&asked);
+    // The behaviour under test is what a confirm does after the window: wait it out.
+    tokio::time::sleep_until(expires_by).await;
+    let late = run(&bot, "8", &[], &format!("confirm {code}"), "itok-late-6").await;
+    assert!(late.contains("expired"), "{late}");
+    assert_eq!(global_kill(&nats).await, None, "an expired code pulled the switch");
+    drop(bot.logs().await);
+}
+
+/// README (Rate limits): from Discord too, through the engine: one member's
+/// 21st message command in a minute is refused with the limit named and
+/// publishes nothing; another member is not affected.
+#[tokio::test]
+async fn a_members_message_commands_beyond_the_rate_limit_are_refused_and_publish_nothing() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let bot = Bot::start(&nats, &fixture, &[]).await;
+    let js = nats.jetstream().await;
+    let stored = async || js.get_stream("MESH_AGENTS").await.unwrap().get_info().await.unwrap().state.messages;
+    for n in 1..=20 {
+        let answer = run(&bot, "5", &["100"], &format!("send nova message {n}"), &format!("itok-rl-{n}")).await;
+        assert!(answer.contains("sent to nova"), "message {n}: {answer}");
+    }
+    assert_eq!(stored().await, 20);
+    let refused = run(&bot, "5", &["100"], "send nova one too many", "itok-rl-21").await;
+    assert!(refused.contains("rate limit: 20 message commands per minute; try again in "), "{refused}");
+    assert_eq!(stored().await, 20, "the refused command published");
+    let other = run(&bot, "6", &["100"], "send nova from someone else", "itok-rl-22").await;
+    assert!(other.contains("sent to nova"), "{other}");
+    assert_eq!(stored().await, 21);
+    drop(bot.logs().await);
 }

@@ -65,15 +65,16 @@ async fn hard_kill_stops_only_listeners_and_resume_starts_them_again() {
     for (name, running) in [(&a, false), (&b, false), (&bot, true), (&nats, true)] {
         assert_eq!(project.running(name).await, Some(running), "{name} after stop");
     }
-    // Already stopped counts as stopped.
-    assert_eq!(docker.stop_listeners().await.unwrap(), [a.clone(), b.clone()]);
+    // Already stopped ones were not stopped by this call.
+    assert_eq!(docker.stop_listeners().await.unwrap(), Vec::<String>::new());
 
-    assert_eq!(docker.start_listeners().await.unwrap(), [a.clone(), b.clone()]);
+    let both = [a.clone(), b.clone()];
+    assert_eq!(docker.start_listeners(&both).await.unwrap(), both);
     for name in [&a, &b, &bot, &nats] {
         project.wait_running(name, true).await;
     }
-    // Already running counts as started.
-    assert_eq!(docker.start_listeners().await.unwrap(), [a.clone(), b.clone()]);
+    // Already running counts as started; only the names given are touched.
+    assert_eq!(docker.start_listeners(&both[..1]).await.unwrap(), std::slice::from_ref(&a));
 }
 
 #[tokio::test]
@@ -210,7 +211,7 @@ async fn mesh_kill_hard_stops_listener_containers_and_resume_starts_them() {
     assert!(status.contains(&listener) && status.contains("exited"), "{status}");
     assert!(status.contains("HARD by terminal"), "{status}");
 
-    let out = mesh(&["resume"]).output().await.unwrap();
+    let out = mesh(&["resume", "--yes"]).output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("docker: started listener containers: {listener}")), "{text}");
     project.wait_running(&listener, true).await;
@@ -236,4 +237,76 @@ async fn mesh_kill_nuclear_removes_the_project_and_reports_it() {
     assert!(text.contains("NUCLEAR by terminal"), "{text}");
     assert!(text.contains(&format!("removed: {listener}, {nats_container}")), "{text}");
     assert_eq!(project.inspect(&listener).await.map(|i| i.id), None);
+}
+
+/// Issue 21.5: `resume` starts the listener containers the hard kill stopped,
+/// not one an operator had stopped on purpose before it.
+#[tokio::test]
+async fn resume_starts_only_the_listener_containers_the_kill_stopped() {
+    require_docker!();
+    let nats = mesh_tests::TestNats::start().await;
+    let gw = mesh_tests::RecordingGateway::start().await;
+    let fixture = mesh_tests::Fixture::registry(&[("a", &gw, true), ("b", &gw, true)]);
+    let project = Project::new().await;
+    let a = project.run("listener", Some("a")).await;
+    let b = project.run("listener", Some("b")).await;
+    let docker = DockerControl::connect_to(mesh_tests::docker::host().as_deref(), &project.name).await.unwrap();
+    // The operator stops b's listener by hand (b's gateway is being moved).
+    assert_eq!(docker.stop_listeners().await.unwrap().len(), 2);
+    assert_eq!(docker.start_listeners(std::slice::from_ref(&a)).await.unwrap(), std::slice::from_ref(&a));
+    project.wait_running(&a, true).await;
+    let mesh = |args: &'static [&'static str]| {
+        let mut cmd = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        cmd.args(args).env("MESH_COMPOSE_PROJECT", &project.name);
+        cmd
+    };
+    let out = mesh(&["kill", "hard", "--yes"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("docker: stopped listener containers: {a}\n")), "{text}");
+    // A second kill finds nothing running and keeps the first one's record.
+    let out = mesh(&["kill", "hard", "--yes"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = mesh(&["resume", "--yes"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("docker: started listener containers: {a}\n")), "{text}");
+    project.wait_running(&a, true).await;
+    assert_eq!(project.running(&b).await, Some(false), "b was stopped before the kill: it stays stopped");
+    // The record is spent: another resume starts nothing.
+    let out = mesh(&["resume", "--yes"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("no listener container was stopped by a kill"), "{text}");
+}
+
+/// Issue 21.4: a bot in a container acts on its own container's compose
+/// project (label `com.docker.compose.project`), never on a default one; a
+/// container without the label refuses Docker actions with a clear error.
+#[tokio::test]
+async fn the_bot_takes_its_project_from_its_own_containers_label() {
+    require_docker!();
+    let staging = Project::new().await;
+    let production = Project::new().await;
+    let bot = staging.run("bot", None).await;
+    let own = staging.id(&bot).await;
+    let staging_listener = staging.run("listener", Some("a")).await;
+    let production_listener = production.run("listener", Some("a")).await;
+    let host = mesh_tests::docker::host();
+    let docker = DockerControl::for_container(host.as_deref(), &own).await.unwrap();
+    assert_eq!(docker.project(), staging.name);
+    assert_eq!(docker.stop_listeners().await.unwrap(), std::slice::from_ref(&staging_listener));
+    assert_eq!(production.running(&production_listener).await, Some(true), "another project is untouched");
+
+    // Through the engine's Containers: the own container's project, or a refusal.
+    use mesh_bot::containers::Containers;
+    let from_label = mesh_bot::docker::DockerHost {
+        host: host.clone(),
+        project: mesh_bot::docker::Project::OwnContainer(own.clone()),
+    };
+    let names: Vec<String> = from_label.list().await.unwrap().into_iter().map(|r| r.name).collect();
+    assert_eq!(names, [bot.clone(), staging_listener.clone()]);
+    let unknown =
+        mesh_bot::docker::DockerHost { host, project: mesh_bot::docker::Project::OwnContainer("0".repeat(64)) };
+    let e = unknown.stop_listeners().await.unwrap_err();
+    assert!(matches!(e, DockerError::ProjectUnknown(_)), "{e}");
+    assert!(e.to_string().contains("set MESH_COMPOSE_PROJECT"), "{e}");
+    assert_eq!(production.running(&production_listener).await, Some(true));
 }

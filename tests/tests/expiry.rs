@@ -66,7 +66,7 @@ async fn a_message_whose_ttl_ends_while_its_agent_is_paused_is_dead_lettered_as_
     let past = expires_at + EXPIRY_SKEW_TOLERANCE + Duration::from_millis(100);
     let wait = (past - OffsetDateTime::now_utc()).max(time::Duration::ZERO);
     tokio::time::sleep(wait.try_into().unwrap()).await;
-    let (ok, said) = mesh(&nats, &fixture, &["resume", "--agent", "a1"]).await;
+    let (ok, said) = mesh(&nats, &fixture, &["resume", "--agent", "a1", "--yes"]).await;
     assert!(ok, "{said}");
 
     // The message within its ttl is delivered; the expired one never reaches the gateway.
@@ -152,9 +152,82 @@ async fn a_bad_broadcast_ttl_setting_blocks_only_broadcasts() {
     };
     let (ok, said) = run(&["kill", "hard", "--agent", "a1", "--yes", "--reason", "typo test"]).await;
     assert!(ok, "a kill runs whatever the broadcast default says: {said}");
-    let (ok, said) = run(&["resume", "--agent", "a1"]).await;
+    let (ok, said) = run(&["resume", "--agent", "a1", "--yes"]).await;
     assert!(ok, "{said}");
     let (ok, said) = run(&["broadcast", "hello"]).await;
     assert!(!ok, "a broadcast refuses to guess its ttl: {said}");
     assert!(said.contains("MESH_BROADCAST_TTL"), "{said}");
+}
+
+/// Issue 22: `MESH_AGENTS` keeps a message 7 days. One held that long by a
+/// pause or a missing listener would age out without a dead letter, so the
+/// bot warns first: an event for the notify channels, once per message, and
+/// `mesh_backlog_oldest_age_seconds` on its `/metrics` for the alert
+/// `BacklogAboutToExpire`. (Here the warning comes after 1 s instead of 6 days.)
+#[tokio::test]
+async fn a_message_about_to_age_out_undelivered_raises_an_event_and_a_metric() {
+    use futures::StreamExt;
+    let nats = TestNats::start().await;
+    let (gw_nova, gw_kaan) = (RecordingGateway::start().await, RecordingGateway::start().await);
+    let fixture = Fixture::registry(&[("nova", &gw_nova, true), ("kaan", &gw_kaan, true)]);
+    // kaan's listener runs and takes everything; nova has none: its message waits.
+    let kaan = ListenerHandle::one(&fixture, &nats, "kaan");
+    let client = nats.client().await;
+    let mut events = client.subscribe("mesh.events.>").await.unwrap();
+    let (ok, said) = mesh(&nats, &fixture, &["send", "nova", "held"]).await;
+    assert!(ok, "{said}");
+    let (ok, said) = mesh(&nats, &fixture, &["send", "kaan", "taken"]).await;
+    assert!(ok, "{said}");
+    gw_kaan.wait_for(1, WAIT).await;
+    wait_until_settled(&nats.jetstream().await, "kaan", WAIT).await;
+    let bot = mesh_tests::bot::BotProcess::start(
+        &nats.url(),
+        &fixture.registry,
+        [("MESH_BACKLOG_WARN_AFTER_S", "1"), ("MESH_MONITOR_EVERY_S", "1")],
+    )
+    .await;
+    let warning = tokio::time::timeout(WAIT, async {
+        loop {
+            let message = events.next().await.unwrap();
+            let event: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+            let text = event["text"].as_str().unwrap_or_default().to_owned();
+            if text.contains("ages out of MESH_AGENTS") {
+                return text;
+            }
+        }
+    })
+    .await
+    .expect("no warning event about nova's waiting message");
+    assert!(warning.starts_with("agent nova: 1 messages waiting"), "{warning}");
+    assert!(warning.contains("without a dead letter"), "{warning}");
+    // The metric: nova's oldest message has an age, kaan (nothing waiting) 0.
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let metrics = loop {
+        let text = http.get(format!("{}/metrics", bot.url)).send().await.unwrap().text().await.unwrap();
+        if text.contains("mesh_backlog_oldest_age_seconds{agent=\"kaan\"}") {
+            break text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no backlog metric:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let age = |agent: &str| -> f64 {
+        let prefix = format!("mesh_backlog_oldest_age_seconds{{agent=\"{agent}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap().parse().unwrap()
+    };
+    assert!(age("nova") >= 1.0, "{metrics}");
+    assert_eq!(age("kaan"), 0.0, "{metrics}");
+    // Once per message: the next rounds publish no second warning for it.
+    let repeat = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            let message = events.next().await.unwrap();
+            if String::from_utf8_lossy(&message.payload).contains("ages out of MESH_AGENTS") {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(repeat.is_err(), "the warning was published twice");
+    kaan.stop().await.unwrap();
+    bot.stop().await;
 }

@@ -216,7 +216,12 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
     let gateway = RecordingGateway::start().await;
     let fixture = Fixture::registry(&[("nova", &gateway, true)]);
     let mut cluster = TestCluster::start_for(&fixture.registry).await;
-    ensure_streams(&jetstream(cluster.client().await), Replicas::Auto).await.unwrap();
+    // The mesh as the bot leaves it (streams, kill switch bucket, nova's
+    // consumer), made while all three nodes run: a 3-replica bucket cannot be
+    // placed on two (a run that left the bucket to `mesh send` failed so).
+    let js = jetstream(cluster.client().await);
+    mesh_bot::provision::ensure_mesh(&js, Replicas::Auto).await.unwrap();
+    mesh_tests::fixtures::provision_agent(&js, "nova", Default::default()).await.unwrap();
     cluster.kill(0).await;
     // What `mesh send` depends on: the meta leader (it creates consumers) and
     // each stream's leader (it answers lookups and stores publishes), both
@@ -225,9 +230,11 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
     cluster.wait_meta_leader(1).await;
     let js = jetstream(cluster.client().await);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for spec in mesh_protocol::layout::all_streams(3) {
-        while !cluster.stream_leader(&js, spec.name).await.is_some_and(|leader| cluster.is_running(leader)) {
-            assert!(tokio::time::Instant::now() < deadline, "{} has no live leader 60 s after a node died", spec.name);
+    let kill_bucket = format!("KV_{}", mesh_protocol::killswitch::BUCKET);
+    let streams = mesh_protocol::layout::all_streams(3).into_iter().map(|spec| spec.name.to_owned());
+    for name in streams.chain([kill_bucket]) {
+        while !cluster.stream_leader(&js, &name).await.is_some_and(|leader| cluster.is_running(leader)) {
+            assert!(tokio::time::Instant::now() < deadline, "{name} has no live leader 60 s after a node died");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -246,7 +253,10 @@ async fn clients_given_every_url_work_with_the_first_node_down() {
         .await
         .unwrap();
     assert!(sent.status.success(), "mesh send failed: {}", String::from_utf8_lossy(&sent.stderr));
-    let got = gateway.wait_for(1, Duration::from_secs(30)).await;
+    let got = match gateway.try_wait_for(1, Duration::from_secs(30)).await {
+        Ok(got) => got,
+        Err(_) => panic!("nova's gateway got nothing within 30 s; the listener said:\n{}", listener.kill().await),
+    };
     assert!(got[0].text().ends_with("hello cluster"), "{got:?}");
     let js = jetstream(cluster.client().await);
     assert_eq!(replicas_of(&js, "MESH_AGENTS").await, 3, "the agents stream keeps its 3 replicas");

@@ -3,11 +3,14 @@
 //! running, a listener started during a pause starts paused, a per-agent
 //! pause leaves the other agents flowing, and an unreadable entry pauses. A
 //! kill in force is replaced or lifted only by a role that may resume from
-//! it, from the CLI, the switch itself and a maintenance window.
+//! it, from the CLI, the switch itself and a maintenance window. A key that
+//! does not answer at first (a cluster electing leaders) is waited for at start.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
 
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use mesh_bot::killswitch::{Actor, KillSwitch};
 use mesh_listener::Control;
@@ -220,7 +223,7 @@ async fn an_admin_cannot_lift_a_directors_hard_kill_by_pulling_a_soft_one() {
     let (ok, said) = mesh_as(&nats, &fixture, "director", &["kill", "hard", "--yes"]).await;
     assert!(ok && said.contains("HARD by terminal"), "{said}");
 
-    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume"]).await;
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume", "--yes"]).await;
     assert!(!ok && said.contains("needs the director role while a hard kill is in force"), "{said}");
     let (ok, said) = mesh_as(&nats, &fixture, "admin", &["kill", "soft", "--for", "1s"]).await;
     assert!(!ok, "an admin replaced a director's hard kill: {said}");
@@ -237,7 +240,7 @@ async fn an_admin_cannot_lift_a_directors_hard_kill_by_pulling_a_soft_one() {
     assert_eq!((state.mode, state.by.as_str(), state.reason.as_deref()), (Mode::Hard, "terminal", None));
     let (_, status) = mesh_as(&nats, &fixture, "admin", &["status"]).await;
     assert!(status.contains("the whole mesh: HARD by terminal") && !status.contains("not pulled"), "{status}");
-    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume"]).await;
+    let (ok, said) = mesh_as(&nats, &fixture, "admin", &["resume", "--yes"]).await;
     assert!(!ok && said.contains("needs the director role"), "{said}");
 
     // An agent's own entry lifts nothing of a global kill: allowed, and the global kill stays.
@@ -246,7 +249,7 @@ async fn an_admin_cannot_lift_a_directors_hard_kill_by_pulling_a_soft_one() {
     let effective = switch.effective(Some(&id("nova"))).await.unwrap().unwrap();
     assert_eq!(effective.mode, Mode::Hard);
 
-    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume"]).await;
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--yes"]).await;
     assert!(ok, "{said}");
     assert_eq!(switch.effective(None).await.unwrap(), None);
 }
@@ -423,4 +426,189 @@ async fn sends_during_a_pause_are_accepted_and_say_they_are_queued() {
     let js = nats.jetstream().await;
     let stream = js.get_stream("MESH_AGENTS").await.unwrap();
     assert_eq!(stream.get_info().await.unwrap().state.messages, 3, "all three were stored");
+}
+
+/// Issue 21.5: a kill-switch bucket deleted and created again (or a lost NATS
+/// volume) restarts revisions at 1; a running listener still follows it.
+#[tokio::test]
+async fn a_running_listener_follows_a_recreated_kill_switch_bucket() {
+    let nats = TestNats::start().await;
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let js = nats.jetstream().await;
+    let (listener, control) = ListenerHandle::spawn_with_control(fixture.listener_config(&nats, Selection::All)).await;
+    let director = Actor::director("cli:t");
+    let switch = KillSwitch::open(&js).await.unwrap();
+    // A few writes: the global key's revision is well above 1.
+    for _ in 0..3 {
+        switch.pull(&Scope::Global, Mode::Hard, None, director, None).await.unwrap();
+        wait_paused(&control, "nova", true).await;
+        switch.release(&Scope::Global, director).await.unwrap();
+        wait_paused(&control, "nova", false).await;
+    }
+    js.delete_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    let written = switch
+        .pull_revision(&Scope::Global, Mode::Hard, None, director, Some("after recreation".into()))
+        .await
+        .unwrap();
+    assert_eq!(written.revision, 1, "a new bucket starts at revision 1");
+    wait_paused(&control, "nova", true).await;
+    switch.release(&Scope::Global, director).await.unwrap();
+    wait_paused(&control, "nova", false).await;
+    listener.stop().await.unwrap();
+}
+
+/// CI of 63a9665: a listener started on a fresh cluster exited because its
+/// first read of a kill switch key found no responder yet. A read that gets
+/// no answer at start is retried within the JetStream bound; the entry
+/// written meanwhile is what the listener starts with.
+#[tokio::test]
+async fn the_start_waits_for_a_kill_switch_key_that_does_not_answer_at_first() {
+    let nats = TestNats::start().await;
+    let client = nats.client().await;
+    let js = nats.jetstream().await;
+    let key = Scope::Global.key();
+    // Stand in for a replica that takes the request but has no answer yet.
+    let mut silent = client.subscribe(mesh_protocol::access::killswitch_direct_get(&key)).await.unwrap();
+    let keys = std::collections::BTreeSet::from([key.clone()]);
+    let load = tokio::spawn({
+        let client = client.clone();
+        async move { mesh_listener::killswitch::load(&client, &keys).await }
+    });
+    let first = tokio::time::timeout(WAIT, silent.next()).await.expect("the start reads the key").unwrap();
+    assert!(first.reply.is_some(), "a direct get asks for an answer");
+    silent.unsubscribe().await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), Some("held".into())).await.unwrap();
+    let (states, _) =
+        tokio::time::timeout(WAIT, load).await.expect("the start ends").unwrap().expect("the retry reads it");
+    assert_eq!(states.get(&key).map(|s| s.mode), Some(Mode::Hard), "{states:?}");
+}
+
+/// nats-server whose `listener` user may not subscribe to the kill switch
+/// bucket's key subjects (`$KV.mesh_killswitch.>`): every put or delete
+/// notification is withheld from it, its direct gets still answer. The
+/// `admin` user may do anything. Killed on drop.
+struct DeafNats {
+    _child: tokio::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl DeafNats {
+    const LISTENER: (&'static str, &'static str) = ("listener", "listener-pw-1");
+    const ADMIN: (&'static str, &'static str) = ("admin", "admin-pw-1");
+
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // JSON is nats-server config syntax too, and keeps `$KV...` a literal string.
+        let conf = serde_json::json!({"authorization": {"users": [
+            {"user": Self::ADMIN.0, "password": Self::ADMIN.1},
+            {"user": Self::LISTENER.0, "password": Self::LISTENER.1, "permissions": {
+                "publish": {"allow": [">"]},
+                "subscribe": {"allow": [">"], "deny": [mesh_protocol::access::killswitch_key_subject(">")]},
+            }},
+        ]}});
+        let path = dir.path().join("deaf.conf");
+        std::fs::write(&path, conf.to_string()).unwrap();
+        let port = mesh_bot::local_nats::free_port().unwrap();
+        let mut child = tokio::process::Command::new("nats-server")
+            .arg("-c")
+            .arg(&path)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(dir.path().join("store"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("nats-server (run scripts/install.sh)");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "nats-server refused the config");
+            assert!(tokio::time::Instant::now() < deadline, "nats-server did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { _child: child, port, _dir: dir }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// README (Kill switch): besides following notifications, a listener
+/// re-reads its keys every `RESYNC_EVERY` (5 s), so a lost notification
+/// cannot leave it delivering through a kill or paused after a resume. Here
+/// no notification ever reaches it (nats-server denies its user the key
+/// subjects; a probe as that user is told so): the pull and the resume are
+/// seen by the periodic re-read alone, each within two re-read periods, and
+/// what was sent during the pause is delivered after it.
+#[tokio::test]
+async fn a_listener_that_never_hears_a_change_still_pauses_and_resumes_by_its_re_read() {
+    use mesh_listener::killswitch::RESYNC_EVERY;
+    let nats = DeafNats::start().await;
+    let admin = async_nats::ConnectOptions::with_user_and_password(DeafNats::ADMIN.0.into(), DeafNats::ADMIN.1.into())
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let js = async_nats::jetstream::new(admin);
+    mesh_listener::nats::ensure_streams(&js, mesh_protocol::layout::Replicas::Auto).await.unwrap();
+    let switch = KillSwitch::open(&js).await.unwrap();
+
+    // The listener's user hears nothing on a key's subject: the server says so.
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let probe =
+        async_nats::ConnectOptions::with_user_and_password(DeafNats::LISTENER.0.into(), DeafNats::LISTENER.1.into())
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = errors_tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await
+            .unwrap();
+    let _deaf = probe.subscribe(mesh_protocol::access::killswitch_key_subject(&Scope::Global.key())).await.unwrap();
+    probe.flush().await.unwrap();
+    let said = tokio::time::timeout(WAIT, errors.recv()).await.expect("the server refuses the subscription").unwrap();
+    assert!(said.contains("Permissions Violation for Subscription"), "{said}");
+
+    let gw = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &gw, true)]);
+    let mut config = fixture.listener_config_at(&nats.url(), Selection::All);
+    config.nats_auth.user =
+        Some((DeafNats::LISTENER.0.to_owned(), mesh_protocol::Secret::new(DeafNats::LISTENER.1.to_owned())));
+    let (listener, control) = ListenerHandle::spawn_with_control(config).await;
+    send(&js, &fixture, "nova", "before").await;
+    gw.wait_for(1, WAIT).await;
+
+    // Within two re-read periods: the next re-read is at most one period away.
+    let bound = 2 * RESYNC_EVERY;
+    let within = |paused: bool| {
+        let fleet = control.fleet.clone();
+        async move {
+            let started = tokio::time::Instant::now();
+            loop {
+                if fleet.get(&id("nova")).is_some_and(|s| s.paused.load(std::sync::atomic::Ordering::Relaxed) == paused)
+                {
+                    return started.elapsed();
+                }
+                assert!(started.elapsed() < bound, "nova not paused={paused} within {bound:?} without notifications");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    switch.pull(&Scope::Global, Mode::Hard, None, Actor::director("cli:t"), Some("unheard".into())).await.unwrap();
+    within(true).await;
+    send(&js, &fixture, "nova", "held").await;
+    wait_waiting(&js, "nova", 1).await;
+    assert_eq!(gw.requests().len(), 1, "nothing delivered while paused");
+    switch.release(&Scope::Global, Actor::director("cli:t")).await.unwrap();
+    within(false).await;
+    let got = gw.wait_for(2, WAIT).await;
+    assert!(got[1].text().ends_with("held"), "{}", got[1].text());
+    listener.stop().await.unwrap();
 }

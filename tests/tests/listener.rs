@@ -55,7 +55,7 @@ async fn final_client_errors_are_dead_lettered_at_once_with_the_reason() {
         assert_eq!(record.agent.as_str(), "nova");
         assert_eq!(record.status, Some(*status));
         assert_eq!(record.attempts, 1);
-        assert_eq!(record.subject, "agents.nova.inbox");
+        assert_eq!(record.subject, "agents.nova.inbox.kaan");
         assert_eq!(record.reason, format!("gateway answered HTTP {status}; not retried"));
         let original: serde_json::Value = serde_json::from_slice(payload).expect("original payload kept");
         assert_eq!(original["id"], id.to_string());
@@ -238,7 +238,7 @@ async fn a_chat_reply_reaches_the_sender_inbox() {
     assert_eq!(replied[0].text(), "[mesh] Reply from ada: 4");
     wait_until_settled(&js, "nova", WAIT).await;
     let stream = js.get_stream("MESH_AGENTS").await.unwrap();
-    let reply = stream.get_last_raw_message_by_subject("agents.nova.inbox").await.unwrap();
+    let reply = stream.get_last_raw_message_by_subject("agents.nova.inbox.ada").await.unwrap();
     let reply: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!((reply["kind"].as_str(), reply["hops"].as_u64()), (Some("reply"), Some(1)));
     assert_eq!(reply["metadata"]["in_reply_to"], id.to_string());

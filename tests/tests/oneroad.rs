@@ -218,7 +218,7 @@ async fn errors_before_the_engine_are_the_json_error_object_under_json() {
         (&["--json", "send", "nova", "hi", "--priority", "loud"], None, "invalid value 'loud'"),
         (&["send", "Nova!", "hi", "--json"], None, "contains 'N' (U+004E)"),
         (&["status", "--json"], Some(&broken), "permissions.json"),
-        (&["status", "--json"], None, "cannot reach NATS at nats://127.0.0.1:1"),
+        (&["ping", "--json"], None, "cannot reach NATS at nats://127.0.0.1:1"),
     ];
     for (args, permissions, says) in cases {
         let out = mesh(unreachable, &registry, permissions, args).await;
@@ -234,4 +234,32 @@ async fn errors_before_the_engine_are_the_json_error_object_under_json() {
     assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{}", said(&out));
     let out = mesh(unreachable, &registry, None, &["send", "Nova!", "--", "--json"]).await;
     assert!(out.stdout.is_empty() && String::from_utf8_lossy(&out.stderr).starts_with("error: "), "{}", said(&out));
+}
+
+/// Issue 21.5: the runbook runs `mesh status` when NATS is down; it then
+/// reports the containers and the registry and says NATS is unreachable
+/// (exit status 1), instead of failing with nothing but the error.
+#[tokio::test]
+async fn status_degrades_when_nats_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("tokens.json");
+    std::fs::write(
+        &registry,
+        r#"{"nova": {"hooks_token": "env:MESH_TOKEN_T", "hooks_url": "http://nova:7002/hooks/wake"},
+            "kaan": {"hooks_token": "env:MESH_TOKEN_T", "hooks_url": "http://kaan:7002/hooks/wake", "status": "inactive"}}"#,
+    )
+    .unwrap();
+    let mut command = mesh_command("nats://127.0.0.1:1", &registry);
+    command.args(["status"]).env_remove("MESH_PERMISSIONS").env("MESH_COMPOSE_PROJECT", "meshtest-none-here");
+    let out = command.output().await.unwrap();
+    let text = said(&out);
+    assert!(!out.status.success(), "NATS down is reported as a failure: {text}");
+    assert!(text.contains("NATS unreachable: cannot reach NATS at nats://127.0.0.1:1"), "{text}");
+    assert!(text.contains("agents: 2 registered, 1 active (kaan, nova)"), "{text}");
+    assert!(text.contains("containers"), "{text}");
+    // The same under --json: one object, a warning, with the sections.
+    let out = mesh("nats://127.0.0.1:1", &registry, None, &["status", "--json"]).await;
+    let reply: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", said(&out)));
+    assert_eq!(reply["tone"], "warn", "{reply}");
+    assert!(reply.to_string().contains("NATS unreachable"), "{reply}");
 }

@@ -37,8 +37,8 @@ async fn wait_paused(control: &Control, agent: &str, paused: bool) {
 
 #[tokio::test]
 async fn a_pause_at_concurrency_1_hands_no_message_to_an_abandoned_pull() {
-    // At concurrency 1 the server hands out the next message as soon as the
-    // one in flight is acked. A pause drains that one: its ack must not let
+    // At concurrency 1 with a prefetch window of 1 (listener replicas) the
+    // server hands out the next message as soon as the one in flight is acked. A pause drains that one: its ack must not let
     // the next one go to a pull request nobody reads any more, where it is
     // either lost until the ack wait (here two minutes) or handed back, having
     // used up a delivery attempt.
@@ -49,6 +49,7 @@ async fn a_pause_at_concurrency_1_hands_no_message_to_an_abandoned_pull() {
     let js = nats.jetstream().await;
     let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().expect("id")));
     config.ack_wait = Duration::from_secs(120);
+    config.prefetch = 1;
     let (listener, control) = ListenerHandle::spawn_with_control(config).await;
     send(&js, &fixture, "nova", "first").await;
     send(&js, &fixture, "nova", "second").await;

@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use mesh_bot::slack::verify::sign;
-use mesh_tests::fixtures::{Logged, mesh_bin, mesh_command};
+use mesh_tests::bot::BotProcess;
+use mesh_tests::fixtures::mesh_command;
 use mesh_tests::redis::TestRedis;
 use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 
@@ -17,60 +17,39 @@ const WAIT: Duration = Duration::from_secs(30);
 const SECRET: &str = "test-signing-secret-0123456789";
 const POST_MESSAGE: &str = "/api/chat.postMessage";
 
-/// One `mesh bot` process.
+/// One `mesh bot` process, started by the suite's one bot harness.
 struct Replica {
-    bot: Logged,
+    bot: BotProcess,
     url: String,
 }
 
 async fn replica(nats: &TestNats, fixture: &Fixture, slack: &RecordingGateway, redis: &TestRedis) -> Replica {
     let permissions = fixture.dir().join("permissions.json");
     std::fs::write(&permissions, serde_json::json!({"admin": ["slack:UADMIN"]}).to_string()).unwrap();
-    let (bot, port) = mesh_tests::ports::spawn_bot(|addr| {
-        let mut command = tokio::process::Command::new(mesh_bin());
-        command
-            .args(["bot", "--addr", addr])
-            .env("NATS_URL", nats.url())
-            .env("MESH_REGISTRY", &fixture.registry)
-            .env("MESH_PERMISSIONS", &permissions)
-            .env("REDIS_URL", redis.url())
-            .env("SLACK_SIGNING_SECRET", SECRET)
-            .env("SLACK_BOT_TOKEN", "xoxb-test-bot-token-0123456789")
-            .env("SLACK_API_URL", format!("http://{}/api", slack.addr))
-            .env("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr))
-            .env("SLACK_NOTIFY_CHANNEL", "CNOTIFY")
-            .env("MESH_MONITOR_EVERY_S", "1")
-            .env("MESH_LOG", "debug");
-        command
-    })
+    let bot = BotProcess::start(
+        &nats.url(),
+        &fixture.registry,
+        [
+            ("MESH_PERMISSIONS", permissions.into_os_string()),
+            ("REDIS_URL", redis.url().into()),
+            ("SLACK_SIGNING_SECRET", SECRET.into()),
+            ("SLACK_BOT_TOKEN", "xoxb-test-bot-token-0123456789".into()),
+            ("SLACK_API_URL", format!("http://{}/api", slack.addr).into()),
+            ("SLACK_RESPONSE_URL_PREFIX", format!("http://{}/", slack.addr).into()),
+            ("SLACK_NOTIFY_CHANNEL", "CNOTIFY".into()),
+            ("MESH_MONITOR_EVERY_S", "1".into()),
+            ("MESH_LOG", "debug".into()),
+        ],
+    )
     .await;
-    Replica { bot, url: format!("http://127.0.0.1:{port}") }
+    let url = bot.url.clone();
+    Replica { bot, url }
 }
 
 impl Replica {
     /// Sends a signed slash command; its answer goes to `/commands/<n>` on the Slack recorder.
     async fn command(&self, slack: &RecordingGateway, text: &str, n: u32) {
-        let body = serde_urlencoded::to_string([
-            ("team_id", "T1"),
-            ("channel_id", "C1"),
-            ("user_id", "UADMIN"),
-            ("command", "/mesh"),
-            ("text", text),
-            ("response_url", &format!("http://{}/commands/{n}", slack.addr)),
-            ("trigger_id", &format!("trigger.{n}")),
-        ])
-        .unwrap();
-        let ts = time::OffsetDateTime::now_utc().unix_timestamp().to_string();
-        let response = reqwest::Client::new()
-            .post(format!("{}/slack/commands", self.url))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .header("x-slack-request-timestamp", &ts)
-            .header("x-slack-signature", sign(SECRET, &ts, body.as_bytes()))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status().as_u16(), 200);
+        mesh_tests::bot::slack_command(&self.url, SECRET, slack.addr, "UADMIN", text, n).await;
     }
 }
 
@@ -160,7 +139,7 @@ async fn two_replicas_post_each_event_once_and_share_confirmation_codes() {
     let again = answer(&slack, 3).await;
     assert!(again.contains("no action is waiting for code"), "a code works once across replicas: {again}");
     wait_for_post(&slack, "kill switch pulled").await;
-    let resumed = mesh_command(&nats.url(), &fixture.registry).args(["resume"]).output().await.unwrap();
+    let resumed = mesh_command(&nats.url(), &fixture.registry).args(["resume", "--yes"]).output().await.unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     wait_for_post(&slack, "kill switch released").await;
 
@@ -185,5 +164,5 @@ async fn two_replicas_post_each_event_once_and_share_confirmation_codes() {
         assert_eq!(posts_with(&slack, needle), 1, "{needle:?} posted once: {:?}", slack.requests_to(POST_MESSAGE));
     }
     listener.stop().await.unwrap();
-    drop((a.bot.kill().await, b.bot.kill().await));
+    drop((a.bot.stop().await, b.bot.stop().await));
 }

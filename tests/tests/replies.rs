@@ -3,7 +3,8 @@
 //! publish keeps failing ends as a dead letter within the delivery budget; a
 //! reply to an agent without a consumer, or to a sender that is no registered
 //! agent, is refused visibly (a dead letter) instead of vanishing; a dead
-//! letter JetStream will not store does not ask the agent past the budget.
+//! letter JetStream will not store does not ask the agent past the budget,
+//! and leaves the message unacked until it is stored, once.
 
 use std::time::Duration;
 
@@ -73,7 +74,8 @@ async fn wait_for_dead_letter(js: &jetstream::Context) -> (DeadLetter, serde_jso
 
 async fn last_in_inbox(js: &jetstream::Context, agent: &str) -> Option<(usize, serde_json::Value)> {
     let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
-    let message = stream.get_last_raw_message_by_subject(&format!("agents.{agent}.inbox")).await.ok()?;
+    // An agent's reply arrives on the subject naming its sender (`agents.<to>.inbox.<sender>`).
+    let message = stream.get_last_raw_message_by_subject(&format!("agents.{agent}.inbox.*")).await.ok()?;
     Some((message.payload.len(), serde_json::from_slice(&message.payload).expect("an envelope")))
 }
 
@@ -174,6 +176,9 @@ async fn a_dead_letter_that_cannot_be_stored_does_not_ask_the_agent_again() {
     config.retry.max_deliver = 2;
     config.retry.base = Duration::from_millis(20);
     config.retry.max = Duration::from_millis(100);
+    // One message out at a time, so every retry is a JetStream delivery this
+    // test can count (with a wider window the listener retries in place).
+    config.prefetch = 1;
     let listener = ListenerHandle::spawn(config);
     ensure_consumer(&js, "ada").await;
     wait_pulling(&js, "ada").await;
@@ -221,7 +226,7 @@ async fn a_reply_to_an_agent_without_a_consumer_is_dead_lettered_not_lost() {
     wait_until_settled(&js, "nova", WAIT).await;
     assert!(record.reason.starts_with("reply target kaan has no consumer"), "{}", record.reason);
     assert!(record.reason.ends_with("; not retried"), "{}", record.reason);
-    assert_eq!((record.attempts, record.status, record.subject.as_str()), (1, None, "agents.nova.inbox"));
+    assert_eq!((record.attempts, record.status, record.subject.as_str()), (1, None, "agents.nova.inbox.kaan"));
     assert_eq!(original["id"], id.to_string());
     assert!(nova_gw.requests().is_empty(), "no LLM turn for a reply with nowhere to go");
     assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into kaan's unread inbox");
@@ -380,4 +385,51 @@ async fn a_reply_target_made_inactive_by_hand_is_refused_before_the_next_poll() 
     assert!(record.reason.starts_with("reply target kaan "), "{}", record.reason);
     assert!(last_in_inbox(&js, "kaan").await.is_none(), "nothing published into the inactive agent's inbox");
     nova.stop().await.expect("stop");
+}
+
+/// SECURITY.md (Messages): an accepted message is delivered or dead-lettered,
+/// never lost. An agent refuses a message for good (400) while the
+/// dead-letter stream is gone: the message is not acked, it stays on its
+/// consumer and comes back (the gateway asked only within the budget); once
+/// the dead-letter stream is back it is dead-lettered exactly once and settled.
+#[tokio::test]
+async fn a_failed_dead_letter_publish_leaves_the_message_unacked_until_it_is_stored_once() {
+    let nats = TestNats::start().await;
+    let nova_gw = RecordingGateway::start().await;
+    nova_gw.script([400; 64]);
+    let fixture = Fixture::from_json(&serde_json::json!({"nova": wake_agent(&nova_gw, "nova")}));
+    let js = nats.jetstream().await;
+    let mut config = fixture.listener_config(&nats, Selection::One("nova".parse().unwrap()));
+    config.retry.max_deliver = 2;
+    config.retry.base = Duration::from_millis(20);
+    config.retry.max = Duration::from_millis(100);
+    config.prefetch = 1;
+    let listener = ListenerHandle::spawn(config);
+    ensure_consumer(&js, "nova").await;
+    wait_pulling(&js, "nova").await;
+    js.delete_stream("MESH_DLQ").await.expect("deleting the dead-letter stream");
+    let id = send(&js, &fixture, "cli:t", "nova", "refused for good").await;
+
+    // Delivered again and again: each dead letter failed, nothing was acked.
+    wait_deliveries(&js, "nova", 6).await;
+    let stream = js.get_stream("MESH_AGENTS").await.expect("agents stream");
+    let info = stream.consumer_info("agent-nova").await.expect("consumer info");
+    assert_eq!(info.num_ack_pending as u64 + info.num_pending, 1, "the message stays on its consumer: {info:?}");
+    assert_eq!(info.ack_floor.stream_sequence, 0, "nothing was acked or terminated: {info:?}");
+    assert_eq!(nova_gw.requests().len(), 2, "the gateway is asked within the budget only");
+
+    let spec = mesh_protocol::layout::dead_letter_stream(1);
+    js.create_stream(mesh_listener::nats::stream_config(&spec)).await.expect("recreating the dead-letter stream");
+    wait_until_settled(&js, "nova", WAIT).await;
+    // Settled: nothing is in flight any more, so the count below is final.
+    let letters = dead_letters(&js).await;
+    assert_eq!(letters.len(), 1, "dead-lettered exactly once: {:?}", letters.iter().map(|l| &l.0).collect::<Vec<_>>());
+    let (record, payload) = &letters[0];
+    assert_eq!(record.message_id, id);
+    assert_eq!(record.subject, "agents.nova.inbox");
+    assert!(record.attempts > 2, "stored on a later delivery: {}", record.attempts);
+    let original: serde_json::Value = serde_json::from_slice(payload).expect("the original envelope is kept");
+    assert_eq!(original["text"], "refused for good");
+    assert_eq!(nova_gw.requests().len(), 2, "still no further call");
+    listener.stop().await.expect("stop");
 }

@@ -85,7 +85,7 @@ async fn a_hard_kill_holds_messages_on_the_server_until_mesh_resume() {
     // No listener runs: a client with the consumer's rights pulls and the server hands out nothing.
     assert_eq!(fetch(&js, "nova", Duration::from_secs(2)).await, Vec::<String>::new());
 
-    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume"]).await;
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--yes"]).await;
     assert!(ok, "{said}");
     assert!(!server_pause(&js, "nova").await.0);
     assert_eq!(fetch(&js, "nova", WAIT).await, ["held by the server"]);
@@ -284,7 +284,7 @@ async fn mesh_status_flags_a_consumer_paused_with_no_entry_in_force() {
         status.contains("mismatch: agent-nova is paused on the server but no kill switch entry is in force for it"),
         "{status}"
     );
-    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--agent", "nova"]).await;
+    let (ok, said) = mesh_as(&nats, &fixture, "director", &["resume", "--agent", "nova", "--yes"]).await;
     assert!(ok, "{said}");
     let (_, status) = mesh_as(&nats, &fixture, "director", &["status"]).await;
     assert!(!status.contains("mismatch"), "{status}");

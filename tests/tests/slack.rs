@@ -409,6 +409,124 @@ async fn socket_mode_commands_are_acknowledged_answered_and_run_once() {
     }
 }
 
+/// Sends a Socket Mode `interactive` envelope: a `block_actions` click on
+/// `action_id` by `user`, answered on `response_url`; returns the acknowledgement frame.
+async fn socket_click(
+    socket: &mut axum::extract::ws::WebSocket,
+    envelope_id: &str,
+    trigger_id: &str,
+    user: &str,
+    action_id: &str,
+    response_url: &str,
+) -> serde_json::Value {
+    let payload = serde_json::json!({
+        "type": "block_actions",
+        "user": {"id": user, "username": user.to_lowercase(), "team_id": "T1"},
+        "api_app_id": "A1",
+        "team": {"id": "T1", "domain": "mesh"},
+        "container": {"type": "message", "message_ts": "1700000000.000100", "channel_id": "C1", "is_ephemeral": false},
+        "trigger_id": trigger_id,
+        "channel": {"id": "C1", "name": "ops"},
+        "response_url": response_url,
+        "actions": [{"type": "button", "action_id": action_id, "block_id": "mesh_actions", "value": action_id,
+                     "text": {"type": "plain_text", "text": "Confirm"}, "action_ts": "1700000001.000200"}],
+    });
+    let envelope = serde_json::json!({"type": "interactive", "envelope_id": envelope_id,
+                                      "accepts_response_payload": false, "payload": payload});
+    socket.send(axum::extract::ws::Message::Text(envelope.to_string().into())).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, socket.recv()).await.expect("acknowledged in time");
+        if let Some(Ok(axum::extract::ws::Message::Text(text))) = frame {
+            let ack: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if ack["envelope_id"] == envelope_id {
+                return ack;
+            }
+        }
+    }
+}
+
+/// The `action_id` of the button labelled `label` in a rendered message.
+fn action_id(message: &serde_json::Value, label: &str) -> String {
+    let blocks = message["blocks"].as_array().cloned().unwrap_or_default();
+    let elements = blocks.iter().filter(|b| b["type"] == "actions").flat_map(|b| b["elements"].as_array().unwrap());
+    let found = elements.into_iter().find(|e| e["text"]["text"] == label);
+    found.and_then(|e| e["action_id"].as_str()).unwrap_or_else(|| panic!("no {label} button in {message}")).to_owned()
+}
+
+#[tokio::test]
+async fn socket_mode_clicks_are_acknowledged_run_once_and_update_the_message() {
+    const APP_TOKEN: &str = "xapp-1-test-app-token-0123456789";
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true)]);
+    let slack = SocketSlack::start().await;
+    let api_url = format!("http://{}/api", slack.addr);
+    let permissions = fixture.dir().join("directors.json");
+    let grants = serde_json::json!({"operator": ["slack:UOPS"], "director": ["slack:UDIR"]});
+    std::fs::write(&permissions, grants.to_string()).unwrap();
+    let project = format!("socket-click-{}", fastrand::u32(..));
+    let bot = Bot::start_with(
+        &nats,
+        &fixture,
+        &[
+            ("SLACK_SIGNING_SECRET", ""),
+            ("SLACK_APP_TOKEN", APP_TOKEN),
+            ("SLACK_API_URL", &api_url),
+            ("MESH_PERMISSIONS", &permissions.display().to_string()),
+            // Docker is not this test's business.
+            ("DOCKER_HOST", "unix:///nonexistent/docker.sock"),
+            ("MESH_COMPOSE_PROJECT", &project),
+        ],
+    )
+    .await;
+    let mut socket = slack.accept().await;
+    let url = |path: &str| format!("http://{}/{path}", bot.slack.addr);
+
+    // A director's `kill hard` over the socket answers with Confirm and Cancel.
+    socket_command(&mut socket, "env-1", "trigger-1", "UDIR", "kill hard agent=nova", &url("commands/T1/1/abc")).await;
+    let prompt = bot.slack.wait_for_path("/commands/T1/1/abc", 1, WAIT).await[0].body.clone();
+    let confirm = action_id(&prompt, "Confirm");
+    assert!(confirm.starts_with("mesh:confirm:"), "{confirm}");
+
+    // An operator's click is acknowledged, refused, and changes nothing.
+    let ack = socket_click(&mut socket, "env-2", "click-ops", "UOPS", &confirm, &url("actions/ops")).await;
+    assert_eq!(ack["envelope_id"], "env-2");
+    let refused = bot.slack.wait_for_path("/actions/ops", 1, WAIT).await;
+    assert_eq!(refused[0].body["replace_original"], false, "{}", refused[0].body);
+    assert!(refused[0].body.to_string().contains("admin role"), "{}", refused[0].body);
+
+    // The director's click is acknowledged at once; the message then says who confirmed, without buttons.
+    let ack = socket_click(&mut socket, "env-3", "click-dir", "UDIR", &confirm, &url("actions/dir")).await;
+    assert_eq!(ack["envelope_id"], "env-3");
+    let update = bot.slack.wait_for_path("/actions/dir", 1, WAIT).await[0].body.clone();
+    assert_eq!(update["replace_original"], true, "{update}");
+    assert!(update.to_string().contains("confirmed by slack:UDIR"), "{update}");
+    assert!(!update.to_string().contains("mesh:confirm:"), "the buttons are gone: {update}");
+    let js = nats.jetstream().await;
+    let bucket = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.unwrap();
+    let key = mesh_protocol::killswitch::Scope::Agent(mesh_protocol::AgentId::parse("nova").unwrap()).key();
+    let state = mesh_protocol::killswitch::KillState::decode(&bucket.get(key).await.unwrap().unwrap()).unwrap();
+    assert_eq!(state.mode, mesh_protocol::killswitch::Mode::Hard);
+
+    // Slack redelivers the click (same trigger_id) in a new envelope: acknowledged, run once.
+    let again = socket_click(&mut socket, "env-4", "click-dir", "UDIR", &confirm, &url("actions/dir")).await;
+    assert_eq!(again["envelope_id"], "env-4");
+    // A later click: had the redelivery run, its "unknown code" answer would come first.
+    socket_command(&mut socket, "env-5", "trigger-5", "UDIR", "kill hard", &url("commands/T1/5/abc")).await;
+    let prompt = bot.slack.wait_for_path("/commands/T1/5/abc", 1, WAIT).await[0].body.clone();
+    let cancel = action_id(&prompt, "Cancel");
+    socket_click(&mut socket, "env-6", "click-cancel", "UDIR", &cancel, &url("actions/cancel")).await;
+    let cancelled = bot.slack.wait_for_path("/actions/cancel", 1, WAIT).await;
+    assert!(cancelled[0].body.to_string().contains("cancelled by slack:UDIR"), "{}", cancelled[0].body);
+    assert_eq!(bot.slack.requests_to("/actions/dir").len(), 1, "the redelivered click ran again");
+    let logs = bot.logs().await;
+    assert!(logs.contains("duplicate slack click ignored"), "the redelivery was seen as one");
+    for secret in [APP_TOKEN, BOT_TOKEN] {
+        assert!(!logs.contains(secret), "a secret leaked into the bot's logs");
+    }
+}
+
 /// Waits until the bot closes `socket` (a close frame or the end of the stream).
 async fn closed_by_the_bot(socket: &mut axum::extract::ws::WebSocket) {
     let deadline = tokio::time::Instant::now() + WAIT;

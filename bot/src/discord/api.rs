@@ -127,6 +127,32 @@ impl DiscordApi {
         self.follow_up_messages(application_id, token, messages, reply.ephemeral).await
     }
 
+    /// Replaces the message a button was clicked on (after a type 6 answer)
+    /// with `reply`, its buttons with the reply's own (none: removed).
+    pub async fn edit_original_update(
+        &self,
+        application_id: &str,
+        token: &str,
+        reply: &Reply,
+    ) -> Result<(), DiscordApiError> {
+        let path = format!("/webhooks/{application_id}/{token}/messages/@original");
+        let body = render_discord::render_update(reply);
+        self.send("editing the clicked message", reqwest::Method::PATCH, &path, body, false).await.map(drop)
+    }
+
+    /// Answers an interaction that came over the gateway (which, unlike the
+    /// HTTP endpoint, has no response body to answer in) with `answer`: the
+    /// same JSON the HTTP endpoint would have returned (type 7, 6 or 4).
+    pub async fn interaction_callback(
+        &self,
+        interaction_id: &str,
+        token: &str,
+        answer: Value,
+    ) -> Result<(), DiscordApiError> {
+        let path = format!("/interactions/{interaction_id}/{token}/callback");
+        self.send("answering the interaction", reqwest::Method::POST, &path, answer, false).await.map(drop)
+    }
+
     /// Sends a follow-up message to an interaction (an `ask` answer), in several when long.
     pub async fn follow_up(&self, application_id: &str, token: &str, reply: &Reply) -> Result<(), DiscordApiError> {
         self.follow_up_messages(application_id, token, render_discord::render_messages(reply), reply.ephemeral).await
@@ -169,6 +195,14 @@ impl DiscordApi {
             first.get_or_insert(id);
         }
         Ok(first.unwrap_or_default())
+    }
+
+    /// Replaces the bot's own message `message` in `channel` (a prompt posted
+    /// in answer to `!mesh`) with `reply`, its buttons with the reply's own (none: removed).
+    pub async fn edit_message(&self, channel: &str, message: &str, reply: &Reply) -> Result<(), DiscordApiError> {
+        let path = format!("/channels/{channel}/messages/{message}");
+        let body = render_discord::render_update(reply);
+        self.send("editing the channel message", reqwest::Method::PATCH, &path, body, true).await.map(drop)
     }
 
     /// Creates or updates the global `/mesh` command. Discord treats a create

@@ -1,19 +1,25 @@
 //! The gateway client (serenity): receives `!mesh` message commands (the
 //! MESSAGE_CONTENT intent is needed to read them) and hands each to
-//! [`super::messages::answer`]. Reconnects are serenity's; a failed start is
-//! retried every [`RETRY_EVERY`] until shutdown.
+//! [`super::messages::answer`]. Clicks on the buttons of the bot's answers
+//! arrive here too, as INTERACTION_CREATE, when the application has no
+//! interactions endpoint URL: each is decided like one from
+//! `/discord/interactions` ([`super::interactions::click`]) and answered on
+//! the interaction's callback endpoint. Reconnects are serenity's; a failed
+//! start is retried every [`RETRY_EVERY`] until shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_protocol::Secret;
-use serenity::all::{Context, EventHandler, GatewayIntents, Message, Ready};
+use serenity::all::{ComponentInteraction, Context, EventHandler, GatewayIntents, Interaction, Message, Ready};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::api::DiscordApi;
+use super::interactions::{ClickRef, click};
 use super::messages::{self, Answered};
-use crate::engine::Engine;
+use crate::command::Identity;
+use crate::engine::{Engine, Platform, Request};
 
 /// Wait before starting again after the gateway failed.
 pub const RETRY_EVERY: Duration = Duration::from_secs(30);
@@ -34,6 +40,26 @@ pub fn serenity_proxy(api_url: &str) -> Option<String> {
     Some(base.strip_suffix("/api/v10").unwrap_or(base).to_owned())
 }
 
+/// Who clicked which button, from a component interaction the gateway
+/// delivered: the member's user and roles in a guild, the user in a DM.
+pub fn component_click(component: &ComponentInteraction) -> (Request, ClickRef) {
+    let who = match &component.member {
+        Some(member) => Identity::Discord {
+            user: member.user.id.to_string(),
+            roles: member.roles.iter().map(|r| r.to_string()).collect(),
+        },
+        None => Identity::Discord { user: component.user.id.to_string(), roles: Vec::new() },
+    };
+    let request = Request::chat(who, Platform::Discord, Some(component.channel_id.to_string()), "");
+    let clicked = ClickRef {
+        custom_id: component.data.custom_id.clone(),
+        interaction_id: component.id.to_string(),
+        application_id: component.application_id.to_string(),
+        token: component.token.clone(),
+    };
+    (request, clicked)
+}
+
 struct Handler {
     engine: Arc<Engine>,
     api: DiscordApi,
@@ -49,6 +75,23 @@ impl EventHandler for Handler {
             match messages::answer(&engine, &api, &message).await {
                 Ok(Answered::Ignored | Answered::Done | Answered::Duplicate) => {}
                 Err(e) => warn!(error = %e, "discord message command not answered"),
+            }
+        });
+    }
+
+    async fn interaction_create(&self, _ctx: Context, interaction: Interaction) {
+        let Interaction::Component(component) = interaction else { return };
+        let (request, clicked) = component_click(&component);
+        let (engine, api) = (self.engine.clone(), self.api.clone());
+        tokio::spawn(async move {
+            let (interaction_id, token) = (clicked.interaction_id.clone(), clicked.token.clone());
+            let (status, answer) = click(engine, api.clone(), request, clicked).await;
+            if !status.is_success() {
+                warn!(status = status.as_u16(), "discord gateway click not handled");
+                return;
+            }
+            if let Err(e) = api.interaction_callback(&interaction_id, &token, answer).await {
+                warn!(error = %e, "discord gateway click not answered");
             }
         });
     }

@@ -2,7 +2,10 @@
 //! thread or a DM. Reading a [`Message`] into a [`Request`] is pure; answering
 //! runs the engine and posts the rendered reply in the same channel (a thread
 //! is a channel too), as a reply to the command; an `ask` answer follows as a
-//! reply to the bot's "asked" message. Only the gateway handler calls this.
+//! reply to the bot's "asked" message; a confirmation prompt is edited to
+//! "expired" when its window passes undecided. Only the gateway handler calls this.
+
+use std::sync::Arc;
 
 use serenity::model::channel::Message;
 use tracing::{info, warn};
@@ -47,7 +50,7 @@ pub enum Answered {
 
 /// Runs the command in `message`, if any, and answers in its channel. Runs
 /// each message once, even when the gateway delivers it again.
-pub async fn answer(engine: &Engine, api: &DiscordApi, message: &Message) -> Result<Answered, DiscordApiError> {
+pub async fn answer(engine: &Arc<Engine>, api: &DiscordApi, message: &Message) -> Result<Answered, DiscordApiError> {
     let Some(request) = message_request(message) else {
         return Ok(Answered::Ignored);
     };
@@ -59,6 +62,17 @@ pub async fn answer(engine: &Engine, api: &DiscordApi, message: &Message) -> Res
     let command_id = message.id.to_string();
     let handled = engine.handle(request).await;
     let posted = api.post(&channel, &handled.reply, Some(&command_id)).await?;
+    if let Some(code) = handled.confirmation_code
+        && !posted.is_empty()
+    {
+        // The prompt is the bot's message: edited in place once its window passes undecided.
+        let (api, channel, prompt) = (api.clone(), channel.clone(), posted.clone());
+        crate::expiry::when_expired(engine.clone(), code, move |expired| async move {
+            if let Err(e) = api.edit_message(&channel, &prompt, &expired).await {
+                warn!(error = %e, "discord prompt not marked expired");
+            }
+        });
+    }
     if let Some(follow_up) = handled.follow_up {
         let answer = follow_up.await;
         let reply_to = if posted.is_empty() { command_id } else { posted };

@@ -149,6 +149,25 @@ impl SlackApi {
         Err(failure)
     }
 
+    /// Answers a click on `response_url`: with `replace`, the clicked
+    /// message becomes `reply` (`replace_original: true`: its buttons go);
+    /// otherwise `reply` is a new message beside it (ephemeral when the reply
+    /// is). Tried again once after a failure.
+    pub async fn respond_click(&self, response_url: &str, reply: &Reply, replace: bool) -> Result<(), SlackApiError> {
+        if !self.accepts_response_url(response_url) {
+            return Err(SlackApiError::ForeignResponseUrl(response_url.chars().take(60).collect()));
+        }
+        let body = render_slack::render_response(reply, replace);
+        match self.send_response(response_url, &body).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?RESPOND_RETRY, "slack click answer failed; trying again");
+                tokio::time::sleep(RESPOND_RETRY).await;
+                self.send_response(response_url, &body).await
+            }
+        }
+    }
+
     async fn send_response(&self, response_url: &str, body: &serde_json::Value) -> Result<(), SlackApiError> {
         let response = self
             .http

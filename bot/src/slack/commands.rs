@@ -124,6 +124,15 @@ async fn run(state: SlackState, request: Request, response_url: String) {
     {
         warn!(error = %e, "slack follow-up failed");
     }
+    if let Some(code) = handled.confirmation_code {
+        // The prompt went to response_url: replaced there once its window passes undecided.
+        let (api, url) = (state.api.clone(), response_url.clone());
+        crate::expiry::when_expired(state.engine.clone(), code, move |expired| async move {
+            if let Err(e) = api.respond_click(&url, &expired, true).await {
+                warn!(error = %e, "slack prompt not marked expired");
+            }
+        });
+    }
     if let Some(follow_up) = handled.follow_up {
         let answer = follow_up.await;
         let posted = match (&thread, &channel) {

@@ -41,6 +41,16 @@ impl Default for ConfirmConfig {
     }
 }
 
+/// What is done with a pending action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Run it (`confirm <code>`, or the Confirm button).
+    Confirm,
+    /// Drop it (the Cancel button): the person who asked may, and under the
+    /// two-person rule any director, since any other director could confirm it.
+    Cancel,
+}
+
 /// Who may confirm a code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Confirmer {
@@ -142,12 +152,16 @@ pub enum ConfirmError {
 pub struct Confirmations {
     config: ConfirmConfig,
     pending: BTreeMap<String, PendingAction>,
+    /// Codes whose window passed undecided, by when it ended (at most
+    /// [`MAX_PENDING`], the oldest dropped): a late click or `confirm` is
+    /// told the code expired, and the prompt's expiry timer finds it.
+    lapsed: BTreeMap<String, (&'static str, OffsetDateTime)>,
 }
 
 impl Confirmations {
     /// No pending actions.
     pub fn new(config: ConfirmConfig) -> Self {
-        Self { config, pending: BTreeMap::new() }
+        Self { config, pending: BTreeMap::new(), lapsed: BTreeMap::new() }
     }
 
     /// The config in force.
@@ -169,7 +183,7 @@ impl Confirmations {
         let mut state = random;
         let code = loop {
             let code = code_from(splitmix64(&mut state));
-            if !self.pending.contains_key(&code) {
+            if !self.pending.contains_key(&code) && !self.lapsed.contains_key(&code) {
                 break code;
             }
         };
@@ -193,11 +207,27 @@ impl Confirmations {
         code: &str,
         now: OffsetDateTime,
     ) -> Result<PendingAction, ConfirmError> {
-        let outcome = match self.check(who, role, code, now) {
+        self.decide(who, role, code, now, Decision::Confirm)
+    }
+
+    /// Takes the action waiting for `code` if `who` (holding `role`) may make
+    /// `decision` on it now: the rules of [`Confirmations::confirm`], and for
+    /// a cancel also the person who asked under the two-person rule.
+    pub fn decide(
+        &mut self,
+        who: &Identity,
+        role: Option<Role>,
+        code: &str,
+        now: OffsetDateTime,
+        decision: Decision,
+    ) -> Result<PendingAction, ConfirmError> {
+        let outcome = match self.check(who, role, code, now, decision) {
             Ok(code) => self.pending.remove(&code).ok_or(ConfirmError::Unknown(code)),
             Err(e) => {
-                if let ConfirmError::Expired { code, .. } = &e {
-                    self.pending.remove(code);
+                if let ConfirmError::Expired { code, .. } = &e
+                    && let Some(action) = self.pending.remove(code)
+                {
+                    self.lapse_into(code.clone(), &action);
                 }
                 Err(e)
             }
@@ -213,14 +243,22 @@ impl Confirmations {
         role: Option<Role>,
         raw: &str,
         now: OffsetDateTime,
+        decision: Decision,
     ) -> Result<String, ConfirmError> {
         let code = normalize_code(raw).ok_or_else(|| ConfirmError::Malformed(raw.chars().take(40).collect()))?;
+        if let Some((command, expired_at)) = self.lapsed.get(&code) {
+            let ago = (now - *expired_at).whole_seconds();
+            return Err(ConfirmError::Expired { code, command, ago });
+        }
         let action = self.pending.get(&code).ok_or_else(|| ConfirmError::Unknown(code.clone()))?;
         let command = action.command.spec().name;
         if now > action.expires_at {
             return Err(ConfirmError::Expired { code, command, ago: (now - action.expires_at).whole_seconds() });
         }
         let same = action.requested_by.is_same_person(who);
+        if decision == Decision::Cancel && same {
+            return Ok(code);
+        }
         if matches!(action.command, Command::KillNuclear { .. }) && self.config.two_person_nuclear {
             if same {
                 return Err(ConfirmError::SamePerson { command });
@@ -244,11 +282,40 @@ impl Confirmations {
         }
     }
 
-    /// Drops every action whose code has expired; returns how many.
+    /// Drops every action whose code has expired (remembering the code as
+    /// lapsed); returns how many.
     pub fn collect_garbage(&mut self, now: OffsetDateTime) -> usize {
-        let before = self.pending.len();
-        self.pending.retain(|_, p| now <= p.expires_at);
-        before - self.pending.len()
+        let expired: Vec<String> =
+            self.pending.iter().filter(|(_, p)| now > p.expires_at).map(|(code, _)| code.clone()).collect();
+        for code in &expired {
+            if let Some(action) = self.pending.remove(code) {
+                self.lapse_into(code.clone(), &action);
+            }
+        }
+        expired.len()
+    }
+
+    /// The command of `code` if its window has passed without a decision
+    /// (it is then lapsed, and stays so); `None` when it was decided, is
+    /// still open, or was never issued here. What a prompt's expiry timer asks.
+    pub fn lapse(&mut self, code: &str, now: OffsetDateTime) -> Option<&'static str> {
+        let code = normalize_code(code)?;
+        if let Some(action) = self.pending.get(&code).filter(|a| now > a.expires_at).cloned() {
+            self.pending.remove(&code);
+            self.lapse_into(code.clone(), &action);
+        }
+        self.lapsed.get(&code).map(|(command, _)| *command)
+    }
+
+    fn lapse_into(&mut self, code: String, action: &PendingAction) {
+        while self.lapsed.len() >= MAX_PENDING {
+            let oldest = self.lapsed.iter().min_by_key(|(_, (_, at))| *at).map(|(code, _)| code.clone());
+            match oldest {
+                Some(oldest) => self.lapsed.remove(&oldest),
+                None => break,
+            };
+        }
+        self.lapsed.insert(code, (action.command.spec().name, action.expires_at));
     }
 
     /// Actions waiting for a code.
@@ -414,22 +481,60 @@ mod tests {
         assert!(c.confirm(&slack("UEVE"), Some(Role::Director), &second.code, secs(1)).is_err());
         assert_eq!(c.len(), 1);
 
-        // Expired: rejected once with a clear message, then gone.
+        // Expired: rejected with a clear message, then no longer pending (and still said to be expired).
         assert!(matches!(c.confirm(&alice, None, &second.code, secs(70)), Err(ConfirmError::Expired { ago: 10, .. })));
         assert!(c.is_empty());
+        assert!(matches!(c.confirm(&alice, None, &second.code, secs(71)), Err(ConfirmError::Expired { ago: 11, .. })));
+        assert_eq!(c.lapse(&second.code, secs(71)), Some("kill hard"));
 
         // Garbage collection drops only the expired ones.
         c.request(&alice, hard(), T0, 3);
         let late = c.request(&alice, hard(), secs(30), 4);
         assert_eq!(c.collect_garbage(secs(61)), 1);
         assert_eq!(c.len(), 1);
+        assert_eq!(c.lapse(&late.code, secs(61)), None, "still open");
         assert!(c.confirm(&alice, None, &late.code, secs(61)).is_ok());
+        assert_eq!(c.lapse(&late.code, secs(100)), None, "decided: not lapsed");
+        // The expiry timer finds a code left undecided, whether collected already or not.
+        let left = c.request(&alice, hard(), secs(100), 5);
+        assert_eq!(c.lapse(&left.code, secs(160)), None, "not yet");
+        assert_eq!(c.lapse(&left.code, secs(161)), Some("kill hard"));
+        assert!(matches!(c.confirm(&alice, None, &left.code, secs(162)), Err(ConfirmError::Expired { .. })));
 
         assert_eq!(
             c.confirm(&alice, None, "12", T0).unwrap_err().to_string(),
             "\"12\" is not a confirmation code; codes are 6 letters and digits such as K7P2QX"
         );
         assert!(c.confirm(&alice, None, "ZZZZZZ", T0).unwrap_err().to_string().contains("no action is waiting"));
+    }
+
+    #[test]
+    fn who_may_cancel() {
+        let alice = slack("UALICE");
+        let bob = slack("UBOB");
+        let two = ConfirmConfig { two_person_nuclear: true, ..Default::default() };
+        let nuclear = Command::KillNuclear { purge: false };
+        let cases: [(ConfirmConfig, Command, &Identity, Option<Role>, bool); 6] = [
+            (ConfirmConfig::default(), hard(), &alice, Some(Role::Admin), true),
+            (ConfirmConfig::default(), hard(), &bob, Some(Role::Director), false),
+            (two, nuclear.clone(), &alice, Some(Role::Director), true),
+            (two, nuclear.clone(), &bob, Some(Role::Director), true),
+            (two, nuclear.clone(), &bob, Some(Role::Admin), false),
+            (ConfirmConfig::default(), nuclear, &bob, Some(Role::Director), false),
+        ];
+        for (i, (config, command, who, role, allowed)) in cases.into_iter().enumerate() {
+            let mut c = Confirmations::new(config);
+            let challenge = c.request(&alice, command, T0, 5);
+            let got = c.decide(who, role, &challenge.code, secs(1), Decision::Cancel);
+            assert_eq!(got.is_ok(), allowed, "case {i}: {got:?}");
+            assert_eq!(c.is_empty(), allowed, "case {i}: a refused cancel leaves the code");
+        }
+        let mut c = Confirmations::new(ConfirmConfig::default());
+        let challenge = c.request(&alice, hard(), T0, 6);
+        assert!(matches!(
+            c.decide(&alice, None, &challenge.code, secs(61), Decision::Cancel),
+            Err(ConfirmError::Expired { .. })
+        ));
     }
 
     #[test]

@@ -9,11 +9,13 @@
 //! - [`help`]: the help reply, generated from the table.
 //! - [`permission`]: roles, the identities mapped to them, and the check.
 //! - [`confirm`]: one-time codes for `kill hard` and `kill nuclear`.
+//! - [`button`]: the ids buttons carry (a pending code, or a fixed notification command).
 //! - [`reply`]: the platform-neutral [`Reply`].
 //! - [`render_text`]: a reply as plain terminal text.
 //! - [`render_slack`]: a reply as Slack Block Kit JSON.
 //! - [`render_discord`]: a reply as Discord embeds with no mentions allowed.
 
+pub mod button;
 pub mod confirm;
 pub mod grammar;
 pub mod help;
@@ -25,8 +27,9 @@ pub mod render_text;
 pub mod reply;
 pub mod table;
 
-pub use confirm::{Challenge, ConfirmConfig, ConfirmError, Confirmations, Confirmer, PendingAction};
+pub use button::ButtonId;
+pub use confirm::{Challenge, ConfirmConfig, ConfirmError, Confirmations, Confirmer, Decision, PendingAction};
 pub use grammar::{Command, KillGrade, ParseError, parse};
-pub use permission::{Access, Denied, Identity, Permissions, PermissionsError, Principal, Role};
-pub use reply::{Reply, Section, Tone};
+pub use permission::{Access, Denied, Identity, Permissions, PermissionsError, Principal, Role, is_web_name};
+pub use reply::{Action, ActionStyle, Reply, Section, Tone};
 pub use table::{COMMANDS, CommandKind, CommandSpec};

@@ -118,6 +118,11 @@ pub enum Identity {
         /// The agent's id.
         id: String,
     },
+    /// A user of the web console, signed in with their token (`MESH_WEB_USERS`).
+    Web {
+        /// The user's name in the web users file.
+        name: String,
+    },
 }
 
 impl Identity {
@@ -129,6 +134,7 @@ impl Identity {
             Self::Discord { user, .. } => format!("discord:{user}"),
             Self::Terminal => "terminal".to_owned(),
             Self::Agent { id } => format!("agent:{id}"),
+            Self::Web { name } => format!("web:{name}"),
         }
     }
 
@@ -145,6 +151,7 @@ impl Identity {
                 .collect(),
             Self::Terminal => Vec::new(),
             Self::Agent { id } => vec![Principal::Agent(id.clone())],
+            Self::Web { name } => vec![Principal::Web(name.clone())],
         }
     }
 }
@@ -161,6 +168,8 @@ pub enum Principal {
     DiscordRole(String),
     /// An agent id (`agent:nova`).
     Agent(String),
+    /// A web console user (`web:alice`).
+    Web(String),
 }
 
 impl fmt::Display for Principal {
@@ -170,6 +179,7 @@ impl fmt::Display for Principal {
             Self::DiscordUser(id) => write!(f, "discord:{id}"),
             Self::DiscordRole(id) => write!(f, "discord-role:{id}"),
             Self::Agent(id) => write!(f, "agent:{id}"),
+            Self::Web(name) => write!(f, "web:{name}"),
         }
     }
 }
@@ -191,12 +201,21 @@ impl FromStr for Principal {
             }
             "agent" if mesh_protocol::AgentId::parse(id).is_ok() => Ok(Self::Agent(id.to_owned())),
             "agent" => Err(bad("an agent is named by its registry id, such as agent:nova")),
+            "web" if is_web_name(id) => Ok(Self::Web(id.to_owned())),
+            "web" => Err(bad("a web user is named like web:alice (a-z, 0-9, - and _, at most 32)")),
             _ => Err(bad(PRINCIPAL_FORMS)),
         }
     }
 }
 
-const PRINCIPAL_FORMS: &str = "use slack:<user id>, discord:<user id>, discord-role:<role id> or agent:<agent id>";
+const PRINCIPAL_FORMS: &str =
+    "use slack:<user id>, discord:<user id>, discord-role:<role id>, agent:<agent id> or web:<user name>";
+
+/// True for a valid web console user name: 1 to 32 of `a-z`, `0-9`, `-`, `_`.
+pub fn is_web_name(name: &str) -> bool {
+    (1..=32).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
 
 /// The role of agents with no grant of their own, unless the permissions file
 /// says otherwise (its `"agent"` key): agents send, broadcast and ask, nothing more.
@@ -565,6 +584,22 @@ mod tests {
         assert_eq!(file.role_of(&slack("NOVA")), Some(Role::Director));
         let err = serde_json::from_str::<Permissions>(r#"{"admin": ["agent:No.va"]}"#).unwrap_err().to_string();
         assert!(err.contains("agent:nova"), "{err}");
+    }
+
+    #[test]
+    fn web_users_get_their_grant_or_the_default() {
+        let file: Permissions =
+            serde_json::from_str(r#"{"default": "viewer", "admin": ["web:alice"], "operator": ["slack:ALICE"]}"#)
+                .unwrap();
+        let alice = Identity::Web { name: "alice".into() };
+        assert_eq!(alice.key(), "web:alice");
+        assert_eq!(file.role_of(&alice), Some(Role::Admin));
+        assert_eq!(file.role_of(&Identity::Web { name: "bob".into() }), Some(Role::Viewer));
+        assert_eq!("web:alice".parse::<Principal>().unwrap().to_string(), "web:alice");
+        for bad in ["web:", "web:Alice", "web:a b", "web:<script>"] {
+            let e = bad.parse::<Principal>().unwrap_err().to_string();
+            assert!(e.contains("web:alice"), "{bad}: {e}");
+        }
     }
 
     #[test]

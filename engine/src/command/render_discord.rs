@@ -8,7 +8,7 @@
 use serde_json::{Value, json};
 
 use super::pack::chars;
-use super::reply::{Reply, Section, Tone};
+use super::reply::{ActionStyle, Reply, Section, Tone};
 
 /// Longest embed title, in characters.
 pub const MAX_TITLE_CHARS: usize = 256;
@@ -39,10 +39,57 @@ pub fn colour(tone: Tone) -> u32 {
 /// `allowed_mentions` (and no `content`, so nothing in it can mention anyone).
 pub fn render(reply: &Reply) -> Value {
     let (title, descriptions) = parts(reply, false);
-    json!({
+    let mut body = json!({
         "embeds": embeds(reply.tone, title, descriptions),
         "allowed_mentions": {"parse": []},
-    })
+    });
+    if !reply.actions.is_empty() {
+        body["components"] = components(reply);
+    }
+    body
+}
+
+/// The body that replaces the message a button was clicked on (an
+/// interaction answer of type 7, or an edit of `@original` after a type 6):
+/// `components` is always present, empty when the reply has no buttons,
+/// since an edit that leaves it out keeps the old buttons.
+pub fn render_update(reply: &Reply) -> Value {
+    let mut body = render(reply);
+    body["components"] = components(reply);
+    body
+}
+
+/// Most buttons in one action row, and rows in one message (Discord's limits).
+const BUTTONS_PER_ROW: usize = 5;
+const MAX_ROWS: usize = 5;
+
+/// The reply's buttons as action rows (component type 1) of buttons
+/// (type 2) whose `custom_id` is the engine's opaque button id (at most 100
+/// characters); a click arrives as an interaction of type 3 carrying it
+/// (Discord's message components reference). Styles: 1 primary, 2
+/// secondary, 4 danger.
+fn components(reply: &Reply) -> Value {
+    let rows: Vec<Value> = reply
+        .actions
+        .chunks(BUTTONS_PER_ROW)
+        .take(MAX_ROWS)
+        .map(|row| {
+            let buttons: Vec<Value> = row
+                .iter()
+                .map(|a| {
+                    let style = match a.style {
+                        ActionStyle::Primary => 1,
+                        ActionStyle::Plain => 2,
+                        ActionStyle::Danger => 4,
+                    };
+                    json!({"type": 2, "style": style, "label": a.label.chars().take(80).collect::<String>(),
+                           "custom_id": a.id.chars().take(100).collect::<String>()})
+                })
+                .collect();
+            json!({"type": 1, "components": buttons})
+        })
+        .collect();
+    Value::Array(rows)
 }
 
 /// The title and the description parts of a reply; with `split`, a line too
@@ -111,7 +158,12 @@ pub fn render_messages(reply: &Reply) -> Vec<Value> {
         .map(|(i, group)| {
             let note = format!(" (part {} of {count})", i + 1);
             let title = format!("{}{note}", fit(&title, MAX_TITLE_CHARS - chars(&note)));
-            json!({"embeds": embeds(reply.tone, title, group), "allowed_mentions": {"parse": []}})
+            let mut body = json!({"embeds": embeds(reply.tone, title, group), "allowed_mentions": {"parse": []}});
+            // The buttons go under the last part.
+            if i + 1 == count && !reply.actions.is_empty() {
+                body["components"] = components(reply);
+            }
+            body
         })
         .collect()
 }
@@ -337,6 +389,34 @@ mod tests {
                 "allowed_mentions": {"parse": []},
             })
         );
+    }
+
+    #[test]
+    fn snapshot_buttons_and_updates() {
+        let reply = Reply::warn("confirm @everyone")
+            .with_action("Confirm", "mesh:confirm:K7P2QX", ActionStyle::Danger)
+            .with_action("Cancel", "mesh:cancel:K7P2QX", ActionStyle::Plain);
+        assert_eq!(
+            render(&reply),
+            json!({
+                "embeds": [{"title": "confirm @everyone", "color": 0xF1C40F}],
+                "allowed_mentions": {"parse": []},
+                "components": [{"type": 1, "components": [
+                    {"type": 2, "style": 4, "label": "Confirm", "custom_id": "mesh:confirm:K7P2QX"},
+                    {"type": 2, "style": 2, "label": "Cancel", "custom_id": "mesh:cancel:K7P2QX"},
+                ]}],
+            })
+        );
+        let done = render_update(&Reply::ok("confirmed"));
+        assert_eq!(done["components"], json!([]), "an update always removes the old buttons");
+        assert_eq!(done["allowed_mentions"], json!({"parse": []}));
+        assert!(render(&Reply::ok("plain")).get("components").is_none());
+        let mut many = Reply::info("many");
+        for i in 0..12 {
+            many = many.with_action(format!("b{i}"), format!("mesh:ping{i}"), ActionStyle::Primary);
+        }
+        let rows = render(&many)["components"].as_array().unwrap().clone();
+        assert_eq!(rows.iter().map(|r| r["components"].as_array().unwrap().len()).collect::<Vec<_>>(), [5, 5, 2]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use super::pack::chars;
-use super::reply::{Reply, Section, Tone};
+use super::reply::{ActionStyle, Reply, Section, Tone};
 
 /// Longest `text` of a section block, in characters.
 pub const MAX_SECTION_CHARS: usize = 3000;
@@ -35,15 +35,58 @@ pub fn render(reply: &Reply) -> Value {
     let mut texts = vec![format!("{emoji}*{title}*")];
     texts.extend(section_texts(reply, false));
     let mut blocks: Vec<Value> = texts.into_iter().map(section).collect();
-    if blocks.len() > MAX_BLOCKS {
-        blocks.truncate(MAX_BLOCKS - 1);
+    let room = if reply.actions.is_empty() { MAX_BLOCKS } else { MAX_BLOCKS - 1 };
+    if blocks.len() > room {
+        blocks.truncate(room - 1);
         blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": TRUNCATED}]}));
     }
+    blocks.extend(actions_block(reply));
     json!({
         "response_type": if reply.ephemeral { "ephemeral" } else { "in_channel" },
         "text": title,
         "blocks": blocks,
     })
+}
+
+/// The reply's buttons as one `actions` block of `button` elements, if it
+/// has any. Each button's `action_id` and `value` are the engine's opaque
+/// button id; a click comes back as a `block_actions` payload naming it
+/// (Slack's Block Kit reference: the actions block holds up to 25 elements;
+/// a button's `style` is `primary`, `danger` or absent).
+fn actions_block(reply: &Reply) -> Option<Value> {
+    if reply.actions.is_empty() {
+        return None;
+    }
+    let elements: Vec<Value> = reply
+        .actions
+        .iter()
+        .take(25)
+        .map(|a| {
+            let mut button = json!({
+                "type": "button",
+                "action_id": a.id,
+                "value": a.id,
+                "text": {"type": "plain_text", "text": a.label.chars().take(75).collect::<String>()},
+            });
+            match a.style {
+                ActionStyle::Primary => button["style"] = json!("primary"),
+                ActionStyle::Danger => button["style"] = json!("danger"),
+                ActionStyle::Plain => {}
+            }
+            button
+        })
+        .collect();
+    Some(json!({"type": "actions", "block_id": "mesh_actions", "elements": elements}))
+}
+
+/// The body for a `response_url` that replaces the message a button was
+/// clicked on (`replace_original`, so the old buttons go with it), or, with
+/// `replace` false, posts beside it (an ephemeral refusal, or a notification
+/// button's result).
+pub fn render_response(reply: &Reply, replace: bool) -> Value {
+    let mut body = render(reply);
+    body["replace_original"] = json!(replace);
+    body
 }
 
 /// The section texts of the reply's body; with `split`, a line too long for
@@ -96,6 +139,7 @@ pub fn render_posts(reply: &Reply) -> Vec<Value> {
     }
     let count = posts.len();
     let title = first["text"].as_str().unwrap_or_default().to_owned();
+    let actions = actions_block(reply);
     posts
         .into_iter()
         .enumerate()
@@ -108,6 +152,10 @@ pub fn render_posts(reply: &Reply) -> Vec<Value> {
                 blocks.push(json!({"type": "context", "elements": [{"type": "mrkdwn", "text": part}]}));
             }
             blocks.extend(texts.into_iter().map(section));
+            // The buttons go under the last part.
+            if i + 1 == count {
+                blocks.extend(actions.clone());
+            }
             json!({
                 "response_type": first["response_type"],
                 "text": format!("{title} (part {} of {count})", i + 1),
@@ -253,6 +301,48 @@ mod tests {
                 ]
             })
         );
+    }
+
+    #[test]
+    fn snapshot_buttons() {
+        let reply = Reply::warn("confirm <it>")
+            .with_action("Confirm", "mesh:confirm:K7P2QX", ActionStyle::Danger)
+            .with_action("Cancel", "mesh:cancel:K7P2QX", ActionStyle::Plain);
+        assert_eq!(
+            render(&reply),
+            json!({
+                "response_type": "in_channel",
+                "text": "confirm &lt;it&gt;",
+                "blocks": [
+                    {"type": "section", "text": {"type": "mrkdwn", "text": ":warning: *confirm &lt;it&gt;*"}},
+                    {"type": "actions", "block_id": "mesh_actions", "elements": [
+                        {"type": "button", "action_id": "mesh:confirm:K7P2QX", "value": "mesh:confirm:K7P2QX",
+                         "text": {"type": "plain_text", "text": "Confirm"}, "style": "danger"},
+                        {"type": "button", "action_id": "mesh:cancel:K7P2QX", "value": "mesh:cancel:K7P2QX",
+                         "text": {"type": "plain_text", "text": "Cancel"}},
+                    ]},
+                ]
+            })
+        );
+        assert_eq!(render_response(&Reply::info("done"), true)["replace_original"], true);
+        assert_eq!(render_posts(&reply), vec![render(&reply)]);
+        // A long reply: the buttons under the last part only.
+        let lines: Vec<String> = (0..250).map(|i| format!("line {i:05} {}", "x".repeat(100))).collect();
+        let long =
+            Reply::info("long").with_lines(None, lines).with_action("Replay", "mesh:replay:nova", ActionStyle::Primary);
+        let posts = render_posts(&long);
+        let with_actions: Vec<usize> = (0..posts.len())
+            .filter(|i| posts[*i]["blocks"].as_array().unwrap().iter().any(|b| b["type"] == "actions"))
+            .collect();
+        assert_eq!(with_actions, vec![posts.len() - 1]);
+        let mut many = Reply::info("many");
+        for i in 0..80 {
+            many = many.with_lines(None, [format!("section {i}")]);
+        }
+        let many = render(&many.with_action("Ping", "mesh:ping", ActionStyle::Plain));
+        let blocks = many["blocks"].as_array().unwrap();
+        assert_eq!(blocks.len(), MAX_BLOCKS);
+        assert_eq!(blocks[MAX_BLOCKS - 1]["type"], "actions", "the buttons survive a cut");
     }
 
     #[test]

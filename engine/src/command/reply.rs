@@ -39,6 +39,31 @@ pub enum Section {
     },
 }
 
+/// How a button looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionStyle {
+    /// The platform's plain button.
+    #[default]
+    Plain,
+    /// The button that goes ahead (green on Discord, `primary` on Slack).
+    Primary,
+    /// The dangerous or cancelling button (red).
+    Danger,
+}
+
+/// A button under a reply: what it shows and the opaque id a click brings
+/// back ([`super::button::ButtonId`]), never a command line.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Action {
+    /// The button's label, plain text.
+    pub label: String,
+    /// What a click sends back (at most 100 characters: Discord's `custom_id` limit).
+    pub id: String,
+    /// How it looks.
+    pub style: ActionStyle,
+}
+
 /// What a command answers.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct Reply {
@@ -54,12 +79,17 @@ pub struct Reply {
     /// README); renderers show only the title and sections.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
+    /// Buttons under the reply (a confirmation's Confirm and Cancel, a
+    /// notification's Resume or Replay); chat renderers show them, the
+    /// terminal shows none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub actions: Vec<Action>,
 }
 
 impl Reply {
     /// A reply with a title and nothing else.
     pub fn new(tone: Tone, title: impl Into<String>) -> Self {
-        Self { title: title.into(), tone, sections: Vec::new(), ephemeral: false, data: None }
+        Self { title: title.into(), tone, sections: Vec::new(), ephemeral: false, data: None, actions: Vec::new() }
     }
 
     /// A neutral reply.
@@ -97,6 +127,12 @@ impl Reply {
     /// Shows the reply only to the person who ran the command.
     pub fn ephemeral(mut self) -> Self {
         self.ephemeral = true;
+        self
+    }
+
+    /// Adds a button.
+    pub fn with_action(mut self, label: impl Into<String>, id: impl Into<String>, style: ActionStyle) -> Self {
+        self.actions.push(Action { label: label.into(), id: id.into(), style });
         self
     }
 

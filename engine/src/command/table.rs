@@ -114,6 +114,8 @@ pub struct CommandSpec {
 const AGENT_NOTE: &str = "an agent may be written bare (nova) or as agent=<id> (agent=nova)";
 const REPLACE_NOTE: &str = "it replaces the entry in force for the same scope (the whole mesh, or the agent), so while a \
      hard or nuclear kill is in force there only a director may run it; a kill for another scope lifts nothing";
+const RESUME_CONFIRM_NOTE: &str = "ending a hard or nuclear kill asks for a one-time code first (confirm <code> \
+     by the same user within the confirmation window); the two-person rule applies to pulling nuclear, not to ending it";
 
 const TTL_NOTE: &str = "--ttl 5m (before the agent and text, 1s to 24h): not delivered by then, the message becomes a \
      dead letter with reason expired";
@@ -230,7 +232,7 @@ pub const COMMANDS: [CommandSpec; 26] = [
         name: "resume",
         usage: "resume [agent]",
         summary: "end a pause, for the whole mesh or one agent",
-        notes: &[AGENT_NOTE],
+        notes: &[AGENT_NOTE, RESUME_CONFIRM_NOTE],
         access: Access::ByPause { soft: Role::Admin, hard: Role::Director },
         confirm: false,
         front: Front::Any,

@@ -2,7 +2,7 @@
 //! JSON. It starts its own nats-server, a fast sink gateway and listener
 //! processes. A benchmark: it reports figures, it asserts nothing.
 //!
-//! Usage: `mesh-bench [--quick] [--forward-only] [--sync-always] [--json PATH]` (build with `--release`);
+//! Usage: `mesh-bench [--quick] [--forward-only] [--sync-always] [--no-python] [--json PATH]` (build with `--release`);
 //! `mesh-bench --soak [--messages N] [--rate MSGS_PER_S] [--concurrency C]`
 //! runs only the soak (default 1,000,000 messages, up to 2,500/s, concurrency 1).
 
@@ -15,8 +15,27 @@ use mesh_tests::bench::{self, ListenerProcess, Row, Sink};
 use mesh_tests::soak::{self, SoakConfig};
 
 const BACKLOG: usize = 20_000;
-const USAGE: &str = "usage: mesh-bench [--quick] [--forward-only] [--sync-always] [--json PATH] (build with --release; needs nats-server on PATH)";
-const KNOWN: [&str; 4] = ["--quick", "--forward-only", "--sync-always", "--json"];
+const USAGE: &str = "usage: mesh-bench [--quick] [--forward-only] [--sync-always] [--no-python] [--json PATH]
+       mesh-bench --soak [--messages N] [--rate MSGS_PER_S] [--concurrency C]
+
+Measures the mesh on this machine (build with --release; needs nats-server on PATH):
+ceilings (JetStream publish, fetch+ack, the sink with 32 connections and with one
+sequential keep-alive client), backlog forwarding and live bursts at concurrency 1 and 32,
+an old-style Python listener (nats-py + requests, installed into target/bench-venv on
+first use; --no-python skips it), latency, idle memory, fan-out and ping at 100, 1,000
+and 3,000 agents. --quick runs a tenth of everything; --forward-only stops after the
+backlog rows; --sync-always fsyncs every JetStream write; --json PATH writes the figures.";
+const KNOWN: [&str; 9] = [
+    "--quick",
+    "--forward-only",
+    "--sync-always",
+    "--no-python",
+    "--json",
+    "--soak",
+    "--messages",
+    "--rate",
+    "--concurrency",
+];
 /// Soak defaults: messages, rate, messages between RSS samples.
 const SOAK: SoakConfig = SoakConfig { messages: 1_000_000, rate: 2_500.0, sample_every: 50_000 };
 
@@ -77,6 +96,7 @@ async fn run() -> anyhow::Result<()> {
     let broker_publish = publish_ceiling(&js, n).await?;
     let broker_fetch = fetch_ack_ceiling(&js, n).await?;
     let sink_rate = sink_ceiling(&sink, n).await?;
+    let sequential = sequential_ceiling(&sink, n / 4).await?;
     let broker = broker_publish.min(broker_fetch);
     let ceiling = broker.min(sink_rate);
     rows.push(
@@ -90,6 +110,13 @@ async fn run() -> anyhow::Result<()> {
     rows.push(
         Row::new("ceiling: sink via plain HTTP client", "reqwest, 32 concurrent keep-alive connections, msgs/s")
             .with("msgs_per_s", sink_rate),
+    );
+    rows.push(
+        Row::new(
+            "ceiling: sequential HTTP client",
+            "reqwest, one keep-alive connection, one request at a time (the limit for ordered delivery), msgs/s",
+        )
+        .with("msgs_per_s", sequential),
     );
     sink.reset();
 
@@ -126,6 +153,7 @@ async fn run() -> anyhow::Result<()> {
             )
             .with("msgs_per_s", rate)
             .with("fraction_of_ceiling", rate / ceiling)
+            .with("fraction_of_sequential", rate / sequential)
             .with("msgs_per_s_with_startup", with_startup)
             .with("startup_ms", startup_ms)
             .with("cpu_s_per_10k", cpu * 10_000.0 / n as f64)
@@ -137,6 +165,37 @@ async fn run() -> anyhow::Result<()> {
     if forward_only {
         print_table(&rows, ceiling);
         return Ok(());
+    }
+
+    // Live bursts: ours at concurrency 1 and 32, then the old-style listener.
+    let mut old_rate = f64::NAN;
+    if !args.iter().any(|a| a == "--no-python") {
+        match old_style_burst(&js, &sink, &nats, n).await {
+            Ok(row) => {
+                old_rate = row.figures.get("msgs_per_s").copied().unwrap_or(f64::NAN);
+                rows.push(row);
+            }
+            Err(e) => println!("old-style listener skipped: {e:#}"),
+        }
+    }
+    for concurrency in [1usize, 32] {
+        bench::ensure_consumer(&js, "a0", concurrency).await?;
+        let listener =
+            ListenerProcess::start(&nats, &one, &["--agent", "a0", "--concurrency", &concurrency.to_string()])?;
+        bench::wait_pulling(&js, "a0", Duration::from_secs(10)).await;
+        sink.reset();
+        let cpu = listener.cpu_seconds();
+        let sent = bench::publish_burst(&js, "a0", n).await?;
+        sink.wait_total(n, Duration::from_secs(600)).await;
+        let figures = bench::burst_figures(&sent, &sink.arrivals("a0"));
+        let cpu = listener.cpu_seconds() - cpu;
+        let rss = listener.rss_kib();
+        listener.stop().await;
+        rows.push(
+            burst_row(&format!("live burst of {n}, ours, concurrency {concurrency}"), figures, cpu, rss, n)
+                .with("x_old_style", figures.rate / old_rate),
+        );
+        sink.reset();
     }
 
     // Latency, paced (the consumer back to the tuning of concurrency 1).
@@ -178,7 +237,7 @@ async fn run() -> anyhow::Result<()> {
     );
 
     // Fan-out and ping.
-    for agents in [100usize, 1000 / scale] {
+    for agents in [100usize, 1000 / scale, 3000 / scale] {
         let registry = bench::write_registry(dir.path(), &sink, agents)?;
         let names: Vec<String> = (0..agents).map(|i| format!("a{i}")).collect();
         let mut ensured =
@@ -308,6 +367,61 @@ async fn fetch_ack_ceiling(js: &async_nats::jetstream::Context, n: usize) -> any
         message.map_err(|e| anyhow::anyhow!("{e}"))?.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One keep-alive client posting one request at a time: what ordered delivery can reach at best.
+async fn sequential_ceiling(sink: &Sink, n: usize) -> anyhow::Result<f64> {
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/hooks/ceiling", sink.addr);
+    let body = serde_json::json!({"text": "[mesh] Message from bench: bench 0", "mode": "now"}).to_string();
+    let started = Instant::now();
+    for _ in 0..n {
+        client.post(&url).bearer_auth("t").header("Idempotency-Key", "k").body(body.clone()).send().await?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A row of live-burst figures.
+fn burst_row(workload: &str, figures: bench::BurstFigures, cpu_s: f64, rss_kib: u64, n: usize) -> Row {
+    Row::new(
+        workload,
+        "N messages published at full speed (JetStream, acked, 256 in flight) while the listener runs; msgs/s from \
+         the first publish to the last sink arrival; latency publish instant to arrival; CPU of the listener process \
+         during the burst per message; RSS after it",
+    )
+    .with("msgs_per_s", figures.rate)
+    .with("p50_ms", figures.p50_ms)
+    .with("p99_ms", figures.p99_ms)
+    .with("cpu_ms_per_msg", cpu_s * 1000.0 / n as f64)
+    .with("rss_mb", rss_kib as f64 / 1024.0)
+    .with("delivered", figures.delivered as f64)
+}
+
+/// The old-style Python listener (core NATS, one blocking POST with a new
+/// connection per message) on agent `b0`'s inbox, fed the same burst.
+async fn old_style_burst(
+    js: &async_nats::jetstream::Context,
+    sink: &Sink,
+    nats: &TestNats,
+    n: usize,
+) -> anyhow::Result<Row> {
+    let exe = std::env::current_exe()?;
+    let target = exe.parent().and_then(std::path::Path::parent).ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let python = mesh_tests::oldstyle::ensure_venv(&target.join("bench-venv"))?;
+    bench::ensure_consumer(js, "a0", 1).await?;
+    let hook = format!("http://{}/hooks/b0", sink.addr);
+    let old = mesh_tests::oldstyle::OldListener::start(&python, &nats.url(), "agents.b0.inbox", &hook).await?;
+    sink.reset();
+    let cpu = bench::cpu_seconds(old.pid());
+    let sent = bench::publish_burst(js, "b0", n).await?;
+    let all = sink.wait_total(n, Duration::from_secs(600)).await;
+    let figures = bench::burst_figures(&sent, &sink.arrivals("b0"));
+    let cpu = bench::cpu_seconds(old.pid()) - cpu;
+    let rss = bench::rss_kib(old.pid());
+    old.stop().await;
+    sink.reset();
+    anyhow::ensure!(all, "the old-style listener delivered {} of {n}", figures.delivered);
+    Ok(burst_row(&format!("live burst of {n}, old-style Python listener"), figures, cpu, rss, n))
 }
 
 async fn sink_ceiling(sink: &Sink, n: usize) -> anyhow::Result<f64> {

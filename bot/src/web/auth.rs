@@ -1,0 +1,347 @@
+//! Who a web console request comes from: the users of `MESH_WEB_USERS` and
+//! their tokens, sign-in sessions (in this process's memory), the CSRF token
+//! of each session, the session cookie's attributes, and the
+//! `Authorization: Bearer` tokens scripts send to `/api/`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use mesh_protocol::Secret;
+use subtle::ConstantTimeEq as _;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "mesh_session";
+/// How long a session lasts after sign-in.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Sessions held at most; sign-in is refused (503) beyond, until some expire.
+pub const MAX_SESSIONS: usize = 10_000;
+/// The shortest token a web user may have.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Failed sign-ins allowed per [`FAILURE_WINDOW`] before every attempt gets 429.
+pub const MAX_FAILURES: usize = 20;
+/// The window of [`MAX_FAILURES`].
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The web console's users: name -> token (resolved at start).
+#[derive(Clone, Default)]
+pub struct WebUsers {
+    users: Vec<(String, Secret)>,
+}
+
+impl std::fmt::Debug for WebUsers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.users.iter().map(|(n, _)| n.as_str()).collect();
+        f.debug_struct("WebUsers").field("names", &names).finish()
+    }
+}
+
+/// Why the web users cannot be used (the bot refuses to start: fail closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WebUsersError {
+    /// A name that is not `a-z`, `0-9`, `-`, `_` (1 to 32).
+    #[error("web user name {0:?} is invalid; use 1 to 32 of a-z, 0-9, - and _ (it becomes web:<name>)")]
+    BadName(String),
+    /// A token too short to resist guessing.
+    #[error("the token of web user {0} is shorter than {MIN_TOKEN_LEN} characters; use a long random one")]
+    ShortToken(String),
+    /// Two users with one token: a sign-in could not tell them apart.
+    #[error("web users {0} and {1} have the same token; give each their own")]
+    SharedToken(String, String),
+}
+
+impl WebUsers {
+    /// Checks names and tokens.
+    pub fn new(users: Vec<(String, Secret)>) -> Result<Self, WebUsersError> {
+        for (i, (name, token)) in users.iter().enumerate() {
+            if !crate::command::is_web_name(name) {
+                return Err(WebUsersError::BadName(name.chars().take(40).collect()));
+            }
+            if token.expose().chars().count() < MIN_TOKEN_LEN {
+                return Err(WebUsersError::ShortToken(name.clone()));
+            }
+            if let Some((other, _)) = users[..i].iter().find(|(_, t)| same(t.expose(), token.expose())) {
+                return Err(WebUsersError::SharedToken(other.clone(), name.clone()));
+            }
+        }
+        Ok(Self { users })
+    }
+
+    /// True when `name` is a user whose token is `token` (constant time in the token).
+    pub fn check(&self, name: &str, token: &str) -> bool {
+        self.users.iter().any(|(n, t)| n == name && same(t.expose(), token))
+    }
+
+    /// The user whose token is `token`: every token is compared, in constant time each.
+    pub fn by_token(&self, token: &str) -> Option<&str> {
+        let mut found = None;
+        for (name, secret) in &self.users {
+            if same(secret.expose(), token) {
+                found = Some(name.as_str());
+            }
+        }
+        found
+    }
+
+    /// The user names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.users.iter().map(|(n, _)| n.as_str())
+    }
+}
+
+fn same(a: &str, b: &str) -> bool {
+    bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+}
+
+/// A signed-in browser.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// The user.
+    pub user: String,
+    /// The token every form of this session carries.
+    pub csrf: String,
+    expires: Instant,
+}
+
+/// The sessions of this bot process (a restart signs everyone out).
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, Session>>,
+    failures: Mutex<VecDeque<Instant>>,
+}
+
+/// Why a sign-in was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInRefused {
+    /// Wrong name or token.
+    Wrong,
+    /// Too many failures lately: wait.
+    Throttled,
+    /// Too many sessions.
+    Full,
+}
+
+impl Sessions {
+    /// Signs `name` in with `token`: the new session's id and CSRF token.
+    pub fn sign_in(&self, users: &WebUsers, name: &str, token: &str) -> Result<(String, Session), SignInRefused> {
+        let now = Instant::now();
+        {
+            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+            while failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+                failures.pop_front();
+            }
+            if failures.len() >= MAX_FAILURES {
+                return Err(SignInRefused::Throttled);
+            }
+            if !users.check(name, token) {
+                failures.push_back(now);
+                return Err(SignInRefused::Wrong);
+            }
+        }
+        let mut map = self.lock();
+        if map.len() >= MAX_SESSIONS {
+            map.retain(|_, s| s.expires > now);
+            if map.len() >= MAX_SESSIONS {
+                return Err(SignInRefused::Full);
+            }
+        }
+        let id = random_token();
+        let session = Session { user: name.to_owned(), csrf: random_token(), expires: now + SESSION_TTL };
+        map.insert(id.clone(), session.clone());
+        Ok((id, session))
+    }
+
+    /// The live session with this id.
+    pub fn get(&self, id: &str) -> Option<Session> {
+        let mut map = self.lock();
+        match map.get(id) {
+            Some(s) if s.expires > Instant::now() => Some(s.clone()),
+            Some(_) => {
+                map.remove(id);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Ends a session.
+    pub fn sign_out(&self, id: &str) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Session>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// 244 random bits (two v4 UUIDs from the OS generator), as 64 hex digits.
+fn random_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// Who a request comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A browser with a session cookie.
+    Session {
+        /// The session id (from the cookie).
+        id: String,
+        /// The session.
+        session: Session,
+    },
+    /// A script with `Authorization: Bearer <token>`.
+    Bearer {
+        /// The user whose token it is.
+        user: String,
+    },
+}
+
+impl Caller {
+    /// The user's name.
+    pub fn user(&self) -> &str {
+        match self {
+            Self::Session { session, .. } => &session.user,
+            Self::Bearer { user } => user,
+        }
+    }
+
+    /// The engine's identity of the user (`web:<name>`).
+    pub fn identity(&self) -> crate::command::Identity {
+        crate::command::Identity::Web { name: self.user().to_owned() }
+    }
+
+    /// True when `csrf` is this caller's token; a bearer caller needs none
+    /// (a browser never adds the header by itself).
+    pub fn csrf_ok(&self, csrf: Option<&str>) -> bool {
+        match self {
+            Self::Session { session, .. } => csrf.is_some_and(|c| same(&session.csrf, c)),
+            Self::Bearer { .. } => true,
+        }
+    }
+}
+
+/// The caller of a request: its session cookie, else its bearer token.
+pub fn caller(headers: &HeaderMap, users: &WebUsers, sessions: &Sessions) -> Option<Caller> {
+    if let Some(id) = cookie(headers, COOKIE)
+        && let Some(session) = sessions.get(id)
+    {
+        return Some(Caller::Session { id: id.to_owned(), session });
+    }
+    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
+    let token = auth.strip_prefix("Bearer ").map(str::trim)?;
+    users.by_token(token).map(|user| Caller::Bearer { user: user.to_owned() })
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// True when the session cookie must be `Secure`: the request came through
+/// one of the `trusted` proxies and it says the browser used https.
+pub fn secure_cookie(trusted: &[IpAddr], peer: Option<IpAddr>, headers: &HeaderMap) -> bool {
+    let from_trusted = peer.is_some_and(|p| trusted.contains(&p));
+    let https = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').next().is_some_and(|first| first.trim().eq_ignore_ascii_case("https")));
+    from_trusted && https
+}
+
+/// The `Set-Cookie` value of a new session.
+pub fn session_cookie(id: &str, secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{secure}", SESSION_TTL.as_secs())
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn cleared_cookie(secure: bool) -> String {
+    let secure = if secure { "; Secure" } else { "" };
+    format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{secure}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn users() -> WebUsers {
+        WebUsers::new(vec![
+            ("alice".into(), Secret::new("alice-token-0123456789")),
+            ("bob".into(), Secret::new("bob-token-0123456789xx")),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn users_are_checked_at_start() {
+        let bad = |name: &str, token: &str| WebUsers::new(vec![(name.into(), Secret::new(token))]).unwrap_err();
+        assert_eq!(bad("Alice", "0123456789abcdefgh"), WebUsersError::BadName("Alice".into()));
+        assert_eq!(bad("alice", "short"), WebUsersError::ShortToken("alice".into()));
+        let shared = WebUsers::new(vec![
+            ("a".into(), Secret::new("same-token-0123456789")),
+            ("b".into(), Secret::new("same-token-0123456789")),
+        ]);
+        assert_eq!(shared.unwrap_err(), WebUsersError::SharedToken("a".into(), "b".into()));
+        assert!(!format!("{:?}", users()).contains("token-0123"), "tokens never reach Debug");
+    }
+
+    #[test]
+    fn sign_in_needs_the_users_own_token_and_throttles_guessing() {
+        let (users, sessions) = (users(), Sessions::default());
+        assert_eq!(sessions.sign_in(&users, "alice", "bob-token-0123456789xx"), Err(SignInRefused::Wrong));
+        let (id, session) = sessions.sign_in(&users, "alice", "alice-token-0123456789").unwrap();
+        assert_eq!(session.user, "alice");
+        assert_eq!((id.len(), session.csrf.len()), (64, 64));
+        assert_eq!(sessions.get(&id).unwrap().user, "alice");
+        sessions.sign_out(&id);
+        assert!(sessions.get(&id).is_none());
+        for _ in 1..MAX_FAILURES {
+            assert_eq!(sessions.sign_in(&users, "bob", "guess"), Err(SignInRefused::Wrong));
+        }
+        // Even the right token waits once the window is full of failures.
+        assert_eq!(sessions.sign_in(&users, "bob", "bob-token-0123456789xx"), Err(SignInRefused::Throttled));
+    }
+
+    #[test]
+    fn callers_come_from_the_cookie_or_a_bearer_token() {
+        let (users, sessions) = (users(), Sessions::default());
+        let (id, session) = sessions.sign_in(&users, "bob", "bob-token-0123456789xx").unwrap();
+        let mut headers = HeaderMap::new();
+        assert_eq!(caller(&headers, &users, &sessions), None);
+        headers.insert("cookie", format!("theme=dark; {COOKIE}={id}").parse().unwrap());
+        let by_cookie = caller(&headers, &users, &sessions).unwrap();
+        assert_eq!(by_cookie.user(), "bob");
+        assert!(by_cookie.csrf_ok(Some(&session.csrf)));
+        assert!(!by_cookie.csrf_ok(Some("forged")) && !by_cookie.csrf_ok(None));
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", format!("{COOKIE}=not-a-session").parse().unwrap());
+        assert_eq!(caller(&headers, &users, &sessions), None);
+        headers.insert("authorization", "Bearer alice-token-0123456789".parse().unwrap());
+        assert_eq!(caller(&headers, &users, &sessions), Some(Caller::Bearer { user: "alice".into() }));
+        headers.insert("authorization", "Bearer alice-token-012345678".parse().unwrap());
+        assert_eq!(caller(&headers, &users, &sessions), None);
+    }
+
+    #[test]
+    fn the_cookie_is_secure_only_behind_a_trusted_https_proxy() {
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let mut https = HeaderMap::new();
+        https.insert("x-forwarded-proto", "https".parse().unwrap());
+        assert!(secure_cookie(&[proxy], Some(proxy), &https));
+        assert!(!secure_cookie(&[proxy], Some("10.0.0.6".parse().unwrap()), &https), "anyone may send the header");
+        assert!(!secure_cookie(&[proxy], Some(proxy), &HeaderMap::new()));
+        let cookie = session_cookie("abc", true);
+        assert_eq!(cookie, "mesh_session=abc; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200; Secure");
+        assert!(!session_cookie("abc", false).contains("Secure"));
+    }
+}
