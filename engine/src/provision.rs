@@ -156,9 +156,21 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
     let mut done: Option<(Registry, tokio::time::Instant)> = None;
     let mut last_error = String::new();
     // The kill switch bucket, watched so the server-side pause follows every change.
-    let (mut watch, mut watch_changes): (Option<kv::Store>, Option<kv::Watch>) = (None, None);
+    let mut watch_changes: Option<kv::Watch> = None;
     let mut paused_at: Option<tokio::time::Instant> = None;
     loop {
+        if watch_changes.is_none() {
+            watch_changes = match js.get_key_value(mesh_protocol::killswitch::BUCKET).await {
+                Ok(store) => store.watch_all().await.ok(),
+                Err(_) => None,
+            };
+            // A watch tells only of changes after it starts: the sync of
+            // this pass applies those made before (a resume by hand while
+            // no watch ran would otherwise wait for the next check).
+            if watch_changes.is_some() {
+                paused_at = None;
+            }
+        }
         let outcome = async {
             // Consumers created from now on (an agent added back) are never retired by this pass.
             let seen = time::OffsetDateTime::now_utc();
@@ -227,13 +239,6 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 }
             }
         }
-        if watch.is_none() {
-            watch = js.get_key_value(mesh_protocol::killswitch::BUCKET).await.ok();
-            watch_changes = match &watch {
-                Some(store) => store.watch_all().await.ok(),
-                None => None,
-            };
-        }
         tokio::select! {
             () = &mut stop => return,
             () = tokio::time::sleep(config.poll) => {}
@@ -241,10 +246,11 @@ pub async fn follow(js: jetstream::Context, config: FollowConfig, stop: impl std
                 // Any change of the bucket, a hand edit included: the server follows it.
                 Some(Ok(_)) => {
                     if let Err(e) = mesh_runtime::server_pause::sync(&js, None).await {
-                        warn!(error = %e, "cannot apply the kill switch on the server yet; retrying");
+                        warn!(error = %e, "cannot apply the kill switch on the server yet; retrying at the next poll");
+                        paused_at = None;
                     }
                 }
-                _ => (watch, watch_changes) = (None, None),
+                _ => watch_changes = None,
             },
         }
     }
