@@ -248,6 +248,9 @@ pub enum AgentsAction {
         /// Deliveries in flight its consumer is set up for: 1 (default, in order) to 1024.
         #[arg(long)]
         concurrency: Option<u16>,
+        /// At concurrency 1, messages its consumer hands the listener at once: 4 (default) or 1 when listener replicas share the agent.
+        #[arg(long)]
+        prefetch: Option<u16>,
         /// Let a chat agent's gateway token travel over plain HTTP to a host that is not loopback (a private network you trust); otherwise use --gateway https://host:port.
         #[arg(long)]
         allow_plaintext: bool,
@@ -530,6 +533,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                     name,
                     inactive,
                     concurrency,
+                    prefetch,
                     allow_plaintext,
                     no_check,
                 }),
@@ -546,6 +550,7 @@ fn typed(command: Command) -> anyhow::Result<(crate::command::Command, TerminalO
                 name,
                 inactive,
                 concurrency,
+                prefetch,
                 allow_plaintext,
             };
             C::AgentsAdd { agent, check: !no_check }

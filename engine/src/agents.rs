@@ -115,6 +115,9 @@ pub fn plan_add(
     if let Some(concurrency) = spec.concurrency {
         entry["concurrency"] = concurrency.into();
     }
+    if let Some(prefetch) = spec.prefetch {
+        entry["prefetch"] = prefetch.into();
+    }
     if spec.allow_plaintext {
         entry["allow_plaintext"] = true.into();
     }
@@ -505,6 +508,11 @@ mod tests {
         assert_eq!(next.get(&"kaan".parse().unwrap()).unwrap().concurrency, 8);
         let too_many = AddSpec { concurrency: Some(2000), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
         assert!(plan_add(&reg, &too_many, Some(&r)).unwrap_err().to_string().contains("concurrency"));
+        let ordered_replicas = AddSpec { prefetch: Some(1), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        let next = plan_add(&reg, &ordered_replicas, Some(&r)).unwrap();
+        assert_eq!(next.get(&"kaan".parse().unwrap()).unwrap().prefetch, 1);
+        let no_window = AddSpec { prefetch: Some(0), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        assert!(plan_add(&reg, &no_window, Some(&r)).unwrap_err().to_string().contains("prefetch"));
         let cases: [(AddSpec, &str); 6] = [
             (spec("nova", "env:MESH_TOKEN_KAAN_HOOK"), "already registered"),
             (spec("Bad.Id", "env:MESH_TOKEN_KAAN_HOOK"), "an agent id is"),

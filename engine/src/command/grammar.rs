@@ -77,6 +77,9 @@ pub struct NewAgent {
     pub inactive: bool,
     /// Deliveries in flight its consumer is set up for (default 1).
     pub concurrency: Option<u16>,
+    /// At concurrency 1, how many messages its consumer hands the listener at
+    /// once (default 4; 1 when listener replicas share the agent).
+    pub prefetch: Option<u16>,
     /// Allow its gateway token over plain HTTP to a host that is not loopback.
     pub allow_plaintext: bool,
 }
