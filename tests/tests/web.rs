@@ -2,7 +2,8 @@
 //! against a real `mesh bot`, nats-server, listeners and recording gateways:
 //! sign-in, the fleet, a message sent and seen delivered without a reload,
 //! the kill switch banner and resume, a dead letter replayed (each on its
-//! own), an ask answered in place, a hard kill and its resume confirmed;
+//! own), an ask answered in place, a hard kill cancelled, another one and
+//! its resume confirmed;
 //! and the security cases: no session shows only the sign-in page, a viewer
 //! gets no action and a forged one is refused, agent text is shown as text,
 //! a forged dead letter replays nothing.
@@ -78,6 +79,32 @@ async fn sign_in(browser: &Browser, url: &str, name: &str, token: &str) {
     browser.find("#fleet").await;
 }
 
+/// Waits for the reply in `#result` whose title starts with `title` and
+/// which offers Confirm, and gives it the id `id`. (Replies are shown newest
+/// first, but an action's answer may land after a later one's when the live
+/// stream ran ahead of it, so a prompt is found by its title.)
+async fn prompt(browser: &Browser, title: &str, id: &str) {
+    let title = serde_json::to_string(title).unwrap();
+    browser
+        .wait_until(
+            &format!("a prompt {title}"),
+            &format!(
+                "(() => {{ const r = Array.from(document.querySelectorAll('#result .reply')).find(r => \
+                 r.querySelector('.title').textContent.startsWith({title}) && r.querySelector('form.confirm')); \
+                 if (r) r.id = '{id}'; return !!r; }})()"
+            ),
+        )
+        .await;
+}
+
+/// The JavaScript expression: some reply in `#result` has a title containing `text`.
+fn reply_says(text: &str) -> String {
+    format!(
+        "Array.from(document.querySelectorAll('#result .reply .title')).some(t => t.textContent.includes({}))",
+        serde_json::to_string(text).unwrap()
+    )
+}
+
 /// The JavaScript expression: the fleet row of `agent` shows `state`.
 fn agent_state(agent: &str, state: &str) -> String {
     format!("(document.querySelector('#fleet tr[data-agent=\"{agent}\"] td.state') || {{}}).textContent === '{state}'")
@@ -145,6 +172,23 @@ async fn an_operator_runs_the_mesh_from_the_browser() {
     browser.find("#resume-form button[type=submit]").await.click().await.unwrap();
     browser.wait_until("the banner goes", "document.getElementById('kill-banner').hidden").await;
 
+    // A hard kill's prompt offers Cancel beside Confirm: cancelled, nothing is pulled.
+    browser.find("#kill-form button[value=hard]").await.click().await.unwrap();
+    prompt(&browser, "to run \"kill hard\"", "hard-prompt").await;
+    browser.find("#hard-prompt form.cancel button").await.click().await.unwrap();
+    browser.wait_until("the cancel is reported", &reply_says("cancelled by web:dana")).await;
+    let fleet: serde_json::Value = reqwest::Client::new()
+        .get(format!("{url}/api/fleet"))
+        .bearer_auth(DIRECTOR_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(fleet["kill"], serde_json::json!([]), "a cancelled kill pulls nothing: {fleet}");
+    assert!(browser.find("#kill-banner").await.attr("hidden").await.unwrap().is_some());
+
     // kaan's gateway refuses for good: a dead letter, replayed from its page.
     stack.gateways[1].script([400]);
     let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
@@ -174,11 +218,14 @@ async fn an_operator_runs_the_mesh_from_the_browser() {
     // Each action is in the audit trail as web:dana from the front end web.
     browser.client.goto(&format!("{url}/audit?who=web:dana&command=kill")).await.unwrap();
     let rows = browser.client.find_all(Locator::Css("#audit tbody tr")).await.unwrap();
-    assert!(!rows.is_empty());
+    let mut texts = Vec::new();
     for row in rows {
         let text = row.text().await.unwrap();
-        assert!(text.contains("web:dana") && text.contains("web") && text.contains("kill soft"), "{text}");
+        assert!(text.contains("web:dana web kill "), "{text}");
+        texts.push(text);
     }
+    assert!(texts.iter().any(|t| t.contains("kill soft")), "{texts:?}");
+    assert!(texts.iter().any(|t| t.contains("kill hard") && t.contains("confirmation required")), "{texts:?}");
     browser.screenshot("audit").await;
     browser.close().await;
     stack.listener.stop().await.unwrap();
@@ -481,17 +528,18 @@ async fn ask_is_answered_in_place_and_a_hard_kill_and_its_resume_are_confirmed()
     assert!(asked[0].body.to_string().contains("6 x 7?"), "{}", asked[0].body);
     browser.screenshot("ask").await;
 
-    // kill hard asks for confirmation: nothing is pulled until Confirm.
-    let newest_confirm = "#result > .reply:first-child form.confirm button";
+    // kill hard asks for confirmation: nothing is pulled until Confirm (six
+    // control commands would pass dana's rate limit of 5 a minute: Cancel is
+    // tested in an_operator_runs_the_mesh_from_the_browser).
     browser.find("#kill-form select[name=agent] option[value=nova]").await.click().await.unwrap();
     browser.find("#kill-form input[name=reason]").await.send_keys("hard test").await.unwrap();
     browser.find("#kill-form button[value=hard]").await.click().await.unwrap();
-    let confirm = browser.find(newest_confirm).await;
+    prompt(&browser, "to run \"kill hard\"", "hard-prompt").await;
+    let confirm = browser.find("#hard-prompt form.confirm button").await;
     assert!(confirm.text().await.unwrap().starts_with("Confirm "), "the code is on the button");
-    let in_view = format!(
-        "(r => r.top >= 0 && r.bottom <= window.innerHeight)(document.querySelector('{newest_confirm}').getBoundingClientRect())"
-    );
-    browser.wait_until("the prompt is brought into view", &in_view).await;
+    let in_view = "(r => r.top >= 0 && r.bottom <= window.innerHeight)(document.querySelector('#hard-prompt form.confirm \
+                   button').getBoundingClientRect())";
+    browser.wait_until("the prompt is brought into view", in_view).await;
     assert_eq!(kills().await, serde_json::json!([]), "not pulled before it is confirmed");
     assert!(browser.find("#kill-banner").await.attr("hidden").await.unwrap().is_some());
     browser.screenshot("kill-hard-confirm").await;
@@ -510,13 +558,8 @@ async fn ask_is_answered_in_place_and_a_hard_kill_and_its_resume_are_confirmed()
     // Resuming from a hard kill asks for confirmation too; confirmed, it lifts the kill.
     browser.find("#resume-form select[name=agent] option[value=nova]").await.click().await.unwrap();
     browser.find("#resume-form button[type=submit]").await.click().await.unwrap();
-    browser
-        .wait_until(
-            "resume asks for confirmation",
-            "(document.querySelector('#result > .reply:first-child .title') || {}).textContent.includes('resume')",
-        )
-        .await;
-    let confirm = browser.find(newest_confirm).await;
+    prompt(&browser, "to run \"resume\"", "resume-prompt").await;
+    let confirm = browser.find("#resume-prompt form.confirm button").await;
     assert_eq!(kills().await[0]["mode"], "hard", "still pulled before the resume is confirmed");
     confirm.click().await.unwrap();
     browser.wait_until("the banner goes", "document.getElementById('kill-banner').hidden").await;

@@ -57,7 +57,8 @@ pub struct ActionForm {
 pub enum Action {
     /// A typed command.
     Run(Command),
-    /// A click on one of the engine's buttons (a dead letter's Replay).
+    /// A click on one of the engine's buttons (a dead letter's Replay, a
+    /// confirmation prompt's Cancel).
     Click(ButtonId),
 }
 
@@ -67,6 +68,12 @@ fn field(value: &Option<String>) -> Option<&str> {
 
 fn agent(form: &ActionForm) -> Result<Option<AgentId>, String> {
     field(&form.agent).map(|a| AgentId::parse(a).map_err(|e| e.to_string())).transpose()
+}
+
+fn code(form: &ActionForm) -> Result<String, String> {
+    let raw = field(&form.code).unwrap_or_default();
+    crate::command::confirm::normalize_code(raw)
+        .ok_or_else(|| "a confirmation code is 6 letters and digits such as K7P2QX".to_owned())
 }
 
 fn text(form: &ActionForm) -> Result<String, String> {
@@ -86,6 +93,9 @@ pub fn action(action: &str, form: &ActionForm) -> Result<Action, String> {
                     .to_owned()
             })?;
         return Ok(Action::Click(ButtonId::Replay { agent, dead_letter }));
+    }
+    if action == "cancel" {
+        return Ok(Action::Click(ButtonId::Cancel(code(form)?)));
     }
     command(action, form).map(Action::Run)
 }
@@ -120,15 +130,12 @@ fn command(action: &str, form: &ActionForm) -> Result<Command, String> {
             }
         }
         "resume" => Command::Resume { agent: agent(form)? },
-        "confirm" => {
-            let raw = field(&form.code).unwrap_or_default();
-            let code = crate::command::confirm::normalize_code(raw)
-                .ok_or_else(|| "a confirmation code is 6 letters and digits such as K7P2QX".to_owned())?;
-            Command::Confirm { code }
-        }
+        "confirm" => Command::Confirm { code: code(form)? },
         other => {
             let shown: String = other.chars().take(30).collect();
-            return Err(format!("unknown action {shown:?}; use send, broadcast, ask, kill, resume, confirm or replay"));
+            return Err(format!(
+                "unknown action {shown:?}; use send, broadcast, ask, kill, resume, confirm, cancel or replay"
+            ));
         }
     })
 }
@@ -303,6 +310,13 @@ mod tests {
             assert!(err.starts_with("name the dead letter to replay"), "{bad:?}: {err}");
         }
         assert_eq!(self::action("replay", &form(&[("dead_letter", "42")])).unwrap_err(), "choose an agent");
+    }
+
+    #[test]
+    fn a_cancel_is_the_engine_button_of_that_code() {
+        let cancel = self::action("cancel", &form(&[("code", "k7p2qx")])).unwrap();
+        assert_eq!(cancel, Action::Click(ButtonId::Cancel("K7P2QX".into())));
+        assert!(self::action("cancel", &form(&[("code", "x")])).unwrap_err().contains("6 letters"));
     }
 
     #[test]

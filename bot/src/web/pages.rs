@@ -372,10 +372,17 @@ pub fn reply_fragment(viewer: &Viewer, reply: &Reply, code: Option<&str>, follow
                 }
             }
             @if let Some(code) = code {
-                form.action.confirm method="post" action="/actions/confirm" {
-                    (csrf(viewer))
-                    input type="hidden" name="code" value=(code);
-                    button.danger type="submit" { "Confirm " (code) }
+                div.choices {
+                    form.action.confirm method="post" action="/actions/confirm" {
+                        (csrf(viewer))
+                        input type="hidden" name="code" value=(code);
+                        button.danger type="submit" { "Confirm " (code) }
+                    }
+                    form.action.confirm.cancel method="post" action="/actions/cancel" {
+                        (csrf(viewer))
+                        input type="hidden" name="code" value=(code);
+                        button type="submit" { "Cancel" }
+                    }
                 }
             }
             @if follow_up { p.hint { "The answer appears here when it comes (keep this page open)." } }
