@@ -491,6 +491,13 @@ impl Engine {
         self.mesh.as_deref().map_err(|reason| CommandError::Offline(reason.clone()))
     }
 
+    /// The kill switch entries in force, read through the engine's mesh:
+    /// its bucket, opened once when the engine started (the web console's
+    /// banner reads it every few seconds).
+    pub async fn kill_in_force(&self) -> Result<Vec<(Scope, mesh_protocol::killswitch::KillState)>, CommandError> {
+        Ok(self.mesh()?.kill_in_force().await?)
+    }
+
     /// Runs one chat command line: parses it, then takes the one road.
     pub async fn handle(&self, request: Request) -> Handled {
         match parse(&request.line) {
@@ -736,15 +743,17 @@ impl Engine {
         Some(expired_update(command))
     }
 
-    /// Replays the one dead letter a notification's Replay button names, if
-    /// it is still stored and `agent`'s; says so, and does nothing, if not.
+    /// Replays the one dead letter a Replay button (a notification's, or a
+    /// console row's) names, if it is stored and `agent`'s; an error, and
+    /// nothing done, if not (replayed already, removed, or a forged sequence).
     async fn replay_one(&self, agent: &AgentId, dead_letter: u64) -> Result<Executed, CommandError> {
         let registry = self.registry()?;
         let report = self.mesh()?.replay_one(&registry, agent, dead_letter).await?;
         if report.is_empty() {
             return Ok(Executed::reply(
-                Reply::warn(format!(
-                    "dead letter {dead_letter} of {agent} is no longer stored (replayed already or removed): nothing was replayed"
+                Reply::error(format!(
+                    "dead letter {dead_letter} of {agent} is no longer stored (replayed already, removed, or never \
+                     {agent}'s): nothing was replayed; list the dead letters again (dlq {agent})"
                 ))
                 .with_data(&report),
             ));

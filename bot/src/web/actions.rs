@@ -1,8 +1,11 @@
 //! The console's actions: a form (or a script's POST to `/api/actions/`)
 //! becomes one typed command, which takes the engine's one road as
 //! `web:<user>` from the front end `web`: permission, rate limit,
-//! confirmation code, execution, audit. A browser's form must carry its
-//! session's CSRF token; a bearer caller needs none.
+//! confirmation code, execution, audit. A dead letter's Replay is the
+//! engine's Replay button (`mesh:replay:<agent>:<sequence>`), clicked: the
+//! permission and rate limit of `dlq replay`, that one dead letter only,
+//! checked against the stream. A browser's form must carry its session's
+//! CSRF token; a bearer caller needs none.
 
 use axum::extract::{Form, Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -14,7 +17,7 @@ use serde::Deserialize;
 use super::auth;
 use super::live::Update;
 use super::{WebState, pages};
-use crate::command::{Command, Reply};
+use crate::command::{ButtonId, Command, Reply, Tone};
 use crate::engine::{Platform, Request};
 
 /// An action form's fields (each action reads the ones it needs).
@@ -44,6 +47,19 @@ pub struct ActionForm {
     /// A confirmation code.
     #[serde(default)]
     pub code: Option<String>,
+    /// A dead letter's sequence in the dead-letter stream (`replay`).
+    #[serde(default)]
+    pub dead_letter: Option<String>,
+}
+
+/// What an action form asks the engine for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A typed command.
+    Run(Command),
+    /// A click on one of the engine's buttons (a dead letter's Replay, a
+    /// confirmation prompt's Cancel).
+    Click(ButtonId),
 }
 
 fn field(value: &Option<String>) -> Option<&str> {
@@ -54,12 +70,38 @@ fn agent(form: &ActionForm) -> Result<Option<AgentId>, String> {
     field(&form.agent).map(|a| AgentId::parse(a).map_err(|e| e.to_string())).transpose()
 }
 
+fn code(form: &ActionForm) -> Result<String, String> {
+    let raw = field(&form.code).unwrap_or_default();
+    crate::command::confirm::normalize_code(raw)
+        .ok_or_else(|| "a confirmation code is 6 letters and digits such as K7P2QX".to_owned())
+}
+
 fn text(form: &ActionForm) -> Result<String, String> {
     form.text.as_deref().filter(|t| !t.trim().is_empty()).map(str::to_owned).ok_or_else(|| "write a text".to_owned())
 }
 
+/// What an action form asks for. Pure.
+pub fn action(action: &str, form: &ActionForm) -> Result<Action, String> {
+    if action == "replay" {
+        let agent = agent(form)?.ok_or_else(|| "choose an agent".to_owned())?;
+        let dead_letter = field(&form.dead_letter)
+            .and_then(|seq| seq.parse::<u64>().ok())
+            .filter(|seq| *seq > 0)
+            .ok_or_else(|| {
+                "name the dead letter to replay: its sequence number, as the dead letters page and /api/dead-letters \
+                 list it (dlq_seq)"
+                    .to_owned()
+            })?;
+        return Ok(Action::Click(ButtonId::Replay { agent, dead_letter }));
+    }
+    if action == "cancel" {
+        return Ok(Action::Click(ButtonId::Cancel(code(form)?)));
+    }
+    command(action, form).map(Action::Run)
+}
+
 /// The typed command an action form asks for. Pure.
-pub fn command(action: &str, form: &ActionForm) -> Result<Command, String> {
+fn command(action: &str, form: &ActionForm) -> Result<Command, String> {
     let needs_agent = || agent(form)?.ok_or_else(|| "choose an agent".to_owned());
     Ok(match action {
         "send" => {
@@ -88,16 +130,12 @@ pub fn command(action: &str, form: &ActionForm) -> Result<Command, String> {
             }
         }
         "resume" => Command::Resume { agent: agent(form)? },
-        "confirm" => {
-            let raw = field(&form.code).unwrap_or_default();
-            let code = crate::command::confirm::normalize_code(raw)
-                .ok_or_else(|| "a confirmation code is 6 letters and digits such as K7P2QX".to_owned())?;
-            Command::Confirm { code }
-        }
-        "replay" => Command::DlqReplay { agent: needs_agent()?, count: 1 },
+        "confirm" => Command::Confirm { code: code(form)? },
         other => {
             let shown: String = other.chars().take(30).collect();
-            return Err(format!("unknown action {shown:?}; use send, broadcast, ask, kill, resume, confirm or replay"));
+            return Err(format!(
+                "unknown action {shown:?}; use send, broadcast, ask, kill, resume, confirm, cancel or replay"
+            ));
         }
     })
 }
@@ -133,6 +171,27 @@ fn refused(how: Answer, status: StatusCode, message: &str) -> Response {
     }
 }
 
+/// What the engine made of an action.
+struct Done {
+    decision: &'static str,
+    reply: Reply,
+    code: Option<String>,
+    follow_up: bool,
+}
+
+/// The HTTP status of an action's outcome: the engine's refusals, and an
+/// action that ran but did nothing (an error reply: a dead letter not
+/// stored, an agent not in the registry, NATS unreachable) is `422`.
+fn status_of(decision: &str, reply: &Reply) -> StatusCode {
+    match decision {
+        "denied" => StatusCode::FORBIDDEN,
+        "limited" => StatusCode::TOO_MANY_REQUESTS,
+        "invalid" => StatusCode::BAD_REQUEST,
+        _ if reply.tone == Tone::Error => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::OK,
+    }
+}
+
 /// `POST /actions/{action}` and `POST /api/actions/{action}`.
 pub async fn run(
     State(state): State<WebState>,
@@ -148,46 +207,54 @@ pub async fn run(
         tracing::warn!(user = caller.user(), action, "web console action refused: missing or wrong CSRF token");
         return refused(how, StatusCode::FORBIDDEN, "the form's CSRF token is missing or stale; reload the page");
     }
-    let command = match command(&action, &form) {
-        Ok(command) => command,
+    let action = match self::action(&action, &form) {
+        Ok(action) => action,
         Err(problem) => return refused(how, StatusCode::BAD_REQUEST, &problem),
     };
-    let request = Request::chat(caller.identity(), Platform::Web, None, command.to_string());
-    let handled = state.engine.handle_command(request, command).await;
-    state.hub.refresh();
-    let status = match handled.decision {
-        "denied" => StatusCode::FORBIDDEN,
-        "limited" => StatusCode::TOO_MANY_REQUESTS,
-        "invalid" => StatusCode::BAD_REQUEST,
-        _ => StatusCode::OK,
+    let done = match action {
+        Action::Run(command) => {
+            let request = Request::chat(caller.identity(), Platform::Web, None, command.to_string());
+            let handled = state.engine.handle_command(request, command).await;
+            let follow_up = handled.follow_up.is_some();
+            if let Some(later) = handled.follow_up {
+                let (hub, user) = (state.hub.clone(), caller.user().to_owned());
+                tokio::spawn(async move {
+                    let reply: Reply = later.await;
+                    let text = crate::command::render_text::render(&reply);
+                    let lines = text.lines().skip(1).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+                    hub.send(Update::Reply { user, title: reply.title, lines });
+                });
+            }
+            Done { decision: handled.decision, reply: handled.reply, code: handled.confirmation_code, follow_up }
+        }
+        Action::Click(button) => {
+            // The engine replaces the line with the click's own audit line.
+            let request = Request::chat(caller.identity(), Platform::Web, None, String::new());
+            let clicked = state.engine.click(request, &button.to_string()).await;
+            let reply = clicked.answer.or(clicked.update).unwrap_or_else(|| Reply::info("done"));
+            Done { decision: clicked.decision, reply, code: None, follow_up: false }
+        }
     };
-    let follow_up = handled.follow_up.is_some();
-    if let Some(later) = handled.follow_up {
-        let (hub, user) = (state.hub.clone(), caller.user().to_owned());
-        tokio::spawn(async move {
-            let reply: Reply = later.await;
-            let text = crate::command::render_text::render(&reply);
-            let lines = text.lines().skip(1).filter(|l| !l.is_empty()).map(str::to_owned).collect();
-            hub.send(Update::Reply { user, title: reply.title, lines });
-        });
-    }
-    let code = handled.confirmation_code.as_deref();
+    state.hub.refresh();
+    let status = status_of(done.decision, &done.reply);
+    let Done { decision, reply, code, follow_up } = done;
+    let code = code.as_deref();
     match how {
         Answer::Json => (
             status,
             axum::Json(serde_json::json!({
-                "decision": handled.decision,
-                "reply": handled.reply,
+                "decision": decision,
+                "reply": reply,
                 "confirmation_code": code,
                 "follow_up": follow_up,
             })),
         )
             .into_response(),
         Answer::Fragment => {
-            (status, pages::reply_fragment(&state.viewer(&caller), &handled.reply, code, follow_up)).into_response()
+            (status, pages::reply_fragment(&state.viewer(&caller), &reply, code, follow_up)).into_response()
         }
         Answer::Page => {
-            let fragment = pages::reply_fragment(&state.viewer(&caller), &handled.reply, code, follow_up);
+            let fragment = pages::reply_fragment(&state.viewer(&caller), &reply, code, follow_up);
             (status, pages::result(&state.viewer(&caller), fragment)).into_response()
         }
     }
@@ -220,18 +287,41 @@ mod tests {
             ("kill", &[("grade", "nuclear")], "kill nuclear"),
             ("resume", &[("agent", "")], "resume"),
             ("confirm", &[("code", "k7p2qx")], "confirm K7P2QX"),
-            ("replay", &[("agent", "nova")], "dlq replay nova 1"),
         ];
         // Each form gives the command its chat line parses to.
         for (action, fields, line) in cases {
             let want = crate::command::parse(line).unwrap();
-            assert_eq!(command(action, &form(fields)), Ok(want), "{action} {fields:?}");
+            assert_eq!(self::action(action, &form(fields)), Ok(Action::Run(want)), "{action} {fields:?}");
         }
     }
 
     #[test]
+    fn a_replay_is_the_engine_button_of_that_one_dead_letter() {
+        let replay = self::action("replay", &form(&[("agent", "nova"), ("dead_letter", " 42 ")])).unwrap();
+        assert_eq!(replay, Action::Click(ButtonId::Replay { agent: AgentId::parse("nova").unwrap(), dead_letter: 42 }));
+        let Action::Click(button) = replay else { unreachable!() };
+        assert_eq!(button.to_string(), "mesh:replay:nova:42", "the id the engine's click reads back");
+        for bad in [
+            &[("agent", "nova")][..],
+            &[("agent", "nova"), ("dead_letter", "0")],
+            &[("agent", "nova"), ("dead_letter", "4x")],
+        ] {
+            let err = self::action("replay", &form(bad)).unwrap_err();
+            assert!(err.starts_with("name the dead letter to replay"), "{bad:?}: {err}");
+        }
+        assert_eq!(self::action("replay", &form(&[("dead_letter", "42")])).unwrap_err(), "choose an agent");
+    }
+
+    #[test]
+    fn a_cancel_is_the_engine_button_of_that_code() {
+        let cancel = self::action("cancel", &form(&[("code", "k7p2qx")])).unwrap();
+        assert_eq!(cancel, Action::Click(ButtonId::Cancel("K7P2QX".into())));
+        assert!(self::action("cancel", &form(&[("code", "x")])).unwrap_err().contains("6 letters"));
+    }
+
+    #[test]
     fn bad_forms_say_what_to_fix() {
-        let err = |action: &str, fields: &[(&str, &str)]| command(action, &form(fields)).unwrap_err();
+        let err = |action: &str, fields: &[(&str, &str)]| self::action(action, &form(fields)).unwrap_err();
         assert_eq!(err("send", &[("agent", "nova"), ("text", "  ")]), "write a text");
         assert_eq!(err("send", &[("text", "hi")]), "choose an agent");
         assert!(err("send", &[("agent", "No Va"), ("text", "hi")]).contains("agent"));

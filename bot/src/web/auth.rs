@@ -20,10 +20,19 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const MAX_SESSIONS: usize = 10_000;
 /// The shortest token a web user may have.
 pub const MIN_TOKEN_LEN: usize = 16;
-/// Failed sign-ins allowed per [`FAILURE_WINDOW`] before every attempt gets 429.
-pub const MAX_FAILURES: usize = 20;
+/// Failed sign-ins allowed per user name per [`FAILURE_WINDOW`] before every
+/// attempt with that name gets 429 (even the right token): someone guessing
+/// one user's token waits, the other users sign in as usual.
+pub const MAX_FAILURES: usize = 10;
 /// The window of [`MAX_FAILURES`].
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// User names whose recent failures are remembered at most; beyond, the
+/// name whose last failure is oldest is forgotten (memory stays bounded
+/// whatever names are tried).
+pub const FAILURE_NAMES: usize = 10_000;
+/// The characters of a name that count (longer names are cut: no user name
+/// is longer than 32).
+const NAME_KEY_CHARS: usize = 64;
 
 /// The web console's users: name -> token (resolved at start).
 #[derive(Clone, Default)]
@@ -109,7 +118,9 @@ pub struct Session {
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
-    failures: Mutex<VecDeque<Instant>>,
+    /// Recent failed sign-ins per name tried (known user or not: a refusal
+    /// tells nothing about whether the name exists).
+    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
 }
 
 /// Why a sign-in was refused.
@@ -125,18 +136,34 @@ pub enum SignInRefused {
 
 impl Sessions {
     /// Signs `name` in with `token`: the new session's id and CSRF token.
+    /// After [`MAX_FAILURES`] failures for `name` within [`FAILURE_WINDOW`],
+    /// every attempt for `name` is refused until the oldest leaves the window.
     pub fn sign_in(&self, users: &WebUsers, name: &str, token: &str) -> Result<(String, Session), SignInRefused> {
         let now = Instant::now();
         {
+            let key: String = name.chars().take(NAME_KEY_CHARS).collect();
             let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            while failures.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
-                failures.pop_front();
-            }
-            if failures.len() >= MAX_FAILURES {
+            let recent = |times: &mut VecDeque<Instant>| {
+                while times.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+                    times.pop_front();
+                }
+                times.len()
+            };
+            if failures.get_mut(&key).map_or(0, recent) >= MAX_FAILURES {
                 return Err(SignInRefused::Throttled);
             }
             if !users.check(name, token) {
-                failures.push_back(now);
+                if !failures.contains_key(&key) && failures.len() >= FAILURE_NAMES {
+                    failures.retain(|_, times| recent(times) > 0);
+                    if failures.len() >= FAILURE_NAMES {
+                        let oldest =
+                            failures.iter().min_by_key(|(_, times)| times.back().copied()).map(|(k, _)| k.clone());
+                        if let Some(oldest) = oldest {
+                            failures.remove(&oldest);
+                        }
+                    }
+                }
+                failures.entry(key).or_default().push_back(now);
                 return Err(SignInRefused::Wrong);
             }
         }
@@ -305,11 +332,46 @@ mod tests {
         assert_eq!(sessions.get(&id).unwrap().user, "alice");
         sessions.sign_out(&id);
         assert!(sessions.get(&id).is_none());
-        for _ in 1..MAX_FAILURES {
+        for _ in 0..MAX_FAILURES {
             assert_eq!(sessions.sign_in(&users, "bob", "guess"), Err(SignInRefused::Wrong));
         }
-        // Even the right token waits once the window is full of failures.
+        // Even the right token waits once bob's window is full of failures.
         assert_eq!(sessions.sign_in(&users, "bob", "bob-token-0123456789xx"), Err(SignInRefused::Throttled));
+        assert_eq!(sessions.sign_in(&users, "bob", "guess"), Err(SignInRefused::Throttled));
+    }
+
+    #[test]
+    fn guessing_one_name_does_not_lock_the_others_out() {
+        let (users, sessions) = (users(), Sessions::default());
+        // A flood of bad sign-ins for bob, and for names no one has.
+        for i in 0..MAX_FAILURES * 5 {
+            let _ = sessions.sign_in(&users, "bob", &format!("guess-{i}"));
+            let _ = sessions.sign_in(&users, &format!("nobody{i}"), "guess");
+        }
+        assert_eq!(sessions.sign_in(&users, "bob", "bob-token-0123456789xx"), Err(SignInRefused::Throttled));
+        // alice signs in; her own mistakes count for her only.
+        assert_eq!(sessions.sign_in(&users, "alice", "typo"), Err(SignInRefused::Wrong));
+        assert!(sessions.sign_in(&users, "alice", "alice-token-0123456789").is_ok());
+        // A name is a name up to its first 64 characters.
+        let long = "x".repeat(200);
+        for _ in 0..MAX_FAILURES {
+            assert_eq!(sessions.sign_in(&users, &long, "guess"), Err(SignInRefused::Wrong));
+        }
+        assert_eq!(sessions.sign_in(&users, &format!("{long}y"), "guess"), Err(SignInRefused::Throttled));
+    }
+
+    #[test]
+    fn the_names_remembered_are_bounded() {
+        let (users, sessions) = (users(), Sessions::default());
+        for _ in 0..MAX_FAILURES {
+            let _ = sessions.sign_in(&users, "bob", "guess");
+        }
+        for i in 0..FAILURE_NAMES + 10 {
+            let _ = sessions.sign_in(&users, &format!("n{i}"), "guess");
+        }
+        let failures = sessions.failures.lock().unwrap();
+        assert_eq!(failures.len(), FAILURE_NAMES, "the oldest names are forgotten");
+        assert!(!failures.contains_key("bob"), "bob's failures were the oldest");
     }
 
     #[test]

@@ -263,9 +263,10 @@ pub struct Sources {
     pub allowed_hosts: mesh_protocol::registry::HostAllowList,
 }
 
-/// Starts the hub's tasks until `stop`.
-pub fn start(hub: Arc<Hub>, sources: Sources, stop: CancellationToken) {
-    tokio::spawn(fleet(hub.clone(), sources.clone(), stop.clone()));
+/// Starts the hub's tasks until `stop`; the kill switch is read through
+/// `engine` (its bucket opened once, when the engine started).
+pub fn start(hub: Arc<Hub>, sources: Sources, engine: Arc<crate::engine::Engine>, stop: CancellationToken) {
+    tokio::spawn(fleet(hub.clone(), sources.clone(), engine, stop.clone()));
     tokio::spawn(events(hub.clone(), sources.client.clone(), stop.clone()));
     tokio::spawn(traffic(hub, sources, stop));
 }
@@ -274,11 +275,10 @@ fn load_registry(sources: &Sources) -> Result<Registry, String> {
     mesh_runtime::registry_file::load(&sources.registry_path, &sources.allowed_hosts).map_err(|e| e.to_string())
 }
 
-async fn fleet(hub: Arc<Hub>, sources: Sources, stop: CancellationToken) {
+async fn fleet(hub: Arc<Hub>, sources: Sources, engine: Arc<crate::engine::Engine>, stop: CancellationToken) {
     let js = jetstream::new(sources.client.clone());
-    let mut kill = None;
     loop {
-        let snapshot = read_fleet(&hub, &sources, &js, &mut kill).await;
+        let snapshot = read_fleet(&hub, &sources, &js, &engine).await;
         hub.set_fleet(snapshot);
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -292,7 +292,7 @@ async fn read_fleet(
     hub: &Hub,
     sources: &Sources,
     js: &jetstream::Context,
-    kill: &mut Option<crate::killswitch::KillSwitch>,
+    engine: &crate::engine::Engine,
 ) -> FleetSnapshot {
     let info = sources.client.server_info();
     let nats = NatsRow {
@@ -310,30 +310,25 @@ async fn read_fleet(
         .inspect_err(|e| error = Some(e.to_string()))
         .ok();
     let mut kill_rows = Vec::new();
-    if kill.is_none() {
-        *kill = crate::killswitch::KillSwitch::open(js).await.ok();
-    }
-    if let Some(switch) = kill.as_ref() {
-        match switch.in_force().await {
-            Ok(entries) => {
-                for (scope, state) in entries {
-                    let agent = match &scope {
-                        mesh_protocol::killswitch::Scope::Global => None,
-                        mesh_protocol::killswitch::Scope::Agent(id) => Some(id.to_string()),
-                    };
-                    kill_rows.push(KillRow {
-                        agent,
-                        scope: scope.to_string(),
-                        mode: state.mode.as_str().to_owned(),
-                        by: state.by.clone(),
-                        until: state.until.map(crate::killswitch::rfc3339),
-                        reason: state.reason.clone(),
-                        text: crate::killswitch::describe(&scope, &state),
-                    })
-                }
+    match engine.kill_in_force().await {
+        Ok(entries) => {
+            for (scope, state) in entries {
+                let agent = match &scope {
+                    mesh_protocol::killswitch::Scope::Global => None,
+                    mesh_protocol::killswitch::Scope::Agent(id) => Some(id.to_string()),
+                };
+                kill_rows.push(KillRow {
+                    agent,
+                    scope: scope.to_string(),
+                    mode: state.mode.as_str().to_owned(),
+                    by: state.by.clone(),
+                    until: state.until.map(crate::killswitch::rfc3339),
+                    reason: state.reason.clone(),
+                    text: crate::killswitch::describe(&scope, &state),
+                })
             }
-            Err(e) => error = Some(format!("kill switch unreadable: {e}")),
         }
+        Err(e) => error = Some(format!("kill switch unreadable (the banner may be missing a kill in force): {e}")),
     }
     let per_agent = dead_letter_counts(js).await;
     let last = lock(&hub.last).clone();

@@ -100,7 +100,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
     stop: CancellationToken,
 ) -> Router<S> {
     let hub = Arc::new(live::Hub::default());
-    live::start(hub.clone(), sources, stop.clone());
+    live::start(hub.clone(), sources, engine.clone(), stop.clone());
     let state = WebState {
         engine,
         js: async_nats::jetstream::new(client),

@@ -273,9 +273,8 @@ pub fn traffic_row(r: &TrafficRow) -> Markup {
     }
 }
 
-/// `/dead-letters`: with Replay on each agent's oldest (replays go oldest first).
+/// `/dead-letters`: each with its own Replay, which replays that dead letter only.
 pub fn dead_letters(viewer: &Viewer, entries: &[DeadLetterEntry], error: Option<&str>) -> Markup {
-    let mut seen = std::collections::BTreeSet::new();
     page(
         viewer,
         Page::DeadLetters,
@@ -297,13 +296,13 @@ pub fn dead_letters(viewer: &Viewer, entries: &[DeadLetterEntry], error: Option<
                                 td { (e.status.map_or_else(|| "-".to_owned(), |s| s.to_string())) }
                                 td { (e.attempts) } td.text { (e.text.as_deref().unwrap_or("(undecodable)")) }
                                 td {
-                                    @if seen.insert(e.agent.clone()) {
-                                        form.action method="post" action="/actions/replay" {
-                                            (csrf(viewer))
-                                            input type="hidden" name="agent" value=(e.agent);
-                                            button type="submit" { "Replay" }
-                                        }
-                                    } @else { span.hint { "after the one above" } }
+                                    form.action.replay method="post" action="/actions/replay" {
+                                        (csrf(viewer))
+                                        input type="hidden" name="agent" value=(e.agent);
+                                        input type="hidden" name="dead_letter" value=(e.dlq_seq);
+                                        button type="submit"
+                                            aria-label={ "Replay dead letter " (e.dlq_seq) " of " (e.agent) } { "Replay" }
+                                    }
                                 }
                             }
                         }
@@ -373,10 +372,17 @@ pub fn reply_fragment(viewer: &Viewer, reply: &Reply, code: Option<&str>, follow
                 }
             }
             @if let Some(code) = code {
-                form.action.confirm method="post" action="/actions/confirm" {
-                    (csrf(viewer))
-                    input type="hidden" name="code" value=(code);
-                    button.danger type="submit" { "Confirm " (code) }
+                div.choices {
+                    form.action.confirm method="post" action="/actions/confirm" {
+                        (csrf(viewer))
+                        input type="hidden" name="code" value=(code);
+                        button.danger type="submit" { "Confirm " (code) }
+                    }
+                    form.action.confirm.cancel method="post" action="/actions/cancel" {
+                        (csrf(viewer))
+                        input type="hidden" name="code" value=(code);
+                        button type="submit" { "Cancel" }
+                    }
                 }
             }
             @if follow_up { p.hint { "The answer appears here when it comes (keep this page open)." } }
@@ -427,6 +433,29 @@ mod tests {
         let html = traffic_row(&row).into_string();
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;&quot;'&amp;"), "{html}");
         assert!(!html.contains("<script>") && !html.contains("<b>"), "{html}");
+    }
+
+    #[test]
+    fn every_dead_letter_has_its_own_replay() {
+        let entry = |seq: u64| DeadLetterEntry {
+            dlq_seq: seq,
+            agent: "kaan".into(),
+            reason: "gateway refused (400)".into(),
+            status: Some(400),
+            attempts: 1,
+            at: time::OffsetDateTime::UNIX_EPOCH,
+            text: Some(format!("message {seq}")),
+            message_id: None,
+            payload: bytes::Bytes::new(),
+            identity: None,
+        };
+        let admin = viewer(Can { send: true, kill: true, nuclear: false });
+        let html = dead_letters(&admin, &[entry(7), entry(9)], None).into_string();
+        assert_eq!(html.matches("action=\"/actions/replay\"").count(), 2, "{html}");
+        for seq in [7, 9] {
+            assert!(html.contains(&format!("name=\"dead_letter\" value=\"{seq}\"")), "{html}");
+            assert!(html.contains(&format!("aria-label=\"Replay dead letter {seq} of kaan\"")), "{html}");
+        }
     }
 
     #[test]

@@ -162,7 +162,7 @@ pub async fn sign_in(
         Err(SignInRefused::Throttled) => (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string())],
-            pages::sign_in(Some("Too many failed sign-ins; wait a minute and try again.")),
+            pages::sign_in(Some("Too many failed sign-ins for this user; wait a minute and try again.")),
         )
             .into_response(),
         Err(SignInRefused::Full) => (

@@ -26,6 +26,8 @@
     if (total) total.textContent = String(fleet.dead_letters);
     var state = document.getElementById("nats-state");
     if (state) state.textContent = fleet.nats.connected ? "connected" : "disconnected";
+    // An unreadable registry lists no agents: the forms keep the last list.
+    if (fleet.agents.length || !fleet.error) renderAgentChoices(fleet.agents.map(function (a) { return a.agent; }));
     var body = document.querySelector("#fleet tbody");
     if (!body) return;
     body.replaceChildren();
@@ -37,6 +39,26 @@
       cell(tr, a.last_delivery ? a.last_delivery.outcome + " " + a.last_delivery.at : "-");
       cell(tr, a.dead_letters); cell(tr, a.paused ? "paused" : "no", "paused");
       body.appendChild(tr);
+    });
+  }
+
+  // The action forms' agent lists follow the fleet (a page loaded before the
+  // bot's first fleet read, or an agent added to the registry, needs no reload).
+  function renderAgentChoices(agents) {
+    document.querySelectorAll("form.action select[name=agent]").forEach(function (select) {
+      var current = Array.from(select.options).map(function (o) { return o.value; }).filter(Boolean);
+      if (current.join("\n") === agents.join("\n")) return;
+      var chosen = select.value;
+      var all = Array.from(select.options).find(function (o) { return o.value === ""; });
+      select.replaceChildren();
+      if (all) select.appendChild(all);
+      agents.forEach(function (agent) {
+        var option = document.createElement("option");
+        option.value = agent;
+        option.textContent = agent;
+        select.appendChild(option);
+      });
+      if (chosen === "" || agents.indexOf(chosen) >= 0) select.value = chosen;
     });
   }
 
@@ -102,11 +124,20 @@
     fetch(form.action, { method: "POST", body: data, headers: { "X-Mesh-Fragment": "1" }, credentials: "same-origin" })
       .then(function (response) { return response.text(); })
       .then(function (html) {
-        var box = document.getElementById("result");
-        if (!box) return;
         var holder = document.createElement("div");
         holder.innerHTML = html; // the server escaped every value in it
+        // A dead letter replayed is no longer stored: its row goes.
+        if (form.classList.contains("replay") && holder.querySelector('.reply[data-tone="ok"]')) {
+          var row = form.closest("tr");
+          if (row) row.remove();
+        }
+        var box = document.getElementById("result");
+        if (!box) return;
         while (holder.lastChild) box.insertBefore(holder.lastChild, box.firstChild);
+        // The answer (a confirmation prompt, say) is shown above the forms: bring it into view.
+        if (box.firstElementChild && box.firstElementChild.scrollIntoView) {
+          box.firstElementChild.scrollIntoView({ block: "nearest" });
+        }
         if (form.tagName === "FORM" && !form.classList.contains("confirm")) {
           var text = form.querySelector("textarea");
           if (text) text.value = "";
