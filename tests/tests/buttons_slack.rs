@@ -380,3 +380,72 @@ async fn a_dead_letter_notifications_replay_button_replays_that_dead_letter_only
     listener.stop().await.unwrap();
     drop(bot.process.stop().await);
 }
+
+#[tokio::test]
+async fn a_replay_button_naming_another_agents_dead_letter_is_refused_and_replays_nothing() {
+    let nats = TestNats::start().await;
+    let nova = RecordingGateway::start().await;
+    let kaan = RecordingGateway::start().await;
+    let fixture = Fixture::registry(&[("nova", &nova, true), ("kaan", &kaan, true)]);
+    let listener = ListenerHandle::spawn(fixture.listener_config(&nats, mesh_listener::config::Selection::All));
+    let bot = Bot::start(&nats, &fixture, &[("SLACK_NOTIFY_CHANNEL", "CNOTIFY"), ("MESH_MONITOR_EVERY_S", "1")]).await;
+    bot.process.wait_for_output("fleet monitor watching", WAIT).await.unwrap();
+    bot.process.wait_for_output("notifications relay following events", WAIT).await.unwrap();
+    let send = |to: &'static str, text: &'static str| {
+        let mut command = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry);
+        command.args(["send", to, text]);
+        async move {
+            let sent = command.output().await.unwrap();
+            assert!(sent.status.success(), "{}", String::from_utf8_lossy(&sent.stderr));
+        }
+    };
+
+    // kaan's gateway refuses a message for good: one dead letter, on mesh.dlq.kaan.
+    kaan.script([404]);
+    send("kaan", "kaan's private report").await;
+    let notification = dead_letter_notification(&bot, 1).await;
+    let kaans = button(&notification, "Replay kaan");
+    let seq = kaans.strip_prefix("mesh:replay:kaan:").unwrap_or_else(|| panic!("{kaans}"));
+    assert_eq!(dead_letters(&nats).await, 1);
+
+    // A correctly signed click naming nova with kaan's sequence: refused, nothing replayed.
+    let forged = format!("mesh:replay:nova:{seq}");
+    let refused = bot.click("UADMIN", &forged, "forged", 1).await;
+    let answer = refused[0].to_string();
+    assert!(answer.contains(&format!("dead letter {seq} of nova is no longer stored")), "{answer}");
+    assert!(answer.contains("never nova's") && answer.contains("nothing was replayed"), "{answer}");
+    assert_eq!(dead_letters(&nats).await, 1, "kaan's dead letter is still stored");
+    assert_eq!(kaan.requests().len(), 1, "only the refused original reached kaan");
+
+    // The engine audits the click as an allowed command whose outcome is the refusal.
+    let audit = mesh_tests::fixtures::mesh_command(&nats.url(), &fixture.registry)
+        .args(["audit", "10", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let audit: Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let rows = audit["sections"][0]["rows"].as_array().unwrap().clone();
+    let line = format!("dlq replay nova (dead letter {seq}, button)");
+    let row = rows.iter().find(|r| r[2] == line.as_str()).unwrap_or_else(|| panic!("no {line:?} in {rows:?}"));
+    assert_eq!(row[1], "slack:UADMIN", "{row}");
+    assert_eq!(row[3], "allowed", "{row}");
+    assert!(row.to_string().contains("no longer stored"), "the outcome is the refusal: {row}");
+
+    // A replay would have been published before the answer: a message sent to nova
+    // now is the first and only one nova's gateway gets.
+    send("nova", "the next message for nova").await;
+    let got = nova.wait_for(1, WAIT).await;
+    mesh_tests::fixtures::wait_until_settled(&nats.jetstream().await, "nova", WAIT).await;
+    assert_eq!(nova.requests().len(), 1, "{:?}", nova.requests());
+    assert!(got[0].text().contains("the next message for nova"), "{}", got[0].text());
+
+    // kaan's own button still replays it, to kaan.
+    let done = bot.click("UADMIN", &kaans, "kaans", 1).await;
+    assert!(done[0].to_string().contains("replayed 1 dead letters of kaan"), "{}", done[0]);
+    let got = kaan.wait_for(2, WAIT).await;
+    assert!(got[1].text().contains("kaan's private report"), "{}", got[1].text());
+    assert_eq!(dead_letters(&nats).await, 0);
+    assert_eq!(nova.requests().len(), 1, "nothing of kaan's reached nova");
+    listener.stop().await.unwrap();
+    drop(bot.process.stop().await);
+}
