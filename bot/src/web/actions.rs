@@ -56,7 +56,7 @@ pub struct ActionForm {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// A typed command.
-    Run(Command),
+    Run(Box<Command>),
     /// A click on one of the engine's buttons (a dead letter's Replay, a
     /// confirmation prompt's Cancel).
     Click(ButtonId),
@@ -97,7 +97,7 @@ pub fn action(action: &str, form: &ActionForm) -> Result<Action, String> {
     if action == "cancel" {
         return Ok(Action::Click(ButtonId::Cancel(code(form)?)));
     }
-    command(action, form).map(Action::Run)
+    command(action, form).map(|c| Action::Run(Box::new(c)))
 }
 
 /// The typed command an action form asks for. Pure.
@@ -214,7 +214,7 @@ pub async fn run(
     let done = match action {
         Action::Run(command) => {
             let request = Request::chat(caller.identity(), Platform::Web, None, command.to_string());
-            let handled = state.engine.handle_command(request, command).await;
+            let handled = state.engine.handle_command(request, *command).await;
             let follow_up = handled.follow_up.is_some();
             if let Some(later) = handled.follow_up {
                 let (hub, user) = (state.hub.clone(), caller.user().to_owned());
@@ -291,7 +291,7 @@ mod tests {
         // Each form gives the command its chat line parses to.
         for (action, fields, line) in cases {
             let want = crate::command::parse(line).unwrap();
-            assert_eq!(self::action(action, &form(fields)), Ok(Action::Run(want)), "{action} {fields:?}");
+            assert_eq!(self::action(action, &form(fields)), Ok(Action::Run(Box::new(want))), "{action} {fields:?}");
         }
     }
 
