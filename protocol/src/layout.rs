@@ -30,7 +30,14 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     /// Replicas (1 on a single server, 3 on a cluster).
     pub replicas: usize,
+    /// Most consumers the stream takes; 0 leaves it to the server (nats-server
+    /// 2.15 gives a stream 1,000 unless the stream sets its own).
+    pub max_consumers: i32,
 }
+
+/// Most consumers on the agents stream: one durable consumer per agent, so
+/// the most agents one mesh serves (see ARCHITECTURE.md, "Scale").
+pub const MAX_AGENT_CONSUMERS: i32 = 100_000;
 
 /// Replicas a cluster gets when the setting is [`Replicas::Auto`].
 pub const CLUSTER_REPLICAS: usize = 3;
@@ -103,6 +110,7 @@ pub fn agents_stream(replicas: usize) -> StreamSpec {
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
         replicas,
+        max_consumers: MAX_AGENT_CONSUMERS,
     }
 }
 
@@ -116,6 +124,7 @@ pub fn dead_letter_stream(replicas: usize) -> StreamSpec {
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
         replicas,
+        max_consumers: 0,
     }
 }
 
@@ -129,6 +138,7 @@ pub fn audit_stream(replicas: usize) -> StreamSpec {
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
         replicas,
+        max_consumers: 0,
     }
 }
 
@@ -142,6 +152,7 @@ pub fn replies_stream(replicas: usize) -> StreamSpec {
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
         replicas,
+        max_consumers: 0,
     }
 }
 
@@ -155,6 +166,7 @@ pub fn events_stream(replicas: usize) -> StreamSpec {
         max_msg_size: MAX_STORED_MSG,
         duplicate_window: DUPLICATE_WINDOW,
         replicas,
+        max_consumers: 0,
     }
 }
 

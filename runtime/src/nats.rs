@@ -163,6 +163,7 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
         max_message_size: spec.max_msg_size,
         duplicate_window: spec.duplicate_window,
         num_replicas: spec.replicas,
+        max_consumers: spec.max_consumers,
         ..Default::default()
     }
 }
@@ -206,6 +207,7 @@ pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Resul
             .await
             .map_err(|e| NatsError::Stream { explained: stream_error(spec.name, replicas, &e), source: Box::new(e) })?;
         widen_subjects(js, &spec, stream.cached_info()).await?;
+        raise_consumer_limit(js, &spec, stream.cached_info()).await;
         scale_up(js, stream.cached_info(), replicas).await;
     }
     Ok(())
@@ -233,6 +235,32 @@ async fn widen_subjects(
         .map_err(|e| NatsError::jetstream(format!("adding subjects {missing:?} to stream {}", spec.name), e))?;
     info!(stream = spec.name, added = ?missing, "stream subjects updated to the current layout");
     Ok(())
+}
+
+/// Raises the consumer limit of a stream made by an earlier version (or
+/// with a lower limit by hand) to the layout's: on nats-server 2.15 a stream
+/// without its own limit takes at most 1,000 consumers, so a mesh made before
+/// could not register its 1,001st agent. A server that refuses the change
+/// (before 2.12 the limit could not be edited; those servers have no default
+/// limit) is logged, not fatal.
+async fn raise_consumer_limit(js: &jetstream::Context, spec: &layout::StreamSpec, info: &stream::Info) {
+    let have = info.config.max_consumers;
+    if spec.max_consumers <= 0 || (have > 0 && have >= spec.max_consumers) {
+        return;
+    }
+    let mut config = info.config.clone();
+    config.max_consumers = spec.max_consumers;
+    match js.update_stream(config).await {
+        Ok(_) => info!(
+            stream = spec.name,
+            from = have,
+            to = spec.max_consumers,
+            "stream consumer limit raised to the layout's"
+        ),
+        Err(e) => {
+            warn!(stream = spec.name, error = %e, limit = spec.max_consumers, "cannot raise the stream's consumer limit; agents beyond the server's limit cannot be added")
+        }
+    }
 }
 
 /// What to say when looking up or creating a stream failed. A timeout is not
