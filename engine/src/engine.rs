@@ -758,6 +758,11 @@ impl Engine {
                 .with_data(&report),
             ));
         }
+        if report.replayed.is_empty() && report.already_removed.is_empty() {
+            // Skipped (does not decode) or failed: kept, and said so as an error.
+            let reply = Reply::error(format!("dead letter {dead_letter} of {agent} was not replayed (it is kept)"));
+            return Ok(Executed::reply(reply.with_lines(None, report.lines()).with_data(&report)));
+        }
         Ok(replayed(agent, &report))
     }
 

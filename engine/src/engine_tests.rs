@@ -47,6 +47,8 @@ struct State {
     stopped: Vec<String>,
     /// The engine's clock (kill entries are written at its time).
     now: Option<OffsetDateTime>,
+    /// What replaying one dead letter reports (`None`: nothing stored).
+    replay_one: Option<ReplayReport>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -176,7 +178,7 @@ impl Mesh for FakeMesh {
         _agent: &'a AgentId,
         _seq: u64,
     ) -> BoxFuture<'a, Result<ReplayReport, MeshError>> {
-        ready(Ok(ReplayReport::default()))
+        ready(Ok(self.state().replay_one.clone().unwrap_or_default()))
     }
 
     fn audit<'a>(&'a self, record: &'a AuditRecord) -> BoxFuture<'a, Result<(), MeshError>> {
@@ -651,6 +653,30 @@ async fn a_resume_confirmed_after_a_newer_kill_is_refused_typed_or_clicked() {
     let answer = click.answer.expect("a refusal is answered");
     assert!(answer.title.contains("kill switch changed since the resume was asked for"), "{answer:?}");
     assert_eq!(s.mesh.state().kill.get(&Scope::Global.key()).map(|k| k.by.clone()).as_deref(), Some("slack:UDIR2"));
+}
+
+#[tokio::test]
+async fn a_replay_button_that_replayed_nothing_answers_an_error_saying_why() {
+    let s = setup();
+    let why = "payload does not decode to a message; inspect it and fix the sender";
+    s.mesh.state().replay_one = Some(ReplayReport { skipped: vec![(7, why.into())], ..ReplayReport::default() });
+    let click = s.engine.click(slack("UDIR", "(button)"), "mesh:replay:nova:7").await;
+    let answer = click.answer.expect("a replay is answered");
+    assert_eq!(answer.tone, Tone::Error, "{answer:?}");
+    assert_eq!(answer.title, "dead letter 7 of nova was not replayed (it is kept)");
+    let text = crate::command::render_text::render(&answer);
+    assert!(text.contains(&format!("dead letter 7 skipped: {why}")), "{text}");
+    // A publish that failed is not a replay either.
+    let failed = "NATS unreachable; the dead letter is kept: replay it again";
+    s.mesh.state().replay_one = Some(ReplayReport { failed: vec![(7, failed.into())], ..ReplayReport::default() });
+    let click = s.engine.click(slack("UDIR", "(button)"), "mesh:replay:nova:7").await;
+    assert_eq!(click.answer.expect("answered").tone, Tone::Error);
+    // One replayed is ok.
+    let replayed = ReplayReport { replayed: vec![(7, "id-1".into())], ..ReplayReport::default() };
+    s.mesh.state().replay_one = Some(replayed);
+    let click = s.engine.click(slack("UDIR", "(button)"), "mesh:replay:nova:7").await;
+    let answer = click.answer.expect("answered");
+    assert_eq!((answer.tone, answer.title.as_str()), (Tone::Ok, "replayed 1 dead letters of nova"));
 }
 
 #[tokio::test]

@@ -5,8 +5,12 @@
 //! own), an ask answered in place, a hard kill cancelled, another one and
 //! its resume confirmed;
 //! and the security cases: no session shows only the sign-in page, a viewer
-//! gets no action and a forged one is refused, agent text is shown as text,
-//! a forged dead letter replays nothing.
+//! gets no action and a forged one is refused (kill, Replay, Cancel; an
+//! operator's Replay and Cancel too), agent text is shown as text, a forged
+//! dead letter replays nothing, an undecodable one is kept and said so,
+//! another site's sign-ins count for nothing, a flood of wrong bearer tokens
+//! waits while the browser session works, and an agent chosen in a form
+//! stays chosen when it leaves the registry.
 //! Each test saves screenshots under `target/web-screenshots/`.
 
 #![allow(clippy::unwrap_used)] // test helpers fail loudly
@@ -23,6 +27,7 @@ use mesh_tests::{Fixture, ListenerHandle, RecordingGateway, TestNats};
 const WAIT: Duration = Duration::from_secs(20);
 const DIRECTOR_TOKEN: &str = "dana-director-token-0123456789";
 const VIEWER_TOKEN: &str = "vic-viewer-token-0123456789";
+const OPERATOR_TOKEN: &str = "opal-operator-token-0123456789";
 
 struct Stack {
     nats: TestNats,
@@ -37,7 +42,8 @@ const ADA_ANSWERS: &str = "42, said <b>ada</b>";
 
 /// nats-server, three agents behind recording gateways and their listener
 /// (nova and kaan woken by webhook, ada a chat agent answering
-/// [`ADA_ANSWERS`]), `mesh bot` with the web users dana (director) and vic (viewer).
+/// [`ADA_ANSWERS`]), `mesh bot` with the web users dana (director), opal
+/// (operator: no `dlq replay`) and vic (viewer).
 async fn stack() -> Stack {
     let nats = TestNats::start().await;
     let gateways =
@@ -56,16 +62,21 @@ async fn stack() -> Stack {
     }));
     let listener = ListenerHandle::spawn(fixture.listener_config(&nats, Selection::All));
     let permissions = fixture.dir().join("permissions.json");
-    std::fs::write(&permissions, serde_json::json!({"director": ["web:dana"], "viewer": ["web:vic"]}).to_string())
-        .unwrap();
+    std::fs::write(
+        &permissions,
+        serde_json::json!({"director": ["web:dana"], "operator": ["web:opal"], "viewer": ["web:vic"]}).to_string(),
+    )
+    .unwrap();
     let vic = fixture.secret_file("vic-web-token", VIEWER_TOKEN);
     let users = fixture.dir().join("web-users.json");
-    let users_json = serde_json::json!({"dana": "env:MESH_TOKEN_WEB_DANA", "vic": format!("file:{}", vic.display())});
+    let users_json = serde_json::json!({"dana": "env:MESH_TOKEN_WEB_DANA", "opal": "env:MESH_TOKEN_WEB_OPAL",
+                                        "vic": format!("file:{}", vic.display())});
     std::fs::write(&users, users_json.to_string()).unwrap();
     let env = [
         ("MESH_PERMISSIONS", permissions.display().to_string()),
         ("MESH_WEB_USERS", users.display().to_string()),
         ("MESH_TOKEN_WEB_DANA", DIRECTOR_TOKEN.to_owned()),
+        ("MESH_TOKEN_WEB_OPAL", OPERATOR_TOKEN.to_owned()),
     ];
     let bot = BotProcess::start(&nats.url(), &fixture.registry, env).await;
     Stack { nats, fixture, gateways, listener, bot }
@@ -271,7 +282,6 @@ async fn a_viewer_sees_no_actions_and_forged_ones_are_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // Someone guessing dana's token: after MAX_FAILURES dana waits, even with her token; vic signs in below.
     let max = mesh_bot::web::auth::MAX_FAILURES;
     let login = |name: &str, token: &str| {
         http.post(format!("{url}/login"))
@@ -279,6 +289,32 @@ async fn a_viewer_sees_no_actions_and_forged_ones_are_refused() {
             .body(serde_urlencoded::to_string([("name", name), ("token", token)]).unwrap())
             .send()
     };
+
+    // Another site's page posting sign-ins for dana (its browser says so in
+    // Sec-Fetch-Site, or an older one in Origin): 403, before anything is
+    // counted, so it cannot lock dana out; a right token from there is refused too.
+    let elsewhere: [&[(&str, &str)]; 3] = [
+        &[("sec-fetch-site", "cross-site"), ("origin", "https://evil.example")],
+        &[("sec-fetch-site", "same-site")],
+        &[("origin", "https://evil.example")],
+    ];
+    for i in 0..max * 2 + 1 {
+        let token = if i == max * 2 { DIRECTOR_TOKEN.to_owned() } else { format!("guess-{i}") };
+        let mut request = http
+            .post(format!("{url}/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(serde_urlencoded::to_string([("name", "dana"), ("token", token.as_str())]).unwrap());
+        for (name, value) in elsewhere[i % elsewhere.len()] {
+            request = request.header(*name, *value);
+        }
+        let answer = request.send().await.unwrap();
+        assert_eq!(answer.status(), 403, "attempt {i} from another site");
+        assert!(answer.headers().get("set-cookie").is_none(), "attempt {i}: no session");
+    }
+    let dana = login("dana", DIRECTOR_TOKEN).await.unwrap();
+    assert_eq!(dana.status(), 303, "another site's attempts did not count against dana");
+
+    // Someone guessing dana's token: after MAX_FAILURES dana waits, even with her token; vic signs in below.
     for i in 0..max * 3 {
         let want = if i < max { 401 } else { 429 };
         assert_eq!(login("dana", &format!("guess-{i}")).await.unwrap().status(), want, "attempt {i}");
@@ -327,9 +363,127 @@ async fn a_viewer_sees_no_actions_and_forged_ones_are_refused() {
         .unwrap();
     let decisions: Vec<&str> = audit.as_array().unwrap().iter().filter_map(|r| r["decision"].as_str()).collect();
     assert_eq!(decisions, ["denied"], "the refused kill is audited: {audit}");
+
+    // Forged Replay and Cancel with a valid CSRF token, from vic (a viewer,
+    // in the browser) and opal (an operator: no `dlq replay`, and the code is
+    // dana's): refused, nothing replayed, nothing cancelled.
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let registry = mesh_listener::registry_file::load(&stack.fixture.registry, &Default::default()).unwrap();
+    stack.gateways[1].script([400]);
+    mesh_bot::publish::send(&js, &registry, "cli:test", "kaan", "stays dead", Priority::Normal).await.unwrap();
+    wait_for_dead_letters(&js, 1).await;
+    let seq = js.get_stream("MESH_DLQ").await.unwrap().get_info().await.unwrap().state.last_sequence;
+    let reached_kaan = stack.gateways[1].requests().len();
+    let kill: serde_json::Value = http
+        .post(format!("{url}/api/actions/kill"))
+        .bearer_auth(DIRECTOR_TOKEN)
+        .header("accept", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grade=hard&agent=nova")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let code = kill["confirmation_code"].as_str().unwrap_or_else(|| panic!("a code: {kill}")).to_owned();
+    let forged = [("replay", format!("agent=kaan&dead_letter={seq}")), ("cancel", format!("code={code}"))];
+    for (action, body) in &forged {
+        let status = browser
+            .client
+            .execute(
+                &format!(
+                    "return fetch('/actions/{action}', {{method: 'POST', headers: {{'Content-Type': \
+                     'application/x-www-form-urlencoded', 'Accept': 'application/json'}}, body: '{body}&csrf=' + \
+                     encodeURIComponent(document.querySelector('form.signout input[name=csrf]').value)}}).then(r => r.status);"
+                ),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, serde_json::json!(403), "vic's forged {action}");
+    }
+    let (opal_cookie, opal_csrf) = http_session(&http, &url, "opal", OPERATOR_TOKEN).await;
+    for (action, body) in &forged {
+        let answer = http
+            .post(format!("{url}/actions/{action}"))
+            .header("cookie", &opal_cookie)
+            .header("accept", "application/json")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("{body}&csrf={opal_csrf}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 403, "opal's forged {action}: {}", answer.text().await.unwrap());
+    }
+    assert_eq!(mesh_tests::fixtures::dead_letters(&js).await.len(), 1, "nothing was replayed");
+    assert_eq!(stack.gateways[1].requests().len(), reached_kaan, "nothing more reached kaan");
+    let cancelled: serde_json::Value = http
+        .post(format!("{url}/api/actions/cancel"))
+        .bearer_auth(DIRECTOR_TOKEN)
+        .header("accept", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("code={code}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let title = cancelled["reply"]["title"].as_str().unwrap_or_default();
+    assert!(title.contains("cancelled by web:dana"), "dana's code was still pending: {cancelled}");
+
+    // A flood of wrong bearer tokens from this address: 429 once
+    // MAX_BEARER_FAILURES are counted (one was sent above), then even the
+    // right token waits; the browser session is not affected.
+    let bearer_max = mesh_bot::web::auth::MAX_BEARER_FAILURES;
+    let mut statuses = Vec::new();
+    for i in 0..bearer_max + 5 {
+        let answer = http.get(format!("{url}/api/fleet")).bearer_auth(format!("guess-{i}-0123456789")).send().await;
+        statuses.push(answer.unwrap().status().as_u16());
+    }
+    let unauthorized = statuses.iter().take_while(|s| **s == 401).count();
+    assert_eq!(unauthorized, bearer_max - 1, "{statuses:?}");
+    assert!(statuses[unauthorized..].iter().all(|s| *s == 429), "{statuses:?}");
+    let right = http.get(format!("{url}/api/fleet")).bearer_auth(DIRECTOR_TOKEN).send().await.unwrap();
+    assert_eq!(right.status(), 429, "the right token waits too");
+    assert_eq!(right.headers()["retry-after"], "60");
+    let action = http
+        .post(format!("{url}/api/actions/send"))
+        .bearer_auth(DIRECTOR_TOKEN)
+        .header("accept", "application/json")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("agent=nova&text=hi")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(action.status(), 429);
+    let session = browser.client.execute("return fetch('/api/fleet').then(r => r.status);", Vec::new()).await.unwrap();
+    assert_eq!(session, serde_json::json!(200), "a browser session is let in");
     browser.close().await;
     stack.listener.stop().await.unwrap();
-    drop(stack.bot.stop().await);
+    let (_, output) = stack.bot.stop().await;
+    for token in [DIRECTOR_TOKEN, VIEWER_TOKEN, OPERATOR_TOKEN] {
+        assert!(!output.contains(token), "no token in the bot's log");
+    }
+    assert!(output.contains("sign-in refused: posted from another site"), "the cross-site sign-ins are logged");
+}
+
+/// Signs `name` in over plain HTTP: the session's `Cookie` header value and its CSRF token.
+async fn http_session(http: &reqwest::Client, url: &str, name: &str, token: &str) -> (String, String) {
+    let signed_in = http
+        .post(format!("{url}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_urlencoded::to_string([("name", name), ("token", token)]).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status(), 303, "{name} signs in");
+    let set = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let page = http.get(format!("{url}/")).header("cookie", &cookie).send().await.unwrap().text().await.unwrap();
+    let csrf = page.split("name=\"csrf\" value=\"").nth(1).and_then(|rest| rest.split('"').next());
+    (cookie, csrf.unwrap_or_else(|| panic!("a CSRF token in {page}")).to_owned())
 }
 
 /// Waits until `MESH_DLQ` holds `n` dead letters; returns them, oldest first.
@@ -510,6 +664,27 @@ async fn ask_is_answered_in_place_and_a_hard_kill_and_its_resume_are_confirmed()
         )
         .await;
 
+    // zed chosen in the Kill form, then removed from the registry: the live
+    // update keeps zed chosen (marked), never widening the kill to all agents.
+    browser.find("#kill-form select[name=agent] option[value=zed]").await.click().await.unwrap();
+    registry.as_object_mut().unwrap().remove("zed");
+    std::fs::write(&written, registry.to_string()).unwrap();
+    std::fs::rename(&written, &stack.fixture.registry).unwrap();
+    browser
+        .wait_until("zed leaves the fleet", "document.querySelector('#fleet tr[data-agent=\"zed\"]') === null")
+        .await;
+    let kill_target = browser
+        .client
+        .execute(
+            "const s = document.querySelector('#kill-form select[name=agent]'); \
+             return [s.value, s.selectedOptions[0].textContent];",
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kill_target, serde_json::json!(["zed", "zed (no longer in the registry)"]));
+    browser.screenshot("kill-target-gone").await;
+
     // Ask ada: the answer appears in place when it comes, as text.
     browser.find("#ask-form select[name=agent] option[value=ada]").await.click().await.unwrap();
     browser.find("#ask-form textarea[name=text]").await.send_keys("6 x 7?").await.unwrap();
@@ -565,6 +740,36 @@ async fn ask_is_answered_in_place_and_a_hard_kill_and_its_resume_are_confirmed()
     browser.wait_until("the banner goes", "document.getElementById('kill-banner').hidden").await;
     assert_eq!(kills().await, serde_json::json!([]));
     browser.screenshot("kill-hard-resumed").await;
+
+    // An undecodable dead letter of kaan's (dana's fifth control command this
+    // minute, the last the rate limit allows): its Replay answers an error
+    // saying why, and its row and the dead letter stay.
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let record = mesh_protocol::dead_letter::DeadLetter {
+        agent: "kaan".parse().unwrap(),
+        reason: "gateway answered HTTP 400; not retried".into(),
+        status: Some(400),
+        attempts: 1,
+        subject: "agents.kaan.inbox".into(),
+        stream_seq: 1,
+        message_id: uuid::Uuid::new_v4(),
+        stored_at: time::OffsetDateTime::now_utc(),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    for (name, value) in record.headers() {
+        headers.insert(name, value.as_str());
+    }
+    let stored = js.publish_with_headers("mesh.dlq.kaan", headers, "{not json".into()).await.unwrap().await.unwrap();
+    let row = format!("#dead-letters tr[data-seq=\"{}\"]", stored.sequence);
+    browser.client.goto(&format!("{url}/dead-letters")).await.unwrap();
+    browser.find(&format!("{row} form button")).await.click().await.unwrap();
+    let refused = "Array.from(document.querySelectorAll('#result .reply[data-tone=\"error\"]')).some(r => \
+                   r.querySelector('.title').textContent.includes('was not replayed (it is kept)') && \
+                   r.textContent.includes('does not decode to a message'))";
+    browser.wait_until("the replay is refused, saying why", refused).await;
+    assert!(browser.client.find(Locator::Css(&row)).await.is_ok(), "its row stays");
+    assert_eq!(mesh_tests::fixtures::dead_letters(&js).await.len(), 1, "the dead letter is still stored");
+    browser.screenshot("dead-letter-not-replayed").await;
     browser.close().await;
     stack.listener.stop().await.unwrap();
     drop(stack.bot.stop().await);

@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use super::auth;
 use super::live::Update;
-use super::{WebState, pages};
+use super::{Peer, WebState, pages};
 use crate::command::{ButtonId, Command, Reply, Tone};
 use crate::engine::{Platform, Request};
 
@@ -196,12 +196,24 @@ fn status_of(decision: &str, reply: &Reply) -> StatusCode {
 pub async fn run(
     State(state): State<WebState>,
     Path(action): Path<String>,
+    peer: Peer,
     headers: HeaderMap,
     Form(form): Form<ActionForm>,
 ) -> Response {
     let how = answer(&headers);
-    let Some(caller) = auth::caller(&headers, &state.users, &state.sessions) else {
-        return refused(how, StatusCode::UNAUTHORIZED, "sign in first (or send Authorization: Bearer <token>)");
+    let caller = match state.caller(&headers, peer) {
+        Ok(caller) => caller,
+        Err(auth::NoCaller::Unknown) => {
+            return refused(how, StatusCode::UNAUTHORIZED, "sign in first (or send Authorization: Bearer <token>)");
+        }
+        Err(auth::NoCaller::Throttled) => {
+            let mut response = refused(how, StatusCode::TOO_MANY_REQUESTS, super::BEARER_THROTTLED);
+            let retry = auth::FAILURE_WINDOW.as_secs().to_string();
+            if let Ok(retry) = axum::http::HeaderValue::from_str(&retry) {
+                response.headers_mut().insert(axum::http::header::RETRY_AFTER, retry);
+            }
+            return response;
+        }
     };
     if !caller.csrf_ok(form.csrf.as_deref()) {
         tracing::warn!(user = caller.user(), action, "web console action refused: missing or wrong CSRF token");
@@ -209,7 +221,10 @@ pub async fn run(
     }
     let action = match self::action(&action, &form) {
         Ok(action) => action,
-        Err(problem) => return refused(how, StatusCode::BAD_REQUEST, &problem),
+        Err(problem) => {
+            tracing::warn!(user = caller.user(), action, problem = %problem, "web console action refused: malformed form");
+            return refused(how, StatusCode::BAD_REQUEST, &problem);
+        }
     };
     let done = match action {
         Action::Run(command) => {

@@ -13,10 +13,10 @@ use axum::response::{IntoResponse, Response};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::WebState;
 use super::auth::{self, Caller};
 use super::live::Update;
 use super::views::{AuditFilter, DEAD_LETTERS_LISTED, audit_records};
+use super::{Peer, WebState};
 use crate::command::Command;
 
 fn unauthorized() -> Response {
@@ -24,10 +24,19 @@ fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, [("www-authenticate", "Bearer")], Json(body)).into_response()
 }
 
+/// The answer to a client that sent too many wrong bearer tokens lately.
+pub(super) fn throttled() -> Response {
+    let retry = [(axum::http::header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string())];
+    (StatusCode::TOO_MANY_REQUESTS, retry, Json(serde_json::json!({"error": super::BEARER_THROTTLED}))).into_response()
+}
+
 /// The caller allowed to run `command`'s kind of read, or the JSON refusal.
 #[allow(clippy::result_large_err)] // the refusal is the handler's response, returned at once
-fn caller(state: &WebState, headers: &HeaderMap, command: &Command) -> Result<Caller, Response> {
-    let caller = auth::caller(headers, &state.users, &state.sessions).ok_or_else(unauthorized)?;
+fn caller(state: &WebState, headers: &HeaderMap, peer: Peer, command: &Command) -> Result<Caller, Response> {
+    let caller = state.caller(headers, peer).map_err(|no| match no {
+        auth::NoCaller::Unknown => unauthorized(),
+        auth::NoCaller::Throttled => throttled(),
+    })?;
     match state.permissions.check(&caller.identity(), command, None) {
         Ok(_) => Ok(caller),
         Err(denied) => {
@@ -37,25 +46,25 @@ fn caller(state: &WebState, headers: &HeaderMap, command: &Command) -> Result<Ca
 }
 
 /// `GET /api/fleet`.
-pub async fn fleet(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match caller(&state, &headers, &Command::Status) {
+pub async fn fleet(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    match caller(&state, &headers, peer, &Command::Status) {
         Ok(_) => Json(state.hub.fleet()).into_response(),
         Err(response) => response,
     }
 }
 
 /// `GET /api/traffic`: the recent messages, newest first.
-pub async fn traffic(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match caller(&state, &headers, &Command::Status) {
+pub async fn traffic(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    match caller(&state, &headers, peer, &Command::Status) {
         Ok(_) => Json(state.hub.recent()).into_response(),
         Err(response) => response,
     }
 }
 
 /// `GET /api/dead-letters` (admin).
-pub async fn dead_letters(State(state): State<WebState>, headers: HeaderMap) -> Response {
+pub async fn dead_letters(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
     let dlq = Command::Dlq { agent: None, limit: DEAD_LETTERS_LISTED as u32 };
-    if let Err(response) = caller(&state, &headers, &dlq) {
+    if let Err(response) = caller(&state, &headers, peer, &dlq) {
         return response;
     }
     match crate::dlq::list(&state.js, None, DEAD_LETTERS_LISTED).await {
@@ -65,8 +74,13 @@ pub async fn dead_letters(State(state): State<WebState>, headers: HeaderMap) -> 
 }
 
 /// `GET /api/audit?who=&command=`: newest first.
-pub async fn audit(State(state): State<WebState>, headers: HeaderMap, Query(filter): Query<AuditFilter>) -> Response {
-    if let Err(response) = caller(&state, &headers, &Command::Audit { count: 1 }) {
+pub async fn audit(
+    State(state): State<WebState>,
+    peer: Peer,
+    headers: HeaderMap,
+    Query(filter): Query<AuditFilter>,
+) -> Response {
+    if let Err(response) = caller(&state, &headers, peer, &Command::Audit { count: 1 }) {
         return response;
     }
     match audit_records(&state, &filter).await {
@@ -77,8 +91,8 @@ pub async fn audit(State(state): State<WebState>, headers: HeaderMap, Query(filt
 
 /// `GET /api/events`: `fleet` (first the current one), `traffic`, `event`
 /// and the caller's own `reply` updates, as Server-Sent Events.
-pub async fn events(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let caller = match caller(&state, &headers, &Command::Status) {
+pub async fn events(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    let caller = match caller(&state, &headers, peer, &Command::Status) {
         Ok(caller) => caller,
         Err(response) => return response,
     };

@@ -1,7 +1,9 @@
 //! Who a web console request comes from: the users of `MESH_WEB_USERS` and
 //! their tokens, sign-in sessions (in this process's memory), the CSRF token
-//! of each session, the session cookie's attributes, and the
-//! `Authorization: Bearer` tokens scripts send to `/api/`.
+//! of each session, the session cookie's attributes, the
+//! `Authorization: Bearer` tokens scripts send to `/api/`, and the limits on
+//! guessing: failed sign-ins per name, wrong bearer tokens per client
+//! address, no sign-in posted from another site.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -30,6 +32,13 @@ pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 /// name whose last failure is oldest is forgotten (memory stays bounded
 /// whatever names are tried).
 pub const FAILURE_NAMES: usize = 10_000;
+/// Wrong `Authorization: Bearer` tokens allowed per client address per
+/// [`FAILURE_WINDOW`] before every bearer token from that address gets 429
+/// (even a right one); browser sessions are not affected.
+pub const MAX_BEARER_FAILURES: usize = 10;
+/// Client addresses whose recent wrong bearer tokens are remembered at most
+/// (as [`FAILURE_NAMES`]).
+pub const FAILURE_PEERS: usize = 10_000;
 /// The characters of a name that count (longer names are cut: no user name
 /// is longer than 32).
 const NAME_KEY_CHARS: usize = 64;
@@ -114,13 +123,93 @@ pub struct Session {
     expires: Instant,
 }
 
+/// Recent failures per key (a user name tried, a client address), bounded:
+/// beyond `cap` keys, the one whose last failure is oldest is forgotten.
+#[derive(Debug)]
+struct FailureLog<K> {
+    map: Mutex<HashMap<K, VecDeque<Instant>>>,
+    cap: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> FailureLog<K> {
+    fn new(cap: usize) -> Self {
+        Self { map: Mutex::new(HashMap::new()), cap }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, VecDeque<Instant>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The failures of `key` within [`FAILURE_WINDOW`] of `now`.
+    fn recent(times: &mut VecDeque<Instant>, now: Instant) -> usize {
+        while times.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
+            times.pop_front();
+        }
+        times.len()
+    }
+
+    /// Runs `check` unless `key` has `max` failures or more within the
+    /// window; a check that finds nothing is counted as a failure of `key`.
+    /// The lock is held throughout, so parallel attempts cannot all slip
+    /// under `max` (the checks are constant-time comparisons, quick).
+    fn attempt<T>(&self, key: K, max: usize, now: Instant, check: impl FnOnce() -> Option<T>) -> Attempt<T> {
+        let mut map = self.lock();
+        if map.get_mut(&key).map_or(0, |times| Self::recent(times, now)) >= max {
+            return Attempt::Throttled;
+        }
+        match check() {
+            Some(found) => Attempt::Right(found),
+            None => {
+                Self::record(&mut map, self.cap, key, now);
+                Attempt::Wrong
+            }
+        }
+    }
+
+    /// Counts a failure of `key`, forgetting the stalest key beyond `cap`.
+    fn record(map: &mut HashMap<K, VecDeque<Instant>>, cap: usize, key: K, now: Instant) {
+        if !map.contains_key(&key) && map.len() >= cap {
+            map.retain(|_, times| Self::recent(times, now) > 0);
+            if map.len() >= cap {
+                let oldest = map.iter().min_by_key(|(_, times)| times.back().copied()).map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    map.remove(&oldest);
+                }
+            }
+        }
+        map.entry(key).or_default().push_back(now);
+    }
+}
+
+/// What an attempt against a [`FailureLog`] came to.
+enum Attempt<T> {
+    /// Too many failures lately: not checked.
+    Throttled,
+    /// Checked, and wrong (counted).
+    Wrong,
+    /// Checked, and right.
+    Right(T),
+}
+
 /// The sessions of this bot process (a restart signs everyone out).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Sessions {
     map: Mutex<HashMap<String, Session>>,
     /// Recent failed sign-ins per name tried (known user or not: a refusal
     /// tells nothing about whether the name exists).
-    failures: Mutex<HashMap<String, VecDeque<Instant>>>,
+    failures: FailureLog<String>,
+    /// Recent wrong bearer tokens per client address ([`client_key`]).
+    bearer_failures: FailureLog<Option<IpAddr>>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            map: Mutex::default(),
+            failures: FailureLog::new(FAILURE_NAMES),
+            bearer_failures: FailureLog::new(FAILURE_PEERS),
+        }
+    }
 }
 
 /// Why a sign-in was refused.
@@ -140,32 +229,11 @@ impl Sessions {
     /// every attempt for `name` is refused until the oldest leaves the window.
     pub fn sign_in(&self, users: &WebUsers, name: &str, token: &str) -> Result<(String, Session), SignInRefused> {
         let now = Instant::now();
-        {
-            let key: String = name.chars().take(NAME_KEY_CHARS).collect();
-            let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-            let recent = |times: &mut VecDeque<Instant>| {
-                while times.front().is_some_and(|t| now.duration_since(*t) > FAILURE_WINDOW) {
-                    times.pop_front();
-                }
-                times.len()
-            };
-            if failures.get_mut(&key).map_or(0, recent) >= MAX_FAILURES {
-                return Err(SignInRefused::Throttled);
-            }
-            if !users.check(name, token) {
-                if !failures.contains_key(&key) && failures.len() >= FAILURE_NAMES {
-                    failures.retain(|_, times| recent(times) > 0);
-                    if failures.len() >= FAILURE_NAMES {
-                        let oldest =
-                            failures.iter().min_by_key(|(_, times)| times.back().copied()).map(|(k, _)| k.clone());
-                        if let Some(oldest) = oldest {
-                            failures.remove(&oldest);
-                        }
-                    }
-                }
-                failures.entry(key).or_default().push_back(now);
-                return Err(SignInRefused::Wrong);
-            }
+        let key: String = name.chars().take(NAME_KEY_CHARS).collect();
+        match self.failures.attempt(key, MAX_FAILURES, now, || users.check(name, token).then_some(())) {
+            Attempt::Throttled => return Err(SignInRefused::Throttled),
+            Attempt::Wrong => return Err(SignInRefused::Wrong),
+            Attempt::Right(()) => {}
         }
         let mut map = self.lock();
         if map.len() >= MAX_SESSIONS {
@@ -178,6 +246,20 @@ impl Sessions {
         let session = Session { user: name.to_owned(), csrf: random_token(), expires: now + SESSION_TTL };
         map.insert(id.clone(), session.clone());
         Ok((id, session))
+    }
+
+    /// The user whose bearer token is `token`, for a request from `client`
+    /// ([`client_key`]): after [`MAX_BEARER_FAILURES`] wrong tokens from
+    /// `client` within [`FAILURE_WINDOW`], every bearer token from it is
+    /// refused (the right one too: a guesser learns nothing) until the
+    /// oldest failure leaves the window.
+    pub fn bearer(&self, users: &WebUsers, client: Option<IpAddr>, token: &str) -> Result<String, NoCaller> {
+        let now = Instant::now();
+        match self.bearer_failures.attempt(client, MAX_BEARER_FAILURES, now, || users.by_token(token)) {
+            Attempt::Throttled => Err(NoCaller::Throttled),
+            Attempt::Wrong => Err(NoCaller::Unknown),
+            Attempt::Right(user) => Ok(user.to_owned()),
+        }
     }
 
     /// The live session with this id.
@@ -249,16 +331,77 @@ impl Caller {
     }
 }
 
-/// The caller of a request: its session cookie, else its bearer token.
-pub fn caller(headers: &HeaderMap, users: &WebUsers, sessions: &Sessions) -> Option<Caller> {
+/// Why a request has no caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoCaller {
+    /// No session and no (right) bearer token.
+    Unknown,
+    /// Too many wrong bearer tokens from this client lately: wait.
+    Throttled,
+}
+
+/// The caller of a request from `client` ([`client_key`]): its session
+/// cookie, else its bearer token (wrong ones counted per client).
+pub fn caller(
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+    users: &WebUsers,
+    sessions: &Sessions,
+) -> Result<Caller, NoCaller> {
     if let Some(id) = cookie(headers, COOKIE)
         && let Some(session) = sessions.get(id)
     {
-        return Some(Caller::Session { id: id.to_owned(), session });
+        return Ok(Caller::Session { id: id.to_owned(), session });
     }
-    let auth = headers.get(axum::http::header::AUTHORIZATION)?.to_str().ok()?;
-    let token = auth.strip_prefix("Bearer ").map(str::trim)?;
-    users.by_token(token).map(|user| Caller::Bearer { user: user.to_owned() })
+    let auth = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let Some(token) = auth.and_then(|a| a.strip_prefix("Bearer ")).map(str::trim) else {
+        return Err(NoCaller::Unknown);
+    };
+    sessions.bearer(users, client, token).map(|user| Caller::Bearer { user })
+}
+
+/// The address wrong bearer tokens are counted against: the peer, or when
+/// the peer is one of the `trusted` proxies, the last address it appended
+/// to `X-Forwarded-For`. An IPv6 address counts as its /64 (one host
+/// usually holds a whole /64).
+pub fn client_key(trusted: &[IpAddr], peer: Option<IpAddr>, headers: &HeaderMap) -> Option<IpAddr> {
+    let forwarded = || {
+        headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .last()
+            .and_then(|a| a.trim().parse::<IpAddr>().ok())
+    };
+    let client = match peer {
+        Some(p) if trusted.contains(&p) => forwarded().or(peer),
+        _ => peer,
+    };
+    client.map(|ip| match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+        v4 => v4,
+    })
+}
+
+/// True when a form POST comes from another site's page: `Sec-Fetch-Site`
+/// (sent by every current browser) other than `same-origin` or `none`
+/// (typed, bookmarked); without it, an `Origin` that is not this host's.
+/// A request with neither (a script, an old browser) is not cross-site.
+pub fn cross_site(headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{0}"));
+    if let Some(site) = header("sec-fetch-site") {
+        return !matches!(site.trim().to_ascii_lowercase().as_str(), "same-origin" | "none");
+    }
+    let Some(origin) = header("origin") else { return false };
+    let authority = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
+    match (authority, header("host")) {
+        (Some(authority), Some(host)) => !authority.eq_ignore_ascii_case(host.trim()),
+        _ => true,
+    }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -369,7 +512,7 @@ mod tests {
         for i in 0..FAILURE_NAMES + 10 {
             let _ = sessions.sign_in(&users, &format!("n{i}"), "guess");
         }
-        let failures = sessions.failures.lock().unwrap();
+        let failures = sessions.failures.lock();
         assert_eq!(failures.len(), FAILURE_NAMES, "the oldest names are forgotten");
         assert!(!failures.contains_key("bob"), "bob's failures were the oldest");
     }
@@ -379,19 +522,76 @@ mod tests {
         let (users, sessions) = (users(), Sessions::default());
         let (id, session) = sessions.sign_in(&users, "bob", "bob-token-0123456789xx").unwrap();
         let mut headers = HeaderMap::new();
-        assert_eq!(caller(&headers, &users, &sessions), None);
+        assert_eq!(caller(&headers, None, &users, &sessions), Err(NoCaller::Unknown));
         headers.insert("cookie", format!("theme=dark; {COOKIE}={id}").parse().unwrap());
-        let by_cookie = caller(&headers, &users, &sessions).unwrap();
+        let by_cookie = caller(&headers, None, &users, &sessions).unwrap();
         assert_eq!(by_cookie.user(), "bob");
         assert!(by_cookie.csrf_ok(Some(&session.csrf)));
         assert!(!by_cookie.csrf_ok(Some("forged")) && !by_cookie.csrf_ok(None));
         let mut headers = HeaderMap::new();
         headers.insert("cookie", format!("{COOKIE}=not-a-session").parse().unwrap());
-        assert_eq!(caller(&headers, &users, &sessions), None);
+        assert_eq!(caller(&headers, None, &users, &sessions), Err(NoCaller::Unknown));
         headers.insert("authorization", "Bearer alice-token-0123456789".parse().unwrap());
-        assert_eq!(caller(&headers, &users, &sessions), Some(Caller::Bearer { user: "alice".into() }));
+        assert_eq!(caller(&headers, None, &users, &sessions), Ok(Caller::Bearer { user: "alice".into() }));
         headers.insert("authorization", "Bearer alice-token-012345678".parse().unwrap());
-        assert_eq!(caller(&headers, &users, &sessions), None);
+        assert_eq!(caller(&headers, None, &users, &sessions), Err(NoCaller::Unknown));
+    }
+
+    #[test]
+    fn wrong_bearer_tokens_are_limited_per_client_and_sessions_are_not() {
+        let (users, sessions) = (users(), Sessions::default());
+        let (id, _) = sessions.sign_in(&users, "bob", "bob-token-0123456789xx").unwrap();
+        let (guesser, other): (IpAddr, IpAddr) = ("10.0.0.7".parse().unwrap(), "10.0.0.8".parse().unwrap());
+        let bearer = |token: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            headers
+        };
+        for _ in 0..MAX_BEARER_FAILURES {
+            assert_eq!(caller(&bearer("guess"), Some(guesser), &users, &sessions), Err(NoCaller::Unknown));
+        }
+        let right = bearer("alice-token-0123456789");
+        assert_eq!(caller(&bearer("guess"), Some(guesser), &users, &sessions), Err(NoCaller::Throttled));
+        assert_eq!(caller(&right, Some(guesser), &users, &sessions), Err(NoCaller::Throttled), "even the right one");
+        assert_eq!(caller(&right, Some(other), &users, &sessions), Ok(Caller::Bearer { user: "alice".into() }));
+        let mut browser = bearer("guess");
+        browser.insert("cookie", format!("{COOKIE}={id}").parse().unwrap());
+        assert_eq!(caller(&browser, Some(guesser), &users, &sessions).unwrap().user(), "bob", "a session is let in");
+    }
+
+    #[test]
+    fn the_client_is_the_peer_or_what_a_trusted_proxy_forwarded() {
+        let proxy: IpAddr = "10.0.0.5".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "1.2.3.4, 5.6.7.8".parse().unwrap());
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert_eq!(client_key(&[proxy], Some(proxy), &headers), ip("5.6.7.8"), "the address the proxy appended");
+        assert_eq!(client_key(&[proxy], ip("9.9.9.9"), &headers), ip("9.9.9.9"), "anyone may send the header");
+        assert_eq!(client_key(&[], ip("2001:db8::1:2:3:4"), &headers), ip("2001:db8::"), "an IPv6 /64");
+        assert_eq!(client_key(&[], ip("::ffff:1.2.3.4"), &headers), ip("1.2.3.4"));
+        assert_eq!(client_key(&[], None, &headers), None);
+    }
+
+    #[test]
+    fn a_sign_in_from_another_site_is_cross_site() {
+        let headers = |pairs: &[(&'static str, &str)]| {
+            let mut headers = HeaderMap::new();
+            headers.insert("host", "console.example:8080".parse().unwrap());
+            for (name, value) in pairs {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        assert!(!cross_site(&headers(&[])), "a script sends neither header");
+        assert!(!cross_site(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(!cross_site(&headers(&[("sec-fetch-site", "none")])));
+        for site in ["cross-site", "same-site"] {
+            let with_origin = headers(&[("sec-fetch-site", site), ("origin", "http://console.example:8080")]);
+            assert!(cross_site(&with_origin), "{site}: Sec-Fetch-Site decides");
+        }
+        assert!(!cross_site(&headers(&[("origin", "https://console.example:8080")])));
+        assert!(cross_site(&headers(&[("origin", "https://evil.example")])));
+        assert!(cross_site(&headers(&[("origin", "null")])));
     }
 
     #[test]

@@ -56,7 +56,32 @@ pub struct WebState {
     stop: CancellationToken,
 }
 
+/// The address a request came from, when the server is served with
+/// `ConnectInfo` (`mesh bot` is); `None` otherwise.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peer(pub Option<IpAddr>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let connect = parts.extensions.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        Ok(Self(connect.map(|c| c.0.ip())))
+    }
+}
+
+/// What a request refused for too many wrong bearer tokens is told.
+pub const BEARER_THROTTLED: &str = "too many wrong bearer tokens from this address; wait a minute and try again \
+                                    (a browser session is not affected)";
+
 impl WebState {
+    /// The caller of a request: its session, else its bearer token (wrong
+    /// ones counted against the client address, see [`auth::client_key`]).
+    fn caller(&self, headers: &axum::http::HeaderMap, peer: Peer) -> Result<auth::Caller, auth::NoCaller> {
+        let client = auth::client_key(&self.trusted_proxies, peer.0, headers);
+        auth::caller(headers, client, &self.users, &self.sessions)
+    }
+
     fn role(&self, who: &Identity) -> Option<Role> {
         self.permissions.role_of(who)
     }

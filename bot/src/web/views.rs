@@ -10,7 +10,7 @@ use maud::Markup;
 use serde::Deserialize;
 
 use super::auth::{self, Caller, SignInRefused};
-use super::{WebState, pages};
+use super::{Peer, WebState, pages};
 use crate::command::Command;
 
 /// How many audit records the audit page reads before filtering.
@@ -20,9 +20,14 @@ pub const DEAD_LETTERS_LISTED: usize = 200;
 
 /// The caller allowed to read the console (viewer or more), or the response to give instead.
 #[allow(clippy::result_large_err)] // the refusal is the handler's response, returned at once
-pub(super) fn reader(state: &WebState, headers: &HeaderMap) -> Result<Caller, Response> {
-    let Some(caller) = auth::caller(headers, &state.users, &state.sessions) else {
-        return Err(Redirect::to("/login").into_response());
+pub(super) fn reader(state: &WebState, headers: &HeaderMap, peer: Peer) -> Result<Caller, Response> {
+    let caller = match state.caller(headers, peer) {
+        Ok(caller) => caller,
+        Err(auth::NoCaller::Unknown) => return Err(Redirect::to("/login").into_response()),
+        Err(auth::NoCaller::Throttled) => {
+            let retry = [(header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string())];
+            return Err((StatusCode::TOO_MANY_REQUESTS, retry, pages::refusal(super::BEARER_THROTTLED)).into_response());
+        }
     };
     let who = caller.identity();
     if let Err(denied) = state.permissions.check(&who, &Command::Status, None) {
@@ -36,16 +41,16 @@ fn html(markup: Markup) -> Response {
 }
 
 /// `GET /`.
-pub async fn fleet(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match reader(&state, &headers) {
+pub async fn fleet(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    match reader(&state, &headers, peer) {
         Ok(caller) => html(pages::fleet(&state.viewer(&caller), &state.hub.fleet())),
         Err(response) => response,
     }
 }
 
 /// `GET /traffic`.
-pub async fn traffic(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match reader(&state, &headers) {
+pub async fn traffic(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    match reader(&state, &headers, peer) {
         Ok(caller) => {
             let fleet = state.hub.fleet();
             let agents: Vec<&str> = fleet.agents.iter().map(|a| a.agent.as_str()).collect();
@@ -56,8 +61,8 @@ pub async fn traffic(State(state): State<WebState>, headers: HeaderMap) -> Respo
 }
 
 /// `GET /dead-letters` (admin: the role `dlq` needs).
-pub async fn dead_letters(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    let caller = match reader(&state, &headers) {
+pub async fn dead_letters(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    let caller = match reader(&state, &headers, peer) {
         Ok(caller) => caller,
         Err(response) => return response,
     };
@@ -104,8 +109,13 @@ pub(super) async fn audit_records(
 }
 
 /// `GET /audit?who=&command=`.
-pub async fn audit(State(state): State<WebState>, headers: HeaderMap, Query(filter): Query<AuditFilter>) -> Response {
-    let caller = match reader(&state, &headers) {
+pub async fn audit(
+    State(state): State<WebState>,
+    peer: Peer,
+    headers: HeaderMap,
+    Query(filter): Query<AuditFilter>,
+) -> Response {
+    let caller = match reader(&state, &headers, peer) {
         Ok(caller) => caller,
         Err(response) => return response,
     };
@@ -117,9 +127,9 @@ pub async fn audit(State(state): State<WebState>, headers: HeaderMap, Query(filt
 }
 
 /// `GET /login`.
-pub async fn sign_in_page(State(state): State<WebState>, headers: HeaderMap) -> Response {
-    match auth::caller(&headers, &state.users, &state.sessions) {
-        Some(Caller::Session { .. }) => Redirect::to("/").into_response(),
+pub async fn sign_in_page(State(state): State<WebState>, peer: Peer, headers: HeaderMap) -> Response {
+    match state.caller(&headers, peer) {
+        Ok(Caller::Session { .. }) => Redirect::to("/").into_response(),
         _ => html(pages::sign_in(None)),
     }
 }
@@ -149,6 +159,14 @@ pub async fn sign_in(
     Form(form): Form<SignInForm>,
 ) -> Response {
     let name = form.name.trim();
+    let shown: String = name.chars().take(64).collect();
+    // Another site's page may not sign anyone in, nor spend a user's
+    // failures (which would lock them out): refused before anything counts.
+    if auth::cross_site(&headers) {
+        tracing::warn!(user = shown, "web console sign-in refused: posted from another site");
+        let message = "Sign in from this console's own sign-in page.";
+        return (StatusCode::FORBIDDEN, pages::sign_in(Some(message))).into_response();
+    }
     match state.sessions.sign_in(&state.users, name, form.token.trim()) {
         Ok((id, _)) => {
             tracing::info!(user = name, "web console sign-in");
@@ -159,12 +177,15 @@ pub async fn sign_in(
             tracing::warn!("web console sign-in refused: wrong user or token");
             (StatusCode::UNAUTHORIZED, pages::sign_in(Some("Wrong user or token."))).into_response()
         }
-        Err(SignInRefused::Throttled) => (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string())],
-            pages::sign_in(Some("Too many failed sign-ins for this user; wait a minute and try again.")),
-        )
-            .into_response(),
+        Err(SignInRefused::Throttled) => {
+            tracing::warn!(user = shown, "web console sign-in refused: too many failed sign-ins for this name");
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, auth::FAILURE_WINDOW.as_secs().to_string())],
+                pages::sign_in(Some("Too many failed sign-ins for this user; wait a minute and try again.")),
+            )
+                .into_response()
+        }
         Err(SignInRefused::Full) => (
             StatusCode::SERVICE_UNAVAILABLE,
             pages::sign_in(Some("Too many open sessions; try again later or restart the bot.")),
@@ -183,11 +204,12 @@ pub struct SignOutForm {
 /// `POST /logout`.
 pub async fn sign_out(
     State(state): State<WebState>,
+    peer: Peer,
     headers: HeaderMap,
     extensions: axum::http::Extensions,
     Form(form): Form<SignOutForm>,
 ) -> Response {
-    if let Some(caller) = auth::caller(&headers, &state.users, &state.sessions)
+    if let Ok(caller) = state.caller(&headers, peer)
         && let Caller::Session { id, .. } = &caller
     {
         if !caller.csrf_ok(form.csrf.as_deref()) {

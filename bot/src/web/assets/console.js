@@ -46,7 +46,9 @@
   // bot's first fleet read, or an agent added to the registry, needs no reload).
   function renderAgentChoices(agents) {
     document.querySelectorAll("form.action select[name=agent]").forEach(function (select) {
-      var current = Array.from(select.options).map(function (o) { return o.value; }).filter(Boolean);
+      var current = Array.from(select.options)
+        .filter(function (o) { return !o.dataset.gone; })
+        .map(function (o) { return o.value; }).filter(Boolean);
       if (current.join("\n") === agents.join("\n")) return;
       var chosen = select.value;
       var all = Array.from(select.options).find(function (o) { return o.value === ""; });
@@ -58,7 +60,17 @@
         option.textContent = agent;
         select.appendChild(option);
       });
-      if (chosen === "" || agents.indexOf(chosen) >= 0) select.value = chosen;
+      // An agent chosen and gone from the registry stays chosen, marked:
+      // a live update never changes an action's target (to "all agents",
+      // say); the server decides what the action on it does.
+      if (chosen !== "" && agents.indexOf(chosen) < 0) {
+        var gone = document.createElement("option");
+        gone.value = chosen;
+        gone.textContent = chosen + " (no longer in the registry)";
+        gone.dataset.gone = "1";
+        select.appendChild(gone);
+      }
+      select.value = chosen;
     });
   }
 
@@ -122,12 +134,15 @@
     var data = new URLSearchParams(new FormData(form));
     if (e.submitter && e.submitter.name) data.set(e.submitter.name, e.submitter.value);
     fetch(form.action, { method: "POST", body: data, headers: { "X-Mesh-Fragment": "1" }, credentials: "same-origin" })
-      .then(function (response) { return response.text(); })
-      .then(function (html) {
+      .then(function (response) { return response.text().then(function (html) { return [response.ok, html]; }); })
+      .then(function (answer) {
+        var ok = answer[0], html = answer[1];
         var holder = document.createElement("div");
         holder.innerHTML = html; // the server escaped every value in it
-        // A dead letter replayed is no longer stored: its row goes.
-        if (form.classList.contains("replay") && holder.querySelector('.reply[data-tone="ok"]')) {
+        // A dead letter replayed is no longer stored: its row goes. One not
+        // replayed (no longer stored, undecodable, a failed publish) is an
+        // error answer (422) and its row stays.
+        if (form.classList.contains("replay") && ok && holder.querySelector('.reply[data-tone="ok"]')) {
           var row = form.closest("tr");
           if (row) row.remove();
         }
