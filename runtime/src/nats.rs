@@ -206,9 +206,16 @@ pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Resul
         let stream = backoff::retry(spec.name, backoff::JETSTREAM, move || js.get_or_create_stream(config.clone()))
             .await
             .map_err(|e| NatsError::Stream { explained: stream_error(spec.name, replicas, &e), source: Box::new(e) })?;
-        widen_subjects(js, &spec, stream.cached_info()).await?;
-        raise_consumer_limit(js, &spec, stream.cached_info()).await;
-        scale_up(js, stream.cached_info(), replicas).await;
+        // Each change starts from the config the one before left, so a later
+        // update never writes back what an earlier one changed.
+        let mut info = stream.cached_info().clone();
+        if let Some(updated) = widen_subjects(js, &spec, &info).await? {
+            info = updated;
+        }
+        if let Some(updated) = raise_consumer_limit(js, &spec, &info).await {
+            info = updated;
+        }
+        scale_up(js, &info, replicas).await;
     }
     Ok(())
 }
@@ -222,19 +229,20 @@ async fn widen_subjects(
     js: &jetstream::Context,
     spec: &layout::StreamSpec,
     info: &stream::Info,
-) -> Result<(), NatsError> {
+) -> Result<Option<stream::Info>, NatsError> {
     let have = &info.config.subjects;
     let missing: Vec<&String> = spec.subjects.iter().filter(|s| !have.contains(s)).collect();
     if missing.is_empty() || have.iter().any(|s| !spec.subjects.contains(s)) {
-        return Ok(());
+        return Ok(None);
     }
     let mut config = info.config.clone();
     config.subjects = spec.subjects.clone();
-    js.update_stream(config)
+    let updated = js
+        .update_stream(config)
         .await
         .map_err(|e| NatsError::jetstream(format!("adding subjects {missing:?} to stream {}", spec.name), e))?;
     info!(stream = spec.name, added = ?missing, "stream subjects updated to the current layout");
-    Ok(())
+    Ok(Some(updated))
 }
 
 /// Raises the consumer limit of a stream made by an earlier version (or
@@ -243,22 +251,30 @@ async fn widen_subjects(
 /// could not register its 1,001st agent. A server that refuses the change
 /// (before 2.12 the limit could not be edited; those servers have no default
 /// limit) is logged, not fatal.
-async fn raise_consumer_limit(js: &jetstream::Context, spec: &layout::StreamSpec, info: &stream::Info) {
+async fn raise_consumer_limit(
+    js: &jetstream::Context,
+    spec: &layout::StreamSpec,
+    info: &stream::Info,
+) -> Option<stream::Info> {
     let have = info.config.max_consumers;
     if spec.max_consumers <= 0 || (have > 0 && have >= spec.max_consumers) {
-        return;
+        return None;
     }
     let mut config = info.config.clone();
     config.max_consumers = spec.max_consumers;
     match js.update_stream(config).await {
-        Ok(_) => info!(
-            stream = spec.name,
-            from = have,
-            to = spec.max_consumers,
-            "stream consumer limit raised to the layout's"
-        ),
+        Ok(updated) => {
+            info!(
+                stream = spec.name,
+                from = have,
+                to = spec.max_consumers,
+                "stream consumer limit raised to the layout's"
+            );
+            Some(updated)
+        }
         Err(e) => {
-            warn!(stream = spec.name, error = %e, limit = spec.max_consumers, "cannot raise the stream's consumer limit; agents beyond the server's limit cannot be added")
+            warn!(stream = spec.name, error = %e, limit = spec.max_consumers, "cannot raise the stream's consumer limit; agents beyond the server's limit cannot be added");
+            None
         }
     }
 }

@@ -51,3 +51,22 @@ async fn a_stream_made_without_the_limit_is_raised_when_the_mesh_is_ensured() {
     let failures = register(&js, AGENTS).await;
     assert!(failures.is_empty(), "{} of {AGENTS} consumers refused, first: {:?}", failures.len(), failures.first());
 }
+
+/// Review: the raise once started from the config read before the stream's
+/// subjects were widened, so upgrading a stream that lacked both wrote the
+/// old subjects back (and the agents' sender-bound subjects found no stream).
+#[tokio::test]
+async fn raising_the_limit_keeps_the_subjects_an_upgrade_added() {
+    let nats = TestNats::start().await;
+    let js = nats.jetstream().await;
+    let spec = layout::agents_stream(1);
+    let mut old = mesh_runtime::nats::stream_config(&spec);
+    old.max_consumers = 0;
+    old.subjects = vec![spec.subjects[0].clone()];
+    let _ = js.delete_stream("MESH_AGENTS").await;
+    js.create_stream(old).await.unwrap();
+    mesh_bot::provision::ensure_mesh(&js, Replicas::Auto).await.unwrap();
+    let config = js.get_stream("MESH_AGENTS").await.unwrap().info().await.unwrap().config.clone();
+    assert_eq!(config.subjects, spec.subjects);
+    assert_eq!(config.max_consumers, MAX_AGENT_CONSUMERS);
+}
