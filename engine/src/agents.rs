@@ -28,6 +28,10 @@ pub enum AgentsError {
     #[error("{0}")]
     Invalid(#[from] RegistryErrors),
     #[error(
+        "--prefetch applies to agents delivered in order (concurrency 1); at --concurrency {0} the window follows the concurrency: drop one of the two"
+    )]
+    PrefetchWithConcurrency(u16),
+    #[error(
         "{field} must be a reference (env:NAME or file:/absolute/path), not the token itself: a token on the command line ends up in shell history"
     )]
     LiteralToken { field: &'static str },
@@ -116,6 +120,9 @@ pub fn plan_add(
         entry["concurrency"] = concurrency.into();
     }
     if let Some(prefetch) = spec.prefetch {
+        if let Some(concurrency) = spec.concurrency.filter(|c| *c > 1) {
+            return Err(AgentsError::PrefetchWithConcurrency(concurrency));
+        }
         entry["prefetch"] = prefetch.into();
     }
     if spec.allow_plaintext {
@@ -513,6 +520,8 @@ mod tests {
         assert_eq!(next.get(&"kaan".parse().unwrap()).unwrap().prefetch, 1);
         let no_window = AddSpec { prefetch: Some(0), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
         assert!(plan_add(&reg, &no_window, Some(&r)).unwrap_err().to_string().contains("prefetch"));
+        let ignored = AddSpec { prefetch: Some(2), concurrency: Some(8), ..spec("kaan", "env:MESH_TOKEN_KAAN_HOOK") };
+        assert!(plan_add(&reg, &ignored, Some(&r)).unwrap_err().to_string().starts_with("--prefetch applies"));
         let cases: [(AddSpec, &str); 6] = [
             (spec("nova", "env:MESH_TOKEN_KAAN_HOOK"), "already registered"),
             (spec("Bad.Id", "env:MESH_TOKEN_KAAN_HOOK"), "an agent id is"),

@@ -201,7 +201,9 @@ pub async fn open_or_create_bucket(
 /// (never down).
 pub async fn ensure_streams(js: &jetstream::Context, setting: Replicas) -> Result<(), NatsError> {
     let replicas = resolve_replicas(js, setting).await?;
-    for spec in layout::all_streams(replicas) {
+    let account_limit = js.query_account().await.ok().and_then(|account| account.limits.max_consumers);
+    for mut spec in layout::all_streams(replicas) {
+        spec.max_consumers = fit_consumer_limit(spec.max_consumers, account_limit);
         let config = &stream_config(&spec);
         let stream = backoff::retry(spec.name, backoff::JETSTREAM, move || js.get_or_create_stream(config.clone()))
             .await
@@ -257,7 +259,10 @@ async fn raise_consumer_limit(
     info: &stream::Info,
 ) -> Option<stream::Info> {
     let have = info.config.max_consumers;
-    if spec.max_consumers <= 0 || (have > 0 && have >= spec.max_consumers) {
+    // No limit of its own means unlimited before 2.15 (and 2.10, 2.11 refuse
+    // the change): only a server that defaults one needs it raised.
+    let low = if have > 0 { have < spec.max_consumers } else { defaults_a_consumer_limit(&js.client()) };
+    if spec.max_consumers <= 0 || !low {
         return None;
     }
     let mut config = info.config.clone();
@@ -277,6 +282,30 @@ async fn raise_consumer_limit(
             None
         }
     }
+}
+
+/// A stream's consumer limit within its account's: nats-server refuses to
+/// create a stream whose limit is above the account's (error 10026).
+pub fn fit_consumer_limit(wanted: i32, account: Option<i64>) -> i32 {
+    match account {
+        Some(limit) if limit > 0 && wanted > 0 && i64::from(wanted) > limit => i32::try_from(limit).unwrap_or(wanted),
+        _ => wanted,
+    }
+}
+
+/// The first nats-server release that gives a stream without a consumer
+/// limit of its own a default one (1,000).
+const DEFAULT_CONSUMER_LIMIT_SINCE: (u64, u64) = (2, 15);
+
+fn defaults_a_consumer_limit(client: &async_nats::Client) -> bool {
+    major_minor(&client.server_info().version).is_some_and(|release| release >= DEFAULT_CONSUMER_LIMIT_SINCE)
+}
+
+/// The major and minor release of a nats-server version (its `INFO`'s
+/// `version`: `2.11.3`, `v2.10.22-beta`).
+pub fn major_minor(version: &str) -> Option<(u64, u64)> {
+    let mut numbers = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().ok());
+    Some((numbers.next()??, numbers.next()??))
 }
 
 /// What to say when looking up or creating a stream failed. A timeout is not
@@ -523,5 +552,22 @@ mod tests {
     fn a_url_setting_names_one_or_several_servers() {
         assert_eq!(server_urls("nats://a:4222"), ["nats://a:4222"]);
         assert_eq!(server_urls("nats://a:1, nats://b:2,,nats://c:3 "), ["nats://a:1", "nats://b:2", "nats://c:3"]);
+    }
+
+    #[test]
+    fn a_streams_consumer_limit_stays_within_its_accounts() {
+        assert_eq!(fit_consumer_limit(100_000, None), 100_000);
+        assert_eq!(fit_consumer_limit(100_000, Some(5_000)), 5_000);
+        assert_eq!(fit_consumer_limit(100_000, Some(200_000)), 100_000);
+        assert_eq!(fit_consumer_limit(0, Some(5_000)), 0);
+        assert_eq!(fit_consumer_limit(100_000, Some(0)), 100_000);
+    }
+
+    #[test]
+    fn server_versions_are_read_by_major_and_minor() {
+        assert_eq!(major_minor("2.15.1"), Some((2, 15)));
+        assert_eq!(major_minor("v2.10.22-beta"), Some((2, 10)));
+        assert_eq!(major_minor("2"), None);
+        assert_eq!(major_minor(""), None);
     }
 }

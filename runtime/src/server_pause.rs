@@ -33,9 +33,8 @@ pub enum Support {
 impl Support {
     /// What a server of `version` (its `INFO`'s `version`, `2.11.3`, `v2.10.22-beta`) can do.
     pub fn of_version(version: &str) -> Self {
-        let mut numbers = version.trim_start_matches('v').split(['.', '-']).map(|p| p.parse::<u64>().ok());
-        match (numbers.next().flatten(), numbers.next().flatten()) {
-            (Some(major), Some(minor)) if (major, minor) >= MIN_VERSION => Self::Enforced,
+        match crate::nats::major_minor(version) {
+            Some(release) if release >= MIN_VERSION => Self::Enforced,
             _ => Self::TooOld(version.to_owned()),
         }
     }
