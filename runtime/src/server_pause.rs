@@ -88,6 +88,23 @@ async fn entry(store: &kv::Store, scope: &Scope) -> Result<Option<KillState>, Na
     }
 }
 
+/// An entry as the bucket stream's leader holds it (`STREAM.MSG.GET`, never
+/// a replica's direct get); `None` when deleted, purged or never written.
+async fn leader_entry(stream: &jetstream::stream::Stream<()>, scope: &Scope) -> Result<Option<KillState>, NatsError> {
+    let subject = format!("$KV.{BUCKET}.{}", scope.key());
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => {
+            let removed = message.headers.get(KV_OPERATION).is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            Ok(if removed { None } else { Some(decode(&message.payload)) })
+        }
+        Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(NatsError::jetstream(format!("reading kill switch entry {}", scope.key()), e)),
+    }
+}
+
+/// Header marking a key-value delete or purge.
+const KV_OPERATION: &str = "KV-Operation";
+
 /// The `pause_until` the consumer of `agent` should have now.
 pub async fn wanted(js: &jetstream::Context, agent: &AgentId) -> Result<Option<OffsetDateTime>, NatsError> {
     let Some(store) = bucket(js).await? else { return Ok(None) };
@@ -281,15 +298,22 @@ async fn sync_round(
         warn!("the kill switch bucket was not found; the consumers' server-side pause is left as it is");
         return Ok(synced);
     };
+    // Entries are read from the bucket stream's leader: a direct get may be
+    // answered by a replica that has not stored the write that woke this
+    // sync, and the revision check below (the leader's) would not see it.
+    let stream = js
+        .get_stream_no_info(&store.stream_name)
+        .await
+        .map_err(|e| NatsError::jetstream(format!("opening stream {}", store.stream_name), e))?;
     let read = |scope: Scope| {
-        let store = store.clone();
+        let stream = stream.clone();
         async move {
             if let Some((planned_scope, state)) = planned
                 && *planned_scope == scope
             {
                 return Ok(Some(state.clone()));
             }
-            entry(&store, &scope).await
+            leader_entry(&stream, &scope).await
         }
     };
     let global = read(Scope::Global).await?;
