@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::context::{
-    CreateStreamError, CreateStreamErrorKind, PublishError, PublishErrorKind, RequestError, RequestErrorKind,
+    ConsumerInfoError, ConsumerInfoErrorKind, CreateStreamError, CreateStreamErrorKind, PublishError, PublishErrorKind,
+    RequestError, RequestErrorKind,
 };
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
 use tracing::warn;
@@ -87,6 +88,18 @@ impl Transient for CreateStreamError {
             // JetStreamUnavailable is how a request with no responders ends here.
             CreateStreamErrorKind::TimedOut | CreateStreamErrorKind::JetStreamUnavailable => true,
             CreateStreamErrorKind::JetStream(error) => transient_code(&error),
+            _ => false,
+        }
+    }
+}
+
+impl Transient for ConsumerInfoError {
+    fn is_transient(&self) -> bool {
+        match self.kind() {
+            ConsumerInfoErrorKind::TimedOut | ConsumerInfoErrorKind::NoResponders | ConsumerInfoErrorKind::Offline => {
+                true
+            }
+            ConsumerInfoErrorKind::JetStream(error) => transient_code(&error),
             _ => false,
         }
     }

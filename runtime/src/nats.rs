@@ -389,7 +389,21 @@ pub async fn ensure_consumer(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| NatsError::jetstream(format!("opening stream {}", spec.stream), e))?;
-    if stream.consumer_info(&spec.durable).await.is_ok() {
+    // Only a consumer the server says is missing is created: a look-up that
+    // failed otherwise (no answer in time under load, no responders during
+    // an election) is asked again, never answered by a create, which a
+    // listener's NATS user may not do (a permissions violation).
+    let (stream_ref, durable) = (&stream, spec.durable.as_str());
+    let exists = backoff::retry(durable, backoff::JETSTREAM, move || async move {
+        match stream_ref.consumer_info(durable).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+    .map_err(|e| NatsError::jetstream(format!("looking up consumer {durable}"), e))?;
+    if exists {
         return Ok(());
     }
     // A consumer created during a kill starts paused on the server.
