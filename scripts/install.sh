@@ -16,6 +16,16 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
+# rustfmt and clippy: .ci/run checks formatting and lints before the tests;
+# a minimal Rust install lacks them.
+if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+  say "rustfmt and clippy present"
+else
+  command -v rustup >/dev/null || die "cargo fmt or cargo clippy is missing and rustup is not here to add them; install rustfmt and clippy and retry"
+  say "adding the rustfmt and clippy components"
+  rustup component add rustfmt clippy
+fi
+
 nats_version() { nats-server --version 2>/dev/null | sed -n 's/^nats-server: v//p'; }
 
 if [ "$(nats_version)" = "$NATS_SERVER_VERSION" ]; then
