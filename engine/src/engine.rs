@@ -818,7 +818,7 @@ impl Engine {
             Command::Resume { agent } | Command::KillSoft { agent, .. } | Command::KillHard { agent, .. } => agent,
             _ => return None,
         };
-        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        let scope = scope_of(agent);
         match self.mesh().ok()?.kill_get(&scope).await {
             Ok(Some(state)) if state.in_force((self.clock)()) => killswitch::grade(state.mode),
             _ => None,
@@ -831,7 +831,7 @@ impl Engine {
     /// listeners do).
     async fn resume_from_a_kill(&self, command: &Command) -> bool {
         let Command::Resume { agent } = command else { return false };
-        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        let scope = scope_of(agent);
         let Ok(mesh) = self.mesh() else { return true };
         match mesh.kill_get(&scope).await {
             Ok(Some(state)) => {
@@ -848,7 +848,7 @@ impl Engine {
     /// given for another kill); `None` otherwise.
     async fn kill_changed_since(&self, action: &crate::command::PendingAction) -> Option<String> {
         let Command::Resume { agent } = &action.command else { return None };
-        let scope = agent.clone().map_or(Scope::Global, Scope::Agent);
+        let scope = scope_of(agent);
         match self.mesh().ok()?.kill_get(&scope).await {
             Ok(Some(state)) if state.at > action.requested_at => Some(format!(
                 "not resumed: the kill switch changed since the resume was asked for ({}); run resume again to \
@@ -1646,4 +1646,9 @@ fn os_random_u64() -> u64 {
     let (high, low) = uuid::Uuid::new_v4().as_u64_pair();
     // v4 fixes 4 version bits in `high` and 2 variant bits in `low`.
     high.rotate_left(17) ^ low
+}
+
+/// The kill switch scope a command's optional agent names: that agent, or the whole mesh.
+fn scope_of(agent: &Option<AgentId>) -> Scope {
+    agent.clone().map_or(Scope::Global, Scope::Agent)
 }
