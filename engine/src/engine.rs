@@ -845,7 +845,8 @@ impl Engine {
 
     /// For a confirmed `resume`: why it must not run when the kill it would
     /// lift was pulled after the resume was asked for (the confirmation was
-    /// given for another kill); `None` otherwise.
+    /// given for another kill), or when the kill switch cannot be read;
+    /// `None` otherwise.
     async fn kill_changed_since(&self, action: &crate::command::PendingAction) -> Option<String> {
         let Command::Resume { agent } = &action.command else { return None };
         let scope = scope_of(agent);
@@ -855,7 +856,11 @@ impl Engine {
                  lift the kill in force now",
                 killswitch::describe(&scope, &state)
             )),
-            _ => None,
+            Ok(_) => None,
+            // Fail closed, as the unconfirmed resume does: it may be another kill.
+            Err(e) => Some(format!(
+                "not resumed: the kill switch cannot be read ({e}), so whether it changed since the resume was                  asked for is unknown; nothing was changed: run resume again once NATS answers"
+            )),
         }
     }
 
