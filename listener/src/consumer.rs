@@ -31,7 +31,7 @@ pub struct LoopConfig {
 /// Messages asked for per pull request.
 const PULL_BATCH: usize = 128;
 /// How long one pull request lives on the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
+pub(crate) const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// Wait between attempts to bind a consumer that failed.
 const REBIND_DELAY: Duration = Duration::from_secs(1);
 
@@ -238,6 +238,6 @@ async fn pull_one_at_a_time<G: Gateway>(
 
 /// How often messages waiting for a free slot get an in-progress ack: well
 /// inside the ack wait.
-fn progress_period(ack_wait: Duration) -> Duration {
+pub(crate) fn progress_period(ack_wait: Duration) -> Duration {
     (ack_wait / 3).max(Duration::from_millis(100))
 }

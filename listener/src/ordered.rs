@@ -33,8 +33,6 @@ use crate::delivery::{self, AgentEntry, Deps, Handled};
 use crate::gateway::Gateway;
 use crate::state::AgentState;
 
-/// How long one pull request lives on the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
 /// How often the server is asked whether every unacked message is here yet
 /// (only after a bind that found messages out elsewhere).
 const VERIFY_EVERY: Duration = Duration::from_millis(250);
@@ -64,7 +62,7 @@ pub(crate) async fn run_window<G: Gateway>(
         .stream()
         .max_messages_per_batch(window)
         .heartbeat(Duration::from_secs(5))
-        .expires(PULL_EXPIRES)
+        .expires(crate::consumer::PULL_EXPIRES)
         .messages()
         .await
     {
@@ -88,7 +86,7 @@ pub(crate) async fn run_window<G: Gateway>(
     let give_up_at = Instant::now() + 2 * deps.ack_wait;
     let mut verify = tokio::time::interval(VERIFY_EVERY);
     verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let period = (deps.ack_wait / 3).max(Duration::from_millis(100));
+    let period = crate::consumer::progress_period(deps.ack_wait);
     let mut keep_alive = tokio::time::interval_at(Instant::now() + period, period);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let failure = loop {
