@@ -118,8 +118,12 @@ pub(crate) async fn run_window<G: Gateway>(
             }
             Some((msg, confirmed)) = acks.next(), if !acks.is_empty() => {
                 if let Err(e) = confirmed {
+                    // JetStream redelivers it after its ack wait: pulling
+                    // again hands the window back, and a new pull delivers
+                    // nothing before it is back, so nothing overtakes it.
                     let seq = msg.info().map(|i| i.stream_sequence).unwrap_or_default();
                     warn!(agent = %agent, stream_seq = seq, error = %e, "ack not confirmed; JetStream will redeliver (the gateway gets the same Idempotency-Key)");
+                    break Some(format!("the ack of stream sequence {seq} was not confirmed; pulling again so it comes back first"));
                 }
             }
             item = messages.next(), if held < window => match item {
@@ -202,9 +206,20 @@ fn settle(
                 (msg, confirmed)
             }));
         }
+        // Not settled for lack of NATS (a refused reply's dead letter not
+        // stored): it stays the head, tried again shortly, so nothing behind
+        // it overtakes it. A message without JetStream metadata cannot come
+        // back and is dropped, as the unordered loop does.
+        Handled::Unsettled if done.msg.info().is_ok() => {
+            *head =
+                Some(Head { msg: done.msg, earlier: done.earlier, retry_at: Some(Instant::now() + UNSETTLED_RETRY) });
+        }
         Handled::DeadLettered | Handled::Unsettled => {}
     }
 }
+
+/// How soon a head left unsettled by a NATS failure is tried again.
+const UNSETTLED_RETRY: Duration = Duration::from_secs(1);
 
 async fn sleep_until(at: Option<Instant>) {
     match at {
